@@ -1,0 +1,1 @@
+"""clip-pipeline: CLIP image embeddings at scale on SOPHON TPUs, CPUs and GPUs."""

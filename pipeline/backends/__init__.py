@@ -1,0 +1,1 @@
+"""Device-specific parts of the pipeline, behind one small interface (base.Backend)."""
