@@ -1,0 +1,116 @@
+"""The one interface every device backend implements (cpu, fake, sail, sim).
+
+A backend answers three questions for the pipeline:
+  * which device names a config means (`resolve_devices`, run in the supervisor, opens nothing);
+  * how to open one device *inside* its worker process (`open_device`, after spawn — device handles
+    are never created in the parent);
+  * what the device process consumes: `"pixels"` (uint8 RGB crops [n,224,224,3] made by the host
+    decode/preprocess workers) or `"files"` (paths: the device process decodes and preprocesses
+    itself, e.g. SOPHON hardware JPEG decode whose images live in device memory).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+
+class DeviceError(RuntimeError):
+    """The device (not the input) failed: the worker is restarted and the batch re-issued."""
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """One input that cannot be embedded, with a short reason code and the decoder's message."""
+
+    id: int
+    path: bytes
+    reason: str
+    message: str
+
+
+@dataclass
+class FileBatchResult:
+    """What a `"files"` device returns for a batch of paths."""
+
+    ids: list[int]
+    embeddings: np.ndarray  # [len(ids), dim] float32, rows in the order of ids
+    failures: list[ItemFailure] = field(default_factory=list)
+
+
+class Device(abc.ABC):
+    """An open inference device, owned by one worker process."""
+
+    #: images per inference call
+    batch_size: int
+    #: True when the model only accepts exactly `batch_size` images (bmodels): the infer stage
+    #: zero-pads a short batch and drops the padding rows.
+    fixed_batch: bool = False
+    #: embedding width
+    dim: int = 512
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB [n,224,224,3] (n == batch_size when fixed_batch) -> float32 [n, dim]."""
+        raise NotImplementedError
+
+    def embed_files(self, ids: Sequence[int], paths: Sequence[bytes]) -> FileBatchResult:
+        """For device_input == "files": decode, preprocess and embed these files."""
+        raise NotImplementedError
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device resources."""
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    #: "pixels": host workers decode + preprocess; "files": the device process does it.
+    device_input: ClassVar[str] = "pixels"
+
+    @classmethod
+    @abc.abstractmethod
+    def resolve_devices(cls, cfg: "Config") -> list[str]:
+        """Expand/validate cfg.infer.devices into device names; raise ConfigError on bad entries."""
+
+    @classmethod
+    @abc.abstractmethod
+    def open_device(cls, cfg: "Config", device: str) -> Device:
+        """Open `device` in the calling (worker) process."""
+
+    @classmethod
+    def model_identity(cls, cfg: "Config") -> dict[str, Any]:
+        """What identifies the model for the manifest (resume refuses a different one)."""
+        from pipeline.models import model_identity
+
+        return model_identity(cfg.model.path)
+
+    @classmethod
+    def probe(cls) -> dict[str, Any]:
+        """For `clip-pipeline devices`: {"available": bool, "devices": [...], "reason": str}."""
+        return {"available": True, "devices": [], "reason": ""}
+
+    @classmethod
+    def input_kind(cls, cfg: "Config") -> str:
+        return "pixels" if cls.device_input == "pixels" else "files"
+
+
+def get_backend(name: str) -> type[Backend]:
+    """The backend class for a config's infer.backend (imported lazily: sail is optional)."""
+    if name == "cpu":
+        from pipeline.backends.cpu import CpuBackend as B
+    elif name == "fake":
+        from pipeline.backends.fake import FakeBackend as B
+    elif name == "sail":
+        from pipeline.backends.sail import SailBackend as B
+    elif name == "sim":
+        from pipeline.backends.sim import SimBackend as B
+    else:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"config key infer.backend: unknown backend {name!r} (cpu, fake, sail, sim)")
+    return B

@@ -1,0 +1,306 @@
+"""Configuration: TOML + CLI overrides, parsed once into frozen dataclasses and validated.
+
+Every key is declared here, with its type, default and a one-line doc (the README's
+configuration reference is checked against these docs by a test). Anything a user can get
+wrong raises ConfigError with a one-line message naming the key or file and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "bmp", "webp", "tif", "tiff", "gif")
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the message names the key or file."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    paths: tuple[str, ...] = _f((), "Image directories (or single files) to embed, in this order; ids follow it.")
+    extensions: tuple[str, ...] = _f(DEFAULT_EXTENSIONS, "File suffixes (case-insensitive) listed as inputs; content is sniffed, the suffix is not trusted.")
+    recursive: bool = _f(True, "Descend into subdirectories.")
+    follow_symlinks: bool = _f(True, "Follow symlinked files and directories (loops are detected and skipped).")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = _f("out", "Output directory (manifest.json, embeddings/, failures.jsonl, report.json).")
+    shard_size: int = _f(4096, "Rows per shard; a shard holds a fixed range of input ids.", min=1)
+    dtype: Literal["float32", "float16"] = _f("float32", "Embedding dtype in the .npy shards.")
+    normalize: bool = _f(True, "L2-normalise embeddings before writing.")
+    pickle: bool = _f(False, "Also write embeddings.pkl ({'img_path': [...], 'embedding': ndarray}) at the end, like the reference program.")
+    on_existing: Literal["resume", "restart", "error"] = _f("resume", "What to do when the output dir holds a previous run: resume it, delete and restart, or stop.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f("models/clip-vit-b32-synthetic.onnx", "Model file: ONNX for cpu/fake backends, bmodel for sail/sim.")
+    build: Literal["", "vit-b32", "tiny"] = _f("", "If set and `path` is missing, build this synthetic architecture there (random weights; embeddings carry no meaning).")
+    seed: int = _f(0, "Seed of the synthetic weights (with `build`).")
+    batch_size: int = _f(32, "Images per inference call; fixed-batch models (bmodels) override it with their own batch.", min=1)
+    input_kind: Literal["auto", "float", "uint8"] = _f("auto", "Model input: float = CLIP-normalised NCHW float32; uint8 = NHWC pixels with normalisation folded into the model; auto = read it from the model.")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    mode: Literal["reference", "fast"] = _f("reference", "reference = CLIP's exact transform (PIL bicubic); fast = power-of-two DCT downscale + OpenCV area resize (measured difference in the README).")
+    exif_transpose: bool = _f(False, "Apply EXIF orientation before resizing (CLIP's reference ignores it).")
+    max_pixels: int = _f(178_956_970, "Images with more pixels than this fail as too_large (checked from the header, before decoding).", min=1)
+    max_file_bytes: int = _f(512 * 1024 * 1024, "Files larger than this fail as too_large without being read.", min=1)
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    decode: int = _f(1, "Decode worker processes.", min=1)
+    preprocess: int = _f(1, "Preprocess worker processes (ignored when fused).", min=1)
+    fuse_decode_preprocess: bool = _f(True, "Run decode and preprocess in the same worker process (saves shipping full-size images between processes).")
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    backend: Literal["cpu", "fake", "sail", "sim"] = _f("cpu", "Inference backend: cpu (onnxruntime), sail (SOPHON BM1684X), sim (BM1684X simulator via TPU-MLIR), fake (deterministic stand-in for tests and benchmarks).")
+    devices: tuple[Any, ...] = _f(("cpu:0",), "One inference process per entry: 'cpu:N' for cpu/fake, dev_ids (0, 1, ...) for sail/sim, or the string 'all'.")
+    threads: int = _f(1, "Intra-op threads per inference process (cpu backend).", min=1)
+    batch_timeout_ms: float = _f(50.0, "Flush a partial batch after waiting this long for more images.", min=0)
+
+
+@dataclass(frozen=True)
+class QueuesConfig:
+    decode: int = _f(64, "Queue depth (messages per peer, ZeroMQ high-water mark) into the decode workers.", min=1)
+    preprocess: int = _f(16, "Queue depth into the preprocess workers.", min=1)
+    infer: int = _f(128, "Queue depth into each inference process.", min=1)
+    sink: int = _f(16, "Queue depth into the sink.", min=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    progress: Literal["auto", "bar", "log", "none"] = _f("auto", "Progress display: auto = bar on a terminal, periodic log lines otherwise.")
+    log_interval_s: float = _f(10.0, "Seconds between progress log lines (progress = log).", min=0.1)
+    stall_timeout_s: float = _f(300.0, "A worker busy on one item or batch longer than this is killed and restarted.", min=1)
+    max_restarts: int = _f(3, "Restarts per worker slot before the slot (a device) is taken out of the run.", min=0)
+    start_timeout_s: float = _f(600.0, "How long workers may take to start (model load) before the run is aborted.", min=1)
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    latency_ms_per_batch: float = _f(0.0, "fake backend: simulated inference time per batch.", min=0)
+    dim: int = _f(512, "fake backend: embedding width.", min=1)
+    fail_on_batch: int = _f(0, "fake backend: raise a device error on this batch number of each device process (0 = never).", min=0)
+    hang_on_batch: int = _f(0, "fake backend: hang forever on this batch number (0 = never).", min=0)
+    exit_on_batch: int = _f(0, "fake backend: exit the process hard (os._exit) on this batch number (0 = never).", min=0)
+    fail_devices: tuple[str, ...] = _f((), "fake backend: devices that fail permanently on every batch.")
+
+
+@dataclass(frozen=True)
+class SailConfig:
+    mode: Literal["device", "host"] = _f("device", "sail backend: device = hardware JPEG decode + TPU preprocessing per chip; host = exact CLIP preprocessing on the CPU, only inference on the TPU.")
+
+
+@dataclass(frozen=True)
+class Config:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    queues: QueuesConfig = field(default_factory=QueuesConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    fake: FakeConfig = field(default_factory=FakeConfig)
+    sail: SailConfig = field(default_factory=SailConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS: dict[str, type] = {
+    name: tp for name, tp in typing.get_type_hints(Config).items() if name != "source"
+}
+
+
+def iter_keys() -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """Every documented key as ('section.key', field), for docs and checks."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield f"{section}.{f.name}", f
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any, meta: dict) -> Any:
+    """Check `value` against the declared type `tp`; return the typed value or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is tuple:
+        if isinstance(value, str) and key == "infer.devices":
+            return (value,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        (elem,) = typing.get_args(tp)[:1]
+        if elem is str and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key {key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"config key {key}: must be >= {meta['min']}, got {value!r}")
+    return value
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section [{name}] must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {name}.{unknown[0]} (known keys in [{name}]: {', '.join(known)})"
+        )
+    values = {k: _coerce(f"{name}.{k}", hints[k], v, dict(known[k].metadata)) for k, v in raw.items()}
+    return cls(**values)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: TOML syntax if it parses (1, true, [0, 1], "x"), else a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `section.key=value` override to a raw (dict) config, in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. infer.threads=2")
+    section, key = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {assignment!r}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+    raw.setdefault(section, {})[key] = parse_value(text.strip())
+
+
+def load_raw(path: str | os.PathLike | None) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist (see configs/ for examples)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc.strerror}") from None
+
+
+def from_dict(raw: dict, source: str = "<dict>", base_dir: str | os.PathLike | None = None) -> Config:
+    """Build and validate a Config from a raw dict. Relative paths resolve against base_dir (default: cwd)."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section [{unknown[0]}] in {source} (known: {', '.join(SECTIONS)})")
+    sections = {name: _build_section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
+    cfg = Config(**sections, source=source)
+    return _resolve_paths(cfg, Path(base_dir) if base_dir else Path.cwd())
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def absolute(p: str) -> str:
+        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    return cfg.replace(
+        input=dataclasses.replace(cfg.input, paths=tuple(absolute(p) for p in cfg.input.paths),
+                                  extensions=tuple(e.lower().lstrip(".") for e in cfg.input.extensions)),
+        output=dataclasses.replace(cfg.output, dir=absolute(cfg.output.dir)),
+        model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path)),
+    )
+
+
+def load(path: str | os.PathLike | None, overrides: typing.Iterable[str] = (),
+         **cli: Any) -> Config:
+    """Load a TOML file, apply `--set` overrides and direct CLI values (e.g. input_paths=...), validate.
+
+    Relative paths inside the file resolve against the current directory, like paths on the
+    command line, so `clip-pipeline run --config configs/cpu.toml` works from the project root.
+    """
+    raw = load_raw(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if cli.get("input_paths"):
+        raw.setdefault("input", {})["paths"] = list(cli["input_paths"])
+    if cli.get("output_dir"):
+        raw.setdefault("output", {})["dir"] = cli["output_dir"]
+    if cli.get("devices"):
+        raw.setdefault("infer", {})["devices"] = list(cli["devices"])
+    cfg = from_dict(raw, source=str(path) if path else "<defaults>")
+    return cfg
+
+
+def validate_for_run(cfg: Config) -> None:
+    """Checks that need the file system: inputs exist, the model exists or can be built."""
+    if not cfg.input.paths:
+        raise ConfigError("config key input.paths is empty: give at least one image directory (or --input DIR)")
+    for p in cfg.input.paths:
+        if not os.path.exists(p):
+            raise ConfigError(f"input path {p} does not exist (config key input.paths / --input)")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(f"input path {p} is not readable (config key input.paths / --input)")
+    if cfg.infer.backend != "fake" and not os.path.exists(cfg.model.path) and not cfg.model.build:
+        raise ConfigError(
+            f"model file {cfg.model.path} does not exist (config key model.path): "
+            "point it at a model, run scripts/download.sh, or set model.build = \"vit-b32\" for synthetic weights"
+        )
+    if not cfg.infer.devices:
+        raise ConfigError("config key infer.devices is empty: list at least one device, e.g. [\"cpu:0\"]")
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory (config key output.dir / --output)")
