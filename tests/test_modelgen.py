@@ -331,6 +331,9 @@ def test_read_model_info_of_a_real_model(tmp_path):
     info = read_model_info(bm)
     assert info["synthetic"] is False and info["format"] == "bmodel"
     assert read_model_info(tmp_path / "missing.onnx")["synthetic"] is False
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff\xfe not a protobuf" * 8)
+    assert read_model_info(junk)["synthetic"] is False
 
 
 def test_stale_sidecar_is_ignored(tmp_path):
