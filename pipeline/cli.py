@@ -149,8 +149,8 @@ def devices() -> None:
         click.echo(f"{name:5s} {state:11s} devices: {devs}  ({info.get('reason', '')})")
 
 
-from pipeline.inspect import inspect_cmd  # noqa: E402
-from pipeline.report import report_cmd  # noqa: E402
+from pipeline.inspect import inspect_cmd
+from pipeline.report import report_cmd
 
 cli.add_command(inspect_cmd)
 cli.add_command(report_cmd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 ROLES = ("decode", "preprocess", "infer", "sink")
 
@@ -65,7 +66,7 @@ def queue_fill(sample: dict[str, StageSample], order: list[str]) -> dict[str, in
     (embeddings from infer, failed items from decode/preprocess/infer).
     """
     fill: dict[str, int] = {}
-    for up, down in zip(order, order[1:]):
+    for up, down in pairwise(order):
         if down == "sink":
             sent = sum(s.sink_out for s in sample.values())
         else:

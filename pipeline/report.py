@@ -176,8 +176,8 @@ def svg_chart(ch: Chart, width: int = 900, height: int = 260) -> str:
         return mt + ph * (1 - min(y, ch.y_max) / ch.y_max)
 
     e = html.escape
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">'),
              f'<text x="{ml}" y="18" font-size="14" font-weight="bold">{e(ch.title)}</text>',
              f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
     for t in _ticks(ch.y_max):
@@ -242,12 +242,17 @@ def png_report(rep: dict[str, Any], path: str | Path, title: str) -> None:
     d.text((20, 12), f"clip-pipeline report: {title}", fill="black", font=big)
     for i, (k, v) in enumerate(summary_rows(rep)[:5]):
         d.text((20, 40 + 17 * i), f"{k}: {v}"[:150], fill="#a00" if "SYNTHETIC" in v else "black", font=font)
+    ml, mr, mt, mb = 60, 170, 25, 35
+    pw, ph = width - ml - mr, ch_h - mt - mb
     for n, ch in enumerate(chs):
         top = head + n * ch_h
-        ml, mr, mt, mb = 60, 170, 25, 35
-        pw, ph = width - ml - mr, ch_h - mt - mb
-        X = lambda x, ch=ch: ml + pw * x / ch.x_max  # noqa: E731
-        Y = lambda y, ch=ch, top=top: top + mt + ph * (1 - min(y, ch.y_max) / ch.y_max)  # noqa: E731
+
+        def X(x: float, ch: Chart = ch) -> float:
+            return ml + pw * x / ch.x_max
+
+        def Y(y: float, ch: Chart = ch, top: int = top) -> float:
+            return top + mt + ph * (1 - min(y, ch.y_max) / ch.y_max)
+
         d.text((ml, top + 4), ch.title, fill="black", font=font)
         for t in _ticks(ch.y_max):
             d.line([(ml, Y(t)), (ml + pw, Y(t))], fill="#e6e6e6")
