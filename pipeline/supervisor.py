@@ -530,9 +530,13 @@ class Supervisor:
         led = self.ledger
         counts = {"embedded": led.embedded, "failed": led.failed, "total": led.total or led.listed}
         done = led.embedded + led.failed
-        self.progress.close(done, led.total, led.failed, self.rate(), self.stage_line())
+        final = aggregate(self.stats, {w.name: w.role for w in self.workers.values()})
         if hasattr(self, "tl_t"):
-            self.record_timeline(time.monotonic(), aggregate(self.stats, {w.name: w.role for w in self.workers.values()}))
+            self.record_timeline(time.monotonic(), final)
+        # the last line sums up the whole run (the last interval is mostly shutdown)
+        whole = utilisation({}, final, time.monotonic() - self.t0) if hasattr(self, "t0") else {}
+        self.progress.close(done, led.total, led.failed, self.rate(),
+                            (bottleneck_line(whole) + " (whole run)") if whole else self.stage_line())
         report = self.report(wall)
         output.atomic_write_json(self.out / "report.json", report)
         if self.interrupted is not None:
