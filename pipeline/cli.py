@@ -134,6 +134,12 @@ def devices() -> None:
     for name in ("cpu", "sail", "sim", "fake"):
         try:
             info = get_backend(name).probe()
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").startswith("pipeline.backends"):  # backend module not in this build
+                reason = f"not included in this build ({exc.name.replace('.', '/')}.py is missing)"
+            else:
+                reason = f"Python module {exc.name} is not installed"
+            info = {"available": False, "devices": [], "reason": reason}
         except ImportError as exc:
             info = {"available": False, "devices": [], "reason": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a probe must never crash the listing
@@ -141,6 +147,13 @@ def devices() -> None:
         state = "available" if info["available"] else "unavailable"
         devs = ", ".join(map(str, info.get("devices", []))) or "-"
         click.echo(f"{name:5s} {state:11s} devices: {devs}  ({info.get('reason', '')})")
+
+
+from pipeline.inspect import inspect_cmd
+from pipeline.report import report_cmd
+
+cli.add_command(inspect_cmd)
+cli.add_command(report_cmd)
 
 
 def main() -> None:

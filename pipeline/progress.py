@@ -1,7 +1,13 @@
 """Progress display, drawn by the supervisor only: a tqdm bar on a terminal, log lines otherwise.
 
-The per-stage line says how busy each stage's workers were over the last interval and which
-stage is the bottleneck right now ("decode-bound: infer 38% busy").
+The per-stage line answers "why is my accelerator idle?": which stage is the bottleneck right
+now, how busy the inference workers are ("decode-bound: infer 38% busy"), how busy each stage's
+workers were over the last interval, and how full each queue between stages is.
+
+Queue fill is computed from the cumulative counters every worker already reports: messages sent
+into an edge by the upstream stage minus messages taken out of it by the downstream stage. That
+count includes both ends' ZeroMQ buffers, so it can briefly exceed the nominal capacity
+(queue depth x receiving workers).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 ROLES = ("decode", "preprocess", "infer", "sink")
 
@@ -18,44 +25,74 @@ class StageSample:
     busy_s: float = 0.0
     blocked_s: float = 0.0
     items_in: float = 0.0
+    items_out: float = 0.0  # messages sent to the next stage
+    sink_out: float = 0.0  # messages sent straight to the sink (embeddings, failed items)
     workers: int = 0
 
 
 def aggregate(stats: dict[str, dict], roles_of: dict[str, str]) -> dict[str, StageSample]:
-    """Sum the latest cumulative stats of each worker by role."""
+    """Sum the latest cumulative stats of each worker by role (the source included)."""
     out: dict[str, StageSample] = {}
     for name, st in stats.items():
         role = roles_of.get(name)
-        if role not in ROLES:
+        if role not in ROLES and role != "source":
             continue
         s = out.setdefault(role, StageSample())
         s.busy_s += st.get("busy_s", 0.0)
         s.blocked_s += st.get("blocked_s", 0.0)
         s.items_in += st.get("in", 0.0)
+        s.items_out += st.get("out", 0.0)
+        s.sink_out += st.get("sink_out", 0.0)
         s.workers += 1
     return out
 
 
 def utilisation(prev: dict[str, StageSample], cur: dict[str, StageSample], dt: float) -> dict[str, float]:
-    """Busy fraction per role over an interval (0..1), averaged over the role's workers."""
+    """Busy fraction per stage over an interval (0..1), averaged over the stage's workers."""
     util = {}
     for role, c in cur.items():
+        if role not in ROLES:
+            continue
         p = prev.get(role, StageSample())
         if dt > 0 and c.workers:
             util[role] = max(0.0, min(1.0, (c.busy_s - p.busy_s) / (dt * c.workers)))
     return util
 
 
-def bottleneck_line(util: dict[str, float]) -> str:
+def queue_fill(sample: dict[str, StageSample], order: list[str]) -> dict[str, int]:
+    """Messages in transit into each stage of `order` (e.g. ["source", "decode", "infer", "sink"]).
+
+    An edge is named by the stage it feeds. Into the sink, every stage's direct sends count
+    (embeddings from infer, failed items from decode/preprocess/infer).
+    """
+    fill: dict[str, int] = {}
+    for up, down in pairwise(order):
+        if down == "sink":
+            sent = sum(s.sink_out for s in sample.values())
+        else:
+            sent = sample.get(up, StageSample()).items_out
+        got = sample.get(down, StageSample()).items_in
+        fill[down] = max(0, int(sent - got))
+    return fill
+
+
+def bottleneck_line(util: dict[str, float], queues: dict[str, int] | None = None,
+                    capacity: dict[str, int] | None = None) -> str:
+    """One compact line: "decode-bound: infer 38% busy | busy decode 100% infer 38% sink 1% | queue ..."."""
     if not util:
         return "starting"
     parts = [f"{r} {util[r] * 100:.0f}%" for r in ROLES if r in util]
-    top = max(util, key=util.get)
-    head = f"{top}-bound" if util[top] >= 0.5 else "input-bound (workers mostly idle)"
+    top = max(util, key=lambda r: (util[r], r == "infer"))
+    head = f"{top}-bound" if util[top] >= 0.5 else "input-bound"
     infer = util.get("infer")
-    if top != "infer" and infer is not None:
+    if infer is not None:
         head += f": infer {infer * 100:.0f}% busy"
-    return f"{head} | busy " + " ".join(parts)
+    line = f"{head} | busy " + " ".join(parts)
+    if queues:
+        cap = capacity or {}
+        line += " | queue " + " ".join(
+            f"{r} {queues[r]}/{cap[r]}" if r in cap else f"{r} {queues[r]}" for r in ROLES if r in queues)
+    return line
 
 
 @dataclass

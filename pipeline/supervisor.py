@@ -24,7 +24,7 @@ from pipeline import output, transport
 from pipeline.backends.base import get_backend
 from pipeline.config import Config, ConfigError
 from pipeline.ledger import Ledger
-from pipeline.progress import Progress, aggregate, bottleneck_line, utilisation
+from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
 from pipeline.worker import (EXIT_DEVICE, EXIT_FATAL, EXIT_OK, EXIT_SETUP, Slot, WorkerSpec,
                              worker_main)
 
@@ -123,7 +123,10 @@ class Supervisor:
         self.outbox: list[tuple[zmq.Socket, dict]] = []
         self.reissue_pending: set[int] = set()
         self.timeline: list[dict] = []
+        self.timeline_dt = 1.0  # doubles whenever the timeline gets long (report.json stays small)
         self.first_result_s: float | None = None
+        self.util: dict[str, float] = {}
+        self.queues: dict[str, int] = {}
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -225,6 +228,12 @@ class Supervisor:
         stage_addrs["infer"] = infer_addrs
         order = [r for r, _ in chain] + ["infer"]
         self.first_stage_addrs = stage_addrs[order[0]]
+        # queue fill (progress line, report timeline): edges named by the stage they feed
+        self.stage_order = ["source", *order, "sink"]
+        depth = {"decode": cfg.queues.decode, "preprocess": cfg.queues.preprocess, "infer": cfg.queues.infer,
+                 "sink": cfg.queues.sink}
+        receivers = {**{r: n for r, n in chain}, "infer": len(self.devices), "sink": 1}
+        self.queue_capacity = {r: depth[r] * receivers[r] for r in self.stage_order[1:]}
 
         def add(role: str, index: int, in_addr: str | None, nxt: tuple[str, ...], device: str | None = None,
                 extra: dict | None = None) -> None:
@@ -297,6 +306,7 @@ class Supervisor:
             self.abort_reason = str(exc)
         finally:
             self.stop_all()
+            self.drain_stats()
             for s, h in old.items():
                 signal.signal(s, h)
             for sock in (self.control, self.to_sink, self.to_first):
@@ -310,7 +320,7 @@ class Supervisor:
         poller.register(self.control, zmq.POLLIN)
         total_sent = False
         self.prev_sample, self.prev_t = {}, time.monotonic()
-        self.util: dict[str, float] = {}
+        self.tl_sample, self.tl_t = {}, self.prev_t
         last_tick = 0.0
         while True:
             if self.interrupted is not None:
@@ -477,19 +487,44 @@ class Supervisor:
                 p.join(2)
 
     # -- progress and the end ------------------------------------------------------------------
+    def drain_stats(self) -> None:
+        """Take the final stats the stopped workers sent on their way out (for report.json)."""
+        try:
+            while self.control.poll(0):
+                header, _frames = transport.recv(self.control, zmq.NOBLOCK)
+                if header.get("t") == "stats":
+                    self.stats[header["worker"]] = header["stats"]
+        except zmq.ZMQError:
+            pass
+
     def tick(self, now: float) -> None:
         roles = {w.name: w.role for w in self.workers.values()}
         sample = aggregate(self.stats, roles)
+        self.queues = queue_fill(sample, self.stage_order)
         dt = now - self.prev_t
         if dt >= 1.0:
             self.util = utilisation(self.prev_sample, sample, dt)
             self.prev_sample, self.prev_t = sample, now
-            elapsed = now - self.t0
-            self.timeline.append({"t": round(elapsed, 2), "done": self.ledger.embedded + self.ledger.failed,
-                                  "util": {k: round(v, 3) for k, v in self.util.items()}})
+        if now - self.tl_t >= self.timeline_dt:
+            self.record_timeline(now, sample)
         done = self.ledger.embedded + self.ledger.failed
         self.progress.update(done, self.ledger.total if self.ledger.listing_done else None, self.ledger.failed,
-                             self.rate(), bottleneck_line(self.util))
+                             self.rate(), self.stage_line())
+
+    def stage_line(self) -> str:
+        return bottleneck_line(self.util, self.queues, getattr(self, "queue_capacity", None))
+
+    def record_timeline(self, now: float, sample: dict) -> None:
+        """One report.json timeline point: inputs resolved, stage utilisation and queue fill."""
+        util = utilisation(self.tl_sample, sample, now - self.tl_t)
+        self.tl_sample, self.tl_t = sample, now
+        self.timeline.append({"t": round(now - self.t0, 2), "done": self.ledger.embedded + self.ledger.failed,
+                              "failed": self.ledger.failed,
+                              "util": {k: round(v, 3) for k, v in util.items()},
+                              "queues": queue_fill(sample, self.stage_order)})
+        if len(self.timeline) > 1200:  # keep report.json small on long runs: halve the resolution
+            self.timeline = self.timeline[1::2]
+            self.timeline_dt *= 2
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.t0
@@ -503,7 +538,13 @@ class Supervisor:
         led = self.ledger
         counts = {"embedded": led.embedded, "failed": led.failed, "total": led.total or led.listed}
         done = led.embedded + led.failed
-        self.progress.close(done, led.total, led.failed, self.rate(), bottleneck_line(self.util))
+        final = aggregate(self.stats, {w.name: w.role for w in self.workers.values()})
+        if hasattr(self, "tl_t"):
+            self.record_timeline(time.monotonic(), final)
+        # the last line sums up the whole run (the last interval is mostly shutdown)
+        whole = utilisation({}, final, time.monotonic() - self.t0) if hasattr(self, "t0") else {}
+        self.progress.close(done, led.total, led.failed, self.rate(),
+                            (bottleneck_line(whole) + " (whole run)") if whole else self.stage_line())
         report = self.report(wall)
         output.atomic_write_json(self.out / "report.json", report)
         if self.interrupted is not None:
@@ -560,15 +601,36 @@ class Supervisor:
             for line in p.read_text().splitlines():
                 if line:
                     reasons[json.loads(line)["reason"]] += 1
-        done_now = self.ledger.embedded + self.ledger.failed
+        done_now = self.ledger.embedded + self.ledger.failed - self.resumed_count()
+        # per-stage figures are over the pipeline's running time (after model build / preparation)
+        run_s = time.monotonic() - self.t0 if hasattr(self, "t0") else 0.0
         per_stage = {}
         roles = {w.name: w.role for w in self.workers.values()}
         for role, s in aggregate(self.stats, roles).items():
-            per_stage[role] = {"workers": s.workers, "busy_s": round(s.busy_s, 3), "blocked_s": round(s.blocked_s, 3),
-                               "items_in": int(s.items_in)}
+            if role == "source":
+                continue
+            per_stage[role] = {
+                "workers": s.workers, "busy_s": round(s.busy_s, 3), "blocked_s": round(s.blocked_s, 3),
+                "busy_fraction": round(s.busy_s / (run_s * s.workers), 3) if run_s > 0 and s.workers else None,
+                "items_in": int(s.items_in),  # messages: one per image, except into the sink (one per batch)
+                "items_in_per_s": round(s.items_in / run_s, 3) if run_s > 0 else None,
+            }
+        cap = getattr(self, "queue_capacity", {})
+        occupancy = {"capacity": cap, "mean": {}, "max": {}}
+        for edge in cap:
+            vals = [p["queues"][edge] for p in self.timeline if edge in p.get("queues", {})]
+            if vals:
+                occupancy["mean"][edge] = round(sum(vals) / len(vals), 2)
+                occupancy["max"][edge] = max(vals)
         return {
+            "format": FORMAT,
             "wall_s": round(wall, 3),
+            "run_s": round(run_s, 3),
             "images_per_s": round(done_now / wall, 3) if wall > 0 else None,
+            "resumed_from": self.resumed_count(),
+            "queue_occupancy": occupancy,
+            "stage_order": getattr(self, "stage_order", []),
+            "model": getattr(self, "model", {}),
             "time_to_first_result_s": None if self.first_result_s is None else round(self.first_result_s, 3),
             "counts": {"embedded": self.ledger.embedded, "failed": self.ledger.failed, "listed": self.ledger.listed},
             "failures_by_reason": dict(sorted(reasons.items())),

@@ -170,7 +170,8 @@ class Loop:
         self.control = transport.push(self.ctx, [spec.control_addr], hwm=10000, linger_ms=1000)
         self.next = transport.push(self.ctx, spec.next_addrs, out_hwm) if spec.next_addrs else None
         self.sink = transport.push(self.ctx, [spec.sink_addr], spec.cfg.queues.sink) if spec.role != "sink" else None
-        self.stats: dict[str, float] = {"in": 0, "out": 0, "busy_s": 0.0, "blocked_s": 0.0, "idle_s": 0.0}
+        self.stats: dict[str, float] = {"in": 0, "out": 0, "sink_out": 0, "busy_s": 0.0, "blocked_s": 0.0,
+                                        "idle_s": 0.0}
         self.last_stats = 0.0
 
     # -- sending with backpressure but without going deaf to signals or a dead parent --------
@@ -188,8 +189,7 @@ class Loop:
                 self.check_alive()
                 sock.poll(SEND_TIMEOUT_MS, zmq.POLLOUT)
         self.stats["blocked_s"] += time.monotonic() - t0
-        if target == "next":
-            self.stats["out"] += 1
+        self.stats["out" if target == "next" else "sink_out"] += 1  # queue fill (progress.queue_fill)
 
     def emit(self, outputs: Iterable[Output] | None) -> None:
         for target, header, buffers in outputs or ():

@@ -155,4 +155,5 @@ def run_source(spec, slot, loop) -> None:
 
     while True:
         loop.check_alive()
+        loop.report_stats()  # final "out" count: the supervisor's queue-fill figure needs it
         time.sleep(0.1)
