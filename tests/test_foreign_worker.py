@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from conftest import make_images
 from pipeline import config as cfgmod
 from pipeline.backends.fake import FakeBackend
@@ -31,4 +33,4 @@ def test_foreign_interpreter_workers_match_spawned_ones(tmp_path, monkeypatch):
     pa, ea = load_embeddings(tmp_path / "a")
     pb, eb = load_embeddings(tmp_path / "b")
     assert pa == pb and len(pa) == 13
-    assert ea.tobytes() == eb.tobytes()
+    assert np.asarray(ea).tobytes() == np.asarray(eb).tobytes()
