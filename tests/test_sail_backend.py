@@ -1,0 +1,368 @@
+"""sail backend against the fake sophon.sail (tests/fake_sail): the Device directly.
+
+Nothing here touches SOPHON hardware; see docs/sail-backend.md for what that leaves unverified.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.backends.base import DeviceError
+from pipeline.config import ConfigError, from_dict
+from sail_helpers import (cosine_rows, cpu_reference, ort_session, photo, use_fake_sail, write_fake_bmodel,
+                          write_jpeg)
+
+pytest.importorskip("stages.decode")
+
+# Tolerance for device mode vs CLIP's reference (docs/sail-backend.md, "Resize difference"):
+# the device path resizes the centre square with a plain bicubic kernel (cv2 INTER_CUBIC in the
+# fake, modelling BM_RESIZE_TPU_BICUBIC) instead of PIL's antialiased bicubic of the shorter side.
+# Measured on the images below with the tiny model: cosine >= 0.995 and max abs <= ~2% of the
+# embedding's max; we assert cosine >= 0.99 (some margin for other images and OpenCV builds) and
+# max abs <= 5% of the row's max abs value. Host mode must match the reference to float rounding.
+DEVICE_MIN_COSINE = 0.99
+DEVICE_MAX_ABS_FRACTION = 0.05
+HOST_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    from pipeline.modelgen import build_clip_image_onnx
+
+    d = tmp_path_factory.mktemp("model")
+    path = d / "tiny.onnx"
+    build_clip_image_onnx(path, arch="tiny", seed=0, input_kind="float")
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Photo-like images in every format/suffix the backend must route."""
+    import cv2
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("imgs")
+    paths = {
+        "landscape": write_jpeg(d / "landscape.jpg", photo(640, 480, 1)),
+        "portrait": write_jpeg(d / "portrait.jpeg", photo(300, 500, 2)),
+        "upper": write_jpeg(d / "UPPER.JPG", photo(512, 384, 3)),
+        "mixed": write_jpeg(d / "mixed.Jpg", photo(400, 400, 4)),  # not on SAIL's list -> CPU
+        "jfif": write_jpeg(d / "x.jfif", photo(333, 250, 5)),
+        "square": write_jpeg(d / "square.jpg", photo(224, 224, 6)),
+    }
+    png = d / "shot.png"
+    cv2.imwrite(str(png), photo(350, 260, 7))
+    paths["png"] = png
+    webp = d / "pic.webp"
+    Image.fromarray(photo(420, 300, 8)[:, :, ::-1]).save(webp, "WEBP", quality=95)
+    paths["webp"] = webp
+    png_as_jpg = d / "png_named.jpg"  # PNG content behind a .jpg suffix -> sniffed, CPU
+    cv2.imwrite(str(d / "tmp.png"), photo(260, 330, 9))
+    shutil.move(d / "tmp.png", png_as_jpg)
+    paths["png_as_jpg"] = png_as_jpg
+    # broken inputs
+    good = paths["landscape"].read_bytes()
+    rng = np.random.default_rng(0)
+    corrupt = d / "corrupt.jpg"  # JPEG magic + garbage + EOI: the hardware decode fails
+    corrupt.write_bytes(good[:20] + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes() + b"\xff\xd9")
+    paths["corrupt"] = corrupt
+    truncated = d / "truncated.jpg"
+    truncated.write_bytes(good[: len(good) // 2])
+    paths["truncated"] = truncated
+    empty = d / "empty.jpg"
+    empty.write_bytes(b"")
+    paths["empty"] = empty
+    text = d / "notes.png"
+    text.write_text("not an image at all\n")
+    paths["text"] = text
+    return paths
+
+
+def cfg_for(bmodel, mode="device", **sail):
+    return from_dict({"model": {"path": str(bmodel)}, "infer": {"backend": "sail", "devices": [0]},
+                      "sail": {"mode": mode, **sail}})
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    use_fake_sail(monkeypatch, tpus=3)
+    import sophon.sail as sail
+
+    assert getattr(sail, "__fake__", False)
+    return sail
+
+
+def open_dev(cfg, dev="sail:0"):
+    from pipeline.backends.sail import SailBackend
+
+    return SailBackend.open_device(cfg, dev)
+
+
+def record(monkeypatch, dev):
+    """Record which files took the hardware path and which the CPU path."""
+    hw, cpu = [], []
+    orig_hw, orig_cpu = dev._hw_decode, dev._cpu_decode
+
+    def hw_decode(p):
+        hw.append(os.path.basename(p))
+        return orig_hw(p)
+
+    def cpu_decode(item_id, path, centre_crop_224=False):
+        cpu.append(os.path.basename(os.fsdecode(path)))
+        return orig_cpu(item_id, path, centre_crop_224)
+
+    monkeypatch.setattr(dev, "_hw_decode", hw_decode)
+    monkeypatch.setattr(dev, "_cpu_decode", cpu_decode)
+    return hw, cpu
+
+
+# --------------------------------------------------------------------------------- host mode
+@pytest.mark.parametrize("batch", [1, 8, 16, 32])
+def test_host_fixed_batch_pads_and_trims(fake, tmp_path, onnx_model, images, batch):
+    bm = write_fake_bmodel(tmp_path / f"b{batch}.bmodel", onnx_model, [batch])
+    dev = open_dev(cfg_for(bm, "host"))
+    assert dev.stages == [batch] and dev.batch_size == batch and dev.dim == 512
+    shapes = []
+    orig = dev.engine.process
+    dev.engine.process = lambda g, d, *a, **k: (shapes.append(next(iter(d.values())).shape[0]), orig(g, d, *a, **k))[1]
+    names = ["landscape", "portrait", "upper", "png", "webp"]
+    from stages.decode import DecodeOptions, decode_file
+    from stages.preprocess import reference_crop
+
+    pixels = np.stack([reference_crop(decode_file(os.fsencode(images[n]), DecodeOptions())) for n in names])
+    n = 3 if batch > 1 else 5
+    out = dev.embed(pixels[:n])
+    assert out.shape == (n, 512)  # padding rows never returned
+    ref = cpu_reference(ort_session(onnx_model), [images[k] for k in names[:n]])
+    np.testing.assert_allclose(out, ref, atol=HOST_ATOL, rtol=1e-4)
+    assert all(s == batch for s in shapes)  # every call had the compiled batch
+    # a pixel batch of length batch+1 splits and pads again
+    big = np.concatenate([pixels] * (batch // 5 + 1))[: batch + 1]
+    out2 = dev.embed(big)
+    assert out2.shape == (batch + 1, 512)
+    k = min(n, batch + 1)
+    np.testing.assert_allclose(out2[:k], ref[:k], atol=HOST_ATOL, rtol=1e-4)
+
+
+def test_host_multistage_picks_smallest_stage(fake, tmp_path, onnx_model, images):
+    bm = write_fake_bmodel(tmp_path / "multi.bmodel", onnx_model, [1, 4, 8])
+    dev = open_dev(cfg_for(bm, "host"))
+    assert dev.stages == [1, 4, 8]  # discovered although get_input_shape reports only [8,...]
+    shapes = []
+    orig = dev.engine.process
+    dev.engine.process = lambda g, d, *a, **k: (shapes.append(next(iter(d.values())).shape[0]), orig(g, d, *a, **k))[1]
+    px = np.random.default_rng(0).integers(0, 256, (11, 224, 224, 3), dtype=np.uint8)
+    out = dev.embed(px)
+    assert out.shape == (11, 512)
+    assert shapes == [8, 4]  # 8 + 3 (padded to the 4 stage)
+    assert dev.embed(px[:1]).shape == (1, 512) and shapes[-1] == 1
+    sess = ort_session(onnx_model)
+    from stages.preprocess import normalize
+
+    ref = sess.run(None, {sess.get_inputs()[0].name: normalize(px)})[0]
+    np.testing.assert_allclose(out, ref, atol=HOST_ATOL, rtol=1e-4)
+
+
+def test_host_engine_failure_is_device_error(fake, tmp_path, onnx_model, monkeypatch):
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    dev = open_dev(cfg_for(bm, "host"), "sail:1")
+    monkeypatch.setenv("FAKE_SAIL_FAIL_DEVS", "1")
+    with pytest.raises(DeviceError, match="Engine.process"):
+        dev.embed(np.zeros((2, 224, 224, 3), np.uint8))
+
+
+def test_bad_bmodel_and_bad_dev_id_are_device_errors(fake, tmp_path, onnx_model):
+    junk = tmp_path / "junk.bmodel"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(DeviceError, match="invalid bmodel"):
+        open_dev(cfg_for(junk, "host"))
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    with pytest.raises(DeviceError, match="dev_id 7"):
+        open_dev(cfg_for(bm, "host"), "sail:7")
+
+
+# ------------------------------------------------------------------------------- device mode
+def test_device_mode_routes_and_matches_reference(fake, tmp_path, onnx_model, images, monkeypatch):
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    dev = open_dev(cfg_for(bm, "device"))
+    assert dev.batch_size == 4
+    hw, cpu = record(monkeypatch, dev)
+    names = ["landscape", "portrait", "upper", "mixed", "jfif", "png", "webp", "png_as_jpg", "square"]
+    ids = list(range(100, 100 + len(names)))
+    res = dev.embed_files(ids, [os.fsencode(images[n]) for n in names])
+    assert res.failures == [] and res.ids == ids
+    assert res.embeddings.shape == (len(names), 512)  # 9 = 4 + 4 + 1 padded: no padding rows
+    # SAIL's still-image suffix list is case-sensitive (sail-api.md §2.1): .JPG is on it, .Jpg
+    # and .jfif are not; PNG/WebP and PNG content behind .jpg are decoded on the CPU.
+    assert sorted(hw) == sorted(["landscape.jpg", "portrait.jpeg", "UPPER.JPG", "square.jpg"])
+    assert sorted(cpu) == sorted(["mixed.Jpg", "x.jfif", "shot.png", "pic.webp", "png_named.jpg"])
+    ref = cpu_reference(ort_session(onnx_model), [images[n] for n in names])
+    cos = cosine_rows(res.embeddings, ref)
+    frac = np.abs(res.embeddings - ref).max(axis=1) / np.abs(ref).max(axis=1)
+    print("device-mode vs reference: min cosine %.5f, max abs fraction %.4f" % (cos.min(), frac.max()))
+    assert cos.min() >= DEVICE_MIN_COSINE, cos
+    assert frac.max() <= DEVICE_MAX_ABS_FRACTION, frac
+    # a 224x224 image is not resized at all: identical to the reference up to float rounding
+    sq = names.index("square")
+    np.testing.assert_allclose(res.embeddings[sq], ref[sq], atol=1e-4, rtol=1e-4)
+
+
+def test_device_mode_linear_resize_is_further_from_reference(fake, tmp_path, onnx_model, images):
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    names = ["landscape", "portrait", "upper"]
+    paths = [os.fsencode(images[n]) for n in names]
+    ref = cpu_reference(ort_session(onnx_model), [images[n] for n in names])
+    cub = open_dev(cfg_for(bm, "device", resize="bicubic")).embed_files([0, 1, 2], paths).embeddings
+    lin = open_dev(cfg_for(bm, "device", resize="linear")).embed_files([0, 1, 2], paths).embeddings
+    assert cosine_rows(cub, ref).min() >= DEVICE_MIN_COSINE
+    assert np.abs(lin - ref).mean() > 0 and cosine_rows(lin, ref).min() >= 0.95
+
+
+def test_device_mode_bad_files_are_item_failures(fake, tmp_path, onnx_model, images):
+    bm = write_fake_bmodel(tmp_path / "b8.bmodel", onnx_model, [8])
+    dev = open_dev(cfg_for(bm, "device"))
+    names = ["landscape", "corrupt", "truncated", "empty", "text", "upper"]
+    paths = [os.fsencode(images[n]) for n in names] + [os.fsencode(str(tmp_path / "gone.jpg"))]
+    res = dev.embed_files(list(range(7)), paths)
+    assert res.ids == [0, 5] and res.embeddings.shape == (2, 512)
+    reasons = {f.id: f.reason for f in res.failures}
+    assert set(reasons) == {1, 2, 3, 4, 6}
+    assert reasons[2] == "truncated" and reasons[3] == "empty" and reasons[6] == "vanished"
+    assert reasons[1] in ("corrupt", "not_an_image", "truncated") and reasons[4] == "not_an_image"
+    # everything failed -> an empty result, no device call, no hang
+    res2 = dev.embed_files([9], [os.fsencode(images["empty"])])
+    assert res2.ids == [] and res2.embeddings.shape == (0, 512)
+
+
+def test_device_mode_hw_decode_error_code_falls_back_to_cpu(fake, tmp_path, onnx_model, images, monkeypatch):
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    dev = open_dev(cfg_for(bm, "device"))
+    hw, cpu = record(monkeypatch, dev)
+    monkeypatch.setenv("FAKE_SAIL_DECODE_FAIL", "landscape")  # Decoder.read returns non-zero
+    res = dev.embed_files([0, 1], [os.fsencode(images["landscape"]), os.fsencode(images["upper"])])
+    assert res.ids == [0, 1] and not res.failures
+    assert cpu == ["landscape.jpg"] and sorted(hw) == ["UPPER.JPG", "landscape.jpg"]
+
+
+def test_device_mode_engine_failure_is_device_error(fake, tmp_path, onnx_model, images, monkeypatch):
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    dev = open_dev(cfg_for(bm, "device"), "sail:2")
+    monkeypatch.setenv("FAKE_SAIL_FAIL_DEVS", "2")
+    with pytest.raises(DeviceError, match="GetBatchData"):
+        dev.embed_files([0], [os.fsencode(images["landscape"])])
+    with pytest.raises(DeviceError, match="unusable"):  # the handle is done for; worker restarts
+        dev.embed_files([0], [os.fsencode(images["landscape"])])
+
+
+def test_device_mode_hang_times_out(fake, tmp_path, onnx_model, images, monkeypatch):
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    dev = open_dev(cfg_for(bm, "device", timeout_s=1.0))
+    monkeypatch.setenv("FAKE_SAIL_HANG_DEVS", "0")
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="no batch"):
+        dev.embed_files([0], [os.fsencode(images["landscape"])])
+    assert time.monotonic() - t0 < 5
+
+
+def test_device_mode_rejects_batches_epp_cannot_take(fake, tmp_path, onnx_model):
+    bm = write_fake_bmodel(tmp_path / "b2.bmodel", onnx_model, [2])
+    with pytest.raises(ConfigError, match="EngineImagePreProcess"):
+        open_dev(cfg_for(bm, "device"))
+
+
+def test_device_mode_multistage_uses_largest_stage(fake, tmp_path, onnx_model, images):
+    bm = write_fake_bmodel(tmp_path / "m.bmodel", onnx_model, [1, 8])
+    dev = open_dev(cfg_for(bm, "device"))
+    assert dev.batch_size == 8
+    res = dev.embed_files([0, 1, 2], [os.fsencode(images[n]) for n in ("landscape", "upper", "png")])
+    assert res.ids == [0, 1, 2] and res.embeddings.shape == (3, 512)
+
+
+# ---------------------------------------------------------------------- backend-level behaviour
+def test_resolve_devices(fake, tmp_path):
+    from pipeline.backends.sail import SailBackend
+
+    def cfg(devices):
+        return from_dict({"infer": {"backend": "sail", "devices": devices}})
+
+    assert SailBackend.resolve_devices(cfg("all")) == ["sail:0", "sail:1", "sail:2"]
+    assert SailBackend.resolve_devices(cfg([2, 0])) == ["sail:2", "sail:0"]
+    for bad, msg in (([5], "does not exist"), (["cpu:0"], "not a dev_id"), ([0, 0], "twice"),
+                     ([-1], "negative"), ([True], "dev_ids"), ([0, "all"], "only entry")):
+        with pytest.raises(ConfigError, match=msg):
+            SailBackend.resolve_devices(cfg(bad))
+
+
+def test_input_kind_and_probe(fake):
+    from pipeline.backends.sail import SailBackend
+
+    assert SailBackend.input_kind(from_dict({"sail": {"mode": "device"}})) == "files"
+    assert SailBackend.input_kind(from_dict({"sail": {"mode": "host"}})) == "pixels"
+    p = SailBackend.probe()
+    assert p["available"] and p["chips"] == 3 and p["fake"]
+
+
+def test_probe_no_devices(fake, monkeypatch):
+    from pipeline.backends.sail import SailBackend
+
+    monkeypatch.setenv("FAKE_SAIL_TPUS", "0")
+    p = SailBackend.probe()
+    assert not p["available"] and "no SOPHON device" in p["reason"]
+    with pytest.raises(ConfigError, match="no SOPHON devices"):
+        SailBackend.resolve_devices(from_dict({"infer": {"backend": "sail", "devices": "all"}}))
+
+
+def test_missing_module_message(monkeypatch):
+    from pipeline.backends.sail import SailBackend
+
+    monkeypatch.setitem(sys.modules, "sophon", None)  # import sophon.sail -> ImportError
+    monkeypatch.delitem(sys.modules, "sophon.sail", raising=False)
+    p = SailBackend.probe()
+    assert not p["available"]
+    assert "sophon-X.Y.Z-py3-none-any.whl" in p["reason"] and "never `pip install sophon`" in p["reason"]
+    with pytest.raises(ConfigError, match="Sophgo's SDK"):
+        SailBackend.resolve_devices(from_dict({"infer": {"backend": "sail", "devices": [0]}}))
+
+
+# ----------------------------------------------------------------- the fake keeps SAIL's traps
+def test_fake_traps(fake, tmp_path, onnx_model, images):
+    sail = fake
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    assert not issubclass(sail.SailEngineError, RuntimeError)
+    eng = sail.Engine(str(bm), 0, sail.IOMode.SYSO)
+    g = eng.get_graph_names()[0]
+    name = eng.get_input_names(g)[0]
+    with pytest.raises(sail.SailEngineError):  # numpy input needs SYSI/SYSIO (§1.4)
+        eng.process(g, {name: np.zeros((4, 3, 224, 224), np.float32)})
+    eng = sail.Engine(str(bm), 0, sail.IOMode.SYSIO)
+    with pytest.raises(sail.SailEngineError):  # a shape that matches no stage
+        eng.process(g, {name: np.zeros((3, 3, 224, 224), np.float32)})
+    h = sail.Handle(0)
+    bmcv = sail.Bmcv(h)
+    img = sail.Decoder(str(images["landscape"]), True, 0).read(h)
+    assert img.format() == sail.Format.FORMAT_BGR_PACKED
+    assert sail.Decoder(str(images["corrupt"]), True, 0).read(h, sail.BMImage()) != 0
+    with pytest.raises(sail.SailDecoderError):
+        sail.Decoder(str(images["corrupt"]), True, 0).read(h)
+    with pytest.raises(RuntimeError):  # non-pic suffix: FFmpeg path, constructor raises
+        sail.Decoder(str(tmp_path / "nothing.Jpg"), True, 0)
+    assert bmcv.imread(str(images["landscape"])).format() == sail.Format.FORMAT_YUV420P
+    with pytest.raises(sail.SailBMImageError):
+        bmcv.resize(img, 224, 224, sail.bmcv_resize_algorithm.BMCV_INTER_BICUBIC)
+    with pytest.raises(sail.SailBMImageError):  # packed input to convert_to
+        bmcv.convert_to(img, ((1, 0),) * 3)
+    planar = bmcv.resize(img, 224, 224)
+    assert planar.format() == sail.Format.FORMAT_BGR_PLANAR
+    assert bmcv.convert_to(planar, ((0.5, 0),) * 3).dtype() == sail.ImgDtype.DATA_TYPE_EXT_1N_BYTE
+    arr = sail.BMImageArray16D()
+    with pytest.raises(TypeError):
+        bmcv.bm_image_to_tensor(arr, sail.Tensor(h, [16, 3, 224, 224]))
+    bad = write_fake_bmodel(tmp_path / "b2.bmodel", onnx_model, [2])
+    with pytest.raises(sail.SailEngineError):
+        sail.EngineImagePreProcess(str(bad), 0, False)
