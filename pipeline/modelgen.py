@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
@@ -189,7 +190,9 @@ def _build_graph(spec: VisionSpec, input_kind: str, g: _GraphBuilder, conv_bias:
     """Adds the forward pass; returns the output tensor name."""
     w, h, hd = spec.width, spec.heads, spec.head_dim
     v = "visual."
-    i64 = lambda *xs: np.asarray(xs, np.int64)  # noqa: E731
+
+    def i64(*xs: int) -> np.ndarray:
+        return np.asarray(xs, np.int64)
 
     if input_kind == "uint8":
         x = g.op1("Cast", ["pixels"], "pixels_f32", to=TensorProto.FLOAT)
@@ -600,7 +603,7 @@ def read_model_info(path: str | os.PathLike) -> dict:
         return info
     try:
         model = onnx.load(path, load_external_data=False)
-    except Exception:  # not parseable as ONNX: report what we know
+    except (OSError, ValueError, DecodeError):  # not parseable as ONNX: report what we know
         return info
     props = {p.key: p.value for p in model.metadata_props}
     init_names = {t.name for t in model.graph.initializer}

@@ -1,0 +1,86 @@
+"""CPU backend: onnxruntime inference (decode and preprocess run in the host stages)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from pipeline.backends.base import Backend, Device, DeviceError
+from pipeline.config import Config, ConfigError
+from stages.preprocess import normalize
+
+_CPU = re.compile(r"^cpu:(\d+)$")
+
+
+def resolve_cpu_devices(cfg: Config, backend: str) -> list[str]:
+    devices = cfg.infer.devices
+    if devices == ("all",):
+        import os
+
+        return [f"cpu:{i}" for i in range(len(os.sched_getaffinity(0)))]
+    names = []
+    for d in devices:
+        if isinstance(d, int) and not isinstance(d, bool):
+            d = f"cpu:{d}"
+        if not isinstance(d, str) or not _CPU.match(d):
+            raise ConfigError(f"config key infer.devices: {d!r} is not a {backend} device (use \"cpu:0\", \"cpu:1\", ... or \"all\")")
+        names.append(d)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key infer.devices lists a device twice: {list(devices)}")
+    return names
+
+
+class OnnxDevice(Device):
+    def __init__(self, cfg: Config, device: str):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = cfg.infer.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(cfg.model.path, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise DeviceError(f"cannot load model {cfg.model.path} with onnxruntime: {exc}") from exc
+        inp = self.session.get_inputs()[0]
+        out = self.session.get_outputs()[0]
+        self.input_name = inp.name
+        self.uint8_input = inp.type == "tensor(uint8)"
+        if cfg.model.input_kind == "uint8" and not self.uint8_input:
+            raise DeviceError(f"model.input_kind = 'uint8' but {cfg.model.path} takes {inp.type}")
+        if cfg.model.input_kind == "float" and self.uint8_input:
+            raise DeviceError(f"model.input_kind = 'float' but {cfg.model.path} takes uint8")
+        batch = inp.shape[0]
+        self.fixed_batch = isinstance(batch, int)
+        self.batch_size = batch if self.fixed_batch else cfg.model.batch_size
+        self.dim = int(out.shape[-1]) if isinstance(out.shape[-1], int) else 512
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels if self.uint8_input else normalize(pixels)
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    @classmethod
+    def resolve_devices(cls, cfg: Config) -> list[str]:
+        return resolve_cpu_devices(cfg, "cpu")
+
+    @classmethod
+    def open_device(cls, cfg: Config, device: str) -> Device:
+        return OnnxDevice(cfg, device)
+
+    @classmethod
+    def probe(cls) -> dict:
+        import os
+
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            return {"available": False, "devices": [], "reason": f"onnxruntime not importable: {exc}"}
+        n = len(os.sched_getaffinity(0))
+        return {"available": True, "devices": [f"cpu:{i}" for i in range(n)],
+                "reason": f"onnxruntime {ort.__version__}, {n} usable cores"}

@@ -1,0 +1,589 @@
+"""The supervisor: prepares the output, spawns every stage, keeps the ledger, ends the run.
+
+It runs in the main process and is the only one that draws progress. It never blocks on a child:
+the control socket is polled with a timeout, process deaths are seen from exit codes, stalls from
+the shared slots. See ARCHITECTURE.md for the full picture.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from pipeline import output, transport
+from pipeline.backends.base import get_backend
+from pipeline.config import Config, ConfigError
+from pipeline.ledger import Ledger
+from pipeline.progress import Progress, aggregate, bottleneck_line, utilisation
+from pipeline.worker import (EXIT_DEVICE, EXIT_FATAL, EXIT_OK, EXIT_SETUP, Slot, WorkerSpec,
+                             worker_main)
+
+FORMAT = "clip-pipeline/1"
+
+# Exit codes of `clip-pipeline run` (documented in the README).
+EXIT_SUCCESS = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_WITH_FAILURES = 3
+EXIT_ABORTED = 4
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
+
+
+class RunAborted(Exception):
+    """The run cannot go on (no device left, disk full, inputs changed...)."""
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    message: str
+    counts: dict[str, int] = field(default_factory=dict)
+    out_dir: str = ""
+
+
+@dataclass
+class Worker:
+    role: str
+    index: int
+    device: str | None
+    spec: WorkerSpec
+    slot: Slot
+    proc: Any = None
+    restarts: int = 0
+    ready: bool = False
+    removed: bool = False
+    started: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between an interrupted run and its resume."""
+    return {
+        "model_sha256": model.get("sha256"),
+        "backend": cfg.infer.backend,
+        "sail_mode": cfg.sail.mode if cfg.infer.backend == "sail" else None,
+        "preprocess_mode": cfg.preprocess.mode,
+        "exif_transpose": cfg.preprocess.exif_transpose,
+        "normalize": cfg.output.normalize,
+        "dtype": cfg.output.dtype,
+        "shard_size": cfg.output.shard_size,
+        "inputs": list(cfg.input.paths),
+        "extensions": sorted(cfg.input.extensions),
+        "recursive": cfg.input.recursive,
+        "follow_symlinks": cfg.input.follow_symlinks,
+    }
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("clip-pipeline", "numpy", "pyzmq", "msgpack", "onnxruntime", "pillow", "simplejpeg",
+                "opencv-python-headless"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, *, restart: bool = False, progress: Progress | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.restart = restart
+        self.out = Path(cfg.output.dir)
+        self.progress = progress or Progress(cfg.run.progress, cfg.run.log_interval_s)
+        self.log = log or self.progress.message
+        self.backend = get_backend(cfg.infer.backend)
+        self.ledger = Ledger(cfg.output.shard_size)
+        self.workers: dict[str, Worker] = {}
+        self.stats: dict[str, dict] = {}
+        self.warnings: list[str] = []
+        self.errors: list[dict] = []
+        self.interrupted: int | None = None
+        self.abort_reason: str | None = None
+        self.outbox: list[tuple[zmq.Socket, dict]] = []
+        self.reissue_pending: set[int] = set()
+        self.timeline: list[dict] = []
+        self.first_result_s: float | None = None
+
+    # -- preparation ----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        from pipeline.config import validate_for_run
+        from pipeline.models import ensure_model
+
+        validate_for_run(self.cfg)
+        self.devices = self.backend.resolve_devices(self.cfg)
+        ensure_model(self.cfg, log=self.log)
+        self.model = self.backend.model_identity(self.cfg)
+        self.fp = fingerprint(self.cfg, self.model)
+        self.prepare_output_dir()
+
+    def prepare_output_dir(self) -> None:
+        out = self.out
+        manifest = output.read_manifest(out) if out.exists() else None
+        if out.exists() and manifest is None and any(out.iterdir()):
+            raise ConfigError(f"output directory {out} is not empty and holds no clip-pipeline run; "
+                              "choose a new or empty directory (config key output.dir / --output)")
+        if manifest is not None:
+            if self.restart or self.cfg.output.on_existing == "restart":
+                self.log(f"Deleting the previous run in {out} (--restart).")
+                shutil.rmtree(out)
+                manifest = None
+            elif self.cfg.output.on_existing == "error":
+                raise ConfigError(f"output directory {out} already holds a run (output.on_existing = 'error'); "
+                                  "choose another --output or pass --restart")
+            elif manifest.get("fingerprint") != self.fp:
+                old = manifest.get("fingerprint") or {}
+                diff = sorted(k for k in set(old) | set(self.fp) if old.get(k) != self.fp.get(k))
+                raise ConfigError(
+                    f"output directory {out} holds a run made with a different {', '.join(diff)}; "
+                    "resuming would mix embeddings. Pass --restart to delete it and start over, or choose another --output"
+                )
+        try:
+            (out / output.EMB_DIR).mkdir(parents=True, exist_ok=True)
+            output.remove_temp_files(out)
+            probe = out / ".write-test.tmp"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"output directory {out} is not writable: {exc.strerror or exc} "
+                              "(config key output.dir / --output)") from None
+        self.resumed = manifest is not None
+        self.listing_complete = bool(manifest and manifest.get("inputs", {}).get("listing_complete"))
+        if self.listing_complete and not (out / "listing.jsonl").exists():
+            self.listing_complete = False
+        self.done_shards = output.completed_shards(out)
+        for k in self.done_shards:
+            rows, failed = shard_counts(out, k)
+            self.ledger.on_shard_written(k, rows, failed, resumed=True)
+        self._resumed = self.ledger.embedded + self.ledger.failed
+        if not manifest:
+            (out / "listing.jsonl").unlink(missing_ok=True)
+        self.created = manifest.get("created") if manifest else time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.write_manifest("running")
+        if self.resumed and self.done_shards:
+            self.log(f"Resuming the run in {out}: {len(self.done_shards)} shards already complete.")
+
+    def write_manifest(self, status: str, extra: dict | None = None) -> None:
+        synthetic = bool(self.model.get("synthetic"))
+        m = {
+            "format": FORMAT,
+            "status": status,
+            "created": self.created,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "fingerprint": self.fp,
+            "config": self.cfg.to_dict(),
+            "devices": self.devices,
+            "model": self.model,
+            "synthetic_weights": synthetic,
+            "inputs": {"listed": self.ledger.listed, "listing_complete": self.ledger.listing_done or self.listing_complete},
+            "counts": {"embedded": self.ledger.embedded, "failed": self.ledger.failed,
+                       "total": self.ledger.total},
+            "shard_size": self.cfg.output.shard_size,
+            "shards": sorted(self.ledger.written),
+            "versions": software_versions(),
+        }
+        if synthetic:
+            m["warning"] = SYNTHETIC_NOTE
+        if extra:
+            m.update(extra)
+        output.atomic_write_json(self.out / "manifest.json", m)
+
+    # -- processes ------------------------------------------------------------------------------
+    def plan(self) -> None:
+        cfg = self.cfg
+        self.ep = transport.Endpoints.create()
+        files_mode = self.backend.input_kind(cfg) == "files"
+        self.files_mode = files_mode
+        infer_addrs = tuple(self.ep.stage("infer", i) for i in range(len(self.devices)))
+        sink_addr, control_addr = self.ep.addr("sink"), self.ep.addr("control")
+        chain: list[tuple[str, int]] = []
+        if not files_mode:
+            chain.append(("decode", cfg.workers.decode))
+            if not cfg.workers.fuse_decode_preprocess:
+                chain.append(("preprocess", cfg.workers.preprocess))
+        stage_addrs = {role: tuple(self.ep.stage(role, i) for i in range(n)) for role, n in chain}
+        stage_addrs["infer"] = infer_addrs
+        order = [r for r, _ in chain] + ["infer"]
+        self.first_stage_addrs = stage_addrs[order[0]]
+
+        def add(role: str, index: int, in_addr: str | None, nxt: tuple[str, ...], device: str | None = None,
+                extra: dict | None = None) -> None:
+            spec = WorkerSpec(role=role, index=index, cfg=cfg, in_addr=in_addr, next_addrs=nxt,
+                              sink_addr=sink_addr, control_addr=control_addr, device=device,
+                              extra=extra or {})
+            self.workers[spec.name] = Worker(role, index, device, spec, Slot())
+
+        add("sink", 0, sink_addr, ())
+        for i, dev in enumerate(self.devices):
+            add("infer", i, infer_addrs[i], (), device=dev)
+        for pos, (role, n) in enumerate(chain):
+            nxt = stage_addrs[order[pos + 1]]
+            for i in range(n):
+                add(role, i, stage_addrs[role][i], nxt)
+        add("source", 0, None, self.first_stage_addrs, extra={
+            "listing_path": str(self.out / "listing.jsonl"),
+            "done_shards": list(self.done_shards),
+            "listing_complete": self.listing_complete,
+            "files_mode": files_mode,
+        })
+        self.control_addr, self.sink_addr = control_addr, sink_addr
+
+    def spawn(self, w: Worker) -> None:
+        ctx = mp.get_context("spawn")
+        old, w.slot = w.slot, Slot()
+        if w.role == "source":
+            w.slot.sent_upto = old.sent_upto  # the ledger's re-issue bound survives a source restart
+        w.spec = WorkerSpec(**{**w.spec.__dict__, "generation": w.restarts})
+        w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}", daemon=True)
+        w.proc.start()
+        w.started = time.monotonic()
+        w.ready = w.role == "source"
+
+    def source(self) -> Worker:
+        return self.workers["source-0"]
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        t_start = time.monotonic()
+        self.prepare()
+        self.plan()
+        self.ctx = zmq.Context()
+        self.control = transport.pull(self.ctx, self.control_addr, hwm=100000)
+        self.to_sink = transport.push(self.ctx, [self.sink_addr], hwm=100000)
+        self.to_first = transport.push(self.ctx, list(self.first_stage_addrs), hwm=self.cfg.queues.decode)
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):  # noqa: ARG001
+            self.interrupted = signum
+
+        for s in old:
+            signal.signal(s, on_signal)
+        if self.model.get("synthetic"):
+            self.log(f"Note: model {self.model.get('path') or self.cfg.infer.backend} has {SYNTHETIC_NOTE}.")
+        self.t0 = time.monotonic()
+        try:
+            for w in self.workers.values():
+                self.spawn(w)
+            self.loop()
+        except RunAborted as exc:
+            self.abort_reason = str(exc)
+        finally:
+            self.stop_all()
+            for s, h in old.items():
+                signal.signal(s, h)
+            for sock in (self.control, self.to_sink, self.to_first):
+                sock.close(0)
+            self.ctx.term()
+            self.ep.cleanup()
+        return self.finish(time.monotonic() - t_start)
+
+    def loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        total_sent = False
+        self.prev_sample, self.prev_t = {}, time.monotonic()
+        self.util: dict[str, float] = {}
+        last_tick = 0.0
+        while True:
+            if self.interrupted is not None:
+                return
+            for _ in range(1000):
+                if not poller.poll(0 if _ else 100):
+                    break
+                header, _frames = transport.recv(self.control)
+                self.on_control(header)
+            if self.ledger.listing_done and not total_sent:
+                self.queue_to_sink({"t": "total", "n": self.ledger.listed})
+                total_sent = True
+            self.check_workers()
+            self.pump_outbox()
+            now = time.monotonic()
+            if now - last_tick >= 0.5:
+                last_tick = now
+                self.tick(now)
+            if self.ledger.complete():
+                return
+            if self.abort_reason:
+                raise RunAborted(self.abort_reason)
+
+    def on_control(self, h: dict) -> None:
+        t = h.get("t")
+        if t == "stats":
+            self.stats[h["worker"]] = h["stats"]
+        elif t == "ready":
+            w = self.workers.get(h["worker"])
+            if w is not None:
+                w.ready = True
+        elif t == "resolved":
+            if self.first_result_s is None:
+                self.first_result_s = time.monotonic() - self.t0
+            self.ledger.on_resolved(h["ids"], h["embedded"], h["failed"])
+        elif t == "shard":
+            self.ledger.on_shard_written(h["k"], h["rows"], h["failed"])
+        elif t == "listed":
+            self.ledger.listed = max(self.ledger.listed, h["n"])
+            if h.get("done"):
+                self.ledger.listing_done = True
+        elif t == "warning":
+            if len(self.warnings) < 1000:
+                self.warnings.append(h["message"])
+            self.log(f"warning: {h['message']}")
+        elif t == "error":
+            self.errors.append({k: h.get(k) for k in ("kind", "worker", "exc_type", "message", "ids", "traceback")})
+            if h["kind"] == "fatal":
+                self.abort_reason = h["message"]
+            else:
+                where = f" (items {h['ids'][:8]})" if h.get("ids") else ""
+                self.log(f"{h['worker']}: {h['kind']} error: {h['exc_type']}: {h['message']}{where}")
+
+    def queue_to_sink(self, header: dict) -> None:
+        self.outbox.append((self.to_sink, header))
+
+    def pump_outbox(self) -> None:
+        keep = []
+        for i, (sock, header) in enumerate(self.outbox):
+            try:
+                transport.send(sock, header, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                keep = self.outbox[i:]
+                break
+        self.outbox = keep
+        if self.reissue_pending and not keep:
+            self.send_reissues()
+
+    def send_reissues(self) -> None:
+        ids = sorted(self.reissue_pending)
+        self.reissue_pending.clear()
+        wanted = set(ids)
+        with open(self.out / "listing.jsonl", "rb") as fh:
+            for i, line in enumerate(fh):
+                if i in wanted:
+                    self.outbox.append((self.to_first, {"t": "item", "id": i, "path": output.parse_listing_line(line)}))
+                if i >= ids[-1]:
+                    break
+
+    # -- failures of workers -----------------------------------------------------------------
+    def check_workers(self) -> None:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.removed or w.proc is None:
+                continue
+            code = w.proc.exitcode
+            if code is None:
+                busy = w.slot.busy_since
+                if busy and now - busy > self.cfg.run.stall_timeout_s:
+                    self.log(f"{w.name} has been busy for {now - busy:.0f}s (run.stall_timeout_s="
+                             f"{self.cfg.run.stall_timeout_s:g}); killing and restarting it.")
+                    w.proc.kill()
+                    w.proc.join(5)
+                    self.on_death(w, "stalled")
+                elif not w.ready and now - w.started > self.cfg.run.start_timeout_s:
+                    raise RunAborted(f"{w.name} did not start within run.start_timeout_s={self.cfg.run.start_timeout_s:g}s")
+                continue
+            if w.role == "source" and code == EXIT_OK:
+                w.proc = None  # listing done; it was stopped by nobody: fine
+                continue
+            self.on_death(w, f"exit code {code}")
+
+    def on_death(self, w: Worker, why: str) -> None:
+        code = w.proc.exitcode if w.proc is not None else None
+        ids = w.slot.current_ids()
+        if code == EXIT_FATAL:
+            raise RunAborted(self.abort_reason or f"{w.name} stopped the run ({why})")
+        self.log(f"{w.name} died ({why}); restarting it and re-issuing its work.")
+        if ids and code not in (EXIT_DEVICE,):
+            for i in self.ledger.record_crash(ids):
+                rec = {"t": "fail", "id": i, "path": b"", "reason": "crashed_worker",
+                       "message": f"{w.role} worker died twice while processing this input", "stage": w.role}
+                self.ledger.failed_here[i] = rec
+        if w.role == "sink":
+            self.ledger.lost_sink()
+        w.restarts += 1
+        if w.restarts > self.cfg.run.max_restarts:
+            w.removed = True
+            w.proc = None
+            if w.role == "infer":
+                alive = [x for x in self.workers.values() if x.role == "infer" and not x.removed]
+                self.log(f"device {w.device} failed {w.restarts} times; taking it out of the run "
+                         f"({len(alive)} device(s) left).")
+                if not alive:
+                    last = self.errors[-1]["message"] if self.errors else why
+                    raise RunAborted(f"every device failed (last error: {last}); see report.json for details")
+            else:
+                last = self.errors[-1]["message"] if self.errors else why
+                raise RunAborted(f"{w.name} failed {w.restarts} times (last error: {last})")
+        else:
+            if w.role == "source":
+                w.spec.extra["start_at"] = self.source().slot.sent_upto
+            self.spawn(w)
+        self.after_loss(w.role == "sink")
+
+    def after_loss(self, sink_lost: bool) -> None:
+        """Re-issue every sent id that is not resolved, written or failed; resend lost sink state."""
+        if sink_lost:
+            if self.ledger.listing_done:
+                self.queue_to_sink({"t": "total", "n": self.ledger.listed})
+        for i, rec in sorted(self.ledger.failed_here.items()):
+            path = self.path_of(i)
+            self.queue_to_sink({**rec, "path": path})
+        sent = self.source().slot.sent_upto
+        self.reissue_pending.update(self.ledger.to_reissue(sent))
+
+    def path_of(self, item_id: int) -> bytes:
+        with open(self.out / "listing.jsonl", "rb") as fh:
+            for i, line in enumerate(fh):
+                if i == item_id:
+                    return output.parse_listing_line(line)
+        return b""
+
+    def stop_all(self) -> None:
+        procs = [w.proc for w in self.workers.values() if w.proc is not None]
+        for p in procs:
+            if p.exitcode is None:
+                p.terminate()
+        deadline = time.monotonic() + 10
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                p.kill()
+                p.join(2)
+
+    # -- progress and the end ------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        roles = {w.name: w.role for w in self.workers.values()}
+        sample = aggregate(self.stats, roles)
+        dt = now - self.prev_t
+        if dt >= 1.0:
+            self.util = utilisation(self.prev_sample, sample, dt)
+            self.prev_sample, self.prev_t = sample, now
+            elapsed = now - self.t0
+            self.timeline.append({"t": round(elapsed, 2), "done": self.ledger.embedded + self.ledger.failed,
+                                  "util": {k: round(v, 3) for k, v in self.util.items()}})
+        done = self.ledger.embedded + self.ledger.failed
+        self.progress.update(done, self.ledger.total if self.ledger.listing_done else None, self.ledger.failed,
+                             self.rate(), bottleneck_line(self.util))
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        resumed = self.resumed_count()
+        return (self.ledger.embedded + self.ledger.failed - resumed) / elapsed if elapsed > 0 else 0.0
+
+    def resumed_count(self) -> int:
+        return getattr(self, "_resumed", 0)
+
+    def finish(self, wall: float) -> RunResult:
+        led = self.ledger
+        counts = {"embedded": led.embedded, "failed": led.failed, "total": led.total or led.listed}
+        done = led.embedded + led.failed
+        self.progress.close(done, led.total, led.failed, self.rate(), bottleneck_line(self.util))
+        report = self.report(wall)
+        output.atomic_write_json(self.out / "report.json", report)
+        if self.interrupted is not None:
+            name = "SIGINT" if self.interrupted == signal.SIGINT else "SIGTERM"
+            self.write_manifest("interrupted")
+            msg = (f"Interrupted by {name}: {len(led.written)} shard(s) complete ({done} of "
+                   f"{led.total if led.total is not None else str(led.listed) + '+'} inputs resolved) in {self.out}. "
+                   "Run the same command again to resume.")
+            return RunResult(EXIT_SIGINT if self.interrupted == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(self.out))
+        if self.abort_reason or not led.complete():
+            reason = self.abort_reason or "the run ended before every input was resolved"
+            self.write_manifest("failed", {"error": reason})
+            return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Completed shards are kept in {self.out}; "
+                             "fix the cause and run the same command again to resume.", counts, str(self.out))
+        n_fail = self.write_failures()
+        if self.cfg.output.pickle:
+            self.write_pickle()
+        self.write_manifest("complete")
+        synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
+        msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
+        if n_fail:
+            msg += f" Completed with {n_fail} failures: see {self.out / 'failures.jsonl'}."
+            return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
+        return RunResult(EXIT_SUCCESS, msg, counts, str(self.out))
+
+    def write_failures(self) -> int:
+        n = 0
+        final = self.out / "failures.jsonl"
+        tmp = self.out / ".failures.jsonl.tmp"
+        with open(tmp, "wb") as dst:
+            for k in sorted(self.ledger.written):
+                src = self.out / output.EMB_DIR / f"{output.shard_name(k)}.failures.jsonl"
+                data = src.read_bytes()
+                n += data.count(b"\n")
+                dst.write(data)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, final)
+        return n
+
+    def write_pickle(self) -> None:
+        import pickle
+
+        paths, emb = output.load_embeddings(self.out)
+        data = pickle.dumps({"img_path": paths, "embedding": np.asarray(emb)}, protocol=4)
+        output.atomic_write_bytes(self.out / "embeddings.pkl", data)
+
+    def report(self, wall: float) -> dict:
+        from collections import Counter
+
+        reasons: Counter = Counter()
+        for k in self.ledger.written:
+            p = self.out / output.EMB_DIR / f"{output.shard_name(k)}.failures.jsonl"
+            for line in p.read_text().splitlines():
+                if line:
+                    reasons[json.loads(line)["reason"]] += 1
+        done_now = self.ledger.embedded + self.ledger.failed
+        per_stage = {}
+        roles = {w.name: w.role for w in self.workers.values()}
+        for role, s in aggregate(self.stats, roles).items():
+            per_stage[role] = {"workers": s.workers, "busy_s": round(s.busy_s, 3), "blocked_s": round(s.blocked_s, 3),
+                               "items_in": int(s.items_in)}
+        return {
+            "wall_s": round(wall, 3),
+            "images_per_s": round(done_now / wall, 3) if wall > 0 else None,
+            "time_to_first_result_s": None if self.first_result_s is None else round(self.first_result_s, 3),
+            "counts": {"embedded": self.ledger.embedded, "failed": self.ledger.failed, "listed": self.ledger.listed},
+            "failures_by_reason": dict(sorted(reasons.items())),
+            "per_stage": per_stage,
+            "per_worker": self.stats,
+            "timeline": self.timeline,
+            "devices": self.devices,
+            "backend": self.cfg.infer.backend,
+            "restarts": {w.name: w.restarts for w in self.workers.values() if w.restarts},
+            "removed_devices": [w.device for w in self.workers.values() if w.removed and w.role == "infer"],
+            "errors": self.errors[-50:],
+            "warnings": self.warnings[:200],
+            "synthetic_weights": bool(self.model.get("synthetic")),
+            "versions": software_versions(),
+        }
+
+
+def shard_counts(out: Path, k: int) -> tuple[int, int]:
+    name = output.shard_name(k)
+    rows = np.load(out / output.EMB_DIR / f"{name}.npy", mmap_mode="r").shape[0]
+    failed = (out / output.EMB_DIR / f"{name}.failures.jsonl").read_bytes().count(b"\n")
+    return rows, failed
+
+
+def run(cfg: Config, *, restart: bool = False, progress: Progress | None = None) -> RunResult:
+    return Supervisor(cfg, restart=restart, progress=progress).run()

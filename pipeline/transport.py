@@ -1,0 +1,90 @@
+"""ZeroMQ transport: endpoints, sockets and the wire format ([msgpack header, raw buffers...]).
+
+Topology rule: every worker that *receives* binds its own PULL endpoint (`<stage>-<k>`); senders
+connect a PUSH to every endpoint of the next stage with ZMQ_IMMEDIATE, so messages only go to
+peers that are up, and a restarted worker is reconnected to automatically. Queue depth (config
+[queues]) is the high-water mark on both ends of each pipe: a bound on messages *per peer*, not a
+global count (ZeroMQ's HWMs are per pipe and approximate).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+import zmq
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """ipc:// addresses of one run, under a private temp directory."""
+
+    root: str
+
+    @classmethod
+    def create(cls) -> "Endpoints":
+        # ipc paths must stay under ~100 bytes: keep the directory short.
+        return cls(tempfile.mkdtemp(prefix="clipp-", dir="/tmp"))
+
+    def addr(self, name: str) -> str:
+        return f"ipc://{self.root}/{name}"
+
+    def stage(self, stage: str, index: int) -> str:
+        return self.addr(f"{stage}-{index}")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pull(ctx: zmq.Context, addr: str, hwm: int) -> zmq.Socket:
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(addr)
+    return sock
+
+
+def push(ctx: zmq.Context, addrs: Sequence[str], hwm: int, linger_ms: int = 0) -> zmq.Socket:
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    for a in addrs:
+        sock.connect(a)
+    return sock
+
+
+def pack(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def send(sock: zmq.Socket, header: dict[str, Any], *buffers: Any, flags: int = 0) -> None:
+    """Send a header and zero-copy buffers (numpy arrays must be C-contiguous)."""
+    if buffers:
+        sock.send_multipart([pack(header), *buffers], flags=flags, copy=False)
+    else:
+        sock.send(pack(header), flags=flags)
+
+
+def recv(sock: zmq.Socket, flags: int = 0) -> tuple[dict[str, Any], list[memoryview]]:
+    frames = sock.recv_multipart(flags=flags, copy=False)
+    header = msgpack.unpackb(frames[0].buffer, raw=False)
+    return header, [f.buffer for f in frames[1:]]
+
+
+def array_header(arr: np.ndarray) -> dict[str, Any]:
+    return {"shape": list(arr.shape), "dtype": arr.dtype.str}
+
+
+def array_from(header: dict[str, Any], buf: memoryview) -> np.ndarray:
+    """A read-only view of a received buffer as the array the header describes."""
+    return np.frombuffer(buf, dtype=np.dtype(header["dtype"])).reshape(header["shape"])
+
+
+def fsencode(path: str | bytes) -> bytes:
+    return path if isinstance(path, bytes) else os.fsencode(path)

@@ -1,0 +1,305 @@
+"""The one generic process loop every stage worker runs (spawned by the supervisor).
+
+A stage supplies a *core* (stages/*.py): `setup()`, `handle(header, frames) -> outputs`,
+`flush(now) -> outputs`, `deadline()`, `close()`. This loop owns everything else: sockets,
+poll timeouts, backpressure, stats, the shared slot the supervisor reads for crash attribution
+and stall detection, signals, and reporting exceptions with the worker and item named.
+
+Outputs are (target, header, buffers) with target "next" (the next stage), "sink" or "control".
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import zmq
+
+from pipeline import transport
+from pipeline.config import Config
+
+MAX_SLOT_IDS = 1024
+STATS_INTERVAL_S = 0.5
+SEND_TIMEOUT_MS = 200
+
+# Exit codes of workers (the supervisor reads them).
+EXIT_OK = 0
+EXIT_CRASH = 70  # unexpected exception in the stage core
+EXIT_DEVICE = 71  # the device failed (DeviceError)
+EXIT_SETUP = 72  # setup failed (model load, device open)
+EXIT_FATAL = 73  # the run cannot continue (e.g. output disk full)
+
+Output = tuple[str, dict, tuple]
+
+
+class Core(Protocol):
+    def setup(self) -> None: ...
+    def handle(self, header: dict, frames: list) -> Iterable[Output]: ...
+    def flush(self, now: float) -> Iterable[Output]: ...
+    def deadline(self) -> float | None: ...
+    def close(self) -> None: ...
+
+
+class FatalError(Exception):
+    """Raised by a core when the whole run must stop (message is for the user)."""
+
+
+class Slot:
+    """Shared memory between one worker slot and the supervisor (no locks: single writer).
+
+    floats: [busy_since (monotonic, 0 = idle), last_beat, pid, sent_upto]
+    ids:    [n, id0, id1, ...] the ids inside the current unit of work
+    """
+
+    def __init__(self) -> None:
+        self.floats = mp.RawArray("d", 4)
+        self.ids = mp.RawArray("q", MAX_SLOT_IDS + 1)
+
+    def begin(self, ids: Iterable[int]) -> None:
+        ids = list(ids)[:MAX_SLOT_IDS]
+        self.ids[1:len(ids) + 1] = ids
+        self.ids[0] = len(ids)
+        self.floats[0] = time.monotonic()
+
+    def end(self) -> None:
+        self.floats[0] = 0.0
+        self.ids[0] = 0
+
+    def current_ids(self) -> list[int]:
+        n = self.ids[0]
+        return list(self.ids[1:n + 1])
+
+    @property
+    def busy_since(self) -> float:
+        return self.floats[0]
+
+    @property
+    def sent_upto(self) -> int:
+        return int(self.floats[3])
+
+    @sent_upto.setter
+    def sent_upto(self, value: int) -> None:
+        self.floats[3] = float(value)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # source | decode | preprocess | infer | sink
+    index: int
+    cfg: Config
+    in_addr: str | None
+    next_addrs: tuple[str, ...]
+    sink_addr: str
+    control_addr: str
+    device: str | None = None
+    generation: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}" + (f"({self.device})" if self.device else "")
+
+
+def make_core(spec: WorkerSpec, slot: Slot) -> Core:
+    if spec.role == "decode":
+        from stages.decode import DecodeCore
+
+        return DecodeCore(spec)
+    if spec.role == "preprocess":
+        from stages.preprocess import PreprocessCore
+
+        return PreprocessCore(spec)
+    if spec.role == "infer":
+        from stages.infer import InferCore
+
+        return InferCore(spec, slot)
+    if spec.role == "sink":
+        from stages.sink import SinkCore
+
+        return SinkCore(spec)
+    raise ValueError(f"unknown role {spec.role}")
+
+
+class _Stop(Exception):
+    pass
+
+
+class Loop:
+    """Sockets and bookkeeping of one worker process."""
+
+    def __init__(self, spec: WorkerSpec, slot: Slot):
+        self.spec = spec
+        self.slot = slot
+        self.stopping = False
+        self.parent = os.getppid()
+        self.ctx = zmq.Context()
+        q = spec.cfg.queues
+        out_hwm = {"source": q.decode, "decode": q.preprocess if not spec.cfg.workers.fuse_decode_preprocess else q.infer,
+                   "preprocess": q.infer}.get(spec.role, q.sink)
+        if spec.role == "source" and spec.extra.get("files_mode"):
+            out_hwm = q.infer
+        self.control = transport.push(self.ctx, [spec.control_addr], hwm=10000, linger_ms=1000)
+        self.next = transport.push(self.ctx, spec.next_addrs, out_hwm) if spec.next_addrs else None
+        self.sink = transport.push(self.ctx, [spec.sink_addr], spec.cfg.queues.sink) if spec.role != "sink" else None
+        self.stats: dict[str, float] = {"in": 0, "out": 0, "busy_s": 0.0, "blocked_s": 0.0, "idle_s": 0.0}
+        self.last_stats = 0.0
+
+    # -- sending with backpressure but without going deaf to signals or a dead parent --------
+    def send(self, target: str, header: dict, buffers: tuple = ()) -> None:
+        if target == "control":
+            transport.send(self.control, header, *buffers)
+            return
+        sock = self.next if target == "next" else self.sink
+        t0 = time.monotonic()
+        while True:
+            try:
+                transport.send(sock, header, *buffers, flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                self.check_alive()
+                sock.poll(SEND_TIMEOUT_MS, zmq.POLLOUT)
+        self.stats["blocked_s"] += time.monotonic() - t0
+        if target == "next":
+            self.stats["out"] += 1
+
+    def emit(self, outputs: Iterable[Output] | None) -> None:
+        for target, header, buffers in outputs or ():
+            self.send(target, header, buffers)
+
+    def check_alive(self) -> None:
+        if self.stopping:
+            raise _Stop()
+        if os.getppid() != self.parent:  # the supervisor died: don't linger as an orphan
+            raise _Stop()
+
+    def report_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_stats >= STATS_INTERVAL_S:
+            self.last_stats = now
+            self.slot.floats[1] = now
+            self.send("control", {"t": "stats", "worker": self.spec.name, "role": self.spec.role,
+                                  "index": self.spec.index, "stats": dict(self.stats)})
+
+    def error(self, kind: str, exc: BaseException, ids: list[int]) -> None:
+        self.send("control", {"t": "error", "kind": kind, "worker": self.spec.name, "role": self.spec.role,
+                              "index": self.spec.index, "ids": ids[:64],
+                              "exc_type": type(exc).__name__, "message": str(exc),
+                              "traceback": traceback.format_exc()})
+
+    def close(self) -> None:
+        for s in (self.next, self.sink):
+            if s is not None:
+                s.close(0)
+        self.control.close(1000)
+        self.ctx.term()
+
+
+def _install_signals(loop: Loop) -> None:
+    # Ctrl-C reaches the whole process group: only the supervisor decides what happens.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_term(signum, frame):  # noqa: ARG001
+        loop.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def worker_main(spec: WorkerSpec, slot: Slot) -> None:
+    """Entry point of every spawned stage worker."""
+    os.environ["CLIP_PIPELINE_WORKER_GENERATION"] = str(spec.generation)
+    loop = Loop(spec, slot)
+    _install_signals(loop)
+    slot.floats[2] = os.getpid()
+    code = EXIT_OK
+    try:
+        if spec.role == "source":
+            from stages.source import run_source
+
+            run_source(spec, slot, loop)
+        else:
+            code = _run_core(spec, slot, loop)
+    except _Stop:
+        code = EXIT_OK
+    except FatalError as exc:
+        loop.error("fatal", exc, slot.current_ids())
+        code = EXIT_FATAL
+    except Exception as exc:  # noqa: BLE001 - reported to the supervisor with context
+        loop.error("crash", exc, slot.current_ids())
+        code = EXIT_CRASH
+    finally:
+        try:
+            loop.report_stats(force=True)
+        except Exception:  # noqa: BLE001
+            pass
+        loop.close()
+    sys.exit(code)
+
+
+def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
+    from pipeline.backends.base import DeviceError
+
+    core = make_core(spec, slot)
+    try:
+        core.setup()
+    except FatalError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        loop.error("setup", exc, [])
+        return EXIT_SETUP
+    loop.send("control", {"t": "ready", "worker": spec.name, "role": spec.role, "index": spec.index,
+                          "pid": os.getpid(), "info": getattr(core, "info", {})})
+    inp = transport.pull(loop.ctx, spec.in_addr, _in_hwm(spec))
+    poller = zmq.Poller()
+    poller.register(inp, zmq.POLLIN)
+    per_item = spec.role in ("decode", "preprocess")  # one item per message: attribute crashes to it
+    try:
+        while True:
+            loop.check_alive()
+            now = time.monotonic()
+            deadline = core.deadline()
+            timeout = STATS_INTERVAL_S if deadline is None else max(0.0, min(STATS_INTERVAL_S, deadline - now))
+            t0 = time.monotonic()
+            ready = dict(poller.poll(int(timeout * 1000)))
+            loop.stats["idle_s"] += time.monotonic() - t0
+            if ready.get(inp):
+                header, frames = transport.recv(inp)
+                loop.stats["in"] += 1
+                t0 = time.monotonic()
+                if per_item:
+                    slot.begin([header["id"]])
+                try:
+                    outputs = list(core.handle(header, frames) or ())
+                except DeviceError as exc:
+                    slot.end()  # the device failed, not these items: don't blame them
+                    loop.error("device", exc, [])
+                    return EXIT_DEVICE
+                if per_item:
+                    slot.end()
+                loop.stats["busy_s"] += time.monotonic() - t0
+                loop.emit(outputs)
+            t0 = time.monotonic()
+            try:
+                outputs = list(core.flush(time.monotonic()) or ())
+            except DeviceError as exc:
+                slot.end()
+                loop.error("device", exc, [])
+                return EXIT_DEVICE
+            loop.stats["busy_s"] += time.monotonic() - t0
+            loop.emit(outputs)
+            loop.report_stats()
+    finally:
+        try:
+            core.close()
+        finally:
+            inp.close(0)
+
+
+def _in_hwm(spec: WorkerSpec) -> int:
+    q = spec.cfg.queues
+    return {"decode": q.decode, "preprocess": q.preprocess, "infer": q.infer, "sink": q.sink}[spec.role]

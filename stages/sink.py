@@ -1,0 +1,143 @@
+"""Sink stage: gather resolved items (embedded or failed) into id-range shards and write them.
+
+Duplicates (an id re-issued after a worker death and also finished by its first owner) are
+dropped here, so every id appears exactly once. A shard is written when every id in its range is
+resolved — sorted by id, atomically — so the output does not depend on worker count or timing.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import output
+from pipeline.transport import array_from
+
+
+@dataclass
+class PendingShard:
+    rows: dict[int, tuple[bytes, np.ndarray]] = field(default_factory=dict)
+    fails: dict[int, dict] = field(default_factory=dict)
+
+    def resolved(self) -> int:
+        return len(self.rows) + len(self.fails)
+
+    def has(self, item_id: int) -> bool:
+        return item_id in self.rows or item_id in self.fails
+
+
+class ShardAssembler:
+    """Pure part of the sink: which shards are complete, with their sorted contents."""
+
+    def __init__(self, shard_size: int, done: set[int] | None = None):
+        self.shard_size = shard_size
+        self.done: set[int] = set(done or ())
+        self.pending: dict[int, PendingShard] = {}
+        self.total: int | None = None
+
+    def _shard(self, item_id: int) -> PendingShard | None:
+        k = item_id // self.shard_size
+        if k in self.done:
+            return None
+        return self.pending.setdefault(k, PendingShard())
+
+    def add_row(self, item_id: int, path: bytes, emb: np.ndarray) -> bool:
+        s = self._shard(item_id)
+        if s is None or s.has(item_id):
+            return False
+        s.rows[item_id] = (path, emb)
+        return True
+
+    def add_failure(self, record: dict) -> bool:
+        s = self._shard(record["id"])
+        if s is None or s.has(record["id"]):
+            return False
+        s.fails[record["id"]] = record
+        return True
+
+    def expected(self, k: int) -> int | None:
+        if self.total is None:
+            return self.shard_size
+        return max(0, min(self.shard_size, self.total - k * self.shard_size))
+
+    def complete(self) -> list[int]:
+        return sorted(k for k, s in self.pending.items() if s.resolved() == self.expected(k) or
+                      (self.total is not None and self.expected(k) == 0))
+
+    def pop(self, k: int, dim: int, dtype: str) -> tuple[list[bytes], np.ndarray, list[dict]]:
+        s = self.pending.pop(k)
+        self.done.add(k)
+        ids = sorted(s.rows)
+        paths = [s.rows[i][0] for i in ids]
+        emb = np.stack([s.rows[i][1] for i in ids]).astype(dtype) if ids else np.zeros((0, dim), dtype=dtype)
+        fails = [s.fails[i] for i in sorted(s.fails)]
+        return paths, emb, fails
+
+
+class SinkCore:
+    def __init__(self, spec):
+        self.cfg = spec.cfg
+        self.out_dir = spec.cfg.output.dir
+        self.asm: ShardAssembler | None = None
+        self.dim = 0
+        self.info: dict = {}
+
+    def setup(self) -> None:
+        output.remove_temp_files(self.out_dir)
+        self.asm = ShardAssembler(self.cfg.output.shard_size, set(output.completed_shards(self.out_dir)))
+
+    def handle(self, header: dict, frames: list):
+        t = header["t"]
+        new_ids: list[int] = []
+        failed = 0
+        if t == "emb":
+            emb = array_from(header, frames[0])
+            self.dim = emb.shape[1]
+            for i, (item_id, path) in enumerate(zip(header["ids"], header["paths"])):
+                if self.asm.add_row(item_id, path, emb[i].copy()):
+                    new_ids.append(item_id)
+        elif t == "fail":
+            record = {"id": header["id"], "path": _text(header["path"]), "reason": header["reason"],
+                      "message": header["message"], "stage": header.get("stage", "")}
+            if self.asm.add_failure(record):
+                new_ids.append(header["id"])
+                failed = 1
+        elif t == "total":
+            self.asm.total = header["n"]
+        outputs = []
+        if new_ids:
+            outputs.append(("control", {"t": "resolved", "ids": new_ids, "failed": failed,
+                                        "embedded": len(new_ids) - failed}, ()))
+        return outputs + self.write_complete()
+
+    def write_complete(self) -> list:
+        from pipeline.worker import FatalError
+
+        outputs = []
+        for k in self.asm.complete():
+            paths, emb, fails = self.asm.pop(k, self.dim or 512, self.cfg.output.dtype)
+            try:
+                output.write_shard(self.out_dir, k, paths, emb, fails)
+            except OSError as exc:
+                what = "the output disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
+                raise FatalError(
+                    f"cannot write shard {output.shard_name(k)} in {self.out_dir}: {what}. "
+                    "Completed shards are kept; free space (or fix permissions) and run the same command again to resume."
+                ) from None
+            outputs.append(("control", {"t": "shard", "k": k, "rows": len(paths), "failed": len(fails)}, ()))
+        return outputs
+
+    def flush(self, now: float):
+        return ()
+
+    def deadline(self):
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _text(path: bytes | str) -> str:
+    return path if isinstance(path, str) else path.decode("utf-8", "backslashreplace")

@@ -1,0 +1,158 @@
+"""Source stage: list the inputs in a deterministic order, persist the listing, feed the pipeline.
+
+The walk streams: directories are visited depth-first with each directory's entries sorted so
+that the overall order is the byte order of full paths (a directory sorts as "name/"). Only one
+directory's names are held at a time. Input id = position in this order; the listing is appended
+to OUT/listing.jsonl before an id is sent, so the supervisor can re-issue any id by reading it.
+Unreadable directories and symlink loops are skipped with a warning; dangling symlinks and
+names that are not valid UTF-8 are listed (they fail or embed like any other file).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Callable, Iterator
+
+from pipeline import output
+
+Warn = Callable[[str], None]
+
+
+def _has_ext(name: bytes, exts: frozenset[bytes]) -> bool:
+    dot = name.rfind(b".")
+    return dot > 0 and name[dot + 1:].lower() in exts
+
+
+def _walk_dir(d: bytes, exts: frozenset[bytes], recursive: bool, follow: bool,
+              ancestors: frozenset[tuple[int, int]], warn: Warn) -> Iterator[bytes]:
+    try:
+        with os.scandir(d) as it:
+            entries = []
+            for e in it:
+                try:
+                    is_dir = e.is_dir(follow_symlinks=follow)
+                except OSError:
+                    is_dir = False
+                entries.append((e.name + b"/" if is_dir else e.name, is_dir, e.is_symlink()))
+    except OSError as exc:
+        warn(f"skipped unreadable directory {os.fsdecode(d)}: {exc.strerror or exc}")
+        return
+    entries.sort()
+    for key, is_dir, is_link in entries:
+        name = key[:-1] if is_dir else key
+        path = os.path.join(d, name)
+        if is_dir:
+            if not recursive:
+                continue
+            try:
+                st = os.stat(path, follow_symlinks=follow)
+            except OSError as exc:
+                warn(f"skipped directory {os.fsdecode(path)}: {exc.strerror or exc}")
+                continue
+            ident = (st.st_dev, st.st_ino)
+            if ident in ancestors:
+                warn(f"skipped symlink loop at {os.fsdecode(path)}")
+                continue
+            yield from _walk_dir(path, exts, recursive, follow, ancestors | {ident}, warn)
+        elif _has_ext(name, exts) and (follow or not is_link):
+            yield path
+
+
+def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: bool = True,
+                follow_symlinks: bool = True, warn: Warn = lambda m: None) -> Iterator[bytes]:
+    """Every input file, as bytes paths, in the deterministic order that defines input ids."""
+    exts = frozenset(e.lower().encode() for e in extensions)
+    for root in paths:
+        broot = os.fsencode(root)
+        try:
+            st = os.stat(broot)
+        except OSError as exc:
+            warn(f"skipped input {root}: {exc.strerror or exc}")
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            yield from _walk_dir(broot, exts, recursive, follow_symlinks, frozenset({(st.st_dev, st.st_ino)}), warn)
+        else:
+            yield broot  # a file named explicitly is an input whatever its suffix
+
+
+def read_listing(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        for line in fh:
+            yield output.parse_listing_line(line)
+
+
+CHUNK = 64
+
+
+def run_source(spec, slot, loop) -> None:
+    """Source worker: walk (or replay the saved listing), persist it, send items downstream."""
+    from pipeline.worker import FatalError
+
+    cfg = spec.cfg
+    extra = spec.extra
+    listing_path = extra["listing_path"]
+    done_shards = set(extra.get("done_shards", ()))
+    start_at = int(extra.get("start_at", 0))
+    shard_size = cfg.output.shard_size
+
+    def warn(msg: str) -> None:
+        loop.send("control", {"t": "warning", "message": msg})
+
+    existing = 0
+    if os.path.exists(listing_path):
+        with open(listing_path, "rb") as fh:
+            existing = sum(1 for _ in fh)
+    if extra.get("listing_complete"):
+        paths_iter = read_listing(listing_path)
+    else:
+        paths_iter = iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
+                                 cfg.input.follow_symlinks, warn)
+    old = read_listing(listing_path) if existing and not extra.get("listing_complete") else iter(())
+    n = 0
+    with open(listing_path, "ab") as listing:
+        chunk: list[tuple[int, bytes]] = []
+
+        def send_chunk() -> None:
+            listing.flush()
+            for item_id, path in chunk:
+                loop.check_alive()
+                if item_id >= start_at and item_id // shard_size not in done_shards:
+                    loop.send("next", {"t": "item", "id": item_id, "path": path})
+                slot.sent_upto = max(slot.sent_upto, item_id + 1)
+            chunk.clear()
+            loop.report_stats()
+            loop.send("control", {"t": "listed", "n": n, "done": False})
+
+        for path in paths_iter:
+            if n < existing and not extra.get("listing_complete"):
+                before = next(old, None)
+                if before != path:
+                    raise FatalError(
+                        f"the inputs changed since the interrupted run in {cfg.output.dir}: input #{n} was "
+                        f"{os.fsdecode(before) if before else '(nothing)'}, now {os.fsdecode(path)}. "
+                        "Run with --restart to start over (or restore the inputs)."
+                    )
+            elif n >= existing:
+                listing.write(output.listing_line(path))
+            chunk.append((n, path))
+            n += 1
+            if len(chunk) >= CHUNK:
+                send_chunk()
+        if chunk:
+            send_chunk()
+        listing.flush()
+        os.fsync(listing.fileno())
+    if n < existing:
+        raise FatalError(
+            f"the inputs changed since the interrupted run in {cfg.output.dir}: {existing} inputs were listed "
+            f"then, only {n} now. Run with --restart to start over (or restore the inputs)."
+        )
+    slot.sent_upto = n
+    loop.send("control", {"t": "listed", "n": n, "done": True})
+    # Stay alive (idle) until the supervisor stops us: our PUSH socket may still hold messages.
+    import time
+
+    while True:
+        loop.check_alive()
+        time.sleep(0.1)
