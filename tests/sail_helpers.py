@@ -69,6 +69,3 @@ def cpu_reference(sess, paths) -> np.ndarray:
     crops = np.stack([reference_crop(decode_file(os.fsencode(p), DecodeOptions())) for p in paths])
     return sess.run(None, {sess.get_inputs()[0].name: normalize(crops)})[0]
 
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -15,19 +15,24 @@ import pytest
 
 from pipeline.backends.base import DeviceError
 from pipeline.config import ConfigError, from_dict
-from sail_helpers import (cosine_rows, cpu_reference, ort_session, photo, use_fake_sail, write_fake_bmodel,
+from sail_helpers import (cpu_reference, ort_session, photo, use_fake_sail, write_fake_bmodel,
                           write_jpeg)
 
 pytest.importorskip("stages.decode")
 
 # Tolerance for device mode vs CLIP's reference (docs/sail-backend.md, "Resize difference"):
 # the device path resizes the centre square with a plain bicubic kernel (cv2 INTER_CUBIC in the
-# fake, modelling BM_RESIZE_TPU_BICUBIC) instead of PIL's antialiased bicubic of the shorter side.
-# Measured on the images below with the tiny model: cosine >= 0.995 and max abs <= ~2% of the
-# embedding's max; we assert cosine >= 0.99 (some margin for other images and OpenCV builds) and
-# max abs <= 5% of the row's max abs value. Host mode must match the reference to float rounding.
+# fake, modelling BM_RESIZE_TPU_BICUBIC, no antialiasing) instead of PIL's antialiased bicubic of
+# the shorter side. Measured with scripts/measure_sail_resize.py on 13 real photos (skimage /
+# matplotlib sample images, downscale x1.3-x6.3): cosine >= 0.9973 and max |a-b| <= 0.0115 between
+# L2-normalised embeddings, for both the tiny and the synthetic ViT-B/32 model. The tests assert
+# cosine >= 0.99 and max |a-b| <= 0.03 on L2-normalised rows (about 3x the measured worst case);
+# but
+# with random weights these embeddings are insensitive, so the preprocessing itself is checked
+# at the pixel level (DEVICE_PIXEL_MEAN_ABS below). Host mode must match the reference to float
+# rounding.
 DEVICE_MIN_COSINE = 0.99
-DEVICE_MAX_ABS_FRACTION = 0.05
+DEVICE_MAX_ABS = 0.03
 HOST_ATOL = 1e-4
 
 
@@ -82,6 +87,13 @@ def images(tmp_path_factory):
     text.write_text("not an image at all\n")
     paths["text"] = text
     return paths
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]:
+    """Row cosines and the max abs difference of the L2-normalised rows."""
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.sum(an * bn, axis=1), float(np.abs(an - bn).max())
 
 
 def cfg_for(bmodel, mode="device", **sail):
@@ -203,11 +215,10 @@ def test_device_mode_routes_and_matches_reference(fake, tmp_path, onnx_model, im
     assert sorted(hw) == sorted(["landscape.jpg", "portrait.jpeg", "UPPER.JPG", "square.jpg"])
     assert sorted(cpu) == sorted(["mixed.Jpg", "x.jfif", "shot.png", "pic.webp", "png_named.jpg"])
     ref = cpu_reference(ort_session(onnx_model), [images[n] for n in names])
-    cos = cosine_rows(res.embeddings, ref)
-    frac = np.abs(res.embeddings - ref).max(axis=1) / np.abs(ref).max(axis=1)
-    print("device-mode vs reference: min cosine %.5f, max abs fraction %.4f" % (cos.min(), frac.max()))
+    cos, max_abs = compare(res.embeddings, ref)
+    print("device-mode vs reference: min cosine %.5f, max abs (L2-normalised) %.5f" % (cos.min(), max_abs))
     assert cos.min() >= DEVICE_MIN_COSINE, cos
-    assert frac.max() <= DEVICE_MAX_ABS_FRACTION, frac
+    assert max_abs <= DEVICE_MAX_ABS, max_abs
     # a 224x224 image is not resized at all: identical to the reference up to float rounding
     sq = names.index("square")
     np.testing.assert_allclose(res.embeddings[sq], ref[sq], atol=1e-4, rtol=1e-4)
@@ -220,8 +231,70 @@ def test_device_mode_linear_resize_is_further_from_reference(fake, tmp_path, onn
     ref = cpu_reference(ort_session(onnx_model), [images[n] for n in names])
     cub = open_dev(cfg_for(bm, "device", resize="bicubic")).embed_files([0, 1, 2], paths).embeddings
     lin = open_dev(cfg_for(bm, "device", resize="linear")).embed_files([0, 1, 2], paths).embeddings
-    assert cosine_rows(cub, ref).min() >= DEVICE_MIN_COSINE
-    assert np.abs(lin - ref).mean() > 0 and cosine_rows(lin, ref).min() >= 0.95
+    assert compare(cub, ref)[0].min() >= DEVICE_MIN_COSINE
+    assert compare(lin, ref)[0].min() >= DEVICE_MIN_COSINE and np.abs(lin - cub).max() > 0
+
+
+def device_inputs_vs_reference(sail, dev, paths):
+    """Mean/max abs difference (0..255 units) between what the chip's network was fed and
+    CLIP's reference crop, per image, one file per batch."""
+    from stages.decode import DecodeOptions, decode_file
+    from stages.preprocess import normalize, reference_crop
+
+    alpha = np.array([a for a, _ in pipeline_alpha_beta()], np.float32).reshape(3, 1, 1)
+    out = []
+    for p in paths:
+        dev.embed_files([0], [p])
+        x, idxs = sail.LAST_EPP_INPUT
+        ref = normalize(reference_crop(decode_file(p, DecodeOptions()))[None])[0]
+        d = np.abs(x[idxs.index(0)] - ref) / alpha
+        out.append((float(d.mean()), float(d.max())))
+    return out
+
+
+def pipeline_alpha_beta():
+    from pipeline.backends.sail import alpha_beta
+
+    return alpha_beta()
+
+
+# Pixel tolerance of the device-mode crop vs the reference crop, 0..255 units, per image mean:
+# measured 1.3-12.1 (median 3.4) on the 13 real photos (scripts/measure_sail_resize.py) and
+# <= 3.6 on the synthetic test photos; 6 here. A channel swap, a stretched (uncropped) image or
+# a missing /255 give far more (asserted below). The embeddings of the tiny random-weight model
+# are too insensitive to catch those (a stretch still gives cosine 0.991), so this check, not the
+# embedding tolerance, guards the preprocessing.
+DEVICE_PIXEL_MEAN_ABS = 6.0
+
+
+def test_device_mode_preprocessing_close_to_reference(fake, tmp_path, onnx_model, images):
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    dev = open_dev(cfg_for(bm, "device"))
+    names = ["landscape", "portrait", "upper", "mixed", "png", "webp", "square"]
+    diffs = device_inputs_vs_reference(fake, dev, [os.fsencode(images[n]) for n in names])
+    print("device crop vs reference (mean, max abs, 0..255):", [(round(m, 2), round(x)) for m, x in diffs])
+    assert max(m for m, _ in diffs) <= DEVICE_PIXEL_MEAN_ABS
+    assert diffs[names.index("square")][0] < 0.01  # 224x224: no resize at all
+
+
+@pytest.mark.parametrize("bug", ["no_crop", "no_bgr2rgb", "no_255"])
+def test_device_mode_pixel_check_catches_wrong_preprocessing(fake, tmp_path, onnx_model, images, monkeypatch, bug):
+    import pipeline.backends.sail as sb
+
+    if bug == "no_crop":
+        monkeypatch.setattr(sb.SailFilesDevice, "_square", lambda self, img: img)
+    elif bug == "no_bgr2rgb":
+        orig = fake.EngineImagePreProcess.InitImagePreProcess
+        monkeypatch.setattr(fake.EngineImagePreProcess, "InitImagePreProcess",
+                            lambda self, mode, bgr2rgb=False, qi=20, qo=20: orig(self, mode, False, qi, qo))
+    else:
+        no255 = tuple((a * 255.0, b) for a, b in sb.alpha_beta())
+        monkeypatch.setattr(sb, "alpha_beta", lambda scale=1.0: no255)
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    dev = open_dev(cfg_for(bm, "device"))
+    names = ["landscape", "portrait", "upper"]
+    diffs = device_inputs_vs_reference(fake, dev, [os.fsencode(images[n]) for n in names])
+    assert max(m for m, _ in diffs) > 2 * DEVICE_PIXEL_MEAN_ABS, diffs
 
 
 def test_device_mode_bad_files_are_item_failures(fake, tmp_path, onnx_model, images):

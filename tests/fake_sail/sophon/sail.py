@@ -680,6 +680,9 @@ class Bmcv:
 # ----------------------------------------------------------------------------------------------
 # EngineImagePreProcess (§3.5 and the §3.4 addendum): preprocessing + inference in C++ threads.
 _EPP_BATCHES = (1, 4, 8, 16, 32, 64)
+#: fake-only test hook (not in SAIL): the last batch EngineImagePreProcess fed its network,
+#: as (float32 NCHW input, image_idxs), so tests can check the preprocessing itself.
+LAST_EPP_INPUT: tuple | None = None
 _EPP_INTER = {sail_resize_type.BM_RESIZE_VPP_NEAREST: cv2.INTER_NEAREST,
               sail_resize_type.BM_RESIZE_TPU_NEAREST: cv2.INTER_NEAREST,
               sail_resize_type.BM_RESIZE_TPU_LINEAR: cv2.INTER_LINEAR,
@@ -741,6 +744,8 @@ class EngineImagePreProcess:
                 threading.Event().wait()
             try:
                 x = np.stack([self._prep(img) for _, _, img in items])
+                global LAST_EPP_INPUT
+                LAST_EPP_INPUT = (x, [i for _, i, _ in items])
                 y = self._net.run(x, self._dev)
                 result = ({self._net.output_name: y}, [img for _, _, img in items],
                           [c for c, _, _ in items], [i for _, i, _ in items],
