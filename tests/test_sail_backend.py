@@ -27,8 +27,7 @@ pytest.importorskip("stages.decode")
 # matplotlib sample images, downscale x1.3-x6.3): cosine >= 0.9973 and max |a-b| <= 0.0115 between
 # L2-normalised embeddings, for both the tiny and the synthetic ViT-B/32 model. The tests assert
 # cosine >= 0.99 and max |a-b| <= 0.03 on L2-normalised rows (about 3x the measured worst case);
-# but
-# with random weights these embeddings are insensitive, so the preprocessing itself is checked
+# but with random weights these embeddings are insensitive, so the preprocessing itself is checked
 # at the pixel level (DEVICE_PIXEL_MEAN_ABS below). Host mode must match the reference to float
 # rounding.
 DEVICE_MIN_COSINE = 0.99
