@@ -1,0 +1,151 @@
+"""The `clip-pipeline` command line (click)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline.config import ConfigError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="clip-pipeline")
+def cli() -> None:
+    """Turn image directories into CLIP ViT-B/32 image embeddings, fast, on CPUs and SOPHON TPUs.
+
+    Start with `clip-pipeline run --config configs/cpu.toml`, which embeds the bundled sample
+    images with a synthetic model (random weights, built on first use).
+    """
+
+
+def _load(config, inputs, output_dir, sets, devices=()):
+    from pipeline import config as cfgmod
+
+    return cfgmod.load(config, sets, input_paths=inputs, output_dir=output_dir, devices=devices)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-c", "--config", type=click.Path(dir_okay=False), help="TOML config file (see configs/).")
+@click.option("-i", "--input", "inputs", multiple=True, metavar="DIR",
+              help="Image directory or file to embed (repeatable); replaces input.paths.")
+@click.option("-o", "--output", "output_dir", metavar="DIR", help="Output directory; replaces output.dir.")
+@click.option("-d", "--device", "devices", multiple=True, metavar="DEV",
+              help="Device (repeatable), e.g. cpu:0, or a dev_id for sail; replaces infer.devices.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override any config key, e.g. --set infer.threads=2 (repeatable; TOML values).")
+@click.option("--restart", is_flag=True, help="Delete a previous run in the output directory and start over.")
+@click.option("--dry-run", is_flag=True, help="Validate the config, count the inputs, show the devices, and exit.")
+@click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), default=None,
+              help="Progress display (default: run.progress; bar on a terminal, log lines otherwise).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, quiet) -> None:
+    """Embed every image under the input directories into OUTPUT (resumable).
+
+    Exit status: 0 all embedded; 3 completed, some inputs failed (failures.jsonl); 2 bad
+    config or usage; 4 aborted (no device left, disk full, inputs changed); 130/143 interrupted
+    by SIGINT/SIGTERM (run the same command again to resume); 1 internal error.
+    """
+    from pipeline.progress import Progress
+    from pipeline.supervisor import RunAborted, Supervisor
+
+    try:
+        cfg = _load(config, inputs, output_dir, sets, devices)
+        if dry_run:
+            _dry_run(cfg)
+            return
+        mode = "none" if quiet else (progress or cfg.run.progress)
+        prog = Progress(mode, cfg.run.log_interval_s)
+        result = Supervisor(cfg, restart=restart, progress=prog).run()
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except RunAborted as exc:
+        _fail(str(exc), 4)
+    if result.exit_code in (0, 3):
+        if not quiet:
+            click.echo(result.message)
+    else:
+        click.echo(f"error: {result.message}" if result.exit_code == 4 else result.message, err=True)
+    sys.exit(result.exit_code)
+
+
+def _dry_run(cfg) -> None:
+    from pipeline.backends.base import get_backend
+    from pipeline.config import validate_for_run
+    from stages.source import iter_inputs
+
+    validate_for_run(cfg)
+    backend = get_backend(cfg.infer.backend)
+    devices = backend.resolve_devices(cfg)
+    warnings: list[str] = []
+    n = sum(1 for _ in iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
+                                   cfg.input.follow_symlinks, warnings.append))
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"config: {cfg.source} (valid)")
+    click.echo(f"inputs: {n} files under {', '.join(cfg.input.paths)}")
+    click.echo(f"backend: {cfg.infer.backend}, devices: {', '.join(map(str, devices))}")
+    click.echo(f"model: {cfg.model.path}" + ("" if _exists(cfg.model.path) else
+                                            f" (missing; will be built: {cfg.model.build})" if cfg.model.build else " (missing)"))
+    click.echo(f"output: {cfg.output.dir}")
+
+
+def _exists(p: str) -> bool:
+    import os
+
+    return os.path.exists(p)
+
+
+@cli.command("build-model", context_settings=CONTEXT)
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--arch", type=click.Choice(["vit-b32", "tiny"]), default="vit-b32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--input-kind", type=click.Choice(["float", "uint8"]), default="float", show_default=True,
+              help="float: CLIP-normalised NCHW input; uint8: NHWC pixels, normalisation folded into conv1.")
+@click.option("--int8", "int8", is_flag=True, help="Also write an int8 dynamically quantised copy (PATH with .int8.onnx).")
+def build_model(path, arch, seed, input_kind, int8) -> None:
+    """Write a CLIP image tower with SYNTHETIC random weights as ONNX (no download, no torch).
+
+    The embeddings of a synthetic model carry no meaning; use it to test and benchmark.
+    """
+    from pipeline.modelgen import build_clip_image_onnx, quantize_int8
+
+    info = build_clip_image_onnx(path, arch=arch, seed=seed, input_kind=input_kind)
+    click.echo(f"wrote {path}: {arch}, {info['params']:,} parameters, input {info['input_name']} "
+               f"{info['input_shape']} — SYNTHETIC random weights (seed {seed}).")
+    if int8:
+        dst = str(path).removesuffix(".onnx") + ".int8.onnx"
+        quantize_int8(path, dst)
+        click.echo(f"wrote {dst} (int8 dynamic quantisation of MatMul/Gemm weights).")
+
+
+@cli.command(context_settings=CONTEXT)
+def devices() -> None:
+    """List what each backend can see, and why a backend is unavailable."""
+    from pipeline.backends.base import get_backend
+
+    for name in ("cpu", "sail", "sim", "fake"):
+        try:
+            info = get_backend(name).probe()
+        except ImportError as exc:
+            info = {"available": False, "devices": [], "reason": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a probe must never crash the listing
+            info = {"available": False, "devices": [], "reason": f"{type(exc).__name__}: {exc}"}
+        state = "available" if info["available"] else "unavailable"
+        devs = ", ".join(map(str, info.get("devices", []))) or "-"
+        click.echo(f"{name:5s} {state:11s} devices: {devs}  ({info.get('reason', '')})")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Preprocessing: `reference` is CLIP's transform exactly; `fast` differs by a measured amount."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import CLIP_MEAN, CLIP_STD
+from stages.decode import DecodeOptions, decode_bytes
+from stages.preprocess import fast_crop, normalize, reference_crop
+
+
+def clip_transform(img: Image.Image) -> np.ndarray:
+    """An independent re-implementation of CLIP's `_transform(224)` (torchvision semantics)."""
+    w, h = img.size
+    if w <= h:
+        size = (224, int(224 * h / w))
+    else:
+        size = (int(224 * w / h), 224)
+    img = img.resize(size, Image.BICUBIC)
+    left = int(round((size[0] - 224) / 2.0))
+    top = int(round((size[1] - 224) / 2.0))
+    img = img.crop((left, top, left + 224, top + 224)).convert("RGB")
+    x = np.asarray(img, dtype=np.float32) / 255.0  # ToTensor
+    x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)  # Normalize
+    return x.transpose(2, 0, 1)
+
+
+def photo(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(1, h // 16), max(1, w // 16), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+    noise = rng.normal(0, 8, (h, w, 3))
+    img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+    return img.convert(mode)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("w,h,mode,fmt", [
+    (640, 480, "RGB", "JPEG"), (480, 640, "RGB", "JPEG"), (225, 224, "RGB", "PNG"),
+    (1000, 333, "RGB", "JPEG"), (97, 61, "RGB", "PNG"), (300, 300, "L", "JPEG"),
+    (320, 200, "RGBA", "PNG"), (513, 301, "L", "PNG"),
+])
+def test_reference_matches_clip_transform(w, h, mode, fmt):
+    data = encode(photo(w, h, mode), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    ours = normalize(reference_crop(decode_bytes(data, DecodeOptions(mode="reference")))[None])[0]
+    theirs = clip_transform(Image.open(io.BytesIO(data)))
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
+
+
+def test_fast_mode_difference_is_small_and_reported(capsys):
+    diffs, exact = [], []
+    for i, (w, h) in enumerate([(1024, 768), (900, 1200), (640, 480), (2000, 1000), (500, 450)]):
+        data = encode(photo(w, h, seed=i), "JPEG", quality=90)
+        ref = reference_crop(decode_bytes(data, DecodeOptions(mode="reference"))).astype(np.int16)
+        fast = fast_crop(decode_bytes(data, DecodeOptions(mode="fast"))).astype(np.int16)
+        assert fast.shape == (224, 224, 3)
+        diffs.append(np.abs(ref - fast).mean())
+        exact.append((ref == fast).mean())
+    with capsys.disabled():
+        print(f"\nfast vs reference: mean |diff| {np.mean(diffs):.2f} levels (max per image {max(diffs):.2f}), "
+              f"{np.mean(exact) * 100:.0f}% of values identical")
+    assert np.mean(diffs) < 4.0
+
+
+def test_fast_jpeg_uses_power_of_two_dct_scaling():
+    data = encode(photo(1800, 1000), "JPEG", quality=90)
+    arr = decode_bytes(data, DecodeOptions(mode="fast"))
+    assert arr.shape == (250, 450, 3)  # 1/4: shorter side 250 >= 224, 1/8 would be 125
+
+
+def test_normalize_is_clip_normalisation():
+    px = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    x = normalize(px)
+    ref = ((px.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32))
+    np.testing.assert_allclose(x, ref.transpose(0, 3, 1, 2), atol=2e-6)
