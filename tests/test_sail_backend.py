@@ -438,3 +438,16 @@ def test_fake_traps(fake, tmp_path, onnx_model, images):
     bad = write_fake_bmodel(tmp_path / "b2.bmodel", onnx_model, [2])
     with pytest.raises(sail.SailEngineError):
         sail.EngineImagePreProcess(str(bad), 0, False)
+
+
+@pytest.mark.parametrize("name,expect", [("bm1684x.toml", ["sail:0"]), ("bm1684x-multi.toml", ["sail:0", "sail:1", "sail:2"])])
+def test_bm1684x_configs_parse_and_resolve(fake, name, expect):
+    from pathlib import Path
+
+    from pipeline.backends.sail import SailBackend
+    from pipeline.config import load
+
+    cfg = load(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.infer.backend == "sail" and cfg.sail.mode == "device"
+    assert cfg.model.path.endswith("models/BM1684X/clip_image_vitb32_bm1684x_f16_32b.bmodel")
+    assert SailBackend.resolve_devices(cfg) == expect
