@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +209,8 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
 
 def parse_value(text: str) -> Any:
     """A `--set` value: TOML syntax if it parses (1, true, [0, 1], "x"), else a plain string."""
+    import tomllib  # imported here: workers may run under Python 3.10 (no tomllib), never parsing TOML
+
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -233,6 +234,8 @@ def apply_override(raw: dict, assignment: str) -> None:
 def load_raw(path: str | os.PathLike | None) -> dict:
     if path is None:
         return {}
+    import tomllib
+
     p = Path(path)
     try:
         with open(p, "rb") as fh:

@@ -231,7 +231,7 @@ class Supervisor:
             spec = WorkerSpec(role=role, index=index, cfg=cfg, in_addr=in_addr, next_addrs=nxt,
                               sink_addr=sink_addr, control_addr=control_addr, device=device,
                               extra=extra or {})
-            self.workers[spec.name] = Worker(role, index, device, spec, Slot())
+            self.workers[spec.name] = Worker(role, index, device, spec, Slot(self.slot_path(spec.name, 0)))
 
         add("sink", 0, sink_addr, ())
         for i, dev in enumerate(self.devices):
@@ -248,13 +248,21 @@ class Supervisor:
         })
         self.control_addr, self.sink_addr = control_addr, sink_addr
 
+    def slot_path(self, name: str, generation: int) -> str:
+        return os.path.join(self.ep.root, f"slot-{name}-{generation}")
+
     def spawn(self, w: Worker) -> None:
-        ctx = mp.get_context("spawn")
-        old, w.slot = w.slot, Slot()
+        old, w.slot = w.slot, Slot(self.slot_path(w.name, w.restarts))
         if w.role == "source":
             w.slot.sent_upto = old.sent_upto  # the ledger's re-issue bound survives a source restart
         w.spec = WorkerSpec(**{**w.spec.__dict__, "generation": w.restarts})
-        w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}", daemon=True)
+        python = self.backend.worker_python(self.cfg) if w.role == "infer" else None
+        if python:
+            w.proc = ForeignProcess(python, w.spec, w.slot, os.path.join(self.ep.root, f"spec-{w.name}"))
+        else:
+            ctx = mp.get_context("spawn")
+            w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}",
+                                 daemon=True)
         w.proc.start()
         w.started = time.monotonic()
         w.ready = w.role == "source"
@@ -576,6 +584,52 @@ class Supervisor:
             "synthetic_weights": bool(self.model.get("synthetic")),
             "versions": software_versions(),
         }
+
+
+class ForeignProcess:
+    """A worker under another Python interpreter, with the multiprocessing.Process methods we use."""
+
+    def __init__(self, python: str, spec: WorkerSpec, slot: Slot, spec_path: str):
+        import pickle
+
+        with open(spec_path, "wb") as fh:
+            pickle.dump((spec, slot), fh, protocol=4)
+        self.args = [python, "-m", "pipeline.worker", spec_path]
+        self.popen = None
+
+    def start(self) -> None:
+        import subprocess
+
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root
+        env.pop("PYTHONHOME", None)
+        self.popen = subprocess.Popen(self.args, env=env, cwd=root, stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        code = self.popen.poll()
+        return None if code is None else code
+
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def shard_counts(out: Path, k: int) -> tuple[int, int]:

@@ -10,7 +10,6 @@ Outputs are (target, header, buffers) with target "next" (the next stage), "sink
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -53,13 +52,37 @@ class FatalError(Exception):
 class Slot:
     """Shared memory between one worker slot and the supervisor (no locks: single writer).
 
+    A small file-backed mmap (in the run's private temp dir), so it also works for workers that
+    run under another interpreter (the TPU-MLIR simulator device runs under Python 3.10).
     floats: [busy_since (monotonic, 0 = idle), last_beat, pid, sent_upto]
     ids:    [n, id0, id1, ...] the ids inside the current unit of work
     """
 
-    def __init__(self) -> None:
-        self.floats = mp.RawArray("d", 4)
-        self.ids = mp.RawArray("q", MAX_SLOT_IDS + 1)
+    SIZE = 8 * (4 + 1 + MAX_SLOT_IDS)
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path):
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * self.SIZE)
+        self._map()
+
+    def _map(self) -> None:
+        import mmap
+
+        import numpy as np
+
+        with open(self.path, "r+b") as fh:
+            self._mm = mmap.mmap(fh.fileno(), self.SIZE)
+        self.floats = np.ndarray((4,), dtype=np.float64, buffer=self._mm, offset=0)
+        self.ids = np.ndarray((MAX_SLOT_IDS + 1,), dtype=np.int64, buffer=self._mm, offset=32)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._map()
 
     def begin(self, ids: Iterable[int]) -> None:
         ids = list(ids)[:MAX_SLOT_IDS]
@@ -72,12 +95,12 @@ class Slot:
         self.ids[0] = 0
 
     def current_ids(self) -> list[int]:
-        n = self.ids[0]
-        return list(self.ids[1:n + 1])
+        n = int(self.ids[0])
+        return [int(i) for i in self.ids[1:n + 1]]
 
     @property
     def busy_since(self) -> float:
-        return self.floats[0]
+        return float(self.floats[0])
 
     @property
     def sent_upto(self) -> int:
@@ -303,3 +326,13 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
 def _in_hwm(spec: WorkerSpec) -> int:
     q = spec.cfg.queues
     return {"decode": q.decode, "preprocess": q.preprocess, "infer": q.infer, "sink": q.sink}[spec.role]
+
+
+if __name__ == "__main__":
+    # Entry for workers launched under another interpreter (see Backend.worker_python):
+    # `python -m pipeline.worker SPEC.pickle`
+    import pickle
+
+    with open(sys.argv[1], "rb") as fh:
+        _spec, _slot = pickle.load(fh)
+    worker_main(_spec, _slot)

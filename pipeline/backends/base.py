@@ -95,6 +95,11 @@ class Backend(abc.ABC):
         return {"available": True, "devices": [], "reason": ""}
 
     @classmethod
+    def worker_python(cls, cfg: "Config") -> str | None:
+        """An interpreter to run this backend's infer workers under (None = this one, via spawn)."""
+        return None
+
+    @classmethod
     def input_kind(cls, cfg: "Config") -> str:
         return "pixels" if cls.device_input == "pixels" else "files"
 

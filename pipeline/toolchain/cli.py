@@ -1,0 +1,91 @@
+"""Click commands ``compile`` and ``verify`` (registered in the main CLI group; also standalone:
+``python -m pipeline.toolchain.cli compile ...``)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .env import TpuMlirMissing
+
+
+def _fail_missing(e: TpuMlirMissing):
+    click.echo(str(e), err=True)
+    sys.exit(3)
+
+
+@click.command("compile")
+@click.argument("onnx_path", metavar="ONNX", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out-dir", default="models", show_default=True, type=click.Path(file_okay=False),
+              help="Where NAME_bm1684x_f16_{B}b.bmodel (+ .json sidecars) go.")
+@click.option("-b", "--batch", "batches", type=int, multiple=True, default=(1,), show_default=True,
+              help="Static batch size; repeat for several bmodels (--batch 1 --batch 8 ...).")
+@click.option("--name", default=None, help="Model/network name (default: ONNX stem, +_u8 when fused).")
+@click.option("--fuse-preprocess", is_flag=True,
+              help="Fuse CLIP normalisation: the bmodel takes uint8 RGB planar [N,3,224,224].")
+@click.option("--combine", is_flag=True, help="Also combine all batch sizes into one multi-stage bmodel.")
+@click.option("--validate", is_flag=True,
+              help="Let TPU-MLIR compare each step with onnxruntime and run the bmodel on the "
+                   "simulator during compile (slow: minutes for ViT-B/32). Default: --skip_validation.")
+@click.option("--quantize", default="F16", show_default=True, type=click.Choice(["F16", "BF16", "F32"]))
+@click.option("--keep-workdir", is_flag=True, help="Keep the temporary TPU-MLIR work directory.")
+@click.option("--venv", default=None, help="TPU-MLIR venv (default: $CLIP_PIPELINE_TPU_MLIR_VENV or "
+                                            "~/.cache/clip-pipeline/tpu-mlir-venv).")
+def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, validate, quantize,
+                keep_workdir, venv):
+    """Compile an ONNX CLIP image encoder into BM1684X bmodel(s) with TPU-MLIR."""
+    from .compile import CompileError, compile_onnx
+
+    try:
+        compile_onnx(onnx_path, out_dir, batches, name=name, fuse_preprocess=fuse_preprocess,
+                     combine=combine, validate=validate, quantize=quantize,
+                     keep_workdir=keep_workdir, venv=venv, log=click.echo)
+    except TpuMlirMissing as e:
+        _fail_missing(e)
+    except (CompileError, ValueError) as e:
+        raise click.ClickException(str(e))
+
+
+@click.command("verify")
+@click.argument("bmodel", type=click.Path(exists=True, dir_okay=False))
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Reference ONNX (default: the one recorded in BMODEL.json).")
+@click.option("--images", "images_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Also compare on real images (reference CLIP preprocessing).")
+@click.option("--max-images", default=64, show_default=True, type=int)
+@click.option("-b", "--batch", "batches", type=int, multiple=True,
+              help="Only these stages of a multi-stage bmodel (default: all).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--min-cosine", default=0.9999, show_default=True, type=float,
+              help="Exit 1 when the minimum row cosine falls below this.")
+@click.option("--venv", default=None)
+def verify_cmd(bmodel, onnx_path, images_dir, max_images, batches, seed, min_cosine, venv):
+    """Run BMODEL on the BM1684X simulator and compare it with onnxruntime (slow: seconds per
+    forward for a tiny model, minutes for ViT-B/32)."""
+    from .compile import CompileError
+    from .runner import SimulatorError
+    from .verify import verify
+
+    try:
+        r = verify(bmodel, onnx_path, seed=seed, images_dir=images_dir, max_images=max_images,
+                   batches=batches or None, venv=venv, log=click.echo)
+    except TpuMlirMissing as e:
+        _fail_missing(e)
+    except (CompileError, SimulatorError, ValueError) as e:
+        raise click.ClickException(str(e))
+    ok = r.cos_min >= min_cosine
+    click.echo(f"[verify] overall: max_abs_diff={r.max_abs_diff:.6g} cos_min={r.cos_min:.7f} "
+               f"-> {'PASS' if ok else 'FAIL'} (min cosine {min_cosine})")
+    sys.exit(0 if ok else 1)
+
+
+@click.group()
+def main():
+    """TPU-MLIR toolchain commands (standalone entry; the project CLI registers the same commands)."""
+
+
+main.add_command(compile_cmd)
+main.add_command(verify_cmd)
+
+if __name__ == "__main__":
+    main()

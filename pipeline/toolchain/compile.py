@@ -1,0 +1,235 @@
+"""ONNX image encoder -> BM1684X bmodel(s), driving TPU-MLIR's tools in the venv."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .env import TPU_MLIR_VERSION, find_venv, venv_env
+from .parse import parse_compiler_profile, parse_model_info
+from .preprocess import CLIP_MEAN_255, CLIP_SCALE_255
+
+CHIP = "bm1684x"
+QUANTIZE = "F16"
+
+
+class CompileError(RuntimeError):
+    """A TPU-MLIR tool failed; the message ends with its log tail."""
+
+
+def bmodel_name(name: str, batch: int | str, chip: str = CHIP, quantize: str = QUANTIZE) -> str:
+    return f"{name}_{chip}_{quantize.lower()}_{batch}b.bmodel"
+
+
+def _fmt_list(xs: Iterable[float]) -> str:
+    return ",".join(repr(float(x)) if not float(x).is_integer() else str(float(x)) for x in xs)
+
+
+def transform_args(name: str, onnx_path, batch: int, mlir: str, fuse_preprocess: bool = False,
+                   image_size: int = 224, test_input: str | None = None,
+                   test_result: str | None = None) -> list[str]:
+    """Arguments of ``model_transform`` for one fixed batch size."""
+    args = ["model_transform", "--model_name", name, "--model_def", str(onnx_path),
+            "--input_shapes", f"[[{int(batch)},3,{image_size},{image_size}]]", "--mlir", mlir]
+    if fuse_preprocess:
+        args += ["--mean", _fmt_list(CLIP_MEAN_255), "--scale", _fmt_list(CLIP_SCALE_255),
+                 "--pixel_format", "rgb"]
+    if test_input:
+        args += ["--test_input", test_input, "--test_result", test_result or f"{name}_top_outputs.npz"]
+    return args
+
+
+def deploy_args(mlir: str, bmodel: str, chip: str = CHIP, quantize: str = QUANTIZE,
+                fuse_preprocess: bool = False, validate: bool = False, name: str | None = None) -> list[str]:
+    """Arguments of ``model_deploy``; fast compile (``--skip_validation``) unless ``validate``."""
+    args = ["model_deploy", "--mlir", mlir, "--quantize", quantize, "--chip", chip, "--model", bmodel]
+    if fuse_preprocess:
+        args += ["--fuse_preprocess", "--customization_format", "RGB_PLANAR"]
+    if validate:
+        args += ["--test_input", f"{name}_in_f32.npz", "--test_reference", f"{name}_top_outputs.npz"]
+    else:
+        args += ["--skip_validation"]
+    return args
+
+
+def combine_args(bmodels: Sequence[str], out: str) -> list[str]:
+    return ["model_tool", "--combine", *[str(b) for b in bmodels], "-o", str(out)]
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def onnx_synthetic_flag(onnx_path) -> bool | None:
+    """``"synthetic"`` from the ONNX's sidecar ``<onnx>.json``; None when there is none."""
+    side = Path(str(onnx_path) + ".json")
+    if not side.is_file():
+        return None
+    try:
+        v = json.loads(side.read_text()).get("synthetic")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if v is None else bool(v)
+
+
+def run_tool(args: list[str], cwd, venv=None, log_name: str | None = None) -> float:
+    """Run a TPU-MLIR tool from the venv in ``cwd``; return seconds; raise CompileError on failure."""
+    d = find_venv(venv)
+    exe = [str(d / "bin" / args[0]), *args[1:]]
+    log = Path(cwd) / (log_name or f"{args[0]}.log")
+    t0 = time.perf_counter()
+    with open(log, "wb") as f:
+        rc = subprocess.run(exe, cwd=cwd, env=venv_env(venv), stdout=f, stderr=subprocess.STDOUT).returncode
+    secs = time.perf_counter() - t0
+    if rc != 0:
+        tail = log.read_bytes()[-4000:].decode(errors="replace")
+        raise CompileError(f"{args[0]} failed (rc={rc}) in {cwd}:\n{' '.join(args)}\n--- log tail ---\n{tail}")
+    return secs
+
+
+def bmodel_info(bmodel, venv=None) -> dict:
+    """Networks/stages/tensors of a bmodel from ``model_tool --info`` (no simulator run)."""
+    d = find_venv(venv)
+    r = subprocess.run([str(d / "bin" / "model_tool"), "--info", str(bmodel)], env=venv_env(venv),
+                       capture_output=True, text=True)
+    if r.returncode != 0 or "net 0" not in r.stdout:
+        raise CompileError(f"model_tool --info {bmodel} failed:\n{(r.stdout + r.stderr)[-2000:]}")
+    return parse_model_info(r.stdout)
+
+
+def _write_json(path: Path, obj: dict):
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = None,
+                 fuse_preprocess: bool = False, combine: bool = False, validate: bool = False,
+                 chip: str = CHIP, quantize: str = QUANTIZE, keep_workdir: bool = False,
+                 venv=None, log: Callable[[str], None] = print) -> list[dict]:
+    """Compile ``onnx_path`` to one bmodel per batch size (+ a combined one); return sidecars.
+
+    Each output ``NAME_{chip}_{q}_{B}b.bmodel`` gets a ``.bmodel.json`` sidecar. Work happens in a
+    temporary directory per batch (the tools write many files, and ``compiler_profile_0.txt``).
+    """
+    find_venv(venv)
+    onnx_path = Path(onnx_path).resolve()
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"ONNX not found: {onnx_path}")
+    batches = sorted({int(b) for b in batches})
+    if not batches or batches[0] < 1:
+        raise ValueError("give at least one batch size >= 1")
+    if combine and len(batches) < 2:
+        raise ValueError("--combine needs at least two batch sizes")
+    name = name or (onnx_path.stem + ("_u8" if fuse_preprocess else ""))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_sha = sha256_file(onnx_path)
+    synthetic = onnx_synthetic_flag(onnx_path)
+    common = {
+        "chip": chip, "quantize": quantize, "tpu_mlir_version": TPU_MLIR_VERSION,
+        "fused_preprocess": bool(fuse_preprocess),
+        "onnx": {"path": str(onnx_path), "sha256": onnx_sha, "bytes": onnx_path.stat().st_size,
+                 "synthetic_weights": synthetic},
+    }
+    if fuse_preprocess:
+        common["preprocess"] = {"format": "RGB_PLANAR uint8 [N,3,H,W] (resize/crop not included)",
+                                "mean": list(CLIP_MEAN_255), "scale": list(CLIP_SCALE_255),
+                                "formula": "(x - mean) * scale per channel"}
+    results = []
+    work_root = Path(tempfile.mkdtemp(prefix=f"tpu-compile-{name}-"))
+    try:
+        for b in batches:
+            wd = work_root / f"b{b}"
+            wd.mkdir()
+            mlir = f"{name}.mlir"
+            out_name = bmodel_name(name, b, chip, quantize)
+            test_in = None
+            if validate:
+                import numpy as np
+
+                from .preprocess import normalize_u8, random_u8_images
+                u8 = random_u8_images(b, seed=0)
+                if fuse_preprocess:  # model_transform takes the raw pixels and applies mean/scale
+                    arr = u8.astype(np.float32)
+                else:
+                    arr = normalize_u8(u8)
+                test_in = str(wd / "test_input.npz")
+                np.savez(test_in, **{_onnx_input_name(onnx_path): arr})
+            log(f"[compile] {name} batch {b}: model_transform")
+            t_tr = run_tool(transform_args(name, onnx_path, b, mlir, fuse_preprocess,
+                                           test_input=test_in), wd, venv)
+            log(f"[compile] {name} batch {b}: model_deploy --quantize {quantize} --chip {chip}"
+                + ("" if validate else " --skip_validation"))
+            t_dp = run_tool(deploy_args(mlir, out_name, chip, quantize, fuse_preprocess, validate, name),
+                            wd, venv)
+            prof = wd / "compiler_profile_0.txt"
+            est = parse_compiler_profile(prof.read_text(errors="replace"), batch=b) if prof.is_file() else {}
+            dst = out_dir / out_name
+            shutil.copyfile(wd / out_name, dst)
+            info = bmodel_info(dst, venv)
+            st = info["networks"][0]["stages"][0]
+            side = {
+                "bmodel": dst.name, "batch": b, "network": info["networks"][0]["name"], **common,
+                "input": st["inputs"][0], "output": st["outputs"][0],
+                "compile_seconds": {"transform": round(t_tr, 2), "deploy": round(t_dp, 2),
+                                    "total": round(t_tr + t_dp, 2)},
+                "validated_by_compiler": bool(validate),
+                "bmodel_bytes": dst.stat().st_size,
+                "estimate": est or None,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            _write_json(Path(str(dst) + ".json"), side)
+            results.append(side)
+            per_img = f", estimate {est['ms_per_image']:.3f} ms/image" if est else ""
+            log(f"[compile] wrote {dst} ({side['bmodel_bytes'] / 1e6:.1f} MB, "
+                f"{t_tr + t_dp:.1f} s{per_img})")
+        if combine:
+            # pyruntime_bm sizes its tensor buffers from stage 0: put the largest batch first.
+            order = sorted(batches, reverse=True)
+            label = "-".join(str(b) for b in batches)
+            dst = out_dir / bmodel_name(name, label, chip, quantize)
+            srcs = [str(out_dir / bmodel_name(name, b, chip, quantize)) for b in order]
+            log(f"[compile] model_tool --combine ({', '.join(map(str, order))}) -> {dst}")
+            t_c = run_tool(combine_args(srcs, str(dst)), work_root, venv, "combine.log")
+            info = bmodel_info(dst, venv)
+            side = {
+                "bmodel": dst.name, "batch": order, "network": info["networks"][0]["name"], **common,
+                "combined_from": [Path(s).name for s in srcs],
+                "stages": [{"batch": s["inputs"][0]["shape"][0], "input": s["inputs"][0],
+                            "output": s["outputs"][0]} for s in info["networks"][0]["stages"]],
+                "input": info["networks"][0]["stages"][0]["inputs"][0],
+                "output": info["networks"][0]["stages"][0]["outputs"][0],
+                "compile_seconds": {"combine": round(t_c, 2),
+                                    "total": round(t_c + sum(r["compile_seconds"]["total"] for r in results), 2)},
+                "bmodel_bytes": dst.stat().st_size,
+                "estimate": {str(r["batch"]): r["estimate"] for r in results},
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            _write_json(Path(str(dst) + ".json"), side)
+            results.append(side)
+            log(f"[compile] wrote {dst} ({side['bmodel_bytes'] / 1e6:.1f} MB)")
+    finally:
+        if keep_workdir:
+            log(f"[compile] work dir kept: {work_root}")
+        else:
+            shutil.rmtree(work_root, ignore_errors=True)
+    return results
+
+
+def _onnx_input_name(onnx_path) -> str:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return next(i.name for i in m.graph.input if i.name not in inits)

@@ -1,0 +1,130 @@
+"""Compare a bmodel on the BM1684X simulator with onnxruntime (fp32, CPU) on the same inputs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .compile import bmodel_info
+from .parse import stage_batches
+from .preprocess import load_images_u8, normalize_u8, random_u8_images
+from .runner import BmodelRunner
+
+
+@dataclass
+class Comparison:
+    label: str
+    rows: int
+    max_abs_diff: float
+    cos_min: float
+    cos_mean: float
+    sim_seconds: float
+
+    def line(self) -> str:
+        return (f"{self.label:<24} rows={self.rows:<4} max_abs_diff={self.max_abs_diff:.6g} "
+                f"cos_min={self.cos_min:.7f} cos_mean={self.cos_mean:.7f} sim={self.sim_seconds:.1f}s")
+
+
+@dataclass
+class VerifyResult:
+    bmodel: str
+    onnx: str
+    fused_preprocess: bool
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    @property
+    def cos_min(self) -> float:
+        return min(c.cos_min for c in self.comparisons)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(c.max_abs_diff for c in self.comparisons)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(den, 1e-30)
+
+
+def compare(label: str, got: np.ndarray, ref: np.ndarray, secs: float = 0.0) -> Comparison:
+    cos = cosine_rows(got, ref)
+    return Comparison(label, int(got.shape[0]), float(np.abs(got.astype(np.float64) - ref).max()),
+                      float(cos.min()), float(cos.mean()), secs)
+
+
+def onnx_for(bmodel) -> str | None:
+    """The source ONNX recorded in the bmodel's sidecar, if it still exists."""
+    side = Path(str(bmodel) + ".json")
+    if side.is_file():
+        p = json.loads(side.read_text()).get("onnx", {}).get("path")
+        if p and Path(p).is_file():
+            return p
+    return None
+
+
+def verify(bmodel, onnx_path=None, seed: int = 0, images_dir=None, max_images: int | None = 64,
+           batches: Sequence[int] | None = None, venv=None,
+           log: Callable[[str], None] = print) -> VerifyResult:
+    """Run ``bmodel`` on the simulator and onnxruntime on the same inputs; one comparison per stage
+    (seeded random uint8 images, CLIP-normalised unless the bmodel fuses preprocessing), plus one
+    over real images from ``images_dir`` if given (reference preprocessing, padded to the batch)."""
+    import onnxruntime as ort
+
+    bmodel = Path(bmodel)
+    if not bmodel.is_file():
+        raise FileNotFoundError(f"bmodel not found: {bmodel}")
+    onnx_path = onnx_path or onnx_for(bmodel)
+    if not onnx_path:
+        raise ValueError("no --onnx given and the bmodel's sidecar names no existing ONNX")
+    info = bmodel_info(bmodel, venv)
+    stages = stage_batches(info)
+    inp = info["networks"][0]["stages"][0]["inputs"][0]
+    fused = inp["dtype"] == "uint8"
+    size = inp["shape"][-1]
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    in_name = sess.get_inputs()[0].name
+    result = VerifyResult(str(bmodel), str(onnx_path), fused)
+    log(f"[verify] {bmodel.name}: network {info['networks'][0]['name']}, stages (batch) {stages}, "
+        f"input {inp['name']} {inp['dtype']}{' (fused CLIP preprocessing)' if fused else ''}")
+    todo = [b for b in stages if not batches or b in batches]
+    if not todo:
+        raise ValueError(f"none of the batches {list(batches)} is a stage of {bmodel.name} ({stages})")
+
+    with BmodelRunner(bmodel, venv=venv) as runner:
+        def run(u8: np.ndarray) -> tuple[np.ndarray, float]:
+            x = u8 if fused else normalize_u8(u8)
+            (y,) = runner.forward([x])
+            return y, runner.last_seconds or 0.0
+
+        for k, b in enumerate(todo):
+            u8 = random_u8_images(b, seed=seed + k, size=size)
+            y, secs = run(u8)
+            ref = sess.run(None, {in_name: normalize_u8(u8)})[0]
+            c = compare(f"random seed={seed + k} b={b}", y, ref, secs)
+            result.comparisons.append(c)
+            log("[verify] " + c.line())
+        if images_dir:
+            paths, u8 = load_images_u8(images_dir, size=size, limit=max_images)
+            if not len(paths):
+                raise ValueError(f"no images found under {images_dir}")
+            b = max(todo)
+            ys, secs = [], 0.0
+            for s in range(0, len(u8), b):
+                chunk = u8[s:s + b]
+                n = len(chunk)
+                if n < b:  # pad with copies of the last image to the static batch
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+                y, t = run(chunk)
+                ys.append(y[:n])
+                secs += t
+            ref = np.concatenate([sess.run(None, {in_name: normalize_u8(u8[s:s + b])})[0]
+                                  for s in range(0, len(u8), b)])
+            c = compare(f"images n={len(paths)} b={b}", np.concatenate(ys), ref, secs)
+            result.comparisons.append(c)
+            log("[verify] " + c.line())
+    return result

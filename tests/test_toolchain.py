@@ -1,0 +1,297 @@
+"""TPU-MLIR toolchain: fast unit tests of the pure parts, and slow end-to-end tests (compile the
+tiny CLIP tower, run it on the BM1684X simulator) that need the venv from
+scripts/setup_tpu_mlir.sh and are skipped, with the reason, when it is absent.
+
+    pytest tests/test_toolchain.py            # fast tests only (slow ones deselected by default)
+    pytest -m slow tests/test_toolchain.py    # end-to-end on the simulator (~1-2 minutes)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.toolchain import env as tenv
+from pipeline.toolchain.cli import compile_cmd, verify_cmd
+from pipeline.toolchain.compile import (bmodel_name, combine_args, deploy_args, onnx_synthetic_flag,
+                                        transform_args)
+from pipeline.toolchain.parse import parse_compiler_profile, parse_model_info, stage_batches
+from pipeline.toolchain.preprocess import CLIP_MEAN_255, CLIP_SCALE_255, normalize_u8
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROFILE_TAIL = """\
+                                                                                           Cast_125|GDMA_MATRIX|s:496570|b:338|g:50|e:496941|t:372|dr:1|sz:2048|bw:5.13
+--------------------------------------
+API_END total_cycle:496942|b:338|g:50
+TCYC : 496942
+GDMA SUMMARY : |dr[0] S2L:2471808|dr[1] L2S:1207552|dr[2] S2S:0|dr[3] L2L:0
+DDR BW USAGE : 10.77424223%
+#######################################
+
+
+flops: 123565440, runtime: 0.520592ms, ComputationAbility: 0.237356T
+"""
+
+MODEL_INFO = """\
+bmodel version: B.2.2+v1.30.2-20260831
+chip: BM1684X
+create time: Thu Nov 26 23:39:04 2026
+
+kernel_module name: libbm1684x_kernel_module.so
+kernel mode: normal
+==========================================
+net 0: [tiny]  static
+------------
+stage 0, core num: 1
+input: image, [4, 3, 224, 224], float32, scale: 1, zero_point: 0
+output: embedding_MatMul_f32, [4, 512], float32, scale: 1, zero_point: 0
+------------
+stage 1, core num: 1
+input: image, [1, 3, 224, 224], float32, scale: 1, zero_point: 0
+output: embedding_MatMul_f32, [1, 512], float32, scale: 1, zero_point: 0
+
+device mem size: 2567680 (weight: 708608, instruct: 48640, runtime: 1810432)
+"""
+
+
+# ---------------------------------------------------------------- fast unit tests (pure parts)
+
+def test_parse_compiler_profile_estimate():
+    est = parse_compiler_profile(PROFILE_TAIL, batch=4)
+    assert est["kind"] == "estimate"
+    assert "not a measurement" in est["source"]
+    assert est["ms_per_batch"] == pytest.approx(0.520592)
+    assert est["ms_per_image"] == pytest.approx(0.520592 / 4)
+    assert est["cycles"] == 496942 and est["flops"] == 123565440 and est["sections"] == 1
+
+
+def test_parse_compiler_profile_sums_sections_and_handles_garbage():
+    two = PROFILE_TAIL + "\nflops: 10, runtime: 1.5ms, ComputationAbility: 0.1T\n"
+    assert parse_compiler_profile(two)["ms_per_batch"] == pytest.approx(2.020592)
+    assert "ms_per_image" not in parse_compiler_profile(two)
+    assert parse_compiler_profile("nothing here") == {}
+
+
+def test_parse_model_info_multistage():
+    info = parse_model_info(MODEL_INFO)
+    assert info["chip"] == "bm1684x"
+    (net,) = info["networks"]
+    assert net["name"] == "tiny" and net["static"]
+    assert stage_batches(info) == [4, 1]
+    assert net["stages"][1]["inputs"][0] == {"name": "image", "shape": [1, 3, 224, 224], "dtype": "float32"}
+    assert net["stages"][0]["outputs"][0]["name"] == "embedding_MatMul_f32"
+    fused = MODEL_INFO.replace("input: image, [4, 3, 224, 224], float32", "input: image_raw, [4, 3, 224, 224], uint8")
+    assert parse_model_info(fused)["networks"][0]["stages"][0]["inputs"][0]["dtype"] == "uint8"
+
+
+def test_transform_and_deploy_args():
+    t = transform_args("m", "/x/m.onnx", 8, "m.mlir")
+    assert t[:2] == ["model_transform", "--model_name"]
+    assert t[t.index("--input_shapes") + 1] == "[[8,3,224,224]]"
+    assert "--mean" not in t and "--test_input" not in t
+    tf = transform_args("m", "/x/m.onnx", 1, "m.mlir", fuse_preprocess=True)
+    assert tf[tf.index("--mean") + 1] == "122.770935,116.74601,104.093735"
+    assert tf[tf.index("--scale") + 1] == "0.0145984,0.0150077,0.01422"
+    assert tf[tf.index("--pixel_format") + 1] == "rgb"
+
+    d = deploy_args("m.mlir", "m_bm1684x_f16_8b.bmodel")
+    assert d[d.index("--quantize") + 1] == "F16" and d[d.index("--chip") + 1] == "bm1684x"
+    assert "--skip_validation" in d and "--fuse_preprocess" not in d
+    df = deploy_args("m.mlir", "o.bmodel", fuse_preprocess=True, validate=True, name="m")
+    assert "--skip_validation" not in df
+    assert df[df.index("--customization_format") + 1] == "RGB_PLANAR"
+    assert df[df.index("--test_reference") + 1] == "m_top_outputs.npz"
+    assert combine_args(["a.bmodel", "b.bmodel"], "c.bmodel") == [
+        "model_tool", "--combine", "a.bmodel", "b.bmodel", "-o", "c.bmodel"]
+    assert bmodel_name("clip", 32) == "clip_bm1684x_f16_32b.bmodel"
+
+
+def test_fused_constants_are_clips_normalisation():
+    mean = np.array([0.48145466, 0.4578275, 0.40821073]) * 255
+    std = np.array([0.26862954, 0.26130258, 0.27577711]) * 255
+    np.testing.assert_allclose(CLIP_MEAN_255, mean, rtol=1e-7)
+    np.testing.assert_allclose(CLIP_SCALE_255, 1 / std, rtol=1e-5)  # flags carry 6 digits
+    u8 = np.arange(256, dtype=np.uint8).repeat(3).reshape(1, 3, 16, 16)
+    ref = (u8 / 255.0 - (mean / 255).reshape(1, 3, 1, 1)) / (std / 255).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(normalize_u8(u8), ref, atol=2e-5)
+
+
+def test_onnx_synthetic_flag(tmp_path):
+    p = tmp_path / "m.onnx"
+    assert onnx_synthetic_flag(p) is None
+    (tmp_path / "m.onnx.json").write_text(json.dumps({"synthetic": True}))
+    assert onnx_synthetic_flag(p) is True
+    (tmp_path / "m.onnx.json").write_text(json.dumps({"arch": "x"}))
+    assert onnx_synthetic_flag(p) is None
+
+
+def test_missing_venv_message(tmp_path, monkeypatch):
+    missing = tmp_path / "no-venv"
+    monkeypatch.setenv(tenv.VENV_ENV, str(missing))
+    assert tenv.venv_dir() == missing
+    assert tenv.venv_python() == missing / "bin" / "python"
+    with pytest.raises(tenv.TpuMlirMissing) as ei:
+        tenv.find_venv()
+    msg = str(ei.value)
+    assert "scripts/setup_tpu_mlir.sh" in msg and str(missing) in msg and tenv.VENV_ENV in msg
+    assert "Python 3.10" in msg
+
+
+def test_wrong_python_venv_is_refused(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)  # 3.11, not 3.10
+    with pytest.raises(tenv.TpuMlirMissing, match=r"tpu_mlir needs 3\.10"):
+        tenv.find_venv(venv)
+
+
+def test_cli_commands_and_missing_venv_exit(tmp_path, monkeypatch):
+    assert compile_cmd.name == "compile" and verify_cmd.name == "verify"
+    monkeypatch.setenv(tenv.VENV_ENV, str(tmp_path / "absent"))
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"x")
+    r = CliRunner().invoke(compile_cmd, [str(onnx), "-o", str(tmp_path / "out"), "-b", "1"])
+    assert r.exit_code == 3 and "setup_tpu_mlir.sh" in r.output
+    bm = tmp_path / "m.bmodel"
+    bm.write_bytes(b"x")
+    r = CliRunner().invoke(verify_cmd, [str(bm), "--onnx", str(onnx)])
+    assert r.exit_code == 3 and "setup_tpu_mlir.sh" in r.output
+
+
+def test_runner_refuses_missing_bmodel(tmp_path):
+    from pipeline.toolchain import BmodelRunner
+    with pytest.raises(FileNotFoundError):
+        BmodelRunner(tmp_path / "nope.bmodel")
+
+
+# ---------------------------------------------------------------- slow: real compile + simulator
+
+def _venv_or_skip():
+    try:
+        return tenv.find_venv()
+    except tenv.TpuMlirMissing as e:
+        pytest.skip("TPU-MLIR venv unavailable (Python 3.10 + tpu_mlir): " + str(e).splitlines()[0])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    _venv_or_skip()
+    from pipeline.modelgen import build_clip_image_onnx
+
+    d = tmp_path_factory.mktemp("tpu")
+    onnx = d / "tiny.onnx"
+    build_clip_image_onnx(onnx, arch="tiny", seed=0, input_kind="float")
+    return onnx
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny):
+    from pipeline.toolchain.compile import compile_onnx
+
+    out = tiny.parent / "out"
+    sides = compile_onnx(tiny, out, [1, 4], combine=True, log=lambda s: None)
+    return out, sides
+
+
+@pytest.mark.slow
+def test_compile_writes_bmodels_and_sidecars(tiny, compiled):
+    from pipeline.toolchain.compile import sha256_file
+
+    out, sides = compiled
+    assert [s["bmodel"] for s in sides] == [
+        "tiny_bm1684x_f16_1b.bmodel", "tiny_bm1684x_f16_4b.bmodel", "tiny_bm1684x_f16_1-4b.bmodel"]
+    for s in sides:
+        bm = out / s["bmodel"]
+        assert bm.stat().st_size == s["bmodel_bytes"] > 1_000_000
+        assert json.loads(Path(str(bm) + ".json").read_text()) == s
+        assert s["chip"] == "bm1684x" and s["quantize"] == "F16" and not s["fused_preprocess"]
+        assert s["onnx"]["sha256"] == sha256_file(tiny)
+        assert s["onnx"]["synthetic_weights"] is True
+    for s, b in zip(sides[:2], (1, 4)):
+        assert s["batch"] == b
+        assert s["input"] == {"name": "image", "shape": [b, 3, 224, 224], "dtype": "float32"}
+        assert s["output"]["shape"] == [b, 512]
+        assert s["estimate"]["kind"] == "estimate" and s["estimate"]["ms_per_image"] > 0
+        assert s["estimate"]["ms_per_image"] == pytest.approx(s["estimate"]["ms_per_batch"] / b, rel=1e-4)
+        assert s["compile_seconds"]["total"] > 0
+    assert sides[2]["batch"] == [4, 1] and [st["batch"] for st in sides[2]["stages"]] == [4, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 4])
+def test_simulator_matches_onnxruntime(tiny, compiled, batch):
+    from pipeline.toolchain.verify import verify
+
+    out, _ = compiled
+    r = verify(out / f"tiny_bm1684x_f16_{batch}b.bmodel", tiny, log=lambda s: None)
+    (c,) = r.comparisons
+    assert c.rows == batch
+    assert c.cos_min >= 0.9999, c.line()
+    assert c.max_abs_diff < 0.05, c.line()
+
+
+@pytest.mark.slow
+def test_combined_bmodel_exposes_both_stages(tiny, compiled):
+    import onnxruntime as ort
+
+    from pipeline.toolchain import BmodelRunner
+    from pipeline.toolchain.compile import bmodel_info
+    from pipeline.toolchain.preprocess import random_u8_images
+    from pipeline.toolchain.verify import cosine_rows
+
+    out, _ = compiled
+    bm = out / "tiny_bm1684x_f16_1-4b.bmodel"
+    assert stage_batches(bmodel_info(bm)) == [4, 1]
+    sess = ort.InferenceSession(str(tiny), providers=["CPUExecutionProvider"])
+    x = normalize_u8(random_u8_images(4, seed=7))
+    ref = sess.run(None, {"image": x})[0]
+    with BmodelRunner(bm) as r:
+        assert r.networks == ["tiny"]
+        assert r.nets["tiny"]["inputs"][0]["shape"] == [4, 3, 224, 224]  # buffers of stage 0
+        (y4,) = r.forward([x])
+        (y1,) = r.forward([x[:1]])  # the batch-1 stage, through forward_dynamic
+    assert y4.shape == (4, 512) and y1.shape == (1, 512)
+    assert cosine_rows(y4, ref).min() >= 0.9999
+    assert cosine_rows(y1, ref[:1]).min() >= 0.9999
+
+
+@pytest.mark.slow
+def test_fused_preprocess_uint8_bmodel_agrees(tiny, tmp_path):
+    from PIL import Image
+
+    from pipeline.toolchain.compile import compile_onnx
+    from pipeline.toolchain.verify import verify
+
+    (side,) = compile_onnx(tiny, tmp_path, [1], fuse_preprocess=True, log=lambda s: None)
+    assert side["fused_preprocess"] and side["bmodel"] == "tiny_u8_bm1684x_f16_1b.bmodel"
+    assert side["input"]["dtype"] == "uint8" and side["input"]["shape"] == [1, 3, 224, 224]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(1)
+    for k, (w, h) in enumerate([(300, 240), (200, 400)]):
+        yy, xx = np.mgrid[0:h, 0:w]
+        arr = np.stack([xx * 255 // w, yy * 255 // h, rng.integers(0, 256, (h, w))], -1).astype(np.uint8)
+        Image.fromarray(arr).save(imgs / f"{k}.png")
+    r = verify(tmp_path / side["bmodel"], tiny, images_dir=imgs, log=lambda s: None)
+    assert r.fused_preprocess
+    assert [c.rows for c in r.comparisons] == [1, 2]
+    assert r.cos_min >= 0.9999, [c.line() for c in r.comparisons]
+
+
+@pytest.mark.slow
+def test_cli_standalone_verify_exit_codes(tiny, compiled):
+    out, _ = compiled
+    bm = out / "tiny_bm1684x_f16_1b.bmodel"
+    cmd = [sys.executable, "-m", "pipeline.toolchain.cli", "verify", str(bm)]  # ONNX from sidecar
+    ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS" in ok.stdout and "cos_min=" in ok.stdout
+    bad = subprocess.run(cmd + ["--min-cosine", "1.5"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "FAIL" in bad.stdout
