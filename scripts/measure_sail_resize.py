@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "fake_sail"))
 
-from stages.decode import DecodeOptions, decode_file  # noqa: E402
-from stages.preprocess import normalize, reference_crop  # noqa: E402
+from stages.decode import DecodeOptions, decode_file
+from stages.preprocess import normalize, reference_crop
 
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -83,9 +83,10 @@ def main() -> int:
 
     if args.onnx:
         os.environ["FAKE_SAIL_TPUS"] = "1"
+        import onnxruntime as ort
+
         from pipeline.backends.sail import SailBackend
         from pipeline.config import from_dict
-        import onnxruntime as ort
 
         for onnx_path in args.onnx:
             bm = tmp / "m.bmodel"

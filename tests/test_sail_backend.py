@@ -12,11 +12,17 @@ import time
 
 import numpy as np
 import pytest
+from sail_helpers import (
+    cpu_reference,
+    ort_session,
+    photo,
+    use_fake_sail,
+    write_fake_bmodel,
+    write_jpeg,
+)
 
 from pipeline.backends.base import DeviceError
 from pipeline.config import ConfigError, from_dict
-from sail_helpers import (cpu_reference, ort_session, photo, use_fake_sail, write_fake_bmodel,
-                          write_jpeg)
 
 pytest.importorskip("stages.decode")
 
@@ -103,7 +109,7 @@ def cfg_for(bmodel, mode="device", **sail):
 @pytest.fixture
 def fake(monkeypatch):
     use_fake_sail(monkeypatch, tpus=3)
-    import sophon.sail as sail
+    from sophon import sail
 
     assert getattr(sail, "__fake__", False)
     return sail
@@ -215,7 +221,7 @@ def test_device_mode_routes_and_matches_reference(fake, tmp_path, onnx_model, im
     assert sorted(cpu) == sorted(["mixed.Jpg", "x.jfif", "shot.png", "pic.webp", "png_named.jpg"])
     ref = cpu_reference(ort_session(onnx_model), [images[n] for n in names])
     cos, max_abs = compare(res.embeddings, ref)
-    print("device-mode vs reference: min cosine %.5f, max abs (L2-normalised) %.5f" % (cos.min(), max_abs))
+    print(f"device-mode vs reference: min cosine {cos.min():.5f}, max abs (L2-normalised) {max_abs:.5f}")
     assert cos.min() >= DEVICE_MIN_COSINE, cos
     assert max_abs <= DEVICE_MAX_ABS, max_abs
     # a 224x224 image is not resized at all: identical to the reference up to float rounding

@@ -9,10 +9,10 @@ import shutil
 
 import numpy as np
 import pytest
-
-from pipeline.config import from_dict
 from sail_helpers import photo, use_fake_sail, write_fake_bmodel, write_jpeg
 from test_sail_backend import DEVICE_MAX_ABS, DEVICE_MIN_COSINE
+
+from pipeline.config import from_dict
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,10 @@ def run_pipeline(cfg_dict):
     fails = {}
     fpath = os.path.join(res.out_dir, "failures.jsonl")
     if os.path.exists(fpath):
-        for line in open(fpath, encoding="utf-8"):
-            rec = json.loads(line)
-            fails[os.path.basename(rec["path"])] = rec["reason"]
+        with open(fpath, encoding="utf-8") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                fails[os.path.basename(rec["path"])] = rec["reason"]
     return res, dict(zip(paths, np.asarray(emb))), fails
 
 

@@ -39,11 +39,18 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError, FileBatchResult, ItemFailure
+from pipeline.backends.base import (
+    Backend,
+    Device,
+    DeviceError,
+    FileBatchResult,
+    ItemFailure,
+)
 from pipeline.config import CLIP_MEAN, CLIP_STD, ConfigError
 
 if TYPE_CHECKING:
@@ -75,7 +82,7 @@ def alpha_beta(scale: float = 1.0) -> tuple[tuple[float, float], ...]:
 
 def import_sail():
     try:
-        import sophon.sail as sail  # noqa: PLC0415 - optional, lazily imported
+        from sophon import sail  # optional; imported lazily, inside the worker for devices
     except ImportError as exc:
         raise ConfigError(f"{INSTALL_HINT} ({exc})") from None
     return sail
@@ -105,7 +112,7 @@ class _Model:
             self.input_dtype = engine.get_input_dtype(self.graph, self.input)
             self.output_dtype = engine.get_output_dtype(self.graph, self.output)
             self.input_scale = float(engine.get_input_scale(self.graph, self.input))
-        except Exception as exc:  # noqa: BLE001 - any sail error
+        except Exception as exc:
             raise DeviceError(_sail_error(f"reading the bmodel {path}", exc)) from exc
         D = sail.Dtype
         # §1.4: the numpy path reads any non-int8 output as float32 -> FP16 outputs are garbage.
@@ -135,12 +142,12 @@ class SailHostDevice(Device):
 
     fixed_batch = False  # we pad to a stage ourselves and return only real rows
 
-    def __init__(self, sail, cfg: "Config", dev_id: int):
+    def __init__(self, sail, cfg: Config, dev_id: int):
         self.dev_id = dev_id
         path = cfg.model.path
         try:
             self.engine = sail.Engine(path, dev_id, sail.IOMode.SYSIO)  # §1.2: numpy needs SYSI/SYSIO
-        except Exception as exc:  # noqa: BLE001 - SailEngineError/SailDeviceError derive from Exception (§2.3)
+        except Exception as exc:  # Sail*Error derive from Exception, not RuntimeError (§2.3)
             raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
         self.model = m = _Model(sail, self.engine, path)
         if m.hw != (224, 224):
@@ -171,7 +178,7 @@ class SailHostDevice(Device):
             raise DeviceError(f"input shape {list(x.shape)} does not fit the bmodel's {m.input_shape}")
         try:
             out = self.engine.process(m.graph, {m.input: x})
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise DeviceError(_sail_error(f"dev_id {self.dev_id}: Engine.process", exc)) from exc
         y = np.asarray(out[m.output], dtype=np.float32)
         if y.shape != (expect, m.dim):
@@ -213,7 +220,7 @@ class SailFilesDevice(Device):
 
     fixed_batch = False
 
-    def __init__(self, sail, cfg: "Config", dev_id: int):
+    def __init__(self, sail, cfg: Config, dev_id: int):
         self.sail, self.cfg, self.dev_id = sail, cfg, dev_id
         path = cfg.model.path
         if not (hasattr(sail, "Decoder") and hasattr(sail, "Bmcv") and hasattr(sail, "EngineImagePreProcess")):
@@ -226,7 +233,7 @@ class SailFilesDevice(Device):
             engine = sail.Engine(path, dev_id, sail.IOMode.SYSO)
             self.model = m = _Model(sail, engine, path)
             del engine
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if isinstance(exc, (DeviceError, ConfigError)):
                 raise
             raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
@@ -252,7 +259,7 @@ class SailFilesDevice(Device):
                 raise DeviceError("SetConvertAtrr returned non-zero")
         except (DeviceError, ConfigError):
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise DeviceError(_sail_error(f"opening EngineImagePreProcess on dev_id {dev_id}", exc)) from exc
         from stages.decode import DecodeOptions
 
@@ -345,7 +352,7 @@ class SailFilesDevice(Device):
                 if isinstance(rgb, ItemFailure):
                     return None, rgb
                 sq = self._upload(rgb)
-        except Exception as exc:  # noqa: BLE001 - uploading a decoded image failed: the device
+        except Exception as exc:
             raise DeviceError(_sail_error(f"dev_id {self.dev_id}: uploading {p}", exc)) from exc
         return sq, None
 
@@ -354,7 +361,7 @@ class SailFilesDevice(Device):
         while True:
             try:
                 ret = self.epp.PushImage(0, idx, img)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise DeviceError(_sail_error(f"dev_id {self.dev_id}: PushImage", exc)) from exc
             if ret == 0:
                 return
@@ -437,11 +444,11 @@ class SailBackend(Backend):
     device_input = "files"
 
     @classmethod
-    def input_kind(cls, cfg: "Config") -> str:
+    def input_kind(cls, cfg: Config) -> str:
         return "files" if cfg.sail.mode == "device" else "pixels"
 
     @classmethod
-    def resolve_devices(cls, cfg: "Config") -> list[str]:
+    def resolve_devices(cls, cfg: Config) -> list[str]:
         entries = list(cfg.infer.devices)
         if entries == ["all"]:
             sail = import_sail()
@@ -480,7 +487,7 @@ class SailBackend(Backend):
         return [f"sail:{i}" for i in ids]
 
     @classmethod
-    def open_device(cls, cfg: "Config", device: str) -> Device:
+    def open_device(cls, cfg: Config, device: str) -> Device:
         sail = import_sail()
         dev_id = _dev_id(device)
         if cfg.sail.mode == "device":

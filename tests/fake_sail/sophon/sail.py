@@ -108,13 +108,13 @@ class ImgDtype(IntEnum):
     DATA_TYPE_EXT_1N_BYTE_SIGNED = 3
 
 
-class bmcv_resize_algorithm(IntEnum):  # noqa: N801 - real name
+class bmcv_resize_algorithm(IntEnum):
     BMCV_INTER_NEAREST = 0
     BMCV_INTER_LINEAR = 1
     BMCV_INTER_BICUBIC = 2
 
 
-class sail_resize_type(IntEnum):  # noqa: N801 - real name
+class sail_resize_type(IntEnum):
     BM_RESIZE_VPP_NEAREST = 0
     BM_RESIZE_TPU_NEAREST = 1
     BM_RESIZE_TPU_LINEAR = 2
@@ -364,7 +364,7 @@ class BMImage:
         self._arr = np.zeros(_layout_shape(self._fmt, h, w), dtype=npdt)
 
     @classmethod
-    def _make(cls, arr, fmt, dev, dt=ImgDtype.DATA_TYPE_EXT_1N_BYTE) -> "BMImage":
+    def _make(cls, arr, fmt, dev, dt=ImgDtype.DATA_TYPE_EXT_1N_BYTE) -> BMImage:
         img = cls()
         img._arr, img._fmt, img._dt, img._dev = arr, Format(fmt), ImgDtype(dt), dev
         return img
@@ -389,7 +389,7 @@ class BMImage:
         self._check()
         return self._dt
 
-    def data(self) -> "BMImage":
+    def data(self) -> BMImage:
         return self
 
     def get_device_id(self) -> int:
@@ -612,6 +612,8 @@ class Bmcv:
         if bmcv_resize_algorithm(resize_alg) not in _CV_INTER:  # §3.1: no BICUBIC on BM1684X
             raise SailBMImageError("bmcv_image_resize: BICUBIC not supported on BM1684X")
         H, W = _hw(img)
+        if x0 < 0 or y0 < 0 or x0 + cw > W or y0 + ch > H:
+            raise SailBMImageError("crop_and_resize: window outside the image")
         if min(cw, ch, w, h) < 8 or max(cw, ch, w, h) > 8192 or max(cw / w, w / cw, ch / h, h / ch) > 128:
             raise SailBMImageError("bmcv_image_resize: size or scale ratio out of range")
         bgr = _to_bgr_packed(img)[y0:y0 + ch, x0:x0 + cw]
