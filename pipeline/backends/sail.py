@@ -81,8 +81,9 @@ def alpha_beta(scale: float = 1.0) -> tuple[tuple[float, float], ...]:
 
 
 def import_sail():
+    # optional; imported lazily (counting chips in the supervisor, devices inside the workers)
     try:
-        from sophon import sail  # optional; imported lazily, inside the worker for devices
+        from sophon import sail
     except ImportError as exc:
         raise ConfigError(f"{INSTALL_HINT} ({exc})") from None
     return sail
