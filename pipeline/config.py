@@ -285,7 +285,7 @@ def load(path: str | os.PathLike | None, overrides: typing.Iterable[str] = (),
     if cli.get("output_dir"):
         raw.setdefault("output", {})["dir"] = cli["output_dir"]
     if cli.get("devices"):
-        raw.setdefault("infer", {})["devices"] = list(cli["devices"])
+        raw.setdefault("infer", {})["devices"] = [parse_value(d) for d in cli["devices"]]
     cfg = from_dict(raw, source=str(path) if path else "<defaults>")
     return cfg
 

@@ -33,7 +33,8 @@ def model_identity(path: str | os.PathLike) -> dict[str, Any]:
         "path": str(path),
         "sha256": sha256_file(path),
         "bytes": os.path.getsize(path),
-        "synthetic": bool(info.get("synthetic", False)),
+        # our ONNX builder writes "synthetic"; the bmodel compiler copies it as onnx.synthetic_weights
+        "synthetic": bool(info.get("synthetic") or (info.get("onnx") or {}).get("synthetic_weights")),
         "arch": info.get("arch", "unknown"),
         "info": info,
     }
