@@ -109,6 +109,8 @@ class FakeConfig:
 @dataclass(frozen=True)
 class SailConfig:
     mode: Literal["device", "host"] = _f("device", "sail backend: device = hardware JPEG decode + TPU preprocessing per chip; host = exact CLIP preprocessing on the CPU, only inference on the TPU.")
+    resize: Literal["bicubic", "linear"] = _f("bicubic", "sail device mode: EngineImagePreProcess resize kernel for the centre square -> 224 (BM_RESIZE_TPU_BICUBIC or BM_RESIZE_TPU_LINEAR; both differ slightly from CLIP's PIL bicubic, see docs/sail-backend.md).")
+    timeout_s: float = _f(120.0, "sail device mode: longest wait for one batch from the chip's preprocess+inference threads before the device is declared hung (DeviceError, worker restarted).", min=1)
 
 
 @dataclass(frozen=True)

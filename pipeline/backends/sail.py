@@ -1,0 +1,514 @@
+"""SOPHON BM1684X backend (`infer.backend = "sail"`), through Sophgo's `sophon.sail`.
+
+Section numbers (§) refer to /work/shared/docs/sail-api.md, which records the SAIL behaviours this
+code depends on. Verified only against the test double in tests/fake_sail, never on hardware.
+
+How the card's decode -> preprocess -> infer stages map onto processes
+----------------------------------------------------------------------
+* ``sail.mode = "device"`` (default; ``input_kind == "files"``): the supervisor sends *paths* to
+  one process per chip. Inside that process the JPEG hardware decoder (``sail.Decoder``, §2.1)
+  writes the decoded image into *device memory* as a BMImage; the centre square is cropped with
+  bmcv (§3.2) and pushed into ``sail.EngineImagePreProcess`` (§3.5 and the §3.4 addendum), whose
+  C++ threads resize it with the TPU bicubic kernel, swap BGR->RGB, apply CLIP's alpha/beta and run
+  the bmodel. Decode, preprocess and infer are fused into the device process because a decoded
+  image only exists in that chip's memory: shipping it to another process would mean a
+  device->host copy of the full-size image, the very work the hardware decoder saves, and
+  sophon handles must not cross process boundaries anyway (§5: open everything in the child).
+  Files the hardware path cannot take (suffix not on SAIL's case-sensitive list, content not
+  JPEG, a JPEG without its end marker, images outside the TPU resize limits, a failed hardware
+  decode) are decoded on the host CPU *in the same process* with ``stages.decode.decode_file``
+  and uploaded with ``Bmcv.mat_to_bm_image``; decode_file's ItemError gives the failure reason,
+  so reasons match the cpu backend's.
+  The host decode/preprocess worker pools are not used in this mode.
+* ``sail.mode = "host"`` (``input_kind == "pixels"``): the normal host decode + preprocess
+  workers make CLIP's exact crop (uint8 224x224) on the CPU; the device process only normalises
+  and runs ``Engine.process`` (numpy path, §1.4). Slower on an SE7's 8 ARM cores, but exact.
+
+Fixed batches (§1.6): bmodels are compiled per batch size. Host mode discovers a multi-stage
+bmodel's static batch sizes at start-up (``get_input_shape`` reports only the largest, §1.3) and
+runs each call on the smallest stage that holds it, zero-padding; padding rows are dropped.
+Device mode pads a short batch by repeating its first image, because EngineImagePreProcess only
+returns full batches (§3.5), and maps rows back through the returned image indices.
+
+Nothing device-related is opened before the worker process starts (§5); ``resolve_devices`` and
+``probe`` only count chips with ``get_available_tpu_num`` (bm_dev_getcount, no handle is opened).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.backends.base import (
+    Backend,
+    Device,
+    DeviceError,
+    FileBatchResult,
+    ItemFailure,
+)
+from pipeline.config import CLIP_MEAN, CLIP_STD, ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+INSTALL_HINT = (
+    "sophon.sail is not importable. It is not on PyPI: install the wheel from Sophgo's SDK, "
+    "sophon-X.Y.Z-py3-none-any.whl (x86 PCIe hosts) or sophon_arm-X.Y.Z-py3-none-any.whl (SE boxes), "
+    "matching the installed libsophon (never `pip install sophon`, an unrelated 2022 package)"
+)
+#: §2.1: sail.Decoder takes the still-image path only for these suffixes, case-sensitively.
+DECODER_SUFFIXES = frozenset({"jpg", "JPG", "jpeg", "JPEG", "bmp", "BMP", "png", "PNG"})
+#: ...of which we send only JPEG content to it: the JPU decodes JPEG; PNG/BMP would be a software
+#: decode by sophon-opencv anyway, and decode_file handles their modes (palette, 16-bit) like the
+#: cpu backend does.
+HW_SUFFIXES = frozenset({"jpg", "JPG", "jpeg", "JPEG"})
+#: §3.1: BM1684X resize limits (also assumed for EngineImagePreProcess's TPU resize [UNCONFIRMED]).
+RESIZE_MIN, RESIZE_MAX, RESIZE_MAX_RATIO = 8, 8192, 128
+#: §3.5: EngineImagePreProcess batch sizes.
+EPP_BATCHES = (1, 4, 8, 16, 32, 64)
+#: candidate batch sizes probed to find the stages of a multi-stage bmodel.
+STAGE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def alpha_beta(scale: float = 1.0) -> tuple[tuple[float, float], ...]:
+    """CLIP normalisation as per-channel (alpha, beta) on 0..255 input, RGB order (§3.3)."""
+    return tuple(((1.0 / (255.0 * s)) * scale, (-m / s) * scale) for m, s in zip(CLIP_MEAN, CLIP_STD))
+
+
+def import_sail():
+    # optional; imported lazily (counting chips in the supervisor, devices inside the workers)
+    try:
+        from sophon import sail
+    except ImportError as exc:
+        raise ConfigError(f"{INSTALL_HINT} ({exc})") from None
+    return sail
+
+
+def _dev_id(device: str) -> int:
+    try:
+        return int(str(device).removeprefix("sail:"))
+    except ValueError:
+        raise ConfigError(f"sail device {device!r} is not a dev_id") from None
+
+
+def _sail_error(what: str, exc: BaseException) -> str:
+    return f"{what}: {type(exc).__name__}: {exc}"
+
+
+class _Model:
+    """What the bmodel says about itself (§1.3); names are always queried, never assumed."""
+
+    def __init__(self, sail, engine, path: str):
+        try:
+            self.graph = engine.get_graph_names()[0]
+            self.input = engine.get_input_names(self.graph)[0]
+            self.output = engine.get_output_names(self.graph)[0]
+            self.input_shape = list(engine.get_input_shape(self.graph, self.input))  # largest stage
+            self.output_shape = list(engine.get_output_shape(self.graph, self.output))
+            self.input_dtype = engine.get_input_dtype(self.graph, self.input)
+            self.output_dtype = engine.get_output_dtype(self.graph, self.output)
+            self.input_scale = float(engine.get_input_scale(self.graph, self.input))
+        except Exception as exc:
+            raise DeviceError(_sail_error(f"reading the bmodel {path}", exc)) from exc
+        D = sail.Dtype
+        # §1.4: the numpy path reads any non-int8 output as float32 -> FP16 outputs are garbage.
+        if self.output_dtype != D.BM_FLOAT32:
+            raise ConfigError(f"bmodel {path}: output dtype {self.output_dtype} is not BM_FLOAT32; recompile with float32 I/O")
+        s = self.input_shape
+        if self.input_dtype == D.BM_FLOAT32 and len(s) == 4 and s[1] == 3:
+            self.layout = "float_nchw"
+        elif self.input_dtype == D.BM_UINT8 and len(s) == 4 and s[3] == 3:
+            self.layout = "uint8_nhwc"
+        elif self.input_dtype == D.BM_UINT8 and len(s) == 4 and s[1] == 3:
+            self.layout = "uint8_nchw"
+        else:
+            raise ConfigError(f"bmodel {path}: input {self.input} {s} dtype {self.input_dtype} is neither "
+                              "float32 [N,3,H,W] (CLIP-normalised) nor uint8 pixels [N,H,W,3]/[N,3,H,W]")
+        if self.layout != "float_nchw" and abs(self.input_scale - 1.0) > 1e-6:
+            raise ConfigError(f"bmodel {path}: uint8 input with scale {self.input_scale} != 1 is not supported")
+        self.max_batch = int(s[0])
+        self.hw = (s[2], s[3]) if self.layout.endswith("nchw") else (s[1], s[2])
+        if len(self.output_shape) != 2 or self.output_shape[0] != self.max_batch:
+            raise ConfigError(f"bmodel {path}: output {self.output} shape {self.output_shape} is not [batch, dim]")
+        self.dim = int(self.output_shape[1])
+
+
+class SailHostDevice(Device):
+    """host mode: uint8 crops in, `Engine.process` with numpy (IOMode.SYSIO, §1.4)."""
+
+    fixed_batch = False  # we pad to a stage ourselves and return only real rows
+
+    def __init__(self, sail, cfg: Config, dev_id: int):
+        self.dev_id = dev_id
+        path = cfg.model.path
+        try:
+            self.engine = sail.Engine(path, dev_id, sail.IOMode.SYSIO)  # §1.2: numpy needs SYSI/SYSIO
+        except Exception as exc:  # Sail*Error derive from Exception, not RuntimeError (§2.3)
+            raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
+        self.model = m = _Model(sail, self.engine, path)
+        if m.hw != (224, 224):
+            raise ConfigError(f"bmodel {path}: host mode feeds 224x224 crops, the model takes {m.hw}")
+        self.dim = m.dim
+        self.stages = self._discover_stages()
+        self.batch_size = max(self.stages)
+
+    def _discover_stages(self) -> list[int]:
+        # §1.3: a multi-stage bmodel reports only its largest shape; §1.4: the numpy path raises
+        # SailEngineError("bad input") for a shape that matches no stage. So try smaller batch
+        # sizes once at start-up (a matching one doubles as a warm-up run).
+        m = self.model
+        stages = [m.max_batch]
+        for b in STAGE_CANDIDATES:
+            if b >= m.max_batch:
+                break
+            try:
+                self._run(np.zeros([b, *m.input_shape[1:]], dtype=np.float32), b)
+            except DeviceError:
+                continue
+            stages.append(b)
+        return sorted(stages)
+
+    def _run(self, x: np.ndarray, expect: int) -> np.ndarray:
+        m = self.model
+        if list(x.shape[1:]) != m.input_shape[1:]:  # check it ourselves, never rely on the runtime
+            raise DeviceError(f"input shape {list(x.shape)} does not fit the bmodel's {m.input_shape}")
+        try:
+            out = self.engine.process(m.graph, {m.input: x})
+        except Exception as exc:
+            raise DeviceError(_sail_error(f"dev_id {self.dev_id}: Engine.process", exc)) from exc
+        y = np.asarray(out[m.output], dtype=np.float32)
+        if y.shape != (expect, m.dim):
+            raise DeviceError(f"dev_id {self.dev_id}: output shape {y.shape}, expected {(expect, m.dim)}")
+        return y
+
+    def _inputs(self, pixels: np.ndarray) -> np.ndarray:
+        if self.model.layout == "float_nchw":
+            from stages.preprocess import normalize
+
+            return normalize(pixels)
+        if self.model.layout == "uint8_nchw":
+            return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+        return pixels  # uint8_nhwc, normalisation fused into the model
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (224, 224, 3):
+            raise ValueError(f"embed expects uint8 [n,224,224,3], got {pixels.dtype} {pixels.shape}")
+        out = []
+        i, n = 0, len(pixels)
+        while i < n:
+            chunk = pixels[i:i + self.batch_size]
+            k = len(chunk)
+            stage = min(b for b in self.stages if b >= k)  # smallest stage that holds the chunk
+            if stage > k:  # §1.6: zero-pad to the compiled batch, drop the padding rows below
+                chunk = np.concatenate([chunk, np.zeros((stage - k, 224, 224, 3), np.uint8)])
+            out.append(self._run(self._inputs(chunk), stage)[:k])
+            i += k
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def close(self) -> None:
+        self.engine = None
+
+
+class SailFilesDevice(Device):
+    """device mode: paths in; Decoder -> bmcv crop -> EngineImagePreProcess (resize, RGB, alpha/beta,
+    inference) on one chip."""
+
+    fixed_batch = False
+
+    def __init__(self, sail, cfg: Config, dev_id: int):
+        self.sail, self.cfg, self.dev_id = sail, cfg, dev_id
+        path = cfg.model.path
+        if not (hasattr(sail, "Decoder") and hasattr(sail, "Bmcv") and hasattr(sail, "EngineImagePreProcess")):
+            # a "runtime only" SAIL build has no multimedia classes (sail-api.md, packaging notes)
+            raise ConfigError("this sophon.sail build has no Decoder/Bmcv/EngineImagePreProcess "
+                              "(runtime-only SAIL): set sail.mode = \"host\"")
+        try:
+            # Introspection only (§1.3); EngineImagePreProcess loads its own engine, so this one
+            # is released before it, to keep a single copy of the weights in device memory.
+            engine = sail.Engine(path, dev_id, sail.IOMode.SYSO)
+            self.model = m = _Model(sail, engine, path)
+            del engine
+        except Exception as exc:
+            if isinstance(exc, (DeviceError, ConfigError)):
+                raise
+            raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
+        if m.layout == "uint8_nhwc":
+            raise ConfigError(f"bmodel {path}: device mode needs an NCHW input (EngineImagePreProcess output); use sail.mode = \"host\"")
+        if m.max_batch not in EPP_BATCHES:
+            raise ConfigError(f"bmodel {path}: batch {m.max_batch} not in {EPP_BATCHES} (EngineImagePreProcess, §3.5); use sail.mode = \"host\"")
+        self.dim, self.batch_size = m.dim, m.max_batch
+        ab = alpha_beta(1.0) if m.layout == "float_nchw" else ((1.0, 0.0),) * 3
+        resize = {"bicubic": sail.sail_resize_type.BM_RESIZE_TPU_BICUBIC,
+                  "linear": sail.sail_resize_type.BM_RESIZE_TPU_LINEAR}[cfg.sail.resize]
+        try:
+            self.handle = sail.Handle(dev_id)
+            self.bmcv = sail.Bmcv(self.handle)
+            # [UNCONFIRMED] for a multi-stage bmodel: which stage EngineImagePreProcess batches to;
+            # we assume the largest (what get_input_shape reports) and check the output below.
+            self.epp = sail.EngineImagePreProcess(path, dev_id, False)
+            q = 2 * self.batch_size
+            # bicubic TPU resize + BGR->RGB: the §3.4 addendum (CLIP-TPU clip_multi.py)
+            if self.epp.InitImagePreProcess(resize, True, q, q) != 0:
+                raise DeviceError("InitImagePreProcess returned non-zero")
+            if self.epp.SetConvertAtrr(ab) != 0:  # channel order after bgr2rgb = RGB (§3.3)
+                raise DeviceError("SetConvertAtrr returned non-zero")
+        except (DeviceError, ConfigError):
+            raise
+        except Exception as exc:
+            raise DeviceError(_sail_error(f"opening EngineImagePreProcess on dev_id {dev_id}", exc)) from exc
+        from stages.decode import DecodeOptions
+
+        self.opts = DecodeOptions.from_config(cfg)
+        self.broken: str | None = None
+
+    # --- per file ---------------------------------------------------------------------------
+    def _hw_eligible(self, p: str) -> bool:
+        """Suffix on SAIL's list (§2.1, case-sensitive), JPEG content, end marker present."""
+        base = os.path.basename(p)
+        if "." not in base or base.rsplit(".", 1)[1] not in HW_SUFFIXES:
+            return False
+        try:
+            with open(p, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < 4 or size > self.opts.max_file_bytes:
+                    return False
+                if fh.read(3) != b"\xff\xd8\xff":
+                    return False
+                fh.seek(max(0, size - 4096))
+                tail = fh.read()
+        except OSError:
+            return False  # decode_file reports vanished/unreadable
+        # a JPEG without its EOI marker may "decode" with grey rows on the hardware (§2.1
+        # [UNCONFIRMED]); let the CPU decoder judge it, so it fails as `truncated` like on cpu.
+        return b"\xff\xd9" in tail
+
+    def _hw_decode(self, p: str):
+        sail = self.sail
+        try:
+            img = sail.BMImage()  # always a fresh BMImage: a pre-sized one is resized into (§2.1)
+            ret = sail.Decoder(p, True, self.dev_id).read(self.handle, img)
+        except Exception:  # noqa: BLE001 - RuntimeError/SailDecoderError: fall back to the CPU
+            return None
+        if ret != 0:  # §2.1: int return code, no exception
+            return None
+        return img
+
+    def _cpu_decode(self, item_id: int, path: bytes, centre_crop_224: bool = False):
+        from stages.decode import ItemError, decode_file
+
+        try:
+            rgb = decode_file(path, self.opts)
+        except ItemError as exc:
+            return ItemFailure(item_id, path, exc.reason, exc.message)
+        if centre_crop_224:
+            from stages.preprocess import reference_crop
+
+            rgb = reference_crop(rgb)
+        elif rgb.shape[2] == 1:
+            rgb = np.repeat(rgb, 3, axis=2)
+        elif rgb.shape[2] == 4:
+            rgb = rgb[:, :, :3]
+        return rgb
+
+    def _upload(self, rgb: np.ndarray):
+        return self.bmcv.mat_to_bm_image(np.ascontiguousarray(rgb[:, :, ::-1]))  # BGR_PACKED (§2.2)
+
+    def _square(self, img):
+        """Centre square of side min(w, h) (§3.2), or None when outside the resize limits."""
+        w, h = img.width(), img.height()
+        s = min(w, h)
+        if s < RESIZE_MIN or s > RESIZE_MAX or s / 224 > RESIZE_MAX_RATIO or 224 / s > RESIZE_MAX_RATIO:
+            return None
+        if w == h:
+            return img
+        return self.bmcv.crop(img, (w - s) // 2, (h - s) // 2, s, s)
+
+    def _prepare(self, item_id: int, path: bytes):
+        """-> (BMImage of a centre square, None) or (None, ItemFailure)."""
+        p = os.fsdecode(path)
+        img = self._hw_decode(p) if self._hw_eligible(p) else None
+        if img is not None:
+            if img.width() * img.height() > self.opts.max_pixels:
+                return None, ItemFailure(item_id, path, "too_large",
+                                         f"{img.width()}x{img.height()} pixels, over preprocess.max_pixels={self.opts.max_pixels}")
+            try:
+                sq = self._square(img)
+            except Exception:  # noqa: BLE001 - bmcv refused this image: do it on the CPU
+                sq = None
+            if sq is not None:
+                return sq, None
+        rgb = self._cpu_decode(item_id, path)
+        if isinstance(rgb, ItemFailure):
+            return None, rgb
+        try:
+            sq = self._square(self._upload(rgb))
+            if sq is None:  # outside the TPU resize limits: CLIP's crop on the CPU, upload 224x224
+                rgb = self._cpu_decode(item_id, path, centre_crop_224=True)
+                if isinstance(rgb, ItemFailure):
+                    return None, rgb
+                sq = self._upload(rgb)
+        except Exception as exc:
+            raise DeviceError(_sail_error(f"dev_id {self.dev_id}: uploading {p}", exc)) from exc
+        return sq, None
+
+    # --- per batch --------------------------------------------------------------------------
+    def _push(self, idx: int, img, deadline: float) -> None:
+        while True:
+            try:
+                ret = self.epp.PushImage(0, idx, img)
+            except Exception as exc:
+                raise DeviceError(_sail_error(f"dev_id {self.dev_id}: PushImage", exc)) from exc
+            if ret == 0:
+                return
+            if time.monotonic() > deadline:  # non-zero = queue full (§3.5); never wait forever
+                raise DeviceError(f"dev_id {self.dev_id}: PushImage queue stayed full for {self.cfg.sail.timeout_s}s")
+            time.sleep(0.001)
+
+    def _get_batch(self, timeout: float):
+        box: list = []
+
+        def target() -> None:
+            try:
+                box.append(("ok", self.epp.GetBatchData_Npy()))  # releases the GIL (§5)
+            except BaseException as exc:  # noqa: BLE001
+                box.append(("err", exc))
+
+        t = threading.Thread(target=target, daemon=True, name=f"sail-get-{self.dev_id}")
+        t.start()
+        t.join(timeout)
+        if not box:
+            raise DeviceError(f"dev_id {self.dev_id}: no batch from EngineImagePreProcess within {timeout}s (hung?)")
+        kind, val = box[0]
+        if kind == "err":
+            raise DeviceError(_sail_error(f"dev_id {self.dev_id}: GetBatchData_Npy", val)) from val
+        return val
+
+    def _infer(self, imgs: list) -> np.ndarray:
+        B, m = self.batch_size, len(imgs)
+        deadline = time.monotonic() + self.cfg.sail.timeout_s
+        for i, img in enumerate(imgs):
+            self._push(i, img, deadline)
+        for j in range(B - m):  # §3.5: full batches only; pad with the first image, index -1-j
+            self._push(-1 - j, imgs[0], deadline)
+        outputs, _ost, _channels, idxs, _pad = self._get_batch(max(0.0, deadline - time.monotonic()))
+        y = np.asarray(outputs[self.model.output], dtype=np.float32)
+        if y.shape != (B, self.dim) or len(idxs) != B:
+            raise DeviceError(f"dev_id {self.dev_id}: batch output {y.shape} / {len(idxs)} indices, expected {(B, self.dim)}")
+        res = np.full((m, self.dim), np.nan, dtype=np.float32)
+        seen = set()
+        for row, idx in enumerate(idxs):
+            if 0 <= idx < m:  # padding rows (negative indices) are dropped
+                res[idx] = y[row]
+                seen.add(idx)
+        if len(seen) != m:
+            raise DeviceError(f"dev_id {self.dev_id}: batch returned indices {sorted(idxs)}, expected 0..{m - 1}")
+        return res
+
+    def embed_files(self, ids: Sequence[int], paths: Sequence[bytes]) -> FileBatchResult:
+        if self.broken:
+            raise DeviceError(f"dev_id {self.dev_id} is unusable after an earlier error: {self.broken}")
+        failures: list[ItemFailure] = []
+        ok_ids: list[int] = []
+        imgs: list = []
+        for item_id, path in zip(ids, paths):
+            img, fail = self._prepare(item_id, path)
+            if fail is not None:
+                failures.append(fail)
+            else:
+                ok_ids.append(item_id)
+                imgs.append(img)
+        rows = []
+        try:
+            for i in range(0, len(imgs), self.batch_size):
+                rows.append(self._infer(imgs[i:i + self.batch_size]))
+        except DeviceError as exc:
+            # the preprocess queue may now hold part of a batch: this handle is done for
+            self.broken = str(exc)
+            raise
+        emb = np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+        return FileBatchResult(ids=ok_ids, embeddings=emb, failures=failures)
+
+    def close(self) -> None:
+        self.epp = None
+        self.bmcv = None
+        self.handle = None
+
+
+class SailBackend(Backend):
+    name = "sail"
+    device_input = "files"
+
+    @classmethod
+    def input_kind(cls, cfg: Config) -> str:
+        return "files" if cfg.sail.mode == "device" else "pixels"
+
+    @classmethod
+    def resolve_devices(cls, cfg: Config) -> list[str]:
+        entries = list(cfg.infer.devices)
+        if entries == ["all"]:
+            sail = import_sail()
+            try:
+                n = int(sail.get_available_tpu_num())  # bm_dev_getcount; opens no handle (§1.1)
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(_sail_error("infer.devices = \"all\": counting SOPHON devices failed", exc)) from None
+            if n <= 0:
+                raise ConfigError("infer.devices = \"all\": no SOPHON devices found (get_available_tpu_num() == 0)")
+            return [f"sail:{i}" for i in range(n)]
+        ids: list[int] = []
+        for e in entries:
+            if isinstance(e, bool) or not isinstance(e, (int, str)):
+                raise ConfigError(f"config key infer.devices: sail devices are dev_ids (0, 1, ...) or \"all\", got {e!r}")
+            if isinstance(e, str):
+                if e == "all":
+                    raise ConfigError("config key infer.devices: \"all\" must be the only entry")
+                try:
+                    e = int(e.removeprefix("sail:"))
+                except ValueError:
+                    raise ConfigError(f"config key infer.devices: {e!r} is not a dev_id (sail devices are 0, 1, ... or \"all\")") from None
+            if e < 0:
+                raise ConfigError(f"config key infer.devices: dev_id {e} is negative")
+            if e in ids:
+                raise ConfigError(f"config key infer.devices: dev_id {e} listed twice")
+            ids.append(e)
+        if not ids:
+            raise ConfigError("config key infer.devices is empty: list dev_ids, e.g. [0], or \"all\"")
+        sail = import_sail()
+        try:
+            n = int(sail.get_available_tpu_num())
+        except Exception:  # noqa: BLE001 - let open_device report it per device
+            n = None
+        if n is not None and max(ids) >= n:
+            raise ConfigError(f"config key infer.devices: dev_id {max(ids)} does not exist ({n} SOPHON device(s): 0..{n - 1})")
+        return [f"sail:{i}" for i in ids]
+
+    @classmethod
+    def open_device(cls, cfg: Config, device: str) -> Device:
+        sail = import_sail()
+        dev_id = _dev_id(device)
+        if cfg.sail.mode == "device":
+            return SailFilesDevice(sail, cfg, dev_id)
+        return SailHostDevice(sail, cfg, dev_id)
+
+    @classmethod
+    def probe(cls) -> dict[str, Any]:
+        try:
+            sail = import_sail()
+        except ConfigError as exc:
+            return {"available": False, "devices": [], "chips": 0, "reason": str(exc)}
+        fake = bool(getattr(sail, "__fake__", False))
+        try:
+            n = int(sail.get_available_tpu_num())
+        except Exception as exc:  # noqa: BLE001
+            return {"available": False, "devices": [], "chips": 0, "fake": fake,
+                    "reason": _sail_error("get_available_tpu_num", exc)}
+        if n <= 0:
+            return {"available": False, "devices": [], "chips": 0, "fake": fake,
+                    "reason": "sophon.sail is installed but no SOPHON device was found (driver loaded? /dev/bm-sophon*)"}
+        return {"available": True, "devices": [f"sail:{i}" for i in range(n)], "chips": n, "fake": fake,
+                "reason": "test double (tests/fake_sail), not real hardware" if fake else ""}

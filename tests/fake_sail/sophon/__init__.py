@@ -1,0 +1,1 @@
+"""FAKE `sophon` package for tests. NOT Sophgo's SDK: see sail.py."""

@@ -1,0 +1,71 @@
+"""Shared helpers for the sail backend tests: fake bmodels, test images, the CPU reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+FAKE_SAIL_DIR = str(Path(__file__).resolve().parent / "fake_sail")
+
+
+def use_fake_sail(monkeypatch, tpus: int = 1) -> None:
+    """Make `import sophon.sail` give the fake, here and in spawned workers (PYTHONPATH)."""
+    monkeypatch.syspath_prepend(FAKE_SAIL_DIR)
+    old = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", FAKE_SAIL_DIR + (os.pathsep + old if old else ""))
+    monkeypatch.setenv("FAKE_SAIL_TPUS", str(tpus))
+    for var in ("FAKE_SAIL_FAIL_DEVS", "FAKE_SAIL_HANG_DEVS", "FAKE_SAIL_DECODE_FAIL"):
+        monkeypatch.delenv(var, raising=False)
+    for mod in ("sophon.sail", "sophon"):
+        sys.modules.pop(mod, None)
+
+
+def write_fake_bmodel(path: Path, onnx_path: Path, batch_sizes, input_dtype: str = "float32") -> Path:
+    path.write_text(json.dumps({"fake_bmodel": True, "onnx": str(onnx_path), "batch_sizes": list(batch_sizes),
+                                "input_dtype": input_dtype, "graph_name": "clip_image_vitb32"}))
+    return path
+
+
+def photo(w: int, h: int, seed: int) -> np.ndarray:
+    """A photo-like BGR image: smooth shapes and gradients plus mild noise and some edges."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.28)]
+        img[..., c] = 128 + 90 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph)
+    for _ in range(6):
+        cx, cy, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(10, min(w, h) // 3))
+        cv2.circle(img, (cx, cy), r, rng.uniform(0, 255, 3).tolist(), -1)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_jpeg(path: Path, bgr: np.ndarray, quality: int = 92) -> Path:
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+def ort_session(onnx_path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def cpu_reference(sess, paths) -> np.ndarray:
+    """CLIP's exact transform (decode_file -> reference_crop -> normalize) + onnxruntime."""
+    from stages.decode import DecodeOptions, decode_file
+    from stages.preprocess import normalize, reference_crop
+
+    crops = np.stack([reference_crop(decode_file(os.fsencode(p), DecodeOptions())) for p in paths])
+    return sess.run(None, {sess.get_inputs()[0].name: normalize(crops)})[0]
+
