@@ -177,7 +177,8 @@ def _venv_or_skip():
     try:
         return tenv.find_venv()
     except tenv.TpuMlirMissing as e:
-        pytest.skip("TPU-MLIR venv unavailable (Python 3.10 + tpu_mlir): " + str(e).splitlines()[0])
+        pytest.skip("TPU-MLIR venv unavailable (Python 3.10 + tpu_mlir; run scripts/setup_tpu_mlir.sh): "
+                    + str(e).splitlines()[0])
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, val
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--min-cosine", default=0.9999, show_default=True, type=float,
               help="Exit 1 when the minimum row cosine falls below this.")
-@click.option("--venv", default=None)
+@click.option("--venv", default=None, help="TPU-MLIR venv (default: $CLIP_PIPELINE_TPU_MLIR_VENV or ~/.cache/clip-pipeline/tpu-mlir-venv).")
 def verify_cmd(bmodel, onnx_path, images_dir, max_images, batches, seed, min_cosine, venv):
     """Run BMODEL on the BM1684X simulator and compare it with onnxruntime (slow: seconds per
     forward for a tiny model, minutes for ViT-B/32)."""
