@@ -5,7 +5,8 @@
 #   PYTHON310=/path/to/python3.10 scripts/setup_tpu_mlir.sh
 #   scripts/setup_tpu_mlir.sh --check    # only re-apply the fixes and run the smoke check
 #
-# Installs tpu_mlir[onnx]==1.30.2 (~2 GB; the wheel is Python 3.10 only) + psutil + numpy<2, then
+# Installs tpu_mlir[onnx]==1.30.2 (~2 GB; the wheel is Python 3.10 only) + psutil + numpy<2, plus
+# pyzmq and msgpack for the simulator device's pipeline workers (infer.backend = "sim"), then
 # applies two fixes (idempotent, safe to re-run; see docs/tpu-mlir.md):
 #   1. the wheel bundles an old glibc (libc.so.6, libm.so.6, libpthread.so.0) in
 #      tpu_mlir/lib/third_party/, which its tools put on LD_LIBRARY_PATH; on a newer system glibc
@@ -59,9 +60,9 @@ if [ "$CHECK_ONLY" = 0 ]; then
     mkdir -p "$(dirname "$VENV")"
     "$PY" -m venv "$VENV" || die "'$PY -m venv' failed (is the venv module available?)"
   fi
-  say "installing tpu_mlir[onnx]==$TPU_MLIR_VERSION psutil 'numpy<2' (first time: a few minutes, ~2 GB)"
+  say "installing tpu_mlir[onnx]==$TPU_MLIR_VERSION psutil 'numpy<2' pyzmq msgpack (first time: a few minutes, ~2 GB)"
   if ! "$VENV/bin/python" -m pip install --disable-pip-version-check \
-      "tpu_mlir[onnx]==$TPU_MLIR_VERSION" psutil "numpy<2"; then
+      "tpu_mlir[onnx]==$TPU_MLIR_VERSION" psutil "numpy<2" "pyzmq>=25,<28" "msgpack>=1.0,<2"; then
     die "pip could not install tpu_mlir[onnx]==$TPU_MLIR_VERSION into $VENV.
   The package comes from PyPI (a ~312 MB cp310 manylinux wheel): check network access to PyPI/your index."
   fi
@@ -117,6 +118,7 @@ np_ver = md.version("numpy")
 assert np_ver.startswith("1."), f"numpy {np_ver}: need numpy<2 (pyruntime_bm returns NaNs with 2.x)"
 sys.path.insert(0, os.path.join(pkg, "python"))
 import pyruntime_bm  # noqa: F401  (the BM1684X runtime + simulator)
+import zmq, msgpack  # noqa: F401,E401  (the simulator device's pipeline worker)
 from transform import OnnxOpt  # noqa: F401  (fails if the torch fix is missing)
 bindir = os.path.dirname(sys.executable)
 env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
