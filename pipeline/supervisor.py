@@ -39,6 +39,7 @@ EXIT_ABORTED = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
+WORKERS_FILE = ".workers.json"
 SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
 
 
@@ -66,6 +67,7 @@ class Worker:
     ready: bool = False
     removed: bool = False
     started: float = 0.0
+    streak: int = 0  # deaths since the worker last became ready (non-infer roles)
 
     @property
     def name(self) -> str:
@@ -124,6 +126,7 @@ class Supervisor:
         self.reissue_pending: set[int] = set()
         self.timeline: list[dict] = []
         self.first_result_s: float | None = None
+        self.dim: int | None = None  # embedding width, from the first device that gets ready
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -258,6 +261,17 @@ class Supervisor:
         w.proc.start()
         w.started = time.monotonic()
         w.ready = w.role == "source"
+        self.publish_pids()
+
+    def publish_pids(self) -> None:
+        """OUT/.workers.json: worker name -> pid of the live process (for operators and the fault
+        tests, which kill -9 a named worker). Rewritten atomically on every spawn; removed at the end."""
+        pids = {w.name: w.proc.pid for w in self.workers.values()
+                if w.proc is not None and not w.removed and w.proc.pid is not None}
+        try:
+            output.atomic_write_json(self.out / WORKERS_FILE, pids)
+        except OSError:
+            pass  # informational only: never fail a run over it
 
     def source(self) -> Worker:
         return self.workers["source-0"]
@@ -289,6 +303,7 @@ class Supervisor:
             self.abort_reason = str(exc)
         finally:
             self.stop_all()
+            (self.out / WORKERS_FILE).unlink(missing_ok=True)
             for s, h in old.items():
                 signal.signal(s, h)
             for sock in (self.control, self.to_sink, self.to_first):
@@ -334,6 +349,11 @@ class Supervisor:
             w = self.workers.get(h["worker"])
             if w is not None:
                 w.ready = True
+                w.streak = 0
+            dim = (h.get("info") or {}).get("dim")
+            if dim and self.dim is None:
+                self.dim = int(dim)
+                self.queue_to_sink({"t": "dim", "n": self.dim})
         elif t == "resolved":
             if self.first_result_s is None:
                 self.first_result_s = time.monotonic() - self.t0
@@ -411,15 +431,30 @@ class Supervisor:
         if code == EXIT_FATAL:
             raise RunAborted(self.abort_reason or f"{w.name} stopped the run ({why})")
         self.log(f"{w.name} died ({why}); restarting it and re-issuing its work.")
-        if ids and code not in (EXIT_DEVICE,):
+        # Blame the inputs a worker held only where an input can kill it: decoders, and device
+        # processes that decode files themselves. A pixel-mode device process sees only
+        # 224x224 crops, so its deaths are the device's, not the items'.
+        blame = w.role in ("decode", "preprocess") or (w.role == "infer" and self.files_mode)
+        if ids and blame and code != EXIT_DEVICE:
             for i in self.ledger.record_crash(ids):
                 rec = {"t": "fail", "id": i, "path": b"", "reason": "crashed_worker",
                        "message": f"{w.role} worker died twice while processing this input", "stage": w.role}
                 self.ledger.failed_here[i] = rec
         if w.role == "sink":
             self.ledger.lost_sink()
+            # The sink may have written shards whose "shard" messages died with it: the disk is
+            # the truth (a restarted sink skips them too, so they must count as written here).
+            for k in output.completed_shards(self.out):
+                if k not in self.ledger.written:
+                    rows, failed = shard_counts(self.out, k)
+                    self.ledger.on_shard_written(k, rows, failed, resumed=True)
         w.restarts += 1
-        if w.restarts > self.cfg.run.max_restarts:
+        w.streak += 1
+        # A device is taken out after max_restarts deaths in the run; any other worker only when
+        # it dies max_restarts+1 times in a row without getting ready (a broken setup): deaths
+        # caused by inputs are bounded by the crashed_worker rule instead.
+        limit_hit = (w.restarts if w.role == "infer" else w.streak) > self.cfg.run.max_restarts
+        if limit_hit:
             w.removed = True
             w.proc = None
             if w.role == "infer":
@@ -443,6 +478,8 @@ class Supervisor:
         if sink_lost:
             if self.ledger.listing_done:
                 self.queue_to_sink({"t": "total", "n": self.ledger.listed})
+            if self.dim is not None:
+                self.queue_to_sink({"t": "dim", "n": self.dim})
         for i, rec in sorted(self.ledger.failed_here.items()):
             path = self.path_of(i)
             self.queue_to_sink({**rec, "path": path})

@@ -106,6 +106,8 @@ class SinkCore:
                 failed = 1
         elif t == "total":
             self.asm.total = header["n"]
+        elif t == "dim":
+            self.dim = self.dim or header["n"]
         outputs = []
         if new_ids:
             outputs.append(("control", {"t": "resolved", "ids": new_ids, "failed": failed,
@@ -117,7 +119,12 @@ class SinkCore:
 
         outputs = []
         for k in self.asm.complete():
-            paths, emb, fails = self.asm.pop(k, self.dim or 512, self.cfg.output.dtype)
+            if not self.dim and not self.asm.pending[k].rows:
+                # A shard of failures only: its empty .npy needs the embedding width, which the
+                # supervisor sends once a device is up ("dim"). Writing [0, 512] regardless would
+                # make the output depend on timing.
+                continue
+            paths, emb, fails = self.asm.pop(k, self.dim, self.cfg.output.dtype)
             try:
                 output.write_shard(self.out_dir, k, paths, emb, fails)
             except OSError as exc:
