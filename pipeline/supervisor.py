@@ -534,17 +534,17 @@ class Supervisor:
         done = led.embedded + led.failed
         self.progress.close(done, led.total, led.failed, self.rate(), bottleneck_line(self.util))
         report = self.report(wall)
-        output.atomic_write_json(self.out / "report.json", report)
+        self.best_effort(output.atomic_write_json, self.out / "report.json", report)
         if self.interrupted is not None:
             name = "SIGINT" if self.interrupted == signal.SIGINT else "SIGTERM"
-            self.write_manifest("interrupted")
+            self.best_effort(self.write_manifest, "interrupted")
             msg = (f"Interrupted by {name}: {len(led.written)} shard(s) complete ({done} of "
                    f"{led.total if led.total is not None else str(led.listed) + '+'} inputs resolved) in {self.out}. "
                    "Run the same command again to resume.")
             return RunResult(EXIT_SIGINT if self.interrupted == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(self.out))
         if self.abort_reason or not led.complete():
             reason = self.abort_reason or "the run ended before every input was resolved"
-            self.write_manifest("failed", {"error": reason})
+            self.best_effort(self.write_manifest, "failed", {"error": reason})
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Completed shards are kept in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
         n_fail = self.write_failures()
@@ -557,6 +557,14 @@ class Supervisor:
             msg += f" Completed with {n_fail} failures: see {self.out / 'failures.jsonl'}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
         return RunResult(EXIT_SUCCESS, msg, counts, str(self.out))
+
+    def best_effort(self, fn: Callable, *args: Any) -> None:
+        """Write run metadata when the run is ending badly anyway (e.g. the disk is full): a
+        failure here must not hide the real error. Shards never depend on these files."""
+        try:
+            fn(*args)
+        except OSError as exc:
+            self.log(f"warning: could not update {self.out}: {exc.strerror or exc}")
 
     def write_failures(self) -> int:
         n = 0

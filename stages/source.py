@@ -85,8 +85,28 @@ def read_listing(path: str) -> Iterator[bytes]:
 CHUNK = 64
 
 
+def _repair_listing(listing_path: str) -> int:
+    """Count the complete lines of an existing listing, cutting a torn last line (a source killed
+    mid-write) so that it is rewritten, not parsed."""
+    if not os.path.exists(listing_path):
+        return 0
+    n = 0
+    good_end = 0
+    with open(listing_path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            n += 1
+            good_end += len(line)
+    if good_end != os.path.getsize(listing_path):
+        os.truncate(listing_path, good_end)
+    return n
+
+
 def run_source(spec, slot, loop) -> None:
     """Source worker: walk (or replay the saved listing), persist it, send items downstream."""
+    import errno
+
     from pipeline.worker import FatalError
 
     cfg = spec.cfg
@@ -95,54 +115,57 @@ def run_source(spec, slot, loop) -> None:
     done_shards = set(extra.get("done_shards", ()))
     start_at = int(extra.get("start_at", 0))
     shard_size = cfg.output.shard_size
+    replay = bool(extra.get("listing_complete"))
 
     def warn(msg: str) -> None:
         loop.send("control", {"t": "warning", "message": msg})
 
-    existing = 0
-    if os.path.exists(listing_path):
-        with open(listing_path, "rb") as fh:
-            existing = sum(1 for _ in fh)
-    if extra.get("listing_complete"):
-        paths_iter = read_listing(listing_path)
-    else:
-        paths_iter = iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
-                                 cfg.input.follow_symlinks, warn)
-    old = read_listing(listing_path) if existing and not extra.get("listing_complete") else iter(())
-    n = 0
-    with open(listing_path, "ab") as listing:
-        chunk: list[tuple[int, bytes]] = []
+    try:
+        existing = _repair_listing(listing_path)
+        if replay:
+            paths_iter = read_listing(listing_path)
+        else:
+            paths_iter = iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
+                                     cfg.input.follow_symlinks, warn)
+        old = read_listing(listing_path) if existing and not replay else iter(())
+        n = 0
+        with open(listing_path, "ab") as listing:
+            chunk: list[tuple[int, bytes]] = []
 
-        def send_chunk() -> None:
-            listing.flush()
-            for item_id, path in chunk:
-                loop.check_alive()
-                if item_id >= start_at and item_id // shard_size not in done_shards:
-                    loop.send("next", {"t": "item", "id": item_id, "path": path})
-                slot.sent_upto = max(slot.sent_upto, item_id + 1)
-            chunk.clear()
-            loop.report_stats()
-            loop.send("control", {"t": "listed", "n": n, "done": False})
+            def send_chunk() -> None:
+                listing.flush()  # a listed id is on disk before it is sent: re-issue reads it there
+                for item_id, path in chunk:
+                    loop.check_alive()
+                    if item_id >= start_at and item_id // shard_size not in done_shards:
+                        loop.send("next", {"t": "item", "id": item_id, "path": path})
+                    slot.sent_upto = max(slot.sent_upto, item_id + 1)
+                chunk.clear()
+                loop.report_stats()
+                loop.send("control", {"t": "listed", "n": n, "done": False})
 
-        for path in paths_iter:
-            if n < existing and not extra.get("listing_complete"):
-                before = next(old, None)
-                if before != path:
-                    raise FatalError(
-                        f"the inputs changed since the interrupted run in {cfg.output.dir}: input #{n} was "
-                        f"{os.fsdecode(before) if before else '(nothing)'}, now {os.fsdecode(path)}. "
-                        "Run with --restart to start over (or restore the inputs)."
-                    )
-            elif n >= existing:
-                listing.write(output.listing_line(path))
-            chunk.append((n, path))
-            n += 1
-            if len(chunk) >= CHUNK:
+            for path in paths_iter:
+                if n < existing and not replay:
+                    before = next(old, None)
+                    if before != path:
+                        raise FatalError(
+                            f"the inputs changed since the interrupted run in {cfg.output.dir}: input #{n} was "
+                            f"{os.fsdecode(before) if before else '(nothing)'}, now {os.fsdecode(path)}. "
+                            "Run with --restart to start over (or restore the inputs)."
+                        )
+                elif n >= existing:
+                    listing.write(output.listing_line(path))
+                chunk.append((n, path))
+                n += 1
+                if len(chunk) >= CHUNK:
+                    send_chunk()
+            if chunk:
                 send_chunk()
-        if chunk:
-            send_chunk()
-        listing.flush()
-        os.fsync(listing.fileno())
+            listing.flush()
+            os.fsync(listing.fileno())
+    except OSError as exc:
+        what = "the output disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise FatalError(f"cannot write the input listing {listing_path}: {what}. Completed shards are kept; "
+                         "free space (or fix permissions) and run the same command again to resume.") from None
     if n < existing:
         raise FatalError(
             f"the inputs changed since the interrupted run in {cfg.output.dir}: {existing} inputs were listed "
