@@ -2,7 +2,8 @@
 
 The walk streams: directories are visited depth-first with each directory's entries sorted so
 that the overall order is the byte order of full paths (a directory sorts as "name/"). Only one
-directory's names are held at a time. Input id = position in this order; the listing is appended
+directory's names are held at a time, and at most SPILL_ENTRIES of them (bigger directories are
+sorted on disk). Input id = position in this order; the listing is appended
 to OUT/listing.jsonl before an id is sent, so the supervisor can re-issue any id by reading it.
 Unreadable directories and symlink loops are skipped with a warning; dangling symlinks and
 names that are not valid UTF-8 are listed (they fail or embed like any other file).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from typing import Callable, Iterator
 
 from pipeline import output
@@ -24,21 +26,61 @@ def _has_ext(name: bytes, exts: frozenset[bytes]) -> bool:
     return dot > 0 and name[dot + 1:].lower() in exts
 
 
+SPILL_ENTRIES = 50_000  # a directory with more entries is sorted in runs on disk (external merge)
+
+
+def _spill(entries: list[tuple[bytes, bool, bool]]) -> Iterator[tuple[bytes, bool, bool]]:
+    """Write a sorted run of entries to an anonymous temp file; return an iterator reading it back."""
+    import tempfile
+
+    entries.sort()
+    fh = tempfile.TemporaryFile()
+    for key, is_dir, is_link in entries:
+        fh.write(struct.pack(">IB", len(key), is_dir | is_link << 1) + key)
+    fh.seek(0)
+
+    def read() -> Iterator[tuple[bytes, bool, bool]]:
+        with fh:
+            while head := fh.read(5):
+                n, flags = struct.unpack(">IB", head)
+                yield fh.read(n), bool(flags & 1), bool(flags & 2)
+
+    return read()
+
+
+def _sorted_entries(d: bytes, follow: bool) -> Iterator[tuple[bytes, bool, bool]]:
+    """The entries of one directory sorted by name (a directory's name ends with "/").
+
+    Memory is bounded: a huge flat directory is sorted in runs of SPILL_ENTRIES spilled to temp
+    files and merged, so a million photos in one folder are never one Python list.
+    """
+    import heapq
+
+    runs = []
+    entries: list[tuple[bytes, bool, bool]] = []
+    with os.scandir(d) as it:
+        for e in it:
+            try:
+                is_dir = e.is_dir(follow_symlinks=follow)
+            except OSError:
+                is_dir = False
+            entries.append((e.name + b"/" if is_dir else e.name, is_dir, e.is_symlink()))
+            if len(entries) >= SPILL_ENTRIES:
+                runs.append(_spill(entries))
+                entries = []
+    entries.sort()
+    if not runs:
+        return iter(entries)
+    return heapq.merge(*runs, iter(entries))
+
+
 def _walk_dir(d: bytes, exts: frozenset[bytes], recursive: bool, follow: bool,
               ancestors: frozenset[tuple[int, int]], warn: Warn) -> Iterator[bytes]:
     try:
-        with os.scandir(d) as it:
-            entries = []
-            for e in it:
-                try:
-                    is_dir = e.is_dir(follow_symlinks=follow)
-                except OSError:
-                    is_dir = False
-                entries.append((e.name + b"/" if is_dir else e.name, is_dir, e.is_symlink()))
+        entries = _sorted_entries(d, follow)
     except OSError as exc:
         warn(f"skipped unreadable directory {os.fsdecode(d)}: {exc.strerror or exc}")
         return
-    entries.sort()
     for key, is_dir, is_link in entries:
         name = key[:-1] if is_dir else key
         path = os.path.join(d, name)

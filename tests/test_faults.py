@@ -56,7 +56,7 @@ def same_output(a: Path, b: Path) -> None:
     ("preprocess", {"workers.fuse_decode_preprocess": False}),
     ("infer", {}),
     ("sink", {}),
-    ("source", {}),
+    pytest.param("source", {}, marks=pytest.mark.slow),
 ])
 def test_kill_9_one_worker_mid_run(corpus, tmp_path, role, sets):
     d, good, bad, ref = corpus

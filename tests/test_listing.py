@@ -152,3 +152,14 @@ def test_explicit_file_and_missing_root(tmp_path):
     got = list(iter_inputs((str(tmp_path / "notes.txt"), str(tmp_path / "missing")), EXTS, warn=warnings.append))
     assert got == [os.fsencode(str(tmp_path / "notes.txt"))]  # named explicitly: listed whatever the suffix
     assert len(warnings) == 1 and "missing" in warnings[0]
+
+
+def test_huge_directory_is_sorted_in_spilled_runs(tmp_path, monkeypatch):
+    names = [f"img_{i:03d}.jpg" for i in range(37)] + ["m/a.jpg", "m.jpg", "z/q.png", "\u00e9.jpg"]
+    random.Random(3).shuffle(names)
+    for n in names:
+        touch(tmp_path / n)
+    whole = rel(tmp_path, walk(tmp_path)[0])
+    monkeypatch.setattr(source, "SPILL_ENTRIES", 4)
+    spilled = rel(tmp_path, walk(tmp_path)[0])
+    assert spilled == whole == sorted(os.fsencode(n) for n in names)

@@ -85,6 +85,7 @@ def test_interrupt_then_resume_is_byte_identical(corpus, tmp_path, sig, code, na
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_rerun_of_a_complete_run_changes_nothing(corpus, tmp_path):
     d, good, bad, ref = corpus
     out = tmp_path / "out"
@@ -99,20 +100,28 @@ def test_rerun_of_a_complete_run_changes_nothing(corpus, tmp_path):
     ({"preprocess.mode": "fast"}, "preprocess_mode"),
     ({"fake.dim": 32}, "model_sha256"),
     ({"preprocess.exif_transpose": True}, "exif_transpose"),
+    ({"output.dtype": "float16"}, "dtype"),
 ])
-def test_changed_model_or_preprocessing_is_refused(corpus, tmp_path, change, key):
+def test_changed_model_or_preprocessing_is_refused(corpus, change, key):
+    d, _, _, ref = corpus
+    before = compared_files(ref)
+    r = run_cli(d, ref, **change)
+    assert r.returncode == 2, r.stderr
+    assert f"holds a run made with a different {key}" in r.stderr and "--restart" in r.stderr
+    assert compared_files(ref) == before
+
+
+def test_restart_starts_over(corpus, tmp_path):
+    import shutil
+
     d, good, bad, ref = corpus
     out = tmp_path / "out"
-    assert run_cli(d, out).returncode == 3
-    before = compared_files(out)
-    r = run_cli(d, out, **change)
-    assert r.returncode == 2, r.stderr
-    assert key in r.stderr and "--restart" in r.stderr
-    assert compared_files(out) == before
-    if key == "preprocess_mode":
-        r = run_cli(d, out, "--restart", **change)
-        assert r.returncode == 3, r.stderr
-        assert_exact(out, good, bad)
+    shutil.copytree(ref, out)
+    r = run_cli(d, out, "--restart", **{"preprocess.mode": "fast"})
+    assert r.returncode == 3, r.stderr
+    assert "Deleting the previous run" in r.stderr
+    assert json.loads((out / "manifest.json").read_text())["fingerprint"]["preprocess_mode"] == "fast"
+    assert_exact(out, good, bad)
 
 
 def test_file_deleted_before_resume_fails_as_vanished(corpus, tmp_path):
