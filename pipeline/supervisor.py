@@ -404,6 +404,8 @@ class Supervisor:
 
     # -- failures of workers -----------------------------------------------------------------
     def check_workers(self) -> None:
+        if self.interrupted is not None:
+            return  # a group-wide SIGINT/SIGTERM also stops the workers: that is not a death
         now = time.monotonic()
         for w in list(self.workers.values()):
             if w.removed or w.proc is None:

@@ -1,8 +1,9 @@
 """Decode stage: file bytes -> pixel array, or a failed item with a short reason code.
 
 Pure functions; no sockets. The format is sniffed from the content (a PNG named .jpg is a PNG).
-Reason codes (see README "Failures"): empty, not_an_image, truncated, corrupt, too_large,
-unreadable, vanished.
+Reason codes (docs/robustness.md): empty, not_an_image, truncated, corrupt, too_large,
+unreadable, vanished. A JPEG cut short (or holding only headers) fails as truncated in every mode
+and backend; it is never embedded from a partial decode.
 
 Output contract (what the preprocess stage receives):
   * mode "reference": the image in the mode CLIP's transform resizes it in — 1 (L), 3 (RGB) or

@@ -185,8 +185,9 @@ def run_cli(inp, out, *extra: str, timeout: float = 120, env_extra: dict | None 
 
 
 def start_cli(inp, out, *extra: str, env_extra: dict | None = None, **sets: object) -> subprocess.Popen:
+    """Start the CLI in its own process group (so a test can signal the group, like a terminal)."""
     return subprocess.Popen(cli_args(inp, out, *extra, **sets), cwd=ROOT, env=env(**(env_extra or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for(cond, timeout: float, what: str, interval: float = 0.02):

@@ -54,19 +54,27 @@ def assert_valid_shards(out: Path) -> None:
         assert np.isfinite(np.asarray(s.embeddings)).all()
 
 
-@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
-def test_interrupt_then_resume_is_byte_identical(corpus, tmp_path, sig, code, name):
+@pytest.mark.parametrize("sig,code,name,group", [
+    (signal.SIGINT, 130, "SIGINT", True),  # Ctrl-C in a terminal: the whole process group
+    (signal.SIGTERM, 143, "SIGTERM", True),  # e.g. systemd stopping the service
+    pytest.param(signal.SIGTERM, 143, "SIGTERM", False, marks=pytest.mark.slow),  # kill PID
+])
+def test_interrupt_then_resume_is_byte_identical(corpus, tmp_path, sig, code, name, group):
     d, good, bad, ref = corpus
     out = tmp_path / "out"
     proc = start_cli(d, out, **SLOW)
     try:
         wait_for(lambda: shards_done(out) >= 1, 60, "the first shard")
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == code, stderr
     assert f"Interrupted by {name}" in stderr and "Run the same command again to resume" in stderr
+    assert " died " not in stderr  # workers stopped by the signal are not deaths to recover from
     assert hidden_files(out) == []  # no half-written file left visible (or invisible)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
