@@ -111,7 +111,7 @@ def main() -> None:
                        "--set", 'infer.backend="fake"', "--set", "fake.dim=16", "--set", "workers.decode=1"]
                 env = {**os.environ, "PYTHONPATH": str(ROOT)}
                 r = subprocess.run([sys.executable, "-c", FULL_PROBE, *cmd], capture_output=True, text=True,
-                                   env=env, cwd=ROOT)
+                                   env=env, cwd=ROOT, check=True)
                 code, secs, child_rss = r.stdout.split()
                 sup = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
                 row.update({"run_exit": int(code), "run_s": round(float(secs), 1),

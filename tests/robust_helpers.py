@@ -181,7 +181,7 @@ def env(**kw: str) -> dict[str, str]:
 
 def run_cli(inp, out, *extra: str, timeout: float = 120, env_extra: dict | None = None, **sets: object):
     return subprocess.run(cli_args(inp, out, *extra, **sets), cwd=ROOT, env=env(**(env_extra or {})),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def start_cli(inp, out, *extra: str, env_extra: dict | None = None, **sets: object) -> subprocess.Popen:

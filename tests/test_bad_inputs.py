@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
+from robust_helpers import (
+    assert_exact,
+    bad_files,
+    exif_rotated_jpeg,
+    good_corpus,
+    jpeg_bytes,
+    run_cli,
+    unusual_files,
+    write,
+)
 
-from robust_helpers import (assert_exact, bad_files, exif_rotated_jpeg, good_corpus, jpeg_bytes, run_cli,
-                            unusual_files, write)
 from stages import decode
 from stages.decode import DecodeOptions, ItemError, decode_bytes, decode_file
 from stages.preprocess import crop

@@ -13,9 +13,16 @@ import signal
 from pathlib import Path
 
 import pytest
-
-from robust_helpers import (accounting, assert_exact, good_corpus, run_cli, shards_done,
-                            start_cli, wait_for, workers)
+from robust_helpers import (
+    accounting,
+    assert_exact,
+    good_corpus,
+    run_cli,
+    shards_done,
+    start_cli,
+    wait_for,
+    workers,
+)
 
 N_GOOD = 40
 # Small queues so that upstream workers really hold in-flight items when one is killed.
@@ -66,7 +73,7 @@ def test_kill_9_one_worker_mid_run(corpus, tmp_path, role, sets):
         wait_for(lambda: shards_done(out) >= 1, 60, "the first shard")
         name, pid = next((n, p) for n, p in workers(out).items() if n.startswith(role + "-"))
         os.kill(pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 3, stderr

@@ -13,8 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from robust_helpers import (assert_exact, good_corpus, run_cli, shards_done, start_cli, wait_for)
+from robust_helpers import (
+    assert_exact,
+    good_corpus,
+    run_cli,
+    shards_done,
+    start_cli,
+    wait_for,
+)
 
 N_GOOD = 60
 SLOW = {"fake.latency_ms_per_batch": 120, "queues.infer": 2, "queues.decode": 4}
@@ -95,7 +101,7 @@ def test_interrupt_then_resume_is_byte_identical(corpus, tmp_path, sig, code, na
 
 @pytest.mark.slow
 def test_rerun_of_a_complete_run_changes_nothing(corpus, tmp_path):
-    d, good, bad, ref = corpus
+    d, _, _, ref = corpus
     out = tmp_path / "out"
     assert run_cli(d, out).returncode == 3
     before = compared_files(out)
@@ -154,12 +160,12 @@ def test_file_deleted_before_resume_fails_as_vanished(corpus, tmp_path):
 
 def _mount_tmpfs(path: Path, opts: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, check=False)
     return r.returncode == 0
 
 
 def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 def _check_disk_full_then_resume(d, good, bad, ref, out, r, free_space) -> None:
