@@ -50,8 +50,10 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
     """Embed every image under the input directories into OUTPUT (resumable).
 
     Exit status: 0 all embedded; 3 completed, some inputs failed (failures.jsonl); 2 bad
-    config or usage; 4 aborted (no device left, disk full, inputs changed); 130/143 interrupted
-    by SIGINT/SIGTERM (run the same command again to resume); 1 internal error.
+    config or usage (incl. unwritable output, or an output made with another model or
+    preprocessing: --restart); 4 aborted (no device left, disk full, inputs changed); 130/143
+    interrupted by SIGINT/SIGTERM (run the same command again to resume); 1 internal error.
+    See docs/robustness.md.
     """
     from pipeline.progress import Progress
     from pipeline.supervisor import RunAborted, Supervisor
@@ -68,6 +70,8 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
         _fail(str(exc), 2)
     except RunAborted as exc:
         _fail(str(exc), 4)
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over the signal
+        _fail("interrupted before the run started; nothing was processed", 130)
     if result.exit_code in (0, 3):
         if not quiet:
             click.echo(result.message)

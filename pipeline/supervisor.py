@@ -39,6 +39,7 @@ EXIT_ABORTED = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
+WORKERS_FILE = ".workers.json"
 SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
 
 
@@ -66,6 +67,7 @@ class Worker:
     ready: bool = False
     removed: bool = False
     started: float = 0.0
+    streak: int = 0  # deaths since the worker last became ready (non-infer roles)
 
     @property
     def name(self) -> str:
@@ -127,6 +129,7 @@ class Supervisor:
         self.first_result_s: float | None = None
         self.util: dict[str, float] = {}
         self.queues: dict[str, int] = {}
+        self.dim: int | None = None  # embedding width, from the first device that gets ready
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -275,6 +278,17 @@ class Supervisor:
         w.proc.start()
         w.started = time.monotonic()
         w.ready = w.role == "source"
+        self.publish_pids()
+
+    def publish_pids(self) -> None:
+        """OUT/.workers.json: worker name -> pid of the live process (for operators and the fault
+        tests, which kill -9 a named worker). Rewritten atomically on every spawn; removed at the end."""
+        pids = {w.name: w.proc.pid for w in self.workers.values()
+                if w.proc is not None and not w.removed and w.proc.pid is not None}
+        try:
+            output.atomic_write_json(self.out / WORKERS_FILE, pids)
+        except OSError:
+            pass  # informational only: never fail a run over it
 
     def source(self) -> Worker:
         return self.workers["source-0"]
@@ -307,6 +321,7 @@ class Supervisor:
         finally:
             self.stop_all()
             self.drain_stats()
+            (self.out / WORKERS_FILE).unlink(missing_ok=True)
             for s, h in old.items():
                 signal.signal(s, h)
             for sock in (self.control, self.to_sink, self.to_first):
@@ -352,6 +367,11 @@ class Supervisor:
             w = self.workers.get(h["worker"])
             if w is not None:
                 w.ready = True
+                w.streak = 0
+            dim = (h.get("info") or {}).get("dim")
+            if dim and self.dim is None:
+                self.dim = int(dim)
+                self.queue_to_sink({"t": "dim", "n": self.dim})
         elif t == "resolved":
             if self.first_result_s is None:
                 self.first_result_s = time.monotonic() - self.t0
@@ -402,6 +422,8 @@ class Supervisor:
 
     # -- failures of workers -----------------------------------------------------------------
     def check_workers(self) -> None:
+        if self.interrupted is not None:
+            return  # a group-wide SIGINT/SIGTERM also stops the workers: that is not a death
         now = time.monotonic()
         for w in list(self.workers.values()):
             if w.removed or w.proc is None:
@@ -429,15 +451,30 @@ class Supervisor:
         if code == EXIT_FATAL:
             raise RunAborted(self.abort_reason or f"{w.name} stopped the run ({why})")
         self.log(f"{w.name} died ({why}); restarting it and re-issuing its work.")
-        if ids and code not in (EXIT_DEVICE,):
+        # Blame the inputs a worker held only where an input can kill it: decoders, and device
+        # processes that decode files themselves. A pixel-mode device process sees only
+        # 224x224 crops, so its deaths are the device's, not the items'.
+        blame = w.role in ("decode", "preprocess") or (w.role == "infer" and self.files_mode)
+        if ids and blame and code != EXIT_DEVICE:
             for i in self.ledger.record_crash(ids):
                 rec = {"t": "fail", "id": i, "path": b"", "reason": "crashed_worker",
                        "message": f"{w.role} worker died twice while processing this input", "stage": w.role}
                 self.ledger.failed_here[i] = rec
         if w.role == "sink":
             self.ledger.lost_sink()
+            # The sink may have written shards whose "shard" messages died with it: the disk is
+            # the truth (a restarted sink skips them too, so they must count as written here).
+            for k in output.completed_shards(self.out):
+                if k not in self.ledger.written:
+                    rows, failed = shard_counts(self.out, k)
+                    self.ledger.on_shard_written(k, rows, failed, resumed=True)
         w.restarts += 1
-        if w.restarts > self.cfg.run.max_restarts:
+        w.streak += 1
+        # A device is taken out after max_restarts deaths in the run; any other worker only when
+        # it dies max_restarts+1 times in a row without getting ready (a broken setup): deaths
+        # caused by inputs are bounded by the crashed_worker rule instead.
+        limit_hit = (w.restarts if w.role == "infer" else w.streak) > self.cfg.run.max_restarts
+        if limit_hit:
             w.removed = True
             w.proc = None
             if w.role == "infer":
@@ -461,6 +498,8 @@ class Supervisor:
         if sink_lost:
             if self.ledger.listing_done:
                 self.queue_to_sink({"t": "total", "n": self.ledger.listed})
+            if self.dim is not None:
+                self.queue_to_sink({"t": "dim", "n": self.dim})
         for i, rec in sorted(self.ledger.failed_here.items()):
             path = self.path_of(i)
             self.queue_to_sink({**rec, "path": path})
@@ -546,17 +585,17 @@ class Supervisor:
         self.progress.close(done, led.total, led.failed, self.rate(),
                             (bottleneck_line(whole) + " (whole run)") if whole else self.stage_line())
         report = self.report(wall)
-        output.atomic_write_json(self.out / "report.json", report)
+        self.best_effort(output.atomic_write_json, self.out / "report.json", report)
         if self.interrupted is not None:
             name = "SIGINT" if self.interrupted == signal.SIGINT else "SIGTERM"
-            self.write_manifest("interrupted")
+            self.best_effort(self.write_manifest, "interrupted")
             msg = (f"Interrupted by {name}: {len(led.written)} shard(s) complete ({done} of "
                    f"{led.total if led.total is not None else str(led.listed) + '+'} inputs resolved) in {self.out}. "
                    "Run the same command again to resume.")
             return RunResult(EXIT_SIGINT if self.interrupted == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(self.out))
         if self.abort_reason or not led.complete():
             reason = self.abort_reason or "the run ended before every input was resolved"
-            self.write_manifest("failed", {"error": reason})
+            self.best_effort(self.write_manifest, "failed", {"error": reason})
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Completed shards are kept in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
         n_fail = self.write_failures()
@@ -569,6 +608,14 @@ class Supervisor:
             msg += f" Completed with {n_fail} failures: see {self.out / 'failures.jsonl'}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
         return RunResult(EXIT_SUCCESS, msg, counts, str(self.out))
+
+    def best_effort(self, fn: Callable, *args: Any) -> None:
+        """Write run metadata when the run is ending badly anyway (e.g. the disk is full): a
+        failure here must not hide the real error. Shards never depend on these files."""
+        try:
+            fn(*args)
+        except OSError as exc:
+            self.log(f"warning: could not update {self.out}: {exc.strerror or exc}")
 
     def write_failures(self) -> int:
         n = 0

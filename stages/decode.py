@@ -1,8 +1,9 @@
 """Decode stage: file bytes -> pixel array, or a failed item with a short reason code.
 
 Pure functions; no sockets. The format is sniffed from the content (a PNG named .jpg is a PNG).
-Reason codes (see README "Failures"): empty, not_an_image, truncated, corrupt, too_large,
-unreadable, vanished.
+Reason codes (docs/robustness.md): empty, not_an_image, truncated, corrupt, too_large,
+unreadable, vanished. A JPEG cut short (or holding only headers) fails as truncated in every mode
+and backend; it is never embedded from a partial decode.
 
 Output contract (what the preprocess stage receives):
   * mode "reference": the image in the mode CLIP's transform resizes it in — 1 (L), 3 (RGB) or
@@ -62,6 +63,9 @@ _MAGIC = (
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
 )
+
+
+_SOS = b"\xff\xda"  # JPEG start-of-scan marker: the compressed image data follows it
 
 
 def sniff(data: bytes) -> str | None:
@@ -188,6 +192,10 @@ def decode_bytes(data: bytes, opts: DecodeOptions) -> np.ndarray:
     if fmt is None:
         head = data[:16]
         raise ItemError("not_an_image", f"unrecognised content (first bytes {head!r})")
+    if fmt == "jpeg" and _SOS not in data:
+        # SOI and tables but no scan: the file was cut before any image data. Checked here so
+        # both decoders (and modes) give the same reason.
+        raise ItemError("truncated", "JPEG holds only headers and no image data (file cut short)")
     if fmt == "jpeg" and opts.mode == "fast":
         arr = _fast_jpeg(data, opts)
         if arr is not None:
@@ -215,6 +223,13 @@ def image_message(kind: str, header: dict, arr) -> tuple[str, dict, tuple]:
     return ("next", {"t": kind, "id": header["id"], "path": header["path"], **array_header(arr)}, (arr,))
 
 
+# Test-only fault hook: a decode worker that receives an input whose path contains this byte
+# string exits hard (os._exit), in every generation, so the supervisor's "an input that kills its
+# worker twice fails as crashed_worker" path can be exercised. Never set it in production.
+CRASH_ENV = "CLIP_PIPELINE_TEST_CRASH_ON"
+_CRASH_ON = os.fsencode(os.environ.get(CRASH_ENV, "")) or None
+
+
 class DecodeCore:
     """Decode worker: item -> decoded image (or, fused, the 224x224 crop) or a failed item."""
 
@@ -231,6 +246,8 @@ class DecodeCore:
     def handle(self, header: dict, frames: list):
         from stages.preprocess import crop
 
+        if _CRASH_ON and _CRASH_ON in header["path"]:
+            os._exit(86)  # test-only fault hook, see CRASH_ENV
         try:
             arr = decode_file(header["path"], self.opts)
             if self.fused:

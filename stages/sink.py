@@ -8,6 +8,7 @@ resolved — sorted by id, atomically — so the output does not depend on worke
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +77,12 @@ class ShardAssembler:
         return paths, emb, fails
 
 
+# Test-only fault hook: writing shard number N fails with ENOSPC (disk full) when this variable
+# is N, for platforms where the tests cannot mount a tiny tmpfs. Never set it in production.
+ENOSPC_ENV = "CLIP_PIPELINE_TEST_ENOSPC_SHARD"
+_ENOSPC_SHARD = int(os.environ[ENOSPC_ENV]) if os.environ.get(ENOSPC_ENV, "").isdigit() else None
+
+
 class SinkCore:
     def __init__(self, spec):
         self.cfg = spec.cfg
@@ -106,6 +113,8 @@ class SinkCore:
                 failed = 1
         elif t == "total":
             self.asm.total = header["n"]
+        elif t == "dim":
+            self.dim = self.dim or header["n"]
         outputs = []
         if new_ids:
             outputs.append(("control", {"t": "resolved", "ids": new_ids, "failed": failed,
@@ -117,8 +126,15 @@ class SinkCore:
 
         outputs = []
         for k in self.asm.complete():
-            paths, emb, fails = self.asm.pop(k, self.dim or 512, self.cfg.output.dtype)
+            if not self.dim and not self.asm.pending[k].rows:
+                # A shard of failures only: its empty .npy needs the embedding width, which the
+                # supervisor sends once a device is up ("dim"). Writing [0, 512] regardless would
+                # make the output depend on timing.
+                continue
+            paths, emb, fails = self.asm.pop(k, self.dim, self.cfg.output.dtype)
             try:
+                if _ENOSPC_SHARD is not None and k == _ENOSPC_SHARD:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (test hook " + ENOSPC_ENV + ")")
                 output.write_shard(self.out_dir, k, paths, emb, fails)
             except OSError as exc:
                 what = "the output disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"

@@ -2,7 +2,8 @@
 
 The walk streams: directories are visited depth-first with each directory's entries sorted so
 that the overall order is the byte order of full paths (a directory sorts as "name/"). Only one
-directory's names are held at a time. Input id = position in this order; the listing is appended
+directory's names are held at a time, and at most SPILL_ENTRIES of them (bigger directories are
+sorted on disk). Input id = position in this order; the listing is appended
 to OUT/listing.jsonl before an id is sent, so the supervisor can re-issue any id by reading it.
 Unreadable directories and symlink loops are skipped with a warning; dangling symlinks and
 names that are not valid UTF-8 are listed (they fail or embed like any other file).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from typing import Callable, Iterator
 
 from pipeline import output
@@ -24,21 +26,61 @@ def _has_ext(name: bytes, exts: frozenset[bytes]) -> bool:
     return dot > 0 and name[dot + 1:].lower() in exts
 
 
+SPILL_ENTRIES = 50_000  # a directory with more entries is sorted in runs on disk (external merge)
+
+
+def _spill(entries: list[tuple[bytes, bool, bool]]) -> Iterator[tuple[bytes, bool, bool]]:
+    """Write a sorted run of entries to an anonymous temp file; return an iterator reading it back."""
+    import tempfile
+
+    entries.sort()
+    fh = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the reader below, once merged
+    for key, is_dir, is_link in entries:
+        fh.write(struct.pack(">IB", len(key), is_dir | is_link << 1) + key)
+    fh.seek(0)
+
+    def read() -> Iterator[tuple[bytes, bool, bool]]:
+        with fh:
+            while head := fh.read(5):
+                n, flags = struct.unpack(">IB", head)
+                yield fh.read(n), bool(flags & 1), bool(flags & 2)
+
+    return read()
+
+
+def _sorted_entries(d: bytes, follow: bool) -> Iterator[tuple[bytes, bool, bool]]:
+    """The entries of one directory sorted by name (a directory's name ends with "/").
+
+    Memory is bounded: a huge flat directory is sorted in runs of SPILL_ENTRIES spilled to temp
+    files and merged, so a million photos in one folder are never one Python list.
+    """
+    import heapq
+
+    runs = []
+    entries: list[tuple[bytes, bool, bool]] = []
+    with os.scandir(d) as it:
+        for e in it:
+            try:
+                is_dir = e.is_dir(follow_symlinks=follow)
+            except OSError:
+                is_dir = False
+            entries.append((e.name + b"/" if is_dir else e.name, is_dir, e.is_symlink()))
+            if len(entries) >= SPILL_ENTRIES:
+                runs.append(_spill(entries))
+                entries = []
+    entries.sort()
+    if not runs:
+        return iter(entries)
+    return heapq.merge(*runs, iter(entries))
+
+
 def _walk_dir(d: bytes, exts: frozenset[bytes], recursive: bool, follow: bool,
               ancestors: frozenset[tuple[int, int]], warn: Warn) -> Iterator[bytes]:
     try:
-        with os.scandir(d) as it:
-            entries = []
-            for e in it:
-                try:
-                    is_dir = e.is_dir(follow_symlinks=follow)
-                except OSError:
-                    is_dir = False
-                entries.append((e.name + b"/" if is_dir else e.name, is_dir, e.is_symlink()))
+        entries = _sorted_entries(d, follow)
     except OSError as exc:
         warn(f"skipped unreadable directory {os.fsdecode(d)}: {exc.strerror or exc}")
         return
-    entries.sort()
     for key, is_dir, is_link in entries:
         name = key[:-1] if is_dir else key
         path = os.path.join(d, name)
@@ -85,8 +127,28 @@ def read_listing(path: str) -> Iterator[bytes]:
 CHUNK = 64
 
 
+def _repair_listing(listing_path: str) -> int:
+    """Count the complete lines of an existing listing, cutting a torn last line (a source killed
+    mid-write) so that it is rewritten, not parsed."""
+    if not os.path.exists(listing_path):
+        return 0
+    n = 0
+    good_end = 0
+    with open(listing_path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            n += 1
+            good_end += len(line)
+    if good_end != os.path.getsize(listing_path):
+        os.truncate(listing_path, good_end)
+    return n
+
+
 def run_source(spec, slot, loop) -> None:
     """Source worker: walk (or replay the saved listing), persist it, send items downstream."""
+    import errno
+
     from pipeline.worker import FatalError
 
     cfg = spec.cfg
@@ -95,54 +157,57 @@ def run_source(spec, slot, loop) -> None:
     done_shards = set(extra.get("done_shards", ()))
     start_at = int(extra.get("start_at", 0))
     shard_size = cfg.output.shard_size
+    replay = bool(extra.get("listing_complete"))
 
     def warn(msg: str) -> None:
         loop.send("control", {"t": "warning", "message": msg})
 
-    existing = 0
-    if os.path.exists(listing_path):
-        with open(listing_path, "rb") as fh:
-            existing = sum(1 for _ in fh)
-    if extra.get("listing_complete"):
-        paths_iter = read_listing(listing_path)
-    else:
-        paths_iter = iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
-                                 cfg.input.follow_symlinks, warn)
-    old = read_listing(listing_path) if existing and not extra.get("listing_complete") else iter(())
-    n = 0
-    with open(listing_path, "ab") as listing:
-        chunk: list[tuple[int, bytes]] = []
+    try:
+        existing = _repair_listing(listing_path)
+        if replay:
+            paths_iter = read_listing(listing_path)
+        else:
+            paths_iter = iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
+                                     cfg.input.follow_symlinks, warn)
+        old = read_listing(listing_path) if existing and not replay else iter(())
+        n = 0
+        with open(listing_path, "ab") as listing:
+            chunk: list[tuple[int, bytes]] = []
 
-        def send_chunk() -> None:
-            listing.flush()
-            for item_id, path in chunk:
-                loop.check_alive()
-                if item_id >= start_at and item_id // shard_size not in done_shards:
-                    loop.send("next", {"t": "item", "id": item_id, "path": path})
-                slot.sent_upto = max(slot.sent_upto, item_id + 1)
-            chunk.clear()
-            loop.report_stats()
-            loop.send("control", {"t": "listed", "n": n, "done": False})
+            def send_chunk() -> None:
+                listing.flush()  # a listed id is on disk before it is sent: re-issue reads it there
+                for item_id, path in chunk:
+                    loop.check_alive()
+                    if item_id >= start_at and item_id // shard_size not in done_shards:
+                        loop.send("next", {"t": "item", "id": item_id, "path": path})
+                    slot.sent_upto = max(slot.sent_upto, item_id + 1)
+                chunk.clear()
+                loop.report_stats()
+                loop.send("control", {"t": "listed", "n": n, "done": False})
 
-        for path in paths_iter:
-            if n < existing and not extra.get("listing_complete"):
-                before = next(old, None)
-                if before != path:
-                    raise FatalError(
-                        f"the inputs changed since the interrupted run in {cfg.output.dir}: input #{n} was "
-                        f"{os.fsdecode(before) if before else '(nothing)'}, now {os.fsdecode(path)}. "
-                        "Run with --restart to start over (or restore the inputs)."
-                    )
-            elif n >= existing:
-                listing.write(output.listing_line(path))
-            chunk.append((n, path))
-            n += 1
-            if len(chunk) >= CHUNK:
+            for path in paths_iter:
+                if n < existing and not replay:
+                    before = next(old, None)
+                    if before != path:
+                        raise FatalError(
+                            f"the inputs changed since the interrupted run in {cfg.output.dir}: input #{n} was "
+                            f"{os.fsdecode(before) if before else '(nothing)'}, now {os.fsdecode(path)}. "
+                            "Run with --restart to start over (or restore the inputs)."
+                        )
+                elif n >= existing:
+                    listing.write(output.listing_line(path))
+                chunk.append((n, path))
+                n += 1
+                if len(chunk) >= CHUNK:
+                    send_chunk()
+            if chunk:
                 send_chunk()
-        if chunk:
-            send_chunk()
-        listing.flush()
-        os.fsync(listing.fileno())
+            listing.flush()
+            os.fsync(listing.fileno())
+    except OSError as exc:
+        what = "the output disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise FatalError(f"cannot write the input listing {listing_path}: {what}. Completed shards are kept; "
+                         "free space (or fix permissions) and run the same command again to resume.") from None
     if n < existing:
         raise FatalError(
             f"the inputs changed since the interrupted run in {cfg.output.dir}: {existing} inputs were listed "

@@ -1,0 +1,257 @@
+"""Shared helpers of the robustness tests: generated bad/unusual inputs and fake-backend runs.
+
+Every file is made here with PIL/numpy (nothing is committed). Runs use the fake backend, so they
+need no model and finish in seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- images -----------------------------------------------------------------------------------
+
+def pattern(w: int, h: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """A smooth, seed-dependent uint8 image (compresses like a photo, distinct per seed)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    chans = []
+    for _ in range(channels):
+        a, b, c = rng.uniform(0.02, 0.2, 3)
+        chans.append(127.5 + 120 * np.sin(a * x + b * y + c * 10))
+    return np.clip(np.stack(chans, axis=2), 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(w: int = 48, h: int = 40, seed: int = 0, **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pattern(w, h, seed)).save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def png_bytes(img: Image.Image, **save: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def jpeg_with_size(w: int, h: int) -> bytes:
+    """A small valid JPEG whose SOF header is rewritten to claim w x h pixels."""
+    data = bytearray(jpeg_bytes(16, 16))
+    i = 2
+    while i < len(data):
+        marker = data[i + 1]
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2):
+            data[i + 5:i + 9] = struct.pack(">HH", h, w)
+            return bytes(data)
+        i += 2 + length
+    raise AssertionError("no SOF marker")
+
+
+def png_bomb(side: int = 30000) -> bytes:
+    """A ~100 KB 1-bit PNG that decodes to side*side pixels (900 MP by default)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    row = b"\x00" * (1 + (side + 7) // 8)
+    comp = zlib.compressobj(9)
+    parts = [comp.compress(row * 1000) for _ in range(side // 1000)]
+    parts.append(comp.compress(row * (side % 1000)))
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+            + chunk(b"IEND", b""))
+
+
+def exif_rotated_jpeg(w: int = 64, h: int = 32, orientation: int = 6) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return jpeg_bytes(w, h, seed=7, exif=exif.tobytes())
+
+
+def bad_files() -> dict[str, tuple[bytes, str]]:
+    """name -> (content, expected reason). Each must fail with exactly that reason."""
+    good = jpeg_bytes(64, 64, seed=3)
+    sof = good.find(b"\xff\xda")  # start of scan: everything before it is "only the header"
+    return {
+        "empty.jpg": (b"", "empty"),
+        "random.jpg": (np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes(), "not_an_image"),
+        "text.jpg": (b"this is not a picture, just some text\n" * 20, "not_an_image"),
+        "cut_short.jpg": (good[: len(good) * 2 // 3], "truncated"),
+        "header_only.jpg": (good[:sof], "truncated"),
+        "huge_header.jpg": (jpeg_with_size(60000, 60000), "too_large"),
+        "bomb.png": (png_bomb(), "too_large"),
+    }
+
+
+def unusual_files() -> dict[str, bytes]:
+    """name -> content of valid but unusual images. Each must embed."""
+    rgb = pattern(40, 30, seed=11)
+    cmyk = Image.fromarray(pattern(40, 30, seed=12, channels=4), "CMYK")
+    gray = Image.fromarray(pattern(40, 30, seed=13)[:, :, 0], "L")
+    rgba = Image.fromarray(pattern(40, 30, seed=14, channels=4), "RGBA")
+    pal = Image.fromarray(rgb).quantize(16)
+    pal_t = pal.copy()
+    pal_t.info["transparency"] = 0
+    g16 = Image.fromarray(pattern(40, 30, seed=15)[:, :, 0].astype(np.uint16) * 257)
+
+    def enc(img: Image.Image, fmt: str, **kw: object) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    return {
+        "gray.jpg": enc(gray, "JPEG"),
+        "cmyk.jpg": enc(cmyk, "JPEG"),
+        "progressive.jpg": jpeg_bytes(40, 30, seed=16, progressive=True),
+        "subsampling444.jpg": jpeg_bytes(40, 30, seed=17, subsampling=0),
+        "UPPER.JPG": jpeg_bytes(40, 30, seed=18),
+        "dotjpeg.jpeg": jpeg_bytes(40, 30, seed=19),
+        "alpha.png": enc(rgba, "PNG"),
+        "palette.png": enc(pal, "PNG"),
+        "palette_transparent.png": enc(pal_t, "PNG", transparency=0),
+        "sixteen_bit.png": enc(g16, "PNG"),
+        "png_named.jpg": enc(Image.fromarray(pattern(40, 30, seed=20)), "PNG"),
+        "one_pixel.jpg": jpeg_bytes(1, 1, seed=21),
+        "one_pixel.png": enc(Image.fromarray(pattern(1, 1, seed=22)), "PNG"),
+        "panorama_wide.jpg": jpeg_bytes(4000, 8, seed=23),
+        "panorama_tall.png": enc(Image.fromarray(pattern(6, 3000, seed=24)), "PNG"),
+        "name with spaces.jpg": jpeg_bytes(40, 30, seed=25),
+        "naïve café 写真.jpg": jpeg_bytes(40, 30, seed=26),
+        "exif_rotated.jpg": exif_rotated_jpeg(),
+    }
+
+
+def write(d: Path, files: dict[str, bytes]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+
+
+def good_corpus(d: Path, n: int, size: int = 32) -> list[Path]:
+    """n small distinct JPEGs in d (img_0000.jpg ...)."""
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = d / f"img_{i:04d}.jpg"
+        p.write_bytes(jpeg_bytes(size, size, seed=1000 + i))
+        out.append(p)
+    return out
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+def fake_sets(**extra: object) -> list[str]:
+    sets = {"infer.backend": "fake", "output.shard_size": 8, "model.batch_size": 4,
+            "infer.batch_timeout_ms": 5, "fake.dim": 16, "run.log_interval_s": 0.2}
+    sets.update(extra)
+    args = []
+    for k, v in sets.items():
+        args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"]
+    return args
+
+
+def cli_args(inp: Path | list[Path], out: Path, *extra: str, **sets: object) -> list[str]:
+    inputs = inp if isinstance(inp, list) else [inp]
+    args = [sys.executable, "-m", "pipeline.cli", "run", "-o", str(out), "--progress", "log"]
+    for i in inputs:
+        args += ["-i", str(i)]
+    return args + fake_sets(**sets) + list(extra)
+
+
+def env(**kw: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(kw)
+    return e
+
+
+def run_cli(inp, out, *extra: str, timeout: float = 120, env_extra: dict | None = None, **sets: object):
+    return subprocess.run(cli_args(inp, out, *extra, **sets), cwd=ROOT, env=env(**(env_extra or {})),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start_cli(inp, out, *extra: str, env_extra: dict | None = None, **sets: object) -> subprocess.Popen:
+    """Start the CLI in its own process group (so a test can signal the group, like a terminal)."""
+    return subprocess.Popen(cli_args(inp, out, *extra, **sets), cwd=ROOT, env=env(**(env_extra or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def workers(out: Path) -> dict[str, int]:
+    """The live worker pids the supervisor publishes in OUT/.workers.json (name -> pid)."""
+    try:
+        return json.loads((out / ".workers.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def shards_done(out: Path) -> int:
+    d = out / "embeddings"
+    return len(list(d.glob("part-*.npy"))) if d.is_dir() else 0
+
+
+# -- accounting -------------------------------------------------------------------------------
+
+def accounting(out: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """(embedded path -> count, failed path -> reason) from the shards and failures.jsonl.
+
+    Asserts that no path appears twice anywhere and that failures.jsonl equals the shards' failures.
+    """
+    from pipeline.output import iter_shards
+
+    embedded: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    shard_fails = []
+    ids_seen = []
+    for s in iter_shards(out):
+        assert s.embeddings.shape[0] == len(s.paths)
+        for p in s.paths:
+            assert p not in embedded, f"duplicate row for {p!r}"
+            embedded[p] = 1
+        for f in s.failures:
+            assert f["path"] not in failed and f["path"] not in embedded, f"duplicate failure {f}"
+            assert f["reason"] and isinstance(f["message"], str)
+            failed[f["path"]] = f["reason"]
+            ids_seen.append(f["id"])
+            shard_fails.append(f)
+    lines = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines() if x]
+    assert lines == shard_fails
+    assert len(set(ids_seen)) == len(ids_seen)
+    return embedded, failed
+
+
+def listing(out: Path) -> list[str]:
+    return [json.loads(x) for x in (out / "listing.jsonl").read_text().splitlines()]
+
+
+def assert_exact(out: Path, good: set[str], bad: dict[str, str]) -> None:
+    """Every listed input is accounted for exactly once: `good` embedded, `bad` failed with reasons."""
+    embedded, failed = accounting(out)
+    assert set(embedded) == good, (sorted(set(embedded) ^ good))[:10]
+    assert failed == bad
+    lst = listing(out)
+    assert len(lst) == len(set(lst)) == len(good) + len(bad)
+    assert set(lst) == good | set(bad)

@@ -1,0 +1,165 @@
+"""The source's walk: odd directory entries, deterministic byte order, streaming."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from stages import source
+from stages.source import iter_inputs
+
+EXTS = ("jpg", "jpeg", "png")
+
+
+def walk(root: Path, **kw) -> tuple[list[bytes], list[str]]:
+    warnings: list[str] = []
+    paths = list(iter_inputs((str(root),), EXTS, warn=warnings.append, **kw))
+    return paths, warnings
+
+
+def rel(root: Path, paths: list[bytes]) -> list[bytes]:
+    prefix = os.fsencode(str(root)) + b"/"
+    return [p[len(prefix):] for p in paths]
+
+
+def touch(p: Path) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"x")
+
+
+def test_order_is_byte_order_of_full_paths_whatever_the_creation_order(tmp_path):
+    names = ["a.jpg", "a-b.jpg", "a/z.jpg", "a/b/c.png", "B.JPG", "b.jpeg", "ab/x.jpg", "a/a.jpg",
+             "zz.txt", "Z.png", "a.b/x.jpg", "space name.jpg", "é.jpg", "e.jpg"]
+    for seed in (0, 1):
+        root = tmp_path / f"t{seed}"
+        shuffled = names[:]
+        random.Random(seed).shuffle(shuffled)
+        for n in shuffled:
+            touch(root / n)
+        paths, warnings = walk(root)
+        assert warnings == []
+        got = rel(root, paths)
+        # a directory sorts as "name/", so the whole listing is sorted by full path bytes
+        expected = sorted(os.fsencode(n) for n in names if not n.endswith(".txt"))
+        assert got == expected
+    assert rel(tmp_path / "t0", walk(tmp_path / "t0")[0]) == rel(tmp_path / "t1", walk(tmp_path / "t1")[0])
+
+
+def test_directory_named_like_an_image_is_walked_not_listed(tmp_path):
+    touch(tmp_path / "x.jpg" / "inner.jpg")
+    touch(tmp_path / "y.png" / "deeper.jpeg" / "img.png")
+    touch(tmp_path / "plain.jpg")
+    paths, warnings = walk(tmp_path)
+    assert rel(tmp_path, paths) == [b"plain.jpg", b"x.jpg/inner.jpg", b"y.png/deeper.jpeg/img.png"]
+    assert warnings == []
+    assert rel(tmp_path, walk(tmp_path, recursive=False)[0]) == [b"plain.jpg"]
+
+
+def test_dangling_symlinks_are_listed_and_loops_skipped(tmp_path):
+    touch(tmp_path / "a.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "selfloop.jpg").symlink_to(tmp_path / "selfloop.jpg")
+    touch(tmp_path / "sub" / "b.jpg")
+    (tmp_path / "sub" / "up").symlink_to(tmp_path)  # directory loop
+    (tmp_path / "sub" / "again").symlink_to(tmp_path / "sub")  # loop onto its own parent
+    paths, warnings = walk(tmp_path)
+    assert rel(tmp_path, paths) == [b"a.jpg", b"dangling.jpg", b"selfloop.jpg", b"sub/b.jpg"]
+    assert sorted(w.split(" at ")[0] for w in warnings) == ["skipped symlink loop"] * 2
+    # without following symlinks, no link is listed nor walked
+    paths, warnings = walk(tmp_path, follow_symlinks=False)
+    assert rel(tmp_path, paths) == [b"a.jpg", b"sub/b.jpg"]
+    assert warnings == []
+
+
+def test_symlinked_directory_outside_is_followed_once(tmp_path):
+    touch(tmp_path / "elsewhere" / "e.jpg")
+    root = tmp_path / "root"
+    touch(root / "a.jpg")
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+    assert rel(root, walk(root)[0]) == [b"a.jpg", b"link/e.jpg"]
+
+
+def test_unreadable_subdirectory_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "locked" / "secret.jpg")
+    touch(tmp_path / "z.jpg")
+    real = os.scandir
+    locked = os.fsencode(str(tmp_path / "locked"))
+
+    def scandir(path):
+        if path == locked:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(source.os, "scandir", scandir)
+    paths, warnings = walk(tmp_path)
+    assert rel(tmp_path, paths) == [b"a.jpg", b"z.jpg"]
+    assert warnings == [f"skipped unreadable directory {tmp_path / 'locked'}: Permission denied"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads directories whatever their mode")
+def test_unreadable_subdirectory_real_permissions(tmp_path):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "locked" / "secret.jpg")
+    (tmp_path / "locked").chmod(0)
+    try:
+        paths, warnings = walk(tmp_path)
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+    assert rel(tmp_path, paths) == [b"a.jpg"]
+    assert len(warnings) == 1 and "locked" in warnings[0]
+
+
+def test_names_that_are_not_utf8_are_listed_as_bytes(tmp_path):
+    root = os.fsencode(str(tmp_path))
+    for name in (b"caf\xe9.jpg", b"ok.jpg", b"\xff\xfe.png", "写真.jpg".encode()):
+        with open(os.path.join(root, name), "wb") as fh:
+            fh.write(b"x")
+    paths, warnings = walk(tmp_path)
+    assert rel(tmp_path, paths) == sorted([b"caf\xe9.jpg", b"ok.jpg", b"\xff\xfe.png", "写真.jpg".encode()])
+    assert warnings == []
+    # the listing file round-trips them exactly
+    from pipeline import output
+
+    assert [output.parse_listing_line(output.listing_line(p)) for p in paths] == paths
+
+
+def test_listing_streams(tmp_path, monkeypatch):
+    """The first input comes out after scanning only the directories on the way to it."""
+    for i in range(5):
+        touch(tmp_path / f"d{i}" / "img.jpg")
+    scanned: list[bytes] = []
+    real = os.scandir
+
+    def scandir(path):
+        scanned.append(path)
+        return real(path)
+
+    monkeypatch.setattr(source.os, "scandir", scandir)
+    it = iter_inputs((str(tmp_path),), EXTS)
+    first = next(it)
+    assert first.endswith(b"d0/img.jpg")
+    assert len(scanned) == 2  # the root and d0, not the other four
+    assert len(list(it)) == 4 and len(scanned) == 6
+
+
+def test_explicit_file_and_missing_root(tmp_path):
+    touch(tmp_path / "notes.txt")
+    warnings: list[str] = []
+    got = list(iter_inputs((str(tmp_path / "notes.txt"), str(tmp_path / "missing")), EXTS, warn=warnings.append))
+    assert got == [os.fsencode(str(tmp_path / "notes.txt"))]  # named explicitly: listed whatever the suffix
+    assert len(warnings) == 1 and "missing" in warnings[0]
+
+
+def test_huge_directory_is_sorted_in_spilled_runs(tmp_path, monkeypatch):
+    names = [f"img_{i:03d}.jpg" for i in range(37)] + ["m/a.jpg", "m.jpg", "z/q.png", "\u00e9.jpg"]
+    random.Random(3).shuffle(names)
+    for n in names:
+        touch(tmp_path / n)
+    whole = rel(tmp_path, walk(tmp_path)[0])
+    monkeypatch.setattr(source, "SPILL_ENTRIES", 4)
+    spilled = rel(tmp_path, walk(tmp_path)[0])
+    assert spilled == whole == sorted(os.fsencode(n) for n in names)
