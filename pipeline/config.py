@@ -132,7 +132,7 @@ class Config:
         d.pop("source", None)
         return d
 
-    def replace(self, **sections: Any) -> "Config":
+    def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
 
 

@@ -13,9 +13,10 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import zmq
@@ -25,8 +26,7 @@ from pipeline.backends.base import get_backend
 from pipeline.config import Config, ConfigError
 from pipeline.ledger import Ledger
 from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
-from pipeline.worker import (EXIT_DEVICE, EXIT_FATAL, EXIT_OK, EXIT_SETUP, Slot, WorkerSpec,
-                             worker_main)
+from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_main
 
 FORMAT = "clip-pipeline/1"
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -27,7 +28,7 @@ class Endpoints:
     root: str
 
     @classmethod
-    def create(cls) -> "Endpoints":
+    def create(cls) -> Endpoints:
         # ipc paths must stay under ~100 bytes: keep the directory short.
         return cls(tempfile.mkdtemp(prefix="clipp-", dir="/tmp"))
 

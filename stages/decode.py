@@ -48,7 +48,7 @@ class DecodeOptions:
     target: int = 224
 
     @classmethod
-    def from_config(cls, cfg) -> "DecodeOptions":
+    def from_config(cls, cfg) -> DecodeOptions:
         p = cfg.preprocess
         return cls(mode=p.mode, max_pixels=p.max_pixels, max_file_bytes=p.max_file_bytes,
                    exif_transpose=p.exif_transpose)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-
 from conftest import make_images
+
 from pipeline import config as cfgmod
 from pipeline.backends.fake import FakeBackend
 from pipeline.output import load_embeddings

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import ROOT, cli, cli_env, make_images
+
 from pipeline import config as cfgmod
 from pipeline.output import EMB_DIR, load_embeddings
 from pipeline.progress import Progress

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import make_images
+
 from pipeline import config as cfgmod
 from pipeline.output import load_embeddings
 from pipeline.progress import Progress

@@ -19,8 +19,7 @@ from click.testing import CliRunner
 
 from pipeline.toolchain import env as tenv
 from pipeline.toolchain.cli import compile_cmd, verify_cmd
-from pipeline.toolchain.compile import (bmodel_name, combine_args, deploy_args, onnx_synthetic_flag,
-                                        transform_args)
+from pipeline.toolchain.compile import bmodel_name, combine_args, deploy_args, onnx_synthetic_flag, transform_args
 from pipeline.toolchain.parse import parse_compiler_profile, parse_model_info, stage_batches
 from pipeline.toolchain.preprocess import CLIP_MEAN_255, CLIP_SCALE_255, normalize_u8
 

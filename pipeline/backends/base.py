@@ -12,8 +12,9 @@ A backend answers three questions for the pipeline:
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -74,16 +75,16 @@ class Backend(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def resolve_devices(cls, cfg: "Config") -> list[str]:
+    def resolve_devices(cls, cfg: Config) -> list[str]:
         """Expand/validate cfg.infer.devices into device names; raise ConfigError on bad entries."""
 
     @classmethod
     @abc.abstractmethod
-    def open_device(cls, cfg: "Config", device: str) -> Device:
+    def open_device(cls, cfg: Config, device: str) -> Device:
         """Open `device` in the calling (worker) process."""
 
     @classmethod
-    def model_identity(cls, cfg: "Config") -> dict[str, Any]:
+    def model_identity(cls, cfg: Config) -> dict[str, Any]:
         """What identifies the model for the manifest (resume refuses a different one)."""
         from pipeline.models import model_identity
 
@@ -95,12 +96,12 @@ class Backend(abc.ABC):
         return {"available": True, "devices": [], "reason": ""}
 
     @classmethod
-    def worker_python(cls, cfg: "Config") -> str | None:
+    def worker_python(cls, cfg: Config) -> str | None:
         """An interpreter to run this backend's infer workers under (None = this one, via spawn)."""
         return None
 
     @classmethod
-    def input_kind(cls, cfg: "Config") -> str:
+    def input_kind(cls, cfg: Config) -> str:
         return "pixels" if cls.device_input == "pixels" else "files"
 
 

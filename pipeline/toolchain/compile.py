@@ -7,9 +7,9 @@ import shutil
 import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from .env import TPU_MLIR_VERSION, find_venv, venv_env
 from .parse import parse_compiler_profile, parse_model_info
@@ -187,7 +187,7 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                 "validated_by_compiler": bool(validate),
                 "bmodel_bytes": dst.stat().st_size,
                 "estimate": est or None,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             _write_json(Path(str(dst) + ".json"), side)
             results.append(side)
@@ -214,7 +214,7 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                                     "total": round(t_c + sum(r["compile_seconds"]["total"] for r in results), 2)},
                 "bmodel_bytes": dst.stat().st_size,
                 "estimate": {str(r["batch"]): r["estimate"] for r in results},
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             _write_json(Path(str(dst) + ".json"), side)
             results.append(side)

@@ -197,7 +197,7 @@ class Tensor:
 # Engine (§1.2-1.6)
 def _load_fake_bmodel(path: str) -> dict:
     try:
-        with open(path, "r", encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         _log(f"Load {path} failed")
