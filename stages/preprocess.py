@@ -19,6 +19,8 @@ from pipeline.config import CLIP_MEAN, CLIP_STD
 
 SIZE = 224
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# Above this many resized pixels (150 MB as RGB) only the crop region is resampled; see reference_crop.
+PANORAMA_PIXELS = 50_000_000
 
 
 def resized_size(w: int, h: int, size: int = SIZE) -> tuple[int, int]:
@@ -40,9 +42,19 @@ def reference_crop(img: np.ndarray, size: int = SIZE) -> np.ndarray:
     pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img, _MODES[img.shape[2]])
     w, h = pil.size
     nw, nh = resized_size(w, h, size)
-    pil = pil.resize((nw, nh), Image.Resampling.BICUBIC)
-    pil = pil.crop(crop_box(nw, nh, size)).convert("RGB")
-    return np.asarray(pil)
+    left, top, right, bottom = crop_box(nw, nh, size)
+    if nw * nh > PANORAMA_PIXELS:
+        # Extreme aspect ratios: resizing the whole image would allocate gigabytes (20000x2 ->
+        # 2240000x224). Resample only the source region that maps onto the centre crop through
+        # PIL's `box` (filter taps may still read outside it). The geometry is the same; float
+        # rounding of the filter centres moves some pixels by 1-2 levels (measured), so this
+        # path is used only where the reference one would need over 150 MB for one image.
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, right * sx, bottom * sy)
+        pil = pil.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    else:
+        pil = pil.resize((nw, nh), Image.Resampling.BICUBIC).crop((left, top, right, bottom))
+    return np.asarray(pil.convert("RGB"))
 
 
 def fast_crop(img: np.ndarray, size: int = SIZE) -> np.ndarray:

@@ -83,3 +83,19 @@ def test_normalize_is_clip_normalisation():
     x = normalize(px)
     ref = ((px.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32))
     np.testing.assert_allclose(x, ref.transpose(0, 3, 1, 2), atol=2e-6)
+
+
+def test_extreme_panorama_is_cropped_before_resizing(monkeypatch):
+    """A 20000x2 strip would need a 2240000x224 intermediate; the box path stays within 2 levels."""
+    import stages.preprocess as P
+
+    rng = np.random.default_rng(1)
+    img = np.asarray(Image.fromarray(rng.integers(0, 256, (2, 1000, 3), dtype=np.uint8)).resize((5000, 60)))
+    monkeypatch.setattr(P, "PANORAMA_PIXELS", 10**12)
+    full = P.reference_crop(img).astype(np.int16)
+    monkeypatch.setattr(P, "PANORAMA_PIXELS", 1)
+    boxed = P.reference_crop(img).astype(np.int16)
+    assert np.abs(full - boxed).max() <= 2
+    monkeypatch.undo()
+    strip = P.reference_crop(np.zeros((2, 20000, 3), np.uint8))  # reference path would need ~1.5 GB
+    assert strip.shape == (224, 224, 3)
