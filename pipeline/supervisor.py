@@ -26,7 +26,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.ledger import Ledger
 from pipeline.progress import Progress, aggregate, bottleneck_line, utilisation
 from pipeline.worker import (EXIT_DEVICE, EXIT_FATAL, EXIT_OK, EXIT_SETUP, Slot, WorkerSpec,
-                             worker_main)
+                             worker_environment, worker_main)
 
 FORMAT = "clip-pipeline/1"
 
@@ -255,7 +255,8 @@ class Supervisor:
             w.slot.sent_upto = old.sent_upto  # the ledger's re-issue bound survives a source restart
         w.spec = WorkerSpec(**{**w.spec.__dict__, "generation": w.restarts})
         w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}", daemon=True)
-        w.proc.start()
+        with worker_environment():
+            w.proc.start()
         w.started = time.monotonic()
         w.ready = w.role == "source"
 
