@@ -143,6 +143,11 @@ def devices() -> None:
         click.echo(f"{name:5s} {state:11s} devices: {devs}  ({info.get('reason', '')})")
 
 
+from pipeline.bench import bench as _bench  # noqa: E402 - registered last, in its own module
+
+cli.add_command(_bench)
+
+
 def main() -> None:
     cli()
 
