@@ -256,6 +256,8 @@ class DecodeCore:
         """A group of inputs -> one message of stacked crops (fused) plus per-item failures."""
         ids, paths = header["ids"], header["paths"]
         if self.ready_crop is not None:
+            if not self.fused:  # the preprocess stage takes one image per message
+                return [image_message("img", {"id": i, "path": p}, self.ready_crop) for i, p in zip(ids, paths)]
             if len(ids) not in self.ready_groups:  # built once per group size, sent zero-copy
                 self.ready_groups[len(ids)] = np.ascontiguousarray(
                     np.broadcast_to(self.ready_crop, (len(ids), *self.ready_crop.shape)))
