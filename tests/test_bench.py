@@ -57,6 +57,7 @@ def test_bench_command_emits_wellformed_json(tmp_path, tiny_model):
         assert cpu["median_images_per_s"][case] > 0, case
     assert set(cpu["ratios"]) >= {"pipeline/ceiling", "pipeline/single_loop", "pipeline/dataloader"}
     assert all(v > 0 for v in cpu["ratios"].values())
+    assert set(cpu["ratios_median_of_runs"]) == {"pipeline/ceiling", "pipeline/single_loop", "pipeline/dataloader"}
     run = cpu["runs"][0]["pipeline"]
     assert run["images"] == 8 and run["time_to_first_embedding_s"] > 0 and run["peak_tree_rss_mib"] > 0
     fake = res["cases"]["fake"]["devices"]["1"]
