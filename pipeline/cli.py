@@ -153,12 +153,14 @@ def devices() -> None:
         click.echo(f"{name:5s} {state:11s} devices: {devs}  ({info.get('reason', '')})")
 
 
-from pipeline.inspect import inspect_cmd  # noqa: E402 - commands live in their own modules
+from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
+from pipeline.inspect import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402
 
 cli.add_command(inspect_cmd)
 cli.add_command(report_cmd)
+cli.add_command(bench_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(verify_cmd)
 

@@ -69,6 +69,7 @@ class WorkersConfig:
     decode: int = _f(1, "Decode worker processes.", min=1)
     preprocess: int = _f(1, "Preprocess worker processes (ignored when fused).", min=1)
     fuse_decode_preprocess: bool = _f(True, "Run decode and preprocess in the same worker process (saves shipping full-size images between processes).")
+    items_per_message: int = _f(16, "Inputs per message from the source to the decode workers and, fused, on to the infer stage (batch-sized messages cut per-message overhead; 1 = one message per image).", min=1)
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,9 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class QueuesConfig:
-    decode: int = _f(64, "Queue depth (messages per peer, ZeroMQ high-water mark) into the decode workers.", min=1)
+    decode: int = _f(64, "Queue depth (images per peer, ZeroMQ high-water mark) into the decode workers; grouped messages of workers.items_per_message images count as that many.", min=1)
     preprocess: int = _f(16, "Queue depth into the preprocess workers.", min=1)
-    infer: int = _f(128, "Queue depth into each inference process.", min=1)
+    infer: int = _f(128, "Queue depth (images) into each inference process.", min=1)
     sink: int = _f(16, "Queue depth into the sink.", min=1)
 
 
@@ -104,6 +105,7 @@ class FakeConfig:
     hang_on_batch: int = _f(0, "fake backend: hang forever on this batch number (0 = never).", min=0)
     exit_on_batch: int = _f(0, "fake backend: exit the process hard (os._exit) on this batch number (0 = never).", min=0)
     fail_devices: tuple[str, ...] = _f((), "fake backend: devices that fail permanently on every batch.")
+    ready_crops: bool = _f(False, "fake backend, BENCH-ONLY: decode workers neither read nor decode the inputs and send one pre-made 224x224 crop per input (measures orchestration at accelerator speed).")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pipeline.backends.base import get_backend
 from pipeline.config import Config, ConfigError
 from pipeline.ledger import Ledger
 from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
-from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_main
+from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment, worker_main
 
 FORMAT = "clip-pipeline/1"
 
@@ -275,7 +275,8 @@ class Supervisor:
             ctx = mp.get_context("spawn")
             w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}",
                                  daemon=True)
-        w.proc.start()
+        with worker_environment():
+            w.proc.start()
         w.started = time.monotonic()
         w.ready = w.role == "source"
         self.publish_pids()

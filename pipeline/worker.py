@@ -10,6 +10,7 @@ Outputs are (target, header, buffers) with target "next" (the next stage), "sink
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -130,6 +131,24 @@ class WorkerSpec:
         return f"{self.role}-{self.index}" + (f"({self.device})" if self.device else "")
 
 
+# Environment of spawned workers: one process per core is the design, so libraries must not add
+# thread pools of their own (an idle OpenBLAS pool spin-waits: on a loaded 2-core host it tripled
+# the fake device's CPU time). Only set where the user has not chosen a value.
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def worker_environment():
+    """Around Process.start(): children inherit WORKER_ENV; the parent's environment is restored."""
+    added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def make_core(spec: WorkerSpec, slot: Slot) -> Core:
     if spec.role == "decode":
         from stages.decode import DecodeCore
@@ -168,6 +187,7 @@ class Loop:
                    "preprocess": q.infer}.get(spec.role, q.sink)
         if spec.role == "source" and spec.extra.get("files_mode"):
             out_hwm = q.infer
+        out_hwm = _grouped_hwm(spec.cfg, out_hwm, {"source": True, "decode": spec.cfg.workers.fuse_decode_preprocess}.get(spec.role, False))
         self.control = transport.push(self.ctx, [spec.control_addr], hwm=10000, linger_ms=1000)
         self.next = transport.push(self.ctx, spec.next_addrs, out_hwm) if spec.next_addrs else None
         self.sink = transport.push(self.ctx, [spec.sink_addr], spec.cfg.queues.sink) if spec.role != "sink" else None
@@ -293,10 +313,10 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
             loop.stats["idle_s"] += time.monotonic() - t0
             if ready.get(inp):
                 header, frames = transport.recv(inp)
-                loop.stats["in"] += 1
+                loop.stats["in"] += len(header["ids"]) if "ids" in header and header["t"] != "emb" else 1
                 t0 = time.monotonic()
                 if per_item:
-                    slot.begin([header["id"]])
+                    slot.begin(header["ids"] if "ids" in header else [header["id"]])
                 try:
                     outputs = list(core.handle(header, frames) or ())
                 except DeviceError as exc:
@@ -326,7 +346,16 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
 
 def _in_hwm(spec: WorkerSpec) -> int:
     q = spec.cfg.queues
-    return {"decode": q.decode, "preprocess": q.preprocess, "infer": q.infer, "sink": q.sink}[spec.role]
+    depth = {"decode": q.decode, "preprocess": q.preprocess, "infer": q.infer, "sink": q.sink}[spec.role]
+    grouped = spec.role == "decode" or (spec.role == "infer" and spec.cfg.workers.fuse_decode_preprocess)
+    return _grouped_hwm(spec.cfg, depth, grouped)
+
+
+def _grouped_hwm(cfg: Config, depth: int, grouped: bool) -> int:
+    """Queue depths count images; a pipe of grouped messages holds depth / items_per_message of them."""
+    if not grouped:
+        return depth
+    return max(1, -(-depth // cfg.workers.items_per_message))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ class Batch:
     paths: list[bytes] = field(default_factory=list)
     arrays: list[np.ndarray] = field(default_factory=list)
     started: float = 0.0
+    pixels: np.ndarray | None = None  # the whole batch as one array, when it arrived as one message
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,9 +95,25 @@ class InferCore:
                      "fixed_batch": self.device.fixed_batch, "dim": self.device.dim}
 
     def handle(self, header: dict, frames: list):
+        if header["t"] in ("pxs", "items"):
+            return self.handle_group(header, frames)
         arr = None if self.files_mode else array_from(header, frames[0])
         batch = self.batcher.add(header["id"], header["path"], arr, time.monotonic())
         return self.run(batch) if batch is not None else ()
+
+    def handle_group(self, header: dict, frames: list) -> list:
+        """Several inputs in one message (crops stacked [n,224,224,3], or paths in files mode)."""
+        pixels = None if self.files_mode else array_from(header, frames[0])
+        outputs: list = []
+        now = time.monotonic()
+        if pixels is not None and not self.batcher.pending and len(pixels) == self.batcher.batch_size:
+            # a whole batch in one message: infer on the received buffer, no per-row copy
+            return self.run(Batch(ids=list(header["ids"]), paths=list(header["paths"]), started=now, pixels=pixels))
+        for k, (item_id, path) in enumerate(zip(header["ids"], header["paths"])):
+            batch = self.batcher.add(item_id, path, None if pixels is None else pixels[k], now)
+            if batch is not None:
+                outputs.extend(self.run(batch))
+        return outputs
 
     def flush(self, now: float):
         if self.batcher.due(now):
@@ -117,7 +134,7 @@ class InferCore:
                 ids, paths, emb = res.ids, [path_of[i] for i in res.ids], res.embeddings
                 outputs = [failure(f.id, f.path, f.reason, f.message, "infer") for f in res.failures]
             else:
-                pixels = np.stack(batch.arrays)
+                pixels = batch.pixels if batch.pixels is not None else np.stack(batch.arrays)
                 n = len(batch)
                 if self.device.fixed_batch:
                     pixels = pad_batch(pixels, self.device.batch_size)

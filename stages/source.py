@@ -145,6 +145,14 @@ def _repair_listing(listing_path: str) -> int:
     return n
 
 
+def send_items(loop, items: list[tuple[int, bytes]]) -> None:
+    """One message for a group of inputs (batch-sized messages: see workers.items_per_message)."""
+    if len(items) == 1:
+        loop.send("next", {"t": "item", "id": items[0][0], "path": items[0][1]})
+    else:
+        loop.send("next", {"t": "items", "ids": [i for i, _ in items], "paths": [p for _, p in items]})
+
+
 def run_source(spec, slot, loop) -> None:
     """Source worker: walk (or replay the saved listing), persist it, send items downstream."""
     import errno
@@ -174,13 +182,19 @@ def run_source(spec, slot, loop) -> None:
         with open(listing_path, "ab") as listing:
             chunk: list[tuple[int, bytes]] = []
 
+            group = cfg.workers.items_per_message
+
             def send_chunk() -> None:
                 listing.flush()  # a listed id is on disk before it is sent: re-issue reads it there
-                for item_id, path in chunk:
+                todo = [(i, p) for i, p in chunk if i >= start_at and i // shard_size not in done_shards]
+                for lo in range(0, len(todo), group):
                     loop.check_alive()
-                    if item_id >= start_at and item_id // shard_size not in done_shards:
-                        loop.send("next", {"t": "item", "id": item_id, "path": path})
-                    slot.sent_upto = max(slot.sent_upto, item_id + 1)
+                    part = todo[lo:lo + group]
+                    # counted as sent before it is: a death then re-issues too much (the sink drops
+                    # duplicates), never too little
+                    slot.sent_upto = max(slot.sent_upto, part[-1][0] + 1)
+                    send_items(loop, part)
+                slot.sent_upto = max(slot.sent_upto, chunk[-1][0] + 1)
                 chunk.clear()
                 loop.report_stats()
                 loop.send("control", {"t": "listed", "n": n, "done": False})

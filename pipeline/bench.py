@@ -1,0 +1,666 @@
+"""`clip-pipeline bench`: the pipeline against its ceilings and the designs people write by hand.
+
+Every case runs in one invocation on the same machine and inputs, repeated and interleaved
+(`--repeats`), so ratios are taken between runs that saw the same background load; medians are
+reported. Cases:
+
+  cpu     1. model-only ceiling: the same model, processes and threads fed pre-decoded tensors
+          2. clip-pipeline end to end on a directory of JPEGs (a real run, shards written)
+          3. a single-process loop like the reference program's CPU path (decode + preprocess a
+             batch with PIL, then infer with every core, repeat)
+          4. a torch-DataLoader-style baseline (worker processes doing reference preprocessing
+             into float batches, the main process inferring); torch itself is not needed
+          + optional int8 model: its ceiling, end to end, and its cosine vs the fp32 model
+  fake    fake devices with an accelerator's batch latency, decode replaced by ready crops
+          (fake.ready_crops, bench-only): images/s vs the devices' ceiling, host CPU s / 1000 img
+  memory  peak RSS/PSS of the whole process tree for growing input counts (fake backend)
+
+Throughput of a pipeline run is the steady rate from the moment every device has delivered its
+first batch to the last result; start-up
+(spawn, model load) is reported separately as time to first embedding. Baselines are timed from
+the end of their first batch, ceilings after a warm-up batch, so every figure excludes model load.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+SCHEMA = "clip-pipeline-bench/1"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = REPO.parent / "shared" / "bench" / "corpus-1k"
+BM1684X_MS_PER_IMAGE_B32 = 1.66  # bmrt_test compute, 32-batch fp16 bmodel (docs: baselines)
+
+
+# -- machine and process-tree measurements ---------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    from pipeline.supervisor import software_versions
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags_line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+        have = set(flags_line.split(":", 1)[-1].split())
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in have)
+    except OSError:
+        pass
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_flags": flags, "logical_cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)), "mem_total_gib": round(mem / 2**30, 1),
+            "kernel": platform.release(), "loadavg_start": list(os.getloadavg()),
+            "versions": software_versions()}
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                out += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def tree_pids(root: int | None = None) -> list[int]:
+    todo, seen = [root or os.getpid()], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo += _children(p)
+    return seen
+
+
+def _mem_kib(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) of one process in KiB from smaps_rollup (0, 0 if it is gone)."""
+    rss = pss = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return rss, pss
+
+
+class TreeMemory(threading.Thread):
+    """Samples the RSS and PSS summed over this process and all its descendants (peak kept)."""
+
+    def __init__(self, interval_s: float = 0.25):
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.peak_rss = self.peak_pss = 0
+        self.peak_procs = 0
+        self.cpu: list[tuple[float, float]] = []  # (time, CPU seconds of the live tree)
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_evt.is_set():
+            self.sample()
+            self._stop_evt.wait(self.interval_s)
+
+    def sample(self) -> None:
+        pids = tree_pids()
+        rss = pss = 0
+        ticks = 0
+        for p in pids:
+            r, s = _mem_kib(p)
+            rss += r
+            pss += s
+            ticks += _cpu_ticks(p)
+        self.cpu.append((time.monotonic(), ticks / _CLK_TCK))
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.peak_procs = max(self.peak_procs, len(pids))
+
+    def stop(self) -> dict[str, float]:
+        self._stop_evt.set()
+        self.join(5)
+        return {"peak_tree_rss_mib": round(self.peak_rss / 1024, 1), "peak_tree_pss_mib": round(self.peak_pss / 1024, 1),
+                "peak_processes": self.peak_procs}
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def steady_cpu_rate(samples: list[tuple[float, float]], t_a: float, t_b: float) -> float | None:
+    """Host CPU seconds per second between t_a and t_b, from the tree samples inside that window."""
+    inside = [s for s in samples if t_a <= s[0] <= t_b]
+    if len(inside) < 2 or inside[-1][0] - inside[0][0] < 0.5:
+        return None
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+def _cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def jpeg_files(images: Path, n: int) -> list[Path]:
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        raise click.ClickException(f"no JPEGs in {images} (--images)")
+    return [files[i % len(files)] for i in range(n)]
+
+
+def link_inputs(files: list[Path], dst: Path) -> Path:
+    """A directory of n symlinks (repeating the corpus if n exceeds it) in listing order."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        os.symlink(f.resolve(), dst / f"{i:07d}{f.suffix}")
+    return dst
+
+
+def empty_inputs(n: int, dst: Path, per_dir: int = 1000) -> Path:
+    """n empty .jpg files, 1000 per subdirectory (like a photo dump): enough for fake.ready_crops,
+    which never reads them. (The source holds one directory's names at a time, so one flat
+    directory of 100k files would measure the directory, not the pipeline.)"""
+    for i in range(n):
+        sub = dst / f"{i // per_dir:05d}"
+        if i % per_dir == 0:
+            sub.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(sub / f"{i:07d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+    return dst
+
+
+def reference_batch(files: list[Path]) -> np.ndarray:
+    """CLIP reference crops [n,224,224,3] uint8 (decoded once, for ceilings and cosines)."""
+    from stages.decode import DecodeOptions, decode_file
+    from stages.preprocess import crop
+
+    opts = DecodeOptions()
+    return np.stack([crop(decode_file(os.fsencode(f), opts), "reference") for f in files])
+
+
+# -- subprocess jobs (spawned, so every measurement starts from a clean interpreter) -------------
+def _session(model: str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    return sess, sess.get_inputs()[0].name, sess.get_inputs()[0].type == "tensor(uint8)"
+
+
+def _feed(pixels: np.ndarray, uint8_input: bool) -> np.ndarray:
+    from stages.preprocess import normalize
+
+    return pixels if uint8_input else normalize(pixels)
+
+
+def _ceiling_job(model: str, threads: int, pixels: np.ndarray, batches: int, barrier, conn) -> None:
+    sess, name, u8 = _session(model, threads)
+    x = _feed(pixels, u8)
+    sess.run(None, {name: x})  # warm-up (allocations, kernel selection)
+    barrier.wait()
+    t0 = time.monotonic()
+    for _ in range(batches):
+        sess.run(None, {name: x})
+    conn.send((t0, time.monotonic(), batches * len(pixels)))
+
+
+def _single_loop_job(model: str, threads: int, files: list[str], batch: int, conn) -> None:
+    """The reference program's CPU path: decode+preprocess a batch (PIL, CLIP transform), infer."""
+    from stages.decode import DecodeOptions, decode_file
+    from stages.preprocess import normalize, reference_crop
+
+    sess, name, u8 = _session(model, threads)
+    opts = DecodeOptions()
+    t_first = n_after = None
+    t_start = time.monotonic()
+    for lo in range(0, len(files), batch):
+        pixels = np.stack([reference_crop(decode_file(os.fsencode(f), opts)) for f in files[lo:lo + batch]])
+        sess.run(None, {name: pixels if u8 else normalize(pixels)})
+        if t_first is None:
+            t_first, n_after = time.monotonic(), len(files) - len(pixels)
+    conn.send((t_first, time.monotonic(), n_after, t_start))
+
+
+def _loader_batch(paths: list[str]) -> np.ndarray:
+    """What a DataLoader worker does: reference transform per image, collate to float [B,3,224,224]."""
+    from stages.decode import DecodeOptions, decode_file
+    from stages.preprocess import normalize, reference_crop
+
+    opts = DecodeOptions()
+    return normalize(np.stack([reference_crop(decode_file(os.fsencode(p), opts)) for p in paths]))
+
+
+def _dataloader_job(model: str, threads: int, files: list[str], batch: int, workers: int, conn) -> None:
+    """torch DataLoader(num_workers=workers, prefetch_factor=2) + model in the main process."""
+    sess, name, _ = _session(model, threads)
+    batches = [files[lo:lo + batch] for lo in range(0, len(files), batch)]
+    ctx = mp.get_context("spawn")
+    t_first = n_after = None
+    with ctx.Pool(workers) as pool:
+        pending = [pool.apply_async(_loader_batch, (b,)) for b in batches[:2 * workers]]
+        nxt = len(pending)
+        t_start = time.monotonic()
+        while pending:
+            x = pending.pop(0).get(timeout=600)
+            if nxt < len(batches):
+                pending.append(pool.apply_async(_loader_batch, (batches[nxt],)))
+                nxt += 1
+            sess.run(None, {name: x})
+            if t_first is None:
+                t_first, n_after = time.monotonic(), len(files) - len(x)
+    conn.send((t_first, time.monotonic(), n_after, t_start))
+
+
+def _cosine_job(model_a: str, model_b: str, pixels: np.ndarray, conn) -> None:
+    out = []
+    for m in (model_a, model_b):
+        sess, name, u8 = _session(m, 2)
+        out.append(sess.run(None, {name: _feed(pixels, u8)})[0].astype(np.float64))
+    a, b = out
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    conn.send((float(cos.mean()), float(cos.min())))
+
+
+def _spawn(target: Callable, *args: Any, timeout_s: float = 1800) -> Any:
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=target, args=(*args, send), daemon=False)
+    p.start()
+    send.close()
+    try:
+        if not recv.poll(timeout_s):
+            raise RuntimeError(f"bench job {target.__name__} gave no result within {timeout_s:.0f}s")
+        return recv.recv()
+    except EOFError:
+        raise RuntimeError(f"bench job {target.__name__} died (exit code {p.exitcode})") from None
+    finally:
+        p.join(30)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+
+
+def model_ceiling(model: str, procs: int, threads: int, pixels: np.ndarray, n_images: int) -> dict:
+    """Images/s of `procs` processes x `threads` threads running the model on ready tensors."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(procs)
+    batches = max(1, -(-n_images // (procs * len(pixels))))
+    pipes, jobs = [], []
+    for _ in range(procs):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_ceiling_job, args=(model, threads, pixels, batches, barrier, send))
+        p.start()
+        send.close()
+        pipes.append(recv)
+        jobs.append(p)
+    try:
+        res = []
+        for r in pipes:
+            if not r.poll(1800):
+                raise RuntimeError("model ceiling job gave no result")
+            res.append(r.recv())
+    finally:
+        for p in jobs:
+            p.join(30)
+    t0, t1 = min(r[0] for r in res), max(r[1] for r in res)
+    n = sum(r[2] for r in res)
+    return {"images": n, "seconds": round(t1 - t0, 3), "images_per_s": round(n / (t1 - t0), 3)}
+
+
+def _loop_result(res: tuple) -> dict:
+    t_first, t_end, n_after, t_start = res
+    return {"images": n_after, "seconds": round(t_end - t_first, 3),
+            "images_per_s": round(n_after / (t_end - t_first), 3) if t_end > t_first else None,
+            "first_batch_s": round(t_first - t_start, 3)}
+
+
+# -- pipeline runs ----------------------------------------------------------------------------------
+def run_pipeline(raw: dict) -> dict:
+    """One real `clip-pipeline run` in-process (the supervisor here, workers spawned)."""
+    from pipeline import config as cfgmod
+    from pipeline.progress import Progress
+    from pipeline.supervisor import Supervisor
+
+    class TimedSupervisor(Supervisor):
+        def on_control(self, h: dict) -> None:
+            super().on_control(h)
+            if h.get("t") == "resolved":
+                self.marks.append((time.monotonic(), len(h["ids"])))
+
+    cfg = cfgmod.from_dict(raw, source="<bench>")
+    sup = TimedSupervisor(cfg, restart=True, progress=Progress("none", 60), log=lambda m: None)
+    sup.marks = []
+    mem = TreeMemory()
+    cpu0 = _cpu_seconds()
+    mem.start()
+    t0 = time.monotonic()
+    result = sup.run()
+    t1 = time.monotonic()
+    memory = mem.stop()
+    cpu_s = _cpu_seconds() - cpu0
+    if result.exit_code != 0:
+        raise RuntimeError(f"bench pipeline run failed (exit {result.exit_code}): {result.message}")
+    n = result.counts["embedded"] + result.counts["failed"]
+    # The steady window opens once every device has delivered its first (warm-up) batch, as the
+    # ceilings and baselines exclude theirs; results come per batch, so that is the k-th result.
+    marks = sup.marks
+    k = max(1, min(len(sup.devices), len(marks) - 1))
+    t_first, n_first = marks[k - 1][0], sum(m[1] for m in marks[:k])
+    t_last = marks[-1][0]
+    steady = (n - n_first) / (t_last - t_first) if t_last > t_first else None
+    cpu_rate = steady_cpu_rate(mem.cpu, t_first, t_last)
+    return {"images": n, "wall_s": round(t1 - t0, 3), "images_per_s_wall": round(n / (t1 - t0), 3),
+            "images_per_s": round(steady, 3) if steady else None,
+            "time_to_first_embedding_s": round(t_first - t0, 3),
+            "host_cpu_s": round(cpu_s, 3), "host_cpu_s_per_1000_incl_startup": round(1000 * cpu_s / n, 3),
+            "host_cpu_cores_steady": round(cpu_rate, 3) if cpu_rate else None,
+            "host_cpu_s_per_1000": round(1000 * cpu_rate / steady, 3) if cpu_rate and steady else None, **memory}
+
+
+def pipeline_raw(inputs: Path, out: Path, **sections: dict) -> dict:
+    raw: dict = {"input": {"paths": [str(inputs)]}, "output": {"dir": str(out), "on_existing": "restart"},
+                 "run": {"progress": "none"}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return round(statistics.median(vals), 3) if vals else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+# -- cases ---------------------------------------------------------------------------------------------
+def case_cpu(p: dict, work: Path, say: Callable[[str], None]) -> dict:
+    n, batch, reps = p["cpu_images"], p["batch"], p["repeats"]
+    procs, threads = p["cpu_procs"], p["cpu_threads"]
+    cores = len(os.sched_getaffinity(0))
+    files = jpeg_files(p["images"], n)
+    inputs = link_inputs(files, work / "cpu-inputs")
+    pixels = reference_batch(jpeg_files(p["images"], batch))
+    pipe_model = p["pipeline_model"] or p["model"]
+    devices = [f"cpu:{i}" for i in range(procs)]
+
+    def pipe_raw(model: str) -> dict:
+        return pipeline_raw(inputs, work / "cpu-out", model={"path": model, "batch_size": batch},
+                            preprocess={"mode": p["mode"]}, infer={"backend": "cpu", "devices": devices, "threads": threads},
+                            workers={"decode": p["decode_workers"], "items_per_message": p["items_per_message"]},
+                            queues={"infer": 2 * batch, "decode": 2 * p["items_per_message"]})
+
+    runs: list[dict] = []
+    for rep in range(reps):
+        r: dict = {"load_before": list(os.getloadavg())}
+        say(f"cpu rep {rep + 1}/{reps}: model-only ceiling ({procs} x {threads} threads)")
+        r["ceiling"] = model_ceiling(pipe_model, procs, threads, pixels, n)
+        say(f"cpu rep {rep + 1}/{reps}: clip-pipeline end to end ({n} JPEGs)")
+        r["pipeline"] = run_pipeline(pipe_raw(pipe_model))
+        say(f"cpu rep {rep + 1}/{reps}: single-process loop")
+        r["single_loop"] = _loop_result(_spawn(_single_loop_job, p["model"], cores, [str(f) for f in files], batch))
+        say(f"cpu rep {rep + 1}/{reps}: DataLoader-style baseline")
+        r["dataloader"] = _loop_result(_spawn(_dataloader_job, p["model"], cores, [str(f) for f in files], batch, cores))
+        if p["int8_model"]:
+            say(f"cpu rep {rep + 1}/{reps}: int8 ceiling and end to end")
+            r["int8_ceiling"] = model_ceiling(p["int8_model"], procs, threads, pixels, 2 * n)
+            r["int8_pipeline"] = run_pipeline(pipe_raw(p["int8_model"]))
+        r["load_after"] = list(os.getloadavg())
+        runs.append(r)
+    med = {k: _median([r[k] for r in runs], "images_per_s") for k in runs[0] if isinstance(runs[0][k], dict)}
+    per_run = [{"pipeline/ceiling": _ratio(r["pipeline"]["images_per_s"], r["ceiling"]["images_per_s"]),
+                "pipeline/single_loop": _ratio(r["pipeline"]["images_per_s"], r["single_loop"]["images_per_s"]),
+                "pipeline/dataloader": _ratio(r["pipeline"]["images_per_s"], r["dataloader"]["images_per_s"])}
+               for r in runs]
+    out: dict = {
+        "setup": {"images": n, "batch": batch, "preprocess_mode": p["mode"], "pipeline_model": pipe_model,
+                  "baseline_model": p["model"], "int8_model": p["int8_model"], "devices": devices,
+                  "threads_per_device": threads, "decode_workers": p["decode_workers"],
+                  "items_per_message": p["items_per_message"], "baseline_threads": cores,
+                  "dataloader_workers": cores},
+        "runs": runs,
+        "median_images_per_s": med,
+        "ratios": {
+            "pipeline/ceiling": _ratio(med["pipeline"], med["ceiling"]),
+            "pipeline/single_loop": _ratio(med["pipeline"], med["single_loop"]),
+            "pipeline/dataloader": _ratio(med["pipeline"], med["dataloader"]),
+        },
+        "ratios_median_of_runs": {k: _median([{"v": r[k]} for r in per_run], "v") for k in per_run[0]},
+        "per_run_ratios": per_run,
+        "time_to_first_embedding_s": _median([r["pipeline"] for r in runs], "time_to_first_embedding_s"),
+        "peak_tree_rss_mib": _median([r["pipeline"] for r in runs], "peak_tree_rss_mib"),
+        "peak_tree_pss_mib": _median([r["pipeline"] for r in runs], "peak_tree_pss_mib"),
+    }
+    if pipe_model != p["model"]:
+        mean, low = _spawn(_cosine_job, p["model"], pipe_model, pixels)
+        out["pipeline_model_cosine_vs_baseline_model"] = {"mean": mean, "min": low}
+    if p["int8_model"]:
+        out["ratios"]["int8_pipeline/ceiling"] = _ratio(med["int8_pipeline"], med["int8_ceiling"])
+        out["ratios"]["int8_pipeline/single_loop"] = _ratio(med["int8_pipeline"], med["single_loop"])
+        mean, low = _spawn(_cosine_job, p["model"], p["int8_model"], pixels)
+        out["int8_cosine_vs_fp32"] = {
+            "mean": round(mean, 6), "min": round(low, 6), "images": len(pixels),
+            "note": "on synthetic random weights; trained CLIP weights usually quantise worse: measure on yours"}
+    return out
+
+
+def case_fake(p: dict, work: Path, say: Callable[[str], None]) -> dict:
+    batch = 32
+    latency_ms = BM1684X_MS_PER_IMAGE_B32 * batch
+    per_device = batch * 1000.0 / latency_ms
+    out: dict = {"setup": {"batch": batch, "latency_ms_per_batch": round(latency_ms, 2),
+                           "ceiling_per_device_images_per_s": round(per_device, 1),
+                           "decode_workers": p["fake_decode_workers"], "items_per_message": p["fake_items_per_message"],
+                           "input": "fake.ready_crops (decode/preprocess replaced by a ready uint8 crop)"},
+                 "devices": {}}
+    for ndev in p["fake_devices"]:
+        n = int(p["fake_seconds"] * per_device * ndev)
+        n = max(n, 4 * batch * ndev)
+        inputs = empty_inputs(n, work / f"fake-inputs-{n}")
+        raw = pipeline_raw(inputs, work / "fake-out", model={"batch_size": batch},
+                           infer={"backend": "fake", "devices": [f"cpu:{i}" for i in range(ndev)]},
+                           fake={"latency_ms_per_batch": latency_ms, "ready_crops": True},
+                           workers={"decode": p["fake_decode_workers"], "items_per_message": p["fake_items_per_message"]},
+                           output={"shard_size": 4096})
+        runs = []
+        for rep in range(p["repeats"]):
+            say(f"fake {ndev} device(s) rep {rep + 1}/{p['repeats']}: {n} images")
+            r = run_pipeline(raw)
+            r["load_before"] = list(os.getloadavg())
+            runs.append(r)
+        shutil.rmtree(inputs, ignore_errors=True)
+        ceiling = per_device * ndev
+        med = _median(runs, "images_per_s")
+        out["devices"][str(ndev)] = {
+            "images": n, "ceiling_images_per_s": round(ceiling, 1), "runs": runs,
+            "median_images_per_s": med, "ratio_to_ceiling": _ratio(med, ceiling),
+            "host_cpu_s_per_1000": _median(runs, "host_cpu_s_per_1000"),
+            "time_to_first_embedding_s": _median(runs, "time_to_first_embedding_s"),
+            "peak_tree_rss_mib": _median(runs, "peak_tree_rss_mib"),
+        }
+    return out
+
+
+def case_memory(p: dict, work: Path, say: Callable[[str], None]) -> dict:
+    sizes = {}
+    for n in p["memory_sizes"]:
+        say(f"memory: {n} inputs (fake backend, 2 devices, ready crops)")
+        inputs = empty_inputs(n, work / f"mem-inputs-{n}")
+        raw = pipeline_raw(inputs, work / "mem-out", model={"batch_size": 32},
+                           infer={"backend": "fake", "devices": ["cpu:0", "cpu:1"]},
+                           fake={"ready_crops": True}, workers={"items_per_message": 32})
+        r = run_pipeline(raw)
+        shutil.rmtree(inputs, ignore_errors=True)
+        sizes[str(n)] = {k: r[k] for k in ("images", "wall_s", "images_per_s", "peak_tree_rss_mib",
+                                           "peak_tree_pss_mib", "peak_processes")}
+    peaks = [v["peak_tree_pss_mib"] for v in sizes.values()]
+    return {"sizes": sizes, "pss_growth_mib_smallest_to_largest": round(peaks[-1] - peaks[0], 1) if peaks else None}
+
+
+# -- output ------------------------------------------------------------------------------------------
+def table(res: dict) -> str:
+    lines = []
+    cpu = res["cases"].get("cpu")
+    if cpu:
+        m, ra = cpu["median_images_per_s"], cpu["ratios"]
+        lines += [f"CPU ({cpu['setup']['images']} JPEGs, batch {cpu['setup']['batch']}, median of {len(cpu['runs'])} runs)",
+                  f"  {'case':44s} {'images/s':>9s}"]
+        names = {"ceiling": "1. model-only ceiling (same model/devices)", "pipeline": "2. clip-pipeline end to end",
+                 "single_loop": "3. single-process loop (reference CPU path)", "dataloader": "4. DataLoader-style baseline",
+                 "int8_ceiling": "   int8 model-only ceiling", "int8_pipeline": "   int8 clip-pipeline end to end"}
+        for k, label in names.items():
+            if k in m:
+                lines.append(f"  {label:44s} {m[k]:9.2f}")
+        lines.append("  ratios of medians: " + ", ".join(f"{k} {v:.3f}" for k, v in ra.items() if v is not None))
+        lines.append("  medians of per-run ratios: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in cpu["ratios_median_of_runs"].items() if v is not None))
+        if "int8_cosine_vs_fp32" in cpu:
+            c = cpu["int8_cosine_vs_fp32"]
+            lines.append(f"  int8 cosine vs fp32: mean {c['mean']:.6f}, min {c['min']:.6f} "
+                         "(synthetic weights; trained weights quantise worse)")
+        lines.append(f"  time to first embedding {cpu['time_to_first_embedding_s']} s; peak process-tree RSS "
+                     f"{cpu['peak_tree_rss_mib']} MiB (PSS {cpu['peak_tree_pss_mib']} MiB)")
+    fake = res["cases"].get("fake")
+    if fake:
+        s = fake["setup"]
+        lines.append(f"Fake devices ({s['latency_ms_per_batch']} ms per batch of {s['batch']}, ready crops)")
+        lines.append(f"  {'devices':>7s} {'images/s':>9s} {'ceiling':>8s} {'ratio':>6s} {'cpu s/1k':>8s} "
+                     f"{'ttfe s':>7s} {'RSS MiB':>8s}")
+        for nd, d in fake["devices"].items():
+            lines.append(f"  {nd:>7s} {d['median_images_per_s'] or 0:9.1f} {d['ceiling_images_per_s']:8.1f} "
+                         f"{d['ratio_to_ceiling'] or 0:6.3f} {d['host_cpu_s_per_1000'] or 0:8.2f} "
+                         f"{d['time_to_first_embedding_s']:7.2f} {d['peak_tree_rss_mib']:8.1f}")
+    mem = res["cases"].get("memory")
+    if mem:
+        lines.append("Memory (fake backend, 2 devices): inputs -> peak process-tree PSS / RSS MiB")
+        for nn, d in mem["sizes"].items():
+            lines.append(f"  {nn:>8s}: {d['peak_tree_pss_mib']:8.1f} / {d['peak_tree_rss_mib']:8.1f}")
+    m = res["machine"]
+    lines.append(f"Machine: {m['cpu_model']} ({m['usable_cpus']} usable CPUs); load average "
+                 f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end")
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--case", "cases", multiple=True, type=click.Choice(["cpu", "fake", "memory"]),
+              help="Which cases to run (repeatable; default cpu and fake).")
+@click.option("--images", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help=f"Directory of JPEGs for the cpu case (default {DEFAULT_CORPUS}).")
+@click.option("--model", type=click.Path(dir_okay=False), default="models/clip-vit-b32-synthetic.onnx",
+              show_default=True, help="fp32 float-input ONNX model (the baselines always use it).")
+@click.option("--pipeline-model", type=click.Path(dir_okay=False), default=None,
+              help="Model the pipeline and its ceiling use (e.g. the uint8-input variant); default --model.")
+@click.option("--int8-model", type=click.Path(dir_okay=False), default=None,
+              help="Also bench this int8 model (ceiling, end to end, cosine vs --model).")
+@click.option("--cpu-images", type=int, default=192, show_default=True, help="JPEGs per cpu-case run.")
+@click.option("--batch", type=int, default=16, show_default=True, help="Batch size (cpu case).")
+@click.option("--layout", default="2x1", show_default=True,
+              help="cpu pipeline layout: PROCSxTHREADS inference processes x intra-op threads.")
+@click.option("--mode", type=click.Choice(["reference", "fast"]), default="fast", show_default=True,
+              help="Pipeline preprocess.mode (the baselines always use the reference transform).")
+@click.option("--decode-workers", type=int, default=1, show_default=True)
+@click.option("--items-per-message", type=int, default=16, show_default=True)
+@click.option("--fake-devices", default="1,8", show_default=True, help="Device counts for the fake case.")
+@click.option("--fake-seconds", type=float, default=6.0, show_default=True,
+              help="Images per fake run = this many seconds at the devices' ceiling.")
+@click.option("--fake-decode-workers", type=int, default=1, show_default=True)
+@click.option("--fake-items-per-message", type=int, default=32, show_default=True)
+@click.option("--memory-sizes", default="1000,10000,100000", show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Runs per case (medians reported).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def bench(cases, images, model, pipeline_model, int8_model, cpu_images, batch, layout, mode, decode_workers,
+          items_per_message, fake_devices, fake_seconds, fake_decode_workers, fake_items_per_message,
+          memory_sizes, repeats, json_path, quiet) -> None:
+    """Benchmark the pipeline against its model-only ceiling and hand-written baselines.
+
+    Prints a table (and the full results as JSON with --json). See docs/performance.md.
+    """
+    try:
+        procs, threads = (int(x) for x in layout.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected PROCSxTHREADS such as 2x1, got {layout!r}", param_hint="--layout") from None
+    cases = cases or ("cpu", "fake")
+    images = images or DEFAULT_CORPUS
+    if "cpu" in cases:
+        for m in filter(None, (model, pipeline_model, int8_model)):
+            if not os.path.exists(m):
+                raise click.ClickException(
+                    f"model {m} does not exist: build it with `clip-pipeline build-model {m}` "
+                    "(add --input-kind uint8 or --int8 for the variants)")
+    p = {"images": Path(images), "model": os.path.abspath(model),
+         "pipeline_model": os.path.abspath(pipeline_model) if pipeline_model else None,
+         "int8_model": os.path.abspath(int8_model) if int8_model else None,
+         "cpu_images": cpu_images, "batch": batch, "cpu_procs": procs, "cpu_threads": threads, "mode": mode,
+         "decode_workers": decode_workers, "items_per_message": items_per_message,
+         "fake_devices": _ints(fake_devices), "fake_seconds": fake_seconds,
+         "fake_decode_workers": fake_decode_workers, "fake_items_per_message": fake_items_per_message,
+         "memory_sizes": _ints(memory_sizes), "repeats": repeats}
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[bench {time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", err=True)
+
+    res: dict = {"schema": SCHEMA, "command": " ".join(sys.argv), "machine": machine_info(),
+                 "params": {k: str(v) if isinstance(v, Path) else v for k, v in p.items()}, "cases": {}}
+    work = Path(tempfile.mkdtemp(prefix="clipp-bench-"))
+    try:
+        runners = {"cpu": case_cpu, "fake": case_fake, "memory": case_memory}
+        for name in ("cpu", "fake", "memory"):
+            if name in cases:
+                res["cases"][name] = runners[name](p, work, say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["machine"]["loadavg_end"] = list(os.getloadavg())
+    click.echo(table(res))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=1) + "\n")
+        click.echo(f"wrote {json_path}")

@@ -1,0 +1,148 @@
+"""The bench command and the performance levers' message semantics (nothing here is timed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import config
+from pipeline.backends.fake import fake_embed
+from pipeline.bench import steady_cpu_rate, tree_pids
+from pipeline.worker import Slot, WorkerSpec, worker_environment
+from stages.decode import DecodeCore, ready_crop
+from stages.infer import InferCore
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "images"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from pipeline.modelgen import build_clip_image_onnx
+
+    path = tmp_path_factory.mktemp("bench-models") / "tiny.onnx"
+    build_clip_image_onnx(path, arch="tiny")
+    return path
+
+
+def _spec(role: str, raw: dict) -> WorkerSpec:
+    cfg = config.from_dict(raw)
+    return WorkerSpec(role=role, index=0, cfg=cfg, in_addr=None, next_addrs=(), sink_addr="", control_addr="",
+                      device="cpu:0" if role == "infer" else None)
+
+
+def test_bench_command_emits_wellformed_json(tmp_path, tiny_model):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "--case", "cpu", "--case", "fake", "--case", "memory",
+           "--images", str(SAMPLES), "--model", str(tiny_model), "--cpu-images", "8", "--batch", "4",
+           "--repeats", "1", "--fake-devices", "1", "--fake-seconds", "0.1", "--memory-sizes", "40",
+           "--json", str(out), "-q"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model-only ceiling" in proc.stdout and "Fake devices" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["schema"] == "clip-pipeline-bench/1"
+    m = res["machine"]
+    assert m["usable_cpus"] >= 1 and len(m["loadavg_start"]) == 3 and len(m["loadavg_end"]) == 3
+    assert "onnxruntime" in m["versions"]
+    cpu = res["cases"]["cpu"]
+    for case in ("ceiling", "pipeline", "single_loop", "dataloader"):
+        assert cpu["median_images_per_s"][case] > 0, case
+    assert set(cpu["ratios"]) >= {"pipeline/ceiling", "pipeline/single_loop", "pipeline/dataloader"}
+    assert all(v > 0 for v in cpu["ratios"].values())
+    assert set(cpu["ratios_median_of_runs"]) == {"pipeline/ceiling", "pipeline/single_loop", "pipeline/dataloader"}
+    run = cpu["runs"][0]["pipeline"]
+    assert run["images"] == 8 and run["time_to_first_embedding_s"] > 0 and run["peak_tree_rss_mib"] > 0
+    fake = res["cases"]["fake"]["devices"]["1"]
+    assert fake["ceiling_images_per_s"] == pytest.approx(602.4, abs=0.1)
+    assert fake["median_images_per_s"] > 0 and fake["ratio_to_ceiling"] > 0
+    assert "host_cpu_s_per_1000" in fake and fake["runs"][0]["host_cpu_s"] > 0
+    mem = res["cases"]["memory"]["sizes"]["40"]
+    assert mem["images"] == 40 and mem["peak_tree_pss_mib"] > 0
+
+
+def test_bench_rejects_missing_model(tmp_path):
+    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "--case", "cpu", "--model", str(tmp_path / "nope.onnx")]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "nope.onnx does not exist" in proc.stderr and "build-model" in proc.stderr
+
+
+def test_steady_cpu_rate_uses_samples_inside_the_window():
+    samples = [(0.0, 0.0), (1.0, 0.5), (2.0, 1.5), (3.0, 2.5), (9.0, 100.0)]
+    assert steady_cpu_rate(samples, 1.0, 3.0) == pytest.approx(1.0)
+    assert steady_cpu_rate(samples, 1.0, 1.2) is None  # too short to say
+
+
+def test_tree_pids_includes_this_process():
+    assert tree_pids()[0] == os.getpid()
+
+
+def test_worker_environment_is_scoped():
+    before = dict(os.environ)
+    with worker_environment():
+        for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+            assert os.environ[k] == before.get(k, "1")
+    assert dict(os.environ) == before
+
+
+def test_fake_embed_rows_do_not_depend_on_the_batch():
+    px = np.random.default_rng(0).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    full = fake_embed(px)
+    assert np.array_equal(full[2:4], fake_embed(px[2:4]))
+    assert not np.allclose(full[0], full[1])  # content matters
+    assert fake_embed(px[:, :24, :24].copy()).shape == (5, 512)  # tiny crops work too
+
+
+def test_decode_group_keeps_per_item_failures_and_ids(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    good = [os.fsencode(SAMPLES / f"sample_0{i}.jpg") for i in (0, 1)]
+    core = DecodeCore(_spec("decode", {"preprocess": {"mode": "fast"}}))
+    core.setup()
+    out = core.handle({"t": "items", "ids": [7, 8, 9], "paths": [good[0], os.fsencode(bad), good[1]]}, [])
+    fails = [h for t, h, _ in out if h["t"] == "fail"]
+    pxs = [(h, b) for t, h, b in out if h["t"] == "pxs"]
+    assert [(f["id"], f["reason"]) for f in fails] == [(8, "not_an_image")]
+    assert len(pxs) == 1 and pxs[0][0]["ids"] == [7, 9] and pxs[0][0]["paths"] == [good[0], good[1]]
+    assert pxs[0][1][0].shape == (2, 224, 224, 3) and pxs[0][1][0].dtype == np.uint8
+    # one item per message (re-issued ids) still works
+    single = core.handle({"t": "item", "id": 3, "path": good[0]}, [])
+    assert [h["t"] for _, h, _ in single] == ["px"] and single[0][1]["id"] == 3
+
+
+def test_ready_crops_skip_the_files():
+    core = DecodeCore(_spec("decode", {"infer": {"backend": "fake"}, "fake": {"ready_crops": True}}))
+    out = core.handle({"t": "items", "ids": [0, 1], "paths": [b"/does/not/exist.jpg", b"/nor/this.jpg"]}, [])
+    (_, h, (px,)), = out
+    assert h["t"] == "pxs" and h["ids"] == [0, 1] and px.shape == (2, 224, 224, 3)
+    assert np.array_equal(px[1], ready_crop())
+
+
+def test_infer_groups_fill_batches_across_messages(tmp_path):
+    spec = _spec("infer", {"infer": {"backend": "fake"}, "model": {"batch_size": 4}})
+    core = InferCore(spec, Slot(str(tmp_path / "slot")))
+    core.setup()
+    px = np.random.default_rng(1).integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
+
+    def msg(lo, hi):
+        return {"t": "pxs", "ids": list(range(lo, hi)), "paths": [b"p%d" % i for i in range(lo, hi)],
+                "shape": [hi - lo, 224, 224, 3], "dtype": "|u1"}, [memoryview(np.ascontiguousarray(px[lo:hi]))]
+
+    out = core.handle(*msg(0, 3)) + core.handle(*msg(3, 6))
+    embs = [h for _, h, _ in out if h["t"] == "emb"]
+    assert [e["ids"] for e in embs] == [[0, 1, 2, 3]]
+    rest = core.flush(1e18)  # the partial batch is flushed after the timeout
+    assert [h["ids"] for _, h, _ in rest if h["t"] == "emb"] == [[4, 5]]
+    whole = core.handle(*msg(0, 4))  # a whole batch in one message goes straight through
+    (_, h, (emb,)), = whole
+    assert h["ids"] == [0, 1, 2, 3]
+    np.testing.assert_allclose(emb, out[0][2][0], rtol=1e-6)
