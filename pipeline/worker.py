@@ -47,6 +47,27 @@ class Core(Protocol):
     def close(self) -> None: ...
 
 
+class StageCore:
+    """Base of the stage cores (see Core): no-op defaults for the optional hooks."""
+
+    info: dict = {}
+
+    def setup(self) -> None:
+        """Open what the stage needs (models, devices), inside the worker process."""
+
+    def handle(self, header: dict, frames: list) -> Iterable[Output]:
+        raise NotImplementedError
+
+    def flush(self, now: float) -> Iterable[Output]:
+        return ()
+
+    def deadline(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        """Release what setup() opened."""
+
+
 class FatalError(Exception):
     """Raised by a core when the whole run must stop (message is for the user)."""
 

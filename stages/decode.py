@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.worker import StageCore
+
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit (max_pixels) before decoding
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
@@ -243,7 +245,7 @@ def ready_crop(size: int = 224) -> np.ndarray:
     return np.ascontiguousarray(np.stack([x, y, (x + y) // 2], axis=2).astype(np.uint8))
 
 
-class DecodeCore:
+class DecodeCore(StageCore):
     """Decode worker: item -> decoded image (or, fused, the 224x224 crop) or a failed item."""
 
     def __init__(self, spec):
@@ -305,12 +307,3 @@ class DecodeCore:
             return [failure(header["id"], header["path"], "unreadable",
                             f"unexpected {type(exc).__name__}: {exc}", "decode")]
         return [image_message("img", header, arr)]
-
-    def flush(self, now: float):
-        return ()
-
-    def deadline(self):
-        return None
-
-    def close(self) -> None:
-        pass

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.transport import array_from, array_header
+from pipeline.worker import StageCore
 
 
 @dataclass
@@ -73,7 +74,7 @@ def l2_normalize(emb: np.ndarray) -> np.ndarray:
     return emb / np.maximum(norms, 1e-12)
 
 
-class InferCore:
+class InferCore(StageCore):
     """Infer worker core: owns one device (opened in setup, inside this process)."""
 
     def __init__(self, spec, slot):

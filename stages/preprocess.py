@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import CLIP_MEAN, CLIP_STD
+from pipeline.worker import StageCore
 
 SIZE = 224
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -91,7 +92,7 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-class PreprocessCore:
+class PreprocessCore(StageCore):
     """Preprocess worker (when not fused with decode): decoded image -> 224x224 uint8 crop."""
 
     def __init__(self, spec):
@@ -113,12 +114,3 @@ class PreprocessCore:
             return [failure(header["id"], header["path"], "corrupt",
                             f"preprocess: {type(exc).__name__}: {exc}", "preprocess")]
         return [image_message("px", header, out)]
-
-    def flush(self, now: float):
-        return ()
-
-    def deadline(self):
-        return None
-
-    def close(self) -> None:
-        pass

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline import output
 from pipeline.transport import array_from
+from pipeline.worker import StageCore
 
 
 @dataclass
@@ -83,7 +84,7 @@ ENOSPC_ENV = "CLIP_PIPELINE_TEST_ENOSPC_SHARD"
 _ENOSPC_SHARD = int(os.environ[ENOSPC_ENV]) if os.environ.get(ENOSPC_ENV, "").isdigit() else None
 
 
-class SinkCore:
+class SinkCore(StageCore):
     def __init__(self, spec):
         self.cfg = spec.cfg
         self.out_dir = spec.cfg.output.dir
@@ -144,15 +145,6 @@ class SinkCore:
                 ) from None
             outputs.append(("control", {"t": "shard", "k": k, "rows": len(paths), "failed": len(fails)}, ()))
         return outputs
-
-    def flush(self, now: float):
-        return ()
-
-    def deadline(self):
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 def _text(path: bytes | str) -> str:
