@@ -78,6 +78,7 @@ class InferConfig:
     devices: tuple[Any, ...] = _f(("cpu:0",), "One inference process per entry: 'cpu:N' for cpu/fake, dev_ids (0, 1, ...) for sail/sim, or the string 'all'.")
     threads: int = _f(1, "Intra-op threads per inference process (cpu backend).", min=1)
     batch_timeout_ms: float = _f(50.0, "Flush a partial batch after waiting this long for more images.", min=0)
+    overlap: bool = _f(True, "Run inference on a background thread (one batch in flight) while the infer process receives and prepares the next batch (stacking crops, or sail device mode's hardware decode + crop). Results keep their order; false = the serial loop.")
 
 
 @dataclass(frozen=True)

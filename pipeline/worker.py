@@ -322,6 +322,9 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
     inp = transport.pull(loop.ctx, spec.in_addr, _in_hwm(spec))
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
+    wake = getattr(core, "wake_fd", lambda: None)()
+    if wake is not None:  # the core finishes work on a thread of its own: wake up to send its results
+        poller.register(wake, zmq.POLLIN)
     per_item = spec.role in ("decode", "preprocess")  # one item per message: attribute crashes to it
     try:
         while True:

@@ -4,12 +4,22 @@ One process per device. Items arrive one per message; the Batcher gathers them i
 the device's batch size, flushing a partial batch after `infer.batch_timeout_ms` without new
 input. Fixed-batch models (bmodels) get zero-padded batches; padding rows never leave this stage.
 Completion is not signalled through this stage: the supervisor counts resolved ids at the sink.
+
+With `infer.overlap` the device call (`Device.embed` / `Device.run_prepared`) runs on one background
+thread, at most one batch in flight, while the loop thread receives and prepares the next batch
+(stacking/padding crops, or `Device.prepare_files`: hardware decode + crop). Results leave in batch
+order and only the loop thread sends. The background thread writes a byte to a pipe when it
+finishes (`wake_fd`, polled by the worker loop), so results are sent at once, without polling.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -74,6 +84,93 @@ def l2_normalize(emb: np.ndarray) -> np.ndarray:
     return emb / np.maximum(norms, 1e-12)
 
 
+class _Job:
+    __slots__ = ("batch", "payload", "since", "done", "result", "exc")
+
+    def __init__(self, batch: Batch, payload: Any, since: float):
+        self.batch, self.payload, self.since = batch, payload, since
+        self.done = threading.Event()
+        self.result: Any = None
+        self.exc: BaseException | None = None
+
+
+class BackgroundRunner:
+    """One daemon thread running fn(payload) for at most one job at a time.
+
+    `submit` hands a job over; `take(block)` returns the finished job (or None) and clears the slot;
+    the job's exception, if any, is re-raised by `take` on the caller's (loop) thread. A byte is
+    written to a pipe when a job finishes: `fileno()` is for the loop's poller, `clear_wake()`
+    drains it. The thread is a daemon: a hung device call never keeps the process alive.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], name: str):
+        self.fn = fn
+        self.inflight: _Job | None = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._closed = False
+        self._thread = threading.Thread(target=self._main, daemon=True, name=name)
+        self._thread.start()
+
+    def _main(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job.result = self.fn(job.payload)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the loop thread by take()
+                job.exc = exc
+            job.done.set()
+            if not self._closed:
+                try:
+                    os.write(self._w, b"x")
+                except OSError:  # pipe full (a wake-up is pending anyway) or closed at exit
+                    pass
+
+    def submit(self, job: _Job) -> None:
+        if self.inflight is not None:
+            raise RuntimeError("a batch is already in flight")
+        self.inflight = job
+        self._jobs.put(job)
+
+    def take(self, block: bool) -> _Job | None:
+        job = self.inflight
+        if job is None or (not block and not job.done.is_set()):
+            return None
+        job.done.wait()  # the device call has its own timeouts (sail.timeout_s); stalls: supervisor
+        self.inflight = None
+        if job.exc is not None:
+            raise job.exc
+        return job
+
+    def fileno(self) -> int:
+        return self._r
+
+    def clear_wake(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the thread, letting an in-flight call finish for up to `timeout` seconds (the device
+        is closed after this); a hung call is left behind (daemon) together with the pipe."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return
+        self._closed = True
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class InferCore(StageCore):
     """Infer worker core: owns one device (opened in setup, inside this process)."""
 
@@ -83,6 +180,7 @@ class InferCore(StageCore):
         self.slot = slot
         self.device = None
         self.batcher: Batcher | None = None
+        self.runner: BackgroundRunner | None = None
         self.info: dict = {}
 
     def setup(self) -> None:
@@ -92,8 +190,15 @@ class InferCore(StageCore):
         self.files_mode = backend.input_kind(self.cfg) == "files"
         self.device = backend.open_device(self.cfg, self.spec.device)
         self.batcher = Batcher(self.device.batch_size, self.cfg.infer.batch_timeout_ms / 1000.0)
+        if self.cfg.infer.overlap:
+            self.runner = BackgroundRunner(self._execute, name=f"infer-run-{self.spec.device}")
         self.info = {"device": self.spec.device, "batch_size": self.device.batch_size,
-                     "fixed_batch": self.device.fixed_batch, "dim": self.device.dim}
+                     "fixed_batch": self.device.fixed_batch, "dim": self.device.dim,
+                     "overlap": self.runner is not None}
+
+    def wake_fd(self) -> int | None:
+        """A file descriptor the worker loop polls: readable when an in-flight batch has finished."""
+        return None if self.runner is None else self.runner.fileno()
 
     def handle(self, header: dict, frames: list):
         if header["t"] in ("pxs", "items"):
@@ -117,32 +222,80 @@ class InferCore(StageCore):
         return outputs
 
     def flush(self, now: float):
+        outputs = self.collect(block=False)
         if self.batcher.due(now):
-            return self.run(self.batcher.take())
-        return ()
+            outputs.extend(self.run(self.batcher.take()))
+        return outputs
 
     def deadline(self) -> float | None:
+        # An in-flight batch needs no deadline: its completion wakes the loop through wake_fd().
         return self.batcher.deadline()
 
-    def run(self, batch: Batch) -> list:
-        from stages.decode import failure
+    # --- the two halves of a batch --------------------------------------------------------------
+    def _prepare(self, batch: Batch) -> Any:
+        """Host side (loop thread): stack/pad the crops, or decode + crop the files."""
+        if self.files_mode:
+            return self.device.prepare_files(batch.ids, batch.paths)
+        pixels = batch.pixels if batch.pixels is not None else np.stack(batch.arrays)
+        if self.device.fixed_batch:
+            pixels = pad_batch(pixels, self.device.batch_size)
+        return pixels
 
+    def _execute(self, prepared: Any) -> Any:
+        """Device side (the background thread with overlap): inference only."""
+        if self.files_mode:
+            return self.device.run_prepared(prepared)
+        return self.device.embed(prepared)
+
+    def run(self, batch: Batch) -> list:
+        if self.runner is None:
+            return self._run_serial(batch)
+        job = self.runner.inflight
+        t0 = time.monotonic()
+        # the slot holds everything this process holds: the batch in flight and the one prepared
+        self.slot.begin((job.batch.ids if job else []) + list(batch.ids))
+        if job is not None:
+            self.slot.floats[0] = job.since  # busy since the oldest unit still held
+        payload = self._prepare(batch)
+        outputs = self.collect(block=True)  # the previous batch: results stay in order
+        self.slot.begin(batch.ids)
+        self.slot.floats[0] = t0
+        self.runner.submit(_Job(batch, payload, t0))
+        return outputs
+
+    def collect(self, block: bool) -> list:
+        """Outputs of the in-flight batch once it has finished (waits for it when block)."""
+        if self.runner is None:
+            return []
+        self.runner.clear_wake()
+        job = self.runner.take(block)  # re-raises the device call's DeviceError here
+        if job is None:
+            return []
+        if self.runner.inflight is None:
+            self.slot.end()
+        return self._finish(job.batch, job.result)
+
+    def _run_serial(self, batch: Batch) -> list:
         self.slot.begin(batch.ids)
         try:
             if self.files_mode:
-                res = self.device.embed_files(batch.ids, batch.paths)
-                path_of = dict(zip(batch.ids, batch.paths))
-                ids, paths, emb = res.ids, [path_of[i] for i in res.ids], res.embeddings
-                outputs = [failure(f.id, f.path, f.reason, f.message, "infer") for f in res.failures]
+                result = self.device.embed_files(batch.ids, batch.paths)
             else:
-                pixels = batch.pixels if batch.pixels is not None else np.stack(batch.arrays)
-                n = len(batch)
-                if self.device.fixed_batch:
-                    pixels = pad_batch(pixels, self.device.batch_size)
-                emb = self.device.embed(pixels)[:n]
-                ids, paths, outputs = batch.ids, batch.paths, []
+                result = self._execute(self._prepare(batch))
         finally:
             self.slot.end()
+        return self._finish(batch, result)
+
+    def _finish(self, batch: Batch, result: Any) -> list:
+        from stages.decode import failure
+
+        if self.files_mode:
+            path_of = dict(zip(batch.ids, batch.paths))
+            ids, paths, emb = result.ids, [path_of[i] for i in result.ids], result.embeddings
+            outputs = [failure(f.id, f.path, f.reason, f.message, "infer") for f in result.failures]
+        else:
+            emb = result[:len(batch)]
+            ids, paths, outputs = batch.ids, batch.paths, []
         emb = np.asarray(emb, dtype=np.float32)
         if emb.shape != (len(ids), self.device.dim):
             from pipeline.backends.base import DeviceError
@@ -162,5 +315,7 @@ class InferCore(StageCore):
         return outputs
 
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()  # bounded wait: a hung device call must not keep the process alive
         if self.device is not None:
             self.device.close()

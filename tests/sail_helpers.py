@@ -19,7 +19,7 @@ def use_fake_sail(monkeypatch, tpus: int = 1) -> None:
     old = os.environ.get("PYTHONPATH", "")
     monkeypatch.setenv("PYTHONPATH", FAKE_SAIL_DIR + (os.pathsep + old if old else ""))
     monkeypatch.setenv("FAKE_SAIL_TPUS", str(tpus))
-    for var in ("FAKE_SAIL_FAIL_DEVS", "FAKE_SAIL_HANG_DEVS", "FAKE_SAIL_DECODE_FAIL"):
+    for var in ("FAKE_SAIL_FAIL_DEVS", "FAKE_SAIL_HANG_DEVS", "FAKE_SAIL_DECODE_FAIL", "FAKE_SAIL_DECODE_MS", "FAKE_SAIL_INFER_MS"):
         monkeypatch.delenv(var, raising=False)
     for mod in ("sophon.sail", "sophon"):
         sys.modules.pop(mod, None)

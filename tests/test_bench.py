@@ -128,7 +128,7 @@ def test_ready_crops_skip_the_files():
 
 
 def test_infer_groups_fill_batches_across_messages(tmp_path):
-    spec = _spec("infer", {"infer": {"backend": "fake"}, "model": {"batch_size": 4}})
+    spec = _spec("infer", {"infer": {"backend": "fake", "overlap": False}, "model": {"batch_size": 4}})
     core = InferCore(spec, Slot(str(tmp_path / "slot")))
     core.setup()
     px = np.random.default_rng(1).integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)

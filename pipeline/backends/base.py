@@ -45,6 +45,16 @@ class FileBatchResult:
     failures: list[ItemFailure] = field(default_factory=list)
 
 
+@dataclass
+class Prepared:
+    """A batch of files after the host/decoder part of `embed_files` (see `Device.prepare_files`)."""
+
+    ids: list[int]  # the inputs still to embed, in order
+    paths: list[bytes]
+    failures: list[ItemFailure] = field(default_factory=list)  # inputs already failed while preparing
+    data: Any = None  # whatever the device needs for run_prepared (e.g. decoded images in device memory)
+
+
 class Device(abc.ABC):
     """An open inference device, owned by one worker process."""
 
@@ -63,6 +73,21 @@ class Device(abc.ABC):
     def embed_files(self, ids: Sequence[int], paths: Sequence[bytes]) -> FileBatchResult:
         """For device_input == "files": decode, preprocess and embed these files."""
         raise NotImplementedError
+
+    # Optional two-phase split of embed_files, so the infer stage can prepare the next batch while
+    # the accelerator runs this one (`infer.overlap`). `run_prepared` runs on a background thread,
+    # `prepare_files` on the worker's loop thread, possibly at the same time. The defaults do all
+    # the work in run_prepared, i.e. no overlap but correct results.
+    def prepare_files(self, ids: Sequence[int], paths: Sequence[bytes]) -> Prepared:
+        """Decode/preprocess these files (host, JPEG decoder, bmcv); collect per-input failures."""
+        return Prepared(ids=list(ids), paths=list(paths))
+
+    def run_prepared(self, prepared: Prepared) -> FileBatchResult:
+        """Inference only, on what prepare_files made; prepared.failures are passed through."""
+        res = self.embed_files(prepared.ids, prepared.paths)
+        if prepared.failures:
+            res.failures = list(prepared.failures) + list(res.failures)
+        return res
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources."""

@@ -50,6 +50,7 @@ from pipeline.backends.base import (
     DeviceError,
     FileBatchResult,
     ItemFailure,
+    Prepared,
 )
 from pipeline.config import CLIP_MEAN, CLIP_STD, ConfigError
 
@@ -196,6 +197,9 @@ class SailHostDevice(Device):
         return pixels  # uint8_nhwc, normalisation fused into the model
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
+        # With infer.overlap this runs on the background thread. The numpy Engine.process does
+        # NOT release the GIL (§5), so in host mode the loop thread cannot prepare the next batch
+        # meanwhile: overlap gains little here (the host workers do the decode anyway).
         pixels = np.asarray(pixels)
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (224, 224, 3):
             raise ValueError(f"embed expects uint8 [n,224,224,3], got {pixels.dtype} {pixels.shape}")
@@ -410,11 +414,23 @@ class SailFilesDevice(Device):
             raise DeviceError(f"dev_id {self.dev_id}: batch returned indices {sorted(idxs)}, expected 0..{m - 1}")
         return res
 
-    def embed_files(self, ids: Sequence[int], paths: Sequence[bytes]) -> FileBatchResult:
+    def _check_usable(self) -> None:
         if self.broken:
             raise DeviceError(f"dev_id {self.dev_id} is unusable after an earlier error: {self.broken}")
+
+    def prepare_files(self, ids: Sequence[int], paths: Sequence[bytes]) -> Prepared:
+        """Decode (JPU or CPU fallback) + bmcv centre square of each file: the host-side half.
+
+        With `infer.overlap` this runs on the worker's loop thread while `run_prepared` of the
+        previous batch runs on the background thread: Decoder.read and the bmcv calls release the
+        GIL (§5), as do PushImage/GetBatchData_Npy. [UNCONFIRMED] that Decoder/Bmcv on this handle
+        and EngineImagePreProcess may be used from two threads at once on real hardware: verified
+        only against tests/fake_sail.
+        """
+        self._check_usable()
         failures: list[ItemFailure] = []
         ok_ids: list[int] = []
+        ok_paths: list[bytes] = []
         imgs: list = []
         for item_id, path in zip(ids, paths):
             img, fail = self._prepare(item_id, path)
@@ -422,7 +438,14 @@ class SailFilesDevice(Device):
                 failures.append(fail)
             else:
                 ok_ids.append(item_id)
+                ok_paths.append(path)
                 imgs.append(img)
+        return Prepared(ids=ok_ids, paths=ok_paths, failures=failures, data=imgs)
+
+    def run_prepared(self, prepared: Prepared) -> FileBatchResult:
+        """EngineImagePreProcess (TPU resize, RGB, alpha/beta, inference) on the prepared squares."""
+        self._check_usable()
+        imgs = prepared.data
         rows = []
         try:
             for i in range(0, len(imgs), self.batch_size):
@@ -432,7 +455,10 @@ class SailFilesDevice(Device):
             self.broken = str(exc)
             raise
         emb = np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
-        return FileBatchResult(ids=ok_ids, embeddings=emb, failures=failures)
+        return FileBatchResult(ids=list(prepared.ids), embeddings=emb, failures=list(prepared.failures))
+
+    def embed_files(self, ids: Sequence[int], paths: Sequence[bytes]) -> FileBatchResult:
+        return self.run_prepared(self.prepare_files(ids, paths))
 
     def close(self) -> None:
         self.epp = None

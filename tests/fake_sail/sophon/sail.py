@@ -15,6 +15,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from enum import IntEnum
 
 import cv2
@@ -252,6 +253,21 @@ class _Net:
         return np.asarray(self.sess.run(None, {self.input_name: x})[0], dtype=np.float32)
 
 
+def _env_ms(name: str) -> float:
+    try:
+        return max(0.0, float(os.environ.get(name, "0") or 0)) / 1000.0
+    except ValueError:
+        return 0.0
+
+
+def _hold_gil_for(seconds: float) -> None:
+    """Block without releasing the GIL, like the numpy Engine.process (§5): a PyDLL call keeps it."""
+    if seconds > 0:
+        import ctypes
+
+        ctypes.PyDLL(None).usleep(int(seconds * 1e6))
+
+
 class Engine:
     """Only the `Engine(bmodel_path, dev_id, IOMode)` form (the one every sample uses, §1.2)."""
 
@@ -327,7 +343,9 @@ class Engine:
             _log(f"Invalid shape for input tensor {net.input_name}: {list(x.shape)}")
             raise SailEngineError("bad input")
         with self._lock:
+            t0 = time.monotonic()
             y = net.run(x, self._dev)
+            _hold_gil_for(_env_ms("FAKE_SAIL_INFER_MS") - (time.monotonic() - t0))
         return {net.output_name: np.array(y, dtype=np.float32, copy=True)}
 
     def _process_tensors(self, net: _Net, inputs: dict, outputs: dict) -> None:
@@ -340,7 +358,11 @@ class Engine:
             return
         with self._lock:
             try:
+                t0 = time.monotonic()
                 y = net.run(t._data, self._dev)
+                delay = _env_ms("FAKE_SAIL_INFER_MS") - (time.monotonic() - t0)
+                if delay > 0:
+                    time.sleep(delay)  # the Tensor path releases the GIL (§5)
             except SailEngineError:
                 _log("bmrt_launch_tensor_ex() err")
                 return
@@ -537,7 +559,11 @@ class Decoder:
         return 0, BMImage._make(np.ascontiguousarray(bgr), Format.FORMAT_BGR_PACKED, self._dev)
 
     def read(self, handle: Handle, image: BMImage | None = None):
+        t0 = time.monotonic()
         code, img = self._decode(handle)
+        delay = _env_ms("FAKE_SAIL_DECODE_MS") - (time.monotonic() - t0)
+        if delay > 0:
+            time.sleep(delay)  # the JPU decode releases the GIL (§5)
         if image is None:
             if code != 0:
                 raise SailDecoderError("Failed to get one decoded image")
@@ -745,10 +771,14 @@ class EngineImagePreProcess:
             if self._dev in _env_ids("FAKE_SAIL_HANG_DEVS"):
                 threading.Event().wait()
             try:
+                t0 = time.monotonic()
                 x = np.stack([self._prep(img) for _, _, img in items])
                 global LAST_EPP_INPUT
                 LAST_EPP_INPUT = (x, [i for _, i, _ in items])
                 y = self._net.run(x, self._dev)
+                delay = _env_ms("FAKE_SAIL_INFER_MS") - (time.monotonic() - t0)
+                if delay > 0:
+                    time.sleep(delay)  # the chip is busy; the GIL is free (C++ threads, §5)
                 result = ({self._net.output_name: y}, [img for _, _, img in items],
                           [c for c, _, _ in items], [i for _, i, _ in items],
                           [[0, 0, self._w, self._h] for _ in items])
