@@ -170,10 +170,8 @@ def sail_setup(tmp_path_factory):
 
 
 def _sail_run(d: Path, bm: Path, imgs: Path, overlap: bool):
-    from pipeline.output import load_embeddings
+    from pipeline.output import EMB_DIR, load_embeddings, shard_name
     from pipeline.supervisor import run
-
-    from pipeline.output import EMB_DIR, shard_name
 
     out = d / f"out-{overlap}"
     cfg = {"input": {"paths": [str(imgs)]}, "output": {"dir": str(out), "shard_size": 16},
