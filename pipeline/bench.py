@@ -502,23 +502,34 @@ def case_fake(p: dict, work: Path, say: Callable[[str], None]) -> dict:
                            fake={"latency_ms_per_batch": latency_ms, "ready_crops": True},
                            workers={"decode": p["fake_decode_workers"], "items_per_message": p["fake_items_per_message"]},
                            output={"shard_size": 4096})
-        runs = []
+        # infer.overlap: the config default, one setting, or both interleaved run by run
+        variants = {"default": [None], "on": [True], "off": [False], "both": [False, True]}[p.get("fake_overlap", "default")]
+        by_variant: dict = {v: [] for v in variants}
         for rep in range(p["repeats"]):
-            say(f"fake {ndev} device(s) rep {rep + 1}/{p['repeats']}: {n} images")
-            r = run_pipeline(raw)
-            r["load_before"] = list(os.getloadavg())
-            runs.append(r)
+            for v in variants:
+                raw_v = raw if v is None else {**raw, "infer": {**raw["infer"], "overlap": v}}
+                label = "" if v is None else f" overlap={'on' if v else 'off'}"
+                say(f"fake {ndev} device(s){label} rep {rep + 1}/{p['repeats']}: {n} images")
+                r = run_pipeline(raw_v)
+                r["load_before"] = list(os.getloadavg())
+                by_variant[v].append(r)
         shutil.rmtree(inputs, ignore_errors=True)
         ceiling = per_device * ndev
-        med = _median(runs, "images_per_s")
-        out["devices"][str(ndev)] = {
-            "images": n, "ceiling_images_per_s": round(ceiling, 1), "runs": runs,
-            "median_images_per_s": med, "ratio_to_ceiling": _ratio(med, ceiling),
-            "host_cpu_s_per_1000": _median(runs, "host_cpu_s_per_1000"),
-            "time_to_first_embedding_s": _median(runs, "time_to_first_embedding_s"),
-            "peak_tree_rss_mib": _median(runs, "peak_tree_rss_mib"),
-        }
+        for v, runs in by_variant.items():
+            key = str(ndev) if v is None else f"{ndev} {'overlap' if v else 'serial'}"
+            out["devices"][key] = _fake_summary(n, ceiling, runs)
     return out
+
+
+def _fake_summary(n: int, ceiling: float, runs: list) -> dict:
+    med = _median(runs, "images_per_s")
+    return {
+        "images": n, "ceiling_images_per_s": round(ceiling, 1), "runs": runs,
+        "median_images_per_s": med, "ratio_to_ceiling": _ratio(med, ceiling),
+        "host_cpu_s_per_1000": _median(runs, "host_cpu_s_per_1000"),
+        "time_to_first_embedding_s": _median(runs, "time_to_first_embedding_s"),
+        "peak_tree_rss_mib": _median(runs, "peak_tree_rss_mib"),
+    }
 
 
 def case_memory(p: dict, work: Path, say: Callable[[str], None]) -> dict:
@@ -564,10 +575,10 @@ def table(res: dict) -> str:
     if fake:
         s = fake["setup"]
         lines.append(f"Fake devices ({s['latency_ms_per_batch']} ms per batch of {s['batch']}, ready crops)")
-        lines.append(f"  {'devices':>7s} {'images/s':>9s} {'ceiling':>8s} {'ratio':>6s} {'cpu s/1k':>8s} "
+        lines.append(f"  {'devices':>10s} {'images/s':>9s} {'ceiling':>8s} {'ratio':>6s} {'cpu s/1k':>8s} "
                      f"{'ttfe s':>7s} {'RSS MiB':>8s}")
         for nd, d in fake["devices"].items():
-            lines.append(f"  {nd:>7s} {d['median_images_per_s'] or 0:9.1f} {d['ceiling_images_per_s']:8.1f} "
+            lines.append(f"  {nd:>10s} {d['median_images_per_s'] or 0:9.1f} {d['ceiling_images_per_s']:8.1f} "
                          f"{d['ratio_to_ceiling'] or 0:6.3f} {d['host_cpu_s_per_1000'] or 0:8.2f} "
                          f"{d['time_to_first_embedding_s']:7.2f} {d['peak_tree_rss_mib']:8.1f}")
     mem = res["cases"].get("memory")
@@ -612,12 +623,14 @@ def _ints(text: str) -> list[int]:
               help="Images per fake run = this many seconds at the devices' ceiling.")
 @click.option("--fake-decode-workers", type=int, default=1, show_default=True)
 @click.option("--fake-items-per-message", type=int, default=32, show_default=True)
+@click.option("--fake-overlap", type=click.Choice(["default", "on", "off", "both"]), default="default", show_default=True,
+              help="infer.overlap in the fake case: the config default, on, off, or both interleaved run by run.")
 @click.option("--memory-sizes", default="1000,10000,100000", show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Runs per case (medians reported).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench(cases, images, model, pipeline_model, int8_model, cpu_images, batch, layout, mode, decode_workers,
-          items_per_message, fake_devices, fake_seconds, fake_decode_workers, fake_items_per_message,
+          items_per_message, fake_devices, fake_seconds, fake_decode_workers, fake_items_per_message, fake_overlap,
           memory_sizes, repeats, json_path, quiet) -> None:
     """Benchmark the pipeline against its model-only ceiling and hand-written baselines.
 
@@ -642,7 +655,7 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, batch, l
          "decode_workers": decode_workers, "items_per_message": items_per_message,
          "fake_devices": _ints(fake_devices), "fake_seconds": fake_seconds,
          "fake_decode_workers": fake_decode_workers, "fake_items_per_message": fake_items_per_message,
-         "memory_sizes": _ints(memory_sizes), "repeats": repeats}
+         "fake_overlap": fake_overlap, "memory_sizes": _ints(memory_sizes), "repeats": repeats}
 
     def say(msg: str) -> None:
         if not quiet:

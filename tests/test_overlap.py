@@ -39,9 +39,17 @@ def _msg(px, lo, hi):
 
 
 def _wait_wake(core: InferCore) -> None:
-    """Block on the wake fd as the worker loop's poller does (with a timeout)."""
-    r, _, _ = select.select([core.wake_fd()], [], [], WAIT_S)
-    assert r, "the in-flight batch did not finish (no wake-up)"
+    """Block on the wake fd as the worker loop's poller does (with a timeout) until the in-flight
+    batch is done. A wake-up can be stale (written by a batch already collected): that costs the
+    loop one empty turn, never a busy loop."""
+    t_end = time.monotonic() + WAIT_S
+    while True:
+        r, _, _ = select.select([core.wake_fd()], [], [], max(0.0, t_end - time.monotonic()))
+        assert r, "the in-flight batch did not finish (no wake-up)"
+        core.runner.clear_wake()  # first clear, then look (as InferCore.collect does): no lost wake-up
+        job = core.runner.inflight
+        if job is None or job.done.is_set():
+            return
 
 
 def _drain(core: InferCore) -> list:
@@ -116,7 +124,8 @@ def test_slot_holds_in_flight_and_prepared_ids(tmp_path, pixels):
     core.close()
 
 
-def test_device_error_surfaces_on_the_loop_thread(tmp_path, pixels):
+def test_device_error_surfaces_on_the_loop_thread(tmp_path, pixels, monkeypatch):
+    monkeypatch.setenv("CLIP_PIPELINE_WORKER_GENERATION", "0")  # fake faults fire in generation 0 only
     core = _core(tmp_path, overlap=True, fail_on_batch=2)
     assert core.handle(*_msg(pixels, 0, 4)) == []
     assert [i for i, _ in _embs(core.handle(*_msg(pixels, 4, 8)))] == [[0, 1, 2, 3]]
@@ -144,8 +153,7 @@ def test_partial_batch_flush_and_prompt_wakeup(tmp_path, pixels):
     _wait_wake(core)
     out = core.flush(time.monotonic())
     assert [i for i, _ in _embs(out)] == [[0, 1, 2]]
-    r, _, _ = select.select([core.wake_fd()], [], [], 0)
-    assert not r  # the wake-up was consumed: no busy loop afterwards
+    assert core.flush(time.monotonic()) == [] and core.deadline() is None and core.runner.inflight is None
     core.close()
 
 
@@ -201,3 +209,23 @@ def test_sail_overlap_is_faster_with_identical_output(sail_setup, monkeypatch):
     print(f"steady: serial {steady_s:.3f} s, overlapped {steady_o:.3f} s, ratio {steady_o / steady_s:.2f}")
     # serial ~7 x (64 + 60) ms, overlapped ~7 x max(64, 60) ms: ~0.52; generous margin
     assert steady_o <= 0.8 * steady_s, (steady_o, steady_s)
+
+
+def test_default_two_phase_defers_to_embed_files():
+    from pipeline.backends.base import Device, FileBatchResult, ItemFailure, Prepared
+
+    class FilesOnly(Device):
+        batch_size, dim = 4, 2
+
+        def embed_files(self, ids, paths):
+            return FileBatchResult(ids=list(ids)[1:], embeddings=np.ones((len(ids) - 1, 2), np.float32),
+                                   failures=[ItemFailure(ids[0], paths[0], "corrupt", "bad")])
+
+    dev = FilesOnly()
+    prep = dev.prepare_files([5, 6, 7], [b"a", b"b", b"c"])
+    assert isinstance(prep, Prepared) and prep.ids == [5, 6, 7] and prep.failures == []
+    res = dev.run_prepared(prep)
+    assert res.ids == [6, 7] and [f.id for f in res.failures] == [5] and res.embeddings.shape == (2, 2)
+    # failures found while preparing are kept in front of the device's own
+    res = dev.run_prepared(Prepared(ids=[6, 7], paths=[b"b", b"c"], failures=[ItemFailure(5, b"a", "empty", "")]))
+    assert [f.id for f in res.failures] == [5, 6]
