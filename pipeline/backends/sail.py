@@ -422,10 +422,10 @@ class SailFilesDevice(Device):
         """Decode (JPU or CPU fallback) + bmcv centre square of each file: the host-side half.
 
         With `infer.overlap` this runs on the worker's loop thread while `run_prepared` of the
-        previous batch runs on the background thread: Decoder.read and the bmcv calls release the
-        GIL (§5), as do PushImage/GetBatchData_Npy. [UNCONFIRMED] that Decoder/Bmcv on this handle
-        and EngineImagePreProcess may be used from two threads at once on real hardware: verified
-        only against tests/fake_sail.
+        previous batch runs on the background thread. Decoder.read releases the GIL, as do
+        PushImage/GetBatchData_Npy; the (short) Bmcv calls hold it (§5). [UNCONFIRMED] that
+        Decoder/Bmcv on this handle and EngineImagePreProcess may be used from two threads at once
+        on real hardware: verified only against tests/fake_sail.
         """
         self._check_usable()
         failures: list[ItemFailure] = []
