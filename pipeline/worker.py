@@ -326,6 +326,7 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
     if wake is not None:  # the core finishes work on a thread of its own: wake up to send its results
         poller.register(wake, zmq.POLLIN)
     per_item = spec.role in ("decode", "preprocess")  # one item per message: attribute crashes to it
+    busy_of_core = getattr(core, "busy_s", None)
     try:
         while True:
             loop.check_alive()
@@ -360,6 +361,10 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
                 return EXIT_DEVICE
             loop.stats["busy_s"] += time.monotonic() - t0
             loop.emit(outputs)
+            if busy_of_core is not None:
+                own_busy = busy_of_core()
+                if own_busy is not None:  # work done on a thread of the core's own (infer.overlap)
+                    loop.stats["busy_s"] = own_busy
             loop.report_stats()
     finally:
         try:

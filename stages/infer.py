@@ -112,6 +112,7 @@ class BackgroundRunner:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self._closed = False
+        self.run_s = 0.0  # cumulative seconds the device call ran (the stage's busy time)
         self._thread = threading.Thread(target=self._main, daemon=True, name=name)
         self._thread.start()
 
@@ -120,10 +121,12 @@ class BackgroundRunner:
             job = self._jobs.get()
             if job is None:
                 return
+            t0 = time.monotonic()
             try:
                 job.result = self.fn(job.payload)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the loop thread by take()
                 job.exc = exc
+            self.run_s += time.monotonic() - t0
             job.done.set()
             if not self._closed:
                 try:
@@ -196,6 +199,10 @@ class InferCore(StageCore):
         self.info = {"device": self.spec.device, "batch_size": self.device.batch_size,
                      "fixed_batch": self.device.fixed_batch, "dim": self.device.dim,
                      "overlap": self.runner is not None}
+
+    def busy_s(self) -> float | None:
+        """With overlap, the stage's busy time is the device's (the loop's own work overlaps it)."""
+        return None if self.runner is None else self.runner.run_s
 
     def wake_fd(self) -> int | None:
         """A file descriptor the worker loop polls: readable when an in-flight batch has finished."""
