@@ -131,7 +131,8 @@ def test_permanently_failing_device_is_taken_out(corpus, tmp_path):
     d, good, bad, ref = corpus
     out = tmp_path / "out"
     r = run_cli(d, out, "-d", "cpu:0", "-d", "cpu:1", **SMALL_QUEUES,
-                **{"fake.fail_devices": ["cpu:1"], "run.max_restarts": 1, "fake.latency_ms_per_batch": 150})
+                **{"fake.fail_devices": ["cpu:1"], "run.max_restarts": 1,
+                   "fake.latency_ms_per_batch": 400})  # the run outlasts two restarts of cpu:1, even on a loaded machine
     assert r.returncode == 3, r.stderr
     assert "device cpu:1 failed 2 times; taking it out of the run (1 device(s) left)" in r.stderr
     assert_exact(out, good, bad)
