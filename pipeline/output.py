@@ -54,6 +54,22 @@ def parse_listing_line(line: bytes) -> bytes:
     return os.fsencode(json.loads(line))
 
 
+def listing_paths(listing: str | os.PathLike, ids) -> dict[int, bytes]:
+    """The paths of the given input ids, in one pass over the listing (stops after the largest)."""
+    wanted = set(ids)
+    found: dict[int, bytes] = {}
+    if not wanted:
+        return found
+    last = max(wanted)
+    with open(listing, "rb") as fh:
+        for i, line in enumerate(fh):
+            if i in wanted:
+                found[i] = parse_listing_line(line)
+            if i >= last:
+                break
+    return found
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

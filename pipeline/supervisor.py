@@ -130,6 +130,7 @@ class Supervisor:
         self.util: dict[str, float] = {}
         self.queues: dict[str, int] = {}
         self.dim: int | None = None  # embedding width, from the first device that gets ready
+        self._resumed = 0  # inputs resolved by an earlier run (set when the output dir is prepared)
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -411,15 +412,10 @@ class Supervisor:
             self.send_reissues()
 
     def send_reissues(self) -> None:
-        ids = sorted(self.reissue_pending)
+        paths = output.listing_paths(self.out / "listing.jsonl", self.reissue_pending)
         self.reissue_pending.clear()
-        wanted = set(ids)
-        with open(self.out / "listing.jsonl", "rb") as fh:
-            for i, line in enumerate(fh):
-                if i in wanted:
-                    self.outbox.append((self.to_first, {"t": "item", "id": i, "path": output.parse_listing_line(line)}))
-                if i >= ids[-1]:
-                    break
+        for i in sorted(paths):
+            self.outbox.append((self.to_first, {"t": "item", "id": i, "path": paths[i]}))
 
     # -- failures of workers -----------------------------------------------------------------
     def check_workers(self) -> None:
@@ -501,18 +497,11 @@ class Supervisor:
                 self.queue_to_sink({"t": "total", "n": self.ledger.listed})
             if self.dim is not None:
                 self.queue_to_sink({"t": "dim", "n": self.dim})
+        paths = output.listing_paths(self.out / "listing.jsonl", self.ledger.failed_here)
         for i, rec in sorted(self.ledger.failed_here.items()):
-            path = self.path_of(i)
-            self.queue_to_sink({**rec, "path": path})
+            self.queue_to_sink({**rec, "path": paths.get(i, b"")})
         sent = self.source().slot.sent_upto
         self.reissue_pending.update(self.ledger.to_reissue(sent))
-
-    def path_of(self, item_id: int) -> bytes:
-        with open(self.out / "listing.jsonl", "rb") as fh:
-            for i, line in enumerate(fh):
-                if i == item_id:
-                    return output.parse_listing_line(line)
-        return b""
 
     def stop_all(self) -> None:
         procs = [w.proc for w in self.workers.values() if w.proc is not None]
@@ -572,7 +561,7 @@ class Supervisor:
         return (self.ledger.embedded + self.ledger.failed - resumed) / elapsed if elapsed > 0 else 0.0
 
     def resumed_count(self) -> int:
-        return getattr(self, "_resumed", 0)
+        return self._resumed
 
     def finish(self, wall: float) -> RunResult:
         led = self.ledger

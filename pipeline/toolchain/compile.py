@@ -1,7 +1,6 @@
 """ONNX image encoder -> BM1684X bmodel(s), driving TPU-MLIR's tools in the venv."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -10,6 +9,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+
+from pipeline.models import sha256_file  # noqa: F401 - also part of this module's API (tests)
 
 from .env import TPU_MLIR_VERSION, find_venv, venv_env
 from .parse import parse_compiler_profile, parse_model_info
@@ -60,16 +61,6 @@ def deploy_args(mlir: str, bmodel: str, chip: str = CHIP, quantize: str = QUANTI
 
 def combine_args(bmodels: Sequence[str], out: str) -> list[str]:
     return ["model_tool", "--combine", *[str(b) for b in bmodels], "-o", str(out)]
-
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 def onnx_synthetic_flag(onnx_path) -> bool | None:
