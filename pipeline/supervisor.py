@@ -23,10 +23,11 @@ import zmq
 
 from pipeline import output, transport
 from pipeline.backends.base import get_backend
+from pipeline.boot import boot
 from pipeline.config import Config, ConfigError
 from pipeline.ledger import Ledger
 from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
-from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment, worker_main
+from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment
 
 FORMAT = "clip-pipeline/1"
 
@@ -273,9 +274,13 @@ class Supervisor:
         if python:
             w.proc = ForeignProcess(python, w.spec, w.slot, os.path.join(self.ep.root, f"spec-{w.name}"))
         else:
+            import pickle
+
             ctx = mp.get_context("spawn")
-            w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}",
-                                 daemon=True)
+            # pipeline.boot.boot: a light target whose argument is plain bytes, so the child asks for
+            # the parent-death signal before importing anything heavy
+            w.proc = ctx.Process(target=boot, args=(pickle.dumps((w.spec, w.slot), protocol=4),),
+                                 name=f"clip-pipeline:{w.name}", daemon=True)
         with worker_environment():
             w.proc.start()
         w.started = time.monotonic()
@@ -693,7 +698,7 @@ class ForeignProcess:
 
         with open(spec_path, "wb") as fh:
             pickle.dump((spec, slot), fh, protocol=4)
-        self.args = [python, "-m", "pipeline.worker", spec_path]
+        self.args = [python, "-m", "pipeline.boot", spec_path]
         self.popen = None
 
     def start(self) -> None:

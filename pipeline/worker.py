@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import zmq
 
 from pipeline import transport
+from pipeline.boot import PARENT_ENV, set_parent_death_signal
 from pipeline.config import Config
 
 MAX_SLOT_IDS = 1024
@@ -162,6 +163,7 @@ WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THRE
 def worker_environment():
     """Around Process.start(): children inherit WORKER_ENV; the parent's environment is restored."""
     added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    added[PARENT_ENV] = str(os.getpid())  # the supervisor: a worker whose parent is another has lost it
     os.environ.update(added)
     try:
         yield
@@ -201,7 +203,7 @@ class Loop:
         self.spec = spec
         self.slot = slot
         self.stopping = False
-        self.parent = os.getppid()
+        self.parent = int(os.environ.get(PARENT_ENV) or os.getppid())
         self.ctx = zmq.Context()
         q = spec.cfg.queues
         out_hwm = {"source": q.decode, "decode": q.preprocess if not spec.cfg.workers.fuse_decode_preprocess else q.infer,
@@ -218,10 +220,10 @@ class Loop:
 
     # -- sending with backpressure but without going deaf to signals or a dead parent --------
     def send(self, target: str, header: dict, buffers: tuple = ()) -> None:
-        if target == "control":
-            transport.send(self.control, header, *buffers)
-            return
-        sock = self.next if target == "next" else self.sink
+        # Every send is non-blocking with a poll between tries: a blocking send to a peer that is
+        # gone (ZMQ_IMMEDIATE: no peer = no pipe) would never return, and the worker would
+        # outlive the supervisor (issue #12: orphans blocked in report_stats).
+        sock = {"control": self.control, "next": self.next}.get(target, self.sink)
         t0 = time.monotonic()
         while True:
             try:
@@ -230,6 +232,8 @@ class Loop:
             except zmq.Again:
                 self.check_alive()
                 sock.poll(SEND_TIMEOUT_MS, zmq.POLLOUT)
+        if target == "control":
+            return
         self.stats["blocked_s"] += time.monotonic() - t0
         self.stats["out" if target == "next" else "sink_out"] += 1  # queue fill (progress.queue_fill)
 
@@ -265,14 +269,46 @@ class Loop:
         self.ctx.term()
 
 
+# An orphan (the supervisor died) that has not left its loop this long after SIGTERM exits hard:
+# nothing it holds can be written anywhere any more. A device call in flight is waited for (up to
+# run.stall_timeout_s), so a device is never torn down under a running call.
+ORPHAN_GRACE_S = 1.5
+
+# Set by the infer stage around a device call (the loop thread or its background thread), so the
+# orphan watchdog lets the call return before exiting.
+device_calls = 0
+
+
+def _orphan_watchdog(stall_s: float) -> None:
+    import threading
+
+    def run() -> None:
+        t0 = time.monotonic()
+        while True:
+            time.sleep(0.05)
+            waited = time.monotonic() - t0
+            if waited >= ORPHAN_GRACE_S and (device_calls == 0 or waited >= stall_s):
+                os._exit(EXIT_OK)
+
+    threading.Thread(target=run, daemon=True, name="orphan-watchdog").start()
+
+
 def _install_signals(loop: Loop) -> None:
     # Ctrl-C reaches the whole process group: only the supervisor decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watchdog = []
 
     def on_term(signum, frame):  # noqa: ARG001
         loop.stopping = True
+        if os.getppid() != loop.parent and not watchdog:  # parent death (PR_SET_PDEATHSIG)
+            watchdog.append(True)
+            _orphan_watchdog(loop.spec.cfg.run.stall_timeout_s)
 
     signal.signal(signal.SIGTERM, on_term)
+    set_parent_death_signal(signal.SIGTERM)  # already asked by pipeline.boot; harmless again
+    # The supervisor may have died before prctl took effect: then no signal will ever come.
+    if os.getppid() != loop.parent:
+        on_term(signal.SIGTERM, None)
 
 
 def worker_main(spec: WorkerSpec, slot: Slot) -> None:
@@ -388,10 +424,9 @@ def _grouped_hwm(cfg: Config, depth: int, grouped: bool) -> int:
 
 
 if __name__ == "__main__":
-    # Entry for workers launched under another interpreter (see Backend.worker_python):
-    # `python -m pipeline.worker SPEC.pickle`
-    import pickle
+    # Entry for workers launched under another interpreter (see Backend.worker_python); the
+    # supervisor uses `python -m pipeline.boot SPEC.pickle`, which guards against orphans first.
+    from pipeline.boot import boot
 
     with open(sys.argv[1], "rb") as fh:
-        _spec, _slot = pickle.load(fh)
-    worker_main(_spec, _slot)
+        boot(fh.read())

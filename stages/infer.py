@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import worker
 from pipeline.transport import array_from, array_header
 from pipeline.worker import StageCore
 
@@ -122,10 +123,13 @@ class BackgroundRunner:
             if job is None:
                 return
             t0 = time.monotonic()
+            worker.device_calls += 1
             try:
                 job.result = self.fn(job.payload)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the loop thread by take()
                 job.exc = exc
+            finally:
+                worker.device_calls -= 1
             self.run_s += time.monotonic() - t0
             job.done.set()
             if not self._closed:
@@ -160,9 +164,13 @@ class BackgroundRunner:
         except (BlockingIOError, OSError):
             pass
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the thread, letting an in-flight call finish for up to `timeout` seconds (the device
-        is closed after this); a hung call is left behind (daemon) together with the pipe."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the thread, letting an in-flight call finish (for up to `timeout` seconds; the device
+        is closed after this). Tearing a device library down under a running call printed native
+        errors on Ctrl-C (onnxruntime: "GetElementType is not implemented", "terminate called
+        without an active exception"), so the default is to wait: a hung call is the supervisor's
+        business (run.stall_timeout_s, then SIGKILL). A call still running after `timeout` is left
+        behind (daemon) together with the pipe."""
         self._jobs.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -285,12 +293,14 @@ class InferCore(StageCore):
 
     def _run_serial(self, batch: Batch) -> list:
         self.slot.begin(batch.ids)
+        worker.device_calls += 1
         try:
             if self.files_mode:
                 result = self.device.embed_files(batch.ids, batch.paths)
             else:
                 result = self._execute(self._prepare(batch))
         finally:
+            worker.device_calls -= 1
             self.slot.end()
         return self._finish(batch, result)
 
@@ -324,6 +334,6 @@ class InferCore(StageCore):
 
     def close(self) -> None:
         if self.runner is not None:
-            self.runner.close()  # bounded wait: a hung device call must not keep the process alive
+            self.runner.close(self.cfg.run.stall_timeout_s)  # the call in flight returns first
         if self.device is not None:
             self.device.close()
