@@ -78,11 +78,13 @@ class Slot:
 
     A small file-backed mmap (in the run's private temp dir), so it also works for workers that
     run under another interpreter (the TPU-MLIR simulator device runs under Python 3.10).
-    floats: [busy_since (monotonic, 0 = idle), last_beat, pid, sent_upto]
+    floats: [busy_since (monotonic, 0 = idle), last_beat, pid, sent_upto, item_id, item_since]
+            item_*: the one input a decoder is reading right now (per-input deadline, progress)
     ids:    [n, id0, id1, ...] the ids inside the current unit of work
     """
 
-    SIZE = 8 * (4 + 1 + MAX_SLOT_IDS)
+    NFLOATS = 6
+    SIZE = 8 * (NFLOATS + 1 + MAX_SLOT_IDS)
 
     def __init__(self, path: str):
         self.path = path
@@ -98,8 +100,8 @@ class Slot:
 
         with open(self.path, "r+b") as fh:
             self._mm = mmap.mmap(fh.fileno(), self.SIZE)
-        self.floats = np.ndarray((4,), dtype=np.float64, buffer=self._mm, offset=0)
-        self.ids = np.ndarray((MAX_SLOT_IDS + 1,), dtype=np.int64, buffer=self._mm, offset=32)
+        self.floats = np.ndarray((self.NFLOATS,), dtype=np.float64, buffer=self._mm, offset=0)
+        self.ids = np.ndarray((MAX_SLOT_IDS + 1,), dtype=np.int64, buffer=self._mm, offset=8 * self.NFLOATS)
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
@@ -117,6 +119,18 @@ class Slot:
     def end(self) -> None:
         self.floats[0] = 0.0
         self.ids[0] = 0
+
+    def begin_item(self, item_id: int) -> None:
+        self.floats[4] = float(item_id)
+        self.floats[5] = time.monotonic()
+
+    def end_item(self) -> None:
+        self.floats[5] = 0.0
+
+    def current_item(self) -> tuple[int, float] | None:
+        """(id, since) of the one input being read right now, or None."""
+        since = float(self.floats[5])
+        return (int(self.floats[4]), since) if since else None
 
     def current_ids(self) -> list[int]:
         n = int(self.ids[0])
@@ -176,7 +190,9 @@ def make_core(spec: WorkerSpec, slot: Slot) -> Core:
     if spec.role == "decode":
         from stages.decode import DecodeCore
 
-        return DecodeCore(spec)
+        core = DecodeCore(spec)
+        core.slot = slot
+        return core
     if spec.role == "preprocess":
         from stages.preprocess import PreprocessCore
 

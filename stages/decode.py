@@ -18,6 +18,8 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -29,7 +31,8 @@ from pipeline.worker import StageCore
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit (max_pixels) before decoding
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
-REASONS = ("empty", "not_an_image", "truncated", "corrupt", "too_large", "unreadable", "vanished")
+REASONS = ("empty", "not_an_image", "truncated", "corrupt", "too_large", "unreadable", "vanished", "not_a_file",
+           "timeout")
 
 
 class ItemError(Exception):
@@ -80,10 +83,40 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_input(path: bytes):
+    """Open an input for reading without ever blocking on it: anything that is not a regular file
+    or a directory after resolving symlinks (FIFO, socket, /dev/zero...) fails as `not_a_file`
+    before it is opened, and the open itself is non-blocking with an fstat check, so a file swapped
+    for a FIFO after the stat cannot block either. Raises ItemError or OSError."""
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise ItemError("not_a_file", f"{_kind(st.st_mode)}, not a regular file: never opened")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        if not stat.S_ISREG(mode):
+            raise ItemError("not_a_file", f"{_kind(mode)}, not a regular file (swapped after listing)")
+        os.set_blocking(fd, True)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_bytes(path: bytes, max_file_bytes: int) -> bytes:
     """Read a whole input file, mapping OS errors to reason codes."""
     try:
-        with open(path, "rb") as fh:
+        with open_input(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > max_file_bytes:
                 raise ItemError("too_large", f"file is {size} bytes, over preprocess.max_file_bytes={max_file_bytes}")
@@ -230,6 +263,10 @@ def image_message(kind: str, header: dict, arr) -> tuple[str, dict, tuple]:
 # worker twice fails as crashed_worker" path can be exercised. Never set it in production.
 CRASH_ENV = "CLIP_PIPELINE_TEST_CRASH_ON"
 _CRASH_ON = os.fsencode(os.environ.get(CRASH_ENV, "")) or None
+# Test-only: a decode worker that receives an input whose path contains this byte string hangs on
+# it (as on a dead network mount), in every generation: the preprocess.decode_timeout_s test.
+HANG_ENV = "CLIP_PIPELINE_TEST_HANG_ON"
+_HANG_ON = os.fsencode(os.environ.get(HANG_ENV, "")) or None
 
 
 def pixels_message(ids: list[int], paths: list[bytes], pixels: np.ndarray) -> tuple[str, dict, tuple]:
@@ -256,6 +293,7 @@ class DecodeCore(StageCore):
         self.ready_crop = ready_crop() if cfg.infer.backend == "fake" and cfg.fake.ready_crops else None
         self.ready_groups: dict[int, np.ndarray] = {}
         self.info: dict = {}
+        self.slot = None  # the worker's Slot (set by make_core): marks the input being decoded
 
     def setup(self) -> None:
         import cv2
@@ -297,7 +335,12 @@ class DecodeCore(StageCore):
 
         if _CRASH_ON and _CRASH_ON in header["path"]:
             os._exit(86)  # test-only fault hook, see CRASH_ENV
+        if self.slot is not None:  # the supervisor's per-input deadline and "stuck" progress note
+            self.slot.begin_item(header["id"])
         try:
+            if _HANG_ON and _HANG_ON in header["path"]:
+                while True:  # test-only fault hook, see HANG_ENV
+                    time.sleep(3600)
             arr = decode_file(header["path"], self.opts)
             if self.fused:
                 return [image_message("px", header, crop(arr, self.opts.mode))]
@@ -306,4 +349,7 @@ class DecodeCore(StageCore):
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
             return [failure(header["id"], header["path"], "unreadable",
                             f"unexpected {type(exc).__name__}: {exc}", "decode")]
+        finally:
+            if self.slot is not None:
+                self.slot.end_item()
         return [image_message("img", header, arr)]

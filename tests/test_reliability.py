@@ -143,3 +143,72 @@ def test_stop_waits_for_the_device_call_in_flight(corpus, tmp_path, sig, code):
     r = run_cli(d, out, **{"model.batch_size": 8})
     assert r.returncode == 0, r.stderr
     assert shard_bytes(out) == shard_bytes(ref)
+
+
+def test_non_regular_inputs_fail_at_once_as_not_a_file(tmp_path):
+    """A FIFO, a socket and symlinks to /dev/zero and /dev/urandom among the inputs: each fails at
+    once as not_a_file (never opened: no 5-minute stall, no 512 MiB read), the rest embeds."""
+    import socket
+
+    d = tmp_path / "in"
+    good = {str(p) for p in good_corpus(d, 3)}
+    os.mkfifo(d / "fifo.jpg")
+    (d / "zero.jpg").symlink_to("/dev/zero")
+    (d / "urandom.jpg").symlink_to("/dev/urandom")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(d / "sock.jpg"))
+    t0 = time.monotonic()
+    try:
+        r = run_cli(d, tmp_path / "out", timeout=60)
+    finally:
+        sock.close()
+    assert r.returncode == 3, r.stderr
+    assert time.monotonic() - t0 < 40
+    bad = {str(d / n): "not_a_file" for n in ("fifo.jpg", "zero.jpg", "urandom.jpg", "sock.jpg")}
+    assert_exact(tmp_path / "out", good, bad)
+
+
+def test_file_swapped_for_a_fifo_after_listing_does_not_block(tmp_path):
+    from stages.decode import DecodeOptions, ItemError, decode_file, open_input
+
+    p = tmp_path / "x.jpg"
+    os.mkfifo(p)
+    with pytest.raises(ItemError) as err:
+        decode_file(os.fsencode(str(p)), DecodeOptions())
+    assert err.value.reason == "not_a_file" and "FIFO" in err.value.message
+    # the race: the stat said "regular file", then a FIFO took its place before the open
+    real_stat = os.stat
+
+    def stale_stat(path, *a, **kw):
+        st = real_stat(tmp_path / "ok.jpg")
+        return st
+
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    import stages.decode as dec
+
+    orig = dec.os.stat
+    dec.os.stat = stale_stat
+    try:
+        with pytest.raises(ItemError) as err:
+            open_input(os.fsencode(str(p)))  # O_NONBLOCK: returns at once, fstat says FIFO
+    finally:
+        dec.os.stat = orig
+    assert err.value.reason == "not_a_file" and "swapped" in err.value.message
+
+
+def test_an_input_that_hangs_its_decoder_fails_as_timeout(tmp_path):
+    """No single input stalls the run: past preprocess.decode_timeout_s it fails as `timeout` (not
+    crashed_worker), the rest of its group embeds, and meanwhile the progress line names the
+    stuck worker, the seconds and the path."""
+    d = tmp_path / "in"
+    good = {str(p) for p in good_corpus(d, 12)}
+    hang = d / "img_0005.jpg"
+    good.discard(str(hang))
+    r = run_cli(d, tmp_path / "out", timeout=90, env_extra={"CLIP_PIPELINE_TEST_HANG_ON": "img_0005"},
+                **{"preprocess.decode_timeout_s": 3.0, "run.log_interval_s": 0.2})
+    assert r.returncode == 3, r.stderr
+    assert_exact(tmp_path / "out", good, {str(hang): "timeout"})
+    import re
+
+    assert re.search(rf"decode-0 stuck [1-9]\d*s on {re.escape(str(hang))}", r.stderr), r.stderr[-2000:]
+    assert "preprocess.decode_timeout_s=3s" in r.stderr
