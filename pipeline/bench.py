@@ -655,15 +655,15 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, batch, l
     cases = cases or ("cpu", "fake")
     images = images or DEFAULT_CORPUS
     if "cpu" in cases:
-        if not Path(images).is_dir():
-            raise BenchUsageError(
-                f"the bench corpus {images} does not exist (the cpu case needs a directory of JPEGs): "
-                "pass --images DIR, or run only --case fake / --case memory")
         for m in filter(None, (model, pipeline_model, int8_model)):
             if not os.path.exists(m):
                 raise BenchUsageError(
                     f"model {m} does not exist: build it with `clip-pipeline build-model {m}` "
                     "(add --input-kind uint8 or --int8 for the variants)")
+        if not Path(images).is_dir():
+            raise BenchUsageError(
+                f"the bench corpus {images} does not exist (the cpu case needs a directory of JPEGs): "
+                "pass --images DIR, or run only --case fake / --case memory")
     p = {"images": Path(images), "model": os.path.abspath(model),
          "pipeline_model": os.path.abspath(pipeline_model) if pipeline_model else None,
          "int8_model": os.path.abspath(int8_model) if int8_model else None,
