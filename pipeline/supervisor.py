@@ -27,6 +27,7 @@ from pipeline.config import Config, ConfigError, validate_for_run
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
 from pipeline.models import ensure_model
+from pipeline.preflight import device_warnings
 from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
 from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment, worker_main
 
@@ -138,6 +139,9 @@ class Supervisor:
     def prepare(self) -> None:
         validate_for_run(self.cfg)
         self.devices = self.backend.resolve_devices(self.cfg)
+        for w in device_warnings(self.cfg, self.devices):
+            self.log(f"warning: {w}")
+            self.warnings.append(w)
         ensure_model(self.cfg, log=self.log)
         self.model = self.backend.model_identity(self.cfg)
         self.fp = fingerprint(self.cfg, self.model)

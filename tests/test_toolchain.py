@@ -127,6 +127,7 @@ def test_fused_constants_are_clips_normalisation():
 def test_verify_images_are_the_pipelines_reference_crops(tmp_path):
     """verify's image inputs come from the pipeline's own preprocessing (no second implementation)."""
     from conftest import make_images
+
     from pipeline.images import DecodeOptions, decode_file, reference_crop
     from pipeline.toolchain.preprocess import load_images_u8
 
