@@ -169,7 +169,8 @@ def test_non_regular_inputs_fail_at_once_as_not_a_file(tmp_path):
 
 
 def test_file_swapped_for_a_fifo_after_listing_does_not_block(tmp_path):
-    from stages.decode import DecodeOptions, ItemError, decode_file, open_input
+    from pipeline.images import DecodeOptions, decode_file, open_input
+    from pipeline.messages import ItemError
 
     p = tmp_path / "x.jpg"
     os.mkfifo(p)
@@ -184,7 +185,7 @@ def test_file_swapped_for_a_fifo_after_listing_does_not_block(tmp_path):
         return st
 
     (tmp_path / "ok.jpg").write_bytes(b"x")
-    import stages.decode as dec
+    import pipeline.images as dec
 
     orig = dec.os.stat
     dec.os.stat = stale_stat
