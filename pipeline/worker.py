@@ -24,7 +24,7 @@ import zmq
 
 from pipeline import messages, transport
 from pipeline.backends.base import DeviceError
-from pipeline.boot import PARENT_ENV, set_parent_death_signal
+from pipeline.pdeath import PARENT_ENV, set_parent_death_signal
 from pipeline.config import Config
 from stages.base import FatalError, Output, StageCore
 
@@ -197,6 +197,7 @@ class Loop:
         self.spec = spec
         self.slot = slot
         self.stopping = False
+        self.core: StageCore | None = None  # set once made (the orphan watchdog asks it about device calls)
         self.parent = int(os.environ.get(PARENT_ENV) or os.getppid())
         self.ctx = zmq.Context()
         q = spec.cfg.queues
@@ -265,12 +266,7 @@ class Loop:
 # run.stall_timeout_s), so a device is never torn down under a running call.
 ORPHAN_GRACE_S = 1.5
 
-# Set by the infer stage around a device call (the loop thread or its background thread), so the
-# orphan watchdog lets the call return before exiting.
-device_calls = 0
-
-
-def _orphan_watchdog(stall_s: float) -> None:
+def _orphan_watchdog(loop: Loop, stall_s: float) -> None:
     import threading
 
     def run() -> None:
@@ -278,7 +274,8 @@ def _orphan_watchdog(stall_s: float) -> None:
         while True:
             time.sleep(0.05)
             waited = time.monotonic() - t0
-            if waited >= ORPHAN_GRACE_S and (device_calls == 0 or waited >= stall_s):
+            in_call = loop.core is not None and loop.core.in_device_call()
+            if waited >= ORPHAN_GRACE_S and (not in_call or waited >= stall_s):
                 os._exit(EXIT_OK)
 
     threading.Thread(target=run, daemon=True, name="orphan-watchdog").start()
@@ -293,7 +290,7 @@ def _install_signals(loop: Loop) -> None:
         loop.stopping = True
         if os.getppid() != loop.parent and not watchdog:  # parent death (PR_SET_PDEATHSIG)
             watchdog.append(True)
-            _orphan_watchdog(loop.spec.cfg.run.stall_timeout_s)
+            _orphan_watchdog(loop, loop.spec.cfg.run.stall_timeout_s)
 
     signal.signal(signal.SIGTERM, on_term)
     set_parent_death_signal(signal.SIGTERM)  # already asked by pipeline.boot; harmless again
@@ -335,6 +332,7 @@ def worker_main(spec: WorkerSpec, slot: Slot) -> None:
 
 def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
     core = make_core(spec, slot)
+    loop.core = core
     try:
         core.setup()
     except FatalError:
@@ -412,7 +410,7 @@ def _grouped_hwm(cfg: Config, depth: int, grouped: bool) -> int:
 if __name__ == "__main__":
     # Entry for workers launched under another interpreter (see Backend.worker_python); the
     # supervisor uses `python -m pipeline.boot SPEC.pickle`, which guards against orphans first.
-    from pipeline.boot import boot
+    import pickle
 
     with open(sys.argv[1], "rb") as fh:
-        boot(fh.read())
+        worker_main(*pickle.load(fh))

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import messages, worker
+from pipeline import messages
 from pipeline.backends import get_backend
 from pipeline.backends.base import DeviceError
 from pipeline.messages import Failure
@@ -117,6 +117,7 @@ class BackgroundRunner:
         os.set_blocking(self._w, False)
         self._closed = False
         self.run_s = 0.0  # cumulative seconds the device call ran (the stage's busy time)
+        self.calls_running = 0
         self._thread = threading.Thread(target=self._main, daemon=True, name=name)
         self._thread.start()
 
@@ -126,13 +127,13 @@ class BackgroundRunner:
             if job is None:
                 return
             t0 = time.monotonic()
-            worker.device_calls += 1
+            self.calls_running += 1
             try:
                 job.result = self.fn(job.payload)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the loop thread by take()
                 job.exc = exc
             finally:
-                worker.device_calls -= 1
+                self.calls_running -= 1
             self.run_s += time.monotonic() - t0
             job.done.set()
             if not self._closed:
@@ -198,6 +199,10 @@ class InferCore(StageCore):
         self.batcher: Batcher | None = None
         self.runner: BackgroundRunner | None = None
         self.files_mode = False
+        self.serial_calls = 0  # a device call running on the loop thread (infer.overlap off)
+
+    def in_device_call(self) -> bool:
+        return bool(self.serial_calls or (self.runner is not None and self.runner.calls_running))
 
     def setup(self) -> None:
         backend = get_backend(self.cfg.infer.backend)
@@ -295,14 +300,14 @@ class InferCore(StageCore):
 
     def _run_serial(self, batch: Batch) -> list:
         self.slot.begin(batch.ids)
-        worker.device_calls += 1
+        self.serial_calls += 1
         try:
             if self.files_mode:
                 result = self.device.embed_files(batch.ids, batch.paths)
             else:
                 result = self._execute(self._prepare(batch))
         finally:
-            worker.device_calls -= 1
+            self.serial_calls -= 1
             self.slot.end()
         return self._finish(batch, result)
 
