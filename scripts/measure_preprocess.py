@@ -34,20 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/clip_reference.py: the independent CLIP re-implementation
 
+import clip_reference as ref
 import numpy as np
 from PIL import Image
 
-import clip_reference as ref
-from stages.decode import DecodeOptions, decode_bytes
-from stages.preprocess import fast_crop, normalize, reference_crop
+from pipeline.images import DecodeOptions, crop, decode_bytes, normalize
 
 DEEP_INTEGER = ("I;16", "I")  # modes where the project follows the README's rule, not CLIP
 
 
 def project_crop(data: bytes, mode: str) -> np.ndarray:
     """The project's preprocessing of one encoded image: uint8 [224,224,3] RGB."""
-    arr = decode_bytes(data, DecodeOptions(mode=mode))
-    return reference_crop(arr) if mode == "reference" else fast_crop(arr)
+    return crop(decode_bytes(data, DecodeOptions(mode=mode)), mode)
 
 
 def measure_modes() -> list[dict]:
