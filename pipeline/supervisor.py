@@ -415,7 +415,9 @@ class Supervisor:
         paths = output.listing_paths(self.out / "listing.jsonl", self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
-            self.outbox.append((self.to_first, {"t": "item", "id": i, "path": paths[i]}))
+            # "suspect": held by a process that died; a device process that decodes files runs it alone
+            self.outbox.append((self.to_first, {"t": "item", "id": i, "path": paths[i],
+                                                "suspect": bool(self.ledger.crash_counts.get(i))}))
 
     # -- failures of workers -----------------------------------------------------------------
     def check_workers(self) -> None:
