@@ -154,6 +154,7 @@ def devices() -> None:
 
 
 from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
+from pipeline.cluster.cli import merge_cmd, plan_cmd, run_range_cmd, status_cmd  # noqa: E402
 from pipeline.inspect import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402
@@ -163,6 +164,10 @@ cli.add_command(report_cmd)
 cli.add_command(bench_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(verify_cmd)
+cli.add_command(plan_cmd)
+cli.add_command(run_range_cmd)
+cli.add_command(merge_cmd)
+cli.add_command(status_cmd)
 
 
 def main() -> None:
