@@ -210,3 +210,19 @@ def test_run_range_takes_the_index_from_slurm(data, tmp_path):
     plan(inp, out)
     r = cli("run-range", "-o", str(out), env_extra={"SLURM_ARRAY_TASK_ID": "3"})
     assert r.returncode == 0 and "range 3 committed" in r.stdout
+
+
+def test_cluster_ray_without_ray_installed_names_the_extra(data, tmp_path):
+    import subprocess
+    import sys
+
+    from robust_helpers import ROOT, env
+
+    inp, _ = data
+    code = ("import sys; sys.modules['ray'] = None; from pipeline.cli import main; "
+            f"sys.argv = ['clip-pipeline', 'run', '--cluster', 'ray', '-i', {str(inp)!r}, '-o', {str(tmp_path / 'o')!r}]"
+            f" + {sets()!r}; main()")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "clip-pipeline[cluster]" in lines[0], r.stderr

@@ -32,6 +32,26 @@ def config_options(f):
     return f
 
 
+HOST_CONFIG_ENV = "CLIP_PIPELINE_HOST_CONFIG"
+
+
+def with_host_config(cfg):
+    """Apply this host's own settings (a TOML file named by $CLIP_PIPELINE_HOST_CONFIG, e.g. its
+    infer.devices or a local copy of the model) on top of the run's config. Anything that changes
+    the embeddings is still checked against the plan's fingerprint afterwards."""
+    from pipeline import config as cfgmod
+
+    path = os.environ.get(HOST_CONFIG_ENV)
+    if not path:
+        return cfg
+    raw = cfg.to_dict()
+    for section, values in cfgmod.load_raw(path).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"host config {path} (${HOST_CONFIG_ENV}): [{section}] must be a table")
+        raw.setdefault(section, {}).update(values)
+    return cfgmod.from_dict(raw, source=f"{cfg.source} + host config {path}")
+
+
 def load_cfg(config, inputs, output_dir, sets, devices, config_dict=None):
     """The config: from --config (TOML), or else the plan's recorded config (run-range with only
     --output), plus --set / -d overrides."""
@@ -111,7 +131,7 @@ def run_range_cmd(config, inputs, output_dir, devices, sets, range_, attempt, co
             _fail("give --range R (or run inside a Slurm array job, which sets SLURM_ARRAY_TASK_ID)")
         range_ = int(env)
     try:
-        cfg = load_cfg(config, inputs, output_dir, sets, devices, config_dict)
+        cfg = with_host_config(load_cfg(config, inputs, output_dir, sets, devices, config_dict))
         prog = Progress(progress or ("none" if as_json else cfg.run.progress), cfg.run.log_interval_s)
         res = run_range(cfg, range_, attempt=attempt, log=lambda m: click.echo(m, err=True), progress=prog)
     except ConfigError as exc:
