@@ -150,8 +150,7 @@ class RayDriver:
         Returns {range: last error} for the ranges that could not be done."""
         ray = self.ray
         root = str(Path(__file__).resolve().parents[2])
-        remote = ray.remote(_range_task).options(num_cpus=0, resources={SLOT: 1}, max_retries=3,
-                                                  retry_exceptions=False)
+        remote = ray.remote(num_cpus=0, resources={SLOT: 1}, max_retries=3, retry_exceptions=False)(_range_task)
         if self.slots() == 0:
             raise ConfigError(f"no node of the Ray cluster offers the {SLOT} resource: start every node with "
                               f"ray start ... --resources='{{\"{SLOT}\": 1}}' (docs/cluster.md)")
