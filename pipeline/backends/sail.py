@@ -9,14 +9,14 @@ How the card's decode -> preprocess -> infer stages map onto processes
   one process per chip. Inside that process the JPEG hardware decoder (``sail.Decoder``, §2.1)
   writes the decoded image into *device memory* as a BMImage; the centre square is cropped with
   bmcv (§3.2) and pushed into ``sail.EngineImagePreProcess`` (§3.5 and the §3.4 addendum), whose
-  C++ threads resize it with the TPU bicubic kernel, swap BGR->RGB, apply CLIP's alpha/beta and run
+  C++ threads resize it (linear, on a BM1684X's VPP), swap BGR->RGB, apply CLIP's alpha/beta and run
   the bmodel. Decode, preprocess and infer are fused into the device process because a decoded
   image only exists in that chip's memory: shipping it to another process would mean a
   device->host copy of the full-size image, the very work the hardware decoder saves, and
   sophon handles must not cross process boundaries anyway (§5: open everything in the child).
   Files the hardware path cannot take (suffix not on SAIL's case-sensitive list, content not
   JPEG, a JPEG without its end marker, images outside the TPU resize limits, a failed hardware
-  decode) are decoded on the host CPU *in the same process* with ``stages.decode.decode_file``
+  decode) are decoded on the host CPU *in the same process* with ``pipeline.images.decode_file``
   and uploaded with ``Bmcv.mat_to_bm_image``; decode_file's ItemError gives the failure reason,
   so reasons match the cpu backend's.
   The host decode/preprocess worker pools are not used in this mode.
@@ -49,10 +49,11 @@ from pipeline.backends.base import (
     Device,
     DeviceError,
     FileBatchResult,
-    ItemFailure,
     Prepared,
 )
-from pipeline.config import CLIP_MEAN, CLIP_STD, ConfigError
+from pipeline.config import ConfigError
+from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_file, normalize, reference_crop
+from pipeline.messages import Failure, ItemError
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -99,6 +100,42 @@ def _dev_id(device: str) -> int:
 
 def _sail_error(what: str, exc: BaseException) -> str:
     return f"{what}: {type(exc).__name__}: {exc}"
+
+
+class _OutputCheck:
+    """Turns outputs that cannot be real into a DeviceError.
+
+    A failed inference launch in SAIL is only logged ("bmrt_launch_tensor_ex() err", src/graph.cpp:
+    646-648, 723-725; the numpy path, src/engine.cpp:1327, runs the same code) and the call returns
+    normally, so the outputs hold whatever the output memory held: the previous batch's results,
+    or zeros where the SAIL version clears it first. Neither can be a CLIP embedding of a new
+    batch: an all-zero row has no direction, and a batch bit-identical to the previous one for
+    different inputs is stale. (Identical inputs legitimately give identical outputs, so the
+    previous batch's input fingerprint is kept too.)"""
+
+    def __init__(self, dev_id: int):
+        self.dev_id = dev_id
+        self.prev: tuple[bytes, bytes] | None = None
+
+    def check(self, y: np.ndarray, fingerprint: bytes) -> None:
+        zero = ~np.any(y != 0, axis=1)
+        if zero.any():
+            raise DeviceError(f"dev_id {self.dev_id}: {int(zero.sum())} of {len(y)} output rows are all zeros "
+                              "(a failed inference launch that SAIL only logged?)")
+        out = np.ascontiguousarray(y).tobytes()
+        if self.prev is not None and self.prev[1] == out and self.prev[0] != fingerprint:
+            raise DeviceError(f"dev_id {self.dev_id}: outputs bit-identical to the previous batch for different "
+                              "inputs: stale outputs (a failed inference launch that SAIL only logged?)")
+        self.prev = (fingerprint, out)
+
+
+def _digest(*parts: bytes) -> bytes:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(p)
+    return h.digest()
 
 
 class _Model:
@@ -151,6 +188,7 @@ class SailHostDevice(Device):
             self.engine = sail.Engine(path, dev_id, sail.IOMode.SYSIO)  # §1.2: numpy needs SYSI/SYSIO
         except Exception as exc:  # Sail*Error derive from Exception, not RuntimeError (§2.3)
             raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
+        self.outcheck = _OutputCheck(dev_id)
         self.model = m = _Model(sail, self.engine, path)
         if m.hw != (224, 224):
             raise ConfigError(f"bmodel {path}: host mode feeds 224x224 crops, the model takes {m.hw}")
@@ -185,12 +223,11 @@ class SailHostDevice(Device):
         y = np.asarray(out[m.output], dtype=np.float32)
         if y.shape != (expect, m.dim):
             raise DeviceError(f"dev_id {self.dev_id}: output shape {y.shape}, expected {(expect, m.dim)}")
+        self.outcheck.check(y, _digest(np.ascontiguousarray(x).tobytes()))
         return y
 
     def _inputs(self, pixels: np.ndarray) -> np.ndarray:
         if self.model.layout == "float_nchw":
-            from stages.preprocess import normalize
-
             return normalize(pixels)
         if self.model.layout == "uint8_nchw":
             return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
@@ -242,14 +279,27 @@ class SailFilesDevice(Device):
             if isinstance(exc, (DeviceError, ConfigError)):
                 raise
             raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
-        if m.layout == "uint8_nhwc":
-            raise ConfigError(f"bmodel {path}: device mode needs an NCHW input (EngineImagePreProcess output); use sail.mode = \"host\"")
+        if m.layout != "float_nchw":
+            # EngineImagePreProcess feeds a non-FP32 input as *signed* int8 (DATA_TYPE_EXT_1N_BYTE_SIGNED)
+            # with alpha/beta multiplied by the input scale (SAIL src/decoder_multi.cpp:2411-2414,
+            # 2480-2489): pixels above 127 saturate, and a uint8-input bmodel (ours, with the
+            # normalisation fused in) would read the int8 bytes as wrapped values.
+            raise ConfigError(
+                f"bmodel {path}: input {m.input} is {getattr(m.input_dtype, 'name', m.input_dtype)} {m.input_shape}; "
+                "sail device mode feeds EngineImagePreProcess's signed-int8 conversion to any non-float32 input, "
+                "which would corrupt uint8 pixels: use a float32-input bmodel or sail.mode = \"host\"")
         if m.max_batch not in EPP_BATCHES:
-            raise ConfigError(f"bmodel {path}: batch {m.max_batch} not in {EPP_BATCHES} (EngineImagePreProcess, §3.5); use sail.mode = \"host\"")
+            raise ConfigError(f"bmodel {path}: batch {m.max_batch} not in {EPP_BATCHES} "
+                              "(EngineImagePreProcess, §3.5); use sail.mode = \"host\"")
         self.dim, self.batch_size = m.dim, m.max_batch
-        ab = alpha_beta(1.0) if m.layout == "float_nchw" else ((1.0, 0.0),) * 3
-        resize = {"bicubic": sail.sail_resize_type.BM_RESIZE_TPU_BICUBIC,
-                  "linear": sail.sail_resize_type.BM_RESIZE_TPU_LINEAR}[cfg.sail.resize]
+        self.outcheck = _OutputCheck(dev_id)
+        ab = alpha_beta(1.0)  # float32 input: SAIL multiplies by the input scale, 1.0 here
+        # Only what a BM1684X can do: EngineImagePreProcess's resize thread calls bmcv.resize with
+        # the matching BMCV_INTER_* (SAIL src/decoder_multi.cpp:1914-1947), and libsophon sends
+        # BM1684X to the VPP, which takes NEAREST and LINEAR only (bmcv_api_resize.cpp:1672-1673,
+        # bm1684x/bmcv_1684x_vpp_internal.cpp:648-654). BICUBIC is refused at config validation.
+        resize = {"linear": sail.sail_resize_type.BM_RESIZE_TPU_LINEAR,
+                  "nearest": sail.sail_resize_type.BM_RESIZE_TPU_NEAREST}[cfg.sail.resize]
         try:
             self.handle = sail.Handle(dev_id)
             self.bmcv = sail.Bmcv(self.handle)
@@ -257,7 +307,7 @@ class SailFilesDevice(Device):
             # we assume the largest (what get_input_shape reports) and check the output below.
             self.epp = sail.EngineImagePreProcess(path, dev_id, False)
             q = 2 * self.batch_size
-            # bicubic TPU resize + BGR->RGB: the §3.4 addendum (CLIP-TPU clip_multi.py)
+            # linear resize + BGR->RGB: the §3.4 addendum (CLIP-TPU clip/clip_multi.py:41 at HEAD)
             if self.epp.InitImagePreProcess(resize, True, q, q) != 0:
                 raise DeviceError("InitImagePreProcess returned non-zero")
             if self.epp.SetConvertAtrr(ab) != 0:  # channel order after bgr2rgb = RGB (§3.3)
@@ -266,8 +316,6 @@ class SailFilesDevice(Device):
             raise
         except Exception as exc:
             raise DeviceError(_sail_error(f"opening EngineImagePreProcess on dev_id {dev_id}", exc)) from exc
-        from stages.decode import DecodeOptions
-
         self.opts = DecodeOptions.from_config(cfg)
         self.broken: str | None = None
 
@@ -304,15 +352,11 @@ class SailFilesDevice(Device):
         return img
 
     def _cpu_decode(self, item_id: int, path: bytes, centre_crop_224: bool = False):
-        from stages.decode import ItemError, decode_file
-
         try:
             rgb = decode_file(path, self.opts)
         except ItemError as exc:
-            return ItemFailure(item_id, path, exc.reason, exc.message)
+            return Failure(item_id, path, exc.reason, exc.message)
         if centre_crop_224:
-            from stages.preprocess import reference_crop
-
             rgb = reference_crop(rgb)
         elif rgb.shape[2] == 1:
             rgb = np.repeat(rgb, 3, axis=2)
@@ -321,26 +365,42 @@ class SailFilesDevice(Device):
         return rgb
 
     def _upload(self, rgb: np.ndarray):
+        # SAIL binds mat_to_bm_image with py::arg("input_array").noconvert() over array_t<uint8_t>
+        # (src/bind.cpp): anything but a uint8 array is a TypeError, never a cast.
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"internal: uploading {rgb.dtype} {rgb.shape}, expected uint8 HxWx3")
         return self.bmcv.mat_to_bm_image(np.ascontiguousarray(rgb[:, :, ::-1]))  # BGR_PACKED (§2.2)
 
-    def _square(self, img):
-        """Centre square of side min(w, h) (§3.2), or None when outside the resize limits."""
-        w, h = img.width(), img.height()
+    @staticmethod
+    def _within_vpp(w: int, h: int) -> bool:
+        """Can the VPP crop this image to its centre square and EngineImagePreProcess resize that?
+        Bmcv.crop is a bmcv_image_resize (SAIL src/cvwrapper.cpp: crop = crop_and_resize(..., w, h)),
+        bound by the BM1684X limits on the source, the window and the output: 8..8192 pixels a
+        side, scaling <= 128x (§3.1). Outside them bmcv *returns an error that the BMImage-returning
+        Bmcv.crop ignores* (an unwritten image, no exception), and inside EngineImagePreProcess
+        the error aborts the process; so this is checked before any bmcv call."""
         s = min(w, h)
-        if s < RESIZE_MIN or s > RESIZE_MAX or s / 224 > RESIZE_MAX_RATIO or 224 / s > RESIZE_MAX_RATIO:
+        return (RESIZE_MIN <= w <= RESIZE_MAX and RESIZE_MIN <= h <= RESIZE_MAX
+                and s / 224 <= RESIZE_MAX_RATIO and 224 / s <= RESIZE_MAX_RATIO)
+
+    def _square(self, img):
+        """Centre square of side min(w, h) (§3.2), or None when outside the VPP limits."""
+        w, h = img.width(), img.height()
+        if not self._within_vpp(w, h):
             return None
+        s = min(w, h)
         if w == h:
             return img
-        return self.bmcv.crop(img, (w - s) // 2, (h - s) // 2, s, s)
+        return self.bmcv.crop(img, (w - s) // 2, (h - s) // 2, s, s)  # BGR_PLANAR, 64-byte stride
 
     def _prepare(self, item_id: int, path: bytes):
-        """-> (BMImage of a centre square, None) or (None, ItemFailure)."""
+        """-> (BMImage of a centre square, None) or (None, Failure)."""
         p = os.fsdecode(path)
         img = self._hw_decode(p) if self._hw_eligible(p) else None
         if img is not None:
             if img.width() * img.height() > self.opts.max_pixels:
-                return None, ItemFailure(item_id, path, "too_large",
-                                         f"{img.width()}x{img.height()} pixels, over preprocess.max_pixels={self.opts.max_pixels}")
+                return None, Failure(item_id, path, "too_large", f"{img.width()}x{img.height()} pixels, "
+                                     f"over preprocess.max_pixels={self.opts.max_pixels}")
             try:
                 sq = self._square(img)
             except Exception:  # noqa: BLE001 - bmcv refused this image: do it on the CPU
@@ -348,15 +408,13 @@ class SailFilesDevice(Device):
             if sq is not None:
                 return sq, None
         rgb = self._cpu_decode(item_id, path)
-        if isinstance(rgb, ItemFailure):
+        if isinstance(rgb, Failure):
             return None, rgb
         try:
-            sq = self._square(self._upload(rgb))
-            if sq is None:  # outside the TPU resize limits: CLIP's crop on the CPU, upload 224x224
-                rgb = self._cpu_decode(item_id, path, centre_crop_224=True)
-                if isinstance(rgb, ItemFailure):
-                    return None, rgb
-                sq = self._upload(rgb)
+            if self._within_vpp(rgb.shape[1], rgb.shape[0]):
+                sq = self._square(self._upload(rgb))
+            else:  # outside the VPP limits: CLIP's exact crop on the CPU, upload 224x224
+                sq = self._upload(reference_crop(rgb))
         except Exception as exc:
             raise DeviceError(_sail_error(f"dev_id {self.dev_id}: uploading {p}", exc)) from exc
         return sq, None
@@ -393,7 +451,7 @@ class SailFilesDevice(Device):
             raise DeviceError(_sail_error(f"dev_id {self.dev_id}: GetBatchData_Npy", val)) from val
         return val
 
-    def _infer(self, imgs: list) -> np.ndarray:
+    def _infer(self, imgs: list, fingerprint: bytes) -> np.ndarray:
         B, m = self.batch_size, len(imgs)
         deadline = time.monotonic() + self.cfg.sail.timeout_s
         for i, img in enumerate(imgs):
@@ -412,6 +470,7 @@ class SailFilesDevice(Device):
                 seen.add(idx)
         if len(seen) != m:
             raise DeviceError(f"dev_id {self.dev_id}: batch returned indices {sorted(idxs)}, expected 0..{m - 1}")
+        self.outcheck.check(y, fingerprint)
         return res
 
     def _check_usable(self) -> None:
@@ -428,7 +487,7 @@ class SailFilesDevice(Device):
         on real hardware: verified only against tests/fake_sail.
         """
         self._check_usable()
-        failures: list[ItemFailure] = []
+        failures: list[Failure] = []
         ok_ids: list[int] = []
         ok_paths: list[bytes] = []
         imgs: list = []
@@ -449,7 +508,8 @@ class SailFilesDevice(Device):
         rows = []
         try:
             for i in range(0, len(imgs), self.batch_size):
-                rows.append(self._infer(imgs[i:i + self.batch_size]))
+                paths = prepared.paths[i:i + self.batch_size]
+                rows.append(self._infer(imgs[i:i + self.batch_size], _digest(*(p + b"\0" for p in paths))))
         except DeviceError as exc:
             # the preprocess queue may now hold part of a batch: this handle is done for
             self.broken = str(exc)
@@ -496,7 +556,8 @@ class SailBackend(Backend):
                 try:
                     e = int(e.removeprefix("sail:"))
                 except ValueError:
-                    raise ConfigError(f"config key infer.devices: {e!r} is not a dev_id (sail devices are 0, 1, ... or \"all\")") from None
+                    raise ConfigError(f"config key infer.devices: {e!r} is not a dev_id "
+                                      "(sail devices are 0, 1, ... or \"all\")") from None
             if e < 0:
                 raise ConfigError(f"config key infer.devices: dev_id {e} is negative")
             if e in ids:
