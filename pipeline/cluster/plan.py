@@ -101,7 +101,7 @@ def load_plan(out: str | os.PathLike) -> Plan:
 def identity(cfg: Config, log=print) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model identity, fingerprint) of a config on this host: builds a missing synthetic model
     (model.build), raises ConfigError for a missing model file."""
-    from pipeline.backends.base import get_backend
+    from pipeline.backends import get_backend
     from pipeline.config import validate_for_run
     from pipeline.models import ensure_model
     from pipeline.supervisor import fingerprint
