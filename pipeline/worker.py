@@ -323,7 +323,10 @@ def worker_main(spec: WorkerSpec, slot: Slot) -> None:
         code = EXIT_CRASH
     finally:
         try:
-            loop.report_stats(force=True)
+            # final stats only to a live supervisor: with it gone (SIGKILLed, e.g. with its Ray
+            # worker) the control socket has no peer and the send would block this orphan forever
+            if os.getppid() == loop.parent:
+                loop.report_stats(force=True)
         except Exception:  # noqa: BLE001
             pass
         loop.close()
