@@ -156,6 +156,7 @@ def devices() -> None:
 from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
 from pipeline.inspect import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
+from pipeline.text.cli import fetch_vocab_cmd, tokenize_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402
 
 cli.add_command(inspect_cmd)
@@ -163,6 +164,8 @@ cli.add_command(report_cmd)
 cli.add_command(bench_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(verify_cmd)
+cli.add_command(fetch_vocab_cmd)
+cli.add_command(tokenize_cmd)
 
 
 def main() -> None:
