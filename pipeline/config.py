@@ -112,7 +112,12 @@ class FakeConfig:
 @dataclass(frozen=True)
 class SailConfig:
     mode: Literal["device", "host"] = _f("device", "sail backend: device = hardware JPEG decode + TPU preprocessing per chip; host = exact CLIP preprocessing on the CPU, only inference on the TPU.")
-    resize: Literal["bicubic", "linear"] = _f("bicubic", "sail device mode: EngineImagePreProcess resize kernel for the centre square -> 224 (BM_RESIZE_TPU_BICUBIC or BM_RESIZE_TPU_LINEAR; both differ slightly from CLIP's PIL bicubic, see docs/sail-backend.md).")
+    resize: Literal["linear", "nearest"] = _f(
+        "linear",
+        "sail device mode: EngineImagePreProcess resize of the centre square -> 224: linear (BM_RESIZE_TPU_LINEAR, CLIP-TPU's choice) or nearest. "
+        "'bicubic' is refused: a BM1684X resizes on its VPP, which has no bicubic, and SAIL would abort the process (docs/sail-backend.md).",
+        refuse={"bicubic": "BM1684X has no bicubic resize: bmcv_image_resize runs on the VPP, which takes only nearest and linear, "
+                           "and SAIL's preprocess thread aborts the whole process on the error; use \"linear\" (default) or \"nearest\""})
     timeout_s: float = _f(120.0, "sail device mode: longest wait for one batch from the chip's preprocess+inference threads before the device is declared hung (DeviceError, worker restarted).", min=1)
 
 
@@ -165,6 +170,8 @@ def _coerce(key: str, tp: Any, value: Any, meta: dict) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, str) and value in meta.get("refuse", {}):
+            raise ConfigError(f"config key {key} = {value!r} is refused: {meta['refuse'][value]}")
         if value not in typing.get_args(tp):
             raise bad
         return value

@@ -229,15 +229,46 @@ def test_device_mode_routes_and_matches_reference(fake, tmp_path, onnx_model, im
     np.testing.assert_allclose(res.embeddings[sq], ref[sq], atol=1e-4, rtol=1e-4)
 
 
-def test_device_mode_linear_resize_is_further_from_reference(fake, tmp_path, onnx_model, images):
+def test_device_mode_nearest_resize_works_and_differs(fake, tmp_path, onnx_model, images):
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
     names = ["landscape", "portrait", "upper"]
     paths = [os.fsencode(images[n]) for n in names]
     ref = cpu_reference(ort_session(onnx_model), [images[n] for n in names])
-    cub = open_dev(cfg_for(bm, "device", resize="bicubic")).embed_files([0, 1, 2], paths).embeddings
-    lin = open_dev(cfg_for(bm, "device", resize="linear")).embed_files([0, 1, 2], paths).embeddings
-    assert compare(cub, ref)[0].min() >= DEVICE_MIN_COSINE
-    assert compare(lin, ref)[0].min() >= DEVICE_MIN_COSINE and np.abs(lin - cub).max() > 0
+    lin = open_dev(cfg_for(bm, "device")).embed_files([0, 1, 2], paths).embeddings  # default: linear
+    near = open_dev(cfg_for(bm, "device", resize="nearest")).embed_files([0, 1, 2], paths).embeddings
+    assert compare(lin, ref)[0].min() >= DEVICE_MIN_COSINE
+    assert compare(near, ref)[0].min() >= DEVICE_MIN_COSINE and np.abs(lin - near).max() > 0
+
+
+def test_sail_resize_default_is_linear_and_bicubic_is_refused():
+    assert from_dict({}).sail.resize == "linear"
+    assert from_dict({"sail": {"resize": "nearest"}}).sail.resize == "nearest"
+    with pytest.raises(ConfigError, match=r"sail.resize = 'bicubic' is refused: BM1684X has no bicubic") as ei:
+        from_dict({"sail": {"resize": "bicubic"}})
+    assert "\n" not in str(ei.value) and '"linear"' in str(ei.value)
+    with pytest.raises(ConfigError, match="expected 'linear' | 'nearest'"):
+        from_dict({"sail": {"resize": "area"}})
+
+
+def test_cli_bicubic_exits_2_before_any_process_starts(tmp_path, monkeypatch):
+    """--set sail.resize='"bicubic"' on the shipped config: exit 2, one line, nothing started."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    import pipeline.supervisor as sup
+    from pipeline.cli import cli
+
+    started = []
+    monkeypatch.setattr(sup.Supervisor, "__init__", lambda self, *a, **k: started.append(1))
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["run", "--config", str(root / "configs" / "bm1684x.toml"),
+                                 "--set", 'sail.resize="bicubic"', "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "sail.resize" in lines[0] and "BM1684X" in lines[0], r.output
+    assert not started and not out.exists()
 
 
 def device_inputs_vs_reference(sail, dev, paths):

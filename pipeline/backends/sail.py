@@ -9,7 +9,7 @@ How the card's decode -> preprocess -> infer stages map onto processes
   one process per chip. Inside that process the JPEG hardware decoder (``sail.Decoder``, §2.1)
   writes the decoded image into *device memory* as a BMImage; the centre square is cropped with
   bmcv (§3.2) and pushed into ``sail.EngineImagePreProcess`` (§3.5 and the §3.4 addendum), whose
-  C++ threads resize it with the TPU bicubic kernel, swap BGR->RGB, apply CLIP's alpha/beta and run
+  C++ threads resize it (linear, on a BM1684X's VPP), swap BGR->RGB, apply CLIP's alpha/beta and run
   the bmodel. Decode, preprocess and infer are fused into the device process because a decoded
   image only exists in that chip's memory: shipping it to another process would mean a
   device->host copy of the full-size image, the very work the hardware decoder saves, and
@@ -248,8 +248,12 @@ class SailFilesDevice(Device):
             raise ConfigError(f"bmodel {path}: batch {m.max_batch} not in {EPP_BATCHES} (EngineImagePreProcess, §3.5); use sail.mode = \"host\"")
         self.dim, self.batch_size = m.dim, m.max_batch
         ab = alpha_beta(1.0) if m.layout == "float_nchw" else ((1.0, 0.0),) * 3
-        resize = {"bicubic": sail.sail_resize_type.BM_RESIZE_TPU_BICUBIC,
-                  "linear": sail.sail_resize_type.BM_RESIZE_TPU_LINEAR}[cfg.sail.resize]
+        # Only what a BM1684X can do: EngineImagePreProcess's resize thread calls bmcv.resize with
+        # the matching BMCV_INTER_* (SAIL src/decoder_multi.cpp:1914-1947), and libsophon sends
+        # BM1684X to the VPP, which takes NEAREST and LINEAR only (bmcv_api_resize.cpp:1672-1673,
+        # bm1684x/bmcv_1684x_vpp_internal.cpp:648-654). BICUBIC is refused at config validation.
+        resize = {"linear": sail.sail_resize_type.BM_RESIZE_TPU_LINEAR,
+                  "nearest": sail.sail_resize_type.BM_RESIZE_TPU_NEAREST}[cfg.sail.resize]
         try:
             self.handle = sail.Handle(dev_id)
             self.bmcv = sail.Bmcv(self.handle)
@@ -257,7 +261,7 @@ class SailFilesDevice(Device):
             # we assume the largest (what get_input_shape reports) and check the output below.
             self.epp = sail.EngineImagePreProcess(path, dev_id, False)
             q = 2 * self.batch_size
-            # bicubic TPU resize + BGR->RGB: the §3.4 addendum (CLIP-TPU clip_multi.py)
+            # linear resize + BGR->RGB: the §3.4 addendum (CLIP-TPU clip/clip_multi.py:41 at HEAD)
             if self.epp.InitImagePreProcess(resize, True, q, q) != 0:
                 raise DeviceError("InitImagePreProcess returned non-zero")
             if self.epp.SetConvertAtrr(ab) != 0:  # channel order after bgr2rgb = RGB (§3.3)
