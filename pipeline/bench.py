@@ -176,11 +176,23 @@ def _cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
+class BenchUsageError(click.ClickException):
+    """A usage problem (missing corpus or model): one line on stderr, exit 2, like `run`'s errors."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
 # -- inputs ---------------------------------------------------------------------------------------
 def jpeg_files(images: Path, n: int) -> list[Path]:
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    try:
+        files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    except OSError as exc:
+        raise BenchUsageError(f"cannot read the bench corpus {images}: {exc.strerror or exc} (--images DIR)") from None
     if not files:
-        raise click.ClickException(f"no JPEGs in {images} (--images)")
+        raise BenchUsageError(f"no JPEGs in {images} (--images DIR: a directory of .jpg files)")
     return [files[i % len(files)] for i in range(n)]
 
 
@@ -645,9 +657,13 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, batch, l
     if "cpu" in cases:
         for m in filter(None, (model, pipeline_model, int8_model)):
             if not os.path.exists(m):
-                raise click.ClickException(
+                raise BenchUsageError(
                     f"model {m} does not exist: build it with `clip-pipeline build-model {m}` "
                     "(add --input-kind uint8 or --int8 for the variants)")
+        if not Path(images).is_dir():
+            raise BenchUsageError(
+                f"the bench corpus {images} does not exist (the cpu case needs a directory of JPEGs): "
+                "pass --images DIR, or run only --case fake / --case memory")
     p = {"images": Path(images), "model": os.path.abspath(model),
          "pipeline_model": os.path.abspath(pipeline_model) if pipeline_model else None,
          "int8_model": os.path.abspath(int8_model) if int8_model else None,

@@ -31,7 +31,7 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class InputConfig:
-    paths: tuple[str, ...] = _f((), "Image directories (or single files) to embed, in this order; ids follow it.")
+    paths: tuple[str, ...] = _f((), "Image directories (or single files) to embed, in this order; ids follow it. Overlapping entries (the same directory twice, one inside another) are listed once, with a warning.")
     extensions: tuple[str, ...] = _f(DEFAULT_EXTENSIONS, "File suffixes (case-insensitive) listed as inputs; content is sniffed, the suffix is not trusted.")
     recursive: bool = _f(True, "Descend into subdirectories.")
     follow_symlinks: bool = _f(True, "Follow symlinked files and directories (loops are detected and skipped).")

@@ -136,9 +136,13 @@ class Supervisor:
     def prepare(self) -> None:
         from pipeline.config import validate_for_run
         from pipeline.models import ensure_model
+        from pipeline.preflight import device_warnings
 
         validate_for_run(self.cfg)
         self.devices = self.backend.resolve_devices(self.cfg)
+        for w in device_warnings(self.cfg, self.devices):
+            self.log(f"warning: {w}")
+            self.warnings.append(w)
         ensure_model(self.cfg, log=self.log)
         self.model = self.backend.model_identity(self.cfg)
         self.fp = fingerprint(self.cfg, self.model)

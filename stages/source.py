@@ -75,7 +75,8 @@ def _sorted_entries(d: bytes, follow: bool) -> Iterator[tuple[bytes, bool, bool]
 
 
 def _walk_dir(d: bytes, exts: frozenset[bytes], recursive: bool, follow: bool,
-              ancestors: frozenset[tuple[int, int]], warn: Warn) -> Iterator[bytes]:
+              ancestors: frozenset[tuple[int, int]], warn: Warn,
+              other_roots: dict[tuple[int, int], bytes] | None = None) -> Iterator[bytes]:
     try:
         entries = _sorted_entries(d, follow)
     except OSError as exc:
@@ -96,26 +97,96 @@ def _walk_dir(d: bytes, exts: frozenset[bytes], recursive: bool, follow: bool,
             if ident in ancestors:
                 warn(f"skipped symlink loop at {os.fsdecode(path)}")
                 continue
-            yield from _walk_dir(path, exts, recursive, follow, ancestors | {ident}, warn)
+            if other_roots and ident in other_roots:
+                warn(f"skipped {os.fsdecode(path)}: it is also input {os.fsdecode(other_roots[ident])}, "
+                     "whose files are listed once, under that input (input.paths overlap)")
+                continue
+            yield from _walk_dir(path, exts, recursive, follow, ancestors | {ident}, warn, other_roots)
         elif _has_ext(name, exts) and (follow or not is_link):
             yield path
 
 
-def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: bool = True,
-                follow_symlinks: bool = True, warn: Warn = lambda m: None) -> Iterator[bytes]:
-    """Every input file, as bytes paths, in the deterministic order that defines input ids."""
-    exts = frozenset(e.lower().encode() for e in extensions)
+def _inside(parent: bytes, child: bytes) -> bool:
+    return child.startswith(parent.rstrip(b"/") + b"/")
+
+
+def dedupe_roots(paths: tuple[str, ...], exts: frozenset[bytes], recursive: bool,
+                 warn: Warn = lambda m: None) -> list[bytes]:
+    """The input roots to walk, each file reachable from one root only (by resolved path).
+
+    A root that is the same directory or file as an earlier root, or lies inside an earlier
+    root that lists it anyway (a recursive directory; a file with a listed suffix), is dropped
+    with a warning naming both. A root nested in a *later* root is kept (ids follow the order of
+    input.paths); the later root's walk skips it (see iter_inputs). Missing roots are kept for
+    iter_inputs to report.
+    """
+    kept: list[tuple[bytes, bytes | None, bool, tuple[int, int] | None]] = []  # given, real, is_dir, ident
     for root in paths:
         broot = os.fsencode(root)
         try:
             st = os.stat(broot)
-        except OSError as exc:
-            warn(f"skipped input {root}: {exc.strerror or exc}")
+        except OSError:
+            kept.append((broot, None, False, None))
+            continue
+        real = os.path.realpath(broot)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        ident = (st.st_dev, st.st_ino)
+        for other, oreal, odir, oident in kept:
+            if oreal is None:
+                continue
+            if ident == oident or real == oreal:
+                warn(f"input {root} is the same {'directory' if is_dir else 'file'} as input {os.fsdecode(other)}: "
+                     "its files are listed once (input.paths / --input overlap)")
+                break
+            covered = odir and (
+                (is_dir and recursive and _inside(oreal, real))
+                or (not is_dir and _has_ext(os.path.basename(real), exts)
+                    and (os.path.dirname(real) == oreal or (recursive and _inside(oreal, real)))))
+            if covered:
+                warn(f"input {root} lies inside input {os.fsdecode(other)}: its files are listed once, under "
+                     f"{os.fsdecode(other)} (input.paths / --input overlap)")
+                break
+        else:
+            kept.append((broot, real, is_dir, ident))
+    return [given for given, _real, _is_dir, _ident in kept]
+
+
+def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: bool = True,
+                follow_symlinks: bool = True, warn: Warn = lambda m: None) -> Iterator[bytes]:
+    """Every input file, as bytes paths, in the deterministic order that defines input ids.
+
+    Overlapping roots are listed once (dedupe_roots; a directory that is another root is skipped
+    inside the walk). Finding no input at all is warned about, naming the roots and extensions.
+    """
+    exts = frozenset(e.lower().encode() for e in extensions)
+    roots = dedupe_roots(paths, exts, recursive, warn)
+    dir_roots: dict[tuple[int, int], bytes] = {}
+    for broot in roots:
+        try:
+            st = os.stat(broot)
+        except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            yield from _walk_dir(broot, exts, recursive, follow_symlinks, frozenset({(st.st_dev, st.st_ino)}), warn)
+            dir_roots.setdefault((st.st_dev, st.st_ino), broot)
+    n = 0
+    for broot in roots:
+        try:
+            st = os.stat(broot)
+        except OSError as exc:
+            warn(f"skipped input {os.fsdecode(broot)}: {exc.strerror or exc}")
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            ident = (st.st_dev, st.st_ino)
+            others = {k: v for k, v in dir_roots.items() if k != ident}
+            for path in _walk_dir(broot, exts, recursive, follow_symlinks, frozenset({ident}), warn, others):
+                n += 1
+                yield path
         else:
+            n += 1
             yield broot  # a file named explicitly is an input whatever its suffix
+    if n == 0:
+        warn(f"no input files found under {', '.join(paths)} (extensions searched: {', '.join(extensions)}; "
+             f"input.recursive = {str(recursive).lower()}): check input.paths / --input and input.extensions")
 
 
 def read_listing(path: str) -> Iterator[bytes]:

@@ -146,3 +146,29 @@ def test_infer_groups_fill_batches_across_messages(tmp_path):
     (_, h, (emb,)), = whole
     assert h["ids"] == [0, 1, 2, 3]
     np.testing.assert_allclose(emb, out[0][2][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("what", ["corpus", "model", "empty"])
+def test_bench_usage_errors_are_one_line_exit_2(tmp_path, monkeypatch, what):
+    """A fresh clone has no bench corpus: the cpu case says so in one line (no traceback), exit 2."""
+    from click.testing import CliRunner
+
+    from pipeline import bench as benchmod
+    from pipeline.cli import cli
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    corpus = tmp_path / "corpus"
+    if what != "corpus":
+        corpus.mkdir()
+    if what == "model":
+        (corpus / "a.jpg").write_bytes(b"x")
+        model = tmp_path / "missing.onnx"
+    monkeypatch.setattr(benchmod, "DEFAULT_CORPUS", corpus)
+    r = CliRunner().invoke(cli, ["bench", "--case", "cpu", "--model", str(model), "-q"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert "Traceback" not in r.output
+    expect = {"corpus": f"bench corpus {corpus} does not exist", "model": f"model {model} does not exist",
+              "empty": f"no JPEGs in {corpus}"}[what]
+    assert expect in r.output and ("--images" in r.output or what == "model")
