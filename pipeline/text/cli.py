@@ -148,7 +148,9 @@ def embed_text_cmd(texts, text_file, output, run_dir, backend, device, threads, 
         pairing = None
         if run_dir:
             p = paired_text_model(run_dir, text_model, assume_paired=assume_paired, log=log)
-            text_model, pairing = p.path, p.as_dict() | {"image_run": str(Path(run_dir).resolve())}
+            text_model, pairing = p.path or None, p.as_dict() | {"image_run": str(Path(run_dir).resolve())}
+            if p.clip_model == "fake":
+                backend = "fake"
         elif text_model is None and backend != "fake":
             text_model = _default_text_model(log)
         enc = _encoder(text_model, backend, device, threads, batch_size, text_projection)
@@ -220,7 +222,9 @@ def classify_cmd(run_dir, labels, templates, top_k, output, partial, backend, de
         names = [it.text.strip() for it in label_items]
         tmpls = [it.text for it in tmpl_items]
         pairing = paired_text_model(run_dir, text_model, assume_paired=assume_paired, log=log)
-        enc = _encoder(pairing.path, backend, device, threads, batch_size, text_projection)
+        if pairing.clip_model == "fake":  # a run of the fake image backend: the fake text backend
+            backend = "fake"
+        enc = _encoder(pairing.path or None, backend, device, threads, batch_size, text_projection)
         img_synth = bool(manifest.get("synthetic_weights") or manifest["model"].get("synthetic"))
         ident = enc.identity()
         synthetic = img_synth or bool(ident.get("synthetic"))

@@ -2,13 +2,14 @@
 
 Python API (what `embed-text`, `classify` and search use)::
 
-    from pipeline.text.embed import embed_texts, paired_text_model, TextEncoder
+    from pipeline.text.embed import embed_texts, text_encoder_for_run, paired_text_model, TextEncoder
 
     emb = embed_texts(["a photo of a dog"], run="out/cpu-demo")   # float32 [1, dim], L2-normalised,
                                                                    # with the text model paired to the run
     emb = embed_texts(prompts, model="models/clip-text.onnx")      # or a given text model (cpu backend)
-    enc = TextEncoder(paired_text_model("out/cpu-demo").path)      # reuse one loaded model
+    enc = text_encoder_for_run("out/cpu-demo")                     # keep one loaded model for many calls
     res = enc.embed(prompts)                                       # res.embeddings, res.tokens (lengths, truncated)
+    enc.pairing, enc.identity()                                    # what to record in your output's manifest
 
 A text model is either form (detected from its output rank, see pipeline/text/model.py):
 ``projected`` ids -> [B, dim]; or ``states`` ids -> ln_final states [B, 77, width] plus a
@@ -152,6 +153,8 @@ def paired_text_model(run: str | os.PathLike, text_model: str | os.PathLike | No
     """
     manifest = read_run_manifest(run)
     image = manifest["model"]
+    if text_model is None and image.get("arch") == "fake":  # the fake image backend pairs with the fake text backend
+        return Pairing("", "matched", "fake", "fake")
     if text_model is None:
         img_info = image.get("info") or {}
         named = img_info.get("text_model")
@@ -308,6 +311,7 @@ class TextEncoder:
                  batch_size: int = 32, projection: str | os.PathLike | None = None, tokenizer: Tokenizer | None = None):
         self.backend = backend
         self.model_path = None if model is None else str(model)
+        self.pairing: Pairing | None = None
         if backend != "fake" and model is None:
             raise TextModelError("no text model given")
         self.session = open_text_session(model, backend, device, threads)
@@ -380,6 +384,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def text_encoder_for_run(run: str | os.PathLike, text_model: str | os.PathLike | None = None, assume_paired: bool = False,
+                         backend: str = "cpu", log=None, **kw: Any) -> TextEncoder:
+    """A TextEncoder with the text model paired with the image run in ``run`` (see paired_text_model);
+    a run made by the fake image backend gets the fake text backend. ``kw``: TextEncoder's options."""
+    p = paired_text_model(run, text_model, assume_paired=assume_paired, log=log)
+    enc = TextEncoder(p.path or None, backend="fake" if p.clip_model == "fake" else backend, **kw)
+    enc.pairing = p
+    return enc
+
+
 def embed_texts(prompts: Sequence[str], model: str | os.PathLike | None = None, run: str | os.PathLike | None = None,
                 backend: str = "cpu", device: Any = None, threads: int = 1, batch_size: int = 32,
                 normalize: bool = True, assume_paired: bool = False) -> np.ndarray:
@@ -388,7 +402,9 @@ def embed_texts(prompts: Sequence[str], model: str | os.PathLike | None = None, 
     Give ``run`` (an image output directory) to use the text model paired with it (checked, see
     ``paired_text_model``), or ``model`` (a text ONNX / bmodel); both: the model is checked against the run.
     """
+    kw = {"device": device, "threads": threads, "batch_size": batch_size}
     if run is not None:
-        model = paired_text_model(run, model, assume_paired=assume_paired).path
-    enc = TextEncoder(model, backend=backend, device=device, threads=threads, batch_size=batch_size)
+        enc = text_encoder_for_run(run, model, assume_paired, backend, **kw)
+    else:
+        enc = TextEncoder(model, backend=backend, **kw)
     return enc.embed(prompts, normalize=normalize).embeddings
