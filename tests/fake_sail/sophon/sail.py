@@ -233,10 +233,13 @@ class _Net:
         self.stages = sorted(int(b) for b in meta.get("batch_sizes", [1]))
         self.sample_shape = [int(d) for d in inp.shape[1:]]
         self.out_tail = [int(d) if isinstance(d, int) else 0 for d in out.shape[1:]]
+        np_in = {"float32": np.float32, "uint8": np.uint8, "int32": np.int32}[meta.get("input_dtype", "float32")]
         if 0 in self.out_tail:  # dynamic output dims: learn them by running once
-            probe = np.zeros([1, *self.sample_shape], dtype=np.float32 if meta.get("input_dtype", "float32") == "float32" else np.uint8)
+            probe = np.zeros([1, *self.sample_shape], dtype=np_in)
             self.out_tail = list(self.sess.run(None, {self.input_name: probe})[0].shape[1:])
-        self.input_dtype = {"float32": Dtype.BM_FLOAT32, "uint8": Dtype.BM_UINT8}[meta.get("input_dtype", "float32")]
+        # int32: a text encoder's token ids (sail-api.md §7 text encoder: the bmodel input is INT32)
+        self.input_dtype = {"float32": Dtype.BM_FLOAT32, "uint8": Dtype.BM_UINT8,
+                            "int32": Dtype.BM_INT32}[meta.get("input_dtype", "float32")]
         self.input_scale = float(meta.get("input_scale", 1.0))
         self.output_dtype = Dtype.BM_FLOAT32
 
@@ -248,6 +251,10 @@ class _Net:
             raise SailEngineError(f"bmrt_launch_tensor failed on dev {dev_id} (injected fault)")
         if self.input_dtype == Dtype.BM_UINT8:
             x = np.clip(np.rint(x / self.input_scale), 0, 255).astype(np.uint8)
+        elif self.input_dtype == Dtype.BM_INT32:
+            # §1.4: the numpy path coerced the input to float32; INT32 model inputs are then
+            # quantised with get_input_scale (engine.cpp:850-870), i.e. rounded to int32.
+            x = np.rint(x / self.input_scale).astype(np.int32)
         else:
             x = x.astype(np.float32, copy=False)
         return np.asarray(self.sess.run(None, {self.input_name: x})[0], dtype=np.float32)
