@@ -81,7 +81,7 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
 
 
 def _dry_run(cfg) -> None:
-    from pipeline.backends.base import get_backend
+    from pipeline.backends import get_backend
     from pipeline.config import validate_for_run
     from pipeline.preflight import device_warnings
     from stages.source import iter_inputs
@@ -151,9 +151,9 @@ def build_model(path, tower, arch, seed, act, input_kind, text_form, int8) -> No
 @cli.command(context_settings=CONTEXT)
 def devices() -> None:
     """List what each backend can see, and why a backend is unavailable."""
-    from pipeline.backends.base import get_backend
+    from pipeline.backends import BACKENDS, get_backend
 
-    for name in ("cpu", "sail", "sim", "fake"):
+    for name in BACKENDS:
         try:
             info = get_backend(name).probe()
         except ModuleNotFoundError as exc:
