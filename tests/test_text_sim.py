@@ -74,3 +74,26 @@ def test_text_bmodels_compile_and_match_onnxruntime_on_the_simulator(compiled_te
         emb = np.concatenate(rows)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         assert cosine_rows(emb, cpu.embeddings).min() >= 0.9999
+
+
+@pytest.mark.slow
+def test_embed_text_on_the_simulator_backend(compiled_text, tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.text.embed import TextEncoder
+    from pipeline.toolchain.verify import cosine_rows
+    from tests.conftest import ROOT, cli_env
+
+    onnx_path, out, sides = compiled_text
+    bm = out / sides[1]["bmodel"]  # batch 4: 5 prompts = 4 + (1 + 3 zero rows)
+    prompts = ["a photo of a dog.", "a cat", "Hi there", "a red car", "the sea"]
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "embed-text", *sum((["-t", p] for p in prompts), []),
+                        "--backend", "sim", "--text-model", str(bm), "-o", str(tmp_path / "o")],
+                       cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "o" / "embeddings.npy")
+    want = TextEncoder(onnx_path).embed(prompts).embeddings
+    assert cosine_rows(got, want).min() >= 0.9999
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["backend"] == "sim" and m["model"]["clip_model"] == "synthetic:tiny:seed=0:act=quickgelu"

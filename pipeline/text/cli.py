@@ -66,9 +66,9 @@ def tokenize_cmd(texts, as_json) -> None:
 
 
 def _backend_options(f):
-    f = click.option("--backend", type=click.Choice(["cpu", "sail", "fake"]), default="cpu", show_default=True,
-                     help="cpu: onnxruntime (ONNX); sail: a text bmodel on a SOPHON chip; fake: a deterministic "
-                          "stand-in for tests.")(f)
+    f = click.option("--backend", type=click.Choice(["cpu", "sail", "sim", "fake"]), default="cpu", show_default=True,
+                     help="cpu: onnxruntime (ONNX); sail: a text bmodel on a SOPHON chip; sim: a text bmodel on the "
+                          "BM1684X simulator (slow); fake: a deterministic stand-in for tests.")(f)
     f = click.option("--device", default="0", show_default=True, help="sail: the chip's dev_id.")(f)
     f = click.option("--threads", type=int, default=None, help="cpu: intra-op threads (default: usable cores).")(f)
     f = click.option("--batch-size", type=int, default=32, show_default=True,

@@ -17,7 +17,8 @@ projection [width, dim] found beside it (``<stem>.text_projection.npy``, or Soph
 ``text_projection_<w>_<d>.npy`` in the same directory), gathered at the EOT position and projected
 here, as Sophgo's CLIP demo does. Backends: ``cpu`` (onnxruntime), ``sail`` (a bmodel on a SOPHON
 chip, int32 ids through ``Engine.process``, fixed batch padded with zero rows and trimmed),
-``fake`` (deterministic, for tests).
+``sim`` (a bmodel on TPU-MLIR's BM1684X simulator: for checking, seconds per batch), ``fake``
+(deterministic, for tests).
 
 Pairing: an image run and a text model belong together when both record the same ``clip_model``
 (our builders write ``synthetic:<arch>:seed=<n>:act=<act>``; a real model's sidecar
@@ -40,7 +41,7 @@ import numpy as np
 
 from pipeline.text.tokenizer import Tokenized, Tokenizer, get_tokenizer
 
-BACKENDS = ("cpu", "sail", "fake")
+BACKENDS = ("cpu", "sail", "sim", "fake")
 
 
 class TextModelError(ValueError):
@@ -268,6 +269,29 @@ class _SailText:
         return np.asarray(out[self.output_name], dtype=np.float32)
 
 
+class _SimText:
+    """A text bmodel on the BM1684X simulator (TPU-MLIR venv child process; seconds per batch)."""
+
+    def __init__(self, path: str):
+        from pipeline.toolchain.runner import BmodelRunner, SimulatorError
+
+        try:
+            self.runner = BmodelRunner(path)
+        except (SimulatorError, FileNotFoundError, RuntimeError) as exc:  # TpuMlirMissing is a RuntimeError
+            raise TextModelError(f"cannot open text bmodel {path} on the simulator: {str(exc).splitlines()[0]}") from exc
+        net = self.runner.nets[self.runner.networks[0]]
+        in_shape, out_shape = net["inputs"][0]["shape"], net["outputs"][0]["shape"]
+        if len(in_shape) != 2:
+            raise TextModelError(f"{path}: input is {in_shape}, expected token ids [batch, 77]")
+        self.fixed_batch, self.context_length = int(in_shape[0]), int(in_shape[1])
+        self.out_rank, self.out_last = len(out_shape), int(out_shape[-1])
+        self.id_dtype = np.int32
+
+    def run_ids(self, ids: np.ndarray) -> np.ndarray:
+        (y,) = self.runner.forward([np.ascontiguousarray(ids, dtype=np.int32)])
+        return np.asarray(y, dtype=np.float32)
+
+
 class _FakeText:
     """Deterministic stand-in (fake backend): rows depend only on the ids; no model file is read."""
 
@@ -293,6 +317,8 @@ def open_text_session(model: str | os.PathLike, backend: str = "cpu", device: An
         return _SailText(str(model), int(device or 0))
     if backend == "fake":
         return _FakeText()
+    if backend == "sim":
+        return _SimText(str(model))
     raise TextModelError(f"text backend {backend!r} not supported (one of {', '.join(BACKENDS)})")
 
 
