@@ -260,13 +260,24 @@ class _SailText:
         self.out_rank = len(out_shape)
         self.out_last = int(out_shape[-1])
         self.id_dtype = np.int32
+        from pipeline.backends.sail import _OutputCheck
+
+        self.check = _OutputCheck(dev_id)
 
     def run_ids(self, ids: np.ndarray) -> np.ndarray:
+        from pipeline.backends.base import DeviceError
+
+        x = np.ascontiguousarray(ids, dtype=np.int32)
         try:
-            out = self.engine.process(self.graph, {self.input_name: np.ascontiguousarray(ids, dtype=np.int32)})
-        except Exception as exc:  # noqa: BLE001
+            out = self.engine.process(self.graph, {self.input_name: x})
+            y = np.asarray(out[self.output_name], dtype=np.float32)
+            # SAIL only logs a failed launch and returns stale or zeroed outputs (sail.py _OutputCheck)
+            self.check.check(y.reshape(len(y), -1), x.tobytes())
+        except DeviceError as exc:
             raise TextModelError(f"text bmodel inference failed: {exc}") from exc
-        return np.asarray(out[self.output_name], dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - SailEngineError and friends
+            raise TextModelError(f"text bmodel inference failed: {exc}") from exc
+        return y
 
 
 class _SimText:
