@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import output
+from pipeline import output, pathcodec
 from pipeline.transport import array_from
 from pipeline.worker import StageCore
 
@@ -148,4 +148,5 @@ class SinkCore(StageCore):
 
 
 def _text(path: bytes | str) -> str:
-    return path if isinstance(path, str) else path.decode("utf-8", "backslashreplace")
+    """A failure's path in the output's text form (lossless, valid UTF-8: pipeline/pathcodec.py)."""
+    return pathcodec.encode(path)
