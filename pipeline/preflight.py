@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline import pathcodec
@@ -207,3 +208,92 @@ def _compare_sets(listed: Callable[[], Iterable[bytes]], walked: Callable[[], It
     old, new = set(listed()), set(walked())
     added, removed = sorted(new - old), sorted(old - new)
     return InputChanges(len(added), len(removed), added[:keep], removed[:keep])
+
+
+# -- every check before the workers start ---------------------------------------------------------------
+
+@dataclass
+class Preflight:
+    """What the pre-start checks found (they raise ConfigError for anything the run refuses)."""
+
+    devices: list[Any]
+    warnings: list[str]
+    manifest: dict[str, Any] | None = None  # the existing run's (None: a new or empty output dir)
+    state: str | None = None                # describe_run of the existing run
+    changes: InputChanges | None = None     # inputs added/removed since the existing run listed them
+    model: dict[str, Any] | None = None     # model identity, when the model exists already
+    fingerprint: dict[str, Any] | None = None
+
+
+def foreign_dir_refusal(out: Path) -> str:
+    return (f"output directory {out} is not empty and holds no clip-pipeline run; "
+            "choose a new or empty directory (config key output.dir / --output)")
+
+
+def on_existing_refusal(out: Path) -> str:
+    return (f"output directory {out} already holds a run (output.on_existing = 'error'); "
+            "choose another --output or pass --restart")
+
+
+def input_changes(cfg: Config, listing: Path, warn: Callable[[str], None] = lambda m: None) -> InputChanges:
+    """Re-walk the input roots and compare with the run's listing (cheap: names only, no reads)."""
+    from stages.source import dedupe_roots, iter_inputs, read_listing
+
+    exts = frozenset(e.lower().encode() for e in cfg.input.extensions)
+    roots = dedupe_roots(cfg.input.paths, exts, cfg.input.recursive)
+    return compare_inputs(
+        lambda: read_listing(str(listing)),
+        lambda: iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive, cfg.input.follow_symlinks, warn),
+        roots)
+
+
+def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bool = True) -> Preflight:
+    """Every check `run` makes before it builds a model or starts a worker; reads only.
+
+    Raises ConfigError (exit 2) with the message the run would give: invalid inputs or devices,
+    an output directory that is not a run, output.on_existing = 'error', a model to be built that
+    cannot match the existing run's, a fingerprint that differs from the existing run's.
+    """
+    from pipeline.backends.base import get_backend
+    from pipeline.config import ConfigError, validate_for_run
+    from pipeline.output import completed_shards, read_manifest
+
+    validate_for_run(cfg)
+    backend = get_backend(cfg.infer.backend)
+    devices = backend.resolve_devices(cfg)
+    pf = Preflight(devices=devices, warnings=device_warnings(cfg, devices))
+    out = Path(cfg.output.dir)
+    manifest = read_manifest(out) if out.is_dir() else None
+    if manifest is None:
+        if out.is_dir() and any(out.iterdir()):
+            raise ConfigError(foreign_dir_refusal(out))
+        return pf
+    pf.manifest = manifest
+    pf.state = describe_run(manifest, completed_shards(out))
+    if restart or cfg.output.on_existing == "restart":
+        return pf
+    if cfg.output.on_existing == "error":
+        raise ConfigError(on_existing_refusal(out))
+    refusal = model_refusal_before_build(cfg, out, manifest)
+    if refusal:
+        raise ConfigError(refusal)
+    if cfg.infer.backend == "fake" or os.path.exists(cfg.model.path):
+        from pipeline.supervisor import fingerprint
+
+        pf.model = backend.model_identity(cfg)
+        pf.fingerprint = fingerprint(cfg, pf.model)
+        refusal = fingerprint_refusal(out, manifest.get("fingerprint") or {}, pf.fingerprint)
+        if refusal:
+            raise ConfigError(refusal)
+    listing = out / "listing.jsonl"
+    if compare_inputs_with_listing and (manifest.get("inputs") or {}).get("listing_complete") and listing.exists():
+        pf.changes = input_changes(cfg, listing)
+    return pf
+
+
+def changes_note(changes: InputChanges, complete: bool) -> str:
+    """What a re-run says about inputs added or removed since the run listed them."""
+    what = "this output" if complete else "this run, which resumes the listing as it was,"
+    return (f"since this run listed its inputs, {changes.summary()}: {what} does not include the added ones"
+            f"{' and keeps the rows of the removed ones' if complete and changes.removed else ''}. "
+            "To embed them: --restart (embeds everything again) or, once it exists, `run --update` (incremental)")

@@ -131,20 +131,26 @@ class Supervisor:
         self.queues: dict[str, int] = {}
         self.dim: int | None = None  # embedding width, from the first device that gets ready
         self._resumed = 0  # inputs resolved by an earlier run (set when the output dir is prepared)
+        self.input_changes = None  # inputs added/removed since an existing run listed them (preflight)
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        from pipeline.config import validate_for_run
+        from pipeline import preflight
         from pipeline.models import ensure_model
-        from pipeline.preflight import device_warnings
 
-        validate_for_run(self.cfg)
-        self.devices = self.backend.resolve_devices(self.cfg)
-        for w in device_warnings(self.cfg, self.devices):
+        # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
+        pf = preflight.check(self.cfg, restart=self.restart)
+        self.devices = pf.devices
+        for w in pf.warnings:
             self.log(f"warning: {w}")
             self.warnings.append(w)
+        self.input_changes = pf.changes
+        if pf.changes:
+            note = preflight.changes_note(pf.changes, pf.manifest.get("status") == "complete")
+            self.log(f"warning: {note}")
+            self.warnings.append(note)
         ensure_model(self.cfg, log=self.log)
-        self.model = self.backend.model_identity(self.cfg)
+        self.model = pf.model or self.backend.model_identity(self.cfg)
         self.fp = fingerprint(self.cfg, self.model)
         self.prepare_output_dir()
 
@@ -163,12 +169,9 @@ class Supervisor:
                 raise ConfigError(f"output directory {out} already holds a run (output.on_existing = 'error'); "
                                   "choose another --output or pass --restart")
             elif manifest.get("fingerprint") != self.fp:
-                old = manifest.get("fingerprint") or {}
-                diff = sorted(k for k in set(old) | set(self.fp) if old.get(k) != self.fp.get(k))
-                raise ConfigError(
-                    f"output directory {out} holds a run made with a different {', '.join(diff)}; "
-                    "resuming would mix embeddings. Pass --restart to delete it and start over, or choose another --output"
-                )
+                from pipeline.preflight import fingerprint_refusal
+
+                raise ConfigError(fingerprint_refusal(out, manifest.get("fingerprint") or {}, self.fp))
         try:
             (out / output.EMB_DIR).mkdir(parents=True, exist_ok=True)
             output.remove_temp_files(out)
@@ -598,6 +601,10 @@ class Supervisor:
         self.write_manifest("complete")
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
         msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
+        if self.input_changes:
+            from pipeline.preflight import changes_note
+
+            msg += " Note: " + changes_note(self.input_changes, True) + "."
         if n_fail:
             msg += f" Completed with {n_fail} failures: see {self.out / 'failures.jsonl'}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
