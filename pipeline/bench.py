@@ -218,8 +218,7 @@ def empty_inputs(n: int, dst: Path, per_dir: int = 1000) -> Path:
 
 def reference_batch(files: list[Path]) -> np.ndarray:
     """CLIP reference crops [n,224,224,3] uint8 (decoded once, for ceilings and cosines)."""
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import crop
+    from pipeline.images import DecodeOptions, crop, decode_file
 
     opts = DecodeOptions()
     return np.stack([crop(decode_file(os.fsencode(f), opts), "reference") for f in files])
@@ -239,7 +238,7 @@ def _session(model: str, threads: int):
 
 
 def _feed(pixels: np.ndarray, uint8_input: bool) -> np.ndarray:
-    from stages.preprocess import normalize
+    from pipeline.images import normalize
 
     return pixels if uint8_input else normalize(pixels)
 
@@ -257,8 +256,7 @@ def _ceiling_job(model: str, threads: int, pixels: np.ndarray, batches: int, bar
 
 def _single_loop_job(model: str, threads: int, files: list[str], batch: int, conn) -> None:
     """The reference program's CPU path: decode+preprocess a batch (PIL, CLIP transform), infer."""
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import normalize, reference_crop
+    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 
     sess, name, u8 = _session(model, threads)
     opts = DecodeOptions()
@@ -274,8 +272,7 @@ def _single_loop_job(model: str, threads: int, files: list[str], batch: int, con
 
 def _loader_batch(paths: list[str]) -> np.ndarray:
     """What a DataLoader worker does: reference transform per image, collate to float [B,3,224,224]."""
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import normalize, reference_crop
+    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 
     opts = DecodeOptions()
     return normalize(np.stack([reference_crop(decode_file(os.fsencode(p), opts)) for p in paths]))

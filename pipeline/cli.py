@@ -146,9 +146,9 @@ def build_model(path, arch, seed, input_kind, int8) -> None:
 @cli.command(context_settings=CONTEXT)
 def devices() -> None:
     """List what each backend can see, and why a backend is unavailable."""
-    from pipeline.backends.base import get_backend
+    from pipeline.backends import BACKENDS, get_backend
 
-    for name in ("cpu", "sail", "sim", "fake"):
+    for name in BACKENDS:
         try:
             info = get_backend(name).probe()
         except ModuleNotFoundError as exc:

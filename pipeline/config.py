@@ -14,13 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from pipeline.backends import NAMES as BACKEND_NAMES
+from pipeline.errors import ConfigError  # defined in a leaf module; imported from here everywhere
+
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "bmp", "webp", "tif", "tiff", "gif")
-
-
-class ConfigError(ValueError):
-    """A user-fixable configuration problem; the message names the key or file."""
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -74,7 +71,7 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    backend: Literal["cpu", "fake", "sail", "sim"] = _f("cpu", "Inference backend: cpu (onnxruntime), sail (SOPHON BM1684X), sim (BM1684X simulator via TPU-MLIR), fake (deterministic stand-in for tests and benchmarks).")
+    backend: Literal[BACKEND_NAMES] = _f("cpu", "Inference backend: cpu (onnxruntime), sail (SOPHON BM1684X), sim (BM1684X simulator via TPU-MLIR), fake (deterministic stand-in for tests and benchmarks).")
     devices: tuple[Any, ...] = _f(("cpu:0",), "One inference process per entry: 'cpu:N' for cpu/fake, dev_ids (0, 1, ...) for sail/sim, or the string 'all'.")
     threads: int = _f(1, "Intra-op threads per inference process (cpu backend).", min=1)
     batch_timeout_ms: float = _f(50.0, "Flush a partial batch after waiting this long for more images.", min=0)

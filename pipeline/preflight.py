@@ -59,6 +59,25 @@ def device_warnings(cfg: Config, devices: list[Any], cores: int | None = None) -
     return out
 
 
+def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between an interrupted run and its resume."""
+    return {
+        "model_sha256": model.get("sha256"),
+        "backend": cfg.infer.backend,
+        "sail_mode": cfg.sail.mode if cfg.infer.backend == "sail" else None,
+        "preprocess_mode": cfg.preprocess.mode,
+        "exif_transpose": cfg.preprocess.exif_transpose,
+        "normalize": cfg.output.normalize,
+        "dtype": cfg.output.dtype,
+        "shard_size": cfg.output.shard_size,
+        "inputs": list(cfg.input.paths),
+        "extensions": sorted(cfg.input.extensions),
+        "recursive": cfg.input.recursive,
+        "follow_symlinks": cfg.input.follow_symlinks,
+    }
+
+
+
 # -- an existing run in the output directory ---------------------------------------------------------
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -254,7 +273,7 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     an output directory that is not a run, output.on_existing = 'error', a model to be built that
     cannot match the existing run's, a fingerprint that differs from the existing run's.
     """
-    from pipeline.backends.base import get_backend
+    from pipeline.backends import get_backend
     from pipeline.config import ConfigError, validate_for_run
     from pipeline.output import completed_shards, read_manifest
 
@@ -278,8 +297,6 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     if refusal:
         raise ConfigError(refusal)
     if cfg.infer.backend == "fake" or os.path.exists(cfg.model.path):
-        from pipeline.supervisor import fingerprint
-
         pf.model = backend.model_identity(cfg)
         pf.fingerprint = fingerprint(cfg, pf.model)
         refusal = fingerprint_refusal(out, manifest.get("fingerprint") or {}, pf.fingerprint)

@@ -14,17 +14,20 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
 
-from pipeline import output, transport
-from pipeline.backends.base import get_backend
+from pipeline import messages, output, preflight, transport
+from pipeline.backends import get_backend
 from pipeline.config import Config, ConfigError
 from pipeline.ledger import Ledger
+from pipeline.messages import Failure
+from pipeline.models import ensure_model
+from pipeline.preflight import fingerprint
 from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
 from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment, worker_main
 
@@ -74,24 +77,6 @@ class Worker:
         return self.spec.name
 
 
-def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resume."""
-    return {
-        "model_sha256": model.get("sha256"),
-        "backend": cfg.infer.backend,
-        "sail_mode": cfg.sail.mode if cfg.infer.backend == "sail" else None,
-        "preprocess_mode": cfg.preprocess.mode,
-        "exif_transpose": cfg.preprocess.exif_transpose,
-        "normalize": cfg.output.normalize,
-        "dtype": cfg.output.dtype,
-        "shard_size": cfg.output.shard_size,
-        "inputs": list(cfg.input.paths),
-        "extensions": sorted(cfg.input.extensions),
-        "recursive": cfg.input.recursive,
-        "follow_symlinks": cfg.input.follow_symlinks,
-    }
-
-
 def software_versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
@@ -135,9 +120,6 @@ class Supervisor:
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        from pipeline import preflight
-        from pipeline.models import ensure_model
-
         # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
         pf = preflight.check(self.cfg, restart=self.restart)
         self.devices = pf.devices
@@ -169,9 +151,7 @@ class Supervisor:
                 raise ConfigError(f"output directory {out} already holds a run (output.on_existing = 'error'); "
                                   "choose another --output or pass --restart")
             elif manifest.get("fingerprint") != self.fp:
-                from pipeline.preflight import fingerprint_refusal
-
-                raise ConfigError(fingerprint_refusal(out, manifest.get("fingerprint") or {}, self.fp))
+                raise ConfigError(preflight.fingerprint_refusal(out, manifest.get("fingerprint") or {}, self.fp))
         try:
             (out / output.EMB_DIR).mkdir(parents=True, exist_ok=True)
             output.remove_temp_files(out)
@@ -283,7 +263,8 @@ class Supervisor:
             ctx = mp.get_context("spawn")
             w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}",
                                  daemon=True)
-        with worker_environment():
+        env = self.backend.worker_env(self.cfg, w.device) if w.role == "infer" else {}
+        with worker_environment(env):
             w.proc.start()
         w.started = time.monotonic()
         w.ready = w.role == "source"
@@ -355,7 +336,7 @@ class Supervisor:
                 header, _frames = transport.recv(self.control)
                 self.on_control(header)
             if self.ledger.listing_done and not total_sent:
-                self.queue_to_sink({"t": "total", "n": self.ledger.listed})
+                self.queue_to_sink(messages.total(self.ledger.listed))
                 total_sent = True
             self.check_workers()
             self.pump_outbox()
@@ -380,7 +361,7 @@ class Supervisor:
             dim = (h.get("info") or {}).get("dim")
             if dim and self.dim is None:
                 self.dim = int(dim)
-                self.queue_to_sink({"t": "dim", "n": self.dim})
+                self.queue_to_sink(messages.dim(self.dim))
         elif t == "resolved":
             if self.first_result_s is None:
                 self.first_result_s = time.monotonic() - self.t0
@@ -422,7 +403,7 @@ class Supervisor:
         paths = output.listing_paths(self.out / "listing.jsonl", self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
-            self.outbox.append((self.to_first, {"t": "item", "id": i, "path": paths[i]}))
+            self.outbox.append((self.to_first, messages.item(i, paths[i])))
 
     # -- failures of workers -----------------------------------------------------------------
     def check_workers(self) -> None:
@@ -461,9 +442,8 @@ class Supervisor:
         blame = w.role in ("decode", "preprocess") or (w.role == "infer" and self.files_mode)
         if ids and blame and code != EXIT_DEVICE:
             for i in self.ledger.record_crash(ids):
-                rec = {"t": "fail", "id": i, "path": b"", "reason": "crashed_worker",
-                       "message": f"{w.role} worker died twice while processing this input", "stage": w.role}
-                self.ledger.failed_here[i] = rec
+                self.ledger.failed_here[i] = Failure(i, b"", "crashed_worker",
+                                                     f"{w.role} worker died twice while processing this input", w.role)
         if w.role == "sink":
             self.ledger.lost_sink()
             # The sink may have written shards whose "shard" messages died with it: the disk is
@@ -501,12 +481,12 @@ class Supervisor:
         """Re-issue every sent id that is not resolved, written or failed; resend lost sink state."""
         if sink_lost:
             if self.ledger.listing_done:
-                self.queue_to_sink({"t": "total", "n": self.ledger.listed})
+                self.queue_to_sink(messages.total(self.ledger.listed))
             if self.dim is not None:
-                self.queue_to_sink({"t": "dim", "n": self.dim})
+                self.queue_to_sink(messages.dim(self.dim))
         paths = output.listing_paths(self.out / "listing.jsonl", self.ledger.failed_here)
-        for i, rec in sorted(self.ledger.failed_here.items()):
-            self.queue_to_sink({**rec, "path": paths.get(i, b"")})
+        for i, failure in sorted(self.ledger.failed_here.items()):
+            self.queue_to_sink(replace(failure, path=paths.get(i, b"")).header())
         sent = self.source().slot.sent_upto
         self.reissue_pending.update(self.ledger.to_reissue(sent))
 
@@ -602,9 +582,7 @@ class Supervisor:
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
         msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
         if self.input_changes:
-            from pipeline.preflight import changes_note
-
-            msg += " Note: " + changes_note(self.input_changes, True) + "."
+            msg += " Note: " + preflight.changes_note(self.input_changes, True) + "."
         if n_fail:
             msg += f" Completed with {n_fail} failures: see {self.out / 'failures.jsonl'}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))

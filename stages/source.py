@@ -16,7 +16,8 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 
-from pipeline import output
+from pipeline import messages, output
+from stages.base import FatalError
 
 Warn = Callable[[str], None]
 
@@ -219,16 +220,14 @@ def _repair_listing(listing_path: str) -> int:
 def send_items(loop, items: list[tuple[int, bytes]]) -> None:
     """One message for a group of inputs (batch-sized messages: see workers.items_per_message)."""
     if len(items) == 1:
-        loop.send("next", {"t": "item", "id": items[0][0], "path": items[0][1]})
+        loop.send("next", messages.item(items[0][0], items[0][1]))
     else:
-        loop.send("next", {"t": "items", "ids": [i for i, _ in items], "paths": [p for _, p in items]})
+        loop.send("next", messages.items([i for i, _ in items], [p for _, p in items]))
 
 
 def run_source(spec, slot, loop) -> None:
     """Source worker: walk (or replay the saved listing), persist it, send items downstream."""
     import errno
-
-    from pipeline.worker import FatalError
 
     cfg = spec.cfg
     extra = spec.extra
@@ -239,7 +238,7 @@ def run_source(spec, slot, loop) -> None:
     replay = bool(extra.get("listing_complete"))
 
     def warn(msg: str) -> None:
-        loop.send("control", {"t": "warning", "message": msg})
+        loop.send("control", messages.warning(msg))
 
     try:
         existing = _repair_listing(listing_path)
@@ -268,7 +267,7 @@ def run_source(spec, slot, loop) -> None:
                 slot.sent_upto = max(slot.sent_upto, chunk[-1][0] + 1)
                 chunk.clear()
                 loop.report_stats()
-                loop.send("control", {"t": "listed", "n": n, "done": False})
+                loop.send("control", messages.listed(n, False))
 
             for path in paths_iter:
                 if n < existing and not replay:
@@ -299,7 +298,7 @@ def run_source(spec, slot, loop) -> None:
             f"then, only {n} now. Run with --restart to start over (or restore the inputs)."
         )
     slot.sent_upto = n
-    loop.send("control", {"t": "listed", "n": n, "done": True})
+    loop.send("control", messages.listed(n, True))
     # Stay alive (idle) until the supervisor stops us: our PUSH socket may still hold messages.
     import time
 

@@ -94,6 +94,20 @@ def test_worker_environment_is_scoped():
     assert dict(os.environ) == before
 
 
+def test_worker_environment_sets_and_restores_the_backends_variables(monkeypatch):
+    """Backend.worker_env (e.g. a GPU backend's CUDA_VISIBLE_DEVICES) overrides the inherited value
+    while a worker starts; the parent's value comes back."""
+    from pipeline.backends.base import Backend
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("CLIPP_TEST_ONLY_VAR", raising=False)
+    before = dict(os.environ)
+    with worker_environment({"CUDA_VISIBLE_DEVICES": "1", "CLIPP_TEST_ONLY_VAR": "x"}):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1" and os.environ["CLIPP_TEST_ONLY_VAR"] == "x"
+    assert dict(os.environ) == before
+    assert Backend.worker_env(None, "cpu:0") == {}  # the default adds nothing
+
+
 def test_fake_embed_rows_do_not_depend_on_the_batch():
     px = np.random.default_rng(0).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
     full = fake_embed(px)

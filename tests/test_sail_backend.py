@@ -149,8 +149,7 @@ def test_host_fixed_batch_pads_and_trims(fake, tmp_path, onnx_model, images, bat
     orig = dev.engine.process
     dev.engine.process = lambda g, d, *a, **k: (shapes.append(next(iter(d.values())).shape[0]), orig(g, d, *a, **k))[1]
     names = ["landscape", "portrait", "upper", "png", "webp"]
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import reference_crop
+    from pipeline.images import DecodeOptions, decode_file, reference_crop
 
     pixels = np.stack([reference_crop(decode_file(os.fsencode(images[n]), DecodeOptions())) for n in names])
     n = 3 if batch > 1 else 5
@@ -180,7 +179,7 @@ def test_host_multistage_picks_smallest_stage(fake, tmp_path, onnx_model, images
     assert shapes == [8, 4]  # 8 + 3 (padded to the 4 stage)
     assert dev.embed(px[:1]).shape == (1, 512) and shapes[-1] == 1
     sess = ort_session(onnx_model)
-    from stages.preprocess import normalize
+    from pipeline.images import normalize
 
     ref = sess.run(None, {sess.get_inputs()[0].name: normalize(px)})[0]
     np.testing.assert_allclose(out, ref, atol=HOST_ATOL, rtol=1e-4)
@@ -274,8 +273,7 @@ def test_cli_bicubic_exits_2_before_any_process_starts(tmp_path, monkeypatch):
 def device_inputs_vs_reference(sail, dev, paths):
     """Mean/max abs difference (0..255 units) between what the chip's network was fed and
     CLIP's reference crop, per image, one file per batch."""
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import normalize, reference_crop
+    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 
     alpha = np.array([a for a, _ in pipeline_alpha_beta()], np.float32).reshape(3, 1, 1)
     out = []
