@@ -93,14 +93,21 @@ def software_versions() -> dict[str, str]:
 
 class Supervisor:
     def __init__(self, cfg: Config, *, restart: bool = False, progress: Progress | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, id_range: tuple[int, int] | None = None,
+                 listing: str | os.PathLike | None = None):
+        """id_range + listing: a cluster range run (pipeline/cluster/rangerun.py) embeds only the
+        input ids [lo, hi) of a planned listing (read-only, ids and shard names stay global); lo is
+        a multiple of output.shard_size."""
         self.cfg = cfg
         self.restart = restart
         self.out = Path(cfg.output.dir)
+        self.id_range = id_range
+        self.listing_path = Path(listing) if listing is not None else self.out / "listing.jsonl"
         self.progress = progress or Progress(cfg.run.progress, cfg.run.log_interval_s)
         self.log = log or self.progress.message
         self.backend = get_backend(cfg.infer.backend)
-        self.ledger = Ledger(cfg.output.shard_size)
+        self.ledger = Ledger(cfg.output.shard_size,
+                             first_shard=id_range[0] // cfg.output.shard_size if id_range else 0)
         self.workers: dict[str, Worker] = {}
         self.stats: dict[str, dict] = {}
         self.warnings: list[str] = []
@@ -165,6 +172,8 @@ class Supervisor:
         self.listing_complete = bool(manifest and manifest.get("inputs", {}).get("listing_complete"))
         if self.listing_complete and not (out / "listing.jsonl").exists():
             self.listing_complete = False
+        if self.id_range is not None:
+            self.listing_complete = True  # the planned listing, replayed
         self.done_shards = output.completed_shards(out)
         for k in self.done_shards:
             rows, failed = shard_counts(out, k)
@@ -196,6 +205,8 @@ class Supervisor:
             "shards": sorted(self.ledger.written),
             "versions": software_versions(),
         }
+        if self.id_range is not None:
+            m["range"] = {"ids": list(self.id_range), "listing": str(self.listing_path)}
         if synthetic:
             m["warning"] = SYNTHETIC_NOTE
         if extra:
@@ -241,10 +252,11 @@ class Supervisor:
             for i in range(n):
                 add(role, i, stage_addrs[role][i], nxt)
         add("source", 0, None, self.first_stage_addrs, extra={
-            "listing_path": str(self.out / "listing.jsonl"),
+            "listing_path": str(self.listing_path),
             "done_shards": list(self.done_shards),
             "listing_complete": self.listing_complete,
             "files_mode": files_mode,
+            **({"range_lo": self.id_range[0], "range_hi": self.id_range[1]} if self.id_range else {}),
         })
         self.control_addr, self.sink_addr = control_addr, sink_addr
 
@@ -400,7 +412,7 @@ class Supervisor:
             self.send_reissues()
 
     def send_reissues(self) -> None:
-        paths = output.listing_paths(self.out / "listing.jsonl", self.reissue_pending)
+        paths = output.listing_paths(self.listing_path, self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
             self.outbox.append((self.to_first, messages.item(i, paths[i], suspect=bool(self.ledger.crash_counts.get(i)))))
@@ -484,7 +496,7 @@ class Supervisor:
                 self.queue_to_sink(messages.total(self.ledger.listed))
             if self.dim is not None:
                 self.queue_to_sink(messages.dim(self.dim))
-        paths = output.listing_paths(self.out / "listing.jsonl", self.ledger.failed_here)
+        paths = output.listing_paths(self.listing_path, self.ledger.failed_here)
         for i, failure in sorted(self.ledger.failed_here.items()):
             self.queue_to_sink(replace(failure, path=paths.get(i, b"")).header())
         sent = self.source().slot.sent_upto
@@ -524,7 +536,7 @@ class Supervisor:
         if now - self.tl_t >= self.timeline_dt:
             self.record_timeline(now, sample)
         done = self.ledger.embedded + self.ledger.failed
-        self.progress.update(done, self.ledger.total if self.ledger.listing_done else None, self.ledger.failed,
+        self.progress.update(done, self.range_total() if self.ledger.listing_done else None, self.ledger.failed,
                              self.rate(), self.stage_line())
 
     def stage_line(self) -> str:
@@ -547,19 +559,24 @@ class Supervisor:
         resumed = self.resumed_count()
         return (self.ledger.embedded + self.ledger.failed - resumed) / elapsed if elapsed > 0 else 0.0
 
+    def range_total(self) -> int | None:
+        """The number of inputs this run covers (a cluster range run covers ids [lo, hi) only)."""
+        t = self.ledger.total
+        return t - self.id_range[0] if t is not None and self.id_range else t
+
     def resumed_count(self) -> int:
         return self._resumed
 
     def finish(self, wall: float) -> RunResult:
         led = self.ledger
-        counts = {"embedded": led.embedded, "failed": led.failed, "total": led.total or led.listed}
+        counts = {"embedded": led.embedded, "failed": led.failed, "total": self.range_total() or led.listed}
         done = led.embedded + led.failed
         final = aggregate(self.stats, {w.name: w.role for w in self.workers.values()})
         if hasattr(self, "tl_t"):
             self.record_timeline(time.monotonic(), final)
         # the last line sums up the whole run (the last interval is mostly shutdown)
         whole = utilisation({}, final, time.monotonic() - self.t0) if hasattr(self, "t0") else {}
-        self.progress.close(done, led.total, led.failed, self.rate(),
+        self.progress.close(done, self.range_total(), led.failed, self.rate(),
                             (bottleneck_line(whole) + " (whole run)") if whole else self.stage_line())
         report = self.report(wall)
         self.best_effort(output.atomic_write_json, self.out / "report.json", report)

@@ -197,8 +197,15 @@ class Loop:
     # -- sending with backpressure but without going deaf to signals or a dead parent --------
     def send(self, target: str, header: dict, buffers: tuple = ()) -> None:
         if target == "control":
-            transport.send(self.control, header, *buffers)
-            return
+            # never a blocking send: with the supervisor gone (SIGKILLed, e.g. with its Ray worker)
+            # the socket has no peer (ZMQ_IMMEDIATE) and a plain send would hang this orphan forever
+            while True:
+                try:
+                    transport.send(self.control, header, *buffers, flags=zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    self.check_alive()
+                    self.control.poll(SEND_TIMEOUT_MS, zmq.POLLOUT)
         sock = self.next if target == "next" else self.sink
         t0 = time.monotonic()
         while True:
@@ -274,7 +281,10 @@ def worker_main(spec: WorkerSpec, slot: Slot) -> None:
         code = EXIT_CRASH
     finally:
         try:
-            loop.report_stats(force=True)
+            # final stats only to a live supervisor: with it gone (SIGKILLed, e.g. with its Ray
+            # worker) the control socket has no peer and the send would block this orphan forever
+            if os.getppid() == loop.parent:
+                loop.report_stats(force=True)
         except Exception:  # noqa: BLE001
             pass
         loop.close()
