@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,18 +108,40 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+CHECK_SUFFIX = ".check.json"
+SHARD_SUFFIXES = (".paths", ".failures.jsonl", ".npy")
+
+
+def file_check(data: bytes) -> dict[str, Any]:
+    """The integrity record of one file: its size and CRC-32 (zlib; ~1.3 GB/s here against ~0.4 for
+    sha256, and this guards against damage, not against an adversary)."""
+    return {"size": len(data), "crc32": zlib.crc32(data) & 0xFFFFFFFF}
+
+
+def _crc32_file(path: Path, chunk: int = 8 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc & 0xFFFFFFFF
+
+
 def write_shard(out_dir: str | os.PathLike, k: int, paths: list[bytes], emb: np.ndarray,
                 failures: list[dict]) -> None:
-    """Write shard k atomically: .paths and .failures.jsonl first, the .npy (completion) last."""
+    """Write shard k atomically: .paths, .failures.jsonl and the integrity record (.check.json:
+    size and CRC-32 of each file, rows, shape, dtype) first, the .npy (completion) last."""
     d = Path(out_dir) / EMB_DIR
     name = shard_name(k)
     tmps: list[tuple[Path, Path]] = []
+    files = {".paths": b"".join(encode_path_line(p) + b"\n" for p in paths),
+             ".failures.jsonl": b"".join(json.dumps(f, sort_keys=True).encode() + b"\n" for f in failures),
+             ".npy": npy_bytes(emb)}
+    check = {"rows": int(emb.shape[0]), "shape": list(emb.shape), "dtype": emb.dtype.str,
+             "files": {suffix: file_check(data) for suffix, data in files.items()}}
+    files = {".paths": files[".paths"], ".failures.jsonl": files[".failures.jsonl"],
+             CHECK_SUFFIX: (json.dumps(check, sort_keys=True) + "\n").encode(), ".npy": files[".npy"]}
     try:
-        for suffix, data in (
-            (".paths", b"".join(encode_path_line(p) + b"\n" for p in paths)),
-            (".failures.jsonl", b"".join(json.dumps(f, sort_keys=True).encode() + b"\n" for f in failures)),
-            (".npy", npy_bytes(emb)),
-        ):
+        for suffix, data in files.items():
             final = d / f"{name}{suffix}"
             tmp = d / f".{name}{suffix}.tmp"
             with open(tmp, "wb") as fh:
@@ -132,7 +155,8 @@ def write_shard(out_dir: str | os.PathLike, k: int, paths: list[bytes], emb: np.
     except BaseException:
         for tmp, _ in tmps:
             tmp.unlink(missing_ok=True)
-        (d / f".{name}.npy.tmp").unlink(missing_ok=True)
+        for suffix in files:  # the one being written when it failed too (e.g. the disk filled up)
+            (d / f".{name}{suffix}.tmp").unlink(missing_ok=True)
         raise
 
 
@@ -149,6 +173,73 @@ def completed_shards(out_dir: str | os.PathLike) -> list[int]:
         if (d / f"{p.stem}.paths").exists() and (d / f"{p.stem}.failures.jsonl").exists():
             ks.append(k)
     return sorted(ks)
+
+
+def verify_shard(out_dir: str | os.PathLike, k: int, checksums: bool = True) -> str | None:
+    """What is wrong with shard k on disk, or None when it is intact: companions present, sizes and
+    (with `checksums`) CRC-32s as recorded at write time, the .npy header readable and consistent
+    with its size. A shard written before integrity records existed is checked by header and size."""
+    d = Path(out_dir) / EMB_DIR
+    name = shard_name(k)
+    missing = [f"{name}{s}" for s in SHARD_SUFFIXES if not (d / f"{name}{s}").exists()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    rec = None
+    if (d / f"{name}{CHECK_SUFFIX}").exists():
+        try:
+            rec = json.loads((d / f"{name}{CHECK_SUFFIX}").read_text())
+        except (OSError, ValueError) as exc:
+            return f"{name}{CHECK_SUFFIX} unreadable ({exc})"
+    if rec is not None:
+        for suffix, want in rec.get("files", {}).items():
+            p = d / f"{name}{suffix}"
+            size = p.stat().st_size
+            if size != want["size"]:
+                return f"{p.name} is {size} bytes, {want['size']} were written"
+            if checksums and _crc32_file(p) != want["crc32"]:
+                return f"{p.name} content changed since it was written (CRC-32 mismatch)"
+    try:
+        emb = np.load(d / f"{name}.npy", mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        return f"{name}.npy cannot be read ({exc})"
+    if emb.ndim != 2:
+        return f"{name}.npy has shape {emb.shape}, not [rows, dim]"
+    if rec is not None and (list(emb.shape) != rec.get("shape") or emb.dtype.str != rec.get("dtype")):
+        return f"{name}.npy holds {emb.dtype}{list(emb.shape)}, {rec.get('dtype')}{rec.get('shape')} was written"
+    return None
+
+
+def damaged_shards(out_dir: str | os.PathLike, checksums: bool = True) -> dict[int, str]:
+    """Shards on disk that are not intact (verify_shard), including a .npy whose companions are
+    missing (a shard that looks complete to nobody but holds the place): shard -> problem."""
+    d = Path(out_dir) / EMB_DIR
+    if not d.is_dir():
+        return {}
+    found: set[int] = set()
+    for p in d.glob("part-*"):
+        if p.name.startswith("."):
+            continue
+        try:
+            found.add(int(p.name.split(".")[0].split("-")[1]))
+        except (IndexError, ValueError):
+            continue
+    out = {}
+    for k in sorted(found):
+        if not (d / f"{shard_name(k)}.npy").exists():
+            continue  # never completed (a crash before the .npy): the sink writes it again
+        problem = verify_shard(out_dir, k, checksums)
+        if problem:
+            out[k] = problem
+    return out
+
+
+def remove_shard(out_dir: str | os.PathLike, k: int) -> None:
+    """Delete shard k's files (the .npy, the completion mark, first)."""
+    d = Path(out_dir) / EMB_DIR
+    name = shard_name(k)
+    for suffix in (".npy", CHECK_SUFFIX, ".paths", ".failures.jsonl"):
+        (d / f"{name}{suffix}").unlink(missing_ok=True)
+    fsync_dir(d)
 
 
 def remove_temp_files(out_dir: str | os.PathLike) -> None:

@@ -163,6 +163,12 @@ class Supervisor:
         try:
             (out / output.EMB_DIR).mkdir(parents=True, exist_ok=True)
             output.remove_temp_files(out)
+            if manifest is not None:  # resume: every completed shard is verified, a damaged one redone
+                for k, problem in output.damaged_shards(out).items():
+                    msg = f"shard {output.shard_name(k)} is damaged ({problem}); redoing it"
+                    self.log(f"warning: {msg}.")
+                    self.warnings.append(msg)
+                    output.remove_shard(out, k)
             probe = out / ".write-test.tmp"
             probe.write_bytes(b"x")
             probe.unlink()

@@ -284,3 +284,43 @@ def test_uneven_devices_get_work_by_capacity(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["dispatch"]["mode"] == "credit"
     assert report["dispatch"]["images_per_device"] == {"cpu:0": fast, "cpu:1": slow}
+
+
+# -- damaged shards --------------------------------------------------------------------------------
+
+def test_damaged_shards_are_named_and_redone_on_resume(corpus, tmp_path):
+    """A finished run with a truncated .npy, flipped bytes, a NaN written into a shard and a missing
+    .paths: `inspect --verify` names each; the same `run` command redoes exactly those shards with
+    a warning naming them (before: a traceback from np.load, and the NaN passed), byte-identically."""
+    import shutil
+
+    import numpy as np
+
+    d, good, ref = corpus
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    e = out / "embeddings"
+    os.truncate(e / "part-00001.npy", 100)
+    flipped = bytearray((e / "part-00002.npy").read_bytes())
+    flipped[-5] ^= 0xFF
+    (e / "part-00002.npy").write_bytes(bytes(flipped))
+    raw = bytearray((e / "part-00003.npy").read_bytes())
+    data_at = len(raw) - np.load(e / "part-00003.npy").nbytes
+    raw[data_at:data_at + 4] = np.float32("nan").tobytes()
+    (e / "part-00003.npy").write_bytes(bytes(raw))
+    (e / "part-00004.paths").unlink()
+    v = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--verify", str(out)], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 1, v.stdout + v.stderr
+    for k in (1, 2, 3, 4):
+        assert f"part-0000{k}" in v.stdout, v.stdout
+    r = run_cli(d, out)
+    assert r.returncode == 0, r.stderr
+    for k in (1, 2, 3, 4):
+        assert f"shard part-0000{k} is damaged" in r.stderr and "redoing it" in r.stderr, r.stderr
+    assert "part-00000 is damaged" not in r.stderr
+    assert shard_bytes(out) == shard_bytes(ref)
+    assert (out / "failures.jsonl").read_bytes() == (ref / "failures.jsonl").read_bytes()
+    v = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--verify", str(out)], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stdout

@@ -22,7 +22,7 @@ from pipeline.cluster.plan import Plan
 RANGES_DIR = "ranges"
 ATTEMPTS_DIR = "attempts"
 RECORD_FORMAT = "clip-pipeline-range/1"
-SHARD_SUFFIXES = (".paths", ".failures.jsonl", ".npy")  # publish order: the .npy (completion) last
+SHARD_SUFFIXES = (".paths", ".failures.jsonl", output.CHECK_SUFFIX, ".npy")  # publish order: the .npy (completion) last
 
 
 def range_name(r: int) -> str:
