@@ -244,7 +244,9 @@ def format_summary(s: dict[str, Any]) -> str:
 
 @click.command("inspect", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(file_okay=True, dir_okay=True))
-@click.option("--verify", "do_verify", is_flag=True, help="Re-read every shard: sizes and CRC-32s recorded at write time, shapes, dtype, finiteness, norms, paths vs the listing.")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Re-read every shard: sizes and CRC-32s recorded at write time, shapes, dtype, finiteness, norms, "
+                   "paths vs the listing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (and problems) as JSON.")
 def inspect_cmd(out: str, do_verify: bool, as_json: bool) -> None:
     """Show what the run in OUT holds: counts, shards, failures by reason, model, completeness.
