@@ -641,19 +641,21 @@ class Supervisor:
         whole = utilisation({}, final, time.monotonic() - self.t0) if hasattr(self, "t0") else {}
         self.progress.close(done, self.range_total(), led.failed, self.rate(),
                             (bottleneck_line(whole) + " (whole run)") if whole else self.stage_line())
+        ending_early = self.interrupted is not None or bool(self.abort_reason) or not led.complete()
+        if ending_early:
+            self.sync_with_disk()
         report = self.report(wall)
-        self.best_effort(output.atomic_write_json, self.out / "report.json", report)
+        self.best_effort(write_report, self.out / "report.json", report)
         if self.interrupted is not None:
             name = "SIGINT" if self.interrupted == signal.SIGINT else "SIGTERM"
             self.best_effort(self.write_manifest, "interrupted")
-            msg = (f"Interrupted by {name}: {len(led.written)} shard(s) complete ({done} of "
-                   f"{led.total if led.total is not None else str(led.listed) + '+'} inputs resolved) in {self.out}. "
-                   "Run the same command again to resume.")
+            msg = (f"Interrupted by {name}: {self.on_disk()} in {self.out}. "
+                   "Run the same command again to resume (the rest is redone).")
             return RunResult(EXIT_SIGINT if self.interrupted == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(self.out))
-        if self.abort_reason or not led.complete():
+        if ending_early:
             reason = self.abort_reason or "the run ended before every input was resolved"
             self.best_effort(self.write_manifest, "failed", {"error": reason})
-            return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Completed shards are kept in {self.out}; "
+            return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
         n_fail = self.write_failures()
         if self.cfg.output.pickle:
@@ -667,6 +669,26 @@ class Supervisor:
             msg += f" Completed with {n_fail} failures: see {self.out / 'failures.jsonl'}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
         return RunResult(EXIT_SUCCESS, msg, counts, str(self.out))
+
+    def sync_with_disk(self) -> None:
+        """After the workers stopped: a shard the sink wrote while being stopped is on disk even if
+        its "shard" message never reached the supervisor; count what is on disk (issue #12: "6
+        shard(s) complete" while the 7th appeared on disk right afterwards)."""
+        for k in output.completed_shards(self.out):
+            if k not in self.ledger.written:
+                try:
+                    rows, failed = shard_counts(self.out, k)
+                except (OSError, ValueError):
+                    continue
+                self.ledger.on_shard_written(k, rows, failed)
+
+    def on_disk(self) -> str:
+        """What an interrupted or aborted run leaves: complete shards and the inputs they hold."""
+        led = self.ledger
+        total = self.range_total()
+        of = f"{total}" if total is not None else f"{led.listed} listed so far"
+        return (f"{len(led.written)} complete shard(s) on disk holding {led.written_rows + led.written_failed} of "
+                f"{of} inputs ({led.written_rows} embedded, {led.written_failed} failed)")
 
     def best_effort(self, fn: Callable, *args: Any) -> None:
         """Write run metadata when the run is ending badly anyway (e.g. the disk is full): a
@@ -747,6 +769,8 @@ class Supervisor:
                 occupancy["max"][edge] = max(vals)
         return {
             "format": FORMAT,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "inputs_this_run": done_now,
             "wall_s": round(wall, 3),
             "run_s": round(run_s, 3),
             "images_per_s": round(done_now / wall, 3) if wall > 0 else None,
@@ -816,6 +840,23 @@ class ForeignProcess:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
+
+
+REPORT_HISTORY = 20  # earlier runs kept in report.json (each a whole report)
+
+
+def write_report(path: Path, report: dict) -> None:
+    """report.json: this run's report at the top level (what tools read), with the reports of the
+    earlier runs over the same output directory under "history" (oldest first, the last
+    REPORT_HISTORY), so a no-op re-run of a finished run no longer loses the real run's figures."""
+    history: list[dict] = []
+    try:
+        old = json.loads(path.read_text())
+        if isinstance(old, dict) and old.get("format") == FORMAT:
+            history = list(old.pop("history", []) or []) + [old]
+    except (OSError, ValueError):
+        pass
+    output.atomic_write_json(path, {**report, "history": history[-REPORT_HISTORY:]})
 
 
 def shard_counts(out: Path, k: int) -> tuple[int, int]:

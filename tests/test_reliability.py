@@ -324,3 +324,56 @@ def test_damaged_shards_are_named_and_redone_on_resume(corpus, tmp_path):
     v = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--verify", str(out)], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=60)
     assert v.returncode == 0, v.stdout
+
+
+# -- what the end of a run says ----------------------------------------------------------------------
+
+def test_closing_message_of_an_interrupted_run_states_what_is_on_disk(corpus, tmp_path):
+    """The message counts the shards on disk after the workers stopped (before: the ledger's
+    count, one short when the sink wrote a shard while being stopped)."""
+    import re
+
+    import numpy as np
+
+    d, _, _ = corpus
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cli_args(d, out, **SLOW), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: shards_done(out) >= 2, 60, "two shards")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    m = re.search(r"(\d+) complete shard\(s\) on disk holding (\d+) of (\d+) inputs \((\d+) embedded, (\d+) failed\)", stderr)
+    assert m, stderr[-1500:]
+    e = out / "embeddings"
+    on_disk = sorted(e.glob("part-*.npy"))
+    rows = sum(np.load(p).shape[0] for p in on_disk)
+    fails = sum((e / f"{p.stem}.failures.jsonl").read_text().count("\n") for p in on_disk)
+    assert (int(m[1]), int(m[2]), int(m[4]), int(m[5])) == (len(on_disk), rows + fails, rows, fails)
+
+
+def test_a_no_op_rerun_keeps_the_report_of_the_run_that_did_the_work(corpus, tmp_path):
+    import shutil
+
+    d, _, ref = corpus
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    first = json.loads((out / "report.json").read_text())
+    assert first["inputs_this_run"] == N and first["images_per_s"] > 0
+    r = run_cli(d, out)  # nothing left to do
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["inputs_this_run"] == 0
+    assert [h["images_per_s"] for h in rep["history"]] == [first["images_per_s"]]
+    assert rep["history"][0]["timeline"] == first["timeline"]
+    shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(out)], cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "run 1 of 2" in shown.stdout
+    assert f"{first['images_per_s']:.1f} images/s" in shown.stdout
+    listed = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(out), "--all"], cwd=ROOT,
+                            env=env(), capture_output=True, text=True, timeout=60)
+    assert "2 runs over this output directory" in listed.stdout and f"{N} inputs this run" in listed.stdout
