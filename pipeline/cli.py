@@ -155,7 +155,7 @@ def devices() -> None:
 
 
 from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
-from pipeline.inspect import inspect_cmd  # noqa: E402
+from pipeline.inspection import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402
 

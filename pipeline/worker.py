@@ -17,8 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import zmq
 
@@ -111,7 +110,15 @@ class WorkerSpec:
     control_addr: str
     device: str | None = None
     generation: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # queue limits (ZeroMQ high-water marks, in messages), decided once by Supervisor.plan
+    in_hwm: int = 0  # of this worker's PULL (0: it receives nothing)
+    out_hwm: int = 0  # of its PUSH to the next stage (0: it has none)
+    sink_hwm: int = 0  # of its PUSH to the sink
+    # the source's
+    listing_path: str = ""  # OUT/listing.jsonl
+    done_shards: tuple[int, ...] = ()  # complete shards: their ids are not sent
+    listing_complete: bool = False  # replay the saved listing instead of walking the inputs
+    start_at: int = 0  # a restarted source sends ids from here on
 
     @property
     def name(self) -> str:
@@ -181,15 +188,9 @@ class Loop:
         self.stopping = False
         self.parent = os.getppid()
         self.ctx = zmq.Context()
-        q = spec.cfg.queues
-        out_hwm = {"source": q.decode, "decode": q.preprocess if not spec.cfg.workers.fuse_decode_preprocess else q.infer,
-                   "preprocess": q.infer}.get(spec.role, q.sink)
-        if spec.role == "source" and spec.extra.get("files_mode"):
-            out_hwm = q.infer
-        out_hwm = _grouped_hwm(spec.cfg, out_hwm, {"source": True, "decode": spec.cfg.workers.fuse_decode_preprocess}.get(spec.role, False))
         self.control = transport.push(self.ctx, [spec.control_addr], hwm=10000, linger_ms=1000)
-        self.next = transport.push(self.ctx, spec.next_addrs, out_hwm) if spec.next_addrs else None
-        self.sink = transport.push(self.ctx, [spec.sink_addr], spec.cfg.queues.sink) if spec.role != "sink" else None
+        self.next = transport.push(self.ctx, spec.next_addrs, spec.out_hwm) if spec.next_addrs else None
+        self.sink = transport.push(self.ctx, [spec.sink_addr], spec.sink_hwm) if spec.role != "sink" else None
         self.stats: dict[str, float] = {"in": 0, "out": 0, "sink_out": 0, "busy_s": 0.0, "blocked_s": 0.0,
                                         "idle_s": 0.0}
         self.last_stats = 0.0
@@ -291,7 +292,7 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
         loop.error("setup", exc, [])
         return EXIT_SETUP
     loop.send("control", messages.ready(spec.name, spec.role, spec.index, os.getpid(), core.info))
-    inp = transport.pull(loop.ctx, spec.in_addr, _in_hwm(spec))
+    inp = transport.pull(loop.ctx, spec.in_addr, spec.in_hwm)
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
     wake = core.wake_fd()
@@ -341,20 +342,6 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
             core.close()
         finally:
             inp.close(0)
-
-
-def _in_hwm(spec: WorkerSpec) -> int:
-    q = spec.cfg.queues
-    depth = {"decode": q.decode, "preprocess": q.preprocess, "infer": q.infer, "sink": q.sink}[spec.role]
-    grouped = spec.role == "decode" or (spec.role == "infer" and spec.cfg.workers.fuse_decode_preprocess)
-    return _grouped_hwm(spec.cfg, depth, grouped)
-
-
-def _grouped_hwm(cfg: Config, depth: int, grouped: bool) -> int:
-    """Queue depths count images; a pipe of grouped messages holds depth / items_per_message of them."""
-    if not grouped:
-        return depth
-    return max(1, -(-depth // cfg.workers.items_per_message))
 
 
 if __name__ == "__main__":

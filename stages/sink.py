@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import messages, output
+from pipeline import messages, rundir
 from pipeline.messages import Failure
 from pipeline.transport import array_from
 from stages.base import FatalError, Output, StageCore
@@ -94,8 +94,8 @@ class SinkCore(StageCore):
         self.dim = 0
 
     def setup(self) -> None:
-        output.remove_temp_files(self.out_dir)
-        self.asm = ShardAssembler(self.cfg.output.shard_size, set(output.completed_shards(self.out_dir)))
+        rundir.remove_temp_files(self.out_dir)
+        self.asm = ShardAssembler(self.cfg.output.shard_size, set(rundir.completed_shards(self.out_dir)))
 
     def handle(self, header: dict, frames: list):
         t = header["t"]
@@ -132,11 +132,11 @@ class SinkCore(StageCore):
             try:
                 if _ENOSPC_SHARD is not None and k == _ENOSPC_SHARD:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (test hook " + ENOSPC_ENV + ")")
-                output.write_shard(self.out_dir, k, paths, emb, fails)
+                rundir.write_shard(self.out_dir, k, paths, emb, fails)
             except OSError as exc:
                 what = "the output disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
                 raise FatalError(
-                    f"cannot write shard {output.shard_name(k)} in {self.out_dir}: {what}. "
+                    f"cannot write shard {rundir.shard_name(k)} in {self.out_dir}: {what}. "
                     "Completed shards are kept; free space (or fix permissions) and run the same command again to resume."
                 ) from None
             outputs.append(("control", messages.shard(k, len(paths), len(fails)), ()))

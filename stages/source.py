@@ -16,7 +16,7 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 
-from pipeline import messages, output
+from pipeline import messages, rundir
 from stages.base import FatalError
 
 Warn = Callable[[str], None]
@@ -193,7 +193,7 @@ def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: 
 def read_listing(path: str) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         for line in fh:
-            yield output.parse_listing_line(line)
+            yield rundir.parse_listing_line(line)
 
 
 CHUNK = 64
@@ -230,12 +230,11 @@ def run_source(spec, slot, loop) -> None:
     import errno
 
     cfg = spec.cfg
-    extra = spec.extra
-    listing_path = extra["listing_path"]
-    done_shards = set(extra.get("done_shards", ()))
-    start_at = int(extra.get("start_at", 0))
+    listing_path = spec.listing_path
+    done_shards = set(spec.done_shards)
+    start_at = spec.start_at
     shard_size = cfg.output.shard_size
-    replay = bool(extra.get("listing_complete"))
+    replay = spec.listing_complete
 
     def warn(msg: str) -> None:
         loop.send("control", messages.warning(msg))
@@ -279,7 +278,7 @@ def run_source(spec, slot, loop) -> None:
                             "Run with --restart to start over (or restore the inputs)."
                         )
                 elif n >= existing:
-                    listing.write(output.listing_line(path))
+                    listing.write(rundir.listing_line(path))
                 chunk.append((n, path))
                 n += 1
                 if len(chunk) >= CHUNK:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from pipeline import config, output
 from pipeline.cli import cli
-from pipeline.inspect import summarize, verify
+from pipeline.inspection import summarize, verify
 from pipeline.output import ShardedArray, iter_shards, load_embeddings
 from pipeline.progress import StageSample, bottleneck_line, queue_fill, utilisation
 
