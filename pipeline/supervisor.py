@@ -400,7 +400,7 @@ class Supervisor:
         paths = self.rundir.listing_paths(self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
-            self.outbox.append((self.to_first, messages.item(i, paths[i])))
+            self.outbox.append((self.to_first, messages.item(i, paths[i], suspect=bool(self.ledger.crash_counts.get(i)))))
 
     # -- failures of workers -----------------------------------------------------------------
     def check_workers(self) -> None:
