@@ -8,7 +8,6 @@ resolved — sorted by id, atomically — so the output does not depend on worke
 from __future__ import annotations
 
 import errno
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,12 +78,6 @@ class ShardAssembler:
         return paths, emb, fails
 
 
-# Test-only fault hook: writing shard number N fails with ENOSPC (disk full) when this variable
-# is N, for platforms where the tests cannot mount a tiny tmpfs. Never set it in production.
-ENOSPC_ENV = "CLIP_PIPELINE_TEST_ENOSPC_SHARD"
-_ENOSPC_SHARD = int(os.environ[ENOSPC_ENV]) if os.environ.get(ENOSPC_ENV, "").isdigit() else None
-
-
 class SinkCore(StageCore):
     def __init__(self, spec):
         super().__init__()
@@ -130,8 +123,6 @@ class SinkCore(StageCore):
                 continue
             paths, emb, fails = self.asm.pop(k, self.dim, self.cfg.output.dtype)
             try:
-                if _ENOSPC_SHARD is not None and k == _ENOSPC_SHARD:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (test hook " + ENOSPC_ENV + ")")
                 rundir.write_shard(self.out_dir, k, paths, emb, fails)
             except OSError as exc:
                 what = "the output disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"

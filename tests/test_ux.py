@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import invoke
 
 from pipeline import config, output
-from pipeline.cli import cli
 from pipeline.inspection import summarize, verify
 from pipeline.output import ShardedArray, iter_shards, load_embeddings
 from pipeline.progress import StageSample, bottleneck_line, queue_fill, utilisation
@@ -48,9 +47,6 @@ def run_dir(tmp_path_factory):
     assert res.exit_code == 3, res.message
     return base / "out"
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_load_embeddings_is_lazy_and_matches_shards(run_dir):
@@ -228,6 +224,8 @@ def test_devices_lists_every_backend():
     names = [line.split()[0] for line in r.output.splitlines()]
     assert names == ["cpu", "sail", "sim", "fake"]
     assert re.search(r"^cpu\s+available\s+devices: cpu:0", r.output, re.MULTILINE)
-    for line in r.output.splitlines():
-        if "unavailable" in line:
-            assert re.search(r"\(.+\)$", line), line  # says why
+    lines = dict(zip(names, r.output.splitlines()))
+    for line in lines.values():  # every line: name, state, devices, and (a reason)
+        assert re.fullmatch(r"\w+\s+(available|unavailable)\s+devices: .+  \(.*\)", line), line
+    # sophon.sail is not importable here (tests/fake_sail is not on the path): it must say why
+    assert re.fullmatch(r"sail\s+unavailable\s+devices: -  \(.+\)", lines["sail"]), lines["sail"]
