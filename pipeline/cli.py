@@ -46,7 +46,11 @@ def _load(config, inputs, output_dir, sets, devices=()):
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), default=None,
               help="Progress display (default: run.progress; bar on a terminal, log lines otherwise).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, quiet) -> None:
+@click.option("--cluster", type=click.Choice(["ray"]), default=None,
+              help="Run across a Ray cluster (plan, one task per range, merge); see docs/cluster.md. Default: cluster.engine.")
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="Ray cluster address for --cluster ray (default: cluster.address, \"auto\").")
+def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, quiet, cluster, address) -> None:
     """Embed every image under the input directories into OUTPUT (resumable).
 
     Exit status: 0 all embedded; 3 completed, some inputs failed (failures.jsonl); 2 bad
@@ -63,6 +67,17 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
         if dry_run:
             _dry_run(cfg)
             return
+        if (cluster or cfg.cluster.engine) == "ray":
+            from pipeline.cluster.ray_runner import run_on_ray
+
+            code, message = run_on_ray(cfg, address=address, restart=restart,
+                                       log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
+            if code in (0, 3):
+                if not quiet:
+                    click.echo(message)
+            else:
+                click.echo(f"error: {message}", err=True)
+            sys.exit(code)
         mode = "none" if quiet else (progress or cfg.run.progress)
         prog = Progress(mode, cfg.run.log_interval_s)
         result = Supervisor(cfg, restart=restart, progress=prog).run()
@@ -155,6 +170,7 @@ def devices() -> None:
 
 
 from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
+from pipeline.cluster.cli import merge_cmd, plan_cmd, run_range_cmd, status_cmd  # noqa: E402
 from pipeline.inspection import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402
@@ -164,6 +180,10 @@ cli.add_command(report_cmd)
 cli.add_command(bench_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(verify_cmd)
+cli.add_command(plan_cmd)
+cli.add_command(run_range_cmd)
+cli.add_command(merge_cmd)
+cli.add_command(status_cmd)
 
 
 def main() -> None:

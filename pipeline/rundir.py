@@ -45,7 +45,8 @@ REPORT = "report.json"
 PICKLE = "embeddings.pkl"
 WORKERS = ".workers.json"
 EMB_DIR = "embeddings"
-SHARD_SUFFIXES = (".paths", ".failures.jsonl", ".npy")  # written in this order: the .npy marks completion
+PATHS_SUFFIX, FAILURES_SUFFIX, NPY_SUFFIX = ".paths", ".failures.jsonl", ".npy"  # the files of a shard
+SHARD_SUFFIXES = (PATHS_SUFFIX, FAILURES_SUFFIX, NPY_SUFFIX)  # written in this order: the .npy marks completion
 FORMAT = "clip-pipeline/1"
 
 
@@ -259,15 +260,15 @@ class RunDir:
 
     def shard_npy(self, k: int) -> Path:
         """Shard k's embeddings ([rows, dim]; its presence marks the shard complete)."""
-        return self.shards_dir / f"{shard_name(k)}{SHARD_SUFFIXES[2]}"
+        return self.shards_dir / f"{shard_name(k)}{NPY_SUFFIX}"
 
     def shard_paths(self, k: int) -> Path:
         """Shard k's input paths, one per row."""
-        return self.shards_dir / f"{shard_name(k)}{SHARD_SUFFIXES[0]}"
+        return self.shards_dir / f"{shard_name(k)}{PATHS_SUFFIX}"
 
     def shard_failures(self, k: int) -> Path:
         """Shard k's failure records (JSON lines)."""
-        return self.shards_dir / f"{shard_name(k)}{SHARD_SUFFIXES[1]}"
+        return self.shards_dir / f"{shard_name(k)}{FAILURES_SUFFIX}"
 
     # -- reading ---------------------------------------------------------------------------------
     def read_manifest(self) -> dict | None:

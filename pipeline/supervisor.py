@@ -95,16 +95,23 @@ class Supervisor:
     Telemetry; `on_resolved` is the documented hook for observers (see ResolvedHook)."""
 
     def __init__(self, cfg: Config, *, restart: bool = False, progress: Progress | None = None,
-                 log: Callable[[str], None] | None = None, on_resolved: ResolvedHook | None = None):
+                 log: Callable[[str], None] | None = None, on_resolved: ResolvedHook | None = None,
+                 id_range: tuple[int, int] | None = None, listing: str | os.PathLike | None = None):
+        """id_range + listing: a cluster range run (pipeline/cluster/rangerun.py) embeds only the
+        input ids [lo, hi) of a planned listing (read-only, ids and shard names stay global); lo is
+        a multiple of output.shard_size."""
         self.cfg = cfg
         self.restart = restart
         self.out = Path(cfg.output.dir)
         self.rundir = RunDir(self.out)
+        self.id_range = id_range
+        self.listing_path = Path(listing) if listing is not None else self.rundir.listing
         self.progress = progress or Progress(cfg.run.progress, cfg.run.log_interval_s)
         self.log = log or self.progress.message
         self.on_resolved = on_resolved
         self.backend = get_backend(cfg.infer.backend)
-        self.ledger = Ledger(cfg.output.shard_size)
+        self.ledger = Ledger(cfg.output.shard_size,
+                             first_shard=id_range[0] // cfg.output.shard_size if id_range else 0)
         self.telemetry = Telemetry()
         self.workers: dict[str, Worker] = {}
         self.warnings: list[str] = []
@@ -154,6 +161,8 @@ class Supervisor:
         self.resumed = prior.resumed
         self.listing_complete = prior.listing_complete
         self.done_shards = prior.done_shards
+        if self.id_range is not None:
+            self.listing_complete = True  # the planned listing, replayed
         for k in self.done_shards:
             rows, failed = self.rundir.shard_counts(k)
             self.ledger.on_shard_written(k, rows, failed, resumed=True)
@@ -182,6 +191,8 @@ class Supervisor:
             "shards": sorted(self.ledger.written),
             "versions": software_versions(),
         }
+        if self.id_range is not None:
+            m["range"] = {"ids": list(self.id_range), "listing": str(self.listing_path)}
         if synthetic:
             m["warning"] = SYNTHETIC_NOTE
         if extra:
@@ -238,8 +249,9 @@ class Supervisor:
         for pos, (role, n) in enumerate(chain):
             for i in range(n):
                 add(role, i, stage_addrs[role][i], order[pos + 1])
-        add("source", 0, None, first, listing_path=str(self.rundir.listing), done_shards=tuple(self.done_shards),
-            listing_complete=self.listing_complete)
+        add("source", 0, None, first, listing_path=str(self.listing_path), done_shards=tuple(self.done_shards),
+            listing_complete=self.listing_complete,
+            **({"range_lo": self.id_range[0], "range_hi": self.id_range[1]} if self.id_range else {}))
         self.control_addr, self.sink_addr = control_addr, sink_addr
         self.telemetry.set_topology({w.name: w.role for w in self.workers.values()}, stage_order,
                                     {r: depth[r] * receivers[r] for r in stage_order[1:]})
@@ -397,7 +409,7 @@ class Supervisor:
             self.send_reissues()
 
     def send_reissues(self) -> None:
-        paths = self.rundir.listing_paths(self.reissue_pending)
+        paths = output.listing_paths(self.listing_path, self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
             self.outbox.append((self.to_first, messages.item(i, paths[i], suspect=bool(self.ledger.crash_counts.get(i)))))
@@ -481,7 +493,7 @@ class Supervisor:
                 self.queue_to_sink(messages.total(self.ledger.listed))
             if self.dim is not None:
                 self.queue_to_sink(messages.dim(self.dim))
-        paths = self.rundir.listing_paths(self.ledger.failed_here)
+        paths = output.listing_paths(self.listing_path, self.ledger.failed_here)
         for i, failure in sorted(self.ledger.failed_here.items()):
             self.queue_to_sink(replace(failure, path=paths.get(i, b"")).header())
         sent = self.source().slot.sent_upto
@@ -513,19 +525,24 @@ class Supervisor:
     def tick(self, now: float) -> None:
         led = self.ledger
         self.telemetry.tick(now, led)
-        self.progress.update(led.embedded + led.failed, led.total if led.listing_done else None, led.failed,
+        self.progress.update(led.embedded + led.failed, self.range_total() if led.listing_done else None, led.failed,
                              self.rate(), self.telemetry.stage_line())
 
     def rate(self) -> float:
         return self.telemetry.rate(self.ledger.embedded + self.ledger.failed - self.resumed_count)
 
+    def range_total(self) -> int | None:
+        """The number of inputs this run covers (a cluster range run covers ids [lo, hi) only)."""
+        t = self.ledger.total
+        return t - self.id_range[0] if t is not None and self.id_range else t
+
     def finish(self, wall: float) -> RunResult:
         led = self.ledger
-        counts = {"embedded": led.embedded, "failed": led.failed, "total": led.total or led.listed}
+        counts = {"embedded": led.embedded, "failed": led.failed, "total": self.range_total() or led.listed}
         done = led.embedded + led.failed
         # the last line sums up the whole run (the last interval is mostly shutdown)
         line = self.telemetry.final_line(led)
-        self.progress.close(done, led.total, led.failed, self.rate(), line)
+        self.progress.close(done, self.range_total(), led.failed, self.rate(), line)
         report = self.report(wall)
         self.best_effort(self.rundir.write_report, report)
         if self.interrupted is not None:

@@ -119,6 +119,8 @@ class WorkerSpec:
     done_shards: tuple[int, ...] = ()  # complete shards: their ids are not sent
     listing_complete: bool = False  # replay the saved listing instead of walking the inputs
     start_at: int = 0  # a restarted source sends ids from here on
+    range_lo: int = 0  # a cluster range run: ids [range_lo, range_hi) of a planned listing only
+    range_hi: int | None = None
 
     @property
     def name(self) -> str:
@@ -198,8 +200,15 @@ class Loop:
     # -- sending with backpressure but without going deaf to signals or a dead parent --------
     def send(self, target: str, header: dict, buffers: tuple = ()) -> None:
         if target == "control":
-            transport.send(self.control, header, *buffers)
-            return
+            # never a blocking send: with the supervisor gone (SIGKILLed, e.g. with its Ray worker)
+            # the socket has no peer (ZMQ_IMMEDIATE) and a plain send would hang this orphan forever
+            while True:
+                try:
+                    transport.send(self.control, header, *buffers, flags=zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    self.check_alive()
+                    self.control.poll(SEND_TIMEOUT_MS, zmq.POLLOUT)
         sock = self.next if target == "next" else self.sink
         t0 = time.monotonic()
         while True:
@@ -275,7 +284,10 @@ def worker_main(spec: WorkerSpec, slot: Slot) -> None:
         code = EXIT_CRASH
     finally:
         try:
-            loop.report_stats(force=True)
+            # final stats only to a live supervisor: with it gone (SIGKILLed, e.g. with its Ray
+            # worker) the control socket has no peer and the send would block this orphan forever
+            if os.getppid() == loop.parent:
+                loop.report_stats(force=True)
         except Exception:  # noqa: BLE001
             pass
         loop.close()

@@ -32,9 +32,8 @@ def test_sink_core_writes_a_shard_once_every_id_is_resolved(tmp_path):
 
     from pipeline import messages
     from pipeline.output import iter_shards
-    from stages.sink import SinkCore
-
     from pipeline.rundir import RunDir
+    from stages.sink import SinkCore
 
     RunDir(tmp_path).shards_dir.mkdir()  # made by the supervisor's RunDir.prepare
     core = SinkCore(worker_spec("sink", {"output": {"dir": str(tmp_path), "shard_size": 3}}))
