@@ -37,6 +37,7 @@ class DecodeCore(StageCore):
         # are neither read nor decoded and this pre-made crop is sent for every input.
         self.ready_crop = get_backend(spec.cfg.infer.backend).ready_crop(spec.cfg)
         self.ready_groups: dict[int, np.ndarray] = {}
+        self.slot = None  # the worker's Slot (set by make_core): marks the input being decoded
 
     def setup(self) -> None:
         import cv2
@@ -74,6 +75,8 @@ class DecodeCore(StageCore):
         return outputs
 
     def handle_one(self, header: dict) -> list[Output]:
+        if self.slot is not None:  # the supervisor's per-input deadline and "stuck" progress note
+            self.slot.begin_item(header["id"])
         try:
             arr = decode_file(header["path"], self.opts)
             if self.fused:
@@ -83,4 +86,7 @@ class DecodeCore(StageCore):
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
             return [fail(Failure(header["id"], header["path"], "unreadable",
                                  f"unexpected {type(exc).__name__}: {exc}", "decode"))]
+        finally:
+            if self.slot is not None:
+                self.slot.end_item()
         return [image_message("img", header, arr)]
