@@ -5,7 +5,7 @@ the source and `inspect` use to prepare, read and write it.
     OUT/manifest.json                      config, model identity, counts, shards, status
     OUT/listing.jsonl                      the input listing: line i = JSON string of input id i
     OUT/embeddings/part-NNNNN.npy          [rows, dim] float32/float16, sorted by input id
-    OUT/embeddings/part-NNNNN.paths        one input path per row (see encode_path_line)
+    OUT/embeddings/part-NNNNN.paths        one input path per row, UTF-8 text form (pipeline/pathcodec.py)
     OUT/embeddings/part-NNNNN.failures.jsonl  failed inputs of the shard's id range
     OUT/failures.jsonl                     all failures, by id (rebuilt at the end of a run)
     OUT/report.json                        throughput, per-stage stats, failures by reason
@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline import pathcodec
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    pass
 
 MANIFEST = "manifest.json"
 LISTING = "listing.jsonl"
@@ -57,24 +58,22 @@ def shard_name(k: int) -> str:
 
 
 def encode_path_line(path: bytes) -> bytes:
-    """One line of a .paths file: the raw path bytes, or a JSON string if the name needs escaping."""
-    if b"\n" in path or b"\r" in path or path.startswith(b'"'):
-        return json.dumps(os.fsdecode(path)).encode("ascii")
-    return path
+    """One line of a .paths file: the name's one-line UTF-8 text form (pipeline/pathcodec.py)."""
+    return pathcodec.encode(path).encode("utf-8")
 
 
 def decode_path_line(line: bytes) -> str:
-    if line.startswith(b'"'):
-        return json.loads(line.decode("ascii"))
-    return os.fsdecode(line)
+    """A .paths line as the str the reading API returns: the text form (pathcodec.decode gives the bytes)."""
+    return line.decode("utf-8")
 
 
 def listing_line(path: bytes) -> bytes:
-    return json.dumps(os.fsdecode(path)).encode("ascii") + b"\n"
+    """Line i of listing.jsonl: the JSON string of input i's text form (pure ASCII, no lone surrogates)."""
+    return json.dumps(pathcodec.encode(path)).encode("ascii") + b"\n"
 
 
 def parse_listing_line(line: bytes) -> bytes:
-    return os.fsencode(json.loads(line))
+    return pathcodec.decode(json.loads(line))
 
 
 def listing_paths(listing: str | os.PathLike, ids) -> dict[int, bytes]:
@@ -189,24 +188,6 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
         return None
 
 
-def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resume (manifest.json)."""
-    return {
-        "model_sha256": model.get("sha256"),
-        "backend": cfg.infer.backend,
-        "sail_mode": cfg.sail.mode if cfg.infer.backend == "sail" else None,
-        "preprocess_mode": cfg.preprocess.mode,
-        "exif_transpose": cfg.preprocess.exif_transpose,
-        "normalize": cfg.output.normalize,
-        "dtype": cfg.output.dtype,
-        "shard_size": cfg.output.shard_size,
-        "inputs": list(cfg.input.paths),
-        "extensions": sorted(cfg.input.extensions),
-        "recursive": cfg.input.recursive,
-        "follow_symlinks": cfg.input.follow_symlinks,
-    }
-
-
 @dataclass(frozen=True)
 class PriorRun:
     """What RunDir.prepare found in the output directory."""
@@ -308,10 +289,11 @@ class RunDir:
         return listing_paths(self.listing, ids)
 
     # -- writing ---------------------------------------------------------------------------------
-    def prepare(self, fp: dict[str, Any], *, restart: bool, on_existing: str,
-                log: Callable[[str], None]) -> PriorRun:
+    def prepare(self, fp: dict[str, Any], *, restart: bool, on_existing: str, log: Callable[[str], None],
+                refusal: Callable[[dict[str, Any]], str]) -> PriorRun:
         """Make the directory ready for a run with fingerprint `fp`: refuse a foreign or
-        incompatible directory (ConfigError), delete the old run on restart, remove temp files."""
+        incompatible directory (ConfigError; `refusal(old fingerprint)` words the latter), delete
+        the old run on restart, remove temp files."""
         out = self.path
         manifest = self.read_manifest() if out.exists() else None
         if out.exists() and manifest is None and any(out.iterdir()):
@@ -326,12 +308,7 @@ class RunDir:
                 raise ConfigError(f"output directory {out} already holds a run (output.on_existing = 'error'); "
                                   "choose another --output or pass --restart")
             elif manifest.get("fingerprint") != fp:
-                old = manifest.get("fingerprint") or {}
-                diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-                raise ConfigError(
-                    f"output directory {out} holds a run made with a different {', '.join(diff)}; "
-                    "resuming would mix embeddings. Pass --restart to delete it and start over, or choose another --output"
-                )
+                raise ConfigError(refusal(manifest.get("fingerprint") or {}))
         try:
             self.shards_dir.mkdir(parents=True, exist_ok=True)
             remove_temp_files(out)

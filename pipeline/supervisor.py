@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline import messages, output, transport
+from pipeline import messages, output, preflight, transport
 from pipeline.backends import get_backend
 from pipeline.boot import boot
-from pipeline.config import Config, validate_for_run
+from pipeline.config import Config
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
 from pipeline.models import ensure_model
-from pipeline.preflight import device_warnings
+from pipeline.preflight import fingerprint
 from pipeline.progress import Progress
-from pipeline.rundir import FORMAT, RunDir, fingerprint, now_iso
+from pipeline.rundir import FORMAT, RunDir, now_iso
 from pipeline.telemetry import Telemetry, software_versions
 from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment
 
@@ -123,6 +123,7 @@ class Supervisor:
         self.reissue_pending: set[int] = set()
         self.dim: int | None = None  # embedding width, from the first device that gets ready
         self.paths_cache: dict[int, str] = {}  # input id -> path, for the few inputs named as stuck
+        self.input_changes: preflight.InputChanges | None = None  # inputs added/removed since an existing run listed them
         # set by prepare()
         self.devices: list[str] = []
         self.model: dict[str, Any] = {}
@@ -147,19 +148,26 @@ class Supervisor:
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        validate_for_run(self.cfg)
-        self.devices = self.backend.resolve_devices(self.cfg)
-        for w in device_warnings(self.cfg, self.devices):
+        # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
+        pf = preflight.check(self.cfg, restart=self.restart)
+        self.devices = pf.devices
+        for w in pf.warnings:
             self.log(f"warning: {w}")
             self.warnings.append(w)
+        self.input_changes = pf.changes
+        if pf.changes:
+            note = preflight.changes_note(pf.changes, pf.manifest.get("status") == "complete")
+            self.log(f"warning: {note}")
+            self.warnings.append(note)
         ensure_model(self.cfg, log=self.log)
-        self.model = self.backend.model_identity(self.cfg)
+        self.model = pf.model or self.backend.model_identity(self.cfg)
         self.fp = fingerprint(self.cfg, self.model)
         self.prepare_output_dir()
 
     def prepare_output_dir(self) -> None:
         prior = self.rundir.prepare(self.fp, restart=self.restart, on_existing=self.cfg.output.on_existing,
-                                    log=self.log)
+                                    log=self.log,
+                                    refusal=lambda old: preflight.fingerprint_refusal(self.out, old, self.fp))
         self.resumed = prior.resumed
         self.listing_complete = prior.listing_complete
         self.done_shards = prior.done_shards
@@ -235,6 +243,14 @@ class Supervisor:
         # queue fill (progress line, report timeline): edges named by the stage they feed
         stage_order = ["source", *order, "sink"]
         receivers = {**{r: n for r, n in chain}, "infer": len(self.devices), "sink": 1}
+        # Credit-based dispatch into the devices (pipeline/dispatch.py): each sender into the
+        # infer stage binds a credit endpoint; every infer process returns credits to all of them.
+        feeder, n_feeders = (chain[-1] if chain else ("source", 1))
+        credit = cfg.queues.dispatch == "credit"
+        credit_addrs = tuple(self.ep.addr(f"credit-{feeder}-{i}") for i in range(n_feeders)) if credit else ()
+        capacity = {r: depth[r] * receivers[r] for r in stage_order[1:]}
+        if credit:
+            capacity["infer"] = (1 + cfg.queues.infer_batches) * cfg.model.batch_size * len(self.devices)
 
         def add(role: str, index: int, in_addr: str | None, nxt_role: str | None, device: str | None = None,
                 **fields: Any) -> None:
@@ -247,16 +263,17 @@ class Supervisor:
 
         add("sink", 0, sink_addr, None)
         for i, dev in enumerate(self.devices):
-            add("infer", i, infer_addrs[i], None, device=dev)
+            add("infer", i, infer_addrs[i], None, device=dev, credit_addrs=credit_addrs)
         for pos, (role, n) in enumerate(chain):
             for i in range(n):
-                add(role, i, stage_addrs[role][i], order[pos + 1])
+                add(role, i, stage_addrs[role][i], order[pos + 1],
+                    **({"credit_addr": credit_addrs[i]} if credit and role == feeder else {}))
         add("source", 0, None, first, listing_path=str(self.listing_path), done_shards=tuple(self.done_shards),
             listing_complete=self.listing_complete,
+            **({"credit_addr": credit_addrs[0]} if credit and feeder == "source" else {}),
             **({"range_lo": self.id_range[0], "range_hi": self.id_range[1]} if self.id_range else {}))
         self.control_addr, self.sink_addr = control_addr, sink_addr
-        self.telemetry.set_topology({w.name: w.role for w in self.workers.values()}, stage_order,
-                                    {r: depth[r] * receivers[r] for r in stage_order[1:]})
+        self.telemetry.set_topology({w.name: w.role for w in self.workers.values()}, stage_order, capacity)
 
     def slot_path(self, name: str, generation: int) -> str:
         return os.path.join(self.ep.root, f"slot-{name}-{generation}")
@@ -615,6 +632,8 @@ class Supervisor:
         self.write_manifest("complete")
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
         msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
+        if self.input_changes:
+            msg += " Note: " + preflight.changes_note(self.input_changes, True) + "."
         if n_fail:
             msg += f" Completed with {n_fail} failures: see {self.rundir.failures}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
@@ -628,9 +647,27 @@ class Supervisor:
         except OSError as exc:
             self.log(f"warning: could not update {self.out}: {exc.strerror or exc}")
 
+    def dispatch_summary(self) -> dict:
+        """How the work was spread over the devices: images per device (this run's last process of
+        each) and the tail, from the first device's last result to the last one's (a device idle
+        while another still works: the cost of uneven dispatch at the end of a run)."""
+        per_device, last = {}, []
+        for w in self.workers.values():
+            if w.role != "infer":
+                continue
+            st = self.telemetry.stats.get(w.name, {})
+            per_device[str(w.device)] = int(st.get("in", 0))
+            if st.get("last_result_t"):
+                last.append(float(st["last_result_t"]))
+        q = self.cfg.queues
+        return {"mode": q.dispatch, "window_batches": 1 + q.infer_batches if q.dispatch == "credit" else None,
+                "images_per_device": per_device,
+                "tail_s": round(max(last) - min(last), 3) if len(last) > 1 else 0.0}
+
     def report(self, wall: float) -> dict:
         reasons = self.rundir.failures_by_reason(self.ledger.written)
         return self.telemetry.report(wall, self.ledger, self.resumed_count, reasons, {
+            "dispatch": self.dispatch_summary(),
             "model": self.model,
             "devices": self.devices,
             "backend": self.cfg.infer.backend,

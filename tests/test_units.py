@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import config as cfgmod
+from pipeline import pathcodec
 from pipeline.ledger import Ledger
 from pipeline.output import decode_path_line, encode_path_line
 
@@ -40,4 +41,5 @@ def test_config_overrides_and_errors():
 def test_path_lines_round_trip(path):
     line = encode_path_line(path)
     assert b"\n" not in line
-    assert decode_path_line(line).encode("utf-8", "surrogateescape") == path
+    line.decode("utf-8")  # strict: always valid UTF-8
+    assert pathcodec.decode(decode_path_line(line)) == path

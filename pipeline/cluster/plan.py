@@ -105,7 +105,7 @@ def identity(cfg: Config, log=print) -> tuple[dict[str, Any], dict[str, Any]]:
     from pipeline.backends import get_backend
     from pipeline.config import validate_for_run
     from pipeline.models import ensure_model
-    from pipeline.rundir import fingerprint
+    from pipeline.preflight import fingerprint
 
     validate_for_run(cfg)
     ensure_model(cfg, log=log)
