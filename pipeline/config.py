@@ -59,6 +59,7 @@ class PreprocessConfig:
     exif_transpose: bool = _f(False, "Apply EXIF orientation before resizing (CLIP's reference ignores it).")
     max_pixels: int = _f(178_956_970, "Images with more pixels than this fail as too_large (checked from the header, before decoding).", min=1)
     max_file_bytes: int = _f(512 * 1024 * 1024, "Files larger than this fail as too_large without being read.", min=1)
+    decode_timeout_s: float = _f(30.0, "An input whose read + decode takes longer than this fails as timeout (its decode worker is restarted); no single input can stall the run.", min=0.1)
 
 
 @dataclass(frozen=True)

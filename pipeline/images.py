@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -97,10 +98,40 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_input(path: bytes):
+    """Open an input for reading without ever blocking on it: anything that is not a regular file
+    or a directory after resolving symlinks (FIFO, socket, /dev/zero...) fails as `not_a_file`
+    before it is opened, and the open itself is non-blocking with an fstat check, so a file swapped
+    for a FIFO after the stat cannot block either. Raises ItemError or OSError."""
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise ItemError("not_a_file", f"{_kind(st.st_mode)}, not a regular file: never opened")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        if not stat.S_ISREG(mode):
+            raise ItemError("not_a_file", f"{_kind(mode)}, not a regular file (swapped after listing)")
+        os.set_blocking(fd, True)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_bytes(path: bytes, max_file_bytes: int) -> bytes:
     """Read a whole input file, mapping OS errors to reason codes."""
     try:
-        with open(path, "rb") as fh:
+        with open_input(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > max_file_bytes:
                 raise ItemError("too_large", f"file is {size} bytes, over preprocess.max_file_bytes={max_file_bytes}")

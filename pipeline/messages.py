@@ -20,7 +20,7 @@ from pipeline.transport import array_header
 # Why an input could not be embedded (docs/robustness.md). Decode: empty .. vanished; infer adds
 # non_finite; the supervisor decides crashed_worker (an input that killed its worker twice).
 REASONS = ("empty", "not_an_image", "truncated", "corrupt", "too_large", "unreadable", "vanished",
-           "non_finite", "crashed_worker")
+           "not_a_file", "timeout", "non_finite", "crashed_worker")
 
 MESSAGE_LIMIT = 500  # characters of a failure's message kept (a decoder's text can be long)
 

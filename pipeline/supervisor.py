@@ -23,13 +23,14 @@ import zmq
 
 from pipeline import messages, output, transport
 from pipeline.backends import get_backend
+from pipeline.boot import boot
 from pipeline.config import Config, ConfigError, validate_for_run
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
 from pipeline.models import ensure_model
 from pipeline.preflight import device_warnings
 from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
-from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment, worker_main
+from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment
 
 FORMAT = "clip-pipeline/1"
 
@@ -288,9 +289,13 @@ class Supervisor:
         if python:
             w.proc = ForeignProcess(python, w.spec, w.slot, os.path.join(self.ep.root, f"spec-{w.name}"))
         else:
+            import pickle
+
             ctx = mp.get_context("spawn")
-            w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}",
-                                 daemon=True)
+            # pipeline.boot.boot: a light target whose argument is plain bytes, so the child asks for
+            # the parent-death signal before importing anything heavy
+            w.proc = ctx.Process(target=boot, args=(pickle.dumps((w.spec, w.slot), protocol=4),),
+                                 name=f"clip-pipeline:{w.name}", daemon=True)
         env = self.backend.worker_env(self.cfg, w.device) if w.role == "infer" else {}
         with worker_environment(env):
             w.proc.start()
@@ -444,7 +449,19 @@ class Supervisor:
             code = w.proc.exitcode
             if code is None:
                 busy = w.slot.busy_since
-                if busy and now - busy > self.cfg.run.stall_timeout_s:
+                item = w.slot.current_item() if w.role == "decode" else None
+                limit = self.cfg.preprocess.decode_timeout_s
+                if item and now - item[1] > limit:
+                    i = item[0]
+                    self.log(f"{w.name}: input #{i} {self.path_of(i)} took longer than preprocess.decode_timeout_s="
+                             f"{limit:g}s; failing it as timeout and restarting the worker.")
+                    self.ledger.failed_here[i] = Failure(
+                        i, b"", "timeout", f"reading and decoding took longer than preprocess.decode_timeout_s={limit:g}s",
+                        "decode")
+                    w.proc.kill()
+                    w.proc.join(5)
+                    self.on_death(w, "timed out on one input", blame=False)
+                elif busy and now - busy > self.cfg.run.stall_timeout_s:
                     self.log(f"{w.name} has been busy for {now - busy:.0f}s (run.stall_timeout_s="
                              f"{self.cfg.run.stall_timeout_s:g}); killing and restarting it.")
                     w.proc.kill()
@@ -458,7 +475,7 @@ class Supervisor:
                 continue
             self.on_death(w, f"exit code {code}")
 
-    def on_death(self, w: Worker, why: str) -> None:
+    def on_death(self, w: Worker, why: str, blame: bool = True) -> None:
         code = w.proc.exitcode if w.proc is not None else None
         ids = w.slot.current_ids()
         if code == EXIT_FATAL:
@@ -467,7 +484,7 @@ class Supervisor:
         # Blame the inputs a worker held only where an input can kill it: decoders, and device
         # processes that decode files themselves. A pixel-mode device process sees only
         # 224x224 crops, so its deaths are the device's, not the items'.
-        blame = w.role in ("decode", "preprocess") or (w.role == "infer" and self.files_mode)
+        blame = blame and (w.role in ("decode", "preprocess") or (w.role == "infer" and self.files_mode))
         if ids and blame and code != EXIT_DEVICE:
             for i in self.ledger.record_crash(ids):
                 self.ledger.failed_here[i] = Failure(i, b"", "crashed_worker",
@@ -556,7 +573,38 @@ class Supervisor:
                              self.rate(), self.stage_line())
 
     def stage_line(self) -> str:
-        return bottleneck_line(self.util, self.queues, getattr(self, "queue_capacity", None))
+        line = bottleneck_line(self.util, self.queues, getattr(self, "queue_capacity", None))
+        stuck = self.stuck_note(time.monotonic())
+        return f"{line} | {stuck}" if stuck else line
+
+    def stuck_note(self, now: float) -> str:
+        """Workers stuck on one input (or one unit of work) for a while: named with the seconds and
+        the path, so a hidden stall (a decoder blocked on a file) shows on the progress line."""
+        notes = []
+        item_after = min(5.0, self.cfg.preprocess.decode_timeout_s / 2)
+        for w in self.workers.values():
+            if w.removed or w.proc is None or w.proc.exitcode is not None:
+                continue
+            item = w.slot.current_item() if w.role == "decode" else None
+            if item and now - item[1] >= item_after:
+                notes.append(f"{w.name} stuck {now - item[1]:.0f}s on {self.path_of(item[0])}")
+                continue
+            busy = w.slot.busy_since
+            if not item and busy and now - busy >= max(30.0, self.cfg.run.stall_timeout_s / 10):
+                ids = w.slot.current_ids()
+                what = self.path_of(ids[0]) if len(ids) == 1 else f"{len(ids)} inputs"
+                notes.append(f"{w.name} busy {now - busy:.0f}s on {what}")
+        return "; ".join(notes)
+
+    def path_of(self, i: int) -> str:
+        """An input's path, from the listing (cached: only asked for the few stuck inputs)."""
+        cache = self.__dict__.setdefault("_paths", {})
+        if i not in cache:
+            try:
+                cache[i] = os.fsdecode(output.listing_paths(self.listing_path, [i]).get(i, b"?"))
+            except OSError:
+                cache[i] = f"input #{i}"
+        return cache[i]
 
     def record_timeline(self, now: float, sample: dict) -> None:
         """One report.json timeline point: inputs resolved, stage utilisation and queue fill."""
@@ -713,7 +761,7 @@ class ForeignProcess:
 
         with open(spec_path, "wb") as fh:
             pickle.dump((spec, slot), fh, protocol=4)
-        self.args = [python, "-m", "pipeline.worker", spec_path]
+        self.args = [python, "-m", "pipeline.boot", spec_path]
         self.popen = None
 
     def start(self) -> None:
