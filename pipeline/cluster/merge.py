@@ -152,8 +152,14 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
         paths, arr = _load_for_pickle(outp)
         output.atomic_write_bytes(RunDir(outp).pickle,
                                   pickle.dumps({"img_path": paths, "embedding": np.asarray(arr)}, protocol=4))
+    span = _span_s(records.values())
+    devices = sorted({f"{rec.get('host')}:{d}" for rec in records.values() for d in rec.get("devices") or []})
     report = {
         "format": FORMAT,
+        # across hosts: from the first range's start to the last commit (seconds resolution)
+        "wall_s": span,
+        "images_per_s": round((rows + n_fail) / span, 3) if span else None,
+        "devices": devices,
         "cluster": {"run_id": plan.run_id, "ranges": per_range, "merge_s": round(time.monotonic() - t0, 3)},
         "counts": {"embedded": rows, "failed": n_fail, "listed": plan.n_inputs},
         "failures_by_reason": dict(sorted(reasons.items())),
@@ -170,7 +176,7 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fingerprint": plan.fingerprint,
         "config": cfg_dict,
-        "devices": sorted({f"{rec.get('host')}:{d}" for rec in records.values() for d in rec.get("devices") or []}),
+        "devices": devices,
         "model": model,
         "synthetic_weights": synthetic,
         "inputs": {"listed": plan.n_inputs, "listing_complete": True},
@@ -187,6 +193,20 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
     if clean:
         remove_stale_attempts(plan, records)
     return MergeResult(rows, n_fail, plan.n_inputs, plan.n_shards, plan.n_ranges, time.monotonic() - t0)
+
+
+def _span_s(records) -> float | None:
+    """Seconds from the earliest range start to the latest commit (the records' timestamps)."""
+    from datetime import datetime
+
+    try:
+        starts = [datetime.strptime(r["started"], "%Y-%m-%dT%H:%M:%S%z") for r in records]
+        ends = [datetime.strptime(r["committed"], "%Y-%m-%dT%H:%M:%S%z") for r in records]
+    except (KeyError, ValueError):
+        return None
+    if not starts:
+        return None
+    return max(1.0, (max(ends) - min(starts)).total_seconds())
 
 
 def _load_for_pickle(outp: Path):
