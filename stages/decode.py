@@ -54,7 +54,7 @@ class DecodeCore(StageCore):
         self.fused = spec.cfg.workers.fuse_decode_preprocess
         cfg = spec.cfg
         # bench-only (fake.ready_crops): skip the files, send a pre-made crop per input
-        self.ready_crop = ready_crop() if cfg.infer.backend == "fake" and cfg.fake.ready_crops else None
+        self.ready_crop = ready_crop(self.opts.target) if cfg.infer.backend == "fake" and cfg.fake.ready_crops else None
         self.ready_groups: dict[int, np.ndarray] = {}
         self.slot = None  # the worker's Slot (set by make_core): marks the input being decoded
 
@@ -104,7 +104,7 @@ class DecodeCore(StageCore):
                     time.sleep(3600)
             arr = decode_file(header["path"], self.opts)
             if self.fused:
-                return [image_message("px", header, crop(arr, self.opts.mode))]
+                return [image_message("px", header, crop(arr, self.opts.mode, self.opts.target))]
         except ItemError as exc:
             return [fail(Failure(header["id"], header["path"], exc.reason, exc.message, "decode"))]
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
