@@ -338,6 +338,9 @@ class RunDir:
         """Shard k's input paths, one per row."""
         return self.shards_dir / f"{shard_name(k)}{PATHS_SUFFIX}"
 
+    def shard_check(self, k: int) -> Path:
+        return self.shards_dir / f"{shard_name(k)}{CHECK_SUFFIX}"
+
     def shard_failures(self, k: int) -> Path:
         """Shard k's failure records (JSON lines)."""
         return self.shards_dir / f"{shard_name(k)}{FAILURES_SUFFIX}"
