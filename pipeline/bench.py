@@ -385,19 +385,50 @@ def run_pipeline(raw: dict) -> dict:
         raise RuntimeError(f"bench pipeline run failed (exit {result.exit_code}): {result.message}")
     n = result.counts["embedded"] + result.counts["failed"]
     # The steady window opens once every device has delivered its first (warm-up) batch, as the
-    # ceilings and baselines exclude theirs; results come per batch, so that is the k-th result.
+    # ceilings and baselines exclude theirs: at the first result resolved after every device that
+    # took work sent its first (the devices' own clocks: CLOCK_MONOTONIC is system-wide). Without
+    # those stamps: the k-th result (results come per batch or per tail piece).
     k = max(1, min(len(sup.devices), len(marks) - 1))
+    firsts = [d["first_result_s"] for d in device_timelines(sup, 0.0, t1).values() if d["first_result_s"]]
+    if firsts:
+        later = [i for i, m in enumerate(marks) if m[0] >= max(firsts)]
+        k = max(1, min(later[0] + 1 if later else len(marks) - 1, len(marks) - 1))
     t_first, n_first = marks[k - 1][0], sum(m[1] for m in marks[:k])
     t_last = marks[-1][0]
     steady = (n - n_first) / (t_last - t_first) if t_last > t_first else None
     cpu_rate = steady_cpu_rate(mem.cpu, t_first, t_last)
+    # from the very first result (includes the second device's slow first batch: start-up skew)
+    n0 = marks[0][1]
+    from_first = (n - n0) / (t_last - marks[0][0]) if t_last > marks[0][0] else None
     return {"images": n, "wall_s": round(t1 - t0, 3), "images_per_s_wall": round(n / (t1 - t0), 3),
             "images_per_s": round(steady, 3) if steady else None,
+            "images_per_s_from_first_result": round(from_first, 3) if from_first else None,
+            "steady_window_s": [round(t_first - t0, 3), round(t_last - t0, 3)],
+            "resolved_timeline": [[round(t - t0, 3), k] for t, k in marks],
+            "devices": device_timelines(sup, t0, t_last),
             "time_to_first_embedding_s": round(t_first - t0, 3),
             "host_cpu_s": round(cpu_s, 3), "host_cpu_s_per_1000_incl_startup": round(1000 * cpu_s / n, 3),
             "host_cpu_cores_steady": round(cpu_rate, 3) if cpu_rate else None,
             "host_cpu_s_per_1000": round(1000 * cpu_rate / steady, 3) if cpu_rate and steady else None, **memory,
             "dispatch": sup.dispatch_summary()}
+
+
+def device_timelines(sup: Any, t0: float, t_end: float) -> dict[str, dict]:
+    """Per inference process (from its last stats): images taken, seconds its device was busy,
+    its first and last result (seconds from the run's start; CLOCK_MONOTONIC is system-wide), and
+    how long it sat idle at the end while another device still worked (its share of the tail)."""
+    out: dict[str, dict] = {}
+    for w in sup.workers.values():
+        if w.role != "infer":
+            continue
+        st = sup.telemetry.stats.get(w.name, {})
+        first, last = st.get("first_result_t"), st.get("last_result_t")
+        out[str(w.device)] = {
+            "images": int(st.get("in", 0)), "busy_s": round(float(st.get("busy_s", 0.0)), 3),
+            "first_result_s": round(first - t0, 3) if first else None,
+            "last_result_s": round(last - t0, 3) if last else None,
+            "idle_at_end_s": round(max(0.0, t_end - last), 3) if last else None}
+    return out
 
 
 def pipeline_raw(inputs: Path, out: Path, **sections: dict) -> dict:
@@ -419,12 +450,41 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 # -- cases ---------------------------------------------------------------------------------------------
 def case_cpu(p: dict, work: Path, say: Callable[[str], None]) -> dict:
-    n, batch, reps = p["cpu_images"], p["batch"], p["repeats"]
-    procs, threads = p["cpu_procs"], p["cpu_threads"]
+    """The four designs (and the int8 pair) at each run length of --cpu-lengths, interleaved:
+    repeat r runs every length once, and within a length the cases back to back, so every ratio
+    is taken between runs that saw the same load. One length: the summary as before; several:
+    one summary per length under "lengths" (start-up, steady state and tail each show)."""
+    lengths = p.get("cpu_lengths") or [p["cpu_images"]]
+    batch, reps = p["batch"], p["repeats"]
+    pixels = reference_batch(jpeg_files(p["images"], batch))
+    runs: dict[int, list[dict]] = {n: [] for n in lengths}
+    for rep in range(reps):
+        for n in lengths:
+            runs[n].append(_cpu_rep(p, work, n, pixels, f"cpu rep {rep + 1}/{reps}, {n} images", say))
+    out = {n: _cpu_summary(p, n, runs[n]) for n in lengths}
+    extra: dict = {}
+    pipe_model = p["pipeline_model"] or p["model"]
+    if pipe_model != p["model"]:
+        mean, low = _spawn(_cosine_job, p["model"], pipe_model, pixels)
+        extra["pipeline_model_cosine_vs_baseline_model"] = {"mean": mean, "min": low}
+    if p["int8_model"]:
+        mean, low = _spawn(_cosine_job, p["model"], p["int8_model"], pixels)
+        extra["int8_cosine_vs_fp32"] = {
+            "mean": round(mean, 6), "min": round(low, 6), "images": len(pixels),
+            "note": "on synthetic random weights; trained CLIP weights usually quantise worse: measure on yours"}
+    if len(lengths) == 1:
+        return {**out[lengths[0]], **extra}
+    return {"setup": {**out[lengths[0]]["setup"], "images": list(lengths)}, "repeats": reps,
+            "lengths": {str(n): out[n] for n in lengths}, **extra}
+
+
+def _cpu_rep(p: dict, work: Path, n: int, pixels: np.ndarray, label: str, say: Callable[[str], None]) -> dict:
+    batch, procs, threads = p["batch"], p["cpu_procs"], p["cpu_threads"]
     cores = len(os.sched_getaffinity(0))
     files = jpeg_files(p["images"], n)
-    inputs = link_inputs(files, work / "cpu-inputs")
-    pixels = reference_batch(jpeg_files(p["images"], batch))
+    inputs = work / f"cpu-inputs-{n}"
+    if not inputs.exists():
+        link_inputs(files, inputs)
     pipe_model = p["pipeline_model"] or p["model"]
     devices = [f"cpu:{i}" for i in range(procs)]
 
@@ -434,31 +494,37 @@ def case_cpu(p: dict, work: Path, say: Callable[[str], None]) -> dict:
                             workers={"decode": p["decode_workers"], "items_per_message": p["items_per_message"]},
                             queues={"infer": 2 * batch, "decode": 2 * p["items_per_message"]})
 
-    runs: list[dict] = []
-    for rep in range(reps):
-        r: dict = {"load_before": list(os.getloadavg())}
-        say(f"cpu rep {rep + 1}/{reps}: model-only ceiling ({procs} x {threads} threads)")
-        r["ceiling"] = model_ceiling(pipe_model, procs, threads, pixels, n)
-        say(f"cpu rep {rep + 1}/{reps}: clip-pipeline end to end ({n} JPEGs)")
-        r["pipeline"] = run_pipeline(pipe_raw(pipe_model))
-        say(f"cpu rep {rep + 1}/{reps}: single-process loop")
-        r["single_loop"] = _loop_result(_spawn(_single_loop_job, p["model"], cores, [str(f) for f in files], batch))
-        say(f"cpu rep {rep + 1}/{reps}: DataLoader-style baseline")
-        r["dataloader"] = _loop_result(_spawn(_dataloader_job, p["model"], cores, [str(f) for f in files], batch, cores))
-        if p["int8_model"]:
-            say(f"cpu rep {rep + 1}/{reps}: int8 ceiling and end to end")
-            r["int8_ceiling"] = model_ceiling(p["int8_model"], procs, threads, pixels, 2 * n)
-            r["int8_pipeline"] = run_pipeline(pipe_raw(p["int8_model"]))
-        r["load_after"] = list(os.getloadavg())
-        runs.append(r)
+    r: dict = {"load_before": list(os.getloadavg())}
+    say(f"{label}: model-only ceiling ({procs} x {threads} threads)")
+    r["ceiling"] = model_ceiling(pipe_model, procs, threads, pixels, n)
+    say(f"{label}: clip-pipeline end to end")
+    r["pipeline"] = run_pipeline(pipe_raw(pipe_model))
+    say(f"{label}: single-process loop")
+    r["single_loop"] = _loop_result(_spawn(_single_loop_job, p["model"], cores, [str(f) for f in files], batch))
+    say(f"{label}: DataLoader-style baseline")
+    r["dataloader"] = _loop_result(_spawn(_dataloader_job, p["model"], cores, [str(f) for f in files], batch, cores))
+    if p["int8_model"]:
+        say(f"{label}: int8 ceiling and end to end")
+        r["int8_ceiling"] = model_ceiling(p["int8_model"], procs, threads, pixels, 2 * n)
+        r["int8_pipeline"] = run_pipeline(pipe_raw(p["int8_model"]))
+    r["load_after"] = list(os.getloadavg())
+    return r
+
+
+def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
+    batch, procs, threads = p["batch"], p["cpu_procs"], p["cpu_threads"]
+    cores = len(os.sched_getaffinity(0))
+    pipe_model = p["pipeline_model"] or p["model"]
     med = {k: _median([r[k] for r in runs], "images_per_s") for k in runs[0] if isinstance(runs[0][k], dict)}
     per_run = [{"pipeline/ceiling": _ratio(r["pipeline"]["images_per_s"], r["ceiling"]["images_per_s"]),
                 "pipeline/single_loop": _ratio(r["pipeline"]["images_per_s"], r["single_loop"]["images_per_s"]),
                 "pipeline/dataloader": _ratio(r["pipeline"]["images_per_s"], r["dataloader"]["images_per_s"])}
                for r in runs]
+    pipes = [r["pipeline"] for r in runs]
     out: dict = {
         "setup": {"images": n, "batch": batch, "preprocess_mode": p["mode"], "pipeline_model": pipe_model,
-                  "baseline_model": p["model"], "int8_model": p["int8_model"], "devices": devices,
+                  "baseline_model": p["model"], "int8_model": p["int8_model"],
+                  "devices": [f"cpu:{i}" for i in range(procs)],
                   "threads_per_device": threads, "decode_workers": p["decode_workers"],
                   "items_per_message": p["items_per_message"], "baseline_threads": cores,
                   "dataloader_workers": cores},
@@ -471,20 +537,16 @@ def case_cpu(p: dict, work: Path, say: Callable[[str], None]) -> dict:
         },
         "ratios_median_of_runs": {k: _median([{"v": r[k]} for r in per_run], "v") for k in per_run[0]},
         "per_run_ratios": per_run,
-        "time_to_first_embedding_s": _median([r["pipeline"] for r in runs], "time_to_first_embedding_s"),
-        "peak_tree_rss_mib": _median([r["pipeline"] for r in runs], "peak_tree_rss_mib"),
-        "peak_tree_pss_mib": _median([r["pipeline"] for r in runs], "peak_tree_pss_mib"),
+        "pipeline_from_first_result_images_per_s": _median(pipes, "images_per_s_from_first_result"),
+        "host_cpu_cores_steady": _median(pipes, "host_cpu_cores_steady"),
+        "tail_s": round(statistics.median(r["dispatch"]["tail_s"] for r in pipes), 3),
+        "time_to_first_embedding_s": _median(pipes, "time_to_first_embedding_s"),
+        "peak_tree_rss_mib": _median(pipes, "peak_tree_rss_mib"),
+        "peak_tree_pss_mib": _median(pipes, "peak_tree_pss_mib"),
     }
-    if pipe_model != p["model"]:
-        mean, low = _spawn(_cosine_job, p["model"], pipe_model, pixels)
-        out["pipeline_model_cosine_vs_baseline_model"] = {"mean": mean, "min": low}
     if p["int8_model"]:
         out["ratios"]["int8_pipeline/ceiling"] = _ratio(med["int8_pipeline"], med["int8_ceiling"])
         out["ratios"]["int8_pipeline/single_loop"] = _ratio(med["int8_pipeline"], med["single_loop"])
-        mean, low = _spawn(_cosine_job, p["model"], p["int8_model"], pixels)
-        out["int8_cosine_vs_fp32"] = {
-            "mean": round(mean, 6), "min": round(low, 6), "images": len(pixels),
-            "note": "on synthetic random weights; trained CLIP weights usually quantise worse: measure on yours"}
     return out
 
 
@@ -615,8 +677,9 @@ def case_memory(p: dict, work: Path, say: Callable[[str], None]) -> dict:
 # -- output ------------------------------------------------------------------------------------------
 def table(res: dict) -> str:
     lines = []
-    cpu = res["cases"].get("cpu")
-    if cpu:
+    cpu_case = res["cases"].get("cpu")
+    cpus = list(cpu_case["lengths"].values()) if cpu_case and "lengths" in cpu_case else [cpu_case] if cpu_case else []
+    for cpu in cpus:
         m, ra = cpu["median_images_per_s"], cpu["ratios"]
         lines += [f"CPU ({cpu['setup']['images']} JPEGs, batch {cpu['setup']['batch']}, median of {len(cpu['runs'])} runs)",
                   f"  {'case':44s} {'images/s':>9s}"]
@@ -629,8 +692,10 @@ def table(res: dict) -> str:
         lines.append("  ratios of medians: " + ", ".join(f"{k} {v:.3f}" for k, v in ra.items() if v is not None))
         lines.append("  medians of per-run ratios: " + ", ".join(
             f"{k} {v:.3f}" for k, v in cpu["ratios_median_of_runs"].items() if v is not None))
-        if "int8_cosine_vs_fp32" in cpu:
-            c = cpu["int8_cosine_vs_fp32"]
+        lines.append(f"  host_cpu_cores_steady {cpu.get('host_cpu_cores_steady')}; drain tail {cpu.get('tail_s')} s; "
+                     f"pipeline from its first result {cpu.get('pipeline_from_first_result_images_per_s')} images/s")
+        if "int8_cosine_vs_fp32" in cpu_case:
+            c = cpu_case["int8_cosine_vs_fp32"]
             lines.append(f"  int8 cosine vs fp32: mean {c['mean']:.6f}, min {c['min']:.6f} "
                          "(synthetic weights; trained weights quantise worse)")
         lines.append(f"  time to first embedding {cpu['time_to_first_embedding_s']} s; peak process-tree RSS "
@@ -685,6 +750,9 @@ def _ints(text: str) -> list[int]:
 @click.option("--int8-model", type=click.Path(dir_okay=False), default=None,
               help="Also bench this int8 model (ceiling, end to end, cosine vs --model).")
 @click.option("--cpu-images", type=int, default=192, show_default=True, help="JPEGs per cpu-case run.")
+@click.option("--cpu-lengths", default=None,
+              help="Run-length sweep for the cpu case, e.g. 64,192,1000 (JPEGs per run; replaces --cpu-images): "
+                   "every length in every repeat, interleaved, so start-up, steady state and tail each show.")
 @click.option("--batch", type=int, default=16, show_default=True, help="Batch size (cpu case).")
 @click.option("--layout", default="2x1", show_default=True,
               help="cpu pipeline layout: PROCSxTHREADS inference processes x intra-op threads.")
@@ -703,7 +771,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--repeats", type=int, default=3, show_default=True, help="Runs per case (medians reported).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def bench(cases, images, model, pipeline_model, int8_model, cpu_images, batch, layout, mode, decode_workers,
+def bench(cases, images, model, pipeline_model, int8_model, cpu_images, cpu_lengths, batch, layout, mode, decode_workers,
           items_per_message, fake_devices, fake_seconds, fake_decode_workers, fake_items_per_message, fake_overlap,
           memory_sizes, repeats, json_path, quiet) -> None:
     """Benchmark the pipeline against its model-only ceiling and hand-written baselines.
@@ -729,7 +797,8 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, batch, l
     p = {"images": Path(images), "model": os.path.abspath(model),
          "pipeline_model": os.path.abspath(pipeline_model) if pipeline_model else None,
          "int8_model": os.path.abspath(int8_model) if int8_model else None,
-         "cpu_images": cpu_images, "batch": batch, "cpu_procs": procs, "cpu_threads": threads, "mode": mode,
+         "cpu_images": cpu_images, "cpu_lengths": _ints(cpu_lengths) if cpu_lengths else None, "batch": batch,
+         "cpu_procs": procs, "cpu_threads": threads, "mode": mode,
          "decode_workers": decode_workers, "items_per_message": items_per_message,
          "fake_devices": _ints(fake_devices), "fake_seconds": fake_seconds,
          "fake_decode_workers": fake_decode_workers, "fake_items_per_message": fake_items_per_message,

@@ -269,12 +269,13 @@ class Loop:
     def send_credited(self, header: dict, buffers: tuple) -> None:
         """Send to the device with the most free window; wait for credit when none has room."""
         n = items_in(header)
+        cap = int(header["tail"]) if header.get("tail") else None  # a tail piece (dispatch.tail_images)
         header = {**header, "src": self.spec.index, "sg": self.spec.generation}
         t0 = time.monotonic()
         tried: set[int] = set()
         while True:
             self.take_credits()
-            d = self.credits.choose(tried)
+            d = self.credits.choose(tried, cap, n)
             if d is None:
                 self.check_alive()
                 self.credit_in.poll(CREDIT_RETRY_MS if tried else SEND_TIMEOUT_MS)

@@ -21,9 +21,13 @@ def image_message(kind: str, header: dict, arr: np.ndarray) -> Output:
     return ("next", *messages.image(kind, header["id"], header["path"], arr))
 
 
-def pixels_message(ids: list[int], paths: list[bytes], pixels: np.ndarray) -> Output:
-    """Crops of several inputs in one message: uint8 [n,224,224,3] and their ids/paths."""
-    return ("next", *messages.pixels(ids, paths, pixels))
+def pixels_message(ids: list[int], paths: list[bytes], pixels: np.ndarray, tail: int = 0) -> Output:
+    """Crops of several inputs in one message: uint8 [n,224,224,3] and their ids/paths. `tail`: a
+    piece of the run's tail, passed on from the source (pipeline/dispatch.py, tail_images)."""
+    header, bufs = messages.pixels(ids, paths, pixels)
+    if tail:
+        header["tail"] = tail
+    return ("next", header, bufs)
 
 
 class DecodeCore(StageCore):
@@ -60,7 +64,7 @@ class DecodeCore(StageCore):
             if len(ids) not in self.ready_groups:  # built once per group size, sent zero-copy
                 self.ready_groups[len(ids)] = np.ascontiguousarray(
                     np.broadcast_to(self.ready_crop, (len(ids), *self.ready_crop.shape)))
-            return [pixels_message(ids, paths, self.ready_groups[len(ids)])]
+            return [pixels_message(ids, paths, self.ready_groups[len(ids)], header.get("tail", 0))]
         outputs, ok_ids, ok_paths, crops = [], [], [], []
         for item_id, path in zip(ids, paths):
             for target, h, bufs in self.handle_one(messages.item(item_id, path)):
@@ -71,7 +75,7 @@ class DecodeCore(StageCore):
                 else:
                     outputs.append((target, h, bufs))
         if crops:
-            outputs.append(pixels_message(ok_ids, ok_paths, np.stack(crops)))
+            outputs.append(pixels_message(ok_ids, ok_paths, np.stack(crops), header.get("tail", 0)))
         return outputs
 
     def handle_one(self, header: dict) -> list[Output]:

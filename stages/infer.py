@@ -244,6 +244,10 @@ class InferCore(StageCore):
             batch = self.batcher.add(item_id, path, None if pixels is None else pixels[k], now)
             if batch is not None:
                 outputs.extend(self.run(batch))
+        if header.get("tail") and self.batcher.pending:
+            # a piece of the run's tail (pipeline/dispatch.py): run it now; waiting to fill a batch
+            # (or for batch_timeout_ms) would idle this device while the others finish
+            outputs.extend(self.run(self.batcher.take()))
         return outputs
 
     def run_alone(self, item_id: int, path: bytes) -> list:

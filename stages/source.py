@@ -218,12 +218,39 @@ def _repair_listing(listing_path: str) -> int:
     return n
 
 
-def send_items(loop, items: list[tuple[int, bytes]]) -> None:
-    """One message for a group of inputs (batch-sized messages: see workers.items_per_message)."""
-    if len(items) == 1:
+def send_items(loop, items: list[tuple[int, bytes]], tail: int = 0) -> None:
+    """One message for a group of inputs (batch-sized messages: see workers.items_per_message).
+    `tail`: a piece of the run's tail, with the cap its device may hold (pipeline/dispatch.py)."""
+    if len(items) == 1 and not tail:
         loop.send("next", messages.item(items[0][0], items[0][1]))
     else:
-        loop.send("next", messages.items([i for i, _ in items], [p for _, p in items]))
+        header = messages.items([i for i, _ in items], [p for _, p in items])
+        if tail:
+            header["tail"] = tail
+        loop.send("next", header)
+
+
+def run_tail(cfg) -> tuple[int, int, int]:
+    """(inputs at the end sent as tail pieces, inputs per piece, the cap a device may hold when
+    given one): issue #20, pipeline/dispatch.py. None with round_robin dispatch or one device."""
+    from pipeline.dispatch import tail_cap, tail_images, tail_piece
+
+    devices = cfg.infer.devices
+    n_dev = 2 if "all" in devices else len(devices)  # 'all' (sail/sim) resolves later: at least 2
+    if cfg.queues.dispatch != "credit" or n_dev < 2:
+        return 0, 1, 0
+    batch = cfg.model.batch_size
+    return tail_images(batch, cfg.queues.infer_batches, n_dev), tail_piece(batch), tail_cap(batch)
+
+
+def split_tail(todo: list, group: int, tail_n: int, piece: int) -> Iterator[tuple[list, bool]]:
+    """Messages for `todo`: groups of `group`, except the last `tail_n` inputs in pieces of
+    `piece` (marked True). A group never straddles the start of the tail."""
+    start = max(0, len(todo) - tail_n) // group * group if tail_n else len(todo)  # whole groups before it
+    for lo in range(0, start, group):
+        yield todo[lo:min(lo + group, start)], False
+    for lo in range(start, len(todo), piece):
+        yield todo[lo:lo + piece], True
 
 
 def run_source(spec, slot, loop) -> None:
@@ -259,20 +286,26 @@ def run_source(spec, slot, loop) -> None:
         n = 0
         with open(listing_path, "ab") if range_hi is None else open(os.devnull, "wb") as listing:
             chunk: list[tuple[int, bytes]] = []
+            held: list[tuple[int, bytes]] = []  # the last inputs seen: sent as the tail if nothing follows
 
             group = cfg.workers.items_per_message
+            tail_n, piece, cap = run_tail(cfg)
 
-            def send_chunk() -> None:
+            def send_chunk(final: bool = False) -> None:
                 listing.flush()  # a listed id is on disk before it is sent: re-issue reads it there
-                todo = [(i, p) for i, p in chunk if i >= start_at and i // shard_size not in done_shards]
-                for lo in range(0, len(todo), group):
+                todo = held + [(i, p) for i, p in chunk if i >= start_at and i // shard_size not in done_shards]
+                held.clear()
+                if not final and tail_n:  # hold back what may be the end of the run
+                    held.extend(todo[max(0, len(todo) - tail_n):])
+                    del todo[max(0, len(todo) - tail_n):]
+                for part, tail in split_tail(todo, group, tail_n if final else 0, piece):
                     loop.check_alive()
-                    part = todo[lo:lo + group]
                     # counted as sent before it is: a death then re-issues too much (the sink drops
                     # duplicates), never too little
                     slot.sent_upto = max(slot.sent_upto, part[-1][0] + 1)
-                    send_items(loop, part)
-                slot.sent_upto = max(slot.sent_upto, chunk[-1][0] + 1)
+                    send_items(loop, part, cap if tail else 0)
+                if chunk:
+                    slot.sent_upto = max(slot.sent_upto, held[0][0] if held else chunk[-1][0] + 1)
                 chunk.clear()
                 loop.report_stats()
                 loop.send("control", messages.listed(n, False))
@@ -293,8 +326,8 @@ def run_source(spec, slot, loop) -> None:
                 n += 1
                 if len(chunk) >= CHUNK:
                     send_chunk()
-            if chunk:
-                send_chunk()
+            if chunk or held:
+                send_chunk(final=True)
             listing.flush()
             if range_hi is None:
                 os.fsync(listing.fileno())

@@ -147,3 +147,29 @@ def test_dispatch_summary_and_table():
            "machine": {"cpu_model": "x", "usable_cpus": 2, "loadavg_start": [1.0], "loadavg_end": [1.0]}}
     text = table(res)
     assert "fake_uneven" in text and "0.950" in text and "0.600" in text
+
+
+def test_cpu_length_sweep_summaries_and_table():
+    """bench --case cpu --cpu-lengths: one summary per run length (medians of the interleaved runs,
+    ratios, host_cpu_cores_steady, drain tail), and a table block per length."""
+    from pipeline.bench import _cpu_summary, table
+
+    p = {"batch": 16, "cpu_procs": 2, "cpu_threads": 1, "pipeline_model": None, "model": "m.onnx", "mode": "fast",
+         "int8_model": None, "decode_workers": 1, "items_per_message": 16}
+
+    def rep(ceil, pipe, loop, cores, tail):
+        return {"ceiling": {"images_per_s": ceil}, "single_loop": {"images_per_s": loop},
+                "dataloader": {"images_per_s": loop}, "load_before": [0.0], "load_after": [0.0],
+                "pipeline": {"images_per_s": pipe, "images_per_s_from_first_result": pipe - 1,
+                             "host_cpu_cores_steady": cores, "time_to_first_embedding_s": 3.0,
+                             "peak_tree_rss_mib": 1.0, "peak_tree_pss_mib": 1.0, "dispatch": {"tail_s": tail}}}
+
+    s64 = _cpu_summary(p, 64, [rep(40, 30, 35, 1.8, 0.5), rep(42, 33, 36, 1.9, 0.1), rep(44, 36, 37, 1.7, 0.3)])
+    s1k = _cpu_summary(p, 1000, [rep(44, 43, 39, 1.95, 0.2)] * 3)
+    assert s64["median_images_per_s"]["pipeline"] == 33 and s64["ratios"]["pipeline/ceiling"] == round(33 / 42, 3)
+    assert s64["host_cpu_cores_steady"] == 1.8 and s64["tail_s"] == 0.3
+    assert s64["ratios_median_of_runs"]["pipeline/single_loop"] == round(33 / 36, 3)
+    res = {"cases": {"cpu": {"setup": {}, "lengths": {"64": s64, "1000": s1k}}},
+           "machine": {"cpu_model": "x", "usable_cpus": 2, "loadavg_start": [1.0], "loadavg_end": [1.0]}}
+    text = table(res)
+    assert "CPU (64 JPEGs" in text and "CPU (1000 JPEGs" in text and "host_cpu_cores_steady 1.95" in text
