@@ -27,7 +27,7 @@ from pipeline.boot import boot
 from pipeline.config import Config
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
-from pipeline.models import ensure_model
+from pipeline.models import ensure_model, resolve_image_size
 from pipeline.preflight import fingerprint
 from pipeline.progress import Progress
 from pipeline.rundir import FORMAT, RunDir, now_iso
@@ -160,6 +160,8 @@ class Supervisor:
             self.log(f"warning: {note}")
             self.warnings.append(note)
         ensure_model(self.cfg, log=self.log)
+        # the crop size every worker uses comes from the model (model.image_size = 0), resolved once here
+        self.cfg = self.cfg.replace(model=replace(self.cfg.model, image_size=resolve_image_size(self.cfg)))
         self.model = pf.model or self.backend.model_identity(self.cfg)
         self.fp = fingerprint(self.cfg, self.model)
         self.prepare_output_dir()
