@@ -232,12 +232,14 @@ def send_items(loop, items: list[tuple[int, bytes]], tail: int = 0) -> None:
 
 def run_tail(cfg) -> tuple[int, int, int]:
     """(inputs at the end sent as tail pieces, inputs per piece, the cap a device may hold when
-    given one): issue #20, pipeline/dispatch.py. None with round_robin dispatch or one device."""
+    given one): issue #20, pipeline/dispatch.py. None with round_robin dispatch, one device, or a
+    backend whose batch costs the same full or not (Backend.splits_tail)."""
+    from pipeline.backends import get_backend
     from pipeline.dispatch import tail_cap, tail_images, tail_piece
 
     devices = cfg.infer.devices
     n_dev = 2 if "all" in devices else len(devices)  # 'all' (sail/sim) resolves later: at least 2
-    if cfg.queues.dispatch != "credit" or n_dev < 2:
+    if cfg.queues.dispatch != "credit" or n_dev < 2 or not get_backend(cfg.infer.backend).splits_tail(cfg):
         return 0, 1, 0
     batch = cfg.model.batch_size
     return tail_images(batch, cfg.queues.infer_batches, n_dev), tail_piece(batch), tail_cap(batch)

@@ -129,6 +129,14 @@ class Backend(abc.ABC):
         return None
 
     @classmethod
+    def splits_tail(cls, cfg: Config) -> bool:
+        """Whether a batch's cost grows with its size, so the end of a run may go as small pieces
+        that balance the devices (pipeline/dispatch.py, tail_images). False (the default) for
+        devices whose batch costs the same full or not (fixed-batch bmodels pad; the fake backend's
+        latency is per batch): small pieces would make the tail slower, not shorter."""
+        return False
+
+    @classmethod
     def input_kind(cls, cfg: Config) -> str:
         return "pixels" if cls.device_input == "pixels" else "files"
 
