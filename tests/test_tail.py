@@ -117,3 +117,22 @@ def test_source_sends_the_last_inputs_as_tail_pieces(tmp_path, backend, dispatch
     assert sum(len(h["ids"]) for h in tails) >= tail_n and all(len(h["ids"]) <= piece for h in tails)
     assert all(not h.get("tail") for h in loop.sent[:-len(tails)])  # the pieces are the last messages
     assert all(len(h["ids"]) == 16 for h in loop.sent[:-len(tails)])
+
+
+def test_two_cpu_devices_with_tail_pieces_write_what_one_device_writes(tmp_path, tiny_model):
+    """End to end on the cpu backend, fused decode: 2 devices (the last 16 inputs as tail pieces of
+    one image) write byte for byte the shards of 1 device (no tail), one input failing on the way."""
+    from conftest import make_images
+    from test_pipeline_e2e import _output_files, run_pipeline
+
+    make_images(tmp_path / "imgs", 37, seed=5)
+    (tmp_path / "imgs" / "zz-broken.jpg").write_bytes(b"not an image")  # inside the tail
+    sets = {"model.batch_size": "4", "workers.items_per_message": "4", "output.shard_size": "16"}
+    one = run_pipeline([tmp_path / "imgs"], tmp_path / "one", tiny_model, **sets)
+    two = run_pipeline([tmp_path / "imgs"], tmp_path / "two", tiny_model,
+                       **{**sets, "infer.devices": '["cpu:0", "cpu:1"]'})
+    assert one.exit_code == two.exit_code == 3  # completed with one failure
+    a, b = _output_files(tmp_path / "one"), _output_files(tmp_path / "two")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name] == b[name], f"{name} differs between 1 and 2 devices"
