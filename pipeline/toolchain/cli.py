@@ -52,7 +52,7 @@ def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, val
     except TpuMlirMissing as e:
         _fail_missing(e)
     except (CompileError, ValueError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
 
 
 @click.command("verify")
@@ -68,7 +68,8 @@ def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, val
 @click.option("--min-cosine", default=None, type=float,
               help="Exit 1 when the minimum row cosine falls below this "
                    "(default: 0.9999; 0.99 for an INT8/MIXED bmodel).")
-@click.option("--venv", default=None, help="TPU-MLIR venv (default: $CLIP_PIPELINE_TPU_MLIR_VENV or ~/.cache/clip-pipeline/tpu-mlir-venv).")
+@click.option("--venv", default=None, help="TPU-MLIR venv (default: $CLIP_PIPELINE_TPU_MLIR_VENV or "
+                                            "~/.cache/clip-pipeline/tpu-mlir-venv).")
 def verify_cmd(bmodel, onnx_path, images_dir, max_images, batches, seed, min_cosine, venv):
     """Run BMODEL on the BM1684X simulator and compare it with onnxruntime (slow: seconds per
     forward for a tiny model, minutes for ViT-B/32)."""
@@ -82,7 +83,7 @@ def verify_cmd(bmodel, onnx_path, images_dir, max_images, batches, seed, min_cos
     except TpuMlirMissing as e:
         _fail_missing(e)
     except (CompileError, SimulatorError, ValueError) as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     quant = _sidecar_quantize(bmodel)
     if min_cosine is None:
         min_cosine = 0.99 if quant in ("INT8", "MIXED") else 0.9999
