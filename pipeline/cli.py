@@ -154,6 +154,7 @@ def devices() -> None:
 
 
 from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
+from pipeline.evaluate import eval_group  # noqa: E402
 from pipeline.index import index_cmd  # noqa: E402
 from pipeline.inspect import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
@@ -164,6 +165,7 @@ cli.add_command(inspect_cmd)
 cli.add_command(report_cmd)
 cli.add_command(search_cmd)
 cli.add_command(index_cmd)
+cli.add_command(eval_group)
 cli.add_command(bench_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(verify_cmd)

@@ -224,3 +224,39 @@ def test_search_index_missing_and_stale(tmp_path):
     write_synthetic_run(tmp_path / "out", emb, 100)  # the run went on: shard 2 exists now
     res = search_index(tmp_path / "out", emb[:1], 3)
     assert any("rebuild it" in n for n in res.notes)
+
+
+# -- shard names: byte order = id order, also past 99,999 shards (autofaiss reads sorted *.npy) ---
+
+def test_shard_names_sort_in_id_order_past_99999():
+    from pipeline.output import parse_shard_name, shard_name
+
+    ks = [0, 1, 9, 10, 99_998, 99_999, 100_000, 100_001, 999_999, 1_000_000, 123_456_789, 9_999_999_999]
+    names = [shard_name(k) for k in ks]
+    assert names[:2] == ["part-00000", "part-00001"] and names[6] == "part-x0000100000"
+    assert sorted(names) == names and sorted(n + ".npy" for n in names) == [n + ".npy" for n in names]
+    assert [parse_shard_name(n) for n in names] == ks
+    assert parse_shard_name("part-x00042") is None and parse_shard_name("part-1e5") is None
+    assert parse_shard_name("other") is None
+
+
+def test_sorted_npy_files_concatenate_to_load_embeddings(tmp_path):
+    """What autofaiss (embedding-reader) does with OUT/embeddings: glob *.npy, sort the names,
+    concatenate. It must equal load_embeddings' rows, shards past 99,999 included."""
+    from pipeline.output import EMB_DIR, completed_shards
+
+    out = tmp_path / "out"
+    (out / EMB_DIR).mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    blocks = {}
+    for k in (0, 1, 99_999, 100_000, 100_001, 1_000_000):
+        blocks[k] = rng.standard_normal((3, 8)).astype(np.float32)
+        write_shard(out, k, [f"/img/{k}_{i}.jpg".encode() for i in range(3)], blocks[k], [])
+    atomic_write_json(out / "manifest.json", {"format": "clip-pipeline/1", "status": "complete", "config": {}})
+    assert completed_shards(out) == sorted(blocks)
+    files = sorted((out / EMB_DIR).glob("*.npy"))
+    autofaiss_order = np.concatenate([np.load(f) for f in files])
+    paths, emb = load_embeddings(out)
+    np.testing.assert_array_equal(autofaiss_order, np.asarray(emb))
+    np.testing.assert_array_equal(np.asarray(emb), np.concatenate([blocks[k] for k in sorted(blocks)]))
+    assert paths[9] == "/img/100000_0.jpg"
