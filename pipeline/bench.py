@@ -176,11 +176,23 @@ def _cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
+class BenchUsageError(click.ClickException):
+    """A usage problem (missing corpus or model): one line on stderr, exit 2, like `run`'s errors."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
 # -- inputs ---------------------------------------------------------------------------------------
 def jpeg_files(images: Path, n: int) -> list[Path]:
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    try:
+        files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    except OSError as exc:
+        raise BenchUsageError(f"cannot read the bench corpus {images}: {exc.strerror or exc} (--images DIR)") from None
     if not files:
-        raise click.ClickException(f"no JPEGs in {images} (--images)")
+        raise BenchUsageError(f"no JPEGs in {images} (--images DIR: a directory of .jpg files)")
     return [files[i % len(files)] for i in range(n)]
 
 
@@ -206,8 +218,7 @@ def empty_inputs(n: int, dst: Path, per_dir: int = 1000) -> Path:
 
 def reference_batch(files: list[Path]) -> np.ndarray:
     """CLIP reference crops [n,224,224,3] uint8 (decoded once, for ceilings and cosines)."""
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import crop
+    from pipeline.images import DecodeOptions, crop, decode_file
 
     opts = DecodeOptions()
     return np.stack([crop(decode_file(os.fsencode(f), opts), "reference") for f in files])
@@ -227,7 +238,7 @@ def _session(model: str, threads: int):
 
 
 def _feed(pixels: np.ndarray, uint8_input: bool) -> np.ndarray:
-    from stages.preprocess import normalize
+    from pipeline.images import normalize
 
     return pixels if uint8_input else normalize(pixels)
 
@@ -245,8 +256,7 @@ def _ceiling_job(model: str, threads: int, pixels: np.ndarray, batches: int, bar
 
 def _single_loop_job(model: str, threads: int, files: list[str], batch: int, conn) -> None:
     """The reference program's CPU path: decode+preprocess a batch (PIL, CLIP transform), infer."""
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import normalize, reference_crop
+    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 
     sess, name, u8 = _session(model, threads)
     opts = DecodeOptions()
@@ -262,8 +272,7 @@ def _single_loop_job(model: str, threads: int, files: list[str], batch: int, con
 
 def _loader_batch(paths: list[str]) -> np.ndarray:
     """What a DataLoader worker does: reference transform per image, collate to float [B,3,224,224]."""
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import normalize, reference_crop
+    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 
     opts = DecodeOptions()
     return normalize(np.stack([reference_crop(decode_file(os.fsencode(p), opts)) for p in paths]))
@@ -645,9 +654,13 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, batch, l
     if "cpu" in cases:
         for m in filter(None, (model, pipeline_model, int8_model)):
             if not os.path.exists(m):
-                raise click.ClickException(
+                raise BenchUsageError(
                     f"model {m} does not exist: build it with `clip-pipeline build-model {m}` "
                     "(add --input-kind uint8 or --int8 for the variants)")
+        if not Path(images).is_dir():
+            raise BenchUsageError(
+                f"the bench corpus {images} does not exist (the cpu case needs a directory of JPEGs): "
+                "pass --images DIR, or run only --case fake / --case memory")
     p = {"images": Path(images), "model": os.path.abspath(model),
          "pipeline_model": os.path.abspath(pipeline_model) if pipeline_model else None,
          "int8_model": os.path.abspath(int8_model) if int8_model else None,

@@ -81,14 +81,15 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
 
 
 def _dry_run(cfg) -> None:
-    from pipeline.backends.base import get_backend
+    from pipeline.backends import get_backend
     from pipeline.config import validate_for_run
+    from pipeline.preflight import device_warnings
     from stages.source import iter_inputs
 
     validate_for_run(cfg)
     backend = get_backend(cfg.infer.backend)
     devices = backend.resolve_devices(cfg)
-    warnings: list[str] = []
+    warnings: list[str] = device_warnings(cfg, devices)
     n = sum(1 for _ in iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
                                    cfg.input.follow_symlinks, warnings.append))
     for w in warnings:
@@ -133,9 +134,9 @@ def build_model(path, arch, seed, input_kind, int8) -> None:
 @cli.command(context_settings=CONTEXT)
 def devices() -> None:
     """List what each backend can see, and why a backend is unavailable."""
-    from pipeline.backends.base import get_backend
+    from pipeline.backends import BACKENDS, get_backend
 
-    for name in ("cpu", "sail", "sim", "fake"):
+    for name in BACKENDS:
         try:
             info = get_backend(name).probe()
         except ModuleNotFoundError as exc:

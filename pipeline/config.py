@@ -14,13 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from pipeline.backends import NAMES as BACKEND_NAMES
+from pipeline.errors import ConfigError  # defined in a leaf module; imported from here everywhere
+
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "bmp", "webp", "tif", "tiff", "gif")
-
-
-class ConfigError(ValueError):
-    """A user-fixable configuration problem; the message names the key or file."""
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -31,7 +28,7 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class InputConfig:
-    paths: tuple[str, ...] = _f((), "Image directories (or single files) to embed, in this order; ids follow it.")
+    paths: tuple[str, ...] = _f((), "Image directories (or single files) to embed, in this order; ids follow it. Overlapping entries (the same directory twice, one inside another) are listed once, with a warning.")
     extensions: tuple[str, ...] = _f(DEFAULT_EXTENSIONS, "File suffixes (case-insensitive) listed as inputs; content is sniffed, the suffix is not trusted.")
     recursive: bool = _f(True, "Descend into subdirectories.")
     follow_symlinks: bool = _f(True, "Follow symlinked files and directories (loops are detected and skipped).")
@@ -74,7 +71,7 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    backend: Literal["cpu", "fake", "sail", "sim"] = _f("cpu", "Inference backend: cpu (onnxruntime), sail (SOPHON BM1684X), sim (BM1684X simulator via TPU-MLIR), fake (deterministic stand-in for tests and benchmarks).")
+    backend: Literal[BACKEND_NAMES] = _f("cpu", "Inference backend: cpu (onnxruntime), sail (SOPHON BM1684X), sim (BM1684X simulator via TPU-MLIR), fake (deterministic stand-in for tests and benchmarks).")
     devices: tuple[Any, ...] = _f(("cpu:0",), "One inference process per entry: 'cpu:N' for cpu/fake, dev_ids (0, 1, ...) for sail/sim, or the string 'all'.")
     threads: int = _f(1, "Intra-op threads per inference process (cpu backend).", min=1)
     batch_timeout_ms: float = _f(50.0, "Flush a partial batch after waiting this long for more images.", min=0)
@@ -112,7 +109,12 @@ class FakeConfig:
 @dataclass(frozen=True)
 class SailConfig:
     mode: Literal["device", "host"] = _f("device", "sail backend: device = hardware JPEG decode + TPU preprocessing per chip; host = exact CLIP preprocessing on the CPU, only inference on the TPU.")
-    resize: Literal["bicubic", "linear"] = _f("bicubic", "sail device mode: EngineImagePreProcess resize kernel for the centre square -> 224 (BM_RESIZE_TPU_BICUBIC or BM_RESIZE_TPU_LINEAR; both differ slightly from CLIP's PIL bicubic, see docs/sail-backend.md).")
+    resize: Literal["linear", "nearest"] = _f(
+        "linear",
+        "sail device mode: EngineImagePreProcess resize of the centre square -> 224: linear (BM_RESIZE_TPU_LINEAR, CLIP-TPU's choice) or nearest. "
+        "'bicubic' is refused: a BM1684X resizes on its VPP, which has no bicubic, and SAIL would abort the process (docs/sail-backend.md).",
+        refuse={"bicubic": "BM1684X has no bicubic resize: bmcv_image_resize runs on the VPP, which takes only nearest and linear, "
+                           "and SAIL's preprocess thread aborts the whole process on the error; use \"linear\" (default) or \"nearest\""})
     timeout_s: float = _f(120.0, "sail device mode: longest wait for one batch from the chip's preprocess+inference threads before the device is declared hung (DeviceError, worker restarted).", min=1)
 
 
@@ -165,6 +167,8 @@ def _coerce(key: str, tp: Any, value: Any, meta: dict) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, str) and value in meta.get("refuse", {}):
+            raise ConfigError(f"config key {key} = {value!r} is refused: {meta['refuse'][value]}")
         if value not in typing.get_args(tp):
             raise bad
         return value

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.messages import Failure
+
 
 @dataclass
 class Ledger:
@@ -22,7 +24,7 @@ class Ledger:
     pending_embedded: int = 0
     pending_failed: int = 0
     crash_counts: dict[int, int] = field(default_factory=dict)
-    failed_here: dict[int, dict] = field(default_factory=dict)  # failures decided by the supervisor
+    failed_here: dict[int, Failure] = field(default_factory=dict)  # failures decided by the supervisor
 
     @property
     def total(self) -> int | None:

@@ -31,6 +31,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.images import CLIP_MEAN, CLIP_STD
+
 OPSET = 17
 # IR 8 is the oldest IR that allows opset 17; a low IR keeps the file loadable by older
 # onnxruntime releases and by TPU-MLIR's onnx parser.
@@ -38,9 +40,6 @@ IR_VERSION = 8
 BUILDER = "clip-pipeline modelgen"
 NOTE = "SYNTHETIC random weights: embeddings carry no meaning"
 META_PREFIX = "clip_pipeline."
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 LN_EPS = 1e-5
 QUICKGELU_ALPHA = 1.702

@@ -14,17 +14,20 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
 
-from pipeline import output, transport
-from pipeline.backends.base import get_backend
-from pipeline.config import Config, ConfigError
+from pipeline import messages, output, transport
+from pipeline.backends import get_backend
+from pipeline.config import Config, ConfigError, validate_for_run
 from pipeline.ledger import Ledger
+from pipeline.messages import Failure
+from pipeline.models import ensure_model
+from pipeline.preflight import device_warnings
 from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
 from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment, worker_main
 
@@ -134,11 +137,11 @@ class Supervisor:
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        from pipeline.config import validate_for_run
-        from pipeline.models import ensure_model
-
         validate_for_run(self.cfg)
         self.devices = self.backend.resolve_devices(self.cfg)
+        for w in device_warnings(self.cfg, self.devices):
+            self.log(f"warning: {w}")
+            self.warnings.append(w)
         ensure_model(self.cfg, log=self.log)
         self.model = self.backend.model_identity(self.cfg)
         self.fp = fingerprint(self.cfg, self.model)
@@ -276,7 +279,8 @@ class Supervisor:
             ctx = mp.get_context("spawn")
             w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}",
                                  daemon=True)
-        with worker_environment():
+        env = self.backend.worker_env(self.cfg, w.device) if w.role == "infer" else {}
+        with worker_environment(env):
             w.proc.start()
         w.started = time.monotonic()
         w.ready = w.role == "source"
@@ -348,7 +352,7 @@ class Supervisor:
                 header, _frames = transport.recv(self.control)
                 self.on_control(header)
             if self.ledger.listing_done and not total_sent:
-                self.queue_to_sink({"t": "total", "n": self.ledger.listed})
+                self.queue_to_sink(messages.total(self.ledger.listed))
                 total_sent = True
             self.check_workers()
             self.pump_outbox()
@@ -373,7 +377,7 @@ class Supervisor:
             dim = (h.get("info") or {}).get("dim")
             if dim and self.dim is None:
                 self.dim = int(dim)
-                self.queue_to_sink({"t": "dim", "n": self.dim})
+                self.queue_to_sink(messages.dim(self.dim))
         elif t == "resolved":
             if self.first_result_s is None:
                 self.first_result_s = time.monotonic() - self.t0
@@ -415,7 +419,7 @@ class Supervisor:
         paths = output.listing_paths(self.out / "listing.jsonl", self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
-            self.outbox.append((self.to_first, {"t": "item", "id": i, "path": paths[i]}))
+            self.outbox.append((self.to_first, messages.item(i, paths[i])))
 
     # -- failures of workers -----------------------------------------------------------------
     def check_workers(self) -> None:
@@ -454,9 +458,8 @@ class Supervisor:
         blame = w.role in ("decode", "preprocess") or (w.role == "infer" and self.files_mode)
         if ids and blame and code != EXIT_DEVICE:
             for i in self.ledger.record_crash(ids):
-                rec = {"t": "fail", "id": i, "path": b"", "reason": "crashed_worker",
-                       "message": f"{w.role} worker died twice while processing this input", "stage": w.role}
-                self.ledger.failed_here[i] = rec
+                self.ledger.failed_here[i] = Failure(i, b"", "crashed_worker",
+                                                     f"{w.role} worker died twice while processing this input", w.role)
         if w.role == "sink":
             self.ledger.lost_sink()
             # The sink may have written shards whose "shard" messages died with it: the disk is
@@ -494,12 +497,12 @@ class Supervisor:
         """Re-issue every sent id that is not resolved, written or failed; resend lost sink state."""
         if sink_lost:
             if self.ledger.listing_done:
-                self.queue_to_sink({"t": "total", "n": self.ledger.listed})
+                self.queue_to_sink(messages.total(self.ledger.listed))
             if self.dim is not None:
-                self.queue_to_sink({"t": "dim", "n": self.dim})
+                self.queue_to_sink(messages.dim(self.dim))
         paths = output.listing_paths(self.out / "listing.jsonl", self.ledger.failed_here)
-        for i, rec in sorted(self.ledger.failed_here.items()):
-            self.queue_to_sink({**rec, "path": paths.get(i, b"")})
+        for i, failure in sorted(self.ledger.failed_here.items()):
+            self.queue_to_sink(replace(failure, path=paths.get(i, b"")).header())
         sent = self.source().slot.sent_upto
         self.reissue_pending.update(self.ledger.to_reissue(sent))
 

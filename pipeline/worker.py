@@ -1,7 +1,7 @@
 """The one generic process loop every stage worker runs (spawned by the supervisor).
 
-A stage supplies a *core* (stages/*.py): `setup()`, `handle(header, frames) -> outputs`,
-`flush(now) -> outputs`, `deadline()`, `close()`. This loop owns everything else: sockets,
+A stage supplies a *core* (stages/*.py, contract: stages/base.py StageCore): `setup()`,
+`handle(header, frames) -> outputs`, `flush(now) -> outputs`, `deadline()`, `close()`. This loop owns everything else: sockets,
 poll timeouts, backpressure, stats, the shared slot the supervisor reads for crash attribution
 and stall detection, signals, and reporting exceptions with the worker and item named.
 
@@ -18,12 +18,14 @@ import time
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 
-from pipeline import transport
+from pipeline import messages, transport
+from pipeline.backends.base import DeviceError
 from pipeline.config import Config
+from stages.base import FatalError, Output, StageCore
 
 MAX_SLOT_IDS = 1024
 STATS_INTERVAL_S = 0.5
@@ -35,42 +37,6 @@ EXIT_CRASH = 70  # unexpected exception in the stage core
 EXIT_DEVICE = 71  # the device failed (DeviceError)
 EXIT_SETUP = 72  # setup failed (model load, device open)
 EXIT_FATAL = 73  # the run cannot continue (e.g. output disk full)
-
-Output = tuple[str, dict, tuple]
-
-
-class Core(Protocol):
-    def setup(self) -> None: ...
-    def handle(self, header: dict, frames: list) -> Iterable[Output]: ...
-    def flush(self, now: float) -> Iterable[Output]: ...
-    def deadline(self) -> float | None: ...
-    def close(self) -> None: ...
-
-
-class StageCore:
-    """Base of the stage cores (see Core): no-op defaults for the optional hooks."""
-
-    info: dict = {}
-
-    def setup(self) -> None:
-        """Open what the stage needs (models, devices), inside the worker process."""
-
-    def handle(self, header: dict, frames: list) -> Iterable[Output]:
-        raise NotImplementedError
-
-    def flush(self, now: float) -> Iterable[Output]:
-        return ()
-
-    def deadline(self) -> float | None:
-        return None
-
-    def close(self) -> None:
-        """Release what setup() opened."""
-
-
-class FatalError(Exception):
-    """Raised by a core when the whole run must stop (message is for the user)."""
-
 
 class Slot:
     """Shared memory between one worker slot and the supervisor (no locks: single writer).
@@ -159,18 +125,30 @@ WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THRE
 
 
 @contextlib.contextmanager
-def worker_environment():
-    """Around Process.start(): children inherit WORKER_ENV; the parent's environment is restored."""
+def worker_environment(extra: dict[str, str] | None = None):
+    """Around Process.start(): children inherit WORKER_ENV (where the user has not chosen a value)
+    and `extra` (the backend's per-worker variables, Backend.worker_env: always set); the parent's
+    environment is restored afterwards."""
+    extra = dict(extra or {})
+    saved = {k: os.environ.get(k) for k in extra}
     added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
     os.environ.update(added)
+    os.environ.update(extra)
     try:
         yield
     finally:
         for k in added:
             os.environ.pop(k, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def make_core(spec: WorkerSpec, slot: Slot) -> Core:
+def make_core(spec: WorkerSpec, slot: Slot) -> StageCore:
+    # Imported here, not at the top: a worker loads only its own stage (and its libraries: PIL, cv2,
+    # the backend's runtime), and the supervisor, which imports this module, loads none of them.
     if spec.role == "decode":
         from stages.decode import DecodeCore
 
@@ -248,14 +226,11 @@ class Loop:
         if force or now - self.last_stats >= STATS_INTERVAL_S:
             self.last_stats = now
             self.slot.floats[1] = now
-            self.send("control", {"t": "stats", "worker": self.spec.name, "role": self.spec.role,
-                                  "index": self.spec.index, "stats": dict(self.stats)})
+            self.send("control", messages.stats(self.spec.name, self.spec.role, self.spec.index, self.stats))
 
     def error(self, kind: str, exc: BaseException, ids: list[int]) -> None:
-        self.send("control", {"t": "error", "kind": kind, "worker": self.spec.name, "role": self.spec.role,
-                              "index": self.spec.index, "ids": ids[:64],
-                              "exc_type": type(exc).__name__, "message": str(exc),
-                              "traceback": traceback.format_exc()})
+        self.send("control", messages.error(kind, self.spec.name, self.spec.role, self.spec.index, ids[:64],
+                                            type(exc).__name__, str(exc), traceback.format_exc()))
 
     def close(self) -> None:
         for s in (self.next, self.sink):
@@ -307,8 +282,6 @@ def worker_main(spec: WorkerSpec, slot: Slot) -> None:
 
 
 def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
-    from pipeline.backends.base import DeviceError
-
     core = make_core(spec, slot)
     try:
         core.setup()
@@ -317,16 +290,14 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
     except Exception as exc:  # noqa: BLE001
         loop.error("setup", exc, [])
         return EXIT_SETUP
-    loop.send("control", {"t": "ready", "worker": spec.name, "role": spec.role, "index": spec.index,
-                          "pid": os.getpid(), "info": getattr(core, "info", {})})
+    loop.send("control", messages.ready(spec.name, spec.role, spec.index, os.getpid(), core.info))
     inp = transport.pull(loop.ctx, spec.in_addr, _in_hwm(spec))
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
-    wake = getattr(core, "wake_fd", lambda: None)()
+    wake = core.wake_fd()
     if wake is not None:  # the core finishes work on a thread of its own: wake up to send its results
         poller.register(wake, zmq.POLLIN)
     per_item = spec.role in ("decode", "preprocess")  # one item per message: attribute crashes to it
-    busy_of_core = getattr(core, "busy_s", None)
     try:
         while True:
             loop.check_alive()
@@ -361,10 +332,9 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
                 return EXIT_DEVICE
             loop.stats["busy_s"] += time.monotonic() - t0
             loop.emit(outputs)
-            if busy_of_core is not None:
-                own_busy = busy_of_core()
-                if own_busy is not None:  # work done on a thread of the core's own (infer.overlap)
-                    loop.stats["busy_s"] = own_busy
+            own_busy = core.busy_s()
+            if own_busy is not None:  # work done on a thread of the core's own (infer.overlap)
+                loop.stats["busy_s"] = own_busy
             loop.report_stats()
     finally:
         try:

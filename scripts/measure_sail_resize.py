@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "fake_sail"))
 
-from stages.decode import DecodeOptions, decode_file
-from stages.preprocess import normalize, reference_crop
+from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -19,13 +19,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from pipeline.transport import array_from, array_header
-from pipeline.worker import StageCore
+from pipeline import messages
+from pipeline.backends import get_backend
+from pipeline.backends.base import DeviceError
+from pipeline.messages import Failure
+from pipeline.transport import array_from
+from stages.base import Output, StageCore, fail
 
 
 @dataclass
@@ -179,17 +183,16 @@ class InferCore(StageCore):
     """Infer worker core: owns one device (opened in setup, inside this process)."""
 
     def __init__(self, spec, slot):
+        super().__init__()
         self.spec = spec
         self.cfg = spec.cfg
         self.slot = slot
         self.device = None
         self.batcher: Batcher | None = None
         self.runner: BackgroundRunner | None = None
-        self.info: dict = {}
+        self.files_mode = False
 
     def setup(self) -> None:
-        from pipeline.backends.base import get_backend
-
         backend = get_backend(self.cfg.infer.backend)
         self.files_mode = backend.input_kind(self.cfg) == "files"
         self.device = backend.open_device(self.cfg, self.spec.device)
@@ -294,32 +297,28 @@ class InferCore(StageCore):
             self.slot.end()
         return self._finish(batch, result)
 
-    def _finish(self, batch: Batch, result: Any) -> list:
-        from stages.decode import failure
-
+    def _finish(self, batch: Batch, result: Any) -> list[Output]:
         if self.files_mode:
             path_of = dict(zip(batch.ids, batch.paths))
             ids, paths, emb = result.ids, [path_of[i] for i in result.ids], result.embeddings
-            outputs = [failure(f.id, f.path, f.reason, f.message, "infer") for f in result.failures]
+            outputs = [fail(replace(f, stage="infer")) for f in result.failures]
         else:
             emb = result[:len(batch)]
             ids, paths, outputs = batch.ids, batch.paths, []
         emb = np.asarray(emb, dtype=np.float32)
         if emb.shape != (len(ids), self.device.dim):
-            from pipeline.backends.base import DeviceError
-
             raise DeviceError(f"device {self.spec.device} returned shape {emb.shape}, expected {(len(ids), self.device.dim)}")
         finite = np.isfinite(emb).all(axis=1)
         if not finite.all():
             for i in np.flatnonzero(~finite):
-                outputs.append(failure(ids[i], paths[i], "non_finite", "model output has NaN/inf", "infer"))
+                outputs.append(fail(Failure(ids[i], paths[i], "non_finite", "model output has NaN/inf", "infer")))
             keep = np.flatnonzero(finite)
             ids, paths, emb = [ids[i] for i in keep], [paths[i] for i in keep], emb[keep]
         if self.cfg.output.normalize:
             emb = l2_normalize(emb)
         emb = np.ascontiguousarray(emb, dtype=np.float32)
         if ids:
-            outputs.append(("sink", {"t": "emb", "ids": list(ids), "paths": list(paths), **array_header(emb)}, (emb,)))
+            outputs.append(("sink", *messages.embeddings(ids, paths, emb)))
         return outputs
 
     def close(self) -> None:

@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import output
+from pipeline import messages, output
+from pipeline.messages import Failure
 from pipeline.transport import array_from
-from pipeline.worker import StageCore
+from stages.base import FatalError, Output, StageCore
 
 
 @dataclass
 class PendingShard:
     rows: dict[int, tuple[bytes, np.ndarray]] = field(default_factory=dict)
-    fails: dict[int, dict] = field(default_factory=dict)
+    fails: dict[int, Failure] = field(default_factory=dict)
 
     def resolved(self) -> int:
         return len(self.rows) + len(self.fails)
@@ -52,11 +53,11 @@ class ShardAssembler:
         s.rows[item_id] = (path, emb)
         return True
 
-    def add_failure(self, record: dict) -> bool:
-        s = self._shard(record["id"])
-        if s is None or s.has(record["id"]):
+    def add_failure(self, failure: Failure) -> bool:
+        s = self._shard(failure.id)
+        if s is None or s.has(failure.id):
             return False
-        s.fails[record["id"]] = record
+        s.fails[failure.id] = failure
         return True
 
     def expected(self, k: int) -> int | None:
@@ -74,7 +75,7 @@ class ShardAssembler:
         ids = sorted(s.rows)
         paths = [s.rows[i][0] for i in ids]
         emb = np.stack([s.rows[i][1] for i in ids]).astype(dtype) if ids else np.zeros((0, dim), dtype=dtype)
-        fails = [s.fails[i] for i in sorted(s.fails)]
+        fails = [s.fails[i].record() for i in sorted(s.fails)]
         return paths, emb, fails
 
 
@@ -86,11 +87,11 @@ _ENOSPC_SHARD = int(os.environ[ENOSPC_ENV]) if os.environ.get(ENOSPC_ENV, "").is
 
 class SinkCore(StageCore):
     def __init__(self, spec):
+        super().__init__()
         self.cfg = spec.cfg
         self.out_dir = spec.cfg.output.dir
         self.asm: ShardAssembler | None = None
         self.dim = 0
-        self.info: dict = {}
 
     def setup(self) -> None:
         output.remove_temp_files(self.out_dir)
@@ -107,9 +108,7 @@ class SinkCore(StageCore):
                 if self.asm.add_row(item_id, path, emb[i].copy()):
                     new_ids.append(item_id)
         elif t == "fail":
-            record = {"id": header["id"], "path": _text(header["path"]), "reason": header["reason"],
-                      "message": header["message"], "stage": header.get("stage", "")}
-            if self.asm.add_failure(record):
+            if self.asm.add_failure(Failure.from_header(header)):
                 new_ids.append(header["id"])
                 failed = 1
         elif t == "total":
@@ -118,13 +117,10 @@ class SinkCore(StageCore):
             self.dim = self.dim or header["n"]
         outputs = []
         if new_ids:
-            outputs.append(("control", {"t": "resolved", "ids": new_ids, "failed": failed,
-                                        "embedded": len(new_ids) - failed}, ()))
+            outputs.append(("control", messages.resolved(new_ids, len(new_ids) - failed, failed), ()))
         return outputs + self.write_complete()
 
-    def write_complete(self) -> list:
-        from pipeline.worker import FatalError
-
+    def write_complete(self) -> list[Output]:
         outputs = []
         for k in self.asm.complete():
             if not self.dim and not self.asm.pending[k].rows:
@@ -143,9 +139,6 @@ class SinkCore(StageCore):
                     f"cannot write shard {output.shard_name(k)} in {self.out_dir}: {what}. "
                     "Completed shards are kept; free space (or fix permissions) and run the same command again to resume."
                 ) from None
-            outputs.append(("control", {"t": "shard", "k": k, "rows": len(paths), "failed": len(fails)}, ()))
+            outputs.append(("control", messages.shard(k, len(paths), len(fails)), ()))
         return outputs
 
-
-def _text(path: bytes | str) -> str:
-    return path if isinstance(path, str) else path.decode("utf-8", "backslashreplace")

@@ -16,7 +16,8 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 
-from pipeline import output
+from pipeline import messages, output
+from stages.base import FatalError
 
 Warn = Callable[[str], None]
 
@@ -75,7 +76,8 @@ def _sorted_entries(d: bytes, follow: bool) -> Iterator[tuple[bytes, bool, bool]
 
 
 def _walk_dir(d: bytes, exts: frozenset[bytes], recursive: bool, follow: bool,
-              ancestors: frozenset[tuple[int, int]], warn: Warn) -> Iterator[bytes]:
+              ancestors: frozenset[tuple[int, int]], warn: Warn,
+              other_roots: dict[tuple[int, int], bytes] | None = None) -> Iterator[bytes]:
     try:
         entries = _sorted_entries(d, follow)
     except OSError as exc:
@@ -96,26 +98,96 @@ def _walk_dir(d: bytes, exts: frozenset[bytes], recursive: bool, follow: bool,
             if ident in ancestors:
                 warn(f"skipped symlink loop at {os.fsdecode(path)}")
                 continue
-            yield from _walk_dir(path, exts, recursive, follow, ancestors | {ident}, warn)
+            if other_roots and ident in other_roots:
+                warn(f"skipped {os.fsdecode(path)}: it is also input {os.fsdecode(other_roots[ident])}, "
+                     "whose files are listed once, under that input (input.paths overlap)")
+                continue
+            yield from _walk_dir(path, exts, recursive, follow, ancestors | {ident}, warn, other_roots)
         elif _has_ext(name, exts) and (follow or not is_link):
             yield path
 
 
-def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: bool = True,
-                follow_symlinks: bool = True, warn: Warn = lambda m: None) -> Iterator[bytes]:
-    """Every input file, as bytes paths, in the deterministic order that defines input ids."""
-    exts = frozenset(e.lower().encode() for e in extensions)
+def _inside(parent: bytes, child: bytes) -> bool:
+    return child.startswith(parent.rstrip(b"/") + b"/")
+
+
+def dedupe_roots(paths: tuple[str, ...], exts: frozenset[bytes], recursive: bool,
+                 warn: Warn = lambda m: None) -> list[bytes]:
+    """The input roots to walk, each file reachable from one root only (by resolved path).
+
+    A root that is the same directory or file as an earlier root, or lies inside an earlier
+    root that lists it anyway (a recursive directory; a file with a listed suffix), is dropped
+    with a warning naming both. A root nested in a *later* root is kept (ids follow the order of
+    input.paths); the later root's walk skips it (see iter_inputs). Missing roots are kept for
+    iter_inputs to report.
+    """
+    kept: list[tuple[bytes, bytes | None, bool, tuple[int, int] | None]] = []  # given, real, is_dir, ident
     for root in paths:
         broot = os.fsencode(root)
         try:
             st = os.stat(broot)
-        except OSError as exc:
-            warn(f"skipped input {root}: {exc.strerror or exc}")
+        except OSError:
+            kept.append((broot, None, False, None))
+            continue
+        real = os.path.realpath(broot)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        ident = (st.st_dev, st.st_ino)
+        for other, oreal, odir, oident in kept:
+            if oreal is None:
+                continue
+            if ident == oident or real == oreal:
+                warn(f"input {root} is the same {'directory' if is_dir else 'file'} as input {os.fsdecode(other)}: "
+                     "its files are listed once (input.paths / --input overlap)")
+                break
+            covered = odir and (
+                (is_dir and recursive and _inside(oreal, real))
+                or (not is_dir and _has_ext(os.path.basename(real), exts)
+                    and (os.path.dirname(real) == oreal or (recursive and _inside(oreal, real)))))
+            if covered:
+                warn(f"input {root} lies inside input {os.fsdecode(other)}: its files are listed once, under "
+                     f"{os.fsdecode(other)} (input.paths / --input overlap)")
+                break
+        else:
+            kept.append((broot, real, is_dir, ident))
+    return [given for given, _real, _is_dir, _ident in kept]
+
+
+def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: bool = True,
+                follow_symlinks: bool = True, warn: Warn = lambda m: None) -> Iterator[bytes]:
+    """Every input file, as bytes paths, in the deterministic order that defines input ids.
+
+    Overlapping roots are listed once (dedupe_roots; a directory that is another root is skipped
+    inside the walk). Finding no input at all is warned about, naming the roots and extensions.
+    """
+    exts = frozenset(e.lower().encode() for e in extensions)
+    roots = dedupe_roots(paths, exts, recursive, warn)
+    dir_roots: dict[tuple[int, int], bytes] = {}
+    for broot in roots:
+        try:
+            st = os.stat(broot)
+        except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            yield from _walk_dir(broot, exts, recursive, follow_symlinks, frozenset({(st.st_dev, st.st_ino)}), warn)
+            dir_roots.setdefault((st.st_dev, st.st_ino), broot)
+    n = 0
+    for broot in roots:
+        try:
+            st = os.stat(broot)
+        except OSError as exc:
+            warn(f"skipped input {os.fsdecode(broot)}: {exc.strerror or exc}")
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            ident = (st.st_dev, st.st_ino)
+            others = {k: v for k, v in dir_roots.items() if k != ident}
+            for path in _walk_dir(broot, exts, recursive, follow_symlinks, frozenset({ident}), warn, others):
+                n += 1
+                yield path
         else:
+            n += 1
             yield broot  # a file named explicitly is an input whatever its suffix
+    if n == 0:
+        warn(f"no input files found under {', '.join(paths)} (extensions searched: {', '.join(extensions)}; "
+             f"input.recursive = {str(recursive).lower()}): check input.paths / --input and input.extensions")
 
 
 def read_listing(path: str) -> Iterator[bytes]:
@@ -148,16 +220,14 @@ def _repair_listing(listing_path: str) -> int:
 def send_items(loop, items: list[tuple[int, bytes]]) -> None:
     """One message for a group of inputs (batch-sized messages: see workers.items_per_message)."""
     if len(items) == 1:
-        loop.send("next", {"t": "item", "id": items[0][0], "path": items[0][1]})
+        loop.send("next", messages.item(items[0][0], items[0][1]))
     else:
-        loop.send("next", {"t": "items", "ids": [i for i, _ in items], "paths": [p for _, p in items]})
+        loop.send("next", messages.items([i for i, _ in items], [p for _, p in items]))
 
 
 def run_source(spec, slot, loop) -> None:
     """Source worker: walk (or replay the saved listing), persist it, send items downstream."""
     import errno
-
-    from pipeline.worker import FatalError
 
     cfg = spec.cfg
     extra = spec.extra
@@ -168,7 +238,7 @@ def run_source(spec, slot, loop) -> None:
     replay = bool(extra.get("listing_complete"))
 
     def warn(msg: str) -> None:
-        loop.send("control", {"t": "warning", "message": msg})
+        loop.send("control", messages.warning(msg))
 
     try:
         existing = _repair_listing(listing_path)
@@ -197,7 +267,7 @@ def run_source(spec, slot, loop) -> None:
                 slot.sent_upto = max(slot.sent_upto, chunk[-1][0] + 1)
                 chunk.clear()
                 loop.report_stats()
-                loop.send("control", {"t": "listed", "n": n, "done": False})
+                loop.send("control", messages.listed(n, False))
 
             for path in paths_iter:
                 if n < existing and not replay:
@@ -228,7 +298,7 @@ def run_source(spec, slot, loop) -> None:
             f"then, only {n} now. Run with --restart to start over (or restore the inputs)."
         )
     slot.sent_upto = n
-    loop.send("control", {"t": "listed", "n": n, "done": True})
+    loop.send("control", messages.listed(n, True))
     # Stay alive (idle) until the supervisor stops us: our PUSH socket may still hold messages.
     import time
 

@@ -18,9 +18,9 @@ from robust_helpers import (
     write,
 )
 
-from stages import decode
-from stages.decode import DecodeOptions, ItemError, decode_bytes, decode_file
-from stages.preprocess import crop
+from pipeline import images
+from pipeline.images import DecodeOptions, crop, decode_bytes, decode_file
+from pipeline.messages import ItemError
 
 MODES = ("reference", "fast")
 BAD = bad_files()
@@ -97,7 +97,7 @@ def test_unreadable_files(tmp_path, monkeypatch):
     def denied(path, mode="r"):  # what open() raises for a chmod 000 file (root ignores modes)
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(decode, "open", denied, raising=False)
+    monkeypatch.setattr(images, "open", denied, raising=False)
     with pytest.raises(ItemError) as err:
         decode_file(os.fsencode(str(locked)), DecodeOptions())
     assert err.value.reason == "unreadable" and "Permission denied" in err.value.message
@@ -123,8 +123,8 @@ def test_unusual_file_decodes_and_crops(name, mode):
 
 
 def test_png_named_jpg_is_sniffed():
-    assert decode.sniff(UNUSUAL["png_named.jpg"]) == "png"
-    assert decode.sniff(UNUSUAL["cmyk.jpg"]) == "jpeg"
+    assert images.sniff(UNUSUAL["png_named.jpg"]) == "png"
+    assert images.sniff(UNUSUAL["cmyk.jpg"]) == "jpeg"
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -94,6 +94,20 @@ def test_worker_environment_is_scoped():
     assert dict(os.environ) == before
 
 
+def test_worker_environment_sets_and_restores_the_backends_variables(monkeypatch):
+    """Backend.worker_env (e.g. a GPU backend's CUDA_VISIBLE_DEVICES) overrides the inherited value
+    while a worker starts; the parent's value comes back."""
+    from pipeline.backends.base import Backend
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("CLIPP_TEST_ONLY_VAR", raising=False)
+    before = dict(os.environ)
+    with worker_environment({"CUDA_VISIBLE_DEVICES": "1", "CLIPP_TEST_ONLY_VAR": "x"}):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1" and os.environ["CLIPP_TEST_ONLY_VAR"] == "x"
+    assert dict(os.environ) == before
+    assert Backend.worker_env(None, "cpu:0") == {}  # the default adds nothing
+
+
 def test_fake_embed_rows_do_not_depend_on_the_batch():
     px = np.random.default_rng(0).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
     full = fake_embed(px)
@@ -146,3 +160,29 @@ def test_infer_groups_fill_batches_across_messages(tmp_path):
     (_, h, (emb,)), = whole
     assert h["ids"] == [0, 1, 2, 3]
     np.testing.assert_allclose(emb, out[0][2][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("what", ["corpus", "model", "empty"])
+def test_bench_usage_errors_are_one_line_exit_2(tmp_path, monkeypatch, what):
+    """A fresh clone has no bench corpus: the cpu case says so in one line (no traceback), exit 2."""
+    from click.testing import CliRunner
+
+    from pipeline import bench as benchmod
+    from pipeline.cli import cli
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    corpus = tmp_path / "corpus"
+    if what != "corpus":
+        corpus.mkdir()
+    if what == "model":
+        (corpus / "a.jpg").write_bytes(b"x")
+        model = tmp_path / "missing.onnx"
+    monkeypatch.setattr(benchmod, "DEFAULT_CORPUS", corpus)
+    r = CliRunner().invoke(cli, ["bench", "--case", "cpu", "--model", str(model), "-q"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert "Traceback" not in r.output
+    expect = {"corpus": f"bench corpus {corpus} does not exist", "model": f"model {model} does not exist",
+              "empty": f"no JPEGs in {corpus}"}[what]
+    assert expect in r.output and ("--images" in r.output or what == "model")

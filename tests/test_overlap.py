@@ -212,14 +212,15 @@ def test_sail_overlap_is_faster_with_identical_output(sail_setup, monkeypatch):
 
 
 def test_default_two_phase_defers_to_embed_files():
-    from pipeline.backends.base import Device, FileBatchResult, ItemFailure, Prepared
+    from pipeline.backends.base import Device, FileBatchResult, Prepared
+    from pipeline.messages import Failure
 
     class FilesOnly(Device):
         batch_size, dim = 4, 2
 
         def embed_files(self, ids, paths):
             return FileBatchResult(ids=list(ids)[1:], embeddings=np.ones((len(ids) - 1, 2), np.float32),
-                                   failures=[ItemFailure(ids[0], paths[0], "corrupt", "bad")])
+                                   failures=[Failure(ids[0], paths[0], "corrupt", "bad")])
 
     dev = FilesOnly()
     prep = dev.prepare_files([5, 6, 7], [b"a", b"b", b"c"])
@@ -227,5 +228,5 @@ def test_default_two_phase_defers_to_embed_files():
     res = dev.run_prepared(prep)
     assert res.ids == [6, 7] and [f.id for f in res.failures] == [5] and res.embeddings.shape == (2, 2)
     # failures found while preparing are kept in front of the device's own
-    res = dev.run_prepared(Prepared(ids=[6, 7], paths=[b"b", b"c"], failures=[ItemFailure(5, b"a", "empty", "")]))
+    res = dev.run_prepared(Prepared(ids=[6, 7], paths=[b"b", b"c"], failures=[Failure(5, b"a", "empty", "")]))
     assert [f.id for f in res.failures] == [5, 6]

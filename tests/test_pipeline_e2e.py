@@ -12,11 +12,10 @@ import pytest
 from conftest import ROOT, cli, cli_env, make_images
 
 from pipeline import config as cfgmod
+from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 from pipeline.output import EMB_DIR, load_embeddings
 from pipeline.progress import Progress
 from pipeline.supervisor import Supervisor
-from stages.decode import DecodeOptions, decode_file
-from stages.preprocess import normalize, reference_crop
 
 
 def run_pipeline(inputs, out, model, **sets):

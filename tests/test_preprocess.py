@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import CLIP_MEAN, CLIP_STD
-from stages.decode import DecodeOptions, decode_bytes
-from stages.preprocess import fast_crop, normalize, reference_crop
+from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_bytes, fast_crop, normalize, reference_crop
 
 
 def clip_transform(img: Image.Image) -> np.ndarray:
@@ -87,7 +85,7 @@ def test_normalize_is_clip_normalisation():
 
 def test_extreme_panorama_is_cropped_before_resizing(monkeypatch):
     """A 20000x2 strip would need a 2240000x224 intermediate; the box path stays within 2 levels."""
-    import stages.preprocess as P
+    import pipeline.images as P
 
     rng = np.random.default_rng(1)
     img = np.asarray(Image.fromarray(rng.integers(0, 256, (2, 1000, 3), dtype=np.uint8)).resize((5000, 60)))

@@ -149,8 +149,7 @@ def test_host_fixed_batch_pads_and_trims(fake, tmp_path, onnx_model, images, bat
     orig = dev.engine.process
     dev.engine.process = lambda g, d, *a, **k: (shapes.append(next(iter(d.values())).shape[0]), orig(g, d, *a, **k))[1]
     names = ["landscape", "portrait", "upper", "png", "webp"]
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import reference_crop
+    from pipeline.images import DecodeOptions, decode_file, reference_crop
 
     pixels = np.stack([reference_crop(decode_file(os.fsencode(images[n]), DecodeOptions())) for n in names])
     n = 3 if batch > 1 else 5
@@ -180,7 +179,7 @@ def test_host_multistage_picks_smallest_stage(fake, tmp_path, onnx_model, images
     assert shapes == [8, 4]  # 8 + 3 (padded to the 4 stage)
     assert dev.embed(px[:1]).shape == (1, 512) and shapes[-1] == 1
     sess = ort_session(onnx_model)
-    from stages.preprocess import normalize
+    from pipeline.images import normalize
 
     ref = sess.run(None, {sess.get_inputs()[0].name: normalize(px)})[0]
     np.testing.assert_allclose(out, ref, atol=HOST_ATOL, rtol=1e-4)
@@ -229,22 +228,52 @@ def test_device_mode_routes_and_matches_reference(fake, tmp_path, onnx_model, im
     np.testing.assert_allclose(res.embeddings[sq], ref[sq], atol=1e-4, rtol=1e-4)
 
 
-def test_device_mode_linear_resize_is_further_from_reference(fake, tmp_path, onnx_model, images):
+def test_device_mode_nearest_resize_works_and_differs(fake, tmp_path, onnx_model, images):
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
     names = ["landscape", "portrait", "upper"]
     paths = [os.fsencode(images[n]) for n in names]
     ref = cpu_reference(ort_session(onnx_model), [images[n] for n in names])
-    cub = open_dev(cfg_for(bm, "device", resize="bicubic")).embed_files([0, 1, 2], paths).embeddings
-    lin = open_dev(cfg_for(bm, "device", resize="linear")).embed_files([0, 1, 2], paths).embeddings
-    assert compare(cub, ref)[0].min() >= DEVICE_MIN_COSINE
-    assert compare(lin, ref)[0].min() >= DEVICE_MIN_COSINE and np.abs(lin - cub).max() > 0
+    lin = open_dev(cfg_for(bm, "device")).embed_files([0, 1, 2], paths).embeddings  # default: linear
+    near = open_dev(cfg_for(bm, "device", resize="nearest")).embed_files([0, 1, 2], paths).embeddings
+    assert compare(lin, ref)[0].min() >= DEVICE_MIN_COSINE
+    assert compare(near, ref)[0].min() >= DEVICE_MIN_COSINE and np.abs(lin - near).max() > 0
+
+
+def test_sail_resize_default_is_linear_and_bicubic_is_refused():
+    assert from_dict({}).sail.resize == "linear"
+    assert from_dict({"sail": {"resize": "nearest"}}).sail.resize == "nearest"
+    with pytest.raises(ConfigError, match=r"sail.resize = 'bicubic' is refused: BM1684X has no bicubic") as ei:
+        from_dict({"sail": {"resize": "bicubic"}})
+    assert "\n" not in str(ei.value) and '"linear"' in str(ei.value)
+    with pytest.raises(ConfigError, match="expected 'linear' | 'nearest'"):
+        from_dict({"sail": {"resize": "area"}})
+
+
+def test_cli_bicubic_exits_2_before_any_process_starts(tmp_path, monkeypatch):
+    """--set sail.resize='"bicubic"' on the shipped config: exit 2, one line, nothing started."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    import pipeline.supervisor as sup
+    from pipeline.cli import cli
+
+    started = []
+    monkeypatch.setattr(sup.Supervisor, "__init__", lambda self, *a, **k: started.append(1))
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["run", "--config", str(root / "configs" / "bm1684x.toml"),
+                                 "--set", 'sail.resize="bicubic"', "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "sail.resize" in lines[0] and "BM1684X" in lines[0], r.output
+    assert not started and not out.exists()
 
 
 def device_inputs_vs_reference(sail, dev, paths):
     """Mean/max abs difference (0..255 units) between what the chip's network was fed and
     CLIP's reference crop, per image, one file per batch."""
-    from stages.decode import DecodeOptions, decode_file
-    from stages.preprocess import normalize, reference_crop
+    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 
     alpha = np.array([a for a, _ in pipeline_alpha_beta()], np.float32).reshape(3, 1, 1)
     out = []

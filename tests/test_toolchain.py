@@ -96,8 +96,10 @@ def test_transform_and_deploy_args():
     assert t[t.index("--input_shapes") + 1] == "[[8,3,224,224]]"
     assert "--mean" not in t and "--test_input" not in t
     tf = transform_args("m", "/x/m.onnx", 1, "m.mlir", fuse_preprocess=True)
-    assert tf[tf.index("--mean") + 1] == "122.770935,116.74601,104.093735"
-    assert tf[tf.index("--scale") + 1] == "0.0145984,0.0150077,0.01422"
+    mean = [float(x) for x in tf[tf.index("--mean") + 1].split(",")]
+    scale = [float(x) for x in tf[tf.index("--scale") + 1].split(",")]
+    np.testing.assert_allclose(mean, np.array([0.48145466, 0.4578275, 0.40821073]) * 255, rtol=1e-12)
+    np.testing.assert_allclose(scale, 1 / (np.array([0.26862954, 0.26130258, 0.27577711]) * 255), rtol=1e-12)
     assert tf[tf.index("--pixel_format") + 1] == "rgb"
 
     d = deploy_args("m.mlir", "m_bm1684x_f16_8b.bmodel")
@@ -116,10 +118,25 @@ def test_fused_constants_are_clips_normalisation():
     mean = np.array([0.48145466, 0.4578275, 0.40821073]) * 255
     std = np.array([0.26862954, 0.26130258, 0.27577711]) * 255
     np.testing.assert_allclose(CLIP_MEAN_255, mean, rtol=1e-7)
-    np.testing.assert_allclose(CLIP_SCALE_255, 1 / std, rtol=1e-5)  # flags carry 6 digits
+    np.testing.assert_allclose(CLIP_SCALE_255, 1 / std, rtol=1e-12)
     u8 = np.arange(256, dtype=np.uint8).repeat(3).reshape(1, 3, 16, 16)
     ref = (u8 / 255.0 - (mean / 255).reshape(1, 3, 1, 1)) / (std / 255).reshape(1, 3, 1, 1)
     np.testing.assert_allclose(normalize_u8(u8), ref, atol=2e-5)
+
+
+def test_verify_images_are_the_pipelines_reference_crops(tmp_path):
+    """verify's image inputs come from the pipeline's own preprocessing (no second implementation)."""
+    from conftest import make_images
+
+    from pipeline.images import DecodeOptions, decode_file, reference_crop
+    from pipeline.toolchain.preprocess import load_images_u8
+
+    files = make_images(tmp_path / "imgs", 5)
+    paths, u8 = load_images_u8(tmp_path / "imgs")
+    assert paths == sorted(str(f) for f in files) and u8.shape == (5, 3, 224, 224)
+    for p, chw in zip(paths, u8):
+        ref = reference_crop(decode_file(os.fsencode(p), DecodeOptions()))
+        np.testing.assert_array_equal(chw.transpose(1, 2, 0), ref)
 
 
 def test_onnx_synthetic_flag(tmp_path):

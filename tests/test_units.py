@@ -7,6 +7,7 @@ import pytest
 
 from pipeline import config as cfgmod
 from pipeline.ledger import Ledger
+from pipeline.messages import Failure
 from pipeline.output import decode_path_line, encode_path_line
 from stages.infer import Batcher, pad_batch
 from stages.sink import ShardAssembler
@@ -38,7 +39,7 @@ def test_shard_assembler_dedupes_and_completes_in_id_order():
     row = lambda v: np.full(4, v, np.float32)  # noqa: E731
     assert asm.add_row(2, b"c", row(2))
     assert not asm.add_row(2, b"c", row(9))  # duplicate (re-issued id) dropped
-    assert asm.add_failure({"id": 0, "reason": "empty"})
+    assert asm.add_failure(Failure(0, b"a", "empty", ""))
     assert not asm.add_row(0, b"a", row(0))
     assert asm.complete() == []
     asm.add_row(1, b"b", row(1))

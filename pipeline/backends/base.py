@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from pipeline.messages import Failure
+from pipeline.models import model_identity
+
 if TYPE_CHECKING:
     from pipeline.config import Config
 
@@ -26,23 +29,13 @@ class DeviceError(RuntimeError):
     """The device (not the input) failed: the worker is restarted and the batch re-issued."""
 
 
-@dataclass(frozen=True)
-class ItemFailure:
-    """One input that cannot be embedded, with a short reason code and the decoder's message."""
-
-    id: int
-    path: bytes
-    reason: str
-    message: str
-
-
 @dataclass
 class FileBatchResult:
     """What a `"files"` device returns for a batch of paths."""
 
     ids: list[int]
     embeddings: np.ndarray  # [len(ids), dim] float32, rows in the order of ids
-    failures: list[ItemFailure] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
 
 
 @dataclass
@@ -51,7 +44,7 @@ class Prepared:
 
     ids: list[int]  # the inputs still to embed, in order
     paths: list[bytes]
-    failures: list[ItemFailure] = field(default_factory=list)  # inputs already failed while preparing
+    failures: list[Failure] = field(default_factory=list)  # inputs already failed while preparing
     data: Any = None  # whatever the device needs for run_prepared (e.g. decoded images in device memory)
 
 
@@ -111,8 +104,6 @@ class Backend(abc.ABC):
     @classmethod
     def model_identity(cls, cfg: Config) -> dict[str, Any]:
         """What identifies the model for the manifest (resume refuses a different one)."""
-        from pipeline.models import model_identity
-
         return model_identity(cfg.model.path)
 
     @classmethod
@@ -126,22 +117,12 @@ class Backend(abc.ABC):
         return None
 
     @classmethod
+    def worker_env(cls, cfg: Config, device: str) -> dict[str, str]:
+        """Environment variables for the infer worker of `device`, set when it is started (e.g. a GPU
+        backend's CUDA_VISIBLE_DEVICES). They override the inherited environment; default none."""
+        return {}
+
+    @classmethod
     def input_kind(cls, cfg: Config) -> str:
         return "pixels" if cls.device_input == "pixels" else "files"
 
-
-def get_backend(name: str) -> type[Backend]:
-    """The backend class for a config's infer.backend (imported lazily: sail is optional)."""
-    if name == "cpu":
-        from pipeline.backends.cpu import CpuBackend as B
-    elif name == "fake":
-        from pipeline.backends.fake import FakeBackend as B
-    elif name == "sail":
-        from pipeline.backends.sail import SailBackend as B
-    elif name == "sim":
-        from pipeline.backends.sim import SimBackend as B
-    else:
-        from pipeline.config import ConfigError
-
-        raise ConfigError(f"config key infer.backend: unknown backend {name!r} (cpu, fake, sail, sim)")
-    return B

@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.backends.base import Backend, Device, DeviceError
 from pipeline.config import Config, ConfigError
-from stages.preprocess import normalize
+from pipeline.images import normalize
 
 _CPU = re.compile(r"^cpu:(\d+)$")
 

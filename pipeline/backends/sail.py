@@ -9,14 +9,14 @@ How the card's decode -> preprocess -> infer stages map onto processes
   one process per chip. Inside that process the JPEG hardware decoder (``sail.Decoder``, §2.1)
   writes the decoded image into *device memory* as a BMImage; the centre square is cropped with
   bmcv (§3.2) and pushed into ``sail.EngineImagePreProcess`` (§3.5 and the §3.4 addendum), whose
-  C++ threads resize it with the TPU bicubic kernel, swap BGR->RGB, apply CLIP's alpha/beta and run
+  C++ threads resize it (linear, on a BM1684X's VPP), swap BGR->RGB, apply CLIP's alpha/beta and run
   the bmodel. Decode, preprocess and infer are fused into the device process because a decoded
   image only exists in that chip's memory: shipping it to another process would mean a
   device->host copy of the full-size image, the very work the hardware decoder saves, and
   sophon handles must not cross process boundaries anyway (§5: open everything in the child).
   Files the hardware path cannot take (suffix not on SAIL's case-sensitive list, content not
   JPEG, a JPEG without its end marker, images outside the TPU resize limits, a failed hardware
-  decode) are decoded on the host CPU *in the same process* with ``stages.decode.decode_file``
+  decode) are decoded on the host CPU *in the same process* with ``pipeline.images.decode_file``
   and uploaded with ``Bmcv.mat_to_bm_image``; decode_file's ItemError gives the failure reason,
   so reasons match the cpu backend's.
   The host decode/preprocess worker pools are not used in this mode.
@@ -49,10 +49,11 @@ from pipeline.backends.base import (
     Device,
     DeviceError,
     FileBatchResult,
-    ItemFailure,
     Prepared,
 )
-from pipeline.config import CLIP_MEAN, CLIP_STD, ConfigError
+from pipeline.config import ConfigError
+from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_file, normalize, reference_crop
+from pipeline.messages import Failure, ItemError
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -189,8 +190,6 @@ class SailHostDevice(Device):
 
     def _inputs(self, pixels: np.ndarray) -> np.ndarray:
         if self.model.layout == "float_nchw":
-            from stages.preprocess import normalize
-
             return normalize(pixels)
         if self.model.layout == "uint8_nchw":
             return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
@@ -248,8 +247,12 @@ class SailFilesDevice(Device):
             raise ConfigError(f"bmodel {path}: batch {m.max_batch} not in {EPP_BATCHES} (EngineImagePreProcess, §3.5); use sail.mode = \"host\"")
         self.dim, self.batch_size = m.dim, m.max_batch
         ab = alpha_beta(1.0) if m.layout == "float_nchw" else ((1.0, 0.0),) * 3
-        resize = {"bicubic": sail.sail_resize_type.BM_RESIZE_TPU_BICUBIC,
-                  "linear": sail.sail_resize_type.BM_RESIZE_TPU_LINEAR}[cfg.sail.resize]
+        # Only what a BM1684X can do: EngineImagePreProcess's resize thread calls bmcv.resize with
+        # the matching BMCV_INTER_* (SAIL src/decoder_multi.cpp:1914-1947), and libsophon sends
+        # BM1684X to the VPP, which takes NEAREST and LINEAR only (bmcv_api_resize.cpp:1672-1673,
+        # bm1684x/bmcv_1684x_vpp_internal.cpp:648-654). BICUBIC is refused at config validation.
+        resize = {"linear": sail.sail_resize_type.BM_RESIZE_TPU_LINEAR,
+                  "nearest": sail.sail_resize_type.BM_RESIZE_TPU_NEAREST}[cfg.sail.resize]
         try:
             self.handle = sail.Handle(dev_id)
             self.bmcv = sail.Bmcv(self.handle)
@@ -257,7 +260,7 @@ class SailFilesDevice(Device):
             # we assume the largest (what get_input_shape reports) and check the output below.
             self.epp = sail.EngineImagePreProcess(path, dev_id, False)
             q = 2 * self.batch_size
-            # bicubic TPU resize + BGR->RGB: the §3.4 addendum (CLIP-TPU clip_multi.py)
+            # linear resize + BGR->RGB: the §3.4 addendum (CLIP-TPU clip/clip_multi.py:41 at HEAD)
             if self.epp.InitImagePreProcess(resize, True, q, q) != 0:
                 raise DeviceError("InitImagePreProcess returned non-zero")
             if self.epp.SetConvertAtrr(ab) != 0:  # channel order after bgr2rgb = RGB (§3.3)
@@ -266,8 +269,6 @@ class SailFilesDevice(Device):
             raise
         except Exception as exc:
             raise DeviceError(_sail_error(f"opening EngineImagePreProcess on dev_id {dev_id}", exc)) from exc
-        from stages.decode import DecodeOptions
-
         self.opts = DecodeOptions.from_config(cfg)
         self.broken: str | None = None
 
@@ -304,15 +305,11 @@ class SailFilesDevice(Device):
         return img
 
     def _cpu_decode(self, item_id: int, path: bytes, centre_crop_224: bool = False):
-        from stages.decode import ItemError, decode_file
-
         try:
             rgb = decode_file(path, self.opts)
         except ItemError as exc:
-            return ItemFailure(item_id, path, exc.reason, exc.message)
+            return Failure(item_id, path, exc.reason, exc.message)
         if centre_crop_224:
-            from stages.preprocess import reference_crop
-
             rgb = reference_crop(rgb)
         elif rgb.shape[2] == 1:
             rgb = np.repeat(rgb, 3, axis=2)
@@ -334,13 +331,13 @@ class SailFilesDevice(Device):
         return self.bmcv.crop(img, (w - s) // 2, (h - s) // 2, s, s)
 
     def _prepare(self, item_id: int, path: bytes):
-        """-> (BMImage of a centre square, None) or (None, ItemFailure)."""
+        """-> (BMImage of a centre square, None) or (None, Failure)."""
         p = os.fsdecode(path)
         img = self._hw_decode(p) if self._hw_eligible(p) else None
         if img is not None:
             if img.width() * img.height() > self.opts.max_pixels:
-                return None, ItemFailure(item_id, path, "too_large",
-                                         f"{img.width()}x{img.height()} pixels, over preprocess.max_pixels={self.opts.max_pixels}")
+                return None, Failure(item_id, path, "too_large",
+                                     f"{img.width()}x{img.height()} pixels, over preprocess.max_pixels={self.opts.max_pixels}")
             try:
                 sq = self._square(img)
             except Exception:  # noqa: BLE001 - bmcv refused this image: do it on the CPU
@@ -348,13 +345,13 @@ class SailFilesDevice(Device):
             if sq is not None:
                 return sq, None
         rgb = self._cpu_decode(item_id, path)
-        if isinstance(rgb, ItemFailure):
+        if isinstance(rgb, Failure):
             return None, rgb
         try:
             sq = self._square(self._upload(rgb))
             if sq is None:  # outside the TPU resize limits: CLIP's crop on the CPU, upload 224x224
                 rgb = self._cpu_decode(item_id, path, centre_crop_224=True)
-                if isinstance(rgb, ItemFailure):
+                if isinstance(rgb, Failure):
                     return None, rgb
                 sq = self._upload(rgb)
         except Exception as exc:
@@ -428,7 +425,7 @@ class SailFilesDevice(Device):
         on real hardware: verified only against tests/fake_sail.
         """
         self._check_usable()
-        failures: list[ItemFailure] = []
+        failures: list[Failure] = []
         ok_ids: list[int] = []
         ok_paths: list[bytes] = []
         imgs: list = []

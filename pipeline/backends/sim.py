@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.backends.base import Backend, Device, DeviceError
 from pipeline.config import Config, ConfigError
+from pipeline.images import normalize
 
 
 class SimDevice(Device):
@@ -51,8 +52,6 @@ class SimDevice(Device):
         self.dim = int(np.prod(self.net.outputs[0].data.shape[1:]))
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        from stages.preprocess import normalize
-
         if pixels.shape[0] != self.batch_size:
             raise DeviceError(f"batch of {pixels.shape[0]} for a {self.batch_size}-batch bmodel")
         x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)) if self.uint8_input else normalize(pixels)

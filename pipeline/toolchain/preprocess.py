@@ -1,16 +1,21 @@
-"""CLIP normalisation constants shared by compile (--fuse-preprocess) and verify."""
+"""Inputs of compile (--fuse-preprocess) and verify, from the pipeline's own preprocessing.
+
+CLIP's mean/std and the crop come from pipeline/images.py (the one implementation): a bmodel is
+verified on exactly the crops the pipeline's default (reference) path feeds it.
+"""
 from __future__ import annotations
 
 import numpy as np
 
+from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_file, reference_crop
+
 # CLIP's mean/std in 0..255 units, as TPU-MLIR takes them: y = (x - mean) * scale per channel (RGB).
-# mean = 255 * (0.48145466, 0.4578275, 0.40821073); scale = 1 / (255 * (0.26862954, 0.26130258, 0.27577711)).
-CLIP_MEAN_255 = (122.770935, 116.74601, 104.093735)
-CLIP_SCALE_255 = (0.0145984, 0.0150077, 0.0142200)
+CLIP_MEAN_255 = tuple(255.0 * m for m in CLIP_MEAN)
+CLIP_SCALE_255 = tuple(1.0 / (255.0 * s) for s in CLIP_STD)
 
 
 def normalize_u8(u8: np.ndarray) -> np.ndarray:
-    """uint8 [N,3,H,W] RGB planar -> float32 CLIP-normalised, exactly what a fused bmodel computes."""
+    """uint8 [N,3,H,W] RGB planar -> float32 CLIP-normalised, what a fused bmodel computes."""
     mean = np.asarray(CLIP_MEAN_255, np.float32).reshape(1, 3, 1, 1)
     scale = np.asarray(CLIP_SCALE_255, np.float32).reshape(1, 3, 1, 1)
     return ((u8.astype(np.float32) - mean) * scale).astype(np.float32)
@@ -22,25 +27,18 @@ def random_u8_images(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
 
 
 def load_images_u8(directory, size: int = 224, limit: int | None = None) -> tuple[list[str], np.ndarray]:
-    """Reference CLIP preprocessing up to (not including) normalisation: PIL RGB, shorter side to
-    ``size`` (bicubic), centre crop. Returns (paths, uint8 [N,3,size,size])."""
+    """The pipeline's reference preprocessing up to (not including) normalisation: decode
+    (pipeline.images.decode_file), CLIP's resize + centre crop (reference_crop).
+    Returns (paths, uint8 [N,3,size,size])."""
+    import os
     from pathlib import Path
-
-    from PIL import Image
 
     exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
     paths = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in exts)
     if limit:
         paths = paths[:limit]
+    opts = DecodeOptions()
     out = np.empty((len(paths), 3, size, size), np.uint8)
     for k, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            out[k] = np.asarray(im, np.uint8).transpose(2, 0, 1)
+        out[k] = reference_crop(decode_file(os.fsencode(p), opts), size).transpose(2, 0, 1)
     return [str(p) for p in paths], out

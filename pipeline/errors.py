@@ -1,0 +1,7 @@
+"""Exceptions shared across layers (a leaf module: it imports nothing from the project)."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the message names the key or file."""

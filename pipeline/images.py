@@ -1,0 +1,290 @@
+"""Pure image functions: decode (PIL / simplejpeg), CLIP's reference crop, the fast crop, normalise.
+
+The one implementation of CLIP's image preprocessing in the project: the stages (decode,
+preprocess), the backends (cpu, sim, sail host paths), the toolchain (compile/verify inputs) and the
+tests all use these functions. No sockets, no processes; errors are ItemError with a reason code
+(pipeline.messages.REASONS).
+
+Decoding: the format is sniffed from the content (a PNG named .jpg is a PNG). A JPEG cut short (or
+holding only headers) fails as truncated in every mode and backend; it is never embedded from a
+partial decode. Output contract of `decode_file` (what a crop function receives):
+  * mode "reference": the image in the mode CLIP's transform resizes it in — 1 (L), 3 (RGB) or
+    4 (RGBA) channels, full size. Palette, CMYK, 16-bit and other modes are converted to one of
+    these first (documented deviation: CLIP would resize a palette image with NEAREST).
+  * mode "fast": 3-channel RGB, JPEGs already shrunk by libjpeg-turbo's DCT scaling by a power of
+    two (1/2, 1/4, 1/8) while the shorter side stays >= the target size.
+
+Crops (config key preprocess.mode):
+  * reference — CLIP's own transform exactly: Resize(224, BICUBIC) of the shorter side with PIL,
+    CenterCrop(224) with torchvision's rounding, convert("RGB"). The crop stays uint8 (PIL's
+    resize output is uint8 too), so shipping uint8 and normalising later is exact.
+  * fast — the decoder already shrank JPEGs by a power of two in the DCT domain; OpenCV INTER_AREA
+    resize of the shorter side, same crop. Its measured difference from reference is in the README.
+Normalisation ((x/255 - mean)/std, HWC -> CHW) happens per batch in the infer stage, or is folded
+into a uint8-input model (modelgen) or a fused bmodel (toolchain).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.messages import ItemError
+
+Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit (max_pixels) before decoding
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+# CLIP's normalisation (openai/CLIP clip.py _transform), the one definition in the project.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+SIZE = 224
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# Above this many resized pixels (150 MB as RGB) only the crop region is resampled; see reference_crop.
+PANORAMA_PIXELS = 50_000_000
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    mode: str = "reference"  # "reference" | "fast"
+    max_pixels: int = 178_956_970
+    max_file_bytes: int = 512 * 1024 * 1024
+    exif_transpose: bool = False
+    target: int = 224
+
+    @classmethod
+    def from_config(cls, cfg) -> DecodeOptions:
+        p = cfg.preprocess
+        return cls(mode=p.mode, max_pixels=p.max_pixels, max_file_bytes=p.max_file_bytes,
+                   exif_transpose=p.exif_transpose)
+
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+_SOS = b"\xff\xda"  # JPEG start-of-scan marker: the compressed image data follows it
+
+
+def sniff(data: bytes) -> str | None:
+    """The image format from the first bytes, or None."""
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def read_bytes(path: bytes, max_file_bytes: int) -> bytes:
+    """Read a whole input file, mapping OS errors to reason codes."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_file_bytes:
+                raise ItemError("too_large", f"file is {size} bytes, over preprocess.max_file_bytes={max_file_bytes}")
+            data = fh.read(max_file_bytes + 1)
+    except FileNotFoundError:
+        raise ItemError("vanished", "file no longer exists (deleted after listing, or a dangling symlink)") from None
+    except IsADirectoryError:
+        raise ItemError("unreadable", "is a directory") from None
+    except PermissionError as exc:
+        raise ItemError("unreadable", f"permission denied: {exc.strerror}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ItemError("unreadable", "symlink loop") from None
+        raise ItemError("unreadable", f"{exc.strerror or exc}") from None
+    if not data:
+        raise ItemError("empty", "file is empty (0 bytes)")
+    if len(data) > max_file_bytes:
+        raise ItemError("too_large", f"file grew over preprocess.max_file_bytes={max_file_bytes}")
+    return data
+
+
+def _check_pixels(w: int, h: int, limit: int) -> None:
+    if w <= 0 or h <= 0:
+        raise ItemError("corrupt", f"header claims an empty image ({w}x{h})")
+    if w * h > limit:
+        raise ItemError("too_large", f"{w}x{h} = {w * h} pixels, over preprocess.max_pixels={limit}")
+
+
+def _to_supported_mode(img: Image.Image) -> Image.Image:
+    """Bring any PIL mode to L, RGB or RGBA (the modes CLIP's resize sees for common photos)."""
+    mode = img.mode
+    if mode in ("L", "RGB", "RGBA"):
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.uint32 if mode == "I" else np.uint16)
+        if mode == "I":
+            arr = np.clip(arr, 0, 65535)
+        return Image.fromarray((arr >> 8).astype(np.uint8), "L")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if mode == "1":
+        return img.convert("L")
+    if mode == "LA":
+        return img.convert("RGBA")
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in img.info
+        return img.convert("RGBA" if has_alpha else "RGB")
+    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX, ...
+
+
+def _decode_pil(data: bytes, fmt: str, opts: DecodeOptions) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(data))
+        _check_pixels(img.width, img.height, opts.max_pixels)
+        if opts.mode == "fast" and fmt == "jpeg":
+            img.draft("RGB", (opts.target, opts.target))  # only reached for CMYK/odd JPEGs
+        img.load()
+        if opts.exif_transpose:
+            img = ImageOps.exif_transpose(img)
+        img = _to_supported_mode(img)
+        if opts.mode == "fast" and img.mode != "RGB":
+            img = img.convert("RGB")
+        return np.asarray(img)
+    except ItemError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ItemError("too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as exc:
+        text = str(exc)
+        if "truncated" in text or isinstance(exc, EOFError) or "premature end" in text.lower():
+            raise ItemError("truncated", text or "unexpected end of data") from None
+        raise ItemError("corrupt", f"{fmt} decoder: {text or type(exc).__name__}") from None
+    except MemoryError:
+        raise ItemError("too_large", "out of memory while decoding") from None
+
+
+def _fast_jpeg(data: bytes, opts: DecodeOptions) -> np.ndarray | None:
+    """libjpeg-turbo decode with power-of-two DCT downscaling; None = let PIL handle it."""
+    import simplejpeg
+
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError as exc:
+        raise ItemError("corrupt", f"jpeg header: {exc}") from None
+    _check_pixels(w, h, opts.max_pixels)
+    if colorspace not in ("Gray", "YCbCr", "RGB") or opts.exif_transpose:
+        return None
+    short = min(w, h)
+    factor = 1
+    while factor < 8 and short // (factor * 2) >= opts.target:
+        factor *= 2
+    try:
+        # min_height/min_width make simplejpeg pick exactly 1/factor (the smallest n/8 that keeps
+        # both sides >= them); powers of two keep the SIMD IDCT (see docs: baselines).
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-h // factor),
+                                      min_width=-(-w // factor), strict=True)
+    except ValueError as exc:
+        text = str(exc)
+        if "premature end" in text.lower() or "truncated" in text.lower():
+            raise ItemError("truncated", text) from None
+        raise ItemError("corrupt", f"jpeg decoder: {text}") from None
+
+
+def decode_bytes(data: bytes, opts: DecodeOptions) -> np.ndarray:
+    """Decode image bytes to an HxWxC uint8 array (C = 1, 3 or 4; see module doc)."""
+    fmt = sniff(data)
+    if fmt is None:
+        head = data[:16]
+        raise ItemError("not_an_image", f"unrecognised content (first bytes {head!r})")
+    if fmt == "jpeg" and _SOS not in data:
+        # SOI and tables but no scan: the file was cut before any image data. Checked here so
+        # both decoders (and modes) give the same reason.
+        raise ItemError("truncated", "JPEG holds only headers and no image data (file cut short)")
+    if fmt == "jpeg" and opts.mode == "fast":
+        arr = _fast_jpeg(data, opts)
+        if arr is not None:
+            return arr
+    arr = _decode_pil(data, fmt, opts)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return np.ascontiguousarray(arr)
+
+
+def decode_file(path: bytes, opts: DecodeOptions) -> np.ndarray:
+    """Read and decode one input file; raises ItemError with a reason code."""
+    return decode_bytes(read_bytes(path, opts.max_file_bytes), opts)
+
+
+def resized_size(w: int, h: int, size: int = SIZE) -> tuple[int, int]:
+    """torchvision Resize(int) output size: shorter side -> size, longer side truncated."""
+    if w <= h:
+        return size, int(size * h / w)
+    return int(size * w / h), size
+
+
+def crop_box(w: int, h: int, size: int = SIZE) -> tuple[int, int, int, int]:
+    """torchvision CenterCrop offsets (round half to even, as Python's round)."""
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return left, top, left + size, top + size
+
+
+def reference_crop(img: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """CLIP's transform on an HxWxC uint8 array (C = 1, 3, 4) -> [size,size,3] uint8 RGB."""
+    pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img, _MODES[img.shape[2]])
+    w, h = pil.size
+    nw, nh = resized_size(w, h, size)
+    left, top, right, bottom = crop_box(nw, nh, size)
+    if nw * nh > PANORAMA_PIXELS:
+        # Extreme aspect ratios: resizing the whole image would allocate gigabytes (20000x2 ->
+        # 2240000x224). Resample only the source region that maps onto the centre crop through
+        # PIL's `box` (filter taps may still read outside it). The geometry is the same; float
+        # rounding of the filter centres moves some pixels by 1-2 levels (measured), so this
+        # path is used only where the reference one would need over 150 MB for one image.
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, right * sx, bottom * sy)
+        pil = pil.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    else:
+        pil = pil.resize((nw, nh), Image.Resampling.BICUBIC).crop((left, top, right, bottom))
+    return np.asarray(pil.convert("RGB"))
+
+
+def fast_crop(img: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Area-resize the shorter side to `size` with OpenCV and centre-crop -> [size,size,3] uint8."""
+    import cv2
+
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    elif img.shape[2] == 4:
+        img = img[:, :, :3]
+    h, w = img.shape[:2]
+    nw, nh = resized_size(w, h, size)
+    interp = cv2.INTER_AREA if nw <= w else cv2.INTER_CUBIC
+    out = cv2.resize(np.ascontiguousarray(img), (nw, nh), interpolation=interp)
+    left, top, right, bottom = crop_box(nw, nh, size)
+    return np.ascontiguousarray(out[top:bottom, left:right])
+
+
+def crop(img: np.ndarray, mode: str) -> np.ndarray:
+    return reference_crop(img) if mode == "reference" else fast_crop(img)
+
+
+_SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD, dtype=np.float32))).astype(np.float32)
+_SHIFT = (-np.asarray(CLIP_MEAN, dtype=np.float32) / np.asarray(CLIP_STD, dtype=np.float32)).astype(np.float32)
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB [n,H,W,3] -> float32 [n,3,H,W], CLIP-normalised ((x/255 - mean) / std)."""
+    x = pixels.astype(np.float32).transpose(0, 3, 1, 2)
+    out = np.empty(x.shape, dtype=np.float32)
+    for c in range(3):
+        np.multiply(x[:, c], _SCALE[c], out=out[:, c])
+        out[:, c] += _SHIFT[c]
+    return out
