@@ -159,7 +159,7 @@ from pipeline.evaluate import eval_group  # noqa: E402
 from pipeline.index import index_cmd  # noqa: E402
 from pipeline.inspect import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
-from pipeline.search import search_cmd  # noqa: E402
+from pipeline.search_cmd import search_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402
 
 cli.add_command(inspect_cmd)

@@ -24,13 +24,17 @@ import pickle
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
+from pipeline.backends import get_backend
 from pipeline.config import DEFAULT_EXTENSIONS, Config, ConfigError
+from pipeline.config import load as load_config
+from pipeline.featurize import embed_inputs
 
 SEED_NOTE = ("The seed's 80.08% top-1 (CIFAR-100 linear probe, CLIP ViT-B/32, 16-batch fp16 bmodel on an SE7-32) "
              "needs the real CLIP weights; synthetic random weights give far lower figures on real photos.")
@@ -144,8 +148,6 @@ def load_dataset(spec: str, work: str | os.PathLike) -> Dataset:
 def features(cfg: Config, ds: Dataset, work: str | os.PathLike, name: str,
              progress: str = "none", log=print) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(X float32 [n, dim], y int64 [n], failures) for a dataset, through the pipeline (resumable in work/)."""
-    from pipeline.featurize import embed_inputs
-
     out = Path(work) / f"features-{name}"
     log(f"Embedding {len(ds):,} {name} images from {ds.source} with {cfg.infer.backend} "
         f"({cfg.model.path}) into {out} ...")
@@ -183,7 +185,6 @@ def align_labels(train: Dataset, test: Dataset, y_train: np.ndarray, y_test: np.
 # -- the linear probe --------------------------------------------------------------------------
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int) -> Any:
-    import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -245,15 +246,11 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
 # -- command line ------------------------------------------------------------------------------
 
 def _eval_config(config: str | None, sets: tuple[str, ...], devices: tuple[str, ...]) -> Config:
-    from pipeline import config as cfgmod
-
-    cfg = cfgmod.load(config, sets, devices=devices)
+    cfg = load_config(config, sets, devices=devices)
     return cfg.replace(run=dataclasses.replace(cfg.run, progress="none"))
 
 
 def _model_note(cfg: Config) -> tuple[dict, bool]:
-    from pipeline.backends.base import get_backend
-
     try:
         ident = get_backend(cfg.infer.backend).model_identity(cfg)
     except (FileNotFoundError, OSError):

@@ -15,12 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, ConfigError
+from pipeline.backends import get_backend
+from pipeline.config import Config, ConfigError, apply_override, from_dict, parse_value
+from pipeline.output import load_embeddings, read_manifest
+from pipeline.progress import Progress
+from pipeline.supervisor import RunAborted, Supervisor
 
 
 def manifest_of(out: str | os.PathLike) -> dict[str, Any]:
-    from pipeline.output import read_manifest
-
     try:
         manifest = read_manifest(out)
     except json.JSONDecodeError as exc:
@@ -32,8 +34,6 @@ def manifest_of(out: str | os.PathLike) -> dict[str, Any]:
 
 def config_of(out: str | os.PathLike, manifest: dict | None = None) -> Config:
     """The config an output was made with (as recorded in its manifest)."""
-    from pipeline.config import from_dict
-
     manifest = manifest or manifest_of(out)
     raw = dict(manifest.get("config") or {})
     if not raw:
@@ -43,8 +43,6 @@ def config_of(out: str | os.PathLike, manifest: dict | None = None) -> Config:
 
 def check_same_model(out: str | os.PathLike, manifest: dict, cfg: Config) -> dict[str, Any]:
     """The identity of cfg's model; ConfigError if it is not the model that made `out`."""
-    from pipeline.backends.base import get_backend
-
     want = (manifest.get("model") or {}).get("sha256")
     try:
         have = get_backend(cfg.infer.backend).model_identity(cfg)
@@ -61,8 +59,6 @@ def check_same_model(out: str | os.PathLike, manifest: dict, cfg: Config) -> dic
 def query_config(out: str | os.PathLike, model: str | None = None, backend: str | None = None,
                  devices: tuple = (), sets: tuple[str, ...] = ()) -> tuple[Config, dict]:
     """OUT's config with optional overrides, checked to use OUT's model; (cfg, manifest)."""
-    from pipeline.config import apply_override, from_dict
-
     manifest = manifest_of(out)
     raw = json.loads(json.dumps(manifest.get("config") or {}))
     if not raw:
@@ -74,8 +70,6 @@ def query_config(out: str | os.PathLike, model: str | None = None, backend: str 
     if backend:
         raw.setdefault("infer", {})["backend"] = backend
     if devices:
-        from pipeline.config import parse_value
-
         raw.setdefault("infer", {})["devices"] = [parse_value(d) for d in devices]
     raw.setdefault("model", {})["build"] = ""  # never build a (different) model for a query
     cfg = from_dict(raw, source=f"{out}/manifest.json")
@@ -98,10 +92,6 @@ def embed_inputs(cfg: Config, inputs: list[str], work_dir: str | os.PathLike, *,
     work_dir is an ordinary, resumable output directory: running again with the same inputs and
     model reuses what was embedded.
     """
-    from pipeline.output import load_embeddings
-    from pipeline.progress import Progress
-    from pipeline.supervisor import RunAborted, Supervisor
-
     cfg = cfg.replace(
         input=dataclasses.replace(cfg.input, paths=tuple(os.path.abspath(p) for p in inputs)),
         output=dataclasses.replace(cfg.output, dir=os.path.abspath(work_dir), pickle=False, on_existing="resume",

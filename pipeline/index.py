@@ -28,6 +28,16 @@ import click
 import numpy as np
 
 from pipeline.config import ConfigError
+from pipeline.featurize import manifest_of
+from pipeline.output import (
+    atomic_write_bytes,
+    atomic_write_json,
+    completed_shards,
+    decode_path_line,
+    encode_path_line,
+    iter_shards,
+    load_embeddings,
+)
 from pipeline.search import BLOCK_ROWS, Hit, SearchResult, exact_topk, iter_blocks, run_status_notes
 
 INDEX_DIR = "index"
@@ -60,9 +70,6 @@ def ivfpq_params(n: int, dim: int) -> tuple[int, int]:
 
 
 def _shard_parts(out: str | os.PathLike) -> tuple[list[str], Any, list[int], dict]:
-    from pipeline.featurize import manifest_of
-    from pipeline.output import iter_shards, load_embeddings
-
     manifest = manifest_of(out)
     paths, emb = load_embeddings(out)
     shards = [s.index for s in iter_shards(out)]
@@ -72,8 +79,6 @@ def _shard_parts(out: str | os.PathLike) -> tuple[list[str], Any, list[int], dic
 def build_index(out: str | os.PathLike, kind: str = "auto", where: str | os.PathLike | None = None,
                 nprobe: int = DEFAULT_NPROBE, seed: int = 0, log=print) -> dict[str, Any]:
     """Build, measure (recall@10 vs exact on sample rows) and save the index; returns index.json's dict."""
-    from pipeline.output import atomic_write_bytes, atomic_write_json, encode_path_line
-
     faiss = import_faiss()
     paths, emb, shards, manifest = _shard_parts(out)
     n, dim = emb.shape
@@ -131,8 +136,6 @@ def build_index(out: str | os.PathLike, kind: str = "auto", where: str | os.Path
 
 
 def load_index(out: str | os.PathLike, where: str | os.PathLike | None = None) -> tuple[Any, list[str], dict]:
-    from pipeline.output import decode_path_line
-
     faiss = import_faiss()
     d = index_dir(out, where)
     if d.suffix == ".faiss":  # --index-file pointing at the .faiss itself
@@ -150,9 +153,6 @@ def load_index(out: str | os.PathLike, where: str | os.PathLike | None = None) -
 
 def search_index(out: str | os.PathLike, queries: np.ndarray, k: int = 10,
                  where: str | os.PathLike | None = None, nprobe: int | None = None) -> SearchResult:
-    from pipeline.featurize import manifest_of
-    from pipeline.output import completed_shards
-
     manifest = manifest_of(out)
     index, paths, info = load_index(out, where)
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
