@@ -62,9 +62,13 @@ class Failure:
 
 # -- data messages (ARCHITECTURE.md "Messages") ------------------------------------------------
 
-def item(item_id: int, path: bytes) -> dict[str, Any]:
-    """One input (source or supervisor re-issue -> first stage)."""
-    return {"t": "item", "id": item_id, "path": path}
+def item(item_id: int, path: bytes, suspect: bool = False) -> dict[str, Any]:
+    """One input (source or supervisor re-issue -> first stage). `suspect`: a worker that died was
+    holding it; a device process that decodes files itself runs it in a batch of its own."""
+    h: dict[str, Any] = {"t": "item", "id": item_id, "path": path}
+    if suspect:
+        h["suspect"] = True
+    return h
 
 
 def items(ids: Sequence[int], paths: Sequence[bytes]) -> dict[str, Any]:

@@ -419,7 +419,7 @@ class Supervisor:
         paths = output.listing_paths(self.out / "listing.jsonl", self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
-            self.outbox.append((self.to_first, messages.item(i, paths[i])))
+            self.outbox.append((self.to_first, messages.item(i, paths[i], suspect=bool(self.ledger.crash_counts.get(i)))))
 
     # -- failures of workers -----------------------------------------------------------------
     def check_workers(self) -> None:

@@ -214,6 +214,8 @@ class InferCore(StageCore):
     def handle(self, header: dict, frames: list):
         if header["t"] in ("pxs", "items"):
             return self.handle_group(header, frames)
+        if header.get("suspect") and self.files_mode:
+            return self.run_alone(header["id"], header["path"])
         arr = None if self.files_mode else array_from(header, frames[0])
         batch = self.batcher.add(header["id"], header["path"], arr, time.monotonic())
         return self.run(batch) if batch is not None else ()
@@ -230,6 +232,16 @@ class InferCore(StageCore):
             batch = self.batcher.add(item_id, path, None if pixels is None else pixels[k], now)
             if batch is not None:
                 outputs.extend(self.run(batch))
+        return outputs
+
+    def run_alone(self, item_id: int, path: bytes) -> list:
+        """A re-issued input that was held when this kind of process died (files mode: the device
+        process decodes files itself, and e.g. a bmcv error in SAIL's preprocess threads aborts it).
+        It runs in a batch of its own, with nothing else in flight, so that if it kills the process
+        again only it is charged and it fails as crashed_worker, not the inputs batched with it."""
+        outputs = self.run(self.batcher.take()) if self.batcher.pending else []
+        outputs.extend(self.collect(block=True))
+        outputs.extend(self._run_serial(Batch(ids=[item_id], paths=[path], started=time.monotonic())))
         return outputs
 
     def flush(self, now: float):

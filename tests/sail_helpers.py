@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -19,8 +20,14 @@ def use_fake_sail(monkeypatch, tpus: int = 1) -> None:
     old = os.environ.get("PYTHONPATH", "")
     monkeypatch.setenv("PYTHONPATH", FAKE_SAIL_DIR + (os.pathsep + old if old else ""))
     monkeypatch.setenv("FAKE_SAIL_TPUS", str(tpus))
-    for var in ("FAKE_SAIL_FAIL_DEVS", "FAKE_SAIL_HANG_DEVS", "FAKE_SAIL_DECODE_FAIL", "FAKE_SAIL_DECODE_MS", "FAKE_SAIL_INFER_MS"):
+    for var in ("FAKE_SAIL_FAIL_DEVS", "FAKE_SAIL_FAIL_ZEROS", "FAKE_SAIL_HANG_DEVS", "FAKE_SAIL_DECODE_FAIL",
+                "FAKE_SAIL_DECODE_MS", "FAKE_SAIL_INFER_MS", "FAKE_SAIL_BMCV_FAIL_WIDTHS", "FAKE_SAIL_NUMPY_RELEASE_GIL"):
         monkeypatch.delenv(var, raising=False)
+    # every misuse the fake detects (e.g. two threads in one Engine) is appended here, from any process
+    fd, misuse = tempfile.mkstemp(prefix="fake-sail-misuse-", suffix=".log")
+    os.close(fd)
+    os.unlink(misuse)
+    monkeypatch.setenv("FAKE_SAIL_MISUSE_FILE", misuse)
     for mod in ("sophon.sail", "sophon"):
         sys.modules.pop(mod, None)
 
@@ -40,7 +47,8 @@ def photo(w: int, h: int, seed: int) -> np.ndarray:
         fx, fy, ph = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.28)]
         img[..., c] = 128 + 90 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph)
     for _ in range(6):
-        cx, cy, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(10, min(w, h) // 3))
+        hi = min(w, h) // 3  # tiny images (a few pixels) get tiny circles
+        cx, cy, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(10, hi)) if hi > 10 else 1
         cv2.circle(img, (cx, cy), r, rng.uniform(0, 255, 3).tolist(), -1)
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -68,3 +76,9 @@ def cpu_reference(sess, paths) -> np.ndarray:
     crops = np.stack([reference_crop(decode_file(os.fsencode(p), DecodeOptions())) for p in paths])
     return sess.run(None, {sess.get_inputs()[0].name: normalize(crops)})[0]
 
+
+
+def misuse_log() -> str:
+    """What the fake recorded as misuse since use_fake_sail (empty = none)."""
+    path = os.environ.get("FAKE_SAIL_MISUSE_FILE", "")
+    return Path(path).read_text() if path and os.path.exists(path) else ""

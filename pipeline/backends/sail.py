@@ -102,6 +102,42 @@ def _sail_error(what: str, exc: BaseException) -> str:
     return f"{what}: {type(exc).__name__}: {exc}"
 
 
+class _OutputCheck:
+    """Turns outputs that cannot be real into a DeviceError.
+
+    A failed inference launch in SAIL is only logged ("bmrt_launch_tensor_ex() err", src/graph.cpp:
+    646-648, 723-725; the numpy path, src/engine.cpp:1327, runs the same code) and the call returns
+    normally, so the outputs hold whatever the output memory held: the previous batch's results,
+    or zeros where the SAIL version clears it first. Neither can be a CLIP embedding of a new
+    batch: an all-zero row has no direction, and a batch bit-identical to the previous one for
+    different inputs is stale. (Identical inputs legitimately give identical outputs, so the
+    previous batch's input fingerprint is kept too.)"""
+
+    def __init__(self, dev_id: int):
+        self.dev_id = dev_id
+        self.prev: tuple[bytes, bytes] | None = None
+
+    def check(self, y: np.ndarray, fingerprint: bytes) -> None:
+        zero = ~np.any(y != 0, axis=1)
+        if zero.any():
+            raise DeviceError(f"dev_id {self.dev_id}: {int(zero.sum())} of {len(y)} output rows are all zeros "
+                              "(a failed inference launch that SAIL only logged?)")
+        out = np.ascontiguousarray(y).tobytes()
+        if self.prev is not None and self.prev[1] == out and self.prev[0] != fingerprint:
+            raise DeviceError(f"dev_id {self.dev_id}: outputs bit-identical to the previous batch for different "
+                              "inputs: stale outputs (a failed inference launch that SAIL only logged?)")
+        self.prev = (fingerprint, out)
+
+
+def _digest(*parts: bytes) -> bytes:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
 class _Model:
     """What the bmodel says about itself (§1.3); names are always queried, never assumed."""
 
@@ -152,6 +188,7 @@ class SailHostDevice(Device):
             self.engine = sail.Engine(path, dev_id, sail.IOMode.SYSIO)  # §1.2: numpy needs SYSI/SYSIO
         except Exception as exc:  # Sail*Error derive from Exception, not RuntimeError (§2.3)
             raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
+        self.outcheck = _OutputCheck(dev_id)
         self.model = m = _Model(sail, self.engine, path)
         if m.hw != (224, 224):
             raise ConfigError(f"bmodel {path}: host mode feeds 224x224 crops, the model takes {m.hw}")
@@ -186,6 +223,7 @@ class SailHostDevice(Device):
         y = np.asarray(out[m.output], dtype=np.float32)
         if y.shape != (expect, m.dim):
             raise DeviceError(f"dev_id {self.dev_id}: output shape {y.shape}, expected {(expect, m.dim)}")
+        self.outcheck.check(y, _digest(np.ascontiguousarray(x).tobytes()))
         return y
 
     def _inputs(self, pixels: np.ndarray) -> np.ndarray:
@@ -241,12 +279,21 @@ class SailFilesDevice(Device):
             if isinstance(exc, (DeviceError, ConfigError)):
                 raise
             raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
-        if m.layout == "uint8_nhwc":
-            raise ConfigError(f"bmodel {path}: device mode needs an NCHW input (EngineImagePreProcess output); use sail.mode = \"host\"")
+        if m.layout != "float_nchw":
+            # EngineImagePreProcess feeds a non-FP32 input as *signed* int8 (DATA_TYPE_EXT_1N_BYTE_SIGNED)
+            # with alpha/beta multiplied by the input scale (SAIL src/decoder_multi.cpp:2411-2414,
+            # 2480-2489): pixels above 127 saturate, and a uint8-input bmodel (ours, with the
+            # normalisation fused in) would read the int8 bytes as wrapped values.
+            raise ConfigError(
+                f"bmodel {path}: input {m.input} is {getattr(m.input_dtype, 'name', m.input_dtype)} {m.input_shape}; "
+                "sail device mode feeds EngineImagePreProcess's signed-int8 conversion to any non-float32 input, "
+                "which would corrupt uint8 pixels: use a float32-input bmodel or sail.mode = \"host\"")
         if m.max_batch not in EPP_BATCHES:
-            raise ConfigError(f"bmodel {path}: batch {m.max_batch} not in {EPP_BATCHES} (EngineImagePreProcess, §3.5); use sail.mode = \"host\"")
+            raise ConfigError(f"bmodel {path}: batch {m.max_batch} not in {EPP_BATCHES} "
+                              "(EngineImagePreProcess, §3.5); use sail.mode = \"host\"")
         self.dim, self.batch_size = m.dim, m.max_batch
-        ab = alpha_beta(1.0) if m.layout == "float_nchw" else ((1.0, 0.0),) * 3
+        self.outcheck = _OutputCheck(dev_id)
+        ab = alpha_beta(1.0)  # float32 input: SAIL multiplies by the input scale, 1.0 here
         # Only what a BM1684X can do: EngineImagePreProcess's resize thread calls bmcv.resize with
         # the matching BMCV_INTER_* (SAIL src/decoder_multi.cpp:1914-1947), and libsophon sends
         # BM1684X to the VPP, which takes NEAREST and LINEAR only (bmcv_api_resize.cpp:1672-1673,
@@ -318,17 +365,33 @@ class SailFilesDevice(Device):
         return rgb
 
     def _upload(self, rgb: np.ndarray):
+        # SAIL binds mat_to_bm_image with py::arg("input_array").noconvert() over array_t<uint8_t>
+        # (src/bind.cpp): anything but a uint8 array is a TypeError, never a cast.
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"internal: uploading {rgb.dtype} {rgb.shape}, expected uint8 HxWx3")
         return self.bmcv.mat_to_bm_image(np.ascontiguousarray(rgb[:, :, ::-1]))  # BGR_PACKED (§2.2)
 
-    def _square(self, img):
-        """Centre square of side min(w, h) (§3.2), or None when outside the resize limits."""
-        w, h = img.width(), img.height()
+    @staticmethod
+    def _within_vpp(w: int, h: int) -> bool:
+        """Can the VPP crop this image to its centre square and EngineImagePreProcess resize that?
+        Bmcv.crop is a bmcv_image_resize (SAIL src/cvwrapper.cpp: crop = crop_and_resize(..., w, h)),
+        bound by the BM1684X limits on the source, the window and the output: 8..8192 pixels a
+        side, scaling <= 128x (§3.1). Outside them bmcv *returns an error that the BMImage-returning
+        Bmcv.crop ignores* (an unwritten image, no exception), and inside EngineImagePreProcess
+        the error aborts the process; so this is checked before any bmcv call."""
         s = min(w, h)
-        if s < RESIZE_MIN or s > RESIZE_MAX or s / 224 > RESIZE_MAX_RATIO or 224 / s > RESIZE_MAX_RATIO:
+        return (RESIZE_MIN <= w <= RESIZE_MAX and RESIZE_MIN <= h <= RESIZE_MAX
+                and s / 224 <= RESIZE_MAX_RATIO and 224 / s <= RESIZE_MAX_RATIO)
+
+    def _square(self, img):
+        """Centre square of side min(w, h) (§3.2), or None when outside the VPP limits."""
+        w, h = img.width(), img.height()
+        if not self._within_vpp(w, h):
             return None
+        s = min(w, h)
         if w == h:
             return img
-        return self.bmcv.crop(img, (w - s) // 2, (h - s) // 2, s, s)
+        return self.bmcv.crop(img, (w - s) // 2, (h - s) // 2, s, s)  # BGR_PLANAR, 64-byte stride
 
     def _prepare(self, item_id: int, path: bytes):
         """-> (BMImage of a centre square, None) or (None, Failure)."""
@@ -336,8 +399,8 @@ class SailFilesDevice(Device):
         img = self._hw_decode(p) if self._hw_eligible(p) else None
         if img is not None:
             if img.width() * img.height() > self.opts.max_pixels:
-                return None, Failure(item_id, path, "too_large",
-                                     f"{img.width()}x{img.height()} pixels, over preprocess.max_pixels={self.opts.max_pixels}")
+                return None, Failure(item_id, path, "too_large", f"{img.width()}x{img.height()} pixels, "
+                                     f"over preprocess.max_pixels={self.opts.max_pixels}")
             try:
                 sq = self._square(img)
             except Exception:  # noqa: BLE001 - bmcv refused this image: do it on the CPU
@@ -348,12 +411,10 @@ class SailFilesDevice(Device):
         if isinstance(rgb, Failure):
             return None, rgb
         try:
-            sq = self._square(self._upload(rgb))
-            if sq is None:  # outside the TPU resize limits: CLIP's crop on the CPU, upload 224x224
-                rgb = self._cpu_decode(item_id, path, centre_crop_224=True)
-                if isinstance(rgb, Failure):
-                    return None, rgb
-                sq = self._upload(rgb)
+            if self._within_vpp(rgb.shape[1], rgb.shape[0]):
+                sq = self._square(self._upload(rgb))
+            else:  # outside the VPP limits: CLIP's exact crop on the CPU, upload 224x224
+                sq = self._upload(reference_crop(rgb))
         except Exception as exc:
             raise DeviceError(_sail_error(f"dev_id {self.dev_id}: uploading {p}", exc)) from exc
         return sq, None
@@ -390,7 +451,7 @@ class SailFilesDevice(Device):
             raise DeviceError(_sail_error(f"dev_id {self.dev_id}: GetBatchData_Npy", val)) from val
         return val
 
-    def _infer(self, imgs: list) -> np.ndarray:
+    def _infer(self, imgs: list, fingerprint: bytes) -> np.ndarray:
         B, m = self.batch_size, len(imgs)
         deadline = time.monotonic() + self.cfg.sail.timeout_s
         for i, img in enumerate(imgs):
@@ -409,6 +470,7 @@ class SailFilesDevice(Device):
                 seen.add(idx)
         if len(seen) != m:
             raise DeviceError(f"dev_id {self.dev_id}: batch returned indices {sorted(idxs)}, expected 0..{m - 1}")
+        self.outcheck.check(y, fingerprint)
         return res
 
     def _check_usable(self) -> None:
@@ -446,7 +508,8 @@ class SailFilesDevice(Device):
         rows = []
         try:
             for i in range(0, len(imgs), self.batch_size):
-                rows.append(self._infer(imgs[i:i + self.batch_size]))
+                paths = prepared.paths[i:i + self.batch_size]
+                rows.append(self._infer(imgs[i:i + self.batch_size], _digest(*(p + b"\0" for p in paths))))
         except DeviceError as exc:
             # the preprocess queue may now hold part of a batch: this handle is done for
             self.broken = str(exc)
@@ -493,7 +556,8 @@ class SailBackend(Backend):
                 try:
                     e = int(e.removeprefix("sail:"))
                 except ValueError:
-                    raise ConfigError(f"config key infer.devices: {e!r} is not a dev_id (sail devices are 0, 1, ... or \"all\")") from None
+                    raise ConfigError(f"config key infer.devices: {e!r} is not a dev_id "
+                                      "(sail devices are 0, 1, ... or \"all\")") from None
             if e < 0:
                 raise ConfigError(f"config key infer.devices: dev_id {e} is negative")
             if e in ids:
