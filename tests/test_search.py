@@ -195,7 +195,7 @@ def test_ivfpq_index_recall_and_cli(tmp_path):
                        text=True, env=cli_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["factory"].startswith("IVF") and ",PQ8" in info["factory"]
+    assert info["factory"].startswith("IVF") and ",PQ4" in info["factory"]
     assert 0.0 <= info["recall_at_10"] <= 1.0 and info["recall_queries"] == 100
     r = subprocess.run(cli("search", str(tmp_path / "out"), "--index", "--vectors", str(_save(tmp_path, emb[[9]])),
                            "--json", "-k", "3"), capture_output=True, text=True, env=cli_env(), cwd=ROOT)
