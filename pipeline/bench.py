@@ -44,7 +44,7 @@ import numpy as np
 SCHEMA = "clip-pipeline-bench/1"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO.parent / "shared" / "bench" / "corpus-1k"
-BM1684X_MS_PER_IMAGE_B32 = 1.66  # bmrt_test compute, 32-batch fp16 bmodel (docs: baselines)
+BM1684X_MS_PER_IMAGE_B32 = 1.66  # bmrt_test compute, 32-batch fp16 bmodel (docs/performance.md, "Baselines")
 
 
 # -- machine and process-tree measurements ---------------------------------------------------------

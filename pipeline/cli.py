@@ -42,11 +42,17 @@ def _load(config, inputs, output_dir, sets, devices=()):
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set infer.threads=2 (repeatable; TOML values).")
 @click.option("--restart", is_flag=True, help="Delete a previous run in the output directory and start over.")
-@click.option("--dry-run", is_flag=True, help="Validate the config, count the inputs, show the devices, and exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Make every check the run makes before it starts (same refusals and exit status), count the "
+                   "inputs, show the devices and any existing run, and exit; writes nothing.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), default=None,
               help="Progress display (default: run.progress; bar on a terminal, log lines otherwise).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, quiet) -> None:
+@click.option("--cluster", type=click.Choice(["ray"]), default=None,
+              help="Run across a Ray cluster (plan, one task per range, merge); see docs/cluster.md. Default: cluster.engine.")
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="Ray cluster address for --cluster ray (default: cluster.address, \"auto\").")
+def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, quiet, cluster, address) -> None:
     """Embed every image under the input directories into OUTPUT (resumable).
 
     Exit status: 0 all embedded; 3 completed, some inputs failed (failures.jsonl); 2 bad
@@ -61,8 +67,19 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
     try:
         cfg = _load(config, inputs, output_dir, sets, devices)
         if dry_run:
-            _dry_run(cfg)
+            _dry_run(cfg, restart)
             return
+        if (cluster or cfg.cluster.engine) == "ray":
+            from pipeline.cluster.ray_runner import run_on_ray
+
+            code, message = run_on_ray(cfg, address=address, restart=restart,
+                                       log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
+            if code in (0, 3):
+                if not quiet:
+                    click.echo(message)
+            else:
+                click.echo(f"error: {message}", err=True)
+            sys.exit(code)
         mode = "none" if quiet else (progress or cfg.run.progress)
         prog = Progress(mode, cfg.run.log_interval_s)
         result = Supervisor(cfg, restart=restart, progress=prog).run()
@@ -80,26 +97,36 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
     sys.exit(result.exit_code)
 
 
-def _dry_run(cfg) -> None:
-    from pipeline.backends import get_backend
-    from pipeline.config import validate_for_run
-    from pipeline.preflight import device_warnings
+def _dry_run(cfg, restart: bool = False) -> None:
+    """Every check the real run makes before it builds a model or starts a worker (pipeline/preflight.py:
+    same refusals, same exit status), then what the run would do. Writes nothing."""
+    from pipeline import preflight
     from stages.source import iter_inputs
 
-    validate_for_run(cfg)
-    backend = get_backend(cfg.infer.backend)
-    devices = backend.resolve_devices(cfg)
-    warnings: list[str] = device_warnings(cfg, devices)
+    pf = preflight.check(cfg, restart=restart)
+    warnings: list[str] = list(pf.warnings)
     n = sum(1 for _ in iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
                                    cfg.input.follow_symlinks, warnings.append))
+    if pf.changes:
+        warnings.append(preflight.changes_note(pf.changes, pf.manifest.get("status") == "complete"))
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(f"config: {cfg.source} (valid)")
     click.echo(f"inputs: {n} files under {', '.join(cfg.input.paths)}")
-    click.echo(f"backend: {cfg.infer.backend}, devices: {', '.join(map(str, devices))}")
+    click.echo(f"backend: {cfg.infer.backend}, devices: {', '.join(map(str, pf.devices))}")
     click.echo(f"model: {cfg.model.path}" + ("" if _exists(cfg.model.path) else
                                             f" (missing; will be built: {cfg.model.build})" if cfg.model.build else " (missing)"))
     click.echo(f"output: {cfg.output.dir}")
+    if pf.manifest is not None:
+        if restart or cfg.output.on_existing == "restart":
+            action = "--restart deletes it and starts over"
+        elif pf.manifest.get("status") == "complete":
+            action = "the run re-checks the inputs and has nothing left to embed"
+        else:
+            action = "the run resumes it"
+        click.echo(f"existing run in {cfg.output.dir}: {pf.state}; {action}")
+    if pf.changes:
+        click.echo(f"inputs changed: {pf.changes.summary()}")
 
 
 def _exists(p: str) -> bool:
@@ -110,21 +137,38 @@ def _exists(p: str) -> bool:
 
 @cli.command("build-model", context_settings=CONTEXT)
 @click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--tower", type=click.Choice(["image", "text"]), default="image", show_default=True,
+              help="image: the vision transformer; text: the text transformer (ids -> embedding), see --text-form.")
 @click.option("--arch", type=click.Choice(["vit-b32", "tiny"]), default="vit-b32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--act", type=click.Choice(["quickgelu", "gelu"]), default="quickgelu", show_default=True,
+              help="MLP activation: quickgelu (OpenAI's weights) or gelu (most open_clip/LAION checkpoints).")
 @click.option("--input-kind", type=click.Choice(["float", "uint8"]), default="float", show_default=True,
-              help="float: CLIP-normalised NCHW input; uint8: NHWC pixels, normalisation folded into conv1.")
+              help="Image tower: float = CLIP-normalised NCHW input; uint8 = NHWC pixels, normalisation folded into conv1.")
+@click.option("--text-form", type=click.Choice(["projected", "states"]), default="projected", show_default=True,
+              help="Text tower: projected = ids -> [B,512]; states = ids -> ln_final states [B,77,width] + "
+                   "<stem>.text_projection.npy (Sophgo's split: gather and projection on the host).")
 @click.option("--int8", "int8", is_flag=True, help="Also write an int8 dynamically quantised copy (PATH with .int8.onnx).")
-def build_model(path, arch, seed, input_kind, int8) -> None:
-    """Write a CLIP image tower with SYNTHETIC random weights as ONNX (no download, no torch).
+def build_model(path, tower, arch, seed, act, input_kind, text_form, int8) -> None:
+    """Write a CLIP image or text tower with SYNTHETIC random weights as ONNX (no download, no torch).
 
-    The embeddings of a synthetic model carry no meaning; use it to test and benchmark.
+    The embeddings of a synthetic model carry no meaning; use it to test and benchmark. An image
+    and a text tower built with the same --arch, --seed and --act belong together (classify).
     """
     from pipeline.modelgen import build_clip_image_onnx, quantize_int8
 
-    info = build_clip_image_onnx(path, arch=arch, seed=seed, input_kind=input_kind)
-    click.echo(f"wrote {path}: {arch}, {info['params']:,} parameters, input {info['input_name']} "
-               f"{info['input_shape']} — SYNTHETIC random weights (seed {seed}).")
+    if tower == "text":
+        from pipeline.text.model import build_clip_text_onnx
+
+        info = build_clip_text_onnx(path, arch=arch, seed=seed, form=text_form, act=act)
+        extra = f" + {info['projection']}" if text_form == "states" else ""
+        click.echo(f"wrote {path}{extra}: CLIP text tower {arch} ({text_form}, {act}), {info['params']:,} parameters, "
+                   f"input text int32 [batch,77] -> {info['output_name']} {info['output_shape']} — "
+                   f"SYNTHETIC random weights (seed {seed}).")
+    else:
+        info = build_clip_image_onnx(path, arch=arch, seed=seed, input_kind=input_kind, act=act)
+        click.echo(f"wrote {path}: {arch} ({act}), {info['params']:,} parameters, input {info['input_name']} "
+                   f"{info['input_shape']} — SYNTHETIC random weights (seed {seed}).")
     if int8:
         dst = str(path).removesuffix(".onnx") + ".int8.onnx"
         quantize_int8(path, dst)
@@ -155,11 +199,13 @@ def devices() -> None:
 
 
 from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
+from pipeline.cluster.cli import merge_cmd, plan_cmd, run_range_cmd, status_cmd  # noqa: E402
 from pipeline.evaluate import eval_group  # noqa: E402
 from pipeline.index import index_cmd  # noqa: E402
 from pipeline.inspect import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
 from pipeline.search_cmd import search_cmd  # noqa: E402
+from pipeline.text.cli import classify_cmd, embed_text_cmd, fetch_vocab_cmd, tokenize_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402
 
 cli.add_command(inspect_cmd)
@@ -170,6 +216,14 @@ cli.add_command(eval_group)
 cli.add_command(bench_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(verify_cmd)
+cli.add_command(fetch_vocab_cmd)
+cli.add_command(tokenize_cmd)
+cli.add_command(embed_text_cmd)
+cli.add_command(classify_cmd)
+cli.add_command(plan_cmd)
+cli.add_command(run_range_cmd)
+cli.add_command(merge_cmd)
+cli.add_command(status_cmd)
 
 
 def main() -> None:

@@ -55,10 +55,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    mode: Literal["reference", "fast"] = _f("reference", "reference = CLIP's exact transform (PIL bicubic); fast = power-of-two DCT downscale + OpenCV area resize (measured difference in the README).")
+    mode: Literal["reference", "fast"] = _f("reference", "reference = CLIP's exact transform (PIL bicubic; 16/32-bit integer images scaled by bit depth); fast = power-of-two DCT downscale + OpenCV area resize for L/LA/RGB/RGBA images, the reference crop for other modes (measured differences: README, Preprocessing fidelity).")
     exif_transpose: bool = _f(False, "Apply EXIF orientation before resizing (CLIP's reference ignores it).")
     max_pixels: int = _f(178_956_970, "Images with more pixels than this fail as too_large (checked from the header, before decoding).", min=1)
     max_file_bytes: int = _f(512 * 1024 * 1024, "Files larger than this fail as too_large without being read.", min=1)
+    decode_timeout_s: float = _f(30.0, "An input whose read + decode takes longer than this fails as timeout (its decode worker is restarted); no single input can stall the run.", min=0.1)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,17 @@ class SailConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    engine: Literal["", "ray"] = _f("", "Run across a cluster: \"ray\" = `run` drives a Ray cluster (same as --cluster ray); \"\" = this host only. Slurm arrays use `plan` / `run-range` / `merge` instead (docs/cluster.md).")
+    address: str = _f("auto", "Ray cluster address for `run --cluster ray` (\"auto\" = the cluster started on this host with `ray start`; or host:port of the head).")
+    range_shards: int = _f(16, "Shards per range: the unit of work one host takes (range size = range_shards x output.shard_size inputs; aim for minutes per range).", min=1)
+    max_attempts: int = _f(3, "Tries per range that fail in the application (a host error, a timeout) before the run gives up on it; node deaths are retried by Ray on top.", min=1)
+    range_timeout_s: float = _f(0.0, "Cancel a range attempt running longer than this and try it again (0 = no limit).", min=0)
+    straggler_factor: float = _f(3.0, "Launch a duplicate of a range running longer than this many times the median range time, when a slot is free (first commit wins; 0 = never).", min=0)
+    straggler_min_s: float = _f(60.0, "Never duplicate a range that has run less than this.", min=0)
+
+
+@dataclass(frozen=True)
 class Config:
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -130,6 +142,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     fake: FakeConfig = field(default_factory=FakeConfig)
     sail: SailConfig = field(default_factory=SailConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import Any
 import click
 import numpy as np
 
+from pipeline import pathcodec
 from pipeline.backends import get_backend
 from pipeline.config import DEFAULT_EXTENSIONS, Config, ConfigError
 from pipeline.config import load as load_config
@@ -109,7 +110,7 @@ def load_cifar(path: str | os.PathLike, work: str | os.PathLike) -> Dataset:
             Image.fromarray(px).save(out / name, compress_level=1)
         done.write_text(f"{len(data)}\n")
     return Dataset(str(path), "cifar", classes, str(out),
-                   {str(out / name): int(lab) for name, lab in zip(names, labels, strict=True)})
+                   {pathcodec.encode(str(out / name)): int(lab) for name, lab in zip(names, labels, strict=True)})
 
 
 def load_imagefolder(root: str | os.PathLike, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) -> Dataset:
@@ -125,7 +126,7 @@ def load_imagefolder(root: str | os.PathLike, extensions: tuple[str, ...] = DEFA
             dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
             for f in sorted(files):
                 if os.path.splitext(f)[1].lower() in exts and not f.startswith("."):
-                    labels[os.path.join(dirpath, f)] = i
+                    labels[pathcodec.encode(os.path.join(dirpath, f))] = i  # the reading API's text form
     if not labels:
         raise ConfigError(f"{root} has class directories but no images with the suffixes {', '.join(sorted(exts))}")
     return Dataset(str(root), "imagefolder", classes, str(root), labels)
@@ -155,7 +156,7 @@ def features(cfg: Config, ds: Dataset, work: str | os.PathLike, name: str,
     keep = [i for i, p in enumerate(res.paths) if p in ds.labels_by_path]
     x = res.embeddings[keep]
     y = np.array([ds.labels_by_path[res.paths[i]] for i in keep], dtype=np.int64)
-    failures = [f for f in res.failures if os.fsdecode(f.get("path", "")) in ds.labels_by_path]
+    failures = [f for f in res.failures if f.get("path", "") in ds.labels_by_path]
     if failures:
         log(f"warning: {len(failures)} {name} images could not be embedded and are left out "
             f"(first: {failures[0].get('path')}: {failures[0].get('reason')}); see {out}/failures.jsonl")

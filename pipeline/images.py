@@ -7,19 +7,27 @@ tests all use these functions. No sockets, no processes; errors are ItemError wi
 
 Decoding: the format is sniffed from the content (a PNG named .jpg is a PNG). A JPEG cut short (or
 holding only headers) fails as truncated in every mode and backend; it is never embedded from a
-partial decode. Output contract of `decode_file` (what a crop function receives):
-  * mode "reference": the image in the mode CLIP's transform resizes it in — 1 (L), 3 (RGB) or
-    4 (RGBA) channels, full size. Palette, CMYK, 16-bit and other modes are converted to one of
-    these first (documented deviation: CLIP would resize a palette image with NEAREST).
-  * mode "fast": 3-channel RGB, JPEGs already shrunk by libjpeg-turbo's DCT scaling by a power of
-    two (1/2, 1/4, 1/8) while the shorter side stays >= the target size.
+partial decode. Output contract of `decode_file` (what a crop function receives), HxWxC uint8:
+  * images that open in mode L, RGB, RGBA or LA (every JPEG but CMYK ones, most PNGs): the full
+    image, 1 (L), 3 (RGB) or 4 (RGBA; LA as RGBA, whose premultiplied resize is the same per
+    channel) channels. In mode "fast" L becomes RGB, and JPEGs are already shrunk by
+    libjpeg-turbo's DCT scaling by a power of two (1/2, 1/4, 1/8) while the shorter side stays >=
+    the target size.
+  * every other mode (1, P, CMYK, YCbCr, LAB, I;16, I, F, ...), in both modes: the finished
+    224x224x3 crop of `clip_crop`, made from the PIL image in the mode it opened in (a pixel array
+    cannot carry a palette or a bit depth). Both crop functions pass a 224x224x3 array through
+    unchanged, so the preprocess stage (or the fused crop) needs no special case.
 
 Crops (config key preprocess.mode):
-  * reference — CLIP's own transform exactly: Resize(224, BICUBIC) of the shorter side with PIL,
-    CenterCrop(224) with torchvision's rounding, convert("RGB"). The crop stays uint8 (PIL's
-    resize output is uint8 too), so shipping uint8 and normalising later is exact.
+  * reference — CLIP's own transform exactly (`clip_crop`): Resize(224, BICUBIC) of the shorter side
+    with PIL on the image in the mode it opened in (so PIL's own rules apply: NEAREST for 1 and P,
+    premultiplied alpha for LA and RGBA), CenterCrop(224) with torchvision's rounding, then
+    convert("RGB"). The crop stays uint8 (PIL's resize output is uint8 too), so shipping uint8 and
+    normalising later is exact. One documented deviation (README, "Preprocessing fidelity"): 16- and
+    32-bit integer images are scaled by their bit depth instead of saturating (`deep_integer_full_scale`).
   * fast — the decoder already shrank JPEGs by a power of two in the DCT domain; OpenCV INTER_AREA
-    resize of the shorter side, same crop. Its measured difference from reference is in the README.
+    resize of the shorter side (premultiplied by alpha for RGBA, as PIL does), same crop. Its measured
+    difference from reference is in the README ("Preprocessing fidelity").
 Normalisation ((x/255 - mean)/std, HWC -> CHW) happens per batch in the infer stage, or is folded
 into a uint8-input model (modelgen) or a fused bmodel (toolchain).
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -89,10 +98,40 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_input(path: bytes):
+    """Open an input for reading without ever blocking on it: anything that is not a regular file
+    or a directory after resolving symlinks (FIFO, socket, /dev/zero...) fails as `not_a_file`
+    before it is opened, and the open itself is non-blocking with an fstat check, so a file swapped
+    for a FIFO after the stat cannot block either. Raises ItemError or OSError."""
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise ItemError("not_a_file", f"{_kind(st.st_mode)}, not a regular file: never opened")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        if not stat.S_ISREG(mode):
+            raise ItemError("not_a_file", f"{_kind(mode)}, not a regular file (swapped after listing)")
+        os.set_blocking(fd, True)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_bytes(path: bytes, max_file_bytes: int) -> bytes:
     """Read a whole input file, mapping OS errors to reason codes."""
     try:
-        with open(path, "rb") as fh:
+        with open_input(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > max_file_bytes:
                 raise ItemError("too_large", f"file is {size} bytes, over preprocess.max_file_bytes={max_file_bytes}")
@@ -121,27 +160,19 @@ def _check_pixels(w: int, h: int, limit: int) -> None:
         raise ItemError("too_large", f"{w}x{h} = {w * h} pixels, over preprocess.max_pixels={limit}")
 
 
-def _to_supported_mode(img: Image.Image) -> Image.Image:
-    """Bring any PIL mode to L, RGB or RGBA (the modes CLIP's resize sees for common photos)."""
-    mode = img.mode
-    if mode in ("L", "RGB", "RGBA"):
-        return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.uint32 if mode == "I" else np.uint16)
-        if mode == "I":
-            arr = np.clip(arr, 0, 65535)
-        return Image.fromarray((arr >> 8).astype(np.uint8), "L")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if mode == "1":
-        return img.convert("L")
-    if mode == "LA":
-        return img.convert("RGBA")
-    if mode in ("P", "PA"):
-        has_alpha = mode == "PA" or "transparency" in img.info
-        return img.convert("RGBA" if has_alpha else "RGB")
-    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX, ...
+#: modes decode hands on as full-size arrays (LA as RGBA); every other mode leaves as clip_crop's crop
+ARRAY_MODES = ("L", "RGB", "RGBA", "LA")
+_I16_FULL = 65535
+_I32_FULL = 2**31 - 1
+
+
+def _to_array(img: Image.Image, mode: str) -> np.ndarray:
+    """The decoded PIL image as decode hands it on (see the module doc's output contract)."""
+    if img.mode not in ARRAY_MODES:
+        return clip_crop(img)
+    if img.mode == "LA" or (mode == "fast" and img.mode == "L"):
+        img = img.convert("RGBA" if img.mode == "LA" else "RGB")
+    return np.asarray(img)
 
 
 def _decode_pil(data: bytes, fmt: str, opts: DecodeOptions) -> np.ndarray:
@@ -153,10 +184,7 @@ def _decode_pil(data: bytes, fmt: str, opts: DecodeOptions) -> np.ndarray:
         img.load()
         if opts.exif_transpose:
             img = ImageOps.exif_transpose(img)
-        img = _to_supported_mode(img)
-        if opts.mode == "fast" and img.mode != "RGB":
-            img = img.convert("RGB")
-        return np.asarray(img)
+        return _to_array(img, opts.mode)
     except ItemError:
         raise
     except Image.DecompressionBombError as exc:
@@ -187,7 +215,7 @@ def _fast_jpeg(data: bytes, opts: DecodeOptions) -> np.ndarray | None:
         factor *= 2
     try:
         # min_height/min_width make simplejpeg pick exactly 1/factor (the smallest n/8 that keeps
-        # both sides >= them); powers of two keep the SIMD IDCT (see docs: baselines).
+        # both sides >= them); powers of two keep the SIMD IDCT (docs/performance.md, "Baselines").
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-h // factor),
                                       min_width=-(-w // factor), strict=True)
     except ValueError as exc:
@@ -198,7 +226,7 @@ def _fast_jpeg(data: bytes, opts: DecodeOptions) -> np.ndarray | None:
 
 
 def decode_bytes(data: bytes, opts: DecodeOptions) -> np.ndarray:
-    """Decode image bytes to an HxWxC uint8 array (C = 1, 3 or 4; see module doc)."""
+    """Decode image bytes to an HxWxC uint8 array (C = 1, 3 or 4; see the module doc's contract)."""
     fmt = sniff(data)
     if fmt is None:
         head = data[:16]
@@ -236,10 +264,31 @@ def crop_box(w: int, h: int, size: int = SIZE) -> tuple[int, int, int, int]:
     return left, top, left + size, top + size
 
 
-def reference_crop(img: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """CLIP's transform on an HxWxC uint8 array (C = 1, 3, 4) -> [size,size,3] uint8 RGB."""
-    pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img, _MODES[img.shape[2]])
-    w, h = pil.size
+def deep_integer_full_scale(img: Image.Image) -> int | None:
+    """The value that becomes 255 for a 16/32-bit integer image; None where CLIP's conversion is kept.
+
+    CLIP's convert("RGB") clips these images to 0..255, which makes a 16-bit photo white. Instead
+    (the README's documented rule): I;16* -> 65535; I (32-bit signed) -> None when every value lies in
+    0..255 (an 8-bit picture in a wide container: CLIP's own output), 65535 when every value lies in
+    0..65535 (16-bit data: PGM, some TIFFs), else 2**31 - 1 (negative values become 0).
+    """
+    if img.mode.startswith("I;16"):
+        return _I16_FULL
+    if img.mode != "I":
+        return None
+    lo, hi = img.getextrema()
+    if lo >= 0 and hi <= 255:
+        return None
+    return _I16_FULL if lo >= 0 and hi <= _I16_FULL else _I32_FULL
+
+
+def clip_crop(img: Image.Image, size: int = SIZE) -> np.ndarray:
+    """CLIP's transform up to ToTensor on a PIL image of any mode -> [size,size,3] uint8 RGB.
+
+    Resize and crop happen in the image's own mode, RGB conversion last, as torchvision does it.
+    """
+    full = deep_integer_full_scale(img)
+    w, h = img.size
     nw, nh = resized_size(w, h, size)
     left, top, right, bottom = crop_box(nw, nh, size)
     if nw * nh > PANORAMA_PIXELS:
@@ -250,25 +299,51 @@ def reference_crop(img: np.ndarray, size: int = SIZE) -> np.ndarray:
         # path is used only where the reference one would need over 150 MB for one image.
         sx, sy = w / nw, h / nh
         box = (left * sx, top * sy, right * sx, bottom * sy)
-        pil = pil.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     else:
-        pil = pil.resize((nw, nh), Image.Resampling.BICUBIC).crop((left, top, right, bottom))
-    return np.asarray(pil.convert("RGB"))
+        out = img.resize((nw, nh), Image.Resampling.BICUBIC).crop((left, top, right, bottom))
+    if full is None:
+        return np.asarray(out.convert("RGB"))
+    # round(v * 255 / full): never a tie, as 255 and full are odd and 2 * v * 255 is even
+    v8 = np.clip(np.rint(np.asarray(out).astype(np.float64) * (255.0 / full)), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(v8[:, :, None], 3, axis=2))
+
+
+def reference_crop(img: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """CLIP's transform on an HxWxC uint8 array (C = 1, 3, 4) -> [size,size,3] uint8 RGB."""
+    return clip_crop(Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img, _MODES[img.shape[2]]), size)
+
+
+def _resize_area(img: np.ndarray, nw: int, nh: int) -> np.ndarray:
+    import cv2
+
+    h, w = img.shape[:2]
+    if (nw, nh) == (w, h):
+        return img  # nothing to resize (a finished crop, or an image already at the target size)
+    interp = cv2.INTER_AREA if nw <= w else cv2.INTER_CUBIC
+    return cv2.resize(np.ascontiguousarray(img), (nw, nh), interpolation=interp)
 
 
 def fast_crop(img: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """Area-resize the shorter side to `size` with OpenCV and centre-crop -> [size,size,3] uint8."""
-    import cv2
+    """Area-resize the shorter side to `size` with OpenCV and centre-crop -> [size,size,3] uint8.
 
-    if img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    elif img.shape[2] == 4:
-        img = img[:, :, :3]
+    RGBA as in CLIP's order: resized premultiplied by alpha (as PIL's resize does), then
+    un-premultiplied and alpha dropped, so fully transparent pixels end black and hidden colours
+    do not bleed in at edges.
+    """
     h, w = img.shape[:2]
     nw, nh = resized_size(w, h, size)
-    interp = cv2.INTER_AREA if nw <= w else cv2.INTER_CUBIC
-    out = cv2.resize(np.ascontiguousarray(img), (nw, nh), interpolation=interp)
     left, top, right, bottom = crop_box(nw, nh, size)
+    if img.shape[2] == 4:
+        alpha = img[:, :, 3:4].astype(np.float32)
+        pre = np.concatenate([img[:, :, :3].astype(np.float32) * (alpha / 255.0), alpha], axis=2)
+        out = _resize_area(pre, nw, nh)[top:bottom, left:right]
+        a = out[:, :, 3:4]
+        rgb = np.where(a > 0.5, out[:, :, :3] * 255.0 / np.maximum(a, 0.5), 0.0)
+        return np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    out = _resize_area(img, nw, nh)
     return np.ascontiguousarray(out[top:bottom, left:right])
 
 

@@ -34,7 +34,6 @@ from pipeline.output import (
     atomic_write_json,
     completed_shards,
     decode_path_line,
-    encode_path_line,
     iter_shards,
     load_embeddings,
 )
@@ -132,7 +131,7 @@ def build_index(out: str | os.PathLike, kind: str = "auto", where: str | os.Path
     }
     tmp = d / ".index.faiss.tmp"
     faiss.write_index(index, str(tmp))
-    atomic_write_bytes(d / "index.paths", b"".join(encode_path_line(os.fsencode(p)) + b"\n" for p in paths))
+    atomic_write_bytes(d / "index.paths", "".join(p + "\n" for p in paths).encode("utf-8"))  # text forms, as .paths
     os.replace(tmp, d / "index.faiss")
     atomic_write_json(d / "index.json", info)
     return info

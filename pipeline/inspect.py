@@ -17,7 +17,7 @@ from typing import Any
 import click
 import numpy as np
 
-from pipeline import output
+from pipeline import output, pathcodec
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 NORM_TOLERANCE = {"float32": 1e-3, "float16": 5e-3}
@@ -120,9 +120,9 @@ def verify(out: str | os.PathLike) -> list[str]:
     listing: list[str] | None = None
     if listing_path.exists():
         try:
-            listing = [os.fsdecode(output.parse_listing_line(line))
+            listing = [pathcodec.encode(output.parse_listing_line(line))  # the text form, as in .paths
                        for line in listing_path.read_bytes().splitlines() if line]
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, as is a bad quoted path
             problems.append(f"listing.jsonl is not readable JSON lines ({exc})")
     else:
         problems.append("listing.jsonl is missing (the input listing, needed to check paths and to resume)")

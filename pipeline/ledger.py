@@ -25,6 +25,7 @@ class Ledger:
     pending_failed: int = 0
     crash_counts: dict[int, int] = field(default_factory=dict)
     failed_here: dict[int, Failure] = field(default_factory=dict)  # failures decided by the supervisor
+    first_shard: int = 0  # a cluster range run covers shards first_shard .. n_shards-1 only
 
     @property
     def total(self) -> int | None:
@@ -37,7 +38,7 @@ class Ledger:
 
     def complete(self) -> bool:
         n = self.n_shards
-        return n is not None and all(k in self.written for k in range(n))
+        return n is not None and all(k in self.written for k in range(self.first_shard, n))
 
     @property
     def embedded(self) -> int:
@@ -82,7 +83,7 @@ class Ledger:
     def to_reissue(self, sent_upto: int) -> list[int]:
         """Ids below sent_upto that are neither written, resolved, nor failed by the supervisor."""
         out = []
-        k = 0
+        k = self.first_shard
         while k * self.shard_size < sent_upto:
             if k not in self.written:
                 for i in range(k * self.shard_size, min((k + 1) * self.shard_size, sent_upto)):

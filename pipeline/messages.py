@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import pathcodec
 from pipeline.transport import array_header
 
 # Why an input could not be embedded (docs/robustness.md). Decode: empty .. vanished; infer adds
 # non_finite; the supervisor decides crashed_worker (an input that killed its worker twice).
 REASONS = ("empty", "not_an_image", "truncated", "corrupt", "too_large", "unreadable", "vanished",
-           "non_finite", "crashed_worker")
+           "not_a_file", "timeout", "non_finite", "crashed_worker")
 
 MESSAGE_LIMIT = 500  # characters of a failure's message kept (a decoder's text can be long)
 
@@ -56,7 +57,7 @@ class Failure:
 
     def record(self) -> dict[str, Any]:
         """The JSON line of a .failures.jsonl file (path as text)."""
-        path = self.path if isinstance(self.path, str) else self.path.decode("utf-8", "backslashreplace")
+        path = self.path if isinstance(self.path, str) else pathcodec.encode(self.path)  # lossless UTF-8 text
         return {"id": self.id, "path": path, "reason": self.reason, "message": self.message, "stage": self.stage}
 
 

@@ -3,7 +3,7 @@
     OUT/manifest.json                      config, model identity, counts, shards, status
     OUT/listing.jsonl                      the input listing: line i = JSON string of input id i
     OUT/embeddings/part-NNNNN.npy          [rows, dim] float32/float16, sorted by input id (names: shard_name)
-    OUT/embeddings/part-NNNNN.paths        one input path per row (see encode_path_line)
+    OUT/embeddings/part-NNNNN.paths        one input path per row, UTF-8 text form (pipeline/pathcodec.py)
     OUT/embeddings/part-NNNNN.failures.jsonl  failed inputs of the shard's id range
     OUT/failures.jsonl                     all failures, by id (rebuilt at the end of a run)
     OUT/report.json                        throughput, per-stage stats, failures by reason
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline import pathcodec
 
 EMB_DIR = "embeddings"
 
@@ -49,24 +51,22 @@ def parse_shard_name(stem: str) -> int | None:
 
 
 def encode_path_line(path: bytes) -> bytes:
-    """One line of a .paths file: the raw path bytes, or a JSON string if the name needs escaping."""
-    if b"\n" in path or b"\r" in path or path.startswith(b'"'):
-        return json.dumps(os.fsdecode(path)).encode("ascii")
-    return path
+    """One line of a .paths file: the name's one-line UTF-8 text form (pipeline/pathcodec.py)."""
+    return pathcodec.encode(path).encode("utf-8")
 
 
 def decode_path_line(line: bytes) -> str:
-    if line.startswith(b'"'):
-        return json.loads(line.decode("ascii"))
-    return os.fsdecode(line)
+    """A .paths line as the str the reading API returns: the text form (pathcodec.decode gives the bytes)."""
+    return line.decode("utf-8")
 
 
 def listing_line(path: bytes) -> bytes:
-    return json.dumps(os.fsdecode(path)).encode("ascii") + b"\n"
+    """Line i of listing.jsonl: the JSON string of input i's text form (pure ASCII, no lone surrogates)."""
+    return json.dumps(pathcodec.encode(path)).encode("ascii") + b"\n"
 
 
 def parse_listing_line(line: bytes) -> bytes:
-    return os.fsencode(json.loads(line))
+    return pathcodec.decode(json.loads(line))
 
 
 def listing_paths(listing: str | os.PathLike, ids) -> dict[int, bytes]:

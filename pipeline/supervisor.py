@@ -21,15 +21,16 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline import messages, output, transport
+from pipeline import messages, output, preflight, transport
 from pipeline.backends import get_backend
-from pipeline.config import Config, ConfigError, validate_for_run
+from pipeline.boot import boot
+from pipeline.config import Config, ConfigError
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
 from pipeline.models import ensure_model
-from pipeline.preflight import device_warnings
+from pipeline.preflight import fingerprint
 from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
-from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment, worker_main
+from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment
 
 FORMAT = "clip-pipeline/1"
 
@@ -77,24 +78,6 @@ class Worker:
         return self.spec.name
 
 
-def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resume."""
-    return {
-        "model_sha256": model.get("sha256"),
-        "backend": cfg.infer.backend,
-        "sail_mode": cfg.sail.mode if cfg.infer.backend == "sail" else None,
-        "preprocess_mode": cfg.preprocess.mode,
-        "exif_transpose": cfg.preprocess.exif_transpose,
-        "normalize": cfg.output.normalize,
-        "dtype": cfg.output.dtype,
-        "shard_size": cfg.output.shard_size,
-        "inputs": list(cfg.input.paths),
-        "extensions": sorted(cfg.input.extensions),
-        "recursive": cfg.input.recursive,
-        "follow_symlinks": cfg.input.follow_symlinks,
-    }
-
-
 def software_versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
@@ -111,14 +94,21 @@ def software_versions() -> dict[str, str]:
 
 class Supervisor:
     def __init__(self, cfg: Config, *, restart: bool = False, progress: Progress | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, id_range: tuple[int, int] | None = None,
+                 listing: str | os.PathLike | None = None):
+        """id_range + listing: a cluster range run (pipeline/cluster/rangerun.py) embeds only the
+        input ids [lo, hi) of a planned listing (read-only, ids and shard names stay global); lo is
+        a multiple of output.shard_size."""
         self.cfg = cfg
         self.restart = restart
         self.out = Path(cfg.output.dir)
+        self.id_range = id_range
+        self.listing_path = Path(listing) if listing is not None else self.out / "listing.jsonl"
         self.progress = progress or Progress(cfg.run.progress, cfg.run.log_interval_s)
         self.log = log or self.progress.message
         self.backend = get_backend(cfg.infer.backend)
-        self.ledger = Ledger(cfg.output.shard_size)
+        self.ledger = Ledger(cfg.output.shard_size,
+                             first_shard=id_range[0] // cfg.output.shard_size if id_range else 0)
         self.workers: dict[str, Worker] = {}
         self.stats: dict[str, dict] = {}
         self.warnings: list[str] = []
@@ -134,16 +124,23 @@ class Supervisor:
         self.queues: dict[str, int] = {}
         self.dim: int | None = None  # embedding width, from the first device that gets ready
         self._resumed = 0  # inputs resolved by an earlier run (set when the output dir is prepared)
+        self.input_changes = None  # inputs added/removed since an existing run listed them (preflight)
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        validate_for_run(self.cfg)
-        self.devices = self.backend.resolve_devices(self.cfg)
-        for w in device_warnings(self.cfg, self.devices):
+        # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
+        pf = preflight.check(self.cfg, restart=self.restart)
+        self.devices = pf.devices
+        for w in pf.warnings:
             self.log(f"warning: {w}")
             self.warnings.append(w)
+        self.input_changes = pf.changes
+        if pf.changes:
+            note = preflight.changes_note(pf.changes, pf.manifest.get("status") == "complete")
+            self.log(f"warning: {note}")
+            self.warnings.append(note)
         ensure_model(self.cfg, log=self.log)
-        self.model = self.backend.model_identity(self.cfg)
+        self.model = pf.model or self.backend.model_identity(self.cfg)
         self.fp = fingerprint(self.cfg, self.model)
         self.prepare_output_dir()
 
@@ -162,12 +159,7 @@ class Supervisor:
                 raise ConfigError(f"output directory {out} already holds a run (output.on_existing = 'error'); "
                                   "choose another --output or pass --restart")
             elif manifest.get("fingerprint") != self.fp:
-                old = manifest.get("fingerprint") or {}
-                diff = sorted(k for k in set(old) | set(self.fp) if old.get(k) != self.fp.get(k))
-                raise ConfigError(
-                    f"output directory {out} holds a run made with a different {', '.join(diff)}; "
-                    "resuming would mix embeddings. Pass --restart to delete it and start over, or choose another --output"
-                )
+                raise ConfigError(preflight.fingerprint_refusal(out, manifest.get("fingerprint") or {}, self.fp))
         try:
             (out / output.EMB_DIR).mkdir(parents=True, exist_ok=True)
             output.remove_temp_files(out)
@@ -181,6 +173,8 @@ class Supervisor:
         self.listing_complete = bool(manifest and manifest.get("inputs", {}).get("listing_complete"))
         if self.listing_complete and not (out / "listing.jsonl").exists():
             self.listing_complete = False
+        if self.id_range is not None:
+            self.listing_complete = True  # the planned listing, replayed
         self.done_shards = output.completed_shards(out)
         for k in self.done_shards:
             rows, failed = shard_counts(out, k)
@@ -212,6 +206,8 @@ class Supervisor:
             "shards": sorted(self.ledger.written),
             "versions": software_versions(),
         }
+        if self.id_range is not None:
+            m["range"] = {"ids": list(self.id_range), "listing": str(self.listing_path)}
         if synthetic:
             m["warning"] = SYNTHETIC_NOTE
         if extra:
@@ -257,10 +253,11 @@ class Supervisor:
             for i in range(n):
                 add(role, i, stage_addrs[role][i], nxt)
         add("source", 0, None, self.first_stage_addrs, extra={
-            "listing_path": str(self.out / "listing.jsonl"),
+            "listing_path": str(self.listing_path),
             "done_shards": list(self.done_shards),
             "listing_complete": self.listing_complete,
             "files_mode": files_mode,
+            **({"range_lo": self.id_range[0], "range_hi": self.id_range[1]} if self.id_range else {}),
         })
         self.control_addr, self.sink_addr = control_addr, sink_addr
 
@@ -276,9 +273,13 @@ class Supervisor:
         if python:
             w.proc = ForeignProcess(python, w.spec, w.slot, os.path.join(self.ep.root, f"spec-{w.name}"))
         else:
+            import pickle
+
             ctx = mp.get_context("spawn")
-            w.proc = ctx.Process(target=worker_main, args=(w.spec, w.slot), name=f"clip-pipeline:{w.name}",
-                                 daemon=True)
+            # pipeline.boot.boot: a light target whose argument is plain bytes, so the child asks for
+            # the parent-death signal before importing anything heavy
+            w.proc = ctx.Process(target=boot, args=(pickle.dumps((w.spec, w.slot), protocol=4),),
+                                 name=f"clip-pipeline:{w.name}", daemon=True)
         env = self.backend.worker_env(self.cfg, w.device) if w.role == "infer" else {}
         with worker_environment(env):
             w.proc.start()
@@ -416,7 +417,7 @@ class Supervisor:
             self.send_reissues()
 
     def send_reissues(self) -> None:
-        paths = output.listing_paths(self.out / "listing.jsonl", self.reissue_pending)
+        paths = output.listing_paths(self.listing_path, self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
             self.outbox.append((self.to_first, messages.item(i, paths[i], suspect=bool(self.ledger.crash_counts.get(i)))))
@@ -432,7 +433,19 @@ class Supervisor:
             code = w.proc.exitcode
             if code is None:
                 busy = w.slot.busy_since
-                if busy and now - busy > self.cfg.run.stall_timeout_s:
+                item = w.slot.current_item() if w.role == "decode" else None
+                limit = self.cfg.preprocess.decode_timeout_s
+                if item and now - item[1] > limit:
+                    i = item[0]
+                    self.log(f"{w.name}: input #{i} {self.path_of(i)} took longer than preprocess.decode_timeout_s="
+                             f"{limit:g}s; failing it as timeout and restarting the worker.")
+                    self.ledger.failed_here[i] = Failure(
+                        i, b"", "timeout", f"reading and decoding took longer than preprocess.decode_timeout_s={limit:g}s",
+                        "decode")
+                    w.proc.kill()
+                    w.proc.join(5)
+                    self.on_death(w, "timed out on one input", blame=False)
+                elif busy and now - busy > self.cfg.run.stall_timeout_s:
                     self.log(f"{w.name} has been busy for {now - busy:.0f}s (run.stall_timeout_s="
                              f"{self.cfg.run.stall_timeout_s:g}); killing and restarting it.")
                     w.proc.kill()
@@ -446,7 +459,7 @@ class Supervisor:
                 continue
             self.on_death(w, f"exit code {code}")
 
-    def on_death(self, w: Worker, why: str) -> None:
+    def on_death(self, w: Worker, why: str, blame: bool = True) -> None:
         code = w.proc.exitcode if w.proc is not None else None
         ids = w.slot.current_ids()
         if code == EXIT_FATAL:
@@ -455,7 +468,7 @@ class Supervisor:
         # Blame the inputs a worker held only where an input can kill it: decoders, and device
         # processes that decode files themselves. A pixel-mode device process sees only
         # 224x224 crops, so its deaths are the device's, not the items'.
-        blame = w.role in ("decode", "preprocess") or (w.role == "infer" and self.files_mode)
+        blame = blame and (w.role in ("decode", "preprocess") or (w.role == "infer" and self.files_mode))
         if ids and blame and code != EXIT_DEVICE:
             for i in self.ledger.record_crash(ids):
                 self.ledger.failed_here[i] = Failure(i, b"", "crashed_worker",
@@ -500,7 +513,7 @@ class Supervisor:
                 self.queue_to_sink(messages.total(self.ledger.listed))
             if self.dim is not None:
                 self.queue_to_sink(messages.dim(self.dim))
-        paths = output.listing_paths(self.out / "listing.jsonl", self.ledger.failed_here)
+        paths = output.listing_paths(self.listing_path, self.ledger.failed_here)
         for i, failure in sorted(self.ledger.failed_here.items()):
             self.queue_to_sink(replace(failure, path=paths.get(i, b"")).header())
         sent = self.source().slot.sent_upto
@@ -540,11 +553,42 @@ class Supervisor:
         if now - self.tl_t >= self.timeline_dt:
             self.record_timeline(now, sample)
         done = self.ledger.embedded + self.ledger.failed
-        self.progress.update(done, self.ledger.total if self.ledger.listing_done else None, self.ledger.failed,
+        self.progress.update(done, self.range_total() if self.ledger.listing_done else None, self.ledger.failed,
                              self.rate(), self.stage_line())
 
     def stage_line(self) -> str:
-        return bottleneck_line(self.util, self.queues, getattr(self, "queue_capacity", None))
+        line = bottleneck_line(self.util, self.queues, getattr(self, "queue_capacity", None))
+        stuck = self.stuck_note(time.monotonic())
+        return f"{line} | {stuck}" if stuck else line
+
+    def stuck_note(self, now: float) -> str:
+        """Workers stuck on one input (or one unit of work) for a while: named with the seconds and
+        the path, so a hidden stall (a decoder blocked on a file) shows on the progress line."""
+        notes = []
+        item_after = min(5.0, self.cfg.preprocess.decode_timeout_s / 2)
+        for w in self.workers.values():
+            if w.removed or w.proc is None or w.proc.exitcode is not None:
+                continue
+            item = w.slot.current_item() if w.role == "decode" else None
+            if item and now - item[1] >= item_after:
+                notes.append(f"{w.name} stuck {now - item[1]:.0f}s on {self.path_of(item[0])}")
+                continue
+            busy = w.slot.busy_since
+            if not item and busy and now - busy >= max(30.0, self.cfg.run.stall_timeout_s / 10):
+                ids = w.slot.current_ids()
+                what = self.path_of(ids[0]) if len(ids) == 1 else f"{len(ids)} inputs"
+                notes.append(f"{w.name} busy {now - busy:.0f}s on {what}")
+        return "; ".join(notes)
+
+    def path_of(self, i: int) -> str:
+        """An input's path, from the listing (cached: only asked for the few stuck inputs)."""
+        cache = self.__dict__.setdefault("_paths", {})
+        if i not in cache:
+            try:
+                cache[i] = os.fsdecode(output.listing_paths(self.listing_path, [i]).get(i, b"?"))
+            except OSError:
+                cache[i] = f"input #{i}"
+        return cache[i]
 
     def record_timeline(self, now: float, sample: dict) -> None:
         """One report.json timeline point: inputs resolved, stage utilisation and queue fill."""
@@ -563,19 +607,24 @@ class Supervisor:
         resumed = self.resumed_count()
         return (self.ledger.embedded + self.ledger.failed - resumed) / elapsed if elapsed > 0 else 0.0
 
+    def range_total(self) -> int | None:
+        """The number of inputs this run covers (a cluster range run covers ids [lo, hi) only)."""
+        t = self.ledger.total
+        return t - self.id_range[0] if t is not None and self.id_range else t
+
     def resumed_count(self) -> int:
         return self._resumed
 
     def finish(self, wall: float) -> RunResult:
         led = self.ledger
-        counts = {"embedded": led.embedded, "failed": led.failed, "total": led.total or led.listed}
+        counts = {"embedded": led.embedded, "failed": led.failed, "total": self.range_total() or led.listed}
         done = led.embedded + led.failed
         final = aggregate(self.stats, {w.name: w.role for w in self.workers.values()})
         if hasattr(self, "tl_t"):
             self.record_timeline(time.monotonic(), final)
         # the last line sums up the whole run (the last interval is mostly shutdown)
         whole = utilisation({}, final, time.monotonic() - self.t0) if hasattr(self, "t0") else {}
-        self.progress.close(done, led.total, led.failed, self.rate(),
+        self.progress.close(done, self.range_total(), led.failed, self.rate(),
                             (bottleneck_line(whole) + " (whole run)") if whole else self.stage_line())
         report = self.report(wall)
         self.best_effort(output.atomic_write_json, self.out / "report.json", report)
@@ -597,6 +646,8 @@ class Supervisor:
         self.write_manifest("complete")
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
         msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
+        if self.input_changes:
+            msg += " Note: " + preflight.changes_note(self.input_changes, True) + "."
         if n_fail:
             msg += f" Completed with {n_fail} failures: see {self.out / 'failures.jsonl'}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
@@ -696,7 +747,7 @@ class ForeignProcess:
 
         with open(spec_path, "wb") as fh:
             pickle.dump((spec, slot), fh, protocol=4)
-        self.args = [python, "-m", "pipeline.worker", spec_path]
+        self.args = [python, "-m", "pipeline.boot", spec_path]
         self.popen = None
 
     def start(self) -> None:

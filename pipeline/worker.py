@@ -25,6 +25,7 @@ import zmq
 from pipeline import messages, transport
 from pipeline.backends.base import DeviceError
 from pipeline.config import Config
+from pipeline.pdeath import PARENT_ENV, set_parent_death_signal
 from stages.base import FatalError, Output, StageCore
 
 MAX_SLOT_IDS = 1024
@@ -43,11 +44,13 @@ class Slot:
 
     A small file-backed mmap (in the run's private temp dir), so it also works for workers that
     run under another interpreter (the TPU-MLIR simulator device runs under Python 3.10).
-    floats: [busy_since (monotonic, 0 = idle), last_beat, pid, sent_upto]
+    floats: [busy_since (monotonic, 0 = idle), last_beat, pid, sent_upto, item_id, item_since]
+            item_*: the one input a decoder is reading right now (per-input deadline, progress)
     ids:    [n, id0, id1, ...] the ids inside the current unit of work
     """
 
-    SIZE = 8 * (4 + 1 + MAX_SLOT_IDS)
+    NFLOATS = 6
+    SIZE = 8 * (NFLOATS + 1 + MAX_SLOT_IDS)
 
     def __init__(self, path: str):
         self.path = path
@@ -63,8 +66,8 @@ class Slot:
 
         with open(self.path, "r+b") as fh:
             self._mm = mmap.mmap(fh.fileno(), self.SIZE)
-        self.floats = np.ndarray((4,), dtype=np.float64, buffer=self._mm, offset=0)
-        self.ids = np.ndarray((MAX_SLOT_IDS + 1,), dtype=np.int64, buffer=self._mm, offset=32)
+        self.floats = np.ndarray((self.NFLOATS,), dtype=np.float64, buffer=self._mm, offset=0)
+        self.ids = np.ndarray((MAX_SLOT_IDS + 1,), dtype=np.int64, buffer=self._mm, offset=8 * self.NFLOATS)
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
@@ -82,6 +85,18 @@ class Slot:
     def end(self) -> None:
         self.floats[0] = 0.0
         self.ids[0] = 0
+
+    def begin_item(self, item_id: int) -> None:
+        self.floats[4] = float(item_id)
+        self.floats[5] = time.monotonic()
+
+    def end_item(self) -> None:
+        self.floats[5] = 0.0
+
+    def current_item(self) -> tuple[int, float] | None:
+        """(id, since) of the one input being read right now, or None."""
+        since = float(self.floats[5])
+        return (int(self.floats[4]), since) if since else None
 
     def current_ids(self) -> list[int]:
         n = int(self.ids[0])
@@ -132,6 +147,7 @@ def worker_environment(extra: dict[str, str] | None = None):
     extra = dict(extra or {})
     saved = {k: os.environ.get(k) for k in extra}
     added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    added[PARENT_ENV] = str(os.getpid())  # the supervisor: a worker whose parent is another has lost it
     os.environ.update(added)
     os.environ.update(extra)
     try:
@@ -152,7 +168,9 @@ def make_core(spec: WorkerSpec, slot: Slot) -> StageCore:
     if spec.role == "decode":
         from stages.decode import DecodeCore
 
-        return DecodeCore(spec)
+        core = DecodeCore(spec)
+        core.slot = slot
+        return core
     if spec.role == "preprocess":
         from stages.preprocess import PreprocessCore
 
@@ -179,7 +197,8 @@ class Loop:
         self.spec = spec
         self.slot = slot
         self.stopping = False
-        self.parent = os.getppid()
+        self.core: StageCore | None = None  # set once made (the orphan watchdog asks it about device calls)
+        self.parent = int(os.environ.get(PARENT_ENV) or os.getppid())
         self.ctx = zmq.Context()
         q = spec.cfg.queues
         out_hwm = {"source": q.decode, "decode": q.preprocess if not spec.cfg.workers.fuse_decode_preprocess else q.infer,
@@ -196,10 +215,10 @@ class Loop:
 
     # -- sending with backpressure but without going deaf to signals or a dead parent --------
     def send(self, target: str, header: dict, buffers: tuple = ()) -> None:
-        if target == "control":
-            transport.send(self.control, header, *buffers)
-            return
-        sock = self.next if target == "next" else self.sink
+        # Every send is non-blocking with a poll between tries: a blocking send to a peer that is
+        # gone (ZMQ_IMMEDIATE: no peer = no pipe) would never return, and the worker would
+        # outlive the supervisor (issue #12: orphans blocked in report_stats).
+        sock = {"control": self.control, "next": self.next}.get(target, self.sink)
         t0 = time.monotonic()
         while True:
             try:
@@ -208,6 +227,8 @@ class Loop:
             except zmq.Again:
                 self.check_alive()
                 sock.poll(SEND_TIMEOUT_MS, zmq.POLLOUT)
+        if target == "control":
+            return
         self.stats["blocked_s"] += time.monotonic() - t0
         self.stats["out" if target == "next" else "sink_out"] += 1  # queue fill (progress.queue_fill)
 
@@ -240,14 +261,42 @@ class Loop:
         self.ctx.term()
 
 
+# An orphan (the supervisor died) that has not left its loop this long after SIGTERM exits hard:
+# nothing it holds can be written anywhere any more. A device call in flight is waited for (up to
+# run.stall_timeout_s), so a device is never torn down under a running call.
+ORPHAN_GRACE_S = 1.5
+
+def _orphan_watchdog(loop: Loop, stall_s: float) -> None:
+    import threading
+
+    def run() -> None:
+        t0 = time.monotonic()
+        while True:
+            time.sleep(0.05)
+            waited = time.monotonic() - t0
+            in_call = loop.core is not None and loop.core.in_device_call()
+            if waited >= ORPHAN_GRACE_S and (not in_call or waited >= stall_s):
+                os._exit(EXIT_OK)
+
+    threading.Thread(target=run, daemon=True, name="orphan-watchdog").start()
+
+
 def _install_signals(loop: Loop) -> None:
     # Ctrl-C reaches the whole process group: only the supervisor decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watchdog = []
 
     def on_term(signum, frame):  # noqa: ARG001
         loop.stopping = True
+        if os.getppid() != loop.parent and not watchdog:  # parent death (PR_SET_PDEATHSIG)
+            watchdog.append(True)
+            _orphan_watchdog(loop, loop.spec.cfg.run.stall_timeout_s)
 
     signal.signal(signal.SIGTERM, on_term)
+    set_parent_death_signal(signal.SIGTERM)  # already asked by pipeline.boot; harmless again
+    # The supervisor may have died before prctl took effect: then no signal will ever come.
+    if os.getppid() != loop.parent:
+        on_term(signal.SIGTERM, None)
 
 
 def worker_main(spec: WorkerSpec, slot: Slot) -> None:
@@ -274,7 +323,10 @@ def worker_main(spec: WorkerSpec, slot: Slot) -> None:
         code = EXIT_CRASH
     finally:
         try:
-            loop.report_stats(force=True)
+            # final stats only to a live supervisor: with it gone (SIGKILLed, e.g. with its Ray
+            # worker) the control socket has no peer and the send would block this orphan forever
+            if os.getppid() == loop.parent:
+                loop.report_stats(force=True)
         except Exception:  # noqa: BLE001
             pass
         loop.close()
@@ -283,6 +335,7 @@ def worker_main(spec: WorkerSpec, slot: Slot) -> None:
 
 def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
     core = make_core(spec, slot)
+    loop.core = core
     try:
         core.setup()
     except FatalError:
@@ -358,10 +411,9 @@ def _grouped_hwm(cfg: Config, depth: int, grouped: bool) -> int:
 
 
 if __name__ == "__main__":
-    # Entry for workers launched under another interpreter (see Backend.worker_python):
-    # `python -m pipeline.worker SPEC.pickle`
+    # Entry for workers launched under another interpreter (see Backend.worker_python); the
+    # supervisor uses `python -m pipeline.boot SPEC.pickle`, which guards against orphans first.
     import pickle
 
     with open(sys.argv[1], "rb") as fh:
-        _spec, _slot = pickle.load(fh)
-    worker_main(_spec, _slot)
+        worker_main(*pickle.load(fh))

@@ -2,9 +2,11 @@
 """Measure how far the sail device-mode preprocessing is from CLIP's reference transform.
 
 Device mode (pipeline/backends/sail.py) crops the centre square of side min(w, h) and resizes it
-to 224 with EngineImagePreProcess's TPU resize; CLIP resizes the shorter side with PIL's
-antialiased bicubic, then centre-crops. Without hardware, the TPU kernel is modelled by the fake
-(tests/fake_sail): OpenCV INTER_CUBIC (bicubic) / INTER_LINEAR, no antialiasing.
+to 224 with EngineImagePreProcess's resize (on a BM1684X the VPP: linear, the default, or nearest;
+there is no bicubic); CLIP resizes the shorter side with PIL's antialiased bicubic, then
+centre-crops. Without hardware, the VPP kernels are modelled by the fake (tests/fake_sail) as
+OpenCV INTER_LINEAR / INTER_NEAREST without antialiasing: that this matches the chip's numerics is
+UNCONFIRMED on hardware.
 
 Reports, per image and overall: pixel differences of the 224x224 crops (0..255 units), and the
 cosine / max-abs difference of the embeddings from the model(s) given (ONNX, float input),
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests" / "fake_sail"))
 from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+MODES = (("linear", cv2.INTER_LINEAR), ("nearest", cv2.INTER_NEAREST))  # sail.resize values
 
 
 def device_crop(rgb: np.ndarray, inter: int) -> np.ndarray:
@@ -57,8 +60,9 @@ def main() -> int:
     ap.add_argument("images", nargs="+")
     ap.add_argument("--onnx", action="append", default=[], help="float-input CLIP image ONNX (repeatable)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--every", type=int, default=1, help="take every N-th image of the (sorted) list")
     args = ap.parse_args()
-    paths = list_images(args.images)
+    paths = list_images(args.images)[::args.every]
     # JPEG copies named .jpg so the device path takes the hardware-decoder branch for all of them
     tmp = Path(tempfile.mkdtemp(prefix="sail-resize-"))
     files = []
@@ -74,7 +78,7 @@ def main() -> int:
         rgb = decode_file(os.fsencode(q), DecodeOptions())
         ref = reference_crop(rgb).astype(np.float32)
         row = {"image": q.name, "size": [rgb.shape[1], rgb.shape[0]], "downscale": round(min(rgb.shape[:2]) / 224, 2)}
-        for name, inter in (("bicubic", cv2.INTER_CUBIC), ("linear", cv2.INTER_LINEAR)):
+        for name, inter in MODES:
             d = np.abs(device_crop(rgb, inter).astype(np.float32) - ref)
             row[f"pixel_mean_abs_{name}"] = round(float(d.mean()), 3)
             row[f"pixel_max_abs_{name}"] = int(d.max())
@@ -96,7 +100,7 @@ def main() -> int:
             ref = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: normalize(crops[i:i + 4])})[0]
                                   for i in range(0, len(crops), 4)])
             per = {}
-            for resize in ("bicubic", "linear"):
+            for resize, _ in MODES:
                 cfg = from_dict({"model": {"path": str(bm)}, "infer": {"backend": "sail", "devices": [0]},
                                  "sail": {"mode": "device", "resize": resize}})
                 dev = SailBackend.open_device(cfg, "sail:0")
@@ -113,8 +117,13 @@ def main() -> int:
 
     for row in result["images"]:
         print(f"{row['image']:<32} {row['size'][0]:>5}x{row['size'][1]:<5} x{row['downscale']:<5} "
-              f"bicubic mean|max {row['pixel_mean_abs_bicubic']:6.2f} | {row['pixel_max_abs_bicubic']:3d}   "
-              f"linear {row['pixel_mean_abs_linear']:6.2f} | {row['pixel_max_abs_linear']:3d}")
+              + "   ".join(f"{n} mean|max {row[f'pixel_mean_abs_{n}']:6.2f} | {row[f'pixel_max_abs_{n}']:3d}"
+                           for n, _ in MODES))
+    for n, _ in MODES:
+        means = np.array([r[f"pixel_mean_abs_{n}"] for r in result["images"]])
+        maxes = np.array([r[f"pixel_max_abs_{n}"] for r in result["images"]])
+        print(f"{n}: {len(means)} images, pixel mean abs per image {means.min():.2f} - {means.max():.2f} "
+              f"(median {np.median(means):.2f}), max abs {maxes.min()} - {maxes.max()}")
     for m, per in result["models"].items():
         for resize, r in per.items():
             print(f"{m} {resize}: cosine min {r['cosine_min']:.5f} mean {r['cosine_mean']:.5f}; "

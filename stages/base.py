@@ -35,6 +35,10 @@ class StageCore:
     def handle(self, header: dict, frames: list) -> Iterable[Output]:
         raise NotImplementedError
 
+    def in_device_call(self) -> bool:
+        """True while a device call runs (a worker whose supervisor died waits for it to return)."""
+        return False
+
     def flush(self, now: float) -> Iterable[Output]:
         """Outputs that are due without new input (a batch timeout, a finished background job)."""
         return ()

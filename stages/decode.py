@@ -9,6 +9,7 @@ failure goes to the sink on its own.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -27,6 +28,10 @@ def image_message(kind: str, header: dict, arr: np.ndarray) -> Output:
 # worker twice fails as crashed_worker" path can be exercised. Never set it in production.
 CRASH_ENV = "CLIP_PIPELINE_TEST_CRASH_ON"
 _CRASH_ON = os.fsencode(os.environ.get(CRASH_ENV, "")) or None
+# Test-only: a decode worker that receives an input whose path contains this byte string hangs on
+# it (as on a dead network mount), in every generation: the preprocess.decode_timeout_s test.
+HANG_ENV = "CLIP_PIPELINE_TEST_HANG_ON"
+_HANG_ON = os.fsencode(os.environ.get(HANG_ENV, "")) or None
 
 
 def pixels_message(ids: list[int], paths: list[bytes], pixels: np.ndarray) -> Output:
@@ -51,6 +56,7 @@ class DecodeCore(StageCore):
         # bench-only (fake.ready_crops): skip the files, send a pre-made crop per input
         self.ready_crop = ready_crop() if cfg.infer.backend == "fake" and cfg.fake.ready_crops else None
         self.ready_groups: dict[int, np.ndarray] = {}
+        self.slot = None  # the worker's Slot (set by make_core): marks the input being decoded
 
     def setup(self) -> None:
         import cv2
@@ -90,7 +96,12 @@ class DecodeCore(StageCore):
     def handle_one(self, header: dict) -> list[Output]:
         if _CRASH_ON and _CRASH_ON in header["path"]:
             os._exit(86)  # test-only fault hook, see CRASH_ENV
+        if self.slot is not None:  # the supervisor's per-input deadline and "stuck" progress note
+            self.slot.begin_item(header["id"])
         try:
+            if _HANG_ON and _HANG_ON in header["path"]:
+                while True:  # test-only fault hook, see HANG_ENV
+                    time.sleep(3600)
             arr = decode_file(header["path"], self.opts)
             if self.fused:
                 return [image_message("px", header, crop(arr, self.opts.mode))]
@@ -99,4 +110,7 @@ class DecodeCore(StageCore):
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
             return [fail(Failure(header["id"], header["path"], "unreadable",
                                  f"unexpected {type(exc).__name__}: {exc}", "decode"))]
+        finally:
+            if self.slot is not None:
+                self.slot.end_item()
         return [image_message("img", header, arr)]

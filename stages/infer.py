@@ -117,6 +117,7 @@ class BackgroundRunner:
         os.set_blocking(self._w, False)
         self._closed = False
         self.run_s = 0.0  # cumulative seconds the device call ran (the stage's busy time)
+        self.calls_running = 0
         self._thread = threading.Thread(target=self._main, daemon=True, name=name)
         self._thread.start()
 
@@ -126,10 +127,13 @@ class BackgroundRunner:
             if job is None:
                 return
             t0 = time.monotonic()
+            self.calls_running += 1
             try:
                 job.result = self.fn(job.payload)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the loop thread by take()
                 job.exc = exc
+            finally:
+                self.calls_running -= 1
             self.run_s += time.monotonic() - t0
             job.done.set()
             if not self._closed:
@@ -164,9 +168,13 @@ class BackgroundRunner:
         except (BlockingIOError, OSError):
             pass
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the thread, letting an in-flight call finish for up to `timeout` seconds (the device
-        is closed after this); a hung call is left behind (daemon) together with the pipe."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the thread, letting an in-flight call finish (for up to `timeout` seconds; the device
+        is closed after this). Tearing a device library down under a running call printed native
+        errors on Ctrl-C (onnxruntime: "GetElementType is not implemented", "terminate called
+        without an active exception"), so the default is to wait: a hung call is the supervisor's
+        business (run.stall_timeout_s, then SIGKILL). A call still running after `timeout` is left
+        behind (daemon) together with the pipe."""
         self._jobs.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -191,6 +199,10 @@ class InferCore(StageCore):
         self.batcher: Batcher | None = None
         self.runner: BackgroundRunner | None = None
         self.files_mode = False
+        self.serial_calls = 0  # a device call running on the loop thread (infer.overlap off)
+
+    def in_device_call(self) -> bool:
+        return bool(self.serial_calls or (self.runner is not None and self.runner.calls_running))
 
     def setup(self) -> None:
         backend = get_backend(self.cfg.infer.backend)
@@ -300,12 +312,14 @@ class InferCore(StageCore):
 
     def _run_serial(self, batch: Batch) -> list:
         self.slot.begin(batch.ids)
+        self.serial_calls += 1
         try:
             if self.files_mode:
                 result = self.device.embed_files(batch.ids, batch.paths)
             else:
                 result = self._execute(self._prepare(batch))
         finally:
+            self.serial_calls -= 1
             self.slot.end()
         return self._finish(batch, result)
 
@@ -335,6 +349,6 @@ class InferCore(StageCore):
 
     def close(self) -> None:
         if self.runner is not None:
-            self.runner.close()  # bounded wait: a hung device call must not keep the process alive
+            self.runner.close(self.cfg.run.stall_timeout_s)  # the call in flight returns first
         if self.device is not None:
             self.device.close()

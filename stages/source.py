@@ -11,6 +11,7 @@ names that are not valid UTF-8 are listed (they fail or embed like any other fil
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import struct
@@ -236,20 +237,28 @@ def run_source(spec, slot, loop) -> None:
     start_at = int(extra.get("start_at", 0))
     shard_size = cfg.output.shard_size
     replay = bool(extra.get("listing_complete"))
+    # A cluster range run (pipeline/cluster): replay ids [range_lo, range_hi) of the planned
+    # listing, read-only (it is shared by every range); ids and shard names stay global.
+    range_hi = extra.get("range_hi")
+    if range_hi is not None:
+        replay = True
+        start_at = max(start_at, int(extra.get("range_lo", 0)))
 
     def warn(msg: str) -> None:
         loop.send("control", messages.warning(msg))
 
     try:
-        existing = _repair_listing(listing_path)
-        if replay:
+        existing = _repair_listing(listing_path) if range_hi is None else 0
+        if range_hi is not None:
+            paths_iter = itertools.islice(read_listing(listing_path), int(range_hi))
+        elif replay:
             paths_iter = read_listing(listing_path)
         else:
             paths_iter = iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
                                      cfg.input.follow_symlinks, warn)
         old = read_listing(listing_path) if existing and not replay else iter(())
         n = 0
-        with open(listing_path, "ab") as listing:
+        with open(listing_path, "ab") if range_hi is None else open(os.devnull, "wb") as listing:
             chunk: list[tuple[int, bytes]] = []
 
             group = cfg.workers.items_per_message
@@ -280,14 +289,16 @@ def run_source(spec, slot, loop) -> None:
                         )
                 elif n >= existing:
                     listing.write(output.listing_line(path))
-                chunk.append((n, path))
+                if n >= start_at or range_hi is None:
+                    chunk.append((n, path))
                 n += 1
                 if len(chunk) >= CHUNK:
                     send_chunk()
             if chunk:
                 send_chunk()
             listing.flush()
-            os.fsync(listing.fileno())
+            if range_hi is None:
+                os.fsync(listing.fileno())
     except OSError as exc:
         what = "the output disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         raise FatalError(f"cannot write the input listing {listing_path}: {what}. Completed shards are kept; "

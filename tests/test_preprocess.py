@@ -1,4 +1,6 @@
-"""Preprocessing: `reference` is CLIP's transform exactly; `fast` differs by a measured amount."""
+"""Preprocessing: `reference` is CLIP's transform exactly; `fast` differs by a measured amount.
+
+Every image mode PIL opens: tests/test_preprocess_modes.py."""
 
 from __future__ import annotations
 
@@ -6,25 +8,10 @@ import io
 
 import numpy as np
 import pytest
+from clip_reference import clip_transform  # the tests' one re-implementation of CLIP's transform
 from PIL import Image
 
 from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_bytes, fast_crop, normalize, reference_crop
-
-
-def clip_transform(img: Image.Image) -> np.ndarray:
-    """An independent re-implementation of CLIP's `_transform(224)` (torchvision semantics)."""
-    w, h = img.size
-    if w <= h:
-        size = (224, int(224 * h / w))
-    else:
-        size = (int(224 * w / h), 224)
-    img = img.resize(size, Image.BICUBIC)
-    left = int(round((size[0] - 224) / 2.0))
-    top = int(round((size[1] - 224) / 2.0))
-    img = img.crop((left, top, left + 224, top + 224)).convert("RGB")
-    x = np.asarray(img, dtype=np.float32) / 255.0  # ToTensor
-    x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)  # Normalize
-    return x.transpose(2, 0, 1)
 
 
 def photo(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

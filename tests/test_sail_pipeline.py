@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from clip_reference import mode_images
 from sail_helpers import photo, use_fake_sail, write_fake_bmodel, write_jpeg
 from test_sail_backend import DEVICE_MAX_ABS, DEVICE_MIN_COSINE
 
@@ -31,6 +32,11 @@ def setup(tmp_path_factory):
     write_jpeg(imgs / "sub" / "UP.JPG", photo(500, 300, 7))
     write_jpeg(imgs / "sub" / "odd.Jpeg", photo(300, 300, 8))
     cv2.imwrite(str(imgs / "sub" / "s.png"), photo(260, 330, 9))
+    # modes decode crops itself (CLIP's order in the opened mode): sail host and device modes must
+    # take the same reference path as cpu for them
+    modes = mode_images(260, 330, seed=3)
+    (imgs / "sub" / "pal_t.png").write_bytes(modes["P+transparency (PNG)"])
+    (imgs / "sub" / "grey16.png").write_bytes(modes["I;16 (PNG)"])
     good = (imgs / "p00.jpg").read_bytes()
     (imgs / "broken.jpg").write_bytes(good[: len(good) // 3])
     (imgs / "empty.jpg").write_bytes(b"")

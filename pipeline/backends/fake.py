@@ -52,9 +52,27 @@ class FakeDevice(Device):
         self.batch_size = cfg.model.batch_size
         self.dim = cfg.fake.dim
         self.batches = 0
+        self.calls_running = 0
         self.first_generation = os.environ.get("CLIP_PIPELINE_WORKER_GENERATION", "0") == "0"
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
+        self.calls_running += 1
+        try:
+            return self._embed(pixels)
+        finally:
+            self.calls_running -= 1
+
+    def close(self) -> None:
+        # A real device library torn down under a running call fails loudly: onnxruntime printed
+        # "Non-zero status code returned while running Add node ... GetElementType is not
+        # implemented" and "terminate called without an active exception" on Ctrl-C (issue #12).
+        # The fake reports the same misuse, so the tests see it.
+        if self.calls_running:
+            import sys
+
+            sys.stderr.write(f"fake device {self.device}: closed while a device call was running\n")
+
+    def _embed(self, pixels: np.ndarray) -> np.ndarray:
         self.batches += 1
         f = self.cfg
         if self.device in f.fail_devices:

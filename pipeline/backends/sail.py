@@ -52,7 +52,7 @@ from pipeline.backends.base import (
     Prepared,
 )
 from pipeline.config import ConfigError
-from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_file, normalize, reference_crop
+from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_file, normalize, open_input, reference_crop
 from pipeline.messages import Failure, ItemError
 
 if TYPE_CHECKING:
@@ -326,7 +326,7 @@ class SailFilesDevice(Device):
         if "." not in base or base.rsplit(".", 1)[1] not in HW_SUFFIXES:
             return False
         try:
-            with open(p, "rb") as fh:
+            with open_input(os.fsencode(p)) as fh:  # a FIFO or device is never opened (not_a_file)
                 size = os.fstat(fh.fileno()).st_size
                 if size < 4 or size > self.opts.max_file_bytes:
                     return False
@@ -334,8 +334,8 @@ class SailFilesDevice(Device):
                     return False
                 fh.seek(max(0, size - 4096))
                 tail = fh.read()
-        except OSError:
-            return False  # decode_file reports vanished/unreadable
+        except (OSError, ItemError):
+            return False  # decode_file reports vanished/unreadable/not_a_file
         # a JPEG without its EOI marker may "decode" with grey rows on the hardware (§2.1
         # [UNCONFIRMED]); let the CPU decoder judge it, so it fails as `truncated` like on cpu.
         return b"\xff\xd9" in tail

@@ -1,0 +1,227 @@
+"""`clip-pipeline merge` and `clip-pipeline status`: verify every committed range, publish its
+shards into the normal output layout, write the manifest last.
+
+The merged directory is an ordinary run directory: load_embeddings, inspect --verify and search
+read it unchanged, and `clip-pipeline run` with the same config finds it complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import output
+from pipeline.cluster import commit as cm
+from pipeline.cluster.plan import Plan, load_plan
+
+
+class MergeIncomplete(Exception):
+    """Some ranges are not committed yet (the message lists them)."""
+
+    def __init__(self, message: str, missing: list[int]):
+        super().__init__(message)
+        self.missing = missing
+
+
+class MergeBroken(Exception):
+    """A commit does not verify (checksums, missing files); the message says what to redo."""
+
+
+@dataclass
+class MergeResult:
+    embedded: int
+    failed: int
+    total: int
+    shards: int
+    ranges: int
+    wall_s: float
+
+
+def missing_ranges(plan: Plan) -> list[int]:
+    """Ranges without a commit record that verifies (cheap check: existence and sizes)."""
+    return [r for r in range(plan.n_ranges) if cm.check_record(plan, r, cm.read_record(plan.out, r))]
+
+
+def array_spec(ranges: list[int]) -> str:
+    """Comma list with runs collapsed, as sbatch --array takes it: 0-3,7,9-10."""
+    parts: list[str] = []
+    i = 0
+    while i < len(ranges):
+        j = i
+        while j + 1 < len(ranges) and ranges[j + 1] == ranges[j] + 1:
+            j += 1
+        parts.append(str(ranges[i]) if i == j else f"{ranges[i]}-{ranges[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """dst becomes src's content, atomically (hard link, else copy, to a temp name then rename)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, dst)
+
+
+def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
+    from pipeline.supervisor import FORMAT, SYNTHETIC_NOTE, software_versions
+
+    t0 = time.monotonic()
+    plan = load_plan(out)
+    outp = plan.out
+    missing = missing_ranges(plan)
+    if missing:
+        raise MergeIncomplete(f"{len(missing)} of {plan.n_ranges} range(s) are not committed: {array_spec(missing)} "
+                              f"(run-range them, e.g. sbatch --array={array_spec(missing)}; "
+                              f"`clip-pipeline status {outp} --missing` lists them)", missing)
+    records = {r: cm.read_record(outp, r) for r in range(plan.n_ranges)}
+    # every shard of the plan exactly once, every file matching its checksum
+    owner: dict[int, int] = {}
+    problems: list[str] = []
+    for r, rec in records.items():
+        problems += cm.check_record(plan, r, rec, deep=True)
+        for k in rec["shards"]:
+            if int(k) in owner:
+                problems.append(f"shard {k} is committed by ranges {owner[int(k)]} and {r}")
+            owner[int(k)] = r
+    if sorted(owner) != list(range(plan.n_shards)):
+        problems.append(f"the commits cover shards {sorted(owner)[:5]}..., the plan 0..{plan.n_shards - 1}")
+    if problems:
+        bad = sorted({int(p.split()[1].rstrip(":")) for p in problems if p.startswith("range ")})
+        hint = (f"; delete {', '.join(str(cm.record_path(outp, r)) for r in bad[:5])} and run-range "
+                f"{array_spec(bad)} again") if bad else ""
+        raise MergeBroken(f"{problems[0]} ({len(problems)} problem(s) in all){hint}")
+    emb = outp / output.EMB_DIR
+    emb.mkdir(exist_ok=True)
+    output.remove_temp_files(outp)
+    for r, rec in records.items():
+        for k in plan.shards(r):
+            src = cm.committed_files(plan, rec, k)
+            dst = cm.shard_files(outp, k)
+            want = rec["shards"][str(k)]["sha256"]
+            for suffix in cm.SHARD_SUFFIXES:  # .npy last: a shard is complete iff its .npy exists
+                if src[suffix] == dst[suffix]:
+                    continue
+                if (dst[suffix].exists() and dst[suffix].stat().st_size == src[suffix].stat().st_size
+                        and cm.sha256_bytes_of(dst[suffix]) == want[suffix]):
+                    continue
+                _publish(src[suffix], dst[suffix])
+    output.fsync_dir(emb)
+    _publish(plan.listing, outp / "listing.jsonl")
+    # failures.jsonl as the single-host run writes it: the shards' failure files, in order
+    n_fail = 0
+    tmp = outp / ".failures.jsonl.tmp"
+    reasons: Counter = Counter()
+    with open(tmp, "wb") as dst:
+        for k in range(plan.n_shards):
+            data = cm.shard_files(outp, k)[".failures.jsonl"].read_bytes()
+            n_fail += data.count(b"\n")
+            for line in data.splitlines():
+                if line:
+                    reasons[json.loads(line).get("reason", "?")] += 1
+            dst.write(data)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, outp / "failures.jsonl")
+    rows = sum(rec["rows"] for rec in records.values())
+    cfg_dict = plan.record["config"]
+    model = plan.record["model"]
+    synthetic = bool(model.get("synthetic"))
+    per_range = [{"range": r, "attempt": rec["attempt"], "host": rec.get("host"), "engine_node": rec.get("engine_node"),
+                  "devices": rec.get("devices"), "rows": rec["rows"], "failed": rec["failed"],
+                  "timings": rec.get("timings", {})} for r, rec in records.items()]
+    if cfg_dict.get("output", {}).get("pickle"):
+        import pickle
+
+        import numpy as np
+
+        paths, arr = _load_for_pickle(outp)
+        output.atomic_write_bytes(outp / "embeddings.pkl",
+                                  pickle.dumps({"img_path": paths, "embedding": np.asarray(arr)}, protocol=4))
+    report = {
+        "format": FORMAT,
+        "cluster": {"run_id": plan.run_id, "ranges": per_range, "merge_s": round(time.monotonic() - t0, 3)},
+        "counts": {"embedded": rows, "failed": n_fail, "listed": plan.n_inputs},
+        "failures_by_reason": dict(sorted(reasons.items())),
+        "model": model,
+        "backend": cfg_dict.get("infer", {}).get("backend"),
+        "synthetic_weights": synthetic,
+        "versions": software_versions(),
+    }
+    output.atomic_write_json(outp / "report.json", report)
+    manifest = {
+        "format": FORMAT,
+        "status": "complete",
+        "created": plan.record["created"],
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "fingerprint": plan.fingerprint,
+        "config": cfg_dict,
+        "devices": sorted({f"{rec.get('host')}:{d}" for rec in records.values() for d in rec.get("devices") or []}),
+        "model": model,
+        "synthetic_weights": synthetic,
+        "inputs": {"listed": plan.n_inputs, "listing_complete": True},
+        "counts": {"embedded": rows, "failed": n_fail, "total": plan.n_inputs},
+        "shard_size": plan.shard_size,
+        "shards": list(range(plan.n_shards)),
+        "versions": software_versions(),
+        "cluster": {"run_id": plan.run_id, "ranges": plan.n_ranges, "range_size": plan.range_size,
+                    "plan": str(Path("plan") / "plan.json")},
+    }
+    if synthetic:
+        manifest["warning"] = SYNTHETIC_NOTE
+    output.atomic_write_json(outp / "manifest.json", manifest)  # last: the run is complete
+    if clean:
+        remove_stale_attempts(plan, records)
+    return MergeResult(rows, n_fail, plan.n_inputs, plan.n_shards, plan.n_ranges, time.monotonic() - t0)
+
+
+def _load_for_pickle(outp: Path):
+    shards = list(output.iter_shards(outp))
+    import numpy as np
+
+    paths = [p for s in shards for p in s.paths]
+    return paths, np.concatenate([np.asarray(s.embeddings) for s in shards]) if shards else np.zeros((0, 0))
+
+
+def remove_stale_attempts(plan: Plan, records: dict[int, dict[str, Any]]) -> int:
+    """Delete attempt directories no commit refers to (losers, dead or cancelled attempts)."""
+    keep = {str(plan.out / rec["dir"]) for rec in records.values()}
+    n = 0
+    root = plan.out / cm.ATTEMPTS_DIR
+    if not root.is_dir():
+        return 0
+    for rdir in root.iterdir():
+        if not rdir.is_dir():
+            continue
+        for a in rdir.iterdir():
+            if a.is_dir() and str(a) not in keep:
+                cm.remove_attempt(a)
+                n += 1
+            elif a.name.endswith(".attempt.json") and str(rdir / a.name.removesuffix(".attempt.json")) not in keep:
+                a.unlink(missing_ok=True)
+    return n
+
+
+def status(out: str | os.PathLike) -> dict[str, Any]:
+    plan = load_plan(out)
+    missing = missing_ranges(plan)
+    merged = (output.read_manifest(plan.out) or {}).get("status") == "complete"
+    attempts_running = []
+    for r in missing:
+        d = cm.attempts_root(plan.out, r)
+        if d.is_dir():
+            attempts_running += [f"{r}:{p.name}" for p in d.iterdir() if p.is_dir()]
+    return {"dir": str(plan.out), "run_id": plan.run_id, "inputs": plan.n_inputs, "ranges": plan.n_ranges,
+            "range_size": plan.range_size, "committed": plan.n_ranges - len(missing), "missing": missing,
+            "attempts_without_commit": attempts_running, "merged": merged}

@@ -1,0 +1,125 @@
+"""Credit-based dispatch into the inference processes: work goes where there is capacity.
+
+Before, every sender into the infer stage had one PUSH socket connected to every device and
+ZeroMQ round-robined between them, each pipe holding up to `queues.infer` images on both ends:
+at the start everything queued on the first device that came up, a slow chip got as much as a
+fast one, and at the end one device could hold hundreds of queued images while another idled
+(issue #12, #20).
+
+Now each infer process grants each upstream sender (decode, preprocess or, with a files device,
+the source) a *window*: the number of images that sender may have outstanding at it (sent, not
+yet finished). The window is `(1 + queues.infer_batches) x batch_size` split over the senders,
+so a device holds the batch it runs plus `queues.infer_batches` prepared/queued batches, never
+more (a sender can always have one message outstanding). A sender sends each message to the
+device with the most free window (lowest outstanding/window), and when no device has room it
+waits (that is its backpressure). Credits come back when the device has finished the images:
+the infer loop counts the ids of every result or failure it sends to the sink by the sender they
+came from. So no device idles while another holds queued work it could take: a device with a
+free window takes the next message.
+
+Restarts: an infer process announces (peer index, generation, window) when it is ready and every
+STATS interval; a new generation resets what the senders count as outstanding there (its queue
+died with it; the supervisor re-issues the ids). Messages carry the sender's index and generation
+(`src`, `sg`), and credits for a previous generation of a sender are ignored. Nothing here affects
+completion accounting: the sink still counts ids, and everything unresolved after a death is
+re-issued as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Peer:
+    gen: int = -1
+    window: int = 0
+    out: int = 0  # images sent by this sender, not yet credited back
+    seen: float = 0.0
+
+
+@dataclass
+class Credits:
+    """A sender's view of the devices' windows (pure: no sockets)."""
+
+    n_peers: int
+    gen: int = 0  # this sender's own generation (credits for older ones are ignored)
+    stale_s: float = 5.0  # a device silent this long (no announcement) gets no more work
+    peers: list[Peer] = field(default_factory=list)
+    _next: int = 0
+
+    def __post_init__(self) -> None:
+        self.peers = [Peer() for _ in range(self.n_peers)]
+
+    def on_credit(self, msg: dict, now: float) -> None:
+        """{"peer": d, "gen": g, "w": window, "n": images finished, "sg": sender generation}."""
+        d = int(msg["peer"])
+        if not 0 <= d < self.n_peers:
+            return
+        p = self.peers[d]
+        g = int(msg["gen"])
+        if g < p.gen:
+            return  # from a previous generation of that device
+        if g > p.gen:
+            p.gen, p.out = g, 0  # a restarted device: what was queued there died with it
+        p.window = int(msg["w"])
+        p.seen = now
+        if msg.get("sg", self.gen) == self.gen:
+            p.out = max(0, p.out - int(msg.get("n", 0)))
+
+    def choose(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> int | None:
+        """The device with the most free window (ties: rotating), or None when none has room."""
+        best, best_load = None, None
+        for k in range(self.n_peers):
+            d = (self._next + k) % self.n_peers
+            p = self.peers[d]
+            if d in exclude or p.window <= 0 or p.out >= p.window or now - p.seen > self.stale_s:
+                continue
+            load = p.out / p.window
+            if best_load is None or load < best_load:
+                best, best_load = d, load
+        if best is not None:
+            self._next = (best + 1) % self.n_peers
+        return best
+
+    def on_sent(self, d: int, n: int) -> None:
+        self.peers[d].out += n
+
+    def outstanding(self) -> list[int]:
+        return [p.out for p in self.peers]
+
+
+def window_for(batch_size: int, extra_batches: int, n_senders: int) -> int:
+    """Images one sender may have outstanding at one device: the device holds the batch it runs
+    plus `extra_batches` more, split over the senders (at least one image: one message)."""
+    return max(1, -(-(1 + extra_batches) * batch_size // max(1, n_senders)))
+
+
+def items_in(header: dict) -> int:
+    return len(header["ids"]) if "ids" in header else 1
+
+
+class Origins:
+    """Infer side: which sender (and its generation) each held id came from, and the credits to
+    return once the ids are finished."""
+
+    def __init__(self) -> None:
+        self.of: dict[int, tuple[int, int]] = {}
+        self.due: dict[tuple[int, int], int] = {}
+
+    def received(self, header: dict) -> None:
+        if "src" not in header:
+            return  # re-issued by the supervisor (files mode): not counted by any sender
+        key = (int(header["src"]), int(header.get("sg", 0)))
+        for i in (header["ids"] if "ids" in header else [header["id"]]):
+            self.of[int(i)] = key
+
+    def finished(self, header: dict) -> None:
+        for i in (header["ids"] if "ids" in header else [header["id"]] if "id" in header else []):
+            key = self.of.pop(int(i), None)
+            if key is not None:
+                self.due[key] = self.due.get(key, 0) + 1
+
+    def take_due(self) -> dict[tuple[int, int], int]:
+        due, self.due = self.due, {}
+        return due
