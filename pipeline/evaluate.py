@@ -36,6 +36,8 @@ from pipeline.backends import get_backend
 from pipeline.config import DEFAULT_EXTENSIONS, Config, ConfigError
 from pipeline.config import load as load_config
 from pipeline.featurize import embed_inputs
+from pipeline.text.embed import text_encoder_for_run
+from pipeline.text.outputs import class_embeddings, zero_shot
 
 SEED_NOTE = ("The seed's 80.08% top-1 (CIFAR-100 linear probe, CLIP ViT-B/32, 16-batch fp16 bmodel on an SE7-32) "
              "needs the real CLIP weights; synthetic random weights give far lower figures on real photos.")
@@ -357,3 +359,94 @@ def linear_probe_cmd(train_spec, test_spec, c_grid, val_fraction, max_iter, seed
     click.echo(f"top-1 accuracy: {res['top1']:.4f}")
     click.echo(f"top-5 accuracy: {res['top5']:.4f}")
     click.echo(f"note: {SEED_NOTE}")
+
+
+# -- zero-shot ---------------------------------------------------------------------------------
+
+def zero_shot_accuracy(run_dir: str | os.PathLike, x: np.ndarray, y: np.ndarray, class_names: list[str],
+                       templates: list[str], *, text_model: str | None = None, backend: str = "cpu",
+                       threads: int = 1, log=print) -> dict[str, Any]:
+    """Top-1/top-5 of CLIP zero-shot classification (classify's prompt ensembling and scoring) of
+    features x [n, dim] from the image run in run_dir, with the text model paired with that run."""
+    enc = text_encoder_for_run(run_dir, text_model, backend=backend, log=log, threads=threads)
+    if enc.dim != x.shape[1]:
+        raise ConfigError(f"image features are {x.shape[1]}-d but the text model makes {enc.dim}-d: "
+                          "they do not belong together (--text-model)")
+    classes = class_embeddings(lambda texts: enc.embed(texts, normalize=True).embeddings, class_names, templates)
+    hits1 = hits5 = 0
+    for s, (top, _, _) in zip(range(0, len(x), 65536), zero_shot(x, classes, 5, True), strict=True):
+        yy = y[s:s + len(top)]
+        hits1 += int(np.sum(top[:, 0] == yy))
+        hits5 += int(np.sum(np.any(top == yy[:, None], axis=1)))
+    return {"top1": hits1 / max(1, len(y)), "top5": hits5 / max(1, len(y)), "n_test": int(len(y)),
+            "classes": len(class_names), "templates": templates, "text_model": enc.identity()}
+
+
+def prompt_name(class_dir: str) -> str:
+    """ImageFolder directory name -> the class name put into the prompts (`golden_retriever` -> `golden retriever`)."""
+    return class_dir.replace("_", " ").strip()
+
+
+@eval_group.command("zero-shot")
+@click.option("--test", "test_spec", required=True, metavar="V",
+              help="Images with their classes: an ImageFolder directory (class = directory name, '_' read as a "
+                   "space) or a CIFAR pickle (class names from its meta file).")
+@click.option("--templates", type=click.Path(dir_okay=False, exists=True), default=None,
+              help='Prompt templates, one per line, each with "{}" (default: "a photo of a {}.").')
+@click.option("--text-model", type=click.Path(dir_okay=False), default=None,
+              help="Text tower (default: the one paired with the image model, as `classify` finds it).")
+@click.option("--text-backend", type=click.Choice(["cpu", "sail", "sim", "fake"]), default="cpu", show_default=True)
+@_with_common
+def zero_shot_cmd(test_spec, templates, text_model, text_backend, config, sets, devices, work, progress, as_json) -> None:
+    """Zero-shot accuracy: image features through the pipeline, classes from the text tower (as `classify`).
+
+    Exit status: 0 done; 2 bad usage or data; 4 the feature run failed.
+    """
+    def log(m: str) -> None:
+        click.echo(m, err=True)
+
+    tmp = None if work else tempfile.TemporaryDirectory(prefix="clipp-eval-")
+    wdir = Path(work or tmp.name)
+    try:
+        tmpls = ["a photo of a {}."]
+        if templates:
+            tmpls = [t.strip() for t in Path(templates).read_text(encoding="utf-8").splitlines() if t.strip()]
+            bad = [t for t in tmpls if "{}" not in t]
+            if not tmpls or bad:
+                raise ConfigError(f"--templates {templates}: every line needs a {{}} for the class name"
+                                  + (f" (not: {bad[0]!r})" if bad else " (the file is empty)"))
+        cfg = _eval_config(config, sets, devices)
+        ident, synthetic = _model_note(cfg)
+        test = load_dataset(test_spec, wdir)
+        x, y, failed = features(cfg, test, wdir, "test", progress, log)
+        if len(y) == 0:
+            raise ConfigError("no test image could be embedded; see the failures above")
+        names = [prompt_name(c) for c in test.classes]
+        res = zero_shot_accuracy(wdir / "features-test", x, y, names, tmpls, text_model=text_model,
+                                 backend=text_backend, log=log)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ValueError as exc:  # the text side's TextModelError / PairingError are ValueErrors with a message
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except RuntimeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(4)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    synthetic = synthetic or bool(res["text_model"].get("synthetic"))
+    res.update({"test": test.source, "backend": cfg.infer.backend, "failed_images": len(failed),
+                "model": {k: ident.get(k) for k in ("path", "sha256", "arch", "synthetic")},
+                "synthetic_weights": synthetic})
+    if as_json:
+        click.echo(json.dumps(res, indent=2, default=str))
+        return
+    click.echo(f"zero-shot: {res['n_test']:,} images, {res['classes']} classes, {len(tmpls)} templates, "
+               f"{cfg.infer.backend} backend, model {ident.get('path')}" + (" (SYNTHETIC random weights)" if synthetic else ""))
+    click.echo(f"top-1 accuracy: {res['top1']:.4f}")
+    click.echo(f"top-5 accuracy: {res['top5']:.4f}")
+    if synthetic:
+        click.echo("note: synthetic random weights: expect chance level (1/classes); real CLIP weights are needed "
+                   "for meaningful zero-shot accuracy.")

@@ -13,6 +13,7 @@ from pipeline.config import ConfigError
 from pipeline.featurize import embed_inputs, manifest_of, query_config
 from pipeline.index import search_index as index_search
 from pipeline.search import SearchResult, search_out
+from pipeline.text.embed import embed_texts
 
 # -- queries -----------------------------------------------------------------------------------
 
@@ -68,6 +69,12 @@ def _print_text(result: SearchResult, labels: list[str]) -> None:
 
 @click.command("search", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("out", type=click.Path(exists=False))
+@click.option("--text", "texts", multiple=True, metavar="TEXT",
+              help="Query text (repeatable), embedded with the text tower paired with OUT's image model.")
+@click.option("--text-model", metavar="PATH", default=None,
+              help="Text tower for --text (default: the one paired with OUT's image model, as `classify` finds it).")
+@click.option("--text-backend", type=click.Choice(["cpu", "sail", "sim", "fake"]), default="cpu", show_default=True,
+              help="Where --text queries are embedded.")
 @click.option("--image", "images", multiple=True, metavar="PATH",
               help="Query image (repeatable), embedded with OUT's model, backend and preprocessing.")
 @click.option("--vectors", metavar="Q.npy", help="Query vectors, [dim] or [queries, dim] (.npy), used as given.")
@@ -80,7 +87,7 @@ def _print_text(result: SearchResult, labels: list[str]) -> None:
 @click.option("--model", metavar="PATH", help="Model file, when it moved since OUT was made (must be the same model).")
 @click.option("-d", "--device", "devices", multiple=True, metavar="DEV", help="Device for embedding queries (default: OUT's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def search_cmd(out, images, vectors, k, use_index, index_path, nprobe, model, devices, as_json) -> None:
+def search_cmd(out, texts, text_model, text_backend, images, vectors, k, use_index, index_path, nprobe, model, devices, as_json) -> None:
     """Top-k nearest embeddings in OUT to each query, by inner product (cosine for normalised runs).
 
     Exact by default: a chunked scan of the memory-mapped shards that never loads the whole
@@ -91,14 +98,18 @@ def search_cmd(out, images, vectors, k, use_index, index_path, nprobe, model, de
         click.echo(f"error: {msg}", err=True)
         sys.exit(2)
 
-    if not images and not vectors:
-        fail("give at least one query: --image PATH (repeatable) or --vectors Q.npy")
+    if not texts and not images and not vectors:
+        fail("give at least one query: --text TEXT, --image PATH (both repeatable) or --vectors Q.npy")
     try:
         if not os.path.isdir(out):
             raise ConfigError(f"{out} is not a directory: give the output directory of a run")
         manifest = manifest_of(out)
         dim = None
         parts, labels = [], []
+        if texts:
+            parts.append(embed_texts(list(texts), model=text_model, run=out, backend=text_backend))
+            labels += [f"text {t!r}" for t in texts]
+            dim = parts[-1].shape[1]
         if images:
             parts.append(embed_query_images(out, list(images), model=model, devices=devices))
             labels += [f"image {p}" for p in images]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli, cli_env
@@ -76,3 +77,29 @@ def test_bad_dataset_arguments(tmp_path, tiny_model):
     for args, msg in cases:
         r = probe(tiny_model, *args)
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+
+
+def test_zero_shot_matches_classify_on_the_same_features(tmp_path, tiny_model):
+    import csv
+
+    write_imagefolder(tmp_path / "test", 4, seed=2)
+    r = subprocess.run(cli("eval", "zero-shot", "--set", f'model.path="{tiny_model}"', "--test", str(tmp_path / "test"),
+                           "--work", str(tmp_path / "work"), "--json"), capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["n_test"] == 40 and res["classes"] == 10 and res["synthetic_weights"] is True
+    assert 0 <= res["top1"] <= res["top5"] <= 1
+    # the same features through `classify` (the text engineer's command) give the same top-1
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(n.replace("_", " ") + "\n" for n in sorted(p.name for p in (tmp_path / "test").iterdir())))
+    r = subprocess.run(cli("classify", str(tmp_path / "work" / "features-test"), "--labels", str(labels),
+                           "-o", str(tmp_path / "zs")), capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "zs" / "predictions.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    correct = sum(Path(row["path"]).parent.name.replace("_", " ") == row["label_1"] for row in rows)
+    assert len(rows) == 40 and correct / 40 == pytest.approx(res["top1"])
+    (tmp_path / "bad.txt").write_text("no placeholder\n")
+    r = subprocess.run(cli("eval", "zero-shot", "--test", str(tmp_path / "test"), "--templates", str(tmp_path / "bad.txt")),
+                       capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert r.returncode == 2 and "needs a {}" in r.stderr

@@ -260,3 +260,25 @@ def test_sorted_npy_files_concatenate_to_load_embeddings(tmp_path):
     np.testing.assert_array_equal(autofaiss_order, np.asarray(emb))
     np.testing.assert_array_equal(np.asarray(emb), np.concatenate([blocks[k] for k in sorted(blocks)]))
     assert paths[9] == "/img/100000_0.jpg"
+
+
+def test_cli_search_text_equals_embed_text_vectors(image_run, tmp_path):
+    d, _ = image_run
+    r = subprocess.run(cli("embed-text", "--run", str(d / "out"), "-t", "a red circle", "-t", "a dog", "-o",
+                           str(tmp_path / "t")), capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    r1 = subprocess.run(cli("search", str(d / "out"), "--text", "a red circle", "--text", "a dog", "-k", "4", "--json"),
+                        capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    r2 = subprocess.run(cli("search", str(d / "out"), "--vectors", str(tmp_path / "t" / "embeddings.npy"), "-k", "4",
+                            "--json"), capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    q1, q2 = json.loads(r1.stdout)["queries"], json.loads(r2.stdout)["queries"]
+    assert q1[0]["query"] == "text 'a red circle'"
+    assert [[h["path"] for h in q["hits"]] for q in q1] == [[h["path"] for h in q["hits"]] for q in q2]
+    other = tmp_path / "other-text.onnx"
+    from pipeline.text.model import build_clip_text_onnx
+
+    build_clip_text_onnx(other, arch="tiny", seed=5)
+    r = subprocess.run(cli("search", str(d / "out"), "--text", "x", "--text-model", str(other)),
+                       capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
