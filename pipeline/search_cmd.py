@@ -87,7 +87,8 @@ def _print_text(result: SearchResult, labels: list[str]) -> None:
 @click.option("--model", metavar="PATH", help="Model file, when it moved since OUT was made (must be the same model).")
 @click.option("-d", "--device", "devices", multiple=True, metavar="DEV", help="Device for embedding queries (default: OUT's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def search_cmd(out, texts, text_model, text_backend, images, vectors, k, use_index, index_path, nprobe, model, devices, as_json) -> None:
+def search_cmd(out, texts, text_model, text_backend, images, vectors, k, use_index, index_path, nprobe, model, devices,
+               as_json) -> None:
     """Top-k nearest embeddings in OUT to each query, by inner product (cosine for normalised runs).
 
     Exact by default: a chunked scan of the memory-mapped shards that never loads the whole
