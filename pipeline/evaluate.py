@@ -36,6 +36,7 @@ from pipeline.backends import get_backend
 from pipeline.config import DEFAULT_EXTENSIONS, Config, ConfigError
 from pipeline.config import load as load_config
 from pipeline.featurize import embed_inputs
+from pipeline.rundir import RunDir
 from pipeline.text.embed import text_encoder_for_run
 from pipeline.text.outputs import class_embeddings, zero_shot
 
@@ -161,7 +162,7 @@ def features(cfg: Config, ds: Dataset, work: str | os.PathLike, name: str,
     failures = [f for f in res.failures if f.get("path", "") in ds.labels_by_path]
     if failures:
         log(f"warning: {len(failures)} {name} images could not be embedded and are left out "
-            f"(first: {failures[0].get('path')}: {failures[0].get('reason')}); see {out}/failures.jsonl")
+            f"(first: {failures[0].get('path')}: {failures[0].get('reason')}); see {RunDir(out).failures}")
     return x, y, failures
 
 

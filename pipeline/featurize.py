@@ -10,21 +10,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.backends import get_backend
 from pipeline.config import Config, ConfigError, apply_override, from_dict, parse_value
-from pipeline.output import load_embeddings, read_manifest
+from pipeline.output import load_embeddings
 from pipeline.progress import Progress
+from pipeline.rundir import RunDir
 from pipeline.supervisor import RunAborted, Supervisor
 
 
 def manifest_of(out: str | os.PathLike) -> dict[str, Any]:
     try:
-        manifest = read_manifest(out)
+        manifest = RunDir(out).read_manifest()
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{out}/manifest.json is not valid JSON ({exc}); is {out} a clip-pipeline output?") from None
     if manifest is None:
@@ -105,7 +105,7 @@ def embed_inputs(cfg: Config, inputs: list[str], work_dir: str | os.PathLike, *,
         raise RuntimeError(f"embedding {', '.join(inputs)} failed: {result.message}")
     paths, emb = load_embeddings(work_dir)
     failures = []
-    fpath = Path(work_dir) / "failures.jsonl"
+    fpath = RunDir(work_dir).failures
     if fpath.exists():
         failures = [json.loads(line) for line in fpath.read_text().splitlines() if line.strip()]
     return Embedded(paths, np.asarray(emb, dtype=np.float32), failures, str(work_dir))

@@ -29,14 +29,8 @@ import numpy as np
 
 from pipeline.config import ConfigError
 from pipeline.featurize import manifest_of
-from pipeline.output import (
-    atomic_write_bytes,
-    atomic_write_json,
-    completed_shards,
-    decode_path_line,
-    iter_shards,
-    load_embeddings,
-)
+from pipeline.output import iter_shards, load_embeddings
+from pipeline.rundir import RunDir, atomic_write_bytes, atomic_write_json, decode_path_line
 from pipeline.search import BLOCK_ROWS, Hit, SearchResult, exact_topk, iter_blocks, run_status_notes
 
 INDEX_DIR = "index"
@@ -170,7 +164,7 @@ def search_index(out: str | os.PathLike, queries: np.ndarray, k: int = 10,
     hits = [[Hit(int(r), paths[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
             for srow, rrow in zip(scores, rows, strict=True)]
     notes = []
-    now = completed_shards(out)
+    now = RunDir(out).completed_shards()
     if now != info.get("shards"):
         notes.append(f"the index covers {len(info.get('shards') or [])} shards ({info.get('rows'):,} rows) but {out} now "
                      f"has {len(now)} completed shards; rebuild it with `clip-pipeline index {out}` to search them all")

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.output import load_embeddings, read_manifest
+from pipeline.output import load_embeddings
+from pipeline.rundir import RunDir
 
 BLOCK_ROWS = 16384
 _NO_ROW = np.iinfo(np.int64).max  # index of an empty result slot (fewer than k rows in all)
@@ -153,7 +154,7 @@ def search_out(out: str | os.PathLike, queries: np.ndarray, k: int = 10,
                block_rows: int = BLOCK_ROWS) -> SearchResult:
     """Exact top-k over OUT's completed shards (see load_embeddings); paths attached to each hit."""
     paths, emb = load_embeddings(out)
-    manifest = read_manifest(out) or {}
+    manifest = RunDir(out).read_manifest() or {}
     if emb.shape[0] and np.atleast_2d(queries).shape[1] != emb.shape[1]:
         raise ValueError(f"the queries have {np.atleast_2d(queries).shape[1]} dimensions but {out} holds "
                          f"{emb.shape[1]}-dimensional embeddings")

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 def make_data(out: Path, rows: int, dim: int, shard_size: int, seed: int) -> None:
     from pipeline.config import Config
-    from pipeline.output import EMB_DIR, atomic_write_json, write_shard
+    from pipeline.rundir import EMB_DIR, atomic_write_json, write_shard
 
     (out / EMB_DIR).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

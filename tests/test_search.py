@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT, cli, cli_env, make_images
 
 from pipeline.config import Config
-from pipeline.output import atomic_write_json, load_embeddings, write_shard
+from pipeline.output import load_embeddings
+from pipeline.rundir import atomic_write_json, write_shard
 from pipeline.search import brute_force_topk, exact_topk, search_out
 
 
@@ -229,7 +230,7 @@ def test_search_index_missing_and_stale(tmp_path):
 # -- shard names: byte order = id order, also past 99,999 shards (autofaiss reads sorted *.npy) ---
 
 def test_shard_names_sort_in_id_order_past_99999():
-    from pipeline.output import parse_shard_name, shard_name
+    from pipeline.rundir import parse_shard_name, shard_name
 
     ks = [0, 1, 9, 10, 99_998, 99_999, 100_000, 100_001, 999_999, 1_000_000, 123_456_789, 9_999_999_999]
     names = [shard_name(k) for k in ks]
@@ -243,7 +244,7 @@ def test_shard_names_sort_in_id_order_past_99999():
 def test_sorted_npy_files_concatenate_to_load_embeddings(tmp_path):
     """What autofaiss (embedding-reader) does with OUT/embeddings: glob *.npy, sort the names,
     concatenate. It must equal load_embeddings' rows, shards past 99,999 included."""
-    from pipeline.output import EMB_DIR, completed_shards
+    from pipeline.rundir import EMB_DIR, completed_shards
 
     out = tmp_path / "out"
     (out / EMB_DIR).mkdir(parents=True)

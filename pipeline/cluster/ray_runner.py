@@ -29,9 +29,11 @@ from typing import Any
 
 from pipeline import output
 from pipeline.config import Config, ConfigError
+from pipeline.rundir import RunDir
 
 EXTRA_HINT = "pip install 'clip-pipeline[cluster]'"
 SLOT = "clip_slot"
+SLOT_WAIT_S = 30.0  # how long the driver waits for a first node with a clip_slot
 
 
 def import_ray():
@@ -151,6 +153,9 @@ class RayDriver:
         ray = self.ray
         root = str(Path(__file__).resolve().parents[2])
         remote = ray.remote(num_cpus=0, resources={SLOT: 1}, max_retries=3, retry_exceptions=False)(_range_task)
+        deadline = time.monotonic() + SLOT_WAIT_S  # nodes that are still joining
+        while self.slots() == 0 and time.monotonic() < deadline:
+            time.sleep(1.0)
         if self.slots() == 0:
             raise ConfigError(f"no node of the Ray cluster offers the {SLOT} resource: start every node with "
                               f"ray start ... --resources='{{\"{SLOT}\": 1}}' (docs/cluster.md)")
@@ -309,13 +314,13 @@ def run_on_ray(cfg: Config, *, address: str | None = None, restart: bool = False
     msg = (f"Embedded {res.embedded} of {res.total} images on the Ray cluster in {time.monotonic() - t0:.1f}s "
            f"({plan.n_ranges} ranges, {len(todo)} run now) into {out}.")
     if res.failed:
-        return 3, msg + f" Completed with {res.failed} failures: see {out / 'failures.jsonl'}."
+        return 3, msg + f" Completed with {res.failed} failures: see {RunDir(out).failures}."
     return 0, msg
 
 
 def _driver_report(out: Path, s: DriverStats, plan_s: float, ranges_s: float) -> None:
     """Add the driver's figures to the merged report.json (cluster.driver)."""
-    p = out / "report.json"
+    p = RunDir(out).report
     try:
         rep = json.loads(p.read_text())
     except (OSError, ValueError):
