@@ -83,12 +83,14 @@ def _print_text(result: SearchResult, labels: list[str]) -> None:
               help="Search the faiss index built by `clip-pipeline index OUT` instead of the exact scan.")
 @click.option("--index-file", "index_path", metavar="FILE", default=None,
               help="The index file, when it is not OUT's default (implies --index).")
+@click.option("--no-rerank", "no_rerank", is_flag=True,
+              help="ivf-pq: rank by the compressed codes alone (default: re-score the candidates exactly from the shards).")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF indexes: lists visited per query.")
 @click.option("--model", metavar="PATH", help="Model file, when it moved since OUT was made (must be the same model).")
 @click.option("-d", "--device", "devices", multiple=True, metavar="DEV", help="Device for embedding queries (default: OUT's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def search_cmd(out, texts, text_model, text_backend, images, vectors, k, use_index, index_path, nprobe, model, devices,
-               as_json) -> None:
+def search_cmd(out, texts, text_model, text_backend, images, vectors, k, use_index, index_path, no_rerank, nprobe, model,
+               devices, as_json) -> None:
     """Top-k nearest embeddings in OUT to each query, by inner product (cosine for normalised runs).
 
     Exact by default: a chunked scan of the memory-mapped shards that never loads the whole
@@ -121,7 +123,7 @@ def search_cmd(out, texts, text_model, text_backend, images, vectors, k, use_ind
             labels += [f"vector {i} of {vectors}" for i in range(len(v))]
         queries = np.concatenate(parts)
         if use_index or index_path:
-            result = index_search(out, queries, k, index_path, nprobe=nprobe)
+            result = index_search(out, queries, k, index_path, nprobe=nprobe, exact_rerank=not no_rerank)
         else:
             result = search_out(out, queries, k)
     except ConfigError as exc:

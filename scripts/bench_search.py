@@ -206,6 +206,8 @@ def main() -> None:
             info = idx["info"]
             res["index"] = {"kind": info["kind"], "factory": info["factory"], "build_s": info["build_s"],
                             "wall_s_with_recall_check": idx["wall_s"], "recall_at_10": info["recall_at_10"],
+                            "recall_at_10_codes_only": info.get("recall_at_10_codes_only"),
+                            "rerank_factor": info.get("rerank_factor"),
                             "nprobe": info["nprobe"], "peak_rss_mb": idx["peak_rss_mb"]}
         text = json.dumps(res, indent=2)
         print(text)

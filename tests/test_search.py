@@ -283,3 +283,24 @@ def test_cli_search_text_equals_embed_text_vectors(image_run, tmp_path):
     r = subprocess.run(cli("search", str(d / "out"), "--text", "x", "--text-model", str(other)),
                        capture_output=True, text=True, env=cli_env(), cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
+
+
+def test_ivfpq_exact_rerank_raises_recall_and_scores_are_exact(tmp_path):
+    pytest.importorskip("faiss")
+    from pipeline.index import build_index, search_index
+
+    rng = np.random.default_rng(8)
+    centres = unit_rows(rng, 40, 64)
+    emb = centres[rng.integers(0, 40, 12000)] + 0.08 * rng.standard_normal((12000, 64)).astype(np.float32)
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+    write_synthetic_run(tmp_path / "out", emb, 4096)
+    info = build_index(tmp_path / "out", "ivf-pq", log=lambda m: None)
+    assert info["rerank_factor"] == 10 and info["recall_at_10"] >= info["recall_at_10_codes_only"]
+    q = unit_rows(rng, 8, 64)
+    res = search_index(tmp_path / "out", q, 5)
+    for qv, hits in zip(q, res.hits, strict=True):
+        exact = [float(np.asarray(emb[h.row], np.float32) @ qv) for h in hits]
+        np.testing.assert_allclose([h.score for h in hits], exact, rtol=0, atol=1e-5)  # true inner products
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    raw = search_index(tmp_path / "out", q, 5, exact_rerank=False)
+    assert any("codes only" in n for n in raw.notes) and any("re-scored exactly" in n for n in res.notes)
