@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -26,9 +27,11 @@ def cli() -> None:
     """
 
 
-def _load(config, inputs, output_dir, sets, devices=()):
+def _load(config, inputs, output_dir, sets, devices=(), input_list=None):
     from pipeline import config as cfgmod
 
+    if input_list:
+        sets = (*sets, f"input.list={json.dumps(input_list)}")
     return cfgmod.load(config, sets, input_paths=inputs, output_dir=output_dir, devices=devices)
 
 
@@ -36,6 +39,8 @@ def _load(config, inputs, output_dir, sets, devices=()):
 @click.option("-c", "--config", type=click.Path(dir_okay=False), help="TOML config file (see configs/).")
 @click.option("-i", "--input", "inputs", multiple=True, metavar="DIR",
               help="Image directory or file to embed (repeatable); replaces input.paths.")
+@click.option("-l", "--list", "input_list", metavar="FILE",
+              help="File list (text, one path per line, or .parquet); replaces input.list.")
 @click.option("-o", "--output", "output_dir", metavar="DIR", help="Output directory; replaces output.dir.")
 @click.option("-d", "--device", "devices", multiple=True, metavar="DEV",
               help="Device (repeatable), e.g. cpu:0, or a dev_id for sail; replaces infer.devices.")
@@ -50,7 +55,8 @@ def _load(config, inputs, output_dir, sets, devices=()):
               help="Run across a Ray cluster (plan, one task per range, merge); see docs/cluster.md. Default: cluster.engine.")
 @click.option("--address", default=None, metavar="HOST:PORT",
               help="Ray cluster address for --cluster ray (default: cluster.address, \"auto\").")
-def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, quiet, cluster, address) -> None:
+def run(config, inputs, input_list, output_dir, devices, sets, restart, dry_run, progress, quiet, cluster,
+        address) -> None:
     """Embed every image under the input directories into OUTPUT (resumable).
 
     Exit status: 0 all embedded; 3 completed, some inputs failed (failures.jsonl); 2 bad
@@ -63,7 +69,7 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
     from pipeline.supervisor import RunAborted, Supervisor
 
     try:
-        cfg = _load(config, inputs, output_dir, sets, devices)
+        cfg = _load(config, inputs, output_dir, sets, devices, input_list)
         if dry_run:
             _dry_run(cfg)
             return
@@ -99,14 +105,13 @@ def _dry_run(cfg) -> None:
     from pipeline.backends import get_backend
     from pipeline.config import validate_for_run
     from pipeline.preflight import device_warnings
-    from stages.source import iter_inputs
+    from stages.source import config_inputs
 
     validate_for_run(cfg)
     backend = get_backend(cfg.infer.backend)
     devices = backend.resolve_devices(cfg)
     warnings: list[str] = device_warnings(cfg, devices)
-    n = sum(1 for _ in iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
-                                   cfg.input.follow_symlinks, warnings.append))
+    n = sum(1 for _ in config_inputs(cfg, warnings.append))
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(f"config: {cfg.source} (valid)")

@@ -93,6 +93,8 @@ def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
         "extensions": sorted(cfg.input.extensions),
         "recursive": cfg.input.recursive,
         "follow_symlinks": cfg.input.follow_symlinks,
+        **({"list": cfg.input.list, "list_column": cfg.input.list_column} if cfg.input.list else {}),
+        **({} if cfg.input.tar else {"tar": False}),
     }
 
 
