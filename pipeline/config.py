@@ -44,6 +44,8 @@ class OutputConfig:
     dtype: Literal["float32", "float16"] = _f("float32", "Embedding dtype in the .npy shards.")
     normalize: bool = _f(True, "L2-normalise embeddings before writing.")
     pickle: bool = _f(False, "Also write embeddings.pkl ({'img_path': [...], 'embedding': ndarray}) at the end, like the reference program.")
+    metadata: bool = _f(False, "Also write embeddings/part-NNNNN.parquet per shard, row i describing .npy row i: image_path, tar + key (webdataset inputs), caption (txt), json fields, width/height. Needs the `parquet` extra.")
+    layout: Literal["native", "clip-retrieval"] = _f("native", "\"clip-retrieval\" also publishes the complete run as img_emb/img_emb_NNNNN.npy + metadata/metadata_NNNNN.parquet (hard links; implies output.metadata), what `clip-retrieval index` / autofaiss and `clip-retrieval back` read.")
     on_existing: Literal["resume", "restart", "error"] = _f("resume", "What to do when the output dir holds a previous run: resume it, delete and restart, or stop.")
 
 
@@ -338,6 +340,10 @@ def validate_for_run(cfg: Config) -> None:
         )
     if not cfg.infer.devices:
         raise ConfigError("config key infer.devices is empty: list at least one device, e.g. [\"cpu:0\"]")
+    if cfg.output.metadata or cfg.output.layout == "clip-retrieval":
+        from pipeline.metadata import require_pyarrow
+
+        require_pyarrow("output.metadata" if cfg.output.metadata else "output.layout")
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory (config key output.dir / --output)")

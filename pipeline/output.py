@@ -108,8 +108,9 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def write_shard(out_dir: str | os.PathLike, k: int, paths: list[bytes], emb: np.ndarray,
-                failures: list[dict]) -> None:
-    """Write shard k atomically: .paths and .failures.jsonl first, the .npy (completion) last."""
+                failures: list[dict], companions: dict[str, bytes] | None = None) -> None:
+    """Write shard k atomically: .paths, .failures.jsonl and any `companions` (suffix -> bytes,
+    e.g. ".parquet" metadata) first, the .npy (completion) last."""
     d = Path(out_dir) / EMB_DIR
     name = shard_name(k)
     tmps: list[tuple[Path, Path]] = []
@@ -117,6 +118,7 @@ def write_shard(out_dir: str | os.PathLike, k: int, paths: list[bytes], emb: np.
         for suffix, data in (
             (".paths", b"".join(encode_path_line(p) + b"\n" for p in paths)),
             (".failures.jsonl", b"".join(json.dumps(f, sort_keys=True).encode() + b"\n" for f in failures)),
+            *(companions or {}).items(),
             (".npy", npy_bytes(emb)),
         ):
             final = d / f"{name}{suffix}"

@@ -659,6 +659,11 @@ class Supervisor:
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Completed shards are kept in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
         n_fail = self.write_failures()
+        o = self.cfg.output
+        if o.metadata or o.layout == "clip-retrieval":
+            from pipeline import metadata
+
+            metadata.publish(self.out, sorted(self.ledger.written), o.metadata, o.layout)
         if self.cfg.output.pickle:
             self.write_pickle()
         self.write_manifest("complete")

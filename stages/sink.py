@@ -92,6 +92,9 @@ class SinkCore(StageCore):
         self.out_dir = spec.cfg.output.dir
         self.asm: ShardAssembler | None = None
         self.dim = 0
+        o = spec.cfg.output
+        self.metadata = o.metadata or o.layout == "clip-retrieval"  # part-NNNNN.parquet (pipeline/metadata.py)
+        self.tars = None
 
     def setup(self) -> None:
         output.remove_temp_files(self.out_dir)
@@ -132,7 +135,13 @@ class SinkCore(StageCore):
             try:
                 if _ENOSPC_SHARD is not None and k == _ENOSPC_SHARD:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (test hook " + ENOSPC_ENV + ")")
-                output.write_shard(self.out_dir, k, paths, emb, fails)
+                companions = None
+                if self.metadata:
+                    from pipeline import inputs, metadata
+
+                    self.tars = self.tars or inputs.TarReader()
+                    companions = {".parquet": metadata.parquet_bytes(paths, self.tars)}
+                output.write_shard(self.out_dir, k, paths, emb, fails, companions)
             except OSError as exc:
                 what = "the output disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
                 raise FatalError(

@@ -191,3 +191,55 @@ def test_tar_member_reader_reads_with_one_seek(tmp_path):
     side = r.sidecars(ref)
     assert side["txt"] == b"caption 1" and json.loads(side["json"])["i"] == 1
     r.close()
+
+
+# -- metadata and the clip-retrieval layout --------------------------------------------------
+
+def read_like_clip_retrieval(out: Path):
+    """What clip-retrieval reads: autofaiss takes img_emb/*.npy in name order (embedding_reader),
+    clip back concatenates metadata/*.parquet sorted by name (ParquetMetadataProvider)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    embs = [np.load(p) for p in sorted((out / "img_emb").glob("*.npy"))]
+    tables = [pq.read_table(p) for p in sorted((out / "metadata").glob("*.parquet"))]
+    return np.concatenate(embs), pa.concat_tables(tables, promote_options="default").to_pylist()
+
+
+def test_clip_retrieval_layout_rows_align_with_metadata(tmp_path, tiny_model):
+    pytest.importorskip("pyarrow")
+    imgs = make_images(tmp_path / "imgs", 13, seed=4)
+    tar = tmp_path / "s.tar"
+    write_shard(tar, imgs[:9], extra=[("k_text.txt", b"caption only")])
+    res = run_pipeline(tmp_path / "out", tiny_model, [tar, tmp_path / "imgs" / imgs[9].name,
+                                                       tmp_path / "imgs" / imgs[10].name],
+                       **{"output.layout": '"clip-retrieval"'})
+    assert res.exit_code == 3, res.message  # k_text: no_image
+    out = tmp_path / "out"
+    paths, emb = load_embeddings(out)
+    cr_emb, meta = read_like_clip_retrieval(out)
+    np.testing.assert_array_equal(cr_emb, np.asarray(emb))
+    assert [m["image_path"] for m in meta] == paths and len(meta) == 11
+    for i, m in enumerate(meta[:9]):
+        assert m["tar"] == str(tar) and m["key"] == f"{i:09d}" and m["caption"] == f"caption {i}"
+        assert m["url"] == f"http://x/{i}" and m["i"] == i  # json fields flattened, like clip-retrieval
+    from PIL import Image
+    for m, img in zip(meta, imgs[:11]):
+        assert (m["width"], m["height"]) == Image.open(img).size
+    assert meta[9]["tar"] is None and meta[9]["caption"] is None
+    # hard links, not copies: the same bytes, and the per-shard parquet beside each .npy
+    first = sorted((out / "img_emb").glob("*.npy"))[0]
+    assert first.name == "img_emb_00000.npy" and os.path.samefile(first, out / "embeddings" / "part-00000.npy")
+    assert sorted(p.name for p in (out / "metadata").iterdir())[0] == "metadata_00000.parquet"
+
+
+def test_metadata_backfilled_when_switched_on_for_a_finished_run(tmp_path, tiny_model):
+    pq = pytest.importorskip("pyarrow.parquet")
+    make_images(tmp_path / "imgs", 10)
+    assert run_pipeline(tmp_path / "out", tiny_model, [tmp_path / "imgs"]).exit_code == 0
+    assert not list((tmp_path / "out" / "embeddings").glob("*.parquet"))
+    res = run_pipeline(tmp_path / "out", tiny_model, [tmp_path / "imgs"], **{"output.metadata": "true"})
+    assert res.exit_code == 0, res.message
+    paths, _ = load_embeddings(tmp_path / "out")
+    got = [r["image_path"] for k in (0, 1) for r in pq.read_table(
+        tmp_path / "out" / "embeddings" / f"part-{k:05d}.parquet").to_pylist()]
+    assert got == paths
