@@ -130,21 +130,38 @@ def _exists(p: str) -> bool:
 
 @cli.command("build-model", context_settings=CONTEXT)
 @click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--tower", type=click.Choice(["image", "text"]), default="image", show_default=True,
+              help="image: the vision transformer; text: the text transformer (ids -> embedding), see --text-form.")
 @click.option("--arch", type=click.Choice(["vit-b32", "tiny"]), default="vit-b32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--act", type=click.Choice(["quickgelu", "gelu"]), default="quickgelu", show_default=True,
+              help="MLP activation: quickgelu (OpenAI's weights) or gelu (most open_clip/LAION checkpoints).")
 @click.option("--input-kind", type=click.Choice(["float", "uint8"]), default="float", show_default=True,
-              help="float: CLIP-normalised NCHW input; uint8: NHWC pixels, normalisation folded into conv1.")
+              help="Image tower: float = CLIP-normalised NCHW input; uint8 = NHWC pixels, normalisation folded into conv1.")
+@click.option("--text-form", type=click.Choice(["projected", "states"]), default="projected", show_default=True,
+              help="Text tower: projected = ids -> [B,512]; states = ids -> ln_final states [B,77,width] + "
+                   "<stem>.text_projection.npy (Sophgo's split: gather and projection on the host).")
 @click.option("--int8", "int8", is_flag=True, help="Also write an int8 dynamically quantised copy (PATH with .int8.onnx).")
-def build_model(path, arch, seed, input_kind, int8) -> None:
-    """Write a CLIP image tower with SYNTHETIC random weights as ONNX (no download, no torch).
+def build_model(path, tower, arch, seed, act, input_kind, text_form, int8) -> None:
+    """Write a CLIP image or text tower with SYNTHETIC random weights as ONNX (no download, no torch).
 
-    The embeddings of a synthetic model carry no meaning; use it to test and benchmark.
+    The embeddings of a synthetic model carry no meaning; use it to test and benchmark. An image
+    and a text tower built with the same --arch, --seed and --act belong together (classify).
     """
     from pipeline.modelgen import build_clip_image_onnx, quantize_int8
 
-    info = build_clip_image_onnx(path, arch=arch, seed=seed, input_kind=input_kind)
-    click.echo(f"wrote {path}: {arch}, {info['params']:,} parameters, input {info['input_name']} "
-               f"{info['input_shape']} — SYNTHETIC random weights (seed {seed}).")
+    if tower == "text":
+        from pipeline.text.model import build_clip_text_onnx
+
+        info = build_clip_text_onnx(path, arch=arch, seed=seed, form=text_form, act=act)
+        extra = f" + {info['projection']}" if text_form == "states" else ""
+        click.echo(f"wrote {path}{extra}: CLIP text tower {arch} ({text_form}, {act}), {info['params']:,} parameters, "
+                   f"input text int32 [batch,77] -> {info['output_name']} {info['output_shape']} — "
+                   f"SYNTHETIC random weights (seed {seed}).")
+    else:
+        info = build_clip_image_onnx(path, arch=arch, seed=seed, input_kind=input_kind, act=act)
+        click.echo(f"wrote {path}: {arch} ({act}), {info['params']:,} parameters, input {info['input_name']} "
+                   f"{info['input_shape']} — SYNTHETIC random weights (seed {seed}).")
     if int8:
         dst = str(path).removesuffix(".onnx") + ".int8.onnx"
         quantize_int8(path, dst)
@@ -178,6 +195,7 @@ from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in t
 from pipeline.cluster.cli import merge_cmd, plan_cmd, run_range_cmd, status_cmd  # noqa: E402
 from pipeline.inspect import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
+from pipeline.text.cli import classify_cmd, embed_text_cmd, fetch_vocab_cmd, tokenize_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402
 
 cli.add_command(inspect_cmd)
@@ -185,6 +203,10 @@ cli.add_command(report_cmd)
 cli.add_command(bench_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(verify_cmd)
+cli.add_command(fetch_vocab_cmd)
+cli.add_command(tokenize_cmd)
+cli.add_command(embed_text_cmd)
+cli.add_command(classify_cmd)
 cli.add_command(plan_cmd)
 cli.add_command(run_range_cmd)
 cli.add_command(merge_cmd)

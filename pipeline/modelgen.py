@@ -77,6 +77,8 @@ ARCHS: dict[str, VisionSpec] = {
 }
 
 INPUT_KINDS = ("float", "uint8")
+#: MLP activation: OpenAI's weights use QuickGELU x*sigmoid(1.702x); most open_clip (LAION) ones GELU
+ACTS = ("quickgelu", "gelu")
 
 
 def _spec(arch: str) -> VisionSpec:
@@ -185,7 +187,32 @@ class _GraphBuilder:
         return self.op(op_type, inputs, name, **attrs)[0]
 
 
-def _build_graph(spec: VisionSpec, input_kind: str, g: _GraphBuilder, conv_bias: str | None) -> str:
+def activation(g: _GraphBuilder, y: str, prefix: str, act: str) -> str:
+    """The MLP activation: QuickGELU ``x*sigmoid(1.702x)`` or exact (erf) GELU (opset 17 has no Gelu op)."""
+    if act == "quickgelu":
+        alpha = g.const("quickgelu_alpha", np.asarray(QUICKGELU_ALPHA, np.float32))
+        z = g.op1("Mul", [y, alpha], prefix + "gelu_scaled")
+        z = g.op1("Sigmoid", [z], prefix + "gelu_gate")
+        return g.op1("Mul", [y, z], prefix + "gelu")
+    if act == "gelu":
+        inv_sqrt2 = g.const("gelu_inv_sqrt2", np.asarray(2.0**-0.5, np.float32))
+        one = g.const("gelu_one", np.asarray(1.0, np.float32))
+        half = g.const("gelu_half", np.asarray(0.5, np.float32))
+        z = g.op1("Mul", [y, inv_sqrt2], prefix + "gelu_scaled")
+        z = g.op1("Erf", [z], prefix + "gelu_erf")
+        z = g.op1("Add", [z, one], prefix + "gelu_erf1")
+        z = g.op1("Mul", [y, z], prefix + "gelu_x")
+        return g.op1("Mul", [z, half], prefix + "gelu")
+    raise ValueError(f"act must be one of {ACTS}, not {act!r}")
+
+
+def clip_model_id(arch: str, seed: int, act: str) -> str:
+    """What pairs a synthetic image tower with its text tower: same arch, seed and activation."""
+    return f"synthetic:{arch}:seed={seed}:act={act}"
+
+
+def _build_graph(spec: VisionSpec, input_kind: str, g: _GraphBuilder, conv_bias: str | None,
+                 act: str = "quickgelu") -> str:
     """Adds the forward pass; returns the output tensor name."""
     w, h, hd = spec.width, spec.heads, spec.head_dim
     v = "visual."
@@ -216,7 +243,6 @@ def _build_graph(spec: VisionSpec, input_kind: str, g: _GraphBuilder, conv_bias:
     qkv_shape = g.const("shape_qkv_heads", i64(0, 0, h, hd))
     merge_shape = g.const("shape_merge_heads", i64(0, 0, w))
     q_scale = g.const("attn_scale", np.asarray(hd**-0.5, np.float32))
-    alpha = g.const("quickgelu_alpha", np.asarray(QUICKGELU_ALPHA, np.float32))
     for i in range(spec.layers):
         b = f"{v}transformer.resblocks.{i}."
         t = f"blocks.{i}."
@@ -246,9 +272,7 @@ def _build_graph(spec: VisionSpec, input_kind: str, g: _GraphBuilder, conv_bias:
                   axis=-1, epsilon=LN_EPS)
         y = g.op1("MatMul", [y, b + "mlp.c_fc.weight.T"], t + "mlp.c_fc_mm")
         y = g.op1("Add", [y, b + "mlp.c_fc.bias"], t + "mlp.c_fc")
-        z = g.op1("Mul", [y, alpha], t + "mlp.gelu_scaled")
-        z = g.op1("Sigmoid", [z], t + "mlp.gelu_gate")
-        y = g.op1("Mul", [y, z], t + "mlp.gelu")
+        y = activation(g, y, t + "mlp.", act)
         y = g.op1("MatMul", [y, b + "mlp.c_proj.weight.T"], t + "mlp.c_proj_mm")
         y = g.op1("Add", [y, b + "mlp.c_proj.bias"], t + "mlp.c_proj")
         x = g.op1("Add", [x, y], t + "resid_mlp")
@@ -289,12 +313,13 @@ def _weights(spec: VisionSpec, seed: int, input_kind: str):
     return conv_bias, gen()
 
 
-def _skeleton(arch: str, seed: int, input_kind: str, conv_bias: np.ndarray | None) -> onnx.ModelProto:
+def _skeleton(arch: str, seed: int, input_kind: str, conv_bias: np.ndarray | None,
+              act: str = "quickgelu") -> onnx.ModelProto:
     """The whole model except the initializers' data (they are listed as graph inputs nowhere)."""
     spec = _spec(arch)
     g = _GraphBuilder()
     bias_name = g.const("conv1.norm_bias", conv_bias) if conv_bias is not None else None
-    output = _build_graph(spec, input_kind, g, bias_name)
+    output = _build_graph(spec, input_kind, g, bias_name, act)
     in_name, in_shape = _io(spec, input_kind)
     elem = TensorProto.FLOAT if input_kind == "float" else TensorProto.UINT8
     graph = helper.make_graph(
@@ -320,16 +345,19 @@ def _skeleton(arch: str, seed: int, input_kind: str, conv_bias: np.ndarray | Non
             META_PREFIX + "input_kind": input_kind,
             META_PREFIX + "builder": BUILDER,
             META_PREFIX + "note": NOTE,
+            META_PREFIX + "act": act,
+            META_PREFIX + "clip_model": clip_model_id(arch, seed, act),
         },
     )
     return model
 
 
-def make_model_proto(arch: str = "tiny", seed: int = 0, input_kind: str = "float") -> onnx.ModelProto:
+def make_model_proto(arch: str = "tiny", seed: int = 0, input_kind: str = "float",
+                     act: str = "quickgelu") -> onnx.ModelProto:
     """The same model as build_clip_image_onnx writes, in memory (meant for small archs/tests)."""
-    _check_args(arch, input_kind)
+    _check_args(arch, input_kind, act)
     conv_bias, weights = _weights(_spec(arch), seed, input_kind)
-    model = _skeleton(arch, seed, input_kind, conv_bias)
+    model = _skeleton(arch, seed, input_kind, conv_bias, act)
     model.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in weights)
     return model
 
@@ -401,11 +429,18 @@ def _tensor_head(name: str, shape: tuple[int, ...]) -> bytes:
     return head + _len_delimited(_TENSOR_RAW_DATA_FIELD, 4 * int(np.prod(shape)))
 
 
-def _stream_model(f, arch: str, seed: int, input_kind: str) -> tuple[int, str]:
+def _stream_model(f, arch: str, seed: int, input_kind: str, act: str = "quickgelu") -> tuple[int, str]:
     """Write the model to the binary file ``f``; returns (bytes written, sha256 hex)."""
     spec = _spec(arch)
     conv_bias, weights = _weights(spec, seed, input_kind)
-    skel = _skeleton(arch, seed, input_kind, conv_bias).SerializeToString()
+    skel = _skeleton(arch, seed, input_kind, conv_bias, act).SerializeToString()
+    shapes = [(n, shape) for n, shape, _, _ in _parameter_table(spec)]
+    return stream_with_initializers(f, skel, shapes, weights)
+
+
+def stream_with_initializers(f, skel: bytes, shapes: list[tuple[str, tuple[int, ...]]], weights) -> tuple[int, str]:
+    """Write the serialised model ``skel`` (no initializers) with float32 initializers ``shapes``
+    filled from the iterator ``weights`` of (name, array), one at a time; returns (bytes, sha256)."""
     model_fields = _top_level_fields(skel)
     (g_field,) = [fld for fld in model_fields if fld[0] == _MODEL_GRAPH_FIELD]
     graph = skel[g_field[2]:g_field[3]]
@@ -413,9 +448,8 @@ def _stream_model(f, arch: str, seed: int, input_kind: str) -> tuple[int, str]:
     assert all(fld[0] != _GRAPH_INITIALIZER_FIELD for fld in graph_fields)
     split = next((fld[1] for fld in graph_fields if fld[0] > _GRAPH_INITIALIZER_FIELD), len(graph))
 
-    heads = [(n, _tensor_head(n, shape)) for n, shape, _, _ in _parameter_table(spec)]
-    init_sizes = [len(h) + 4 * int(np.prod(shape))
-                  for (_, h), (_, shape, _, _) in zip(heads, _parameter_table(spec))]
+    heads = [(n, _tensor_head(n, shape)) for n, shape in shapes]
+    init_sizes = [len(h) + 4 * int(np.prod(shape)) for (_, h), (_, shape) in zip(heads, shapes)]
     graph_len = len(graph) + sum(len(_len_delimited(_GRAPH_INITIALIZER_FIELD, s)) + s
                                  for s in init_sizes)
 
@@ -442,10 +476,12 @@ def _stream_model(f, arch: str, seed: int, input_kind: str) -> tuple[int, str]:
     return written, digest.hexdigest()
 
 
-def _check_args(arch: str, input_kind: str) -> None:
+def _check_args(arch: str, input_kind: str, act: str = "quickgelu") -> None:
     _spec(arch)
     if input_kind not in INPUT_KINDS:
         raise ValueError(f"input_kind must be one of {INPUT_KINDS}, not {input_kind!r}")
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, not {act!r}")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -481,7 +517,8 @@ def _write_sidecar(path: Path, info: dict) -> None:
 
 
 def build_clip_image_onnx(
-    path: str | os.PathLike, arch: str = "vit-b32", seed: int = 0, input_kind: str = "float"
+    path: str | os.PathLike, arch: str = "vit-b32", seed: int = 0, input_kind: str = "float",
+    act: str = "quickgelu",
 ) -> dict:
     """Write a CLIP image tower with seeded random weights to ``path`` (+ ``<path>.json``).
 
@@ -489,14 +526,15 @@ def build_clip_image_onnx(
     ``input_kind="uint8"``: input ``pixels`` uint8 [N,224,224,3] RGB 0..255; the normalisation
     is folded into conv1 (same seed -> same model as the float one, up to float rounding).
     Output ``embedding`` float32 [N,512], not L2-normalised.  Same arguments -> same bytes.
+    ``act``: the MLP activation (quickgelu: OpenAI CLIP; gelu: most open_clip checkpoints).
     Both files are written atomically (temp name + rename); the sidecar is written last.
     """
-    _check_args(arch, input_kind)
+    _check_args(arch, input_kind, act)
     seed = int(seed)
     spec = _spec(arch)
     path = Path(path)
     result: list = []
-    _atomic_write(path, lambda f: result.append(_stream_model(f, arch, seed, input_kind)))
+    _atomic_write(path, lambda f: result.append(_stream_model(f, arch, seed, input_kind, act)))
     (file_bytes, sha256), = result
     in_name, in_shape = _io(spec, input_kind)
     info = {
@@ -515,6 +553,9 @@ def build_clip_image_onnx(
         "note": NOTE,
         "file_bytes": file_bytes,
         "sha256": sha256,
+        "tower": "image",
+        "act": act,
+        "clip_model": clip_model_id(arch, seed, act),
     }
     _write_sidecar(path, info)
     return info
@@ -638,4 +679,7 @@ def read_model_info(path: str | os.PathLike) -> dict:
         info["seed"] = int(seed) if seed is not None and seed.lstrip("-").isdigit() else None
         if META_PREFIX + "quantized" in props:
             info["quantized"] = props[META_PREFIX + "quantized"]
+        for key in ("act", "clip_model", "tower"):
+            if META_PREFIX + key in props:
+                info[key] = props[META_PREFIX + key]
     return info

@@ -1,4 +1,9 @@
-"""ONNX image encoder -> BM1684X bmodel(s), driving TPU-MLIR's tools in the venv."""
+"""ONNX image or text encoder -> BM1684X bmodel(s), driving TPU-MLIR's tools in the venv.
+
+A text encoder (int token ids [B,77] in) compiles the same way with input shape [[B,77]]; its
+sidecar records the tower, its clip_model (pairing) and form, and a states-form model's
+projection is copied beside each bmodel as ``<bmodel stem>.text_projection.npy``.
+"""
 from __future__ import annotations
 
 import json
@@ -34,10 +39,11 @@ def _fmt_list(xs: Iterable[float]) -> str:
 
 def transform_args(name: str, onnx_path, batch: int, mlir: str, fuse_preprocess: bool = False,
                    image_size: int = 224, test_input: str | None = None,
-                   test_result: str | None = None) -> list[str]:
-    """Arguments of ``model_transform`` for one fixed batch size."""
+                   test_result: str | None = None, text_context: int | None = None) -> list[str]:
+    """Arguments of ``model_transform`` for one fixed batch size (a text encoder: [[B, text_context]])."""
+    shape = f"[[{int(batch)},{int(text_context)}]]" if text_context else f"[[{int(batch)},3,{image_size},{image_size}]]"
     args = ["model_transform", "--model_name", name, "--model_def", str(onnx_path),
-            "--input_shapes", f"[[{int(batch)},3,{image_size},{image_size}]]", "--mlir", mlir]
+            "--input_shapes", shape, "--mlir", mlir]
     if fuse_preprocess:
         args += ["--mean", _fmt_list(CLIP_MEAN_255), "--scale", _fmt_list(CLIP_SCALE_255),
                  "--pixel_format", "rgb"]
@@ -127,12 +133,17 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_sha = sha256_file(onnx_path)
     synthetic = onnx_synthetic_flag(onnx_path)
+    text_context = onnx_text_context(onnx_path)
+    if text_context and fuse_preprocess:
+        raise ValueError("--fuse-preprocess is for image encoders; this ONNX takes token ids")
     common = {
         "chip": chip, "quantize": quantize, "tpu_mlir_version": TPU_MLIR_VERSION,
         "fused_preprocess": bool(fuse_preprocess),
         "onnx": {"path": str(onnx_path), "sha256": onnx_sha, "bytes": onnx_path.stat().st_size,
-                 "synthetic_weights": synthetic},
+                 "synthetic_weights": synthetic, **_onnx_identity(onnx_path)},
     }
+    if text_context:
+        common["tower"] = "text"
     if fuse_preprocess:
         common["preprocess"] = {"format": "RGB_PLANAR uint8 [N,3,H,W] (resize/crop not included)",
                                 "mean": list(CLIP_MEAN_255), "scale": list(CLIP_SCALE_255),
@@ -149,17 +160,20 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
             if validate:
                 import numpy as np
 
-                from .preprocess import normalize_u8, random_u8_images
-                u8 = random_u8_images(b, seed=0)
-                if fuse_preprocess:  # model_transform takes the raw pixels and applies mean/scale
-                    arr = u8.astype(np.float32)
+                from .preprocess import normalize_u8, random_token_ids, random_u8_images
+                if text_context:
+                    arr = random_token_ids(b, text_context, seed=0)
                 else:
-                    arr = normalize_u8(u8)
+                    u8 = random_u8_images(b, seed=0)
+                    if fuse_preprocess:  # model_transform takes the raw pixels and applies mean/scale
+                        arr = u8.astype(np.float32)
+                    else:
+                        arr = normalize_u8(u8)
                 test_in = str(wd / "test_input.npz")
                 np.savez(test_in, **{_onnx_input_name(onnx_path): arr})
             log(f"[compile] {name} batch {b}: model_transform")
             t_tr = run_tool(transform_args(name, onnx_path, b, mlir, fuse_preprocess,
-                                           test_input=test_in), wd, venv)
+                                           test_input=test_in, text_context=text_context), wd, venv)
             log(f"[compile] {name} batch {b}: model_deploy --quantize {quantize} --chip {chip}"
                 + ("" if validate else " --skip_validation"))
             t_dp = run_tool(deploy_args(mlir, out_name, chip, quantize, fuse_preprocess, validate, name),
@@ -180,6 +194,7 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                 "estimate": est or None,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
+            _copy_projection(onnx_path, dst, side)
             _write_json(Path(str(dst) + ".json"), side)
             results.append(side)
             per_img = f", estimate {est['ms_per_image']:.3f} ms/image" if est else ""
@@ -207,6 +222,7 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                 "estimate": {str(r["batch"]): r["estimate"] for r in results},
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
+            _copy_projection(onnx_path, dst, side)
             _write_json(Path(str(dst) + ".json"), side)
             results.append(side)
             log(f"[compile] wrote {dst} ({side['bmodel_bytes'] / 1e6:.1f} MB)")
@@ -224,3 +240,36 @@ def _onnx_input_name(onnx_path) -> str:
     m = onnx.load(str(onnx_path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
     return next(i.name for i in m.graph.input if i.name not in inits)
+
+
+def onnx_text_context(onnx_path) -> int | None:
+    """The context length if the ONNX is a text encoder (int32/int64 input [B, T]), else None."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    inp = next(i for i in m.graph.input if i.name not in inits)
+    tt = inp.type.tensor_type
+    dims = [d.dim_value or d.dim_param for d in tt.shape.dim]
+    if tt.elem_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64) and len(dims) == 2:
+        return dims[1] if isinstance(dims[1], int) and dims[1] > 0 else 77
+    return None
+
+
+def _onnx_identity(onnx_path) -> dict:
+    """What pairs/describes the model, copied from the ONNX's sidecar (clip_model, tower, form, act)."""
+    side = Path(str(onnx_path) + ".json")
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: info[k] for k in ("clip_model", "tower", "text_form", "act", "arch") if k in info}
+
+
+def _copy_projection(onnx_path, bmodel: Path, side: dict) -> None:
+    """A states-form text encoder's projection goes beside each bmodel (the host applies it)."""
+    src = Path(onnx_path).with_name(Path(onnx_path).stem + ".text_projection.npy")
+    if src.is_file():
+        dst = bmodel.with_name(bmodel.stem + ".text_projection.npy")
+        shutil.copyfile(src, dst)
+        side["projection"] = {"file": dst.name, "sha256": sha256_file(dst)}

@@ -42,3 +42,15 @@ def load_images_u8(directory, size: int = 224, limit: int | None = None) -> tupl
     for k, p in enumerate(paths):
         out[k] = reference_crop(decode_file(os.fsencode(p), opts), size).transpose(2, 0, 1)
     return [str(p) for p in paths], out
+
+
+def random_token_ids(n: int, context: int = 77, seed: int = 0) -> np.ndarray:
+    """n rows shaped like CLIP token ids: sot, random BPE ids, eot (the row's maximum), zero padding."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((n, context), np.int32)
+    for i in range(n):
+        k = int(rng.integers(0, context - 1))
+        ids[i, 0] = 49406
+        ids[i, 1:k + 1] = rng.integers(1, 49406, size=k)
+        ids[i, k + 1] = 49407
+    return ids

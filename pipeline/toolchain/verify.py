@@ -10,7 +10,7 @@ import numpy as np
 
 from .compile import bmodel_info
 from .parse import stage_batches
-from .preprocess import load_images_u8, normalize_u8, random_u8_images
+from .preprocess import load_images_u8, normalize_u8, random_token_ids, random_u8_images
 from .runner import BmodelRunner
 
 
@@ -86,6 +86,7 @@ def verify(bmodel, onnx_path=None, seed: int = 0, images_dir=None, max_images: i
     inp = info["networks"][0]["stages"][0]["inputs"][0]
     fused = inp["dtype"] == "uint8"
     size = inp["shape"][-1]
+    text = len(inp["shape"]) == 2  # a text encoder: token ids [B, 77]
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     in_name = sess.get_inputs()[0].name
     result = VerifyResult(str(bmodel), str(onnx_path), fused)
@@ -102,13 +103,22 @@ def verify(bmodel, onnx_path=None, seed: int = 0, images_dir=None, max_images: i
             return y, runner.last_seconds or 0.0
 
         for k, b in enumerate(todo):
+            if text:
+                ids = random_token_ids(b, size, seed=seed + k)
+                t0 = runner.last_seconds
+                (y,) = runner.forward([ids])
+                ref = sess.run(None, {in_name: ids.astype(_ort_int(sess))})[0]
+                c = compare(f"token ids seed={seed + k} b={b}", y, ref, runner.last_seconds or t0 or 0.0)
+                result.comparisons.append(c)
+                log("[verify] " + c.line())
+                continue
             u8 = random_u8_images(b, seed=seed + k, size=size)
             y, secs = run(u8)
             ref = sess.run(None, {in_name: normalize_u8(u8)})[0]
             c = compare(f"random seed={seed + k} b={b}", y, ref, secs)
             result.comparisons.append(c)
             log("[verify] " + c.line())
-        if images_dir:
+        if images_dir and not text:
             paths, u8 = load_images_u8(images_dir, size=size, limit=max_images)
             if not len(paths):
                 raise ValueError(f"no images found under {images_dir}")
@@ -128,3 +138,7 @@ def verify(bmodel, onnx_path=None, seed: int = 0, images_dir=None, max_images: i
             result.comparisons.append(c)
             log("[verify] " + c.line())
     return result
+
+
+def _ort_int(sess) -> type:
+    return np.int64 if sess.get_inputs()[0].type == "tensor(int64)" else np.int32

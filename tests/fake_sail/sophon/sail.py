@@ -281,12 +281,13 @@ class _Net:
         self.stages = sorted(int(b) for b in meta.get("batch_sizes", [1]))
         self.sample_shape = [int(d) for d in inp.shape[1:]]
         self.out_tail = [int(d) if isinstance(d, int) else 0 for d in out.shape[1:]]
+        self.onnx_dtype = {"tensor(uint8)": np.uint8, "tensor(int32)": np.int32}.get(inp.type, np.float32)
         if 0 in self.out_tail:  # dynamic output dims: learn them by running once
-            probe = np.zeros([1, *self.sample_shape], dtype=np.uint8 if "uint8" in inp.type else np.float32)
+            probe = np.zeros([1, *self.sample_shape], dtype=self.onnx_dtype)
             self.out_tail = list(self.sess.run(None, {self.input_name: probe})[0].shape[1:])
-        self.input_dtype = {"float32": Dtype.BM_FLOAT32, "uint8": Dtype.BM_UINT8,
-                            "int8": Dtype.BM_INT8}[meta.get("input_dtype", "float32")]
-        self.onnx_dtype = np.uint8 if "uint8" in inp.type else np.float32
+        # int32: a text encoder's token ids (sail-api.md §7 text encoder: the bmodel input is INT32)
+        self.input_dtype = {"float32": Dtype.BM_FLOAT32, "uint8": Dtype.BM_UINT8, "int8": Dtype.BM_INT8,
+                            "int32": Dtype.BM_INT32}[meta.get("input_dtype", "float32")]
         self.input_scale = float(meta.get("input_scale", 1.0))
         self.output_dtype = Dtype.BM_FLOAT32
 
@@ -300,6 +301,8 @@ class _Net:
             return np.clip(np.rint(x * self.input_scale), 0, 255).astype(np.uint8)
         if self.input_dtype == Dtype.BM_INT8:
             return np.clip(np.rint(x * self.input_scale), -128, 127).astype(np.int8)
+        if self.input_dtype == Dtype.BM_INT32:  # token ids: float32-coerced by pybind, exact below 2**24
+            return np.rint(x * self.input_scale).astype(np.int32)
         return x.astype(np.float32, copy=False)
 
     def run_device(self, q: np.ndarray) -> np.ndarray:
@@ -310,6 +313,8 @@ class _Net:
         elif self.input_dtype == Dtype.BM_INT8:
             # a real int8-input network dequantises internally: x = q / scale
             x = (np.asarray(q, np.int8).astype(np.float32) / self.input_scale)
+        elif self.input_dtype == Dtype.BM_INT32:
+            x = np.asarray(q, np.int32)
         else:
             x = np.asarray(q, np.float32)
         return np.asarray(self.sess.run(None, {self.input_name: x.astype(self.onnx_dtype, copy=False)})[0], dtype=np.float32)
