@@ -47,6 +47,9 @@ def _load(config, inputs, output_dir, sets, devices=(), input_list=None):
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set infer.threads=2 (repeatable; TOML values).")
 @click.option("--restart", is_flag=True, help="Delete a previous run in the output directory and start over.")
+@click.option("--update", is_flag=True,
+              help="Over a finished output: embed only the inputs that are new since (appended as new shards; "
+                   "existing rows never change), record the removed ones.")
 @click.option("--dry-run", is_flag=True, help="Validate the config, count the inputs, show the devices, and exit.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), default=None,
               help="Progress display (default: run.progress; bar on a terminal, log lines otherwise).")
@@ -55,7 +58,7 @@ def _load(config, inputs, output_dir, sets, devices=(), input_list=None):
               help="Run across a Ray cluster (plan, one task per range, merge); see docs/cluster.md. Default: cluster.engine.")
 @click.option("--address", default=None, metavar="HOST:PORT",
               help="Ray cluster address for --cluster ray (default: cluster.address, \"auto\").")
-def run(config, inputs, input_list, output_dir, devices, sets, restart, dry_run, progress, quiet, cluster,
+def run(config, inputs, input_list, output_dir, devices, sets, restart, update, dry_run, progress, quiet, cluster,
         address) -> None:
     """Embed every image under the input directories into OUTPUT (resumable).
 
@@ -70,6 +73,11 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, dry_run,
 
     try:
         cfg = _load(config, inputs, output_dir, sets, devices, input_list)
+        if update and restart:
+            raise ConfigError("--update and --restart contradict each other: --update keeps the finished run, "
+                              "--restart deletes it")
+        if update and (cluster or cfg.cluster.engine):
+            raise ConfigError("--update runs on this host only: drop --cluster (or cluster.engine) for the update")
         if dry_run:
             _dry_run(cfg)
             return
@@ -86,7 +94,12 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, dry_run,
             sys.exit(code)
         mode = "none" if quiet else (progress or cfg.run.progress)
         prog = Progress(mode, cfg.run.log_interval_s)
-        result = Supervisor(cfg, restart=restart, progress=prog).run()
+        if update:
+            from pipeline.update import run_update
+
+            result = run_update(cfg, progress=prog, log=prog.message)
+        else:
+            result = Supervisor(cfg, restart=restart, progress=prog).run()
     except ConfigError as exc:
         _fail(str(exc), 2)
     except RunAborted as exc:

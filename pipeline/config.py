@@ -46,6 +46,7 @@ class OutputConfig:
     pickle: bool = _f(False, "Also write embeddings.pkl ({'img_path': [...], 'embedding': ndarray}) at the end, like the reference program.")
     metadata: bool = _f(False, "Also write embeddings/part-NNNNN.parquet per shard, row i describing .npy row i: image_path, tar + key (webdataset inputs), caption (txt), json fields, width/height. Needs the `parquet` extra.")
     layout: Literal["native", "clip-retrieval"] = _f("native", "\"clip-retrieval\" also publishes the complete run as img_emb/img_emb_NNNNN.npy + metadata/metadata_NNNNN.parquet (hard links; implies output.metadata), what `clip-retrieval index` / autofaiss and `clip-retrieval back` read.")
+    content_hash: bool = _f(False, "Record a fast content hash of every embedded input (embeddings/part-NNNNN.hashes: xxh3-128 if xxhash is installed, else blake2b-128), so that `run --update` skips new names whose bytes are already embedded (renamed or copied files).")
     on_existing: Literal["resume", "restart", "error"] = _f("resume", "What to do when the output dir holds a previous run: resume it, delete and restart, or stop.")
 
 
