@@ -336,3 +336,40 @@ class TarReader:
         for _i, fh in self.open.values():
             fh.close()
         self.open.clear()
+
+
+# -- content hashes (output.content_hash, run --update) -----------------------------------------
+
+def hasher():
+    """A fast content hash: xxhash's xxh3_128 when installed, else blake2b (128-bit)."""
+    try:
+        import xxhash
+
+        return "xxh3_128", xxhash.xxh3_128
+    except ImportError:
+        import hashlib
+
+        return "blake2b128", lambda data=b"": hashlib.blake2b(data, digest_size=16)
+
+
+def content_hash(data: bytes) -> str:
+    name, fn = hasher()
+    return f"{name}:{fn(data).hexdigest()}"
+
+
+def hash_input(path: bytes, reader: TarReader | None = None) -> str | None:
+    """The content hash of an input (a file, or a tar member's bytes); None if unreadable.
+    Pass a long-lived `reader` when hashing many members of the same tars."""
+    try:
+        if b".tar/" in path.lower() and split_ref(path) is not None:
+            own = reader is None
+            reader = reader or TarReader(keep=1)
+            try:
+                return content_hash(reader.read_image(path, 1 << 31))
+            finally:
+                if own:
+                    reader.close()
+        with open(path, "rb") as fh:
+            return content_hash(fh.read())
+    except Exception:  # noqa: BLE001 - an unreadable input is simply not matched
+        return None

@@ -34,43 +34,10 @@ from pathlib import Path
 
 from pipeline import output, pathcodec
 from pipeline.config import Config, ConfigError
+from pipeline.inputs import hash_input
 
 UPDATES = "updates"
 INPUT_KEYS = {"inputs", "extensions", "recursive", "follow_symlinks", "list", "list_column", "tar"}
-
-
-def hasher():
-    """A fast content hash: xxhash's xxh3_128 when installed, else blake2b (128-bit)."""
-    try:
-        import xxhash
-
-        return "xxh3_128", xxhash.xxh3_128
-    except ImportError:
-        import hashlib
-
-        return "blake2b128", lambda data=b"": hashlib.blake2b(data, digest_size=16)
-
-
-def content_hash(data: bytes) -> str:
-    name, fn = hasher()
-    return f"{name}:{fn(data).hexdigest()}"
-
-
-def hash_input(path: bytes) -> str | None:
-    """The content hash of an input (a file, or a tar member's bytes); None if unreadable."""
-    from pipeline import inputs
-
-    try:
-        if inputs.split_ref(path) is not None:
-            reader = inputs.TarReader(keep=1)
-            try:
-                return content_hash(reader.read_image(path, 1 << 31))
-            finally:
-                reader.close()
-        with open(path, "rb") as fh:
-            return content_hash(fh.read())
-    except Exception:  # noqa: BLE001 - an unreadable input is simply not matched
-        return None
 
 
 def records(out: Path) -> list[dict]:

@@ -142,10 +142,11 @@ class SinkCore(StageCore):
                     self.tars = self.tars or inputs.TarReader()
                     companions = {".parquet": metadata.parquet_bytes(paths, self.tars)}
                 if self.cfg.output.content_hash:  # run --update's rename/copy check (pipeline/update.py)
-                    from pipeline.update import hash_input
+                    from pipeline import inputs
 
-                    companions = {**(companions or {}),
-                                  ".hashes": b"".join((hash_input(p) or "").encode() + b"\n" for p in paths)}
+                    self.tars = self.tars or inputs.TarReader()
+                    companions = {**(companions or {}), ".hashes": b"".join(
+                        (inputs.hash_input(p, self.tars) or "").encode() + b"\n" for p in paths)}
                 output.write_shard(self.out_dir, k, paths, emb, fails, companions)
             except OSError as exc:
                 what = "the output disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
