@@ -50,7 +50,9 @@ def _load(config, inputs, output_dir, sets, devices=(), input_list=None):
 @click.option("--update", is_flag=True,
               help="Over a finished output: embed only the inputs that are new since (appended as new shards; "
                    "existing rows never change), record the removed ones.")
-@click.option("--dry-run", is_flag=True, help="Validate the config, count the inputs, show the devices, and exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Make every check the run makes before it starts (same refusals and exit status), count the "
+                   "inputs, show the devices and any existing run, and exit; writes nothing.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "none"]), default=None,
               help="Progress display (default: run.progress; bar on a terminal, log lines otherwise).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -79,7 +81,7 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
         if update and (cluster or cfg.cluster.engine):
             raise ConfigError("--update runs on this host only: drop --cluster (or cluster.engine) for the update")
         if dry_run:
-            _dry_run(cfg)
+            _dry_run(cfg, restart)
             return
         if (cluster or cfg.cluster.engine) == "ray":
             from pipeline.cluster.ray_runner import run_on_ray
@@ -114,25 +116,35 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
     sys.exit(result.exit_code)
 
 
-def _dry_run(cfg) -> None:
-    from pipeline.backends import get_backend
-    from pipeline.config import validate_for_run
-    from pipeline.preflight import device_warnings
+def _dry_run(cfg, restart: bool = False) -> None:
+    """Every check the real run makes before it builds a model or starts a worker (pipeline/preflight.py:
+    same refusals, same exit status), then what the run would do. Writes nothing."""
+    from pipeline import preflight
     from stages.source import config_inputs
 
-    validate_for_run(cfg)
-    backend = get_backend(cfg.infer.backend)
-    devices = backend.resolve_devices(cfg)
-    warnings: list[str] = device_warnings(cfg, devices)
+    pf = preflight.check(cfg, restart=restart)
+    warnings: list[str] = list(pf.warnings)
     n = sum(1 for _ in config_inputs(cfg, warnings.append))
+    if pf.changes:
+        warnings.append(preflight.changes_note(pf.changes, pf.manifest.get("status") == "complete"))
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(f"config: {cfg.source} (valid)")
     click.echo(f"inputs: {n} files under {', '.join(cfg.input.paths)}")
-    click.echo(f"backend: {cfg.infer.backend}, devices: {', '.join(map(str, devices))}")
+    click.echo(f"backend: {cfg.infer.backend}, devices: {', '.join(map(str, pf.devices))}")
     click.echo(f"model: {cfg.model.path}" + ("" if _exists(cfg.model.path) else
                                             f" (missing; will be built: {cfg.model.build})" if cfg.model.build else " (missing)"))
     click.echo(f"output: {cfg.output.dir}")
+    if pf.manifest is not None:
+        if restart or cfg.output.on_existing == "restart":
+            action = "--restart deletes it and starts over"
+        elif pf.manifest.get("status") == "complete":
+            action = "the run re-checks the inputs and has nothing left to embed"
+        else:
+            action = "the run resumes it"
+        click.echo(f"existing run in {cfg.output.dir}: {pf.state}; {action}")
+    if pf.changes:
+        click.echo(f"inputs changed: {pf.changes.summary()}")
 
 
 def _exists(p: str) -> bool:

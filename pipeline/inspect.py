@@ -17,7 +17,7 @@ from typing import Any
 import click
 import numpy as np
 
-from pipeline import output
+from pipeline import output, pathcodec
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 NORM_TOLERANCE = {"float32": 1e-3, "float16": 5e-3}
@@ -108,7 +108,7 @@ def verify(out: str | os.PathLike) -> list[str]:
     its paths, with the shard's failures, are exactly the listing's inputs of the shard's id range,
     in order. Across the run: one width, no missing shard, failures.jsonl agrees with the shards.
     """
-    from pipeline.update import records as update_records
+    from pipeline.output import records as update_records
 
     out = Path(out)
     m = read_run(out)
@@ -123,16 +123,16 @@ def verify(out: str | os.PathLike) -> list[str]:
     base_total = 0
     if listing_path.exists():
         try:
-            listing = [os.fsdecode(output.parse_listing_line(line))
+            listing = [pathcodec.encode(output.parse_listing_line(line))  # the text form, as in .paths
                        for line in listing_path.read_bytes().splitlines() if line]
             base_total = len(listing)
-            from pipeline.update import listed_inputs  # inputs added by run --update, after an id gap
+            from pipeline.output import listed_inputs  # inputs added by run --update, after an id gap
 
             for i, p in listed_inputs(out):
                 if i >= base_total:
                     listing.extend([None] * (i - len(listing)))
-                    listing.append(os.fsdecode(p))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    listing.append(pathcodec.encode(p))
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, as is a bad quoted path
             problems.append(f"listing.jsonl is not readable JSON lines ({exc})")
     else:
         problems.append("listing.jsonl is missing (the input listing, needed to check paths and to resume)")

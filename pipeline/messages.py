@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import pathcodec
 from pipeline.transport import array_header
 
 # Why an input could not be embedded (docs/robustness.md). Decode: empty .. vanished; infer adds
@@ -58,7 +59,7 @@ class Failure:
 
     def record(self) -> dict[str, Any]:
         """The JSON line of a .failures.jsonl file (path as text)."""
-        path = self.path if isinstance(self.path, str) else self.path.decode("utf-8", "backslashreplace")
+        path = self.path if isinstance(self.path, str) else pathcodec.encode(self.path)  # lossless UTF-8 text
         return {"id": self.id, "path": path, "reason": self.reason, "message": self.message, "stage": self.stage}
 
 

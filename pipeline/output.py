@@ -3,7 +3,7 @@
     OUT/manifest.json                      config, model identity, counts, shards, status
     OUT/listing.jsonl                      the input listing: line i = JSON string of input id i
     OUT/embeddings/part-NNNNN.npy          [rows, dim] float32/float16, sorted by input id
-    OUT/embeddings/part-NNNNN.paths        one input path per row (see encode_path_line)
+    OUT/embeddings/part-NNNNN.paths        one input path per row, UTF-8 text form (pipeline/pathcodec.py)
     OUT/embeddings/part-NNNNN.failures.jsonl  failed inputs of the shard's id range
     OUT/failures.jsonl                     all failures, by id (rebuilt at the end of a run)
     OUT/report.json                        throughput, per-stage stats, failures by reason
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import pathcodec
+
 EMB_DIR = "embeddings"
 
 
@@ -34,24 +36,22 @@ def shard_name(k: int) -> str:
 
 
 def encode_path_line(path: bytes) -> bytes:
-    """One line of a .paths file: the raw path bytes, or a JSON string if the name needs escaping."""
-    if b"\n" in path or b"\r" in path or path.startswith(b'"'):
-        return json.dumps(os.fsdecode(path)).encode("ascii")
-    return path
+    """One line of a .paths file: the name's one-line UTF-8 text form (pipeline/pathcodec.py)."""
+    return pathcodec.encode(path).encode("utf-8")
 
 
 def decode_path_line(line: bytes) -> str:
-    if line.startswith(b'"'):
-        return json.loads(line.decode("ascii"))
-    return os.fsdecode(line)
+    """A .paths line as the str the reading API returns: the text form (pathcodec.decode gives the bytes)."""
+    return line.decode("utf-8")
 
 
 def listing_line(path: bytes) -> bytes:
-    return json.dumps(os.fsdecode(path)).encode("ascii") + b"\n"
+    """Line i of listing.jsonl: the JSON string of input i's text form (pure ASCII, no lone surrogates)."""
+    return json.dumps(pathcodec.encode(path)).encode("ascii") + b"\n"
 
 
 def parse_listing_line(line: bytes) -> bytes:
-    return os.fsencode(json.loads(line))
+    return pathcodec.decode(json.loads(line))
 
 
 def listing_paths(listing: str | os.PathLike, ids) -> dict[int, bytes]:
@@ -312,3 +312,46 @@ def load_embeddings(out_dir: str | os.PathLike) -> tuple[list[str], ShardedArray
     paths = [p for s in shards for p in s.paths]
     dtype = (read_manifest(out) or {}).get("config", {}).get("output", {}).get("dtype", "float32")
     return paths, ShardedArray([s.embeddings for s in shards], dim=0, dtype=dtype)
+
+
+# -- inputs added by `run --update` (pipeline/update.py) -----------------------------------------
+
+UPDATES = "updates"
+
+
+def records(out: str | os.PathLike) -> list[dict]:
+    """The update records of an output (OUT/updates/u-NNNN.json), oldest first."""
+    d = Path(out) / UPDATES
+    if not d.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(d.glob("u-*.json"))]
+
+
+def listed_inputs(out: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(id, path) of every input an output lists: the run's listing, then each published update's."""
+    out = Path(out)
+    listing = out / "listing.jsonl"
+    if listing.exists():
+        with open(listing, "rb") as fh:
+            for i, line in enumerate(fh):
+                yield i, parse_listing_line(line)
+    for rec in records(out):
+        if not rec.get("published"):
+            continue
+        with open(out / UPDATES / rec["listing"], "rb") as fh:
+            for j, line in enumerate(fh):
+                yield rec["first_id"] + j, parse_listing_line(line)
+
+
+def recorded_inputs(out: str | os.PathLike) -> Iterator[bytes]:
+    """The listed inputs that no update has recorded as removed since (what a re-walk is compared with)."""
+    from pipeline import pathcodec
+
+    gone: set[bytes] = set()
+    for rec in records(out):
+        p = Path(out) / UPDATES / rec.get("removed", "")
+        if rec.get("published") and p.is_file():
+            gone.update(pathcodec.decode(line) for line in p.read_text(encoding="utf-8").splitlines() if line)
+    for _i, path in listed_inputs(out):
+        if path not in gone:
+            yield path

@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline import messages, output, transport
+from pipeline import messages, output, preflight, transport
 from pipeline.backends import get_backend
 from pipeline.boot import boot
-from pipeline.config import Config, ConfigError, validate_for_run
+from pipeline.config import Config, ConfigError
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
 from pipeline.models import ensure_model
-from pipeline.preflight import device_warnings
+from pipeline.preflight import fingerprint
 from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
 from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment
 
@@ -78,26 +78,6 @@ class Worker:
         return self.spec.name
 
 
-def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resume."""
-    return {
-        "model_sha256": model.get("sha256"),
-        "backend": cfg.infer.backend,
-        "sail_mode": cfg.sail.mode if cfg.infer.backend == "sail" else None,
-        "preprocess_mode": cfg.preprocess.mode,
-        "exif_transpose": cfg.preprocess.exif_transpose,
-        "normalize": cfg.output.normalize,
-        "dtype": cfg.output.dtype,
-        "shard_size": cfg.output.shard_size,
-        "inputs": list(cfg.input.paths),
-        "extensions": sorted(cfg.input.extensions),
-        "recursive": cfg.input.recursive,
-        "follow_symlinks": cfg.input.follow_symlinks,
-        **({"list": cfg.input.list, "list_column": cfg.input.list_column} if cfg.input.list else {}),
-        **({} if cfg.input.tar else {"tar": False}),
-    }
-
-
 def software_versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
@@ -144,16 +124,23 @@ class Supervisor:
         self.queues: dict[str, int] = {}
         self.dim: int | None = None  # embedding width, from the first device that gets ready
         self._resumed = 0  # inputs resolved by an earlier run (set when the output dir is prepared)
+        self.input_changes = None  # inputs added/removed since an existing run listed them (preflight)
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        validate_for_run(self.cfg)
-        self.devices = self.backend.resolve_devices(self.cfg)
-        for w in device_warnings(self.cfg, self.devices):
+        # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
+        pf = preflight.check(self.cfg, restart=self.restart)
+        self.devices = pf.devices
+        for w in pf.warnings:
             self.log(f"warning: {w}")
             self.warnings.append(w)
+        self.input_changes = pf.changes
+        if pf.changes:
+            note = preflight.changes_note(pf.changes, pf.manifest.get("status") == "complete")
+            self.log(f"warning: {note}")
+            self.warnings.append(note)
         ensure_model(self.cfg, log=self.log)
-        self.model = self.backend.model_identity(self.cfg)
+        self.model = pf.model or self.backend.model_identity(self.cfg)
         self.fp = fingerprint(self.cfg, self.model)
         self.prepare_output_dir()
 
@@ -172,12 +159,7 @@ class Supervisor:
                 raise ConfigError(f"output directory {out} already holds a run (output.on_existing = 'error'); "
                                   "choose another --output or pass --restart")
             elif manifest.get("fingerprint") != self.fp:
-                old = manifest.get("fingerprint") or {}
-                diff = sorted(k for k in set(old) | set(self.fp) if old.get(k) != self.fp.get(k))
-                raise ConfigError(
-                    f"output directory {out} holds a run made with a different {', '.join(diff)}; "
-                    "resuming would mix embeddings. Pass --restart to delete it and start over, or choose another --output"
-                )
+                raise ConfigError(preflight.fingerprint_refusal(out, manifest.get("fingerprint") or {}, self.fp))
         try:
             (out / output.EMB_DIR).mkdir(parents=True, exist_ok=True)
             output.remove_temp_files(out)
@@ -669,6 +651,8 @@ class Supervisor:
         self.write_manifest("complete")
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
         msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
+        if self.input_changes:
+            msg += " Note: " + preflight.changes_note(self.input_changes, True) + "."
         if n_fail:
             msg += f" Completed with {n_fail} failures: see {self.out / 'failures.jsonl'}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))

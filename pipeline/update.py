@@ -28,39 +28,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from pipeline import output, pathcodec
 from pipeline.config import Config, ConfigError
 from pipeline.inputs import hash_input
+from pipeline.output import UPDATES, listed_inputs, records
 
-UPDATES = "updates"
 INPUT_KEYS = {"inputs", "extensions", "recursive", "follow_symlinks", "list", "list_column", "tar"}
-
-
-def records(out: Path) -> list[dict]:
-    d = out / UPDATES
-    if not d.is_dir():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(d.glob("u-*.json"))]
-
-
-def listed_inputs(out: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
-    """(id, path) of every input an output lists: the run's listing, then each published update."""
-    out = Path(out)
-    listing = out / "listing.jsonl"
-    if listing.exists():
-        with open(listing, "rb") as fh:
-            for i, line in enumerate(fh):
-                yield i, output.parse_listing_line(line)
-    for rec in records(out):
-        if not rec.get("published"):
-            continue
-        with open(out / UPDATES / rec["listing"], "rb") as fh:
-            for j, line in enumerate(fh):
-                yield rec["first_id"] + j, output.parse_listing_line(line)
 
 
 def _refuse_other_fingerprint(out: Path, old: dict, new: dict) -> None:
@@ -109,7 +86,8 @@ def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print
     """Embed what is new since the finished run in cfg.output.dir; returns a RunResult."""
     from pipeline.backends import get_backend
     from pipeline.models import ensure_model
-    from pipeline.supervisor import EXIT_SUCCESS, EXIT_WITH_FAILURES, RunResult, Supervisor, fingerprint
+    from pipeline.preflight import fingerprint
+    from pipeline.supervisor import EXIT_SUCCESS, EXIT_WITH_FAILURES, RunResult, Supervisor
     from stages.source import config_inputs
 
     out = Path(cfg.output.dir)
@@ -147,9 +125,7 @@ def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print
     for w in warnings:
         log(f"warning: {w}")
     new = [p for p in current if p not in listed]
-    already_removed = {pathcodec.decode(line) for r in records(out)
-                       for line in _read_text_lines(out / UPDATES / r["removed"])}
-    removed = [p for _i, p in listed_inputs(out) if p not in current_set and p not in already_removed]
+    removed = [p for p in output.recorded_inputs(out) if p not in current_set]
 
     aliases: list[dict] = []
     if cfg.output.content_hash and new:
@@ -211,10 +187,6 @@ def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print
            + (f", {len(aliases)} skipped as the content of an embedded input" if aliases else "") + ".")
     return RunResult(EXIT_WITH_FAILURES if rec["failed"] else EXIT_SUCCESS, msg,
                      {"embedded": rec["embedded"], "failed": rec["failed"], "total": len(new)}, str(out))
-
-
-def _read_text_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
 
 
 def _embedded_hashes(out: Path) -> dict[str, str]:

@@ -126,7 +126,7 @@ def test_resume_with_different_config_names_the_difference(tmp_path):
     out = _finished_run(tmp_path)
     r = run_cli("run", "-i", tmp_path / "imgs", "-o", out, *FAKE, "--set", "output.shard_size=7", "--quiet")
     assert r.exit_code == 2
-    assert "different shard_size" in r.output and "--restart" in r.output
+    assert "different output.shard_size (4096 there, 7 now)" in r.output and "--restart" in r.output
     r = run_cli("run", "-i", tmp_path / "imgs", "-o", out, *FAKE, "--set", 'output.on_existing="error"', "--quiet")
     assert r.exit_code == 2 and "output.on_existing = 'error'" in r.output and "--restart" in r.output
 

@@ -16,10 +16,10 @@ from conftest import cli, cli_env, make_images
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError
 from pipeline.inspect import verify
-from pipeline.output import EMB_DIR, iter_shards, load_embeddings
+from pipeline.output import EMB_DIR, iter_shards, listed_inputs, load_embeddings
 from pipeline.progress import Progress
 from pipeline.supervisor import Supervisor
-from pipeline.update import listed_inputs, run_update
+from pipeline.update import run_update
 
 
 def load(out, inputs_, model, **sets):

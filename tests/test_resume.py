@@ -111,10 +111,10 @@ def test_rerun_of_a_complete_run_changes_nothing(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("change,key", [
-    ({"preprocess.mode": "fast"}, "preprocess_mode"),
-    ({"fake.dim": 32}, "model_sha256"),
-    ({"preprocess.exif_transpose": True}, "exif_transpose"),
-    ({"output.dtype": "float16"}, "dtype"),
+    ({"preprocess.mode": "fast"}, "preprocess.mode ('reference' there, 'fast' now)"),
+    ({"fake.dim": 32}, "model.path (a model with sha256"),
+    ({"preprocess.exif_transpose": True}, "preprocess.exif_transpose (False there, True now)"),
+    ({"output.dtype": "float16"}, "output.dtype ('float32' there, 'float16' now)"),
 ])
 def test_changed_model_or_preprocessing_is_refused(corpus, change, key):
     d, _, _, ref = corpus

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import config as cfgmod
+from pipeline import pathcodec
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
 from pipeline.output import decode_path_line, encode_path_line
@@ -89,4 +90,5 @@ def test_every_config_key_is_documented():
 def test_path_lines_round_trip(path):
     line = encode_path_line(path)
     assert b"\n" not in line
-    assert decode_path_line(line).encode("utf-8", "surrogateescape") == path
+    line.decode("utf-8")  # strict: always valid UTF-8
+    assert pathcodec.decode(decode_path_line(line)) == path
