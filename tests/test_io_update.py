@@ -76,6 +76,10 @@ def test_update_after_add_delete_rename_embeds_every_current_input_once(tmp_path
     res = run_update(cfg, progress=Progress("none"), log=lambda m: None)
     assert res.exit_code == 0 and "Nothing new to embed" in res.message, res.message
     assert snapshot(out) == snap
+    # a plain re-run of the same command sees nothing added or removed, and changes nothing
+    res = Supervisor(cfg, progress=Progress("none")).run()
+    assert res.exit_code == 3 and "Note" not in res.message, res.message
+    assert snapshot(out) == snap and load_embeddings(out)[0] == paths and verify(out) == []
 
 
 def test_content_hash_skips_renamed_and_copied_files(tmp_path, tiny_model):
