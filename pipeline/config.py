@@ -89,7 +89,9 @@ class InferConfig:
 class QueuesConfig:
     decode: int = _f(64, "Queue depth (images per peer, ZeroMQ high-water mark) into the decode workers; grouped messages of workers.items_per_message images count as that many.", min=1)
     preprocess: int = _f(16, "Queue depth into the preprocess workers.", min=1)
-    infer: int = _f(128, "Queue depth (images) into each inference process.", min=1)
+    infer: int = _f(128, "Queue depth (images) into each inference process: the ZeroMQ bound per pipe. With queues.dispatch = 'credit' the credit window (queues.infer_batches) is the real, tighter bound.", min=1)
+    infer_batches: int = _f(1, "Batches a device may hold beyond the one it runs (credit dispatch): its window is (1 + this) x batch_size images, split over the senders feeding it. No device idles while another holds more than this.", min=0)
+    dispatch: Literal["credit", "round_robin"] = _f("credit", "How work is spread over the devices: credit = each message goes to the device with the most free window (pipeline/dispatch.py); round_robin = ZeroMQ's round-robin over queues.infer-deep pipes (the earlier behaviour, kept for the bench's before/after).")
     sink: int = _f(16, "Queue depth into the sink.", min=1)
 
 
@@ -110,6 +112,8 @@ class FakeConfig:
     hang_on_batch: int = _f(0, "fake backend: hang forever on this batch number (0 = never).", min=0)
     exit_on_batch: int = _f(0, "fake backend: exit the process hard (os._exit) on this batch number (0 = never).", min=0)
     fail_devices: tuple[str, ...] = _f((), "fake backend: devices that fail permanently on every batch.")
+    slow_devices: tuple[str, ...] = _f((), "fake backend: devices that take fake.slow_factor times the latency (an uneven fleet).")
+    slow_factor: float = _f(3.0, "fake backend: latency multiplier of fake.slow_devices.", min=1)
     ready_crops: bool = _f(False, "fake backend, BENCH-ONLY: decode workers neither read nor decode the inputs and send one pre-made 224x224 crop per input (measures orchestration at accelerator speed).")
 
 

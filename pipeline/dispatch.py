@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 @dataclass
 class Peer:
     gen: int = -1
-    window: int = 0
+    window: int = 0  # 0 = not announced yet (the device is not ready): no work goes there
     out: int = 0  # images sent by this sender, not yet credited back
-    seen: float = 0.0
 
 
 @dataclass
@@ -44,14 +43,13 @@ class Credits:
 
     n_peers: int
     gen: int = 0  # this sender's own generation (credits for older ones are ignored)
-    stale_s: float = 5.0  # a device silent this long (no announcement) gets no more work
     peers: list[Peer] = field(default_factory=list)
     _next: int = 0
 
     def __post_init__(self) -> None:
         self.peers = [Peer() for _ in range(self.n_peers)]
 
-    def on_credit(self, msg: dict, now: float) -> None:
+    def on_credit(self, msg: dict) -> None:
         """{"peer": d, "gen": g, "w": window, "n": images finished, "sg": sender generation}."""
         d = int(msg["peer"])
         if not 0 <= d < self.n_peers:
@@ -63,17 +61,16 @@ class Credits:
         if g > p.gen:
             p.gen, p.out = g, 0  # a restarted device: what was queued there died with it
         p.window = int(msg["w"])
-        p.seen = now
         if msg.get("sg", self.gen) == self.gen:
             p.out = max(0, p.out - int(msg.get("n", 0)))
 
-    def choose(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> int | None:
+    def choose(self, exclude: frozenset[int] | set[int] = frozenset()) -> int | None:
         """The device with the most free window (ties: rotating), or None when none has room."""
         best, best_load = None, None
         for k in range(self.n_peers):
             d = (self._next + k) % self.n_peers
             p = self.peers[d]
-            if d in exclude or p.window <= 0 or p.out >= p.window or now - p.seen > self.stale_s:
+            if d in exclude or p.window <= 0 or p.out >= p.window:
                 continue
             load = p.out / p.window
             if best_load is None or load < best_load:

@@ -237,6 +237,13 @@ class Supervisor:
                  "sink": cfg.queues.sink}
         receivers = {**{r: n for r, n in chain}, "infer": len(self.devices), "sink": 1}
         self.queue_capacity = {r: depth[r] * receivers[r] for r in self.stage_order[1:]}
+        # Credit-based dispatch into the devices (pipeline/dispatch.py): each sender into the
+        # infer stage binds a credit endpoint; every infer process returns credits to all of them.
+        feeder, n_feeders = (chain[-1] if chain else ("source", 1))
+        credit = cfg.queues.dispatch == "credit"
+        credit_addrs = tuple(self.ep.addr(f"credit-{feeder}-{i}") for i in range(n_feeders)) if credit else ()
+        if credit:
+            self.queue_capacity["infer"] = (1 + cfg.queues.infer_batches) * cfg.model.batch_size * len(self.devices)
 
         def add(role: str, index: int, in_addr: str | None, nxt: tuple[str, ...], device: str | None = None,
                 extra: dict | None = None) -> None:
@@ -247,12 +254,14 @@ class Supervisor:
 
         add("sink", 0, sink_addr, ())
         for i, dev in enumerate(self.devices):
-            add("infer", i, infer_addrs[i], (), device=dev)
+            add("infer", i, infer_addrs[i], (), device=dev, extra={"credit_addrs": credit_addrs})
         for pos, (role, n) in enumerate(chain):
             nxt = stage_addrs[order[pos + 1]]
             for i in range(n):
-                add(role, i, stage_addrs[role][i], nxt)
+                add(role, i, stage_addrs[role][i], nxt,
+                    extra={"credit_addr": credit_addrs[i]} if credit and role == feeder else None)
         add("source", 0, None, self.first_stage_addrs, extra={
+            **({"credit_addr": credit_addrs[0]} if credit and feeder == "source" else {}),
             "listing_path": str(self.listing_path),
             "done_shards": list(self.done_shards),
             "listing_complete": self.listing_complete,
@@ -688,6 +697,23 @@ class Supervisor:
         data = pickle.dumps({"img_path": paths, "embedding": np.asarray(emb)}, protocol=4)
         output.atomic_write_bytes(self.out / "embeddings.pkl", data)
 
+    def dispatch_summary(self) -> dict:
+        """How the work was spread over the devices: images per device (this run's last process of
+        each) and the tail, from the first device's last result to the last one's (a device idle
+        while another still works: the cost of uneven dispatch at the end of a run)."""
+        per_device, last = {}, []
+        for w in self.workers.values():
+            if w.role != "infer":
+                continue
+            st = self.stats.get(w.name, {})
+            per_device[str(w.device)] = int(st.get("in", 0))
+            if st.get("last_result_t"):
+                last.append(float(st["last_result_t"]))
+        q = self.cfg.queues
+        return {"mode": q.dispatch, "window_batches": 1 + q.infer_batches if q.dispatch == "credit" else None,
+                "images_per_device": per_device,
+                "tail_s": round(max(last) - min(last), 3) if len(last) > 1 else 0.0}
+
     def report(self, wall: float) -> dict:
         from collections import Counter
 
@@ -732,6 +758,7 @@ class Supervisor:
             "failures_by_reason": dict(sorted(reasons.items())),
             "per_stage": per_stage,
             "per_worker": self.stats,
+            "dispatch": self.dispatch_summary(),
             "timeline": self.timeline,
             "devices": self.devices,
             "backend": self.cfg.infer.backend,

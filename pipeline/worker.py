@@ -24,13 +24,15 @@ import zmq
 
 from pipeline import messages, transport
 from pipeline.backends.base import DeviceError
-from pipeline.pdeath import PARENT_ENV, set_parent_death_signal
 from pipeline.config import Config
+from pipeline.dispatch import Credits, Origins, items_in, window_for
+from pipeline.pdeath import PARENT_ENV, set_parent_death_signal
 from stages.base import FatalError, Output, StageCore
 
 MAX_SLOT_IDS = 1024
 STATS_INTERVAL_S = 0.5
 SEND_TIMEOUT_MS = 200
+CREDIT_RETRY_MS = 20  # a device with credit but not connected yet: try again this soon
 
 # Exit codes of workers (the supervisor reads them).
 EXIT_OK = 0
@@ -205,9 +207,27 @@ class Loop:
                    "preprocess": q.infer}.get(spec.role, q.sink)
         if spec.role == "source" and spec.extra.get("files_mode"):
             out_hwm = q.infer
-        out_hwm = _grouped_hwm(spec.cfg, out_hwm, {"source": True, "decode": spec.cfg.workers.fuse_decode_preprocess}.get(spec.role, False))
+        grouped_out = {"source": True, "decode": spec.cfg.workers.fuse_decode_preprocess}.get(spec.role, False)
+        out_hwm = _grouped_hwm(spec.cfg, out_hwm, grouped_out)
         self.control = transport.push(self.ctx, [spec.control_addr], hwm=10000, linger_ms=1000)
-        self.next = transport.push(self.ctx, spec.next_addrs, out_hwm) if spec.next_addrs else None
+        self.next = None
+        # A sender into the infer stage dispatches by credit (pipeline/dispatch.py): one PUSH per
+        # device, and a PULL where the devices return credits.
+        self.credits: Credits | None = None
+        self.peers: list[zmq.Socket] = []
+        self.credit_in: zmq.Socket | None = None
+        if spec.next_addrs and spec.extra.get("credit_addr"):
+            self.peers = [transport.push(self.ctx, [a], out_hwm) for a in spec.next_addrs]
+            self.credit_in = transport.pull(self.ctx, spec.extra["credit_addr"], hwm=100000)
+            self.credits = Credits(len(spec.next_addrs), gen=spec.generation)
+        elif spec.next_addrs:
+            self.next = transport.push(self.ctx, spec.next_addrs, out_hwm)
+        # An infer process with credit-dispatching senders: where each held id came from, and the
+        # sockets to return credits on (started once the device is ready: start_credits)
+        self.origins: Origins | None = None
+        self.credit_out: list[zmq.Socket] = []
+        self.window = 0
+        self.last_announce = 0.0
         self.sink = transport.push(self.ctx, [spec.sink_addr], spec.cfg.queues.sink) if spec.role != "sink" else None
         self.stats: dict[str, float] = {"in": 0, "out": 0, "sink_out": 0, "busy_s": 0.0, "blocked_s": 0.0,
                                         "idle_s": 0.0}
@@ -218,6 +238,9 @@ class Loop:
         # Every send is non-blocking with a poll between tries: a blocking send to a peer that is
         # gone (ZMQ_IMMEDIATE: no peer = no pipe) would never return, and the worker would
         # outlive the supervisor (issue #12: orphans blocked in report_stats).
+        if target == "next" and self.credits is not None:
+            self.send_credited(header, buffers)
+            return
         sock = {"control": self.control, "next": self.next}.get(target, self.sink)
         t0 = time.monotonic()
         while True:
@@ -231,6 +254,73 @@ class Loop:
             return
         self.stats["blocked_s"] += time.monotonic() - t0
         self.stats["out" if target == "next" else "sink_out"] += 1  # queue fill (progress.queue_fill)
+        if self.origins is not None and target == "sink":
+            self.origins.finished(header)  # these ids are done here: their senders get credit back
+        if self.spec.role == "infer" and header.get("t") == "emb":
+            now = time.monotonic()  # the dispatch tail (report.json "dispatch")
+            self.stats["first_result_t"] = self.stats.get("first_result_t") or now
+            self.stats["last_result_t"] = now
+
+    def send_credited(self, header: dict, buffers: tuple) -> None:
+        """Send to the device with the most free window; wait for credit when none has room."""
+        n = items_in(header)
+        header = {**header, "src": self.spec.index, "sg": self.spec.generation}
+        t0 = time.monotonic()
+        tried: set[int] = set()
+        while True:
+            self.take_credits()
+            d = self.credits.choose(tried)
+            if d is None:
+                self.check_alive()
+                self.credit_in.poll(CREDIT_RETRY_MS if tried else SEND_TIMEOUT_MS)
+                tried.clear()
+                continue
+            try:
+                transport.send(self.peers[d], header, *buffers, flags=zmq.NOBLOCK)
+            except zmq.Again:  # that device is not connected (starting, restarting, gone)
+                tried.add(d)
+                continue
+            self.credits.on_sent(d, n)
+            break
+        self.stats["blocked_s"] += time.monotonic() - t0
+        self.stats["out"] += 1
+
+    def take_credits(self) -> None:
+        while True:
+            try:
+                h, _ = transport.recv(self.credit_in, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.credits.on_credit(h)
+
+    # -- the infer side of credit dispatch ------------------------------------------------------
+    def start_credits(self, addrs: tuple[str, ...], window: int) -> None:
+        self.credit_out = [transport.push(self.ctx, [a], hwm=10000) for a in addrs]
+        self.origins = Origins()
+        self.window = window
+        self.return_credits(announce=True)
+
+    def return_credits(self, announce: bool = False) -> None:
+        """Credits for the ids finished since the last call, to the senders they came from; and
+        every STATS_INTERVAL_S (or when asked) this device's window to every sender (a sender that
+        restarted learns it so, and a new generation of this device resets their counts)."""
+        if self.origins is None:
+            return
+        base = {"t": "credit", "peer": self.spec.index, "gen": self.spec.generation, "w": self.window}
+        for (src, sg), n in self.origins.take_due().items():
+            if 0 <= src < len(self.credit_out):
+                self._credit(src, {**base, "n": n, "sg": sg})
+        now = time.monotonic()
+        if announce or now - self.last_announce >= STATS_INTERVAL_S:
+            self.last_announce = now
+            for src in range(len(self.credit_out)):
+                self._credit(src, {**base, "n": 0})
+
+    def _credit(self, src: int, header: dict) -> None:
+        try:
+            transport.send(self.credit_out[src], header, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # that sender is gone: its next generation starts from the announcements
 
     def emit(self, outputs: Iterable[Output] | None) -> None:
         for target, header, buffers in outputs or ():
@@ -254,7 +344,7 @@ class Loop:
                                             type(exc).__name__, str(exc), traceback.format_exc()))
 
     def close(self) -> None:
-        for s in (self.next, self.sink):
+        for s in (self.next, self.sink, self.credit_in, *self.peers, *self.credit_out):
             if s is not None:
                 s.close(0)
         self.control.close(1000)
@@ -345,6 +435,10 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
         return EXIT_SETUP
     loop.send("control", messages.ready(spec.name, spec.role, spec.index, os.getpid(), core.info))
     inp = transport.pull(loop.ctx, spec.in_addr, _in_hwm(spec))
+    if spec.role == "infer" and spec.extra.get("credit_addrs"):
+        addrs = tuple(spec.extra["credit_addrs"])
+        batch = int(core.info.get("batch_size") or spec.cfg.model.batch_size)
+        loop.start_credits(addrs, window_for(batch, spec.cfg.queues.infer_batches, len(addrs)))
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
     wake = core.wake_fd()
@@ -363,6 +457,8 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
             if ready.get(inp):
                 header, frames = transport.recv(inp)
                 loop.stats["in"] += len(header["ids"]) if "ids" in header and header["t"] != "emb" else 1
+                if loop.origins is not None:
+                    loop.origins.received(header)
                 t0 = time.monotonic()
                 if per_item:
                     slot.begin(header["ids"] if "ids" in header else [header["id"]])
@@ -388,6 +484,7 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
             own_busy = core.busy_s()
             if own_busy is not None:  # work done on a thread of the core's own (infer.overlap)
                 loop.stats["busy_s"] = own_busy
+            loop.return_credits()
             loop.report_stats()
     finally:
         try:

@@ -3,6 +3,7 @@ evenly across devices. Each test reproduces a problem found on the earlier main.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -213,3 +214,73 @@ def test_an_input_that_hangs_its_decoder_fails_as_timeout(tmp_path):
 
     assert re.search(rf"decode-0 stuck [1-9]\d*s on {re.escape(str(hang))}", r.stderr), r.stderr[-2000:]
     assert "preprocess.decode_timeout_s=3s" in r.stderr
+
+
+# -- dispatch: work goes where there is capacity ---------------------------------------------------
+
+def test_credits_send_only_to_ready_devices_and_to_the_one_with_most_room():
+    from pipeline.dispatch import Credits
+
+    c = Credits(2)
+    assert c.choose() is None  # nobody announced a window: nobody is ready
+    c.on_credit({"peer": 1, "gen": 0, "w": 8, "n": 0})
+    assert c.choose() == 1  # the device that is up gets the work, not a queue on a starting one
+    c.on_sent(1, 4)
+    c.on_credit({"peer": 0, "gen": 0, "w": 8, "n": 0})
+    assert c.choose() == 0  # the one with more free window
+    c.on_sent(0, 4)
+    c.on_sent(0, 4)
+    assert c.choose() == 1
+    c.on_sent(1, 4)
+    assert c.choose() is None  # both windows full: the sender waits (backpressure)
+    c.on_credit({"peer": 0, "gen": 0, "w": 8, "n": 4, "sg": 0})
+    assert c.choose() == 0
+
+
+def test_credits_survive_restarts_of_devices_and_senders():
+    from pipeline.dispatch import Credits
+
+    c = Credits(1, gen=1)
+    c.on_credit({"peer": 0, "gen": 0, "w": 4, "n": 0})
+    c.on_sent(0, 4)
+    assert c.choose() is None
+    c.on_credit({"peer": 0, "gen": 0, "w": 4, "n": 4, "sg": 0})  # for this sender's previous life
+    assert c.choose() is None
+    c.on_credit({"peer": 0, "gen": 1, "w": 4, "n": 0})  # the device restarted: its queue died with it
+    assert c.choose() == 0
+    c.on_sent(0, 4)
+    c.on_credit({"peer": 0, "gen": 0, "w": 4, "n": 4, "sg": 1})  # late, from the dead generation
+    assert c.choose() is None
+
+
+def test_window_counts_batches():
+    from pipeline.dispatch import window_for
+
+    assert window_for(32, 1, 1) == 64  # the batch it runs + one more
+    assert window_for(32, 1, 2) == 32  # split over two senders
+    assert window_for(4, 0, 8) == 1  # never zero: a sender can always have one message there
+
+
+def _per_device(out: Path) -> dict[str, int]:
+    report = json.loads((out / "report.json").read_text())
+    return {name: int(st["in"]) for name, st in report["per_worker"].items() if name.startswith("infer-")}
+
+
+def test_uneven_devices_get_work_by_capacity(tmp_path):
+    """Two fake devices, one 3x slower: the split follows capacity (about 3:1), not 1:1 as with
+    ZeroMQ's round-robin over deep per-device queues (issue #12: 176 vs 31 images the other way)."""
+    d = tmp_path / "in"
+    good = {str(p) for p in good_corpus(d, 96)}
+    out = tmp_path / "out"
+    r = run_cli(d, out, "-d", "cpu:0", "-d", "cpu:1", timeout=120,
+                **{"fake.latency_ms_per_batch": 100, "fake.slow_devices": ["cpu:1"], "fake.slow_factor": 3.0,
+                   "workers.items_per_message": 4, "output.shard_size": 32})
+    assert r.returncode == 0, r.stderr
+    assert_exact(out, good, {})
+    split = _per_device(out)
+    fast, slow = split["infer-0(cpu:0)"], split["infer-1(cpu:1)"]
+    assert fast + slow == 96
+    assert fast >= 2 * slow, split  # capacity says 3:1; round-robin gave about 1:1
+    report = json.loads((out / "report.json").read_text())
+    assert report["dispatch"]["mode"] == "credit"
+    assert report["dispatch"]["images_per_device"] == {"cpu:0": fast, "cpu:1": slow}

@@ -145,7 +145,10 @@ def test_report_json_contents(run_dir):
     # final stats are collected after the workers stop: every input passed decode and infer
     assert rep["per_stage"]["decode"]["items_in"] == 14
     assert rep["per_stage"]["infer"]["items_in"] == 12
-    assert rep["queue_occupancy"]["capacity"] == {"decode": 64, "infer": 128, "sink": 16}
+    # into the devices: the credit window, (1 + queues.infer_batches) x batch_size per device
+    assert rep["queue_occupancy"]["capacity"]["infer"] == (1 + 1) * json.loads(
+        (run_dir / "manifest.json").read_text())["config"]["model"]["batch_size"]
+    assert {k: v for k, v in rep["queue_occupancy"]["capacity"].items() if k != "infer"} == {"decode": 64, "sink": 16}
     last = rep["timeline"][-1]
     assert last["done"] == 14 and set(last["queues"]) == {"decode", "infer", "sink"}
     assert "numpy" in rep["versions"]

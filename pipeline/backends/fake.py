@@ -90,7 +90,8 @@ class FakeDevice(Device):
         t0 = time.monotonic()
         emb = fake_embed(pixels, self.dim)
         if f.latency_ms_per_batch:
-            time.sleep(max(0.0, f.latency_ms_per_batch / 1000.0 - (time.monotonic() - t0)))
+            latency = f.latency_ms_per_batch * (f.slow_factor if self.device in f.slow_devices else 1.0)
+            time.sleep(max(0.0, latency / 1000.0 - (time.monotonic() - t0)))
         return emb
 
 
