@@ -243,3 +243,27 @@ def test_metadata_backfilled_when_switched_on_for_a_finished_run(tmp_path, tiny_
     got = [r["image_path"] for k in (0, 1) for r in pq.read_table(
         tmp_path / "out" / "embeddings" / f"part-{k:05d}.parquet").to_pylist()]
     assert got == paths
+
+
+def test_autofaiss_indexes_the_clip_retrieval_layout(tmp_path, tiny_model):
+    """clip-retrieval's indexing step itself (autofaiss) over img_emb/ plus its metadata reading.
+    autofaiss pins numpy<2, so it usually lives in its own interpreter: CLIP_PIPELINE_AUTOFAISS_PYTHON."""
+    import importlib.util
+    import sys
+
+    py = os.environ.get("CLIP_PIPELINE_AUTOFAISS_PYTHON") or (
+        sys.executable if importlib.util.find_spec("autofaiss") else None)
+    if not py:
+        pytest.skip("autofaiss is not installed (set CLIP_PIPELINE_AUTOFAISS_PYTHON to a python that has it)")
+    imgs = make_images(tmp_path / "imgs", 21, seed=12)
+    write_shard(tmp_path / "s.tar", imgs)
+    res = run_pipeline(tmp_path / "out", tiny_model, [tmp_path / "s.tar"], **{"output.layout": '"clip-retrieval"'})
+    assert res.exit_code == 0, res.message
+    from conftest import ROOT
+
+    proc = subprocess.run([py, str(ROOT / "scripts" / "check_clip_retrieval_layout.py"), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["index_rows"] == got["metadata_rows"] == got["nearest_is_self"] == 21
+    assert {"image_path", "caption", "url", "width", "height"} <= set(got["columns"])
