@@ -157,7 +157,8 @@ def _exists(p: str) -> bool:
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--tower", type=click.Choice(["image", "text"]), default="image", show_default=True,
               help="image: the vision transformer; text: the text transformer (ids -> embedding), see --text-form.")
-@click.option("--arch", type=click.Choice(["vit-b32", "tiny"]), default="vit-b32", show_default=True)
+@click.option("--arch", type=click.Choice(["vit-b32", "tiny", "tiny-336"]), default="vit-b32", show_default=True,
+              help="tiny-336: a small test model with 336x336 input and 768-d embeddings.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--act", type=click.Choice(["quickgelu", "gelu"]), default="quickgelu", show_default=True,
               help="MLP activation: quickgelu (OpenAI's weights) or gelu (most open_clip/LAION checkpoints).")

@@ -74,6 +74,9 @@ class VisionSpec:
 ARCHS: dict[str, VisionSpec] = {
     "vit-b32": VisionSpec(width=768, layers=12, heads=12),
     "tiny": VisionSpec(width=64, layers=2, heads=2),
+    # a model beyond ViT-B/32's shapes (336x336 input, 768-d embeddings, like ViT-L/14@336), tiny
+    # enough for tests: the pipeline must take its crop size and embedding width from the model
+    "tiny-336": VisionSpec(image_size=336, patch_size=48, width=64, layers=2, heads=2, output_dim=768),
 }
 
 INPUT_KINDS = ("float", "uint8")

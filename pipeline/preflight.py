@@ -303,12 +303,17 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     refusal = model_refusal_before_build(cfg, out, manifest)
     if refusal:
         raise ConfigError(refusal)
+    old_fp = manifest.get("fingerprint") or {}
     if cfg.infer.backend == "fake" or os.path.exists(cfg.model.path):
         pf.model = backend.model_identity(cfg)
         pf.fingerprint = fingerprint(cfg, pf.model)
-        refusal = fingerprint_refusal(out, manifest.get("fingerprint") or {}, pf.fingerprint)
-        if refusal:
-            raise ConfigError(refusal)
+    else:
+        # the model is yet to be built, as the run's was (model_refusal_before_build let it through):
+        # same bytes, so every other key is compared now, before the build
+        pf.fingerprint = fingerprint(cfg, {"sha256": old_fp.get("model_sha256")})
+    refusal = fingerprint_refusal(out, old_fp, pf.fingerprint)
+    if refusal:
+        raise ConfigError(refusal)
     listing = out / "listing.jsonl"
     if compare_inputs_with_listing and (manifest.get("inputs") or {}).get("listing_complete") and listing.exists():
         pf.changes = input_changes(cfg, listing)

@@ -106,3 +106,23 @@ def test_a_new_model_to_build_is_refused_before_it_is_built(tmp_path, tiny_model
         fh.write(b"\0")
     r = run_cli(d, out, "--set", 'infer.backend="cpu"', "--set", f'model.path="{other}"', "-d", "cpu:0")
     assert r.returncode == 2 and "different model.path (a model with sha256" in r.stderr
+
+
+def test_other_changes_are_refused_before_a_model_is_rebuilt(tmp_path):
+    """The run's model was built by model.build and has been deleted since: a changed
+    preprocess.mode is refused before the model is built again."""
+    d = tmp_path / "in"
+    good_corpus(d, 3)
+    out = tmp_path / "out"
+    model = tmp_path / "models" / "tiny.onnx"
+    cpu = ["--set", 'infer.backend="cpu"', "--set", f'model.path="{model}"', "--set", 'model.build="tiny"', "-d", "cpu:0"]
+    assert run_cli(d, out, *cpu).returncode == 0
+    model.unlink()
+    for extra in (["--dry-run"], []):
+        r = run_cli(d, out, *cpu, "--set", 'preprocess.mode="fast"', *extra)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert "different preprocess.mode ('reference' there, 'fast' now)" in r.stderr
+        assert not model.exists() and "Building synthetic" not in r.stderr
+    r = run_cli(d, out, *cpu)  # unchanged: the same model is rebuilt and the run is resumed as complete
+    assert r.returncode == 0, r.stderr
+    assert model.exists() and "Embedded 3 of 3" in r.stdout

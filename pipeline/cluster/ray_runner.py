@@ -32,6 +32,7 @@ from pipeline.config import Config, ConfigError
 
 EXTRA_HINT = "pip install 'clip-pipeline[cluster]'"
 SLOT = "clip_slot"
+SLOT_WAIT_S = 30.0  # how long the driver waits for a first node with a clip_slot
 
 
 def import_ray():
@@ -151,6 +152,9 @@ class RayDriver:
         ray = self.ray
         root = str(Path(__file__).resolve().parents[2])
         remote = ray.remote(num_cpus=0, resources={SLOT: 1}, max_retries=3, retry_exceptions=False)(_range_task)
+        deadline = time.monotonic() + SLOT_WAIT_S  # nodes that are still joining
+        while self.slots() == 0 and time.monotonic() < deadline:
+            time.sleep(1.0)
         if self.slots() == 0:
             raise ConfigError(f"no node of the Ray cluster offers the {SLOT} resource: start every node with "
                               f"ray start ... --resources='{{\"{SLOT}\": 1}}' (docs/cluster.md)")

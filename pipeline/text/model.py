@@ -57,6 +57,7 @@ class TextSpec:
 TEXT_ARCHS: dict[str, TextSpec] = {
     "vit-b32": TextSpec(width=512, layers=12, heads=8, output_dim=mg.ARCHS["vit-b32"].output_dim),
     "tiny": TextSpec(width=64, layers=2, heads=2, output_dim=mg.ARCHS["tiny"].output_dim),
+    "tiny-336": TextSpec(width=64, layers=2, heads=2, output_dim=mg.ARCHS["tiny-336"].output_dim),
 }
 
 TOKEN_STD = 0.02
