@@ -49,7 +49,7 @@ BM1684X_MS_PER_IMAGE_B32 = 1.66  # bmrt_test compute, 32-batch fp16 bmodel (docs
 
 # -- machine and process-tree measurements ---------------------------------------------------------
 def machine_info() -> dict[str, Any]:
-    from pipeline.supervisor import software_versions
+    from pipeline.telemetry import software_versions
 
     model = ""
     try:
@@ -369,15 +369,10 @@ def run_pipeline(raw: dict) -> dict:
     from pipeline.progress import Progress
     from pipeline.supervisor import Supervisor
 
-    class TimedSupervisor(Supervisor):
-        def on_control(self, h: dict) -> None:
-            super().on_control(h)
-            if h.get("t") == "resolved":
-                self.marks.append((time.monotonic(), len(h["ids"])))
-
+    marks: list[tuple[float, int]] = []  # (time, inputs) of every `resolved` (Supervisor's on_resolved hook)
     cfg = cfgmod.from_dict(raw, source="<bench>")
-    sup = TimedSupervisor(cfg, restart=True, progress=Progress("none", 60), log=lambda m: None)
-    sup.marks = []
+    sup = Supervisor(cfg, restart=True, progress=Progress("none", 60), log=lambda m: None,
+                     on_resolved=lambda t, n: marks.append((t, n)))
     mem = TreeMemory()
     cpu0 = _cpu_seconds()
     mem.start()
@@ -391,7 +386,6 @@ def run_pipeline(raw: dict) -> dict:
     n = result.counts["embedded"] + result.counts["failed"]
     # The steady window opens once every device has delivered its first (warm-up) batch, as the
     # ceilings and baselines exclude theirs; results come per batch, so that is the k-th result.
-    marks = sup.marks
     k = max(1, min(len(sup.devices), len(marks) - 1))
     t_first, n_first = marks[k - 1][0], sum(m[1] for m in marks[:k])
     t_last = marks[-1][0]

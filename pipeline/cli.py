@@ -219,7 +219,7 @@ def devices() -> None:
 
 from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
 from pipeline.cluster.cli import merge_cmd, plan_cmd, run_range_cmd, status_cmd  # noqa: E402
-from pipeline.inspect import inspect_cmd  # noqa: E402
+from pipeline.inspection import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
 from pipeline.text.cli import classify_cmd, embed_text_cmd, fetch_vocab_cmd, tokenize_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402

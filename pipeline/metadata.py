@@ -31,8 +31,6 @@ from typing import Any
 from pipeline import inputs, pathcodec
 
 OWN_COLUMNS = ("image_path", "tar", "key", "caption", "width", "height")
-CLIP_RETRIEVAL_EMB = "img_emb"
-CLIP_RETRIEVAL_META = "metadata"
 
 
 def require_pyarrow(key: str) -> None:
@@ -136,7 +134,7 @@ def parquet_bytes(paths: list[bytes], reader: inputs.TarReader | None = None) ->
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    from pipeline.output import atomic_write_bytes
+    from pipeline.rundir import atomic_write_bytes
 
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
@@ -153,7 +151,18 @@ def publish(out: str | os.PathLike, shards: list[int], metadata: bool, layout: s
     clip-retrieval layout, put every shard with rows into img_emb/ and metadata/."""
     import numpy as np
 
-    from pipeline.output import EMB_DIR, atomic_write_bytes, decode_path_line, fsync_dir, shard_name
+    from pipeline.rundir import (
+        CLIP_RETRIEVAL_EMB,
+        CLIP_RETRIEVAL_META,
+        EMB_DIR,
+        PARQUET_SUFFIX,
+        PATHS_SUFFIX,
+        atomic_write_bytes,
+        clip_retrieval_files,
+        decode_path_line,
+        fsync_dir,
+        shard_name,
+    )
 
     out = Path(out)
     d = out / EMB_DIR
@@ -161,9 +170,9 @@ def publish(out: str | os.PathLike, shards: list[int], metadata: bool, layout: s
         reader = inputs.TarReader()
         try:
             for k in shards:
-                pq_path = d / f"{shard_name(k)}.parquet"
+                pq_path = d / f"{shard_name(k)}{PARQUET_SUFFIX}"
                 if not pq_path.exists():
-                    lines = (d / f"{shard_name(k)}.paths").read_bytes().splitlines()
+                    lines = (d / f"{shard_name(k)}{PATHS_SUFFIX}").read_bytes().splitlines()
                     paths = [pathcodec.decode(decode_path_line(line)) for line in lines]
                     atomic_write_bytes(pq_path, parquet_bytes(paths, reader))
         finally:
@@ -177,7 +186,8 @@ def publish(out: str | os.PathLike, shards: list[int], metadata: bool, layout: s
         npy = d / f"{shard_name(k)}.npy"
         if np.load(npy, mmap_mode="r").shape[0] == 0:
             continue  # no rows: nothing to index, and both folders skip it alike
-        _link_or_copy(d / f"{shard_name(k)}.parquet", meta_dir / f"metadata_{k:05d}.parquet")
-        _link_or_copy(npy, emb_dir / f"img_emb_{k:05d}.npy")
+        emb_file, meta_file = clip_retrieval_files(out, k)
+        _link_or_copy(d / f"{shard_name(k)}{PARQUET_SUFFIX}", meta_file)
+        _link_or_copy(npy, emb_file)
     fsync_dir(emb_dir)
     fsync_dir(meta_dir)

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import pathcodec
 from pipeline.config import Config
+from pipeline.rundir import RunDir
 
 # fingerprint field (manifest.json) -> the config key a user changes to change it
 FINGERPRINT_KEYS = {
@@ -282,20 +283,20 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     """
     from pipeline.backends import get_backend
     from pipeline.config import ConfigError, validate_for_run
-    from pipeline.output import completed_shards, read_manifest
 
     validate_for_run(cfg)
     backend = get_backend(cfg.infer.backend)
     devices = backend.resolve_devices(cfg)
     pf = Preflight(devices=devices, warnings=device_warnings(cfg, devices))
     out = Path(cfg.output.dir)
-    manifest = read_manifest(out) if out.is_dir() else None
+    rd = RunDir(out)
+    manifest = rd.read_manifest() if out.is_dir() else None
     if manifest is None:
         if out.is_dir() and any(out.iterdir()):
             raise ConfigError(foreign_dir_refusal(out))
         return pf
     pf.manifest = manifest
-    pf.state = describe_run(manifest, completed_shards(out))
+    pf.state = describe_run(manifest, rd.completed_shards())
     if restart or cfg.output.on_existing == "restart":
         return pf
     if cfg.output.on_existing == "error":
@@ -314,7 +315,7 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     refusal = fingerprint_refusal(out, old_fp, pf.fingerprint)
     if refusal:
         raise ConfigError(refusal)
-    listing = out / "listing.jsonl"
+    listing = rd.listing
     if compare_inputs_with_listing and (manifest.get("inputs") or {}).get("listing_complete") and listing.exists():
         pf.changes = input_changes(cfg, listing)
     return pf

@@ -16,6 +16,9 @@ from typing import Any
 
 import click
 
+from pipeline.inspection import NotARun, read_run
+from pipeline.rundir import RunDir
+
 COLORS = {"decode": "#1f77b4", "preprocess": "#9467bd", "infer": "#d62728", "sink": "#2ca02c",
           "throughput": "#ff7f0e"}
 STAGES = ("decode", "preprocess", "infer", "sink")
@@ -26,16 +29,14 @@ class NoReport(Exception):
 
 
 def load_report(out: str | Path) -> dict[str, Any]:
-    from pipeline.inspect import read_run
-
     out = Path(out)
     read_run(out)  # NotARun if it is not a run directory at all
-    p = out / "report.json"
+    p = RunDir(out).report
     try:
         return json.loads(p.read_text())
     except FileNotFoundError:
         raise NoReport(f"{p} does not exist: the run has not finished once yet "
-                       "(report.json is written when a run ends, also when interrupted)") from None
+                       f"({p.name} is written when a run ends, also when interrupted)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NoReport(f"{p} is not valid JSON ({exc})") from None
 
@@ -286,8 +287,6 @@ def report_cmd(out: str, html_path: str | None, png_path: str | None) -> None:
     Prints a summary; --html / --png also draw throughput, per-stage utilisation and queue fill
     over time. Exit status 2 when OUT is not a run or has no report.json yet.
     """
-    from pipeline.inspect import NotARun
-
     try:
         rep = load_report(out)
     except (NotARun, NoReport) as exc:

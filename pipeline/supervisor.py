@@ -7,11 +7,11 @@ the shared slots. See ARCHITECTURE.md for the full picture.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
-import shutil
+import pickle
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,15 +24,15 @@ import zmq
 from pipeline import messages, output, preflight, transport
 from pipeline.backends import get_backend
 from pipeline.boot import boot
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
 from pipeline.models import ensure_model
 from pipeline.preflight import fingerprint
-from pipeline.progress import Progress, aggregate, bottleneck_line, queue_fill, utilisation
+from pipeline.progress import Progress
+from pipeline.rundir import FORMAT, RunDir, now_iso
+from pipeline.telemetry import Telemetry, software_versions
 from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment
-
-FORMAT = "clip-pipeline/1"
 
 # Exit codes of `clip-pipeline run` (documented in the README).
 EXIT_SUCCESS = 0
@@ -43,7 +43,6 @@ EXIT_ABORTED = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
-WORKERS_FILE = ".workers.json"
 SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
 
 
@@ -78,53 +77,74 @@ class Worker:
         return self.spec.name
 
 
-def software_versions() -> dict[str, str]:
-    import importlib.metadata as md
-    import platform
+# Called with (monotonic time, number of newly resolved inputs) on every `resolved` message from
+# the sink, in the control loop (keep it cheap). `clip-pipeline bench` uses it to find the steady
+# window of a run.
+ResolvedHook = Callable[[float, int], None]
 
-    out = {"python": platform.python_version()}
-    for pkg in ("clip-pipeline", "numpy", "pyzmq", "msgpack", "onnxruntime", "pillow", "simplejpeg",
-                "opencv-python-headless"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+
+def grouped_hwm(cfg: Config, depth: int, grouped: bool) -> int:
+    """Queue depths count images; a pipe of grouped messages holds depth / items_per_message of them."""
+    if not grouped:
+        return depth
+    return max(1, -(-depth // cfg.workers.items_per_message))
 
 
 class Supervisor:
+    """Process supervision of one run: plans the workers, starts, watches and restarts them, runs
+    the control loop and ends the run. The output directory is a RunDir, the measurements are a
+    Telemetry; `on_resolved` is the documented hook for observers (see ResolvedHook)."""
+
     def __init__(self, cfg: Config, *, restart: bool = False, progress: Progress | None = None,
-                 log: Callable[[str], None] | None = None, id_range: tuple[int, int] | None = None,
-                 listing: str | os.PathLike | None = None):
+                 log: Callable[[str], None] | None = None, on_resolved: ResolvedHook | None = None,
+                 id_range: tuple[int, int] | None = None, listing: str | os.PathLike | None = None):
         """id_range + listing: a cluster range run (pipeline/cluster/rangerun.py) embeds only the
         input ids [lo, hi) of a planned listing (read-only, ids and shard names stay global); lo is
         a multiple of output.shard_size."""
         self.cfg = cfg
         self.restart = restart
         self.out = Path(cfg.output.dir)
+        self.rundir = RunDir(self.out)
         self.id_range = id_range
-        self.listing_path = Path(listing) if listing is not None else self.out / "listing.jsonl"
+        self.listing_path = Path(listing) if listing is not None else self.rundir.listing
         self.progress = progress or Progress(cfg.run.progress, cfg.run.log_interval_s)
         self.log = log or self.progress.message
+        self.on_resolved = on_resolved
         self.backend = get_backend(cfg.infer.backend)
         self.ledger = Ledger(cfg.output.shard_size,
                              first_shard=id_range[0] // cfg.output.shard_size if id_range else 0)
+        self.telemetry = Telemetry()
         self.workers: dict[str, Worker] = {}
-        self.stats: dict[str, dict] = {}
         self.warnings: list[str] = []
         self.errors: list[dict] = []
         self.interrupted: int | None = None
         self.abort_reason: str | None = None
         self.outbox: list[tuple[zmq.Socket, dict]] = []
         self.reissue_pending: set[int] = set()
-        self.timeline: list[dict] = []
-        self.timeline_dt = 1.0  # doubles whenever the timeline gets long (report.json stays small)
-        self.first_result_s: float | None = None
-        self.util: dict[str, float] = {}
-        self.queues: dict[str, int] = {}
         self.dim: int | None = None  # embedding width, from the first device that gets ready
-        self._resumed = 0  # inputs resolved by an earlier run (set when the output dir is prepared)
-        self.input_changes = None  # inputs added/removed since an existing run listed them (preflight)
+        self.paths_cache: dict[int, str] = {}  # input id -> path, for the few inputs named as stuck
+        self.input_changes: preflight.InputChanges | None = None  # inputs added/removed since an existing run listed them
+        # set by prepare()
+        self.devices: list[str] = []
+        self.model: dict[str, Any] = {}
+        self.fp: dict[str, Any] = {}
+        self.created = ""
+        self.resumed = False
+        self.listing_complete = False
+        self.done_shards: list[int] = []
+        self.resumed_count = 0  # inputs resolved by an earlier run
+        # set by plan()
+        self.ep: transport.Endpoints | None = None
+        self.files_mode = False
+        self.first_stage_addrs: tuple[str, ...] = ()
+        self.first_stage_hwm = cfg.queues.decode
+        self.control_addr = ""
+        self.sink_addr = ""
+        # set by run()
+        self.ctx: zmq.Context | None = None
+        self.control: zmq.Socket | None = None
+        self.to_sink: zmq.Socket | None = None
+        self.to_first: zmq.Socket | None = None
 
     # -- preparation ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -145,47 +165,22 @@ class Supervisor:
         self.prepare_output_dir()
 
     def prepare_output_dir(self) -> None:
-        out = self.out
-        manifest = output.read_manifest(out) if out.exists() else None
-        if out.exists() and manifest is None and any(out.iterdir()):
-            raise ConfigError(f"output directory {out} is not empty and holds no clip-pipeline run; "
-                              "choose a new or empty directory (config key output.dir / --output)")
-        if manifest is not None:
-            if self.restart or self.cfg.output.on_existing == "restart":
-                self.log(f"Deleting the previous run in {out} (--restart).")
-                shutil.rmtree(out)
-                manifest = None
-            elif self.cfg.output.on_existing == "error":
-                raise ConfigError(f"output directory {out} already holds a run (output.on_existing = 'error'); "
-                                  "choose another --output or pass --restart")
-            elif manifest.get("fingerprint") != self.fp:
-                raise ConfigError(preflight.fingerprint_refusal(out, manifest.get("fingerprint") or {}, self.fp))
-        try:
-            (out / output.EMB_DIR).mkdir(parents=True, exist_ok=True)
-            output.remove_temp_files(out)
-            probe = out / ".write-test.tmp"
-            probe.write_bytes(b"x")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"output directory {out} is not writable: {exc.strerror or exc} "
-                              "(config key output.dir / --output)") from None
-        self.resumed = manifest is not None
-        self.listing_complete = bool(manifest and manifest.get("inputs", {}).get("listing_complete"))
-        if self.listing_complete and not (out / "listing.jsonl").exists():
-            self.listing_complete = False
+        prior = self.rundir.prepare(self.fp, restart=self.restart, on_existing=self.cfg.output.on_existing,
+                                    log=self.log,
+                                    refusal=lambda old: preflight.fingerprint_refusal(self.out, old, self.fp))
+        self.resumed = prior.resumed
+        self.listing_complete = prior.listing_complete
+        self.done_shards = prior.done_shards
         if self.id_range is not None:
             self.listing_complete = True  # the planned listing, replayed
-        self.done_shards = output.completed_shards(out)
         for k in self.done_shards:
-            rows, failed = shard_counts(out, k)
+            rows, failed = self.rundir.shard_counts(k)
             self.ledger.on_shard_written(k, rows, failed, resumed=True)
-        self._resumed = self.ledger.embedded + self.ledger.failed
-        if not manifest:
-            (out / "listing.jsonl").unlink(missing_ok=True)
-        self.created = manifest.get("created") if manifest else time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.resumed_count = self.ledger.embedded + self.ledger.failed
+        self.created = prior.manifest.get("created") if prior.manifest else now_iso()
         self.write_manifest("running")
         if self.resumed and self.done_shards:
-            self.log(f"Resuming the run in {out}: {len(self.done_shards)} shards already complete.")
+            self.log(f"Resuming the run in {self.out}: {len(self.done_shards)} shards already complete.")
 
     def write_manifest(self, status: str, extra: dict | None = None) -> None:
         synthetic = bool(self.model.get("synthetic"))
@@ -193,7 +188,7 @@ class Supervisor:
             "format": FORMAT,
             "status": status,
             "created": self.created,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "updated": now_iso(),
             "fingerprint": self.fp,
             "config": self.cfg.to_dict(),
             "devices": self.devices,
@@ -212,10 +207,12 @@ class Supervisor:
             m["warning"] = SYNTHETIC_NOTE
         if extra:
             m.update(extra)
-        output.atomic_write_json(self.out / "manifest.json", m)
+        self.rundir.write_manifest(m)
 
     # -- processes ------------------------------------------------------------------------------
     def plan(self) -> None:
+        """The whole topology, once: every worker's addresses, queue limits (both ends of each pipe
+        use the same high-water mark) and role-specific fields, onto its WorkerSpec."""
         cfg = self.cfg
         self.ep = transport.Endpoints.create()
         files_mode = self.backend.input_kind(cfg) == "files"
@@ -230,45 +227,53 @@ class Supervisor:
         stage_addrs = {role: tuple(self.ep.stage(role, i) for i in range(n)) for role, n in chain}
         stage_addrs["infer"] = infer_addrs
         order = [r for r, _ in chain] + ["infer"]
-        self.first_stage_addrs = stage_addrs[order[0]]
-        # queue fill (progress line, report timeline): edges named by the stage they feed
-        self.stage_order = ["source", *order, "sink"]
+        first = order[0]
+        self.first_stage_addrs = stage_addrs[first]
         depth = {"decode": cfg.queues.decode, "preprocess": cfg.queues.preprocess, "infer": cfg.queues.infer,
                  "sink": cfg.queues.sink}
+        # Which pipes carry groups of inputs: the source's `items` into the first stage, and the
+        # fused decoder's `pxs` into infer. Everything else is one input (or one batch) per message.
+        grouped = {role: False for role in depth}
+        grouped[first] = True
+        if "decode" in order and cfg.workers.fuse_decode_preprocess:
+            grouped["infer"] = True
+        hwm = {role: grouped_hwm(cfg, depth[role], grouped[role]) for role in depth}
+        # the supervisor re-issues single `item`s to the first stage: its depth, ungrouped
+        self.first_stage_hwm = depth[first]
+        # queue fill (progress line, report timeline): edges named by the stage they feed
+        stage_order = ["source", *order, "sink"]
         receivers = {**{r: n for r, n in chain}, "infer": len(self.devices), "sink": 1}
-        self.queue_capacity = {r: depth[r] * receivers[r] for r in self.stage_order[1:]}
         # Credit-based dispatch into the devices (pipeline/dispatch.py): each sender into the
         # infer stage binds a credit endpoint; every infer process returns credits to all of them.
         feeder, n_feeders = (chain[-1] if chain else ("source", 1))
         credit = cfg.queues.dispatch == "credit"
         credit_addrs = tuple(self.ep.addr(f"credit-{feeder}-{i}") for i in range(n_feeders)) if credit else ()
+        capacity = {r: depth[r] * receivers[r] for r in stage_order[1:]}
         if credit:
-            self.queue_capacity["infer"] = (1 + cfg.queues.infer_batches) * cfg.model.batch_size * len(self.devices)
+            capacity["infer"] = (1 + cfg.queues.infer_batches) * cfg.model.batch_size * len(self.devices)
 
-        def add(role: str, index: int, in_addr: str | None, nxt: tuple[str, ...], device: str | None = None,
-                extra: dict | None = None) -> None:
-            spec = WorkerSpec(role=role, index=index, cfg=cfg, in_addr=in_addr, next_addrs=nxt,
+        def add(role: str, index: int, in_addr: str | None, nxt_role: str | None, device: str | None = None,
+                **fields: Any) -> None:
+            spec = WorkerSpec(role=role, index=index, cfg=cfg, in_addr=in_addr,
+                              next_addrs=stage_addrs[nxt_role] if nxt_role else (),
                               sink_addr=sink_addr, control_addr=control_addr, device=device,
-                              extra=extra or {})
+                              in_hwm=hwm[role] if role in hwm else 0,
+                              out_hwm=hwm[nxt_role] if nxt_role else 0, sink_hwm=cfg.queues.sink, **fields)
             self.workers[spec.name] = Worker(role, index, device, spec, Slot(self.slot_path(spec.name, 0)))
 
-        add("sink", 0, sink_addr, ())
+        add("sink", 0, sink_addr, None)
         for i, dev in enumerate(self.devices):
-            add("infer", i, infer_addrs[i], (), device=dev, extra={"credit_addrs": credit_addrs})
+            add("infer", i, infer_addrs[i], None, device=dev, credit_addrs=credit_addrs)
         for pos, (role, n) in enumerate(chain):
-            nxt = stage_addrs[order[pos + 1]]
             for i in range(n):
-                add(role, i, stage_addrs[role][i], nxt,
-                    extra={"credit_addr": credit_addrs[i]} if credit and role == feeder else None)
-        add("source", 0, None, self.first_stage_addrs, extra={
+                add(role, i, stage_addrs[role][i], order[pos + 1],
+                    **({"credit_addr": credit_addrs[i]} if credit and role == feeder else {}))
+        add("source", 0, None, first, listing_path=str(self.listing_path), done_shards=tuple(self.done_shards),
+            listing_complete=self.listing_complete,
             **({"credit_addr": credit_addrs[0]} if credit and feeder == "source" else {}),
-            "listing_path": str(self.listing_path),
-            "done_shards": list(self.done_shards),
-            "listing_complete": self.listing_complete,
-            "files_mode": files_mode,
-            **({"range_lo": self.id_range[0], "range_hi": self.id_range[1]} if self.id_range else {}),
-        })
+            **({"range_lo": self.id_range[0], "range_hi": self.id_range[1]} if self.id_range else {}))
         self.control_addr, self.sink_addr = control_addr, sink_addr
+        self.telemetry.set_topology({w.name: w.role for w in self.workers.values()}, stage_order, capacity)
 
     def slot_path(self, name: str, generation: int) -> str:
         return os.path.join(self.ep.root, f"slot-{name}-{generation}")
@@ -277,7 +282,7 @@ class Supervisor:
         old, w.slot = w.slot, Slot(self.slot_path(w.name, w.restarts))
         if w.role == "source":
             w.slot.sent_upto = old.sent_upto  # the ledger's re-issue bound survives a source restart
-        w.spec = WorkerSpec(**{**w.spec.__dict__, "generation": w.restarts})
+        w.spec = replace(w.spec, generation=w.restarts)
         python = self.backend.worker_python(self.cfg) if w.role == "infer" else None
         if python:
             w.proc = ForeignProcess(python, w.spec, w.slot, os.path.join(self.ep.root, f"spec-{w.name}"))
@@ -302,7 +307,7 @@ class Supervisor:
         pids = {w.name: w.proc.pid for w in self.workers.values()
                 if w.proc is not None and not w.removed and w.proc.pid is not None}
         try:
-            output.atomic_write_json(self.out / WORKERS_FILE, pids)
+            self.rundir.write_workers(pids)
         except OSError:
             pass  # informational only: never fail a run over it
 
@@ -317,7 +322,7 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.control = transport.pull(self.ctx, self.control_addr, hwm=100000)
         self.to_sink = transport.push(self.ctx, [self.sink_addr], hwm=100000)
-        self.to_first = transport.push(self.ctx, list(self.first_stage_addrs), hwm=self.cfg.queues.decode)
+        self.to_first = transport.push(self.ctx, list(self.first_stage_addrs), hwm=self.first_stage_hwm)
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
         def on_signal(signum, frame):  # noqa: ARG001
@@ -327,7 +332,7 @@ class Supervisor:
             signal.signal(s, on_signal)
         if self.model.get("synthetic"):
             self.log(f"Note: model {self.model.get('path') or self.cfg.infer.backend} has {SYNTHETIC_NOTE}.")
-        self.t0 = time.monotonic()
+        self.telemetry.start(time.monotonic())
         try:
             for w in self.workers.values():
                 self.spawn(w)
@@ -337,7 +342,7 @@ class Supervisor:
         finally:
             self.stop_all()
             self.drain_stats()
-            (self.out / WORKERS_FILE).unlink(missing_ok=True)
+            self.rundir.remove_workers()
             for s, h in old.items():
                 signal.signal(s, h)
             for sock in (self.control, self.to_sink, self.to_first):
@@ -350,8 +355,7 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         total_sent = False
-        self.prev_sample, self.prev_t = {}, time.monotonic()
-        self.tl_sample, self.tl_t = {}, self.prev_t
+        self.telemetry.begin_loop(time.monotonic())
         last_tick = 0.0
         while True:
             if self.interrupted is not None:
@@ -378,7 +382,7 @@ class Supervisor:
     def on_control(self, h: dict) -> None:
         t = h.get("t")
         if t == "stats":
-            self.stats[h["worker"]] = h["stats"]
+            self.telemetry.on_stats(h["worker"], h["stats"])
         elif t == "ready":
             w = self.workers.get(h["worker"])
             if w is not None:
@@ -389,9 +393,11 @@ class Supervisor:
                 self.dim = int(dim)
                 self.queue_to_sink(messages.dim(self.dim))
         elif t == "resolved":
-            if self.first_result_s is None:
-                self.first_result_s = time.monotonic() - self.t0
+            now = time.monotonic()
+            self.telemetry.on_result(now)
             self.ledger.on_resolved(h["ids"], h["embedded"], h["failed"])
+            if self.on_resolved is not None:
+                self.on_resolved(now, len(h["ids"]))
         elif t == "shard":
             self.ledger.on_shard_written(h["k"], h["rows"], h["failed"])
         elif t == "listed":
@@ -486,9 +492,9 @@ class Supervisor:
             self.ledger.lost_sink()
             # The sink may have written shards whose "shard" messages died with it: the disk is
             # the truth (a restarted sink skips them too, so they must count as written here).
-            for k in output.completed_shards(self.out):
+            for k in self.rundir.completed_shards():
                 if k not in self.ledger.written:
-                    rows, failed = shard_counts(self.out, k)
+                    rows, failed = self.rundir.shard_counts(k)
                     self.ledger.on_shard_written(k, rows, failed, resumed=True)
         w.restarts += 1
         w.streak += 1
@@ -511,7 +517,7 @@ class Supervisor:
                 raise RunAborted(f"{w.name} failed {w.restarts} times (last error: {last})")
         else:
             if w.role == "source":
-                w.spec.extra["start_at"] = self.source().slot.sent_upto
+                w.spec = replace(w.spec, start_at=self.source().slot.sent_upto)
             self.spawn(w)
         self.after_loss(w.role == "sink")
 
@@ -547,26 +553,18 @@ class Supervisor:
             while self.control.poll(0):
                 header, _frames = transport.recv(self.control, zmq.NOBLOCK)
                 if header.get("t") == "stats":
-                    self.stats[header["worker"]] = header["stats"]
+                    self.telemetry.on_stats(header["worker"], header["stats"])
         except zmq.ZMQError:
             pass
 
     def tick(self, now: float) -> None:
-        roles = {w.name: w.role for w in self.workers.values()}
-        sample = aggregate(self.stats, roles)
-        self.queues = queue_fill(sample, self.stage_order)
-        dt = now - self.prev_t
-        if dt >= 1.0:
-            self.util = utilisation(self.prev_sample, sample, dt)
-            self.prev_sample, self.prev_t = sample, now
-        if now - self.tl_t >= self.timeline_dt:
-            self.record_timeline(now, sample)
-        done = self.ledger.embedded + self.ledger.failed
-        self.progress.update(done, self.range_total() if self.ledger.listing_done else None, self.ledger.failed,
+        led = self.ledger
+        self.telemetry.tick(now, led)
+        self.progress.update(led.embedded + led.failed, self.range_total() if led.listing_done else None, led.failed,
                              self.rate(), self.stage_line())
 
     def stage_line(self) -> str:
-        line = bottleneck_line(self.util, self.queues, getattr(self, "queue_capacity", None))
+        line = self.telemetry.stage_line()
         stuck = self.stuck_note(time.monotonic())
         return f"{line} | {stuck}" if stuck else line
 
@@ -591,52 +589,30 @@ class Supervisor:
 
     def path_of(self, i: int) -> str:
         """An input's path, from the listing (cached: only asked for the few stuck inputs)."""
-        cache = self.__dict__.setdefault("_paths", {})
-        if i not in cache:
+        if i not in self.paths_cache:
             try:
-                cache[i] = os.fsdecode(output.listing_paths(self.listing_path, [i]).get(i, b"?"))
+                self.paths_cache[i] = os.fsdecode(output.listing_paths(self.listing_path, [i]).get(i, b"?"))
             except OSError:
-                cache[i] = f"input #{i}"
-        return cache[i]
-
-    def record_timeline(self, now: float, sample: dict) -> None:
-        """One report.json timeline point: inputs resolved, stage utilisation and queue fill."""
-        util = utilisation(self.tl_sample, sample, now - self.tl_t)
-        self.tl_sample, self.tl_t = sample, now
-        self.timeline.append({"t": round(now - self.t0, 2), "done": self.ledger.embedded + self.ledger.failed,
-                              "failed": self.ledger.failed,
-                              "util": {k: round(v, 3) for k, v in util.items()},
-                              "queues": queue_fill(sample, self.stage_order)})
-        if len(self.timeline) > 1200:  # keep report.json small on long runs: halve the resolution
-            self.timeline = self.timeline[1::2]
-            self.timeline_dt *= 2
+                self.paths_cache[i] = f"input #{i}"
+        return self.paths_cache[i]
 
     def rate(self) -> float:
-        elapsed = time.monotonic() - self.t0
-        resumed = self.resumed_count()
-        return (self.ledger.embedded + self.ledger.failed - resumed) / elapsed if elapsed > 0 else 0.0
+        return self.telemetry.rate(self.ledger.embedded + self.ledger.failed - self.resumed_count)
 
     def range_total(self) -> int | None:
         """The number of inputs this run covers (a cluster range run covers ids [lo, hi) only)."""
         t = self.ledger.total
         return t - self.id_range[0] if t is not None and self.id_range else t
 
-    def resumed_count(self) -> int:
-        return self._resumed
-
     def finish(self, wall: float) -> RunResult:
         led = self.ledger
         counts = {"embedded": led.embedded, "failed": led.failed, "total": self.range_total() or led.listed}
         done = led.embedded + led.failed
-        final = aggregate(self.stats, {w.name: w.role for w in self.workers.values()})
-        if hasattr(self, "tl_t"):
-            self.record_timeline(time.monotonic(), final)
         # the last line sums up the whole run (the last interval is mostly shutdown)
-        whole = utilisation({}, final, time.monotonic() - self.t0) if hasattr(self, "t0") else {}
-        self.progress.close(done, self.range_total(), led.failed, self.rate(),
-                            (bottleneck_line(whole) + " (whole run)") if whole else self.stage_line())
+        line = self.telemetry.final_line(led)
+        self.progress.close(done, self.range_total(), led.failed, self.rate(), line)
         report = self.report(wall)
-        self.best_effort(output.atomic_write_json, self.out / "report.json", report)
+        self.best_effort(self.rundir.write_report, report)
         if self.interrupted is not None:
             name = "SIGINT" if self.interrupted == signal.SIGINT else "SIGTERM"
             self.best_effort(self.write_manifest, "interrupted")
@@ -649,21 +625,22 @@ class Supervisor:
             self.best_effort(self.write_manifest, "failed", {"error": reason})
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Completed shards are kept in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
-        n_fail = self.write_failures()
+        n_fail = self.rundir.write_failures(self.ledger.written)
         o = self.cfg.output
         if o.metadata or o.layout == "clip-retrieval":
             from pipeline import metadata
 
             metadata.publish(self.out, sorted(self.ledger.written), o.metadata, o.layout)
         if self.cfg.output.pickle:
-            self.write_pickle()
+            paths, emb = output.load_embeddings(self.out)
+            self.rundir.write_pickle(paths, np.asarray(emb))
         self.write_manifest("complete")
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
         msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
         if self.input_changes:
             msg += " Note: " + preflight.changes_note(self.input_changes, True) + "."
         if n_fail:
-            msg += f" Completed with {n_fail} failures: see {self.out / 'failures.jsonl'}."
+            msg += f" Completed with {n_fail} failures: see {self.rundir.failures}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
         return RunResult(EXIT_SUCCESS, msg, counts, str(self.out))
 
@@ -675,28 +652,6 @@ class Supervisor:
         except OSError as exc:
             self.log(f"warning: could not update {self.out}: {exc.strerror or exc}")
 
-    def write_failures(self) -> int:
-        n = 0
-        final = self.out / "failures.jsonl"
-        tmp = self.out / ".failures.jsonl.tmp"
-        with open(tmp, "wb") as dst:
-            for k in sorted(self.ledger.written):
-                src = self.out / output.EMB_DIR / f"{output.shard_name(k)}.failures.jsonl"
-                data = src.read_bytes()
-                n += data.count(b"\n")
-                dst.write(data)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, final)
-        return n
-
-    def write_pickle(self) -> None:
-        import pickle
-
-        paths, emb = output.load_embeddings(self.out)
-        data = pickle.dumps({"img_path": paths, "embedding": np.asarray(emb)}, protocol=4)
-        output.atomic_write_bytes(self.out / "embeddings.pkl", data)
-
     def dispatch_summary(self) -> dict:
         """How the work was spread over the devices: images per device (this run's last process of
         each) and the tail, from the first device's last result to the last one's (a device idle
@@ -705,7 +660,7 @@ class Supervisor:
         for w in self.workers.values():
             if w.role != "infer":
                 continue
-            st = self.stats.get(w.name, {})
+            st = self.telemetry.stats.get(w.name, {})
             per_device[str(w.device)] = int(st.get("in", 0))
             if st.get("last_result_t"):
                 last.append(float(st["last_result_t"]))
@@ -715,51 +670,10 @@ class Supervisor:
                 "tail_s": round(max(last) - min(last), 3) if len(last) > 1 else 0.0}
 
     def report(self, wall: float) -> dict:
-        from collections import Counter
-
-        reasons: Counter = Counter()
-        for k in self.ledger.written:
-            p = self.out / output.EMB_DIR / f"{output.shard_name(k)}.failures.jsonl"
-            for line in p.read_text().splitlines():
-                if line:
-                    reasons[json.loads(line)["reason"]] += 1
-        done_now = self.ledger.embedded + self.ledger.failed - self.resumed_count()
-        # per-stage figures are over the pipeline's running time (after model build / preparation)
-        run_s = time.monotonic() - self.t0 if hasattr(self, "t0") else 0.0
-        per_stage = {}
-        roles = {w.name: w.role for w in self.workers.values()}
-        for role, s in aggregate(self.stats, roles).items():
-            if role == "source":
-                continue
-            per_stage[role] = {
-                "workers": s.workers, "busy_s": round(s.busy_s, 3), "blocked_s": round(s.blocked_s, 3),
-                "busy_fraction": round(s.busy_s / (run_s * s.workers), 3) if run_s > 0 and s.workers else None,
-                "items_in": int(s.items_in),  # messages: one per image, except into the sink (one per batch)
-                "items_in_per_s": round(s.items_in / run_s, 3) if run_s > 0 else None,
-            }
-        cap = getattr(self, "queue_capacity", {})
-        occupancy = {"capacity": cap, "mean": {}, "max": {}}
-        for edge in cap:
-            vals = [p["queues"][edge] for p in self.timeline if edge in p.get("queues", {})]
-            if vals:
-                occupancy["mean"][edge] = round(sum(vals) / len(vals), 2)
-                occupancy["max"][edge] = max(vals)
-        return {
-            "format": FORMAT,
-            "wall_s": round(wall, 3),
-            "run_s": round(run_s, 3),
-            "images_per_s": round(done_now / wall, 3) if wall > 0 else None,
-            "resumed_from": self.resumed_count(),
-            "queue_occupancy": occupancy,
-            "stage_order": getattr(self, "stage_order", []),
-            "model": getattr(self, "model", {}),
-            "time_to_first_result_s": None if self.first_result_s is None else round(self.first_result_s, 3),
-            "counts": {"embedded": self.ledger.embedded, "failed": self.ledger.failed, "listed": self.ledger.listed},
-            "failures_by_reason": dict(sorted(reasons.items())),
-            "per_stage": per_stage,
-            "per_worker": self.stats,
+        reasons = self.rundir.failures_by_reason(self.ledger.written)
+        return self.telemetry.report(wall, self.ledger, self.resumed_count, reasons, {
             "dispatch": self.dispatch_summary(),
-            "timeline": self.timeline,
+            "model": self.model,
             "devices": self.devices,
             "backend": self.cfg.infer.backend,
             "restarts": {w.name: w.restarts for w in self.workers.values() if w.restarts},
@@ -767,24 +681,19 @@ class Supervisor:
             "errors": self.errors[-50:],
             "warnings": self.warnings[:200],
             "synthetic_weights": bool(self.model.get("synthetic")),
-            "versions": software_versions(),
-        }
+        })
 
 
 class ForeignProcess:
     """A worker under another Python interpreter, with the multiprocessing.Process methods we use."""
 
     def __init__(self, python: str, spec: WorkerSpec, slot: Slot, spec_path: str):
-        import pickle
-
         with open(spec_path, "wb") as fh:
             pickle.dump((spec, slot), fh, protocol=4)
         self.args = [python, "-m", "pipeline.boot", spec_path]
         self.popen = None
 
     def start(self) -> None:
-        import subprocess
-
         root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = root
@@ -809,19 +718,10 @@ class ForeignProcess:
             self.popen.kill()
 
     def join(self, timeout: float | None = None) -> None:
-        import subprocess
-
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
-
-
-def shard_counts(out: Path, k: int) -> tuple[int, int]:
-    name = output.shard_name(k)
-    rows = np.load(out / output.EMB_DIR / f"{name}.npy", mmap_mode="r").shape[0]
-    failed = (out / output.EMB_DIR / f"{name}.failures.jsonl").read_bytes().count(b"\n")
-    return rows, failed
 
 
 def run(cfg: Config, *, restart: bool = False, progress: Progress | None = None) -> RunResult:

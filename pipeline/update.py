@@ -32,10 +32,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline import output, pathcodec
+from pipeline import output, pathcodec, rundir
 from pipeline.config import Config, ConfigError
 from pipeline.inputs import hash_input
-from pipeline.output import UPDATES, listed_inputs, records
+from pipeline.rundir import HASHES_SUFFIX, PARQUET_SUFFIX, UPDATES, listed_inputs, records, update_files
 
 INPUT_KEYS = {"inputs", "extensions", "recursive", "follow_symlinks", "list", "list_column", "tar"}
 
@@ -62,17 +62,17 @@ def _publish(out: Path, attempt: Path, rec: dict) -> None:
     k0, first_id, size = rec["first_shard"], rec["first_id"], rec["shard_size"]
     for j in output.completed_shards(attempt) if attempt.exists() else []:
         a, b = output.shard_name(j), output.shard_name(k0 + j)
-        fails = (src / f"{a}.failures.jsonl").read_text().splitlines()
+        fails = (src / f"{a}{rundir.FAILURES_SUFFIX}").read_text().splitlines()
         shifted = []
         for line in fails:
             if line:
                 f = json.loads(line)
                 f["id"] += first_id
                 shifted.append(json.dumps(f, sort_keys=True).encode() + b"\n")
-        output.atomic_write_bytes(dst / f"{b}.failures.jsonl", b"".join(shifted))
-        for suffix in (".paths", ".parquet", ".hashes"):
+        output.atomic_write_bytes(dst / f"{b}{rundir.FAILURES_SUFFIX}", b"".join(shifted))
+        for suffix in (rundir.PATHS_SUFFIX, PARQUET_SUFFIX, HASHES_SUFFIX):
             _move(src / f"{a}{suffix}", dst / f"{b}{suffix}")
-        _move(src / f"{a}.npy", dst / f"{b}.npy")  # last: the shard is complete from here
+        _move(src / f"{a}{rundir.NPY_SUFFIX}", dst / f"{b}{rundir.NPY_SUFFIX}")  # last: the shard is complete from here
         assert first_id + j * size == (k0 + j) * size
     output.fsync_dir(dst)
 
@@ -93,7 +93,7 @@ def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print
     out = Path(cfg.output.dir)
     manifest = output.read_manifest(out) if out.is_dir() else None
     if manifest is None:
-        raise ConfigError(f"--update needs a finished run in {out} (no manifest.json there): run without --update first "
+        raise ConfigError(f"--update needs a finished run in {out} (no run manifest there): run without --update first "
                           "(config key output.dir / --output)")
     if manifest.get("status") != "complete":
         raise ConfigError(f"the run in {out} is {manifest.get('status')}, not complete: run the same command without "
@@ -140,9 +140,9 @@ def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print
         new = keep
 
     n = len(records(out)) + 1
-    name = f"u-{n:04d}"
-    rec = {"update": n, "listing": f"{name}.jsonl", "removed": f"{name}.removed.txt",
-           "aliases": f"{name}.aliases.jsonl", "attempt": f".{name}", "shard_size": size,
+    files = update_files(n)
+    rec = {"update": n, "listing": files["listing"], "removed": files["removed"],
+           "aliases": files["aliases"], "attempt": files["attempt"], "shard_size": size,
            "added": len(new), "removed_count": len(removed), "aliased": len(aliases), "published": False}
     if not new:
         if removed or aliases:
@@ -151,14 +151,14 @@ def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print
             _write_lines(out / UPDATES / rec["listing"], [])
             rec.update(first_shard=next_shard(out), first_id=next_shard(out) * size, embedded=0, failed=0,
                        published=True)
-            output.atomic_write_json(out / UPDATES / f"{name}.json", rec)
+            output.atomic_write_json(out / UPDATES / files["record"], rec)
         msg = (f"Nothing new to embed in {out}: {len(removed)} input(s) removed since"
                + (f" (recorded in {out / UPDATES / rec['removed']})" if removed else "")
                + (f", {len(aliases)} new name(s) with the content of an embedded input" if aliases else "") + ".")
         return RunResult(EXIT_SUCCESS, msg, {"embedded": 0, "failed": 0, "total": 0}, str(out))
 
     attempt = out / UPDATES / rec["attempt"]
-    list_file = out / UPDATES / f"{name}.list"
+    list_file = out / UPDATES / files["list"]
     lines = [pathcodec.encode(p).encode() + b"\n" for p in new]
     if attempt.exists() and (not list_file.exists() or list_file.read_bytes() != b"".join(lines)):
         shutil.rmtree(attempt)  # an earlier, interrupted update of other inputs: start it over
@@ -174,10 +174,10 @@ def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print
     k0 = next_shard(out)
     rec.update(first_shard=k0, first_id=k0 * size, embedded=result.counts.get("embedded", 0),
                failed=result.counts.get("failed", 0))
-    shutil.copyfile(attempt / "listing.jsonl", out / UPDATES / rec["listing"])
+    shutil.copyfile(output.RunDir(attempt).listing, out / UPDATES / rec["listing"])
     _write_lines(out / UPDATES / rec["removed"], [pathcodec.encode(p).encode() + b"\n" for p in removed])
     _write_lines(out / UPDATES / rec["aliases"], [json.dumps(a).encode() + b"\n" for a in aliases])
-    output.atomic_write_json(out / UPDATES / f"{name}.json", rec)  # before the first shard moves
+    output.atomic_write_json(out / UPDATES / files["record"], rec)  # before the first shard moves
     _publish(out, attempt, rec)
     _finish_record(out, rec)
     _refresh_run(cfg, out, manifest)
@@ -194,10 +194,10 @@ def _embedded_hashes(out: Path) -> dict[str, str]:
     known: dict[str, str] = {}
     d = out / output.EMB_DIR
     for k in output.completed_shards(out):
-        h = d / f"{output.shard_name(k)}.hashes"
+        h = d / f"{output.shard_name(k)}{HASHES_SUFFIX}"
         if not h.exists():
             continue
-        paths = (d / f"{output.shard_name(k)}.paths").read_bytes().splitlines()
+        paths = (d / f"{output.shard_name(k)}{rundir.PATHS_SUFFIX}").read_bytes().splitlines()
         for line, p in zip(h.read_text().splitlines(), paths):
             if line:
                 known.setdefault(line, output.decode_path_line(p))
@@ -208,45 +208,32 @@ def _finish_record(out: Path, rec: dict) -> None:
     attempt = out / UPDATES / rec["attempt"]
     if attempt.exists():
         shutil.rmtree(attempt)
-    (out / UPDATES / f"u-{rec['update']:04d}.list").unlink(missing_ok=True)
+    files = update_files(rec["update"])
+    (out / UPDATES / files["list"]).unlink(missing_ok=True)
     rec["published"] = True
-    output.atomic_write_json(out / UPDATES / f"u-{rec['update']:04d}.json", rec)
+    output.atomic_write_json(out / UPDATES / files["record"], rec)
 
 
 def _refresh_run(cfg: Config, out: Path, manifest: dict) -> None:
-    """The run-level files after new shards: failures.jsonl, metadata layout, pickle, manifest."""
-    import time
-
-    done = output.completed_shards(out)
-    tmp = out / ".failures.jsonl.tmp"
-    rows = failed = 0
-    with open(tmp, "wb") as dst:
-        for k in done:
-            data = (out / output.EMB_DIR / f"{output.shard_name(k)}.failures.jsonl").read_bytes()
-            failed += data.count(b"\n")
-            dst.write(data)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, out / "failures.jsonl")
+    """The run-level files after new shards: failures, metadata layout, pickle, manifest."""
     import numpy as np
 
-    for k in done:
-        rows += np.load(out / output.EMB_DIR / f"{output.shard_name(k)}.npy", mmap_mode="r").shape[0]
+    rd = rundir.RunDir(out)
+    done = rd.completed_shards()
+    failed = rd.write_failures(done)
+    rows = sum(rd.shard_counts(k)[0] for k in done)
     o = cfg.output
     if o.metadata or o.layout == "clip-retrieval":
         from pipeline import metadata
 
         metadata.publish(out, done, o.metadata, o.layout)
     if o.pickle:
-        import pickle
-
         paths, emb = output.load_embeddings(out)
-        output.atomic_write_bytes(out / "embeddings.pkl",
-                                  pickle.dumps({"img_path": paths, "embedding": np.asarray(emb)}, protocol=4))
+        rd.write_pickle(paths, np.asarray(emb))
     manifest = dict(manifest)
-    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest["updated"] = rundir.now_iso()
     manifest["shards"] = done
     manifest["counts"] = {**manifest.get("counts", {}), "embedded": rows, "failed": failed}
     manifest["updates"] = [{k: r[k] for k in ("update", "first_shard", "first_id", "added", "embedded", "failed",
                                              "removed_count", "aliased")} for r in records(out)]
-    output.atomic_write_json(out / "manifest.json", manifest)
+    rd.write_manifest(manifest)

@@ -17,8 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import zmq
 
@@ -128,7 +127,20 @@ class WorkerSpec:
     control_addr: str
     device: str | None = None
     generation: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # queue limits (ZeroMQ high-water marks, in messages), decided once by Supervisor.plan
+    in_hwm: int = 0  # of this worker's PULL (0: it receives nothing)
+    out_hwm: int = 0  # of its PUSH to the next stage (0: it has none)
+    sink_hwm: int = 0  # of its PUSH to the sink
+    # the source's
+    listing_path: str = ""  # OUT/listing.jsonl
+    done_shards: tuple[int, ...] = ()  # complete shards: their ids are not sent
+    listing_complete: bool = False  # replay the saved listing instead of walking the inputs
+    start_at: int = 0  # a restarted source sends ids from here on
+    range_lo: int = 0  # a cluster range run: ids [range_lo, range_hi) of a planned listing only
+    range_hi: int | None = None
+    # credit-based dispatch into the devices (queues.dispatch = "credit", pipeline/dispatch.py)
+    credit_addr: str = ""  # a sender into the infer stage: where the devices return its credits
+    credit_addrs: tuple[str, ...] = ()  # an infer process: every sender's credit endpoint
 
     @property
     def name(self) -> str:
@@ -202,13 +214,6 @@ class Loop:
         self.core: StageCore | None = None  # set once made (the orphan watchdog asks it about device calls)
         self.parent = int(os.environ.get(PARENT_ENV) or os.getppid())
         self.ctx = zmq.Context()
-        q = spec.cfg.queues
-        out_hwm = {"source": q.decode, "decode": q.preprocess if not spec.cfg.workers.fuse_decode_preprocess else q.infer,
-                   "preprocess": q.infer}.get(spec.role, q.sink)
-        if spec.role == "source" and spec.extra.get("files_mode"):
-            out_hwm = q.infer
-        grouped_out = {"source": True, "decode": spec.cfg.workers.fuse_decode_preprocess}.get(spec.role, False)
-        out_hwm = _grouped_hwm(spec.cfg, out_hwm, grouped_out)
         self.control = transport.push(self.ctx, [spec.control_addr], hwm=10000, linger_ms=1000)
         self.next = None
         # A sender into the infer stage dispatches by credit (pipeline/dispatch.py): one PUSH per
@@ -216,19 +221,19 @@ class Loop:
         self.credits: Credits | None = None
         self.peers: list[zmq.Socket] = []
         self.credit_in: zmq.Socket | None = None
-        if spec.next_addrs and spec.extra.get("credit_addr"):
-            self.peers = [transport.push(self.ctx, [a], out_hwm) for a in spec.next_addrs]
-            self.credit_in = transport.pull(self.ctx, spec.extra["credit_addr"], hwm=100000)
+        if spec.next_addrs and spec.credit_addr:
+            self.peers = [transport.push(self.ctx, [a], spec.out_hwm) for a in spec.next_addrs]
+            self.credit_in = transport.pull(self.ctx, spec.credit_addr, hwm=100000)
             self.credits = Credits(len(spec.next_addrs), gen=spec.generation)
         elif spec.next_addrs:
-            self.next = transport.push(self.ctx, spec.next_addrs, out_hwm)
+            self.next = transport.push(self.ctx, spec.next_addrs, spec.out_hwm)
         # An infer process with credit-dispatching senders: where each held id came from, and the
         # sockets to return credits on (started once the device is ready: start_credits)
         self.origins: Origins | None = None
         self.credit_out: list[zmq.Socket] = []
         self.window = 0
         self.last_announce = 0.0
-        self.sink = transport.push(self.ctx, [spec.sink_addr], spec.cfg.queues.sink) if spec.role != "sink" else None
+        self.sink = transport.push(self.ctx, [spec.sink_addr], spec.sink_hwm) if spec.role != "sink" else None
         self.stats: dict[str, float] = {"in": 0, "out": 0, "sink_out": 0, "busy_s": 0.0, "blocked_s": 0.0,
                                         "idle_s": 0.0}
         self.last_stats = 0.0
@@ -434,9 +439,9 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
         loop.error("setup", exc, [])
         return EXIT_SETUP
     loop.send("control", messages.ready(spec.name, spec.role, spec.index, os.getpid(), core.info))
-    inp = transport.pull(loop.ctx, spec.in_addr, _in_hwm(spec))
-    if spec.role == "infer" and spec.extra.get("credit_addrs"):
-        addrs = tuple(spec.extra["credit_addrs"])
+    inp = transport.pull(loop.ctx, spec.in_addr, spec.in_hwm)
+    if spec.role == "infer" and spec.credit_addrs:
+        addrs = spec.credit_addrs
         batch = int(core.info.get("batch_size") or spec.cfg.model.batch_size)
         loop.start_credits(addrs, window_for(batch, spec.cfg.queues.infer_batches, len(addrs)))
     poller = zmq.Poller()
@@ -491,20 +496,6 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
             core.close()
         finally:
             inp.close(0)
-
-
-def _in_hwm(spec: WorkerSpec) -> int:
-    q = spec.cfg.queues
-    depth = {"decode": q.decode, "preprocess": q.preprocess, "infer": q.infer, "sink": q.sink}[spec.role]
-    grouped = spec.role == "decode" or (spec.role == "infer" and spec.cfg.workers.fuse_decode_preprocess)
-    return _grouped_hwm(spec.cfg, depth, grouped)
-
-
-def _grouped_hwm(cfg: Config, depth: int, grouped: bool) -> int:
-    """Queue depths count images; a pipe of grouped messages holds depth / items_per_message of them."""
-    if not grouped:
-        return depth
-    return max(1, -(-depth // cfg.workers.items_per_message))
 
 
 if __name__ == "__main__":

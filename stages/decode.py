@@ -8,12 +8,10 @@ failure goes to the sink on its own.
 
 from __future__ import annotations
 
-import os
-import time
-
 import numpy as np
 
 from pipeline import messages
+from pipeline.backends import get_backend
 from pipeline.images import DecodeOptions, crop, decode_bytes, decode_file
 from pipeline.inputs import TarReader, split_ref
 from pipeline.messages import Failure, ItemError
@@ -24,26 +22,9 @@ def image_message(kind: str, header: dict, arr: np.ndarray) -> Output:
     return ("next", *messages.image(kind, header["id"], header["path"], arr))
 
 
-# Test-only fault hook: a decode worker that receives an input whose path contains this byte
-# string exits hard (os._exit), in every generation, so the supervisor's "an input that kills its
-# worker twice fails as crashed_worker" path can be exercised. Never set it in production.
-CRASH_ENV = "CLIP_PIPELINE_TEST_CRASH_ON"
-_CRASH_ON = os.fsencode(os.environ.get(CRASH_ENV, "")) or None
-# Test-only: a decode worker that receives an input whose path contains this byte string hangs on
-# it (as on a dead network mount), in every generation: the preprocess.decode_timeout_s test.
-HANG_ENV = "CLIP_PIPELINE_TEST_HANG_ON"
-_HANG_ON = os.fsencode(os.environ.get(HANG_ENV, "")) or None
-
-
 def pixels_message(ids: list[int], paths: list[bytes], pixels: np.ndarray) -> Output:
     """Crops of several inputs in one message: uint8 [n,224,224,3] and their ids/paths."""
     return ("next", *messages.pixels(ids, paths, pixels))
-
-
-def ready_crop(size: int = 224) -> np.ndarray:
-    """The fixed crop fake.ready_crops sends (a smooth gradient, so fake embeddings are finite)."""
-    y, x = np.mgrid[0:size, 0:size]
-    return np.ascontiguousarray(np.stack([x, y, (x + y) // 2], axis=2).astype(np.uint8))
 
 
 class DecodeCore(StageCore):
@@ -53,9 +34,9 @@ class DecodeCore(StageCore):
         super().__init__()
         self.opts = DecodeOptions.from_config(spec.cfg)
         self.fused = spec.cfg.workers.fuse_decode_preprocess
-        cfg = spec.cfg
-        # bench-only (fake.ready_crops): skip the files, send a pre-made crop per input
-        self.ready_crop = ready_crop() if cfg.infer.backend == "fake" and cfg.fake.ready_crops else None
+        # A backend may stand in for the host's work (bench-only: fake.ready_crops): then the files
+        # are neither read nor decoded and this pre-made crop is sent for every input.
+        self.ready_crop = get_backend(spec.cfg.infer.backend).ready_crop(spec.cfg)
         self.ready_groups: dict[int, np.ndarray] = {}
         self.slot = None  # the worker's Slot (set by make_core): marks the input being decoded
         self.tars = TarReader()  # webdataset members: one header scan per tar, one seek per member
@@ -105,14 +86,9 @@ class DecodeCore(StageCore):
         return outputs
 
     def handle_one(self, header: dict) -> list[Output]:
-        if _CRASH_ON and _CRASH_ON in header["path"]:
-            os._exit(86)  # test-only fault hook, see CRASH_ENV
         if self.slot is not None:  # the supervisor's per-input deadline and "stuck" progress note
             self.slot.begin_item(header["id"])
         try:
-            if _HANG_ON and _HANG_ON in header["path"]:
-                while True:  # test-only fault hook, see HANG_ENV
-                    time.sleep(3600)
             arr = self.decode(header["path"])
             if self.fused:
                 return [image_message("px", header, crop(arr, self.opts.mode))]

@@ -8,12 +8,11 @@ resolved — sorted by id, atomically — so the output does not depend on worke
 from __future__ import annotations
 
 import errno
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import messages, output
+from pipeline import messages, rundir
 from pipeline.messages import Failure
 from pipeline.transport import array_from
 from stages.base import FatalError, Output, StageCore
@@ -79,12 +78,6 @@ class ShardAssembler:
         return paths, emb, fails
 
 
-# Test-only fault hook: writing shard number N fails with ENOSPC (disk full) when this variable
-# is N, for platforms where the tests cannot mount a tiny tmpfs. Never set it in production.
-ENOSPC_ENV = "CLIP_PIPELINE_TEST_ENOSPC_SHARD"
-_ENOSPC_SHARD = int(os.environ[ENOSPC_ENV]) if os.environ.get(ENOSPC_ENV, "").isdigit() else None
-
-
 class SinkCore(StageCore):
     def __init__(self, spec):
         super().__init__()
@@ -97,8 +90,8 @@ class SinkCore(StageCore):
         self.tars = None
 
     def setup(self) -> None:
-        output.remove_temp_files(self.out_dir)
-        self.asm = ShardAssembler(self.cfg.output.shard_size, set(output.completed_shards(self.out_dir)))
+        rundir.remove_temp_files(self.out_dir)
+        self.asm = ShardAssembler(self.cfg.output.shard_size, set(rundir.completed_shards(self.out_dir)))
 
     def handle(self, header: dict, frames: list):
         t = header["t"]
@@ -133,25 +126,23 @@ class SinkCore(StageCore):
                 continue
             paths, emb, fails = self.asm.pop(k, self.dim, self.cfg.output.dtype)
             try:
-                if _ENOSPC_SHARD is not None and k == _ENOSPC_SHARD:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (test hook " + ENOSPC_ENV + ")")
                 companions = None
                 if self.metadata:
                     from pipeline import inputs, metadata
 
                     self.tars = self.tars or inputs.TarReader()
-                    companions = {".parquet": metadata.parquet_bytes(paths, self.tars)}
+                    companions = {rundir.PARQUET_SUFFIX: metadata.parquet_bytes(paths, self.tars)}
                 if self.cfg.output.content_hash:  # run --update's rename/copy check (pipeline/update.py)
                     from pipeline import inputs
 
                     self.tars = self.tars or inputs.TarReader()
-                    companions = {**(companions or {}), ".hashes": b"".join(
+                    companions = {**(companions or {}), rundir.HASHES_SUFFIX: b"".join(
                         (inputs.hash_input(p, self.tars) or "").encode() + b"\n" for p in paths)}
-                output.write_shard(self.out_dir, k, paths, emb, fails, companions)
+                rundir.write_shard(self.out_dir, k, paths, emb, fails, companions)
             except OSError as exc:
                 what = "the output disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
                 raise FatalError(
-                    f"cannot write shard {output.shard_name(k)} in {self.out_dir}: {what}. "
+                    f"cannot write shard {rundir.shard_name(k)} in {self.out_dir}: {what}. "
                     "Completed shards are kept; free space (or fix permissions) and run the same command again to resume."
                 ) from None
             outputs.append(("control", messages.shard(k, len(paths), len(fails)), ()))

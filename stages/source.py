@@ -17,7 +17,7 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 
-from pipeline import messages, output
+from pipeline import messages, rundir
 from stages.base import FatalError
 
 Warn = Callable[[str], None]
@@ -224,7 +224,7 @@ def config_inputs(cfg, warn: Warn = lambda m: None) -> Iterator[bytes]:
 def read_listing(path: str) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         for line in fh:
-            yield output.parse_listing_line(line)
+            yield rundir.parse_listing_line(line)
 
 
 CHUNK = 64
@@ -261,18 +261,17 @@ def run_source(spec, slot, loop) -> None:
     import errno
 
     cfg = spec.cfg
-    extra = spec.extra
-    listing_path = extra["listing_path"]
-    done_shards = set(extra.get("done_shards", ()))
-    start_at = int(extra.get("start_at", 0))
+    listing_path = spec.listing_path
+    done_shards = set(spec.done_shards)
+    start_at = spec.start_at
     shard_size = cfg.output.shard_size
-    replay = bool(extra.get("listing_complete"))
+    replay = spec.listing_complete
     # A cluster range run (pipeline/cluster): replay ids [range_lo, range_hi) of the planned
     # listing, read-only (it is shared by every range); ids and shard names stay global.
-    range_hi = extra.get("range_hi")
+    range_hi = spec.range_hi
     if range_hi is not None:
         replay = True
-        start_at = max(start_at, int(extra.get("range_lo", 0)))
+        start_at = max(start_at, spec.range_lo)
 
     def warn(msg: str) -> None:
         loop.send("control", messages.warning(msg))
@@ -317,7 +316,7 @@ def run_source(spec, slot, loop) -> None:
                             "Run with --restart to start over (or restore the inputs)."
                         )
                 elif n >= existing:
-                    listing.write(output.listing_line(path))
+                    listing.write(rundir.listing_line(path))
                 if n >= start_at or range_hi is None:
                     chunk.append((n, path))
                 n += 1

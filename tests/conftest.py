@@ -1,4 +1,12 @@
-"""Shared fixtures: a tiny synthetic CLIP model and generated image folders."""
+"""Shared fixtures and helpers of the whole suite (one place):
+
+- `tiny_model`: the tiny synthetic CLIP ONNX (float input), built once per session;
+- `make_images`: a folder of small generated JPEG/PNG images;
+- `invoke`: the CLI in-process (click's CliRunner); `cli` / `cli_env`: the CLI as a subprocess
+  from this checkout;
+- `worker_spec`: a WorkerSpec for driving a stage core directly.
+Helpers of one family of tests live next to them (robust_helpers.py: bad inputs and fake-backend
+runs; sail_helpers.py: the fake sophon.sail)."""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "images"
 
 
 def make_images(d: Path, n: int, seed: int = 0, sizes=((64, 48), (48, 64), (80, 80), (300, 120), (33, 257))) -> list[Path]:
@@ -37,11 +46,38 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
-def cli_env() -> dict:
+FAULTS = ROOT / "tests" / "fault_injection"  # test-only hooks (a sitecustomize), see its docstring
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess from this checkout, plus `extra`; a CLIP_PIPELINE_TEST_*
+    variable also puts the fault-injection hooks (tests/fault_injection) on PYTHONPATH."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    paths = [str(ROOT)]
+    if any(k.startswith("CLIP_PIPELINE_TEST_") for k in extra):
+        paths.append(str(FAULTS))
+    env["PYTHONPATH"] = os.pathsep.join(paths) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
     return env
 
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def invoke(*args: object):
+    """Run `clip-pipeline ARGS` in-process; returns click's Result (exit_code, output)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli as cli_group
+
+    return CliRunner().invoke(cli_group, [str(a) for a in args])
+
+
+def worker_spec(role: str, raw: dict, **fields):
+    """A WorkerSpec (no sockets) for a stage core, from a raw config dict."""
+    from pipeline import config
+    from pipeline.worker import WorkerSpec
+
+    return WorkerSpec(role=role, index=0, cfg=config.from_dict(raw), in_addr=None, next_addrs=(), sink_addr="",
+                      control_addr="", device="cpu:0" if role == "infer" else None, **fields)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from conftest import cli_env
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,11 +172,7 @@ def cli_args(inp: Path | list[Path], out: Path, *extra: str, **sets: object) -> 
     return args + fake_sets(**sets) + list(extra)
 
 
-def env(**kw: str) -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e.update(kw)
-    return e
+env = cli_env  # the environment of a CLI run from this checkout (conftest)
 
 
 def run_cli(inp, out, *extra: str, timeout: float = 120, env_extra: dict | None = None, **sets: object):

@@ -61,6 +61,9 @@ def test_every_range_by_hand_out_of_order_then_merge_equals_one_host(data, tmp_p
     res = cli("merge", str(out))
     assert res.returncode == 3, res.stderr  # merged; the one bad input failed, as on one host
     assert_same_as_reference(out, ref)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["range"] for r in report["cluster"]["ranges"]] == [0, 1, 2, 3] and report["wall_s"] >= 1
+    assert report["counts"] == {"embedded": 30, "failed": 1, "listed": 31}
 
     # a rerun after success is a no-op: nothing redone, the commit untouched, merge idempotent
     before = {p: p.read_bytes() for p in (out / "ranges").iterdir()}

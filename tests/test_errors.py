@@ -8,17 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from pipeline.cli import cli
+from conftest import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "images"
 FAKE = ["--set", 'infer.backend="fake"']
 
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def write(path: Path, text: str) -> Path:
@@ -38,7 +33,7 @@ def write(path: Path, text: str) -> Path:
 ])
 def test_bad_config_values_name_the_key(tmp_path, toml, names):
     cfg = write(tmp_path / "c.toml", toml)
-    r = run_cli("run", "--config", cfg, "--dry-run")
+    r = invoke("run", "--config", cfg, "--dry-run")
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ")
     for n in names:
@@ -46,13 +41,13 @@ def test_bad_config_values_name_the_key(tmp_path, toml, names):
 
 
 def test_missing_config_file(tmp_path):
-    r = run_cli("run", "--config", tmp_path / "nope.toml")
+    r = invoke("run", "--config", tmp_path / "nope.toml")
     assert r.exit_code == 2 and f"config file {tmp_path / 'nope.toml'} does not exist" in r.output
 
 
 def test_invalid_toml_names_the_file_and_line(tmp_path):
     cfg = write(tmp_path / "bad.toml", "[infer]\nthreads = = 2\n")
-    r = run_cli("run", "--config", cfg)
+    r = invoke("run", "--config", cfg)
     assert r.exit_code == 2 and str(cfg) in r.output and "not valid TOML" in r.output and "line 2" in r.output
 
 
@@ -63,43 +58,43 @@ def test_invalid_toml_names_the_file_and_line(tmp_path):
     ("infer.nope=2", ["infer.nope"]),
 ])
 def test_bad_set_syntax(assignment, names):
-    r = run_cli("run", "-i", SAMPLES, "--dry-run", "--set", assignment)
+    r = invoke("run", "-i", SAMPLES, "--dry-run", "--set", assignment)
     assert r.exit_code == 2, r.output
     for n in names:
         assert n in r.output, (n, r.output)
 
 
 def test_missing_input_dir(tmp_path):
-    r = run_cli("run", "-i", tmp_path / "photos", "-o", tmp_path / "o", *FAKE, "--dry-run")
+    r = invoke("run", "-i", tmp_path / "photos", "-o", tmp_path / "o", *FAKE, "--dry-run")
     assert r.exit_code == 2 and f"input path {tmp_path / 'photos'} does not exist" in r.output and "--input" in r.output
 
 
 def test_no_inputs_configured(tmp_path):
-    r = run_cli("run", "-o", tmp_path / "o", *FAKE, "--dry-run")
+    r = invoke("run", "-o", tmp_path / "o", *FAKE, "--dry-run")
     assert r.exit_code == 2 and "input.paths is empty" in r.output and "--input" in r.output
 
 
 def test_missing_model_without_build(tmp_path):
     model = tmp_path / "m.onnx"
-    r = run_cli("run", "-i", SAMPLES, "-o", tmp_path / "o", "--set", f'model.path="{model}"', "--dry-run")
+    r = invoke("run", "-i", SAMPLES, "-o", tmp_path / "o", "--set", f'model.path="{model}"', "--dry-run")
     assert r.exit_code == 2
     assert f"model file {model} does not exist (config key model.path)" in r.output and "model.build" in r.output
 
 
 @pytest.mark.parametrize("device", ["gpu:0", "cpu0", "cpu:x"])
 def test_bad_device_name(tmp_path, device):
-    r = run_cli("run", "-i", SAMPLES, "-o", tmp_path / "o", *FAKE, "-d", device, "--dry-run")
+    r = invoke("run", "-i", SAMPLES, "-o", tmp_path / "o", *FAKE, "-d", device, "--dry-run")
     assert r.exit_code == 2 and "infer.devices" in r.output and repr(device) in r.output and "cpu:0" in r.output
 
 
 def test_device_listed_twice(tmp_path):
-    r = run_cli("run", "-i", SAMPLES, "-o", tmp_path / "o", *FAKE, "-d", "cpu:0", "-d", "cpu:0", "--dry-run")
+    r = invoke("run", "-i", SAMPLES, "-o", tmp_path / "o", *FAKE, "-d", "cpu:0", "-d", "cpu:0", "--dry-run")
     assert r.exit_code == 2 and "lists a device twice" in r.output
 
 
 def test_output_is_a_file(tmp_path):
     (tmp_path / "o").write_text("x")
-    r = run_cli("run", "-i", SAMPLES, "-o", tmp_path / "o", *FAKE, "--dry-run")
+    r = invoke("run", "-i", SAMPLES, "-o", tmp_path / "o", *FAKE, "--dry-run")
     assert r.exit_code == 2 and f"output path {tmp_path / 'o'} exists and is not a directory" in r.output
 
 
@@ -107,7 +102,7 @@ def test_non_empty_foreign_output_dir(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    r = run_cli("run", "-i", SAMPLES, "-o", out, *FAKE, "--quiet")
+    r = invoke("run", "-i", SAMPLES, "-o", out, *FAKE, "--quiet")
     assert r.exit_code == 2
     assert f"output directory {out} is not empty and holds no clip-pipeline run" in r.output
     assert (out / "thesis.tex").read_text() == "precious"
@@ -117,33 +112,33 @@ def _finished_run(tmp_path) -> Path:
     imgs = tmp_path / "imgs"
     shutil.copytree(SAMPLES, imgs)
     out = tmp_path / "o"
-    r = run_cli("run", "-i", imgs, "-o", out, *FAKE, "--quiet")
+    r = invoke("run", "-i", imgs, "-o", out, *FAKE, "--quiet")
     assert r.exit_code == 0, r.output
     return out
 
 
 def test_resume_with_different_config_names_the_difference(tmp_path):
     out = _finished_run(tmp_path)
-    r = run_cli("run", "-i", tmp_path / "imgs", "-o", out, *FAKE, "--set", "output.shard_size=7", "--quiet")
+    r = invoke("run", "-i", tmp_path / "imgs", "-o", out, *FAKE, "--set", "output.shard_size=7", "--quiet")
     assert r.exit_code == 2
     assert "different output.shard_size (4096 there, 7 now)" in r.output and "--restart" in r.output
-    r = run_cli("run", "-i", tmp_path / "imgs", "-o", out, *FAKE, "--set", 'output.on_existing="error"', "--quiet")
+    r = invoke("run", "-i", tmp_path / "imgs", "-o", out, *FAKE, "--set", 'output.on_existing="error"', "--quiet")
     assert r.exit_code == 2 and "output.on_existing = 'error'" in r.output and "--restart" in r.output
 
 
 def test_inspect_and_report_on_a_non_run_dir(tmp_path):
     for cmd in ("inspect", "report"):
-        r = run_cli(cmd, tmp_path)
+        r = invoke(cmd, tmp_path)
         assert r.exit_code == 2 and f"{tmp_path} holds no clip-pipeline run" in r.output, r.output
-        r = run_cli(cmd, tmp_path / "missing")
+        r = invoke(cmd, tmp_path / "missing")
         assert r.exit_code == 2 and f"{tmp_path / 'missing'} does not exist" in r.output
     (tmp_path / "manifest.json").write_text("{broken")
-    r = run_cli("inspect", tmp_path)
+    r = invoke("inspect", tmp_path)
     assert r.exit_code == 2 and "manifest.json is not valid JSON" in r.output
 
 
 def test_unknown_option_is_usage_error():
-    r = run_cli("run", "--thread", "2")
+    r = invoke("run", "--thread", "2")
     assert r.exit_code == 2 and "--thread" in r.output
 
 

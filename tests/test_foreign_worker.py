@@ -29,7 +29,8 @@ def test_foreign_interpreter_workers_match_spawned_ones(tmp_path, monkeypatch):
     monkeypatch.setattr(FakeBackend, "worker_python", classmethod(lambda cls, cfg: sys.executable))
     sup, foreign = _run(tmp_path / "imgs", tmp_path / "b")
     assert spawned.exit_code == foreign.exit_code == 0, foreign.message
-    assert all(isinstance(w.proc, ForeignProcess) for w in sup.workers.values() if w.role == "infer" and w.proc)
+    infer = [w for w in sup.workers.values() if w.role == "infer"]
+    assert len(infer) == 2 and all(isinstance(w.proc, ForeignProcess) for w in infer)  # a live or finished process each
     pa, ea = load_embeddings(tmp_path / "a")
     pb, eb = load_embeddings(tmp_path / "b")
     assert pa == pb and len(pa) == 13

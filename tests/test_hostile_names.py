@@ -62,6 +62,6 @@ def test_hostile_names_round_trip_through_a_run(tmp_path):
     for p in data["img_path"]:
         p.encode("utf-8")  # strict: every img_path is valid UTF-8 text
     np.testing.assert_array_equal(data["embedding"], np.asarray(emb))
-    from pipeline.inspect import verify
+    from pipeline.inspection import verify
 
     assert verify(out) == []

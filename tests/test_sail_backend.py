@@ -24,8 +24,6 @@ from sail_helpers import (
 from pipeline.backends.base import DeviceError
 from pipeline.config import ConfigError, from_dict
 
-pytest.importorskip("stages.decode")
-
 # Tolerance for device mode vs CLIP's reference (docs/sail-backend.md, "Resize difference"):
 # the device path resizes the centre square with the VPP's linear kernel (cv2 INTER_LINEAR in the
 # fake, no antialiasing; that the chip matches it is unconfirmed) instead of PIL's antialiased
@@ -41,13 +39,8 @@ HOST_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory):
-    from pipeline.modelgen import build_clip_image_onnx
-
-    d = tmp_path_factory.mktemp("model")
-    path = d / "tiny.onnx"
-    build_clip_image_onnx(path, arch="tiny", seed=0, input_kind="float")
-    return path
+def onnx_model(tiny_model):
+    return tiny_model  # the session's tiny float-input model (conftest)
 
 
 @pytest.fixture(scope="module")

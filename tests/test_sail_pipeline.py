@@ -17,14 +17,11 @@ from pipeline.config import from_dict
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model):
     import cv2
 
-    from pipeline.modelgen import build_clip_image_onnx
-
     d = tmp_path_factory.mktemp("e2e")
-    onnx_path = d / "tiny.onnx"
-    build_clip_image_onnx(onnx_path, arch="tiny", seed=0, input_kind="float")
+    onnx_path = tiny_model
     imgs = d / "imgs"
     (imgs / "sub").mkdir(parents=True)
     for i in range(11):

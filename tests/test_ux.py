@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import invoke
 
 from pipeline import config, output
-from pipeline.cli import cli
-from pipeline.inspect import summarize, verify
+from pipeline.inspection import summarize, verify
 from pipeline.output import ShardedArray, iter_shards, load_embeddings
 from pipeline.progress import StageSample, bottleneck_line, queue_fill, utilisation
 
@@ -48,9 +47,6 @@ def run_dir(tmp_path_factory):
     assert res.exit_code == 3, res.message
     return base / "out"
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_load_embeddings_is_lazy_and_matches_shards(run_dir):
@@ -225,12 +221,16 @@ def test_dry_run_lists_inputs_and_devices(tmp_path):
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
-def test_devices_lists_every_backend():
+def test_devices_lists_every_backend(monkeypatch):
+    # sophon.sail not importable (whatever earlier tests put on the path): sail must say why
+    monkeypatch.setitem(sys.modules, "sophon", None)
+    monkeypatch.setitem(sys.modules, "sophon.sail", None)
     r = invoke("devices")
     assert r.exit_code == 0, r.output
     names = [line.split()[0] for line in r.output.splitlines()]
     assert names == ["cpu", "sail", "sim", "fake"]
     assert re.search(r"^cpu\s+available\s+devices: cpu:0", r.output, re.MULTILINE)
-    for line in r.output.splitlines():
-        if "unavailable" in line:
-            assert re.search(r"\(.+\)$", line), line  # says why
+    lines = dict(zip(names, r.output.splitlines()))
+    for line in lines.values():  # every line: name, state, devices, and (a reason)
+        assert re.fullmatch(r"\w+\s+(available|unavailable)\s+devices: .+  \(.*\)", line), line
+    assert re.fullmatch(r"sail\s+unavailable\s+devices: -  \(.+\)", lines["sail"]), lines["sail"]

@@ -123,6 +123,12 @@ class Backend(abc.ABC):
         return {}
 
     @classmethod
+    def ready_crop(cls, cfg: Config) -> np.ndarray | None:
+        """A 224x224x3 uint8 crop the decode workers send for every input instead of reading and
+        decoding it (bench-only: measures orchestration at accelerator speed); default None."""
+        return None
+
+    @classmethod
     def input_kind(cls, cfg: Config) -> str:
         return "pixels" if cls.device_input == "pixels" else "files"
 

@@ -95,8 +95,18 @@ class FakeDevice(Device):
         return emb
 
 
+def ready_crop(size: int = 224) -> np.ndarray:
+    """The fixed crop fake.ready_crops sends (a smooth gradient, so fake embeddings are finite)."""
+    y, x = np.mgrid[0:size, 0:size]
+    return np.ascontiguousarray(np.stack([x, y, (x + y) // 2], axis=2).astype(np.uint8))
+
+
 class FakeBackend(Backend):
     name = "fake"
+
+    @classmethod
+    def ready_crop(cls, cfg: Config) -> np.ndarray | None:
+        return ready_crop() if cfg.fake.ready_crops else None
 
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:

@@ -9,6 +9,7 @@ import sys
 import click
 
 from pipeline.config import ConfigError
+from pipeline.rundir import RunDir
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -170,7 +171,7 @@ def merge_cmd(out, keep_attempts) -> None:
         _fail(str(exc), 4)
     msg = f"Merged {res.ranges} range(s), {res.shards} shard(s): {res.embedded} of {res.total} embedded into {out}"
     if res.failed:
-        click.echo(f"{msg}; {res.failed} failed: see {os.path.join(out, 'failures.jsonl')}.")
+        click.echo(f"{msg}; {res.failed} failed: see {RunDir(out).failures}.")
         sys.exit(3)
     click.echo(msg + ".")
 

@@ -18,11 +18,12 @@ from typing import Any
 
 from pipeline import output
 from pipeline.cluster.plan import Plan
+from pipeline.rundir import FAILURES_SUFFIX, NPY_SUFFIX, SHARD_SUFFIXES
 
 RANGES_DIR = "ranges"
 ATTEMPTS_DIR = "attempts"
 RECORD_FORMAT = "clip-pipeline-range/1"
-SHARD_SUFFIXES = (".paths", ".failures.jsonl", ".npy")  # publish order: the .npy (completion) last
+# publish order: the .npy (completion) last
 
 
 def range_name(r: int) -> str:
@@ -59,8 +60,8 @@ def describe_shard(run_dir: Path, k: int) -> dict[str, Any]:
     import numpy as np
 
     files = shard_files(run_dir, k)
-    rows = int(np.load(files[".npy"], mmap_mode="r").shape[0])
-    failed = files[".failures.jsonl"].read_bytes().count(b"\n")
+    rows = int(np.load(files[NPY_SUFFIX], mmap_mode="r").shape[0])
+    failed = files[FAILURES_SUFFIX].read_bytes().count(b"\n")
     return {"rows": rows, "failed": failed,
             "bytes": {s: files[s].stat().st_size for s in SHARD_SUFFIXES},
             "sha256": {s: sha256_bytes_of(files[s]) for s in SHARD_SUFFIXES}}

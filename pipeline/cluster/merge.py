@@ -19,6 +19,7 @@ from typing import Any
 from pipeline import output
 from pipeline.cluster import commit as cm
 from pipeline.cluster.plan import Plan, load_plan
+from pipeline.rundir import FAILURES_SUFFIX, RunDir
 
 
 class MergeIncomplete(Exception):
@@ -75,7 +76,9 @@ def _publish(src: Path, dst: Path) -> None:
 
 
 def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
-    from pipeline.supervisor import FORMAT, SYNTHETIC_NOTE, software_versions
+    from pipeline.rundir import FORMAT
+    from pipeline.supervisor import SYNTHETIC_NOTE
+    from pipeline.telemetry import software_versions
 
     t0 = time.monotonic()
     plan = load_plan(out)
@@ -118,14 +121,14 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
                     continue
                 _publish(src[suffix], dst[suffix])
     output.fsync_dir(emb)
-    _publish(plan.listing, outp / "listing.jsonl")
+    _publish(plan.listing, RunDir(outp).listing)
     # failures.jsonl as the single-host run writes it: the shards' failure files, in order
     n_fail = 0
     tmp = outp / ".failures.jsonl.tmp"
     reasons: Counter = Counter()
     with open(tmp, "wb") as dst:
         for k in range(plan.n_shards):
-            data = cm.shard_files(outp, k)[".failures.jsonl"].read_bytes()
+            data = cm.shard_files(outp, k)[FAILURES_SUFFIX].read_bytes()
             n_fail += data.count(b"\n")
             for line in data.splitlines():
                 if line:
@@ -133,7 +136,7 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
             dst.write(data)
         dst.flush()
         os.fsync(dst.fileno())
-    os.replace(tmp, outp / "failures.jsonl")
+    os.replace(tmp, RunDir(outp).failures)
     rows = sum(rec["rows"] for rec in records.values())
     cfg_dict = plan.record["config"]
     model = plan.record["model"]
@@ -147,10 +150,16 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
         import numpy as np
 
         paths, arr = _load_for_pickle(outp)
-        output.atomic_write_bytes(outp / "embeddings.pkl",
+        output.atomic_write_bytes(RunDir(outp).pickle,
                                   pickle.dumps({"img_path": paths, "embedding": np.asarray(arr)}, protocol=4))
+    span = _span_s(records.values())
+    devices = sorted({f"{rec.get('host')}:{d}" for rec in records.values() for d in rec.get("devices") or []})
     report = {
         "format": FORMAT,
+        # across hosts: from the first range's start to the last commit (seconds resolution)
+        "wall_s": span,
+        "images_per_s": round((rows + n_fail) / span, 3) if span else None,
+        "devices": devices,
         "cluster": {"run_id": plan.run_id, "ranges": per_range, "merge_s": round(time.monotonic() - t0, 3)},
         "counts": {"embedded": rows, "failed": n_fail, "listed": plan.n_inputs},
         "failures_by_reason": dict(sorted(reasons.items())),
@@ -159,7 +168,7 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
         "synthetic_weights": synthetic,
         "versions": software_versions(),
     }
-    output.atomic_write_json(outp / "report.json", report)
+    output.atomic_write_json(RunDir(outp).report, report)
     manifest = {
         "format": FORMAT,
         "status": "complete",
@@ -167,7 +176,7 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fingerprint": plan.fingerprint,
         "config": cfg_dict,
-        "devices": sorted({f"{rec.get('host')}:{d}" for rec in records.values() for d in rec.get("devices") or []}),
+        "devices": devices,
         "model": model,
         "synthetic_weights": synthetic,
         "inputs": {"listed": plan.n_inputs, "listing_complete": True},
@@ -180,10 +189,24 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
     }
     if synthetic:
         manifest["warning"] = SYNTHETIC_NOTE
-    output.atomic_write_json(outp / "manifest.json", manifest)  # last: the run is complete
+    output.atomic_write_json(RunDir(outp).manifest, manifest)  # last: the run is complete
     if clean:
         remove_stale_attempts(plan, records)
     return MergeResult(rows, n_fail, plan.n_inputs, plan.n_shards, plan.n_ranges, time.monotonic() - t0)
+
+
+def _span_s(records) -> float | None:
+    """Seconds from the earliest range start to the latest commit (the records' timestamps)."""
+    from datetime import datetime
+
+    try:
+        starts = [datetime.strptime(r["started"], "%Y-%m-%dT%H:%M:%S%z") for r in records]
+        ends = [datetime.strptime(r["committed"], "%Y-%m-%dT%H:%M:%S%z") for r in records]
+    except (KeyError, ValueError):
+        return None
+    if not starts:
+        return None
+    return max(1.0, (max(ends) - min(starts)).total_seconds())
 
 
 def _load_for_pickle(outp: Path):

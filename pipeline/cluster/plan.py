@@ -17,11 +17,12 @@ from typing import Any
 
 from pipeline import output
 from pipeline.config import Config, ConfigError
+from pipeline.rundir import LISTING, RunDir
 
 PLAN_FORMAT = "clip-pipeline-plan/1"
 PLAN_DIR = "plan"
 PLAN_FILE = "plan.json"
-LISTING_FILE = "listing.jsonl"
+LISTING_FILE = LISTING
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def identity(cfg: Config, log=print) -> tuple[dict[str, Any], dict[str, Any]]:
     from pipeline.backends import get_backend
     from pipeline.config import validate_for_run
     from pipeline.models import ensure_model
-    from pipeline.supervisor import fingerprint
+    from pipeline.preflight import fingerprint
 
     validate_for_run(cfg)
     ensure_model(cfg, log=log)
@@ -180,7 +181,7 @@ def make_plan(cfg: Config, range_shards: int, *, log=print, warn=None) -> tuple[
                               "listing sha256 differs): ranges would shift. Restore the inputs, or pass --restart to plan again")
         return plan, False
     if out.exists() and any(out.iterdir()):
-        what = "a single-host run (manifest.json)" if (out / "manifest.json").exists() else "other files"
+        what = "a single-host run (manifest.json)" if RunDir(out).manifest.exists() else "other files"
         raise ConfigError(f"output directory {out} is not empty: it holds {what}, not a cluster plan; "
                           "choose a new or empty directory (config key output.dir / --output) or pass --restart")
     try:

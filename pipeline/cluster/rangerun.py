@@ -113,7 +113,7 @@ def run_range(cfg: Config, r: int, *, attempt: str | None = None, log=print, pro
         "host": host_name(), "pid": os.getpid(), "engine_node": os.environ.get(NODE_ENV, ""),
         "backend": cfg.infer.backend, "devices": devices,
         "timings": {"pipeline_s": round(pipeline_s, 3), "prepare_s": round(t_run - t0, 3)},
-        "committed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": info["started"], "committed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     won = cm.commit(plan.out, r, record)
     timings = {"prepare_s": round(t_run - t0, 3), "pipeline_s": round(pipeline_s, 3),

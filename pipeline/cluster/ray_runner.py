@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline import output
 from pipeline.config import Config, ConfigError
+from pipeline.rundir import RunDir
 
 EXTRA_HINT = "pip install 'clip-pipeline[cluster]'"
 SLOT = "clip_slot"
@@ -313,13 +314,13 @@ def run_on_ray(cfg: Config, *, address: str | None = None, restart: bool = False
     msg = (f"Embedded {res.embedded} of {res.total} images on the Ray cluster in {time.monotonic() - t0:.1f}s "
            f"({plan.n_ranges} ranges, {len(todo)} run now) into {out}.")
     if res.failed:
-        return 3, msg + f" Completed with {res.failed} failures: see {out / 'failures.jsonl'}."
+        return 3, msg + f" Completed with {res.failed} failures: see {RunDir(out).failures}."
     return 0, msg
 
 
 def _driver_report(out: Path, s: DriverStats, plan_s: float, ranges_s: float) -> None:
     """Add the driver's figures to the merged report.json (cluster.driver)."""
-    p = out / "report.json"
+    p = RunDir(out).report
     try:
         rep = json.loads(p.read_text())
     except (OSError, ValueError):

@@ -197,6 +197,7 @@ def classify_cmd(run_dir, labels, templates, top_k, output, partial, backend, de
     import numpy as np
 
     from pipeline.output import atomic_write_bytes, atomic_write_json, load_embeddings, npy_bytes
+    from pipeline.rundir import MANIFEST
     from pipeline.text import outputs as out_mod
     from pipeline.text import prompts as pr
     from pipeline.text.embed import TextModelError, paired_text_model, read_run_manifest
@@ -265,7 +266,7 @@ def classify_cmd(run_dir, labels, templates, top_k, output, partial, backend, de
         }
         if synthetic:
             m["warning"] = "SYNTHETIC random weights: these predictions carry no meaning"
-        atomic_write_json(out / "manifest.json", m)
+        atomic_write_json(out / MANIFEST, m)
     except (pr.PromptError, TextModelError, VocabError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     note = " — SYNTHETIC weights: these predictions carry no meaning" if synthetic else ""

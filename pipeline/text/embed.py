@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.rundir import RunDir
 from pipeline.text.tokenizer import Tokenized, Tokenizer, get_tokenizer
 
 BACKENDS = ("cpu", "sail", "sim", "fake")
@@ -108,7 +109,7 @@ class Pairing:
 
 
 def read_run_manifest(run: str | os.PathLike) -> dict:
-    p = Path(run) / "manifest.json"
+    p = RunDir(run).manifest
     try:
         m = json.loads(p.read_text())
     except FileNotFoundError:

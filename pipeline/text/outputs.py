@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.output import atomic_write_bytes, atomic_write_json, npy_bytes
+from pipeline.rundir import MANIFEST
 
 TEXT_FORMAT = "clip-pipeline-text/1"
 ZEROSHOT_FORMAT = "clip-pipeline-zeroshot/1"
@@ -47,7 +48,7 @@ def prepare_dir(out: Path, kind: str) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
-        m = out / "manifest.json"
+        m = out / MANIFEST
         try:
             old = json.loads(m.read_text())
         except (OSError, ValueError):
@@ -82,7 +83,7 @@ def write_text_output(out: Path, emb: np.ndarray, prompts: Sequence, tokens, ide
         m["pairing"] = pairing
     if synthetic:
         m["warning"] = SYNTHETIC_NOTE
-    atomic_write_json(out / "manifest.json", m)
+    atomic_write_json(out / MANIFEST, m)
     return m
 
 

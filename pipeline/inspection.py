@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import click
 import numpy as np
 
 from pipeline import output, pathcodec
+from pipeline.rundir import RunDir
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 NORM_TOLERANCE = {"float32": 1e-3, "float16": 5e-3}
@@ -37,9 +37,9 @@ def read_run(out: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = output.read_manifest(out)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NotARun(f"{out / 'manifest.json'} is not valid JSON ({exc}); the run directory is damaged") from None
+        raise NotARun(f"{RunDir(out).manifest} is not valid JSON ({exc}); the run directory is damaged") from None
     if manifest is None or not str(manifest.get("format", "")).startswith("clip-pipeline/"):
-        raise NotARun(f"{out} holds no clip-pipeline run (no manifest.json): give the output directory "
+        raise NotARun(f"{out} holds no clip-pipeline run (no {RunDir(out).manifest.name}): give the output directory "
                       "of a run (its output.dir / --output)")
     return manifest
 
@@ -47,36 +47,29 @@ def read_run(out: str | os.PathLike) -> dict[str, Any]:
 def summarize(out: str | os.PathLike) -> dict[str, Any]:
     """Counts, shards, failures by reason, model identity and completeness of a run."""
     out = Path(out)
+    rd = RunDir(out)
     m = read_run(out)
     shard_size = int(m.get("shard_size") or m.get("config", {}).get("output", {}).get("shard_size", 1))
     total = m.get("counts", {}).get("total")
     listing_complete = bool(m.get("inputs", {}).get("listing_complete"))
-    done = output.completed_shards(out)
+    done = rd.completed_shards()
     expected = -(-total // shard_size) if (total is not None and listing_complete) else None
-    rows = failed = 0
-    reasons: Counter = Counter()
+    rows = 0
     dim = None
     for k in done:
-        d = out / output.EMB_DIR
-        name = output.shard_name(k)
         try:
-            arr = np.load(d / f"{name}.npy", mmap_mode="r")
+            arr = np.load(rd.shard_npy(k), mmap_mode="r")
             rows += arr.shape[0]
             if arr.ndim == 2 and arr.shape[0]:
                 dim = int(arr.shape[1])
         except (OSError, ValueError):
             pass  # --verify reports it
-        for line in (d / f"{name}.failures.jsonl").read_text(errors="replace").splitlines():
-            if line.strip():
-                failed += 1
-                try:
-                    reasons[json.loads(line).get("reason", "?")] += 1
-                except json.JSONDecodeError:
-                    reasons["<unreadable record>"] += 1
+    reasons = rd.failures_by_reason(done)
+    failed = sum(reasons.values())
     missing = sorted(set(range(expected)) - set(done)) if expected is not None else None
     complete = m.get("status") == "complete" and missing == []
     model = m.get("model") or {}
-    report = out / "report.json"
+    report = rd.report
     return {
         "dir": str(out),
         "status": m.get("status"),
@@ -117,8 +110,8 @@ def verify(out: str | os.PathLike) -> list[str]:
     normalize = bool(cfg_out.get("normalize", True))
     shard_size = int(m.get("shard_size") or cfg_out.get("shard_size", 1))
     problems: list[str] = []
-    d = out / output.EMB_DIR
-    listing_path = out / "listing.jsonl"
+    rd = RunDir(out)
+    listing_path = rd.listing
     listing: list[str | None] | None = None
     base_total = 0
     if listing_path.exists():
@@ -133,19 +126,19 @@ def verify(out: str | os.PathLike) -> list[str]:
                     listing.extend([None] * (i - len(listing)))
                     listing.append(pathcodec.encode(p))
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, as is a bad quoted path
-            problems.append(f"listing.jsonl is not readable JSON lines ({exc})")
+            problems.append(f"{listing_path.name} is not readable JSON lines ({exc})")
     else:
-        problems.append("listing.jsonl is missing (the input listing, needed to check paths and to resume)")
+        problems.append(f"{listing_path.name} is missing (the input listing, needed to check paths and to resume)")
     dims: set[int] = set()
     all_fail_ids: list[int] = []
-    done = output.completed_shards(out)
+    done = rd.completed_shards()
     for k in done:
-        name = output.shard_name(k)
-        where = f"shard {name}"
+        npy, paths_file, fails_file = rd.shard_npy(k), rd.shard_paths(k), rd.shard_failures(k)
+        where = f"shard {output.shard_name(k)}"
         try:
-            emb = np.load(d / f"{name}.npy", mmap_mode="r")
+            emb = np.load(npy, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            problems.append(f"{where}: {name}.npy cannot be read ({exc})")
+            problems.append(f"{where}: {npy.name} cannot be read ({exc})")
             continue
         if emb.ndim != 2:
             problems.append(f"{where}: expected a 2-d array [rows, dim], got shape {emb.shape}")
@@ -169,14 +162,14 @@ def verify(out: str | os.PathLike) -> list[str]:
                 problems.append(f"{where}: {int(off.sum())} row(s) not unit-norm (output.normalize = true), "
                                 f"e.g. row {i} has norm {norms[i]:.4f}")
         try:
-            paths = [output.decode_path_line(line) for line in (d / f"{name}.paths").read_bytes().splitlines()]
+            paths = [output.decode_path_line(line) for line in paths_file.read_bytes().splitlines()]
         except (OSError, ValueError) as exc:
-            problems.append(f"{where}: {name}.paths cannot be read ({exc})")
+            problems.append(f"{where}: {paths_file.name} cannot be read ({exc})")
             continue
         if len(paths) != emb.shape[0]:
-            problems.append(f"{where}: {len(paths)} paths in {name}.paths for {emb.shape[0]} embedding rows")
+            problems.append(f"{where}: {len(paths)} paths in {paths_file.name} for {emb.shape[0]} embedding rows")
         fail_ids = []
-        for n, line in enumerate((d / f"{name}.failures.jsonl").read_text(errors="replace").splitlines(), 1):
+        for n, line in enumerate(fails_file.read_text(errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -185,7 +178,7 @@ def verify(out: str | os.PathLike) -> list[str]:
                 if not rec.get("reason"):
                     problems.append(f"{where}: failure record on line {n} has no reason")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                problems.append(f"{where}: {name}.failures.jsonl line {n} is not a failure record")
+                problems.append(f"{where}: {fails_file.name} line {n} is not a failure record")
         all_fail_ids += fail_ids
         lo, hi = k * shard_size, (k + 1) * shard_size
         bad_ids = [i for i in fail_ids if not lo <= i < hi]
@@ -204,19 +197,19 @@ def verify(out: str | os.PathLike) -> list[str]:
         problems.append(f"shards have different embedding widths: {sorted(dims)}")
     summary = summarize(out)
     if summary["complete"]:
-        fpath = out / "failures.jsonl"
+        fpath = rd.failures
         if not fpath.exists():
-            problems.append("failures.jsonl is missing (a complete run always writes it, empty if nothing failed)")
+            problems.append(f"{fpath.name} is missing (a complete run always writes it, empty if nothing failed)")
         else:
             try:
                 ids = [int(json.loads(line)["id"]) for line in fpath.read_text(errors="replace").splitlines() if line.strip()]
                 if sorted(ids) != sorted(all_fail_ids):
-                    problems.append(f"failures.jsonl lists {len(ids)} failures, the shards {len(all_fail_ids)}")
+                    problems.append(f"{fpath.name} lists {len(ids)} failures, the shards {len(all_fail_ids)}")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                problems.append("failures.jsonl has a line that is not a failure record")
+                problems.append(f"{fpath.name} has a line that is not a failure record")
         added = sum(r.get("added", 0) for r in update_records(out) if r.get("published"))
         if listing is not None and summary["counts"]["total"] is not None and base_total != summary["counts"]["total"]:
-            problems.append(f"listing.jsonl has {base_total} inputs, manifest.json says {summary['counts']['total']}")
+            problems.append(f"{rd.listing.name} has {base_total} inputs, {rd.manifest.name} says {summary['counts']['total']}")
         if summary["counts"]["resolved"] != (summary["counts"]["total"] or 0) + added:
             problems.append(f"shards hold {summary['counts']['resolved']} inputs, the run listed {summary['counts']['total']}")
     return problems
@@ -235,7 +228,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"vectors:  dim {s['dim']}, {s['dtype']}, " + ("L2-normalised" if s["normalized"] else "not normalised"))
     if s["failures_by_reason"]:
         lines.append("failures: " + ", ".join(f"{r} {n}" for r, n in s["failures_by_reason"].items())
-                     + f" (see {Path(s['dir']) / 'failures.jsonl'})")
+                     + f" (see {RunDir(s['dir']).failures})")
     else:
         lines.append("failures: none")
     mdl = s["model"]

@@ -1,0 +1,69 @@
+"""Test-only fault injection, installed into every process of a run by the tests (never shipped).
+
+The tests put this directory on PYTHONPATH (tests/robust_helpers.py `env(faults=...)`); Python
+imports `sitecustomize` at start-up in the CLI process and in every spawned worker, and this module
+then wraps production functions according to the environment:
+
+  CLIP_PIPELINE_TEST_CRASH_ON=BYTES   a decode worker exits hard (os._exit(86)) on any input whose
+                                      path contains BYTES, in every generation (the supervisor's
+                                      "kills its worker twice -> crashed_worker" path).
+  CLIP_PIPELINE_TEST_HANG_ON=BYTES    a decode worker hangs while reading any input whose path
+                                      contains BYTES (as on a dead network mount), in every
+                                      generation: the preprocess.decode_timeout_s test.
+  CLIP_PIPELINE_TEST_ENOSPC_SHARD=N   writing shard N fails with OSError(ENOSPC), for platforms
+                                      where the tests cannot mount a tiny tmpfs.
+
+Production modules read no test variables: the hooks live here only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+CRASH_ENV = "CLIP_PIPELINE_TEST_CRASH_ON"
+HANG_ENV = "CLIP_PIPELINE_TEST_HANG_ON"
+ENOSPC_ENV = "CLIP_PIPELINE_TEST_ENOSPC_SHARD"
+
+
+def _install() -> None:
+    crash_on = os.fsencode(os.environ.get(CRASH_ENV, "")) or None
+    hang_on = os.fsencode(os.environ.get(HANG_ENV, "")) or None
+    enospc = int(os.environ[ENOSPC_ENV]) if os.environ.get(ENOSPC_ENV, "").isdigit() else None
+    if crash_on is not None:
+        from stages import decode
+
+        handle_one = decode.DecodeCore.handle_one
+
+        def crashing_handle_one(self, header):
+            if crash_on in header["path"]:
+                os._exit(86)
+            return handle_one(self, header)
+
+        decode.DecodeCore.handle_one = crashing_handle_one
+    if hang_on is not None:
+        from stages import decode
+
+        decode_file = decode.decode_file
+
+        def hanging_decode_file(path, opts):
+            while hang_on in path:
+                time.sleep(3600)
+            return decode_file(path, opts)
+
+        decode.decode_file = hanging_decode_file
+    if enospc is not None:
+        from pipeline import rundir
+
+        write_shard = rundir.write_shard
+
+        def full_disk_write_shard(out_dir, k, *args, **kw):
+            if k == enospc:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (test hook {ENOSPC_ENV})")
+            return write_shard(out_dir, k, *args, **kw)
+
+        rundir.write_shard = full_disk_write_shard
+
+
+_install()
