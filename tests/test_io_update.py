@@ -15,7 +15,7 @@ from conftest import cli, cli_env, make_images
 
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError
-from pipeline.inspect import verify
+from pipeline.inspection import verify
 from pipeline.output import EMB_DIR, iter_shards, listed_inputs, load_embeddings
 from pipeline.progress import Progress
 from pipeline.supervisor import Supervisor
