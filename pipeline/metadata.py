@@ -155,6 +155,7 @@ def publish(out: str | os.PathLike, shards: list[int], metadata: bool, layout: s
         CLIP_RETRIEVAL_EMB,
         CLIP_RETRIEVAL_META,
         EMB_DIR,
+        NPY_SUFFIX,
         PARQUET_SUFFIX,
         PATHS_SUFFIX,
         atomic_write_bytes,
@@ -183,7 +184,7 @@ def publish(out: str | os.PathLike, shards: list[int], metadata: bool, layout: s
     emb_dir.mkdir(exist_ok=True)
     meta_dir.mkdir(exist_ok=True)
     for k in shards:
-        npy = d / f"{shard_name(k)}.npy"
+        npy = d / f"{shard_name(k)}{NPY_SUFFIX}"
         if np.load(npy, mmap_mode="r").shape[0] == 0:
             continue  # no rows: nothing to index, and both folders skip it alike
         emb_file, meta_file = clip_retrieval_files(out, k)
