@@ -396,7 +396,8 @@ def run_pipeline(raw: dict) -> dict:
             "time_to_first_embedding_s": round(t_first - t0, 3),
             "host_cpu_s": round(cpu_s, 3), "host_cpu_s_per_1000_incl_startup": round(1000 * cpu_s / n, 3),
             "host_cpu_cores_steady": round(cpu_rate, 3) if cpu_rate else None,
-            "host_cpu_s_per_1000": round(1000 * cpu_rate / steady, 3) if cpu_rate and steady else None, **memory}
+            "host_cpu_s_per_1000": round(1000 * cpu_rate / steady, 3) if cpu_rate and steady else None, **memory,
+            "dispatch": sup.dispatch_summary()}
 
 
 def pipeline_raw(inputs: Path, out: Path, **sections: dict) -> dict:
@@ -535,6 +536,66 @@ def _fake_summary(n: int, ceiling: float, runs: list) -> dict:
     }
 
 
+def _dispatch_summary(runs: dict[str, list[dict]], ceiling: float | None = None) -> dict:
+    out = {}
+    for mode, rs in runs.items():
+        tails = [r["dispatch"]["tail_s"] for r in rs]
+        med = _median(rs, "images_per_s")
+        out[mode] = {"median_tail_s": round(statistics.median(tails), 3), "tails_s": tails,
+                     "median_images_per_s": med, "median_wall_s": _median(rs, "wall_s"),
+                     "ratio_to_ceiling": _ratio(med, ceiling) if ceiling else None,
+                     "images_per_device": [r["dispatch"]["images_per_device"] for r in rs]}
+    return out
+
+
+def case_dispatch(p: dict, work: Path, say: Callable[[str], None]) -> dict:
+    """Where the work goes (issue #12): queues.dispatch credit vs the earlier round_robin,
+    interleaved run by run. The tail is from the first device's last result to the last result
+    (a device idle while another still works); throughput is the steady window of run_pipeline."""
+    modes = ("round_robin", "credit")
+    out: dict = {"setup": {"modes": list(modes), "repeats": p["repeats"]}, "cases": {}}
+
+    def interleave(name: str, raw: dict, n: int, ceiling: float | None = None) -> None:
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        for rep in range(p["repeats"]):
+            for m in modes:
+                say(f"dispatch {name} rep {rep + 1}/{p['repeats']}: {m}, {n} images")
+                r = run_pipeline({**raw, "queues": {**raw.get("queues", {}), "dispatch": m}})
+                r["load_before"] = list(os.getloadavg())
+                runs[m].append(r)
+        out["cases"][name] = {"images": n, "ceiling_images_per_s": ceiling, **_dispatch_summary(runs, ceiling)}
+
+    if os.path.exists(p["model"]) and Path(p["images"]).is_dir():
+        n, batch = p["cpu_images"], p["batch"]
+        inputs = link_inputs(jpeg_files(p["images"], n), work / "dispatch-cpu-inputs")
+        interleave("cpu_2_devices", pipeline_raw(
+            inputs, work / "dispatch-out", model={"path": p["model"], "batch_size": batch},
+            preprocess={"mode": p["mode"]}, infer={"backend": "cpu", "devices": ["cpu:0", "cpu:1"], "threads": 1},
+            workers={"decode": p["decode_workers"], "items_per_message": p["items_per_message"]}), n)
+    else:
+        say(f"dispatch: no model {p['model']} or corpus {p['images']}: the 2-CPU-device case is skipped")
+    batch = 32
+    latency_ms = BM1684X_MS_PER_IMAGE_B32 * batch
+    per_device = batch * 1000.0 / latency_ms
+    ndev = 8
+    out["setup"].update({"fake_batch": batch, "fake_latency_ms_per_batch": round(latency_ms, 2), "fake_devices": ndev,
+                         "fake_decode_workers": p["fake_decode_workers"],
+                         "fake_items_per_message": p["fake_items_per_message"], "slow_factor": 3.0})
+    for name, slow in (("fake_8_devices", ()), ("fake_8_devices_one_3x_slower", ("cpu:7",))):
+        ceiling = per_device * (ndev - len(slow) + len(slow) / 3.0)
+        n = max(int(p["fake_seconds"] * ceiling), 4 * batch * ndev)
+        inputs = empty_inputs(n, work / f"dispatch-fake-inputs-{n}")
+        raw = pipeline_raw(inputs, work / "dispatch-out", model={"batch_size": batch},
+                           infer={"backend": "fake", "devices": [f"cpu:{i}" for i in range(ndev)]},
+                           fake={"latency_ms_per_batch": latency_ms, "ready_crops": True,
+                                 "slow_devices": list(slow), "slow_factor": 3.0},
+                           workers={"decode": p["fake_decode_workers"], "items_per_message": p["fake_items_per_message"]},
+                           output={"shard_size": 4096})
+        interleave(name, raw, n, round(ceiling, 1))
+        shutil.rmtree(inputs, ignore_errors=True)
+    return out
+
+
 def case_memory(p: dict, work: Path, say: Callable[[str], None]) -> dict:
     sizes = {}
     for n in p["memory_sizes"]:
@@ -584,6 +645,15 @@ def table(res: dict) -> str:
             lines.append(f"  {nd:>10s} {d['median_images_per_s'] or 0:9.1f} {d['ceiling_images_per_s']:8.1f} "
                          f"{d['ratio_to_ceiling'] or 0:6.3f} {d['host_cpu_s_per_1000'] or 0:8.2f} "
                          f"{d['time_to_first_embedding_s']:7.2f} {d['peak_tree_rss_mib']:8.1f}")
+    disp = res["cases"].get("dispatch")
+    if disp:
+        lines.append("Dispatch (round_robin = before, credit = now; medians, interleaved runs)")
+        lines.append(f"  {'case':30s} {'mode':>12s} {'tail s':>7s} {'images/s':>9s} {'/ceiling':>8s}")
+        for name, c in disp["cases"].items():
+            for mode in disp["setup"]["modes"]:
+                d = c[mode]
+                ratio = f"{d['ratio_to_ceiling']:8.3f}" if d["ratio_to_ceiling"] else f"{'-':>8s}"
+                lines.append(f"  {name:30s} {mode:>12s} {d['median_tail_s']:7.2f} {d['median_images_per_s'] or 0:9.1f} {ratio}")
     mem = res["cases"].get("memory")
     if mem:
         lines.append("Memory (fake backend, 2 devices): inputs -> peak process-tree PSS / RSS MiB")
@@ -603,8 +673,9 @@ def _ints(text: str) -> list[int]:
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--case", "cases", multiple=True, type=click.Choice(["cpu", "fake", "memory"]),
-              help="Which cases to run (repeatable; default cpu and fake).")
+@click.option("--case", "cases", multiple=True, type=click.Choice(["cpu", "fake", "memory", "dispatch"]),
+              help="Which cases to run (repeatable; default cpu and fake). dispatch: tail and uneven-fleet "
+                   "throughput, credit vs round_robin (2 CPU devices if --model exists, 8 fake devices).")
 @click.option("--images", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help=f"Directory of JPEGs for the cpu case (default {DEFAULT_CORPUS}).")
 @click.option("--model", type=click.Path(dir_okay=False), default="models/clip-vit-b32-synthetic.onnx",
@@ -672,8 +743,8 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, batch, l
                  "params": {k: str(v) if isinstance(v, Path) else v for k, v in p.items()}, "cases": {}}
     work = Path(tempfile.mkdtemp(prefix="clipp-bench-"))
     try:
-        runners = {"cpu": case_cpu, "fake": case_fake, "memory": case_memory}
-        for name in ("cpu", "fake", "memory"):
+        runners = {"cpu": case_cpu, "fake": case_fake, "memory": case_memory, "dispatch": case_dispatch}
+        for name in ("cpu", "fake", "memory", "dispatch"):
             if name in cases:
                 res["cases"][name] = runners[name](p, work, say)
     finally:

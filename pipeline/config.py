@@ -53,10 +53,11 @@ class OutputConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = _f("models/clip-vit-b32-synthetic.onnx", "Model file: ONNX for cpu/fake backends, bmodel for sail/sim.")
-    build: Literal["", "vit-b32", "tiny"] = _f("", "If set and `path` is missing, build this synthetic architecture there (random weights; embeddings carry no meaning).")
+    build: Literal["", "vit-b32", "tiny", "tiny-336"] = _f("", "If set and `path` is missing, build this synthetic architecture there (random weights; embeddings carry no meaning).")
     seed: int = _f(0, "Seed of the synthetic weights (with `build`).")
     batch_size: int = _f(32, "Images per inference call; fixed-batch models (bmodels) override it with their own batch.", min=1)
     input_kind: Literal["auto", "float", "uint8"] = _f("auto", "Model input: float = CLIP-normalised NCHW float32; uint8 = NHWC pixels with normalisation folded into the model; auto = read it from the model.")
+    image_size: int = _f(0, "Crop size (square) fed to the model; 0 = read it from the model (ONNX input shape, bmodel sidecar), 224 when it cannot be read. A model that takes another size is refused.", min=0)
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class DecodeOptions:
     def from_config(cls, cfg) -> DecodeOptions:
         p = cfg.preprocess
         return cls(mode=p.mode, max_pixels=p.max_pixels, max_file_bytes=p.max_file_bytes,
-                   exif_transpose=p.exif_transpose)
+                   exif_transpose=p.exif_transpose, target=cfg.model.image_size or SIZE)
 
 
 _MAGIC = (
@@ -347,8 +347,8 @@ def fast_crop(img: np.ndarray, size: int = SIZE) -> np.ndarray:
     return np.ascontiguousarray(out[top:bottom, left:right])
 
 
-def crop(img: np.ndarray, mode: str) -> np.ndarray:
-    return reference_crop(img) if mode == "reference" else fast_crop(img)
+def crop(img: np.ndarray, mode: str, size: int = SIZE) -> np.ndarray:
+    return reference_crop(img, size) if mode == "reference" else fast_crop(img, size)
 
 
 _SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD, dtype=np.float32))).astype(np.float32)

@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from pipeline import output, pathcodec
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, damaged_shards
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 NORM_TOLERANCE = {"float32": 1e-3, "float16": 5e-3}
@@ -96,7 +96,8 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
 def verify(out: str | os.PathLike) -> list[str]:
     """Re-read every shard; return the problems found (empty list = intact).
 
-    Checks per shard: the .npy loads and is [rows, dim] of the configured dtype; every value is
+    Checks per shard: sizes and CRC-32s match the integrity record written with it (.check.json);
+    the .npy loads and is [rows, dim] of the configured dtype; every value is
     finite; rows are unit-norm when output.normalize; the .paths file has one line per row and
     its paths, with the shard's failures, are exactly the listing's inputs of the shard's id range,
     in order. Across the run: one width, no missing shard, failures.jsonl agrees with the shards.
@@ -132,6 +133,8 @@ def verify(out: str | os.PathLike) -> list[str]:
     dims: set[int] = set()
     all_fail_ids: list[int] = []
     done = rd.completed_shards()
+    for k, problem in damaged_shards(rd.path).items():  # sizes and CRC-32s recorded at write time
+        problems.append(f"shard {output.shard_name(k)}: {problem}")
     for k in done:
         npy, paths_file, fails_file = rd.shard_npy(k), rd.shard_paths(k), rd.shard_failures(k)
         where = f"shard {output.shard_name(k)}"
@@ -244,7 +247,9 @@ def format_summary(s: dict[str, Any]) -> str:
 
 @click.command("inspect", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(file_okay=True, dir_okay=True))
-@click.option("--verify", "do_verify", is_flag=True, help="Re-read every shard: shapes, dtype, finiteness, norms, paths vs the listing.")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Re-read every shard: sizes and CRC-32s recorded at write time, shapes, dtype, finiteness, norms, "
+                   "paths vs the listing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (and problems) as JSON.")
 def inspect_cmd(out: str, do_verify: bool, as_json: bool) -> None:
     """Show what the run in OUT holds: counts, shards, failures by reason, model, completeness.

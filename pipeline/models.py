@@ -51,3 +51,46 @@ def ensure_model(cfg, log=print) -> None:
         "SYNTHETIC random weights: embeddings carry no meaning. Point model.path at a real model for real use.")
     path.parent.mkdir(parents=True, exist_ok=True)
     build_clip_image_onnx(path, arch=cfg.model.build, seed=cfg.model.seed)
+
+
+def _square(shape) -> int | None:
+    """S from an image input shape [N,3,S,S] or [N,S,S,3]; None otherwise."""
+    if not isinstance(shape, (list, tuple)) or len(shape) != 4:
+        return None
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    if dims[1] == 3 and dims[2] and dims[2] == dims[3]:
+        return dims[2]
+    if dims[3] == 3 and dims[1] and dims[1] == dims[2]:
+        return dims[1]
+    return None
+
+
+def model_image_size(path: str | os.PathLike) -> int | None:
+    """The square input size a model takes (336 for a ViT-L/14@336), from its sidecar (our ONNX
+    builder's ``input_shape``, the compiler's ``input.shape``) or else the ONNX graph; None if unknown."""
+    info = sidecar(path)
+    for shape in (info.get("input_shape"), (info.get("input") or {}).get("shape")):
+        size = _square(shape)
+        if size:
+            return size
+    if str(path).lower().endswith(".onnx") and os.path.isfile(path):
+        from pipeline.modelgen import read_model_info
+
+        return _square(read_model_info(path).get("input_shape"))
+    return None
+
+
+def resolve_image_size(cfg) -> int:
+    """cfg.model.image_size, or (0) the model's own input size, or 224. A set size that the model
+    does not take is a ConfigError (exit 2 before any worker starts)."""
+    known = None
+    if cfg.infer.backend != "fake" and os.path.exists(cfg.model.path):
+        known = model_image_size(cfg.model.path)
+    if cfg.model.image_size:
+        if known and known != cfg.model.image_size:
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"config key model.image_size = {cfg.model.image_size}, but model {cfg.model.path} takes "
+                              f"{known}x{known} images: set it to {known} or to 0 (read it from the model)")
+        return cfg.model.image_size
+    return known or 224

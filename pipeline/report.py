@@ -41,6 +41,34 @@ def load_report(out: str | Path) -> dict[str, Any]:
         raise NoReport(f"{p} is not valid JSON ({exc})") from None
 
 
+def runs_of(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run recorded in a report.json, oldest first (the earlier ones under "history")."""
+    return [*[{k: v for k, v in r.items() if k != "history"} for r in rep.get("history", []) or []],
+            {k: v for k, v in rep.items() if k != "history"}]
+
+
+def _work(run: dict[str, Any]) -> int:
+    if "inputs_this_run" in run:
+        return int(run["inputs_this_run"] or 0)
+    c = run.get("counts", {})
+    return int(c.get("embedded", 0) or 0) + int(c.get("failed", 0) or 0) - int(run.get("resumed_from", 0) or 0)
+
+
+def working_run(runs: list[dict[str, Any]]) -> int:
+    """Index of the run that did the most work (the latest among equals): a no-op re-run of a
+    finished run does not hide the run that embedded the images."""
+    return max(range(len(runs)), key=lambda i: (_work(runs[i]), i))
+
+
+def runs_table(runs: list[dict[str, Any]], chosen: int) -> str:
+    lines = [f"{len(runs)} runs over this output directory (report.json history):"]
+    for i, r in enumerate(runs):
+        mark = "*" if i == chosen else " "
+        lines.append(f" {mark} run {i + 1}: {r.get('finished', '?')}  {r.get('wall_s', 0):.1f} s, "
+                     f"{_work(r)} inputs this run, {r.get('images_per_s') or 0:.1f} images/s")
+    return "\n".join(lines)
+
+
 @dataclass
 class Series:
     name: str
@@ -281,17 +309,30 @@ def png_report(rep: dict[str, Any], path: str | Path, title: str) -> None:
               help="Write an HTML page with charts (default FILE: OUT/report.html).")
 @click.option("--png", "png_path", is_flag=False, flag_value="", default=None, metavar="[FILE]",
               help="Write the charts as a PNG image (default FILE: OUT/report.png).")
-def report_cmd(out: str, html_path: str | None, png_path: str | None) -> None:
+@click.option("--run", "run_no", type=int, default=None,
+              help="Draw this run (1 = the first over OUT; see --all). Default: the run that did the most work.")
+@click.option("--all", "show_all", is_flag=True, help="List every run recorded over OUT, then the chosen one.")
+def report_cmd(out: str, html_path: str | None, png_path: str | None, run_no: int | None, show_all: bool) -> None:
     """Show where the time of the run in OUT went (from OUT/report.json).
 
-    Prints a summary; --html / --png also draw throughput, per-stage utilisation and queue fill
-    over time. Exit status 2 when OUT is not a run or has no report.json yet.
+    report.json keeps every run over OUT (a resume, a no-op re-run); this draws the run that did
+    the most work unless --run N says otherwise. Prints a summary; --html / --png also draw
+    throughput, per-stage utilisation and queue fill over time. Exit status 2 when OUT is not a
+    run or has no report.json yet.
     """
     try:
-        rep = load_report(out)
+        runs = runs_of(load_report(out))
     except (NotARun, NoReport) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    if run_no is not None and not 1 <= run_no <= len(runs):
+        click.echo(f"error: --run {run_no}: {out} records runs 1 to {len(runs)} (see --all)", err=True)
+        sys.exit(2)
+    chosen = run_no - 1 if run_no is not None else working_run(runs)
+    rep = runs[chosen]
+    if show_all or len(runs) > 1:
+        click.echo(runs_table(runs, chosen) if show_all else
+                   f"run {chosen + 1} of {len(runs)} over this directory (the one that did the most work; --all lists them)")
     click.echo(text_report(rep))
     title = str(Path(out).resolve())
     if html_path is not None:

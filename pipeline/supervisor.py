@@ -27,7 +27,7 @@ from pipeline.boot import boot
 from pipeline.config import Config
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
-from pipeline.models import ensure_model
+from pipeline.models import ensure_model, resolve_image_size
 from pipeline.preflight import fingerprint
 from pipeline.progress import Progress
 from pipeline.rundir import FORMAT, RunDir, now_iso
@@ -160,6 +160,8 @@ class Supervisor:
             self.log(f"warning: {note}")
             self.warnings.append(note)
         ensure_model(self.cfg, log=self.log)
+        # the crop size every worker uses comes from the model (model.image_size = 0), resolved once here
+        self.cfg = self.cfg.replace(model=replace(self.cfg.model, image_size=resolve_image_size(self.cfg)))
         self.model = pf.model or self.backend.model_identity(self.cfg)
         self.fp = fingerprint(self.cfg, self.model)
         self.prepare_output_dir()
@@ -171,6 +173,7 @@ class Supervisor:
         self.resumed = prior.resumed
         self.listing_complete = prior.listing_complete
         self.done_shards = prior.done_shards
+        self.warnings += [f"shard {output.shard_name(k)} is damaged ({why}); redone" for k, why in prior.damaged.items()]
         if self.id_range is not None:
             self.listing_complete = True  # the planned listing, replayed
         for k in self.done_shards:
@@ -611,19 +614,21 @@ class Supervisor:
         # the last line sums up the whole run (the last interval is mostly shutdown)
         line = self.telemetry.final_line(led)
         self.progress.close(done, self.range_total(), led.failed, self.rate(), line)
+        ending_early = self.interrupted is not None or bool(self.abort_reason) or not led.complete()
+        if ending_early:
+            self.sync_with_disk()
         report = self.report(wall)
         self.best_effort(self.rundir.write_report, report)
         if self.interrupted is not None:
             name = "SIGINT" if self.interrupted == signal.SIGINT else "SIGTERM"
             self.best_effort(self.write_manifest, "interrupted")
-            msg = (f"Interrupted by {name}: {len(led.written)} shard(s) complete ({done} of "
-                   f"{led.total if led.total is not None else str(led.listed) + '+'} inputs resolved) in {self.out}. "
-                   "Run the same command again to resume.")
+            msg = (f"Interrupted by {name}: {self.on_disk()} in {self.out}. "
+                   "Run the same command again to resume (the rest is redone).")
             return RunResult(EXIT_SIGINT if self.interrupted == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(self.out))
-        if self.abort_reason or not led.complete():
+        if ending_early:
             reason = self.abort_reason or "the run ended before every input was resolved"
             self.best_effort(self.write_manifest, "failed", {"error": reason})
-            return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Completed shards are kept in {self.out}; "
+            return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
         n_fail = self.rundir.write_failures(self.ledger.written)
         o = self.cfg.output
@@ -643,6 +648,26 @@ class Supervisor:
             msg += f" Completed with {n_fail} failures: see {self.rundir.failures}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
         return RunResult(EXIT_SUCCESS, msg, counts, str(self.out))
+
+    def sync_with_disk(self) -> None:
+        """After the workers stopped: a shard the sink wrote while being stopped is on disk even if
+        its "shard" message never reached the supervisor; count what is on disk (issue #12: "6
+        shard(s) complete" while the 7th appeared on disk right afterwards)."""
+        for k in self.rundir.completed_shards():
+            if k not in self.ledger.written:
+                try:
+                    rows, failed = self.rundir.shard_counts(k)
+                except (OSError, ValueError):
+                    continue
+                self.ledger.on_shard_written(k, rows, failed)
+
+    def on_disk(self) -> str:
+        """What an interrupted or aborted run leaves: complete shards and the inputs they hold."""
+        led = self.ledger
+        total = self.range_total()
+        of = f"{total}" if total is not None else f"{led.listed} listed so far"
+        return (f"{len(led.written)} complete shard(s) on disk holding {led.written_rows + led.written_failed} of "
+                f"{of} inputs ({led.written_rows} embedded, {led.written_failed} failed)")
 
     def best_effort(self, fn: Callable, *args: Any) -> None:
         """Write run metadata when the run is ending badly anyway (e.g. the disk is full): a

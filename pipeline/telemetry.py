@@ -143,6 +143,8 @@ class Telemetry:
                 occupancy["max"][edge] = max(vals)
         return {
             "format": FORMAT,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "inputs_this_run": done_now,  # `report` draws the run that did the most work
             "wall_s": round(wall, 3),
             "run_s": round(run_s, 3),
             "images_per_s": round(done_now / wall, 3) if wall > 0 else None,

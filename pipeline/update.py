@@ -69,8 +69,14 @@ def _publish(out: Path, attempt: Path, rec: dict) -> None:
                 f = json.loads(line)
                 f["id"] += first_id
                 shifted.append(json.dumps(f, sort_keys=True).encode() + b"\n")
-        output.atomic_write_bytes(dst / f"{b}{rundir.FAILURES_SUFFIX}", b"".join(shifted))
-        for suffix in (rundir.PATHS_SUFFIX, PARQUET_SUFFIX, HASHES_SUFFIX):
+        data = b"".join(shifted)
+        output.atomic_write_bytes(dst / f"{b}{rundir.FAILURES_SUFFIX}", data)
+        check = src / f"{a}{rundir.CHECK_SUFFIX}"
+        if check.exists():  # the integrity record follows the rewritten failures file
+            rec_check = json.loads(check.read_text())
+            rec_check.setdefault("files", {})[rundir.FAILURES_SUFFIX] = rundir.file_check(data)
+            output.atomic_write_bytes(check, (json.dumps(rec_check, sort_keys=True) + "\n").encode())
+        for suffix in (rundir.PATHS_SUFFIX, PARQUET_SUFFIX, HASHES_SUFFIX, rundir.CHECK_SUFFIX):
             _move(src / f"{a}{suffix}", dst / f"{b}{suffix}")
         _move(src / f"{a}{rundir.NPY_SUFFIX}", dst / f"{b}{rundir.NPY_SUFFIX}")  # last: the shard is complete from here
         assert first_id + j * size == (k0 + j) * size

@@ -91,7 +91,7 @@ class DecodeCore(StageCore):
         try:
             arr = self.decode(header["path"])
             if self.fused:
-                return [image_message("px", header, crop(arr, self.opts.mode))]
+                return [image_message("px", header, crop(arr, self.opts.mode, self.opts.target))]
         except ItemError as exc:
             return [fail(Failure(header["id"], header["path"], exc.reason, exc.message, "decode"))]
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the run

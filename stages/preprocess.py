@@ -19,6 +19,7 @@ class PreprocessCore(StageCore):
     def __init__(self, spec):
         super().__init__()
         self.mode = spec.cfg.preprocess.mode
+        self.size = spec.cfg.model.image_size or 224
 
     def setup(self) -> None:
         import cv2
@@ -27,7 +28,7 @@ class PreprocessCore(StageCore):
 
     def handle(self, header: dict, frames: list) -> list[Output]:
         try:
-            out = crop(array_from(header, frames[0]), self.mode)
+            out = crop(array_from(header, frames[0]), self.mode, self.size)
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the run
             return [fail(Failure(header["id"], header["path"], "corrupt",
                                  f"preprocess: {type(exc).__name__}: {exc}", "preprocess"))]

@@ -26,6 +26,9 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("ray", reason="the optional extra is not installed: pip install -e '.[cluster]'")
 
 IP = "127.0.0.2"
+# the default (1), whatever tests/ray_helpers.py set in this process for cluster_utils: worker
+# `ray start` refuses 0
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
 
 
 def free_base() -> int:
@@ -43,7 +46,7 @@ def free_base() -> int:
 
 
 def ray_start(args: list[str], tmp: str, log: Path) -> subprocess.Popen:
-    e = env(RAY_USAGE_STATS_ENABLED="0")
+    e = env(**RAY_ENV)
     fh = open(log, "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", f"--node-ip-address={IP}",
                              "--object-store-memory=80000000", f"--temp-dir={tmp}", *args],
@@ -109,7 +112,7 @@ def test_real_ray_start_nodes_and_the_cli_driver(tmp_path):
         out = tmp_path / "out"
         r = cli("run", "--cluster", "ray", "--address", f"{IP}:{gcs}", "-i", str(inp), "-o", str(out),
                 "--progress", "none", *sets(**{"cluster.range_shards": RANGE_SHARDS}), timeout=240,
-                env_extra={"RAY_USAGE_STATS_ENABLED": "0"})
+                env_extra=RAY_ENV)
         assert r.returncode == 3, r.stdout + r.stderr
         assert "3 ranges" in r.stdout
         assert_same_as_reference(out, ref)

@@ -284,3 +284,96 @@ def test_uneven_devices_get_work_by_capacity(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["dispatch"]["mode"] == "credit"
     assert report["dispatch"]["images_per_device"] == {"cpu:0": fast, "cpu:1": slow}
+
+
+# -- damaged shards --------------------------------------------------------------------------------
+
+def test_damaged_shards_are_named_and_redone_on_resume(corpus, tmp_path):
+    """A finished run with a truncated .npy, flipped bytes, a NaN written into a shard and a missing
+    .paths: `inspect --verify` names each; the same `run` command redoes exactly those shards with
+    a warning naming them (before: a traceback from np.load, and the NaN passed), byte-identically."""
+    import shutil
+
+    import numpy as np
+
+    d, good, ref = corpus
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    e = out / "embeddings"
+    os.truncate(e / "part-00001.npy", 100)
+    flipped = bytearray((e / "part-00002.npy").read_bytes())
+    flipped[-5] ^= 0xFF
+    (e / "part-00002.npy").write_bytes(bytes(flipped))
+    raw = bytearray((e / "part-00003.npy").read_bytes())
+    data_at = len(raw) - np.load(e / "part-00003.npy").nbytes
+    raw[data_at:data_at + 4] = np.float32("nan").tobytes()
+    (e / "part-00003.npy").write_bytes(bytes(raw))
+    (e / "part-00004.paths").unlink()
+    v = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--verify", str(out)], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 1, v.stdout + v.stderr
+    for k in (1, 2, 3, 4):
+        assert f"part-0000{k}" in v.stdout, v.stdout
+    r = run_cli(d, out)
+    assert r.returncode == 0, r.stderr
+    for k in (1, 2, 3, 4):
+        assert f"shard part-0000{k} is damaged" in r.stderr and "redoing it" in r.stderr, r.stderr
+    assert "part-00000 is damaged" not in r.stderr
+    assert shard_bytes(out) == shard_bytes(ref)
+    assert (out / "failures.jsonl").read_bytes() == (ref / "failures.jsonl").read_bytes()
+    v = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--verify", str(out)], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stdout
+
+
+# -- what the end of a run says ----------------------------------------------------------------------
+
+def test_closing_message_of_an_interrupted_run_states_what_is_on_disk(corpus, tmp_path):
+    """The message counts the shards on disk after the workers stopped (before: the ledger's
+    count, one short when the sink wrote a shard while being stopped)."""
+    import re
+
+    import numpy as np
+
+    d, _, _ = corpus
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cli_args(d, out, **SLOW), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: shards_done(out) >= 2, 60, "two shards")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    m = re.search(r"(\d+) complete shard\(s\) on disk holding (\d+) of (\d+) inputs \((\d+) embedded, (\d+) failed\)", stderr)
+    assert m, stderr[-1500:]
+    e = out / "embeddings"
+    on_disk = sorted(e.glob("part-*.npy"))
+    rows = sum(np.load(p).shape[0] for p in on_disk)
+    fails = sum((e / f"{p.stem}.failures.jsonl").read_text().count("\n") for p in on_disk)
+    assert (int(m[1]), int(m[2]), int(m[4]), int(m[5])) == (len(on_disk), rows + fails, rows, fails)
+
+
+def test_a_no_op_rerun_keeps_the_report_of_the_run_that_did_the_work(corpus, tmp_path):
+    import shutil
+
+    d, _, ref = corpus
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    first = json.loads((out / "report.json").read_text())
+    assert first["inputs_this_run"] == N and first["images_per_s"] > 0
+    r = run_cli(d, out)  # nothing left to do
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["inputs_this_run"] == 0
+    assert [h["images_per_s"] for h in rep["history"]] == [first["images_per_s"]]
+    assert rep["history"][0]["timeline"] == first["timeline"]
+    shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(out)], cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "run 1 of 2" in shown.stdout
+    assert f"{first['images_per_s']:.1f} images/s" in shown.stdout
+    listed = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(out), "--all"], cwd=ROOT,
+                            env=env(), capture_output=True, text=True, timeout=60)
+    assert "2 runs over this output directory" in listed.stdout and f"{N} inputs this run" in listed.stdout

@@ -52,6 +52,11 @@ class OnnxDevice(Device):
             raise DeviceError(f"model.input_kind = 'uint8' but {cfg.model.path} takes {inp.type}")
         if cfg.model.input_kind == "float" and self.uint8_input:
             raise DeviceError(f"model.input_kind = 'float' but {cfg.model.path} takes uint8")
+        want = cfg.model.image_size or 224
+        hw = inp.shape[1:3] if self.uint8_input else inp.shape[2:4]
+        if all(isinstance(d, int) for d in hw) and tuple(hw) != (want, want):
+            raise ConfigError(f"model {cfg.model.path} takes {hw[0]}x{hw[1]} images but the crops are {want}x{want} "
+                              f"(config key model.image_size; 0 reads the size from the model)")
         batch = inp.shape[0]
         self.fixed_batch = isinstance(batch, int)
         self.batch_size = batch if self.fixed_batch else cfg.model.batch_size

@@ -106,7 +106,7 @@ class FakeBackend(Backend):
 
     @classmethod
     def ready_crop(cls, cfg: Config) -> np.ndarray | None:
-        return ready_crop() if cfg.fake.ready_crops else None
+        return ready_crop(cfg.model.image_size or 224) if cfg.fake.ready_crops else None
 
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:

@@ -190,8 +190,10 @@ class SailHostDevice(Device):
             raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
         self.outcheck = _OutputCheck(dev_id)
         self.model = m = _Model(sail, self.engine, path)
-        if m.hw != (224, 224):
-            raise ConfigError(f"bmodel {path}: host mode feeds 224x224 crops, the model takes {m.hw}")
+        size = cfg.model.image_size or 224
+        if m.hw != (size, size):
+            raise ConfigError(f"bmodel {path}: host mode feeds {size}x{size} crops, the model takes {m.hw} "
+                              "(config key model.image_size)")
         self.dim = m.dim
         self.stages = self._discover_stages()
         self.batch_size = max(self.stages)
@@ -291,6 +293,9 @@ class SailFilesDevice(Device):
         if m.max_batch not in EPP_BATCHES:
             raise ConfigError(f"bmodel {path}: batch {m.max_batch} not in {EPP_BATCHES} "
                               "(EngineImagePreProcess, §3.5); use sail.mode = \"host\"")
+        if m.hw != (224, 224):  # the VPP resize limits and the CPU fallback crop below assume 224
+            raise ConfigError(f"bmodel {path}: device mode is written for 224x224 models, this one takes {m.hw}; "
+                              "use sail.mode = \"host\"")
         self.dim, self.batch_size = m.dim, m.max_batch
         self.outcheck = _OutputCheck(dev_id)
         ab = alpha_beta(1.0)  # float32 input: SAIL multiplies by the input scale, 1.0 here

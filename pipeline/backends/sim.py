@@ -44,8 +44,10 @@ class SimDevice(Device):
         self.net = self.model.Net(self.model.networks[0])
         self.inp = self.net.inputs[0]
         shape = tuple(self.inp.data.shape)
-        if len(shape) != 4 or shape[1:] not in ((3, 224, 224),):
-            raise DeviceError(f"bmodel {cfg.model.path} input {self.inp.name} has shape {shape}, expected [N,3,224,224]")
+        size = cfg.model.image_size or 224
+        if len(shape) != 4 or shape[1:] not in ((3, size, size),):
+            raise DeviceError(f"bmodel {cfg.model.path} input {self.inp.name} has shape {shape}, expected [N,3,{size},{size}] "
+                              "(config key model.image_size)")
         self.batch_size = shape[0]
         self.fixed_batch = True
         self.uint8_input = self.inp.data.dtype == np.uint8  # compiled with --fuse-preprocess

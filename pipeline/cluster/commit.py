@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import output
 from pipeline.cluster.plan import Plan
-from pipeline.rundir import FAILURES_SUFFIX, NPY_SUFFIX, SHARD_SUFFIXES
+from pipeline.rundir import CHECK_SUFFIX, FAILURES_SUFFIX, NPY_SUFFIX, PATHS_SUFFIX, SHARD_SUFFIXES, RunDir
 
 RANGES_DIR = "ranges"
 ATTEMPTS_DIR = "attempts"
@@ -51,8 +51,11 @@ def sha256_bytes_of(path: Path) -> str:
 
 
 def shard_files(d: Path, k: int) -> dict[str, Path]:
-    name = output.shard_name(k)
-    return {suffix: d / output.EMB_DIR / f"{name}{suffix}" for suffix in SHARD_SUFFIXES}
+    """Shard k's files in run directory d, by suffix (the names are RunDir's; .check.json is its
+    integrity record)."""
+    rd = RunDir(d)
+    return {PATHS_SUFFIX: rd.shard_paths(k), FAILURES_SUFFIX: rd.shard_failures(k), CHECK_SUFFIX: rd.shard_check(k),
+            NPY_SUFFIX: rd.shard_npy(k)}
 
 
 def describe_shard(run_dir: Path, k: int) -> dict[str, Any]:

@@ -7,11 +7,9 @@ read it unchanged, and `clip-pipeline run` with the same config finds it complet
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 from pipeline import output
 from pipeline.cluster import commit as cm
 from pipeline.cluster.plan import Plan, load_plan
-from pipeline.rundir import FAILURES_SUFFIX, RunDir
+from pipeline.rundir import RunDir
 
 
 class MergeIncomplete(Exception):
@@ -105,7 +103,7 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
         hint = (f"; delete {', '.join(str(cm.record_path(outp, r)) for r in bad[:5])} and run-range "
                 f"{array_spec(bad)} again") if bad else ""
         raise MergeBroken(f"{problems[0]} ({len(problems)} problem(s) in all){hint}")
-    emb = outp / output.EMB_DIR
+    emb = RunDir(outp).shards_dir
     emb.mkdir(exist_ok=True)
     output.remove_temp_files(outp)
     for r, rec in records.items():
@@ -123,20 +121,8 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
     output.fsync_dir(emb)
     _publish(plan.listing, RunDir(outp).listing)
     # failures.jsonl as the single-host run writes it: the shards' failure files, in order
-    n_fail = 0
-    tmp = outp / ".failures.jsonl.tmp"
-    reasons: Counter = Counter()
-    with open(tmp, "wb") as dst:
-        for k in range(plan.n_shards):
-            data = cm.shard_files(outp, k)[FAILURES_SUFFIX].read_bytes()
-            n_fail += data.count(b"\n")
-            for line in data.splitlines():
-                if line:
-                    reasons[json.loads(line).get("reason", "?")] += 1
-            dst.write(data)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, RunDir(outp).failures)
+    n_fail = RunDir(outp).write_failures(range(plan.n_shards))
+    reasons = RunDir(outp).failures_by_reason(range(plan.n_shards))
     rows = sum(rec["rows"] for rec in records.values())
     cfg_dict = plan.record["config"]
     model = plan.record["model"]
@@ -145,13 +131,11 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
                   "devices": rec.get("devices"), "rows": rec["rows"], "failed": rec["failed"],
                   "timings": rec.get("timings", {})} for r, rec in records.items()]
     if cfg_dict.get("output", {}).get("pickle"):
-        import pickle
 
         import numpy as np
 
         paths, arr = _load_for_pickle(outp)
-        output.atomic_write_bytes(RunDir(outp).pickle,
-                                  pickle.dumps({"img_path": paths, "embedding": np.asarray(arr)}, protocol=4))
+        RunDir(outp).write_pickle(paths, np.asarray(arr))
     span = _span_s(records.values())
     devices = sorted({f"{rec.get('host')}:{d}" for rec in records.values() for d in rec.get("devices") or []})
     report = {
@@ -168,7 +152,7 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
         "synthetic_weights": synthetic,
         "versions": software_versions(),
     }
-    output.atomic_write_json(RunDir(outp).report, report)
+    RunDir(outp).write_report(report)
     manifest = {
         "format": FORMAT,
         "status": "complete",
@@ -189,7 +173,7 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
     }
     if synthetic:
         manifest["warning"] = SYNTHETIC_NOTE
-    output.atomic_write_json(RunDir(outp).manifest, manifest)  # last: the run is complete
+    RunDir(outp).write_manifest(manifest)  # last: the run is complete
     if clean:
         remove_stale_attempts(plan, records)
     return MergeResult(rows, n_fail, plan.n_inputs, plan.n_shards, plan.n_ranges, time.monotonic() - t0)
@@ -239,7 +223,7 @@ def remove_stale_attempts(plan: Plan, records: dict[int, dict[str, Any]]) -> int
 def status(out: str | os.PathLike) -> dict[str, Any]:
     plan = load_plan(out)
     missing = missing_ranges(plan)
-    merged = (output.read_manifest(plan.out) or {}).get("status") == "complete"
+    merged = (RunDir(plan.out).read_manifest() or {}).get("status") == "complete"
     attempts_running = []
     for r in missing:
         d = cm.attempts_root(plan.out, r)
