@@ -128,3 +128,22 @@ def test_bench_usage_errors_are_one_line_exit_2(tmp_path, monkeypatch, what):
     expect = {"corpus": f"bench corpus {corpus} does not exist", "model": f"model {model} does not exist",
               "empty": f"no JPEGs in {corpus}"}[what]
     assert expect in r.output and ("--images" in r.output or what == "model")
+
+
+def test_dispatch_summary_and_table():
+    """bench --case dispatch: medians per mode (tail, throughput, ratio to the ceiling) and its table rows."""
+    from pipeline.bench import _dispatch_summary, table
+
+    def run(tail, ips, split):
+        return {"images_per_s": ips, "wall_s": 10.0, "dispatch": {"tail_s": tail, "images_per_device": split}}
+
+    runs = {"round_robin": [run(2.0, 60.0, {"a": 9}), run(4.0, 70.0, {"a": 9}), run(3.0, 50.0, {"a": 9})],
+            "credit": [run(0.1, 90.0, {"a": 9}), run(0.3, 95.0, {"a": 9}), run(0.2, 99.0, {"a": 9})]}
+    s = _dispatch_summary(runs, ceiling=100.0)
+    assert s["round_robin"]["median_tail_s"] == 3.0 and s["credit"]["median_tail_s"] == 0.2
+    assert s["credit"]["ratio_to_ceiling"] == 0.95 and s["round_robin"]["ratio_to_ceiling"] == 0.6
+    res = {"cases": {"dispatch": {"setup": {"modes": ["round_robin", "credit"]},
+                                  "cases": {"fake_uneven": {"images": 9, **s}}}},
+           "machine": {"cpu_model": "x", "usable_cpus": 2, "loadavg_start": [1.0], "loadavg_end": [1.0]}}
+    text = table(res)
+    assert "fake_uneven" in text and "0.950" in text and "0.600" in text
