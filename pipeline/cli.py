@@ -219,13 +219,19 @@ def devices() -> None:
 
 from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
 from pipeline.cluster.cli import merge_cmd, plan_cmd, run_range_cmd, status_cmd  # noqa: E402
+from pipeline.evaluate import eval_group  # noqa: E402
+from pipeline.index import index_cmd  # noqa: E402
 from pipeline.inspection import inspect_cmd  # noqa: E402
 from pipeline.report import report_cmd  # noqa: E402
+from pipeline.search_cmd import search_cmd  # noqa: E402
 from pipeline.text.cli import classify_cmd, embed_text_cmd, fetch_vocab_cmd, tokenize_cmd  # noqa: E402
 from pipeline.toolchain.cli import compile_cmd, verify_cmd  # noqa: E402
 
 cli.add_command(inspect_cmd)
 cli.add_command(report_cmd)
+cli.add_command(search_cmd)
+cli.add_command(index_cmd)
+cli.add_command(eval_group)
 cli.add_command(bench_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(verify_cmd)

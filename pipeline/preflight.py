@@ -6,6 +6,7 @@ run refuses (same message, same exit status) and warns about what the real run w
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -274,12 +275,28 @@ def input_changes(cfg: Config, listing: Path, warn: Callable[[str], None] = lamb
     return compare_inputs(listed, lambda: config_inputs(cfg, warn), roots)
 
 
+def writable_refusal(out: Path) -> str | None:
+    """The run creates OUT (with its parents) and writes into it: refuse now what that would refuse,
+    in RunDir.prepare's words, without writing anything."""
+    p = out
+    while not os.path.lexists(p) and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        why = os.strerror(errno.ENOTDIR)
+    elif not os.access(p, os.W_OK | os.X_OK):
+        why = os.strerror(errno.EACCES)
+    else:
+        return None
+    return f"output directory {out} is not writable: {why} (config key output.dir / --output)"
+
+
 def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bool = True) -> Preflight:
     """Every check `run` makes before it builds a model or starts a worker; reads only.
 
     Raises ConfigError (exit 2) with the message the run would give: invalid inputs or devices,
     an output directory that is not a run, output.on_existing = 'error', a model to be built that
-    cannot match the existing run's, a fingerprint that differs from the existing run's.
+    cannot match the existing run's, a fingerprint that differs from the existing run's, an output
+    directory that cannot be created or written.
     """
     from pipeline.backends import get_backend
     from pipeline.config import ConfigError, validate_for_run
@@ -294,10 +311,16 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     if manifest is None:
         if out.is_dir() and any(out.iterdir()):
             raise ConfigError(foreign_dir_refusal(out))
+        refusal = writable_refusal(out)
+        if refusal:
+            raise ConfigError(refusal)
         return pf
     pf.manifest = manifest
     pf.state = describe_run(manifest, rd.completed_shards())
     if restart or cfg.output.on_existing == "restart":
+        refusal = writable_refusal(out)
+        if refusal:
+            raise ConfigError(refusal)
         return pf
     if cfg.output.on_existing == "error":
         raise ConfigError(on_existing_refusal(out))
@@ -312,7 +335,7 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
         # the model is yet to be built, as the run's was (model_refusal_before_build let it through):
         # same bytes, so every other key is compared now, before the build
         pf.fingerprint = fingerprint(cfg, {"sha256": old_fp.get("model_sha256")})
-    refusal = fingerprint_refusal(out, old_fp, pf.fingerprint)
+    refusal = fingerprint_refusal(out, old_fp, pf.fingerprint) or writable_refusal(out)
     if refusal:
         raise ConfigError(refusal)
     listing = rd.listing

@@ -4,7 +4,7 @@ the source and `inspect` use to prepare, read and write it.
 
     OUT/manifest.json                      config, model identity, counts, shards, status
     OUT/listing.jsonl                      the input listing: line i = JSON string of input id i
-    OUT/embeddings/part-NNNNN.npy          [rows, dim] float32/float16, sorted by input id
+    OUT/embeddings/part-NNNNN.npy          [rows, dim] float32/float16, sorted by input id (names: shard_name)
     OUT/embeddings/part-NNNNN.paths        one input path per row, UTF-8 text form (pipeline/pathcodec.py)
     OUT/embeddings/part-NNNNN.failures.jsonl  failed inputs of the shard's id range
     OUT/failures.jsonl                     all failures, by id (rebuilt at the end of a run)
@@ -74,8 +74,23 @@ def update_files(n: int) -> dict[str, str]:
 
 
 
+SHARD_NAME_WIDE = 100_000  # shards from here on get the wide form, so names keep sorting in id order
+
+
 def shard_name(k: int) -> str:
-    return f"part-{k:05d}"
+    """`part-00000` .. `part-99999`, then `part-x0000100000` (x + 10 digits): plain byte order of the
+    names is id order at any count (autofaiss/embedding-reader and `ls` sort names this way), and
+    the names of existing runs (5 digits) never change."""
+    return f"part-{k:05d}" if k < SHARD_NAME_WIDE else f"part-x{k:010d}"
+
+
+def parse_shard_name(stem: str) -> int | None:
+    """The shard number of a file stem written by shard_name (`part-00042` -> 42), or None."""
+    digits = stem.removeprefix("part-").removeprefix("x")
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    k = int(digits)
+    return k if shard_name(k) == stem else None
 
 
 def encode_path_line(path: bytes) -> bytes:
@@ -205,9 +220,8 @@ def completed_shards(out_dir: str | os.PathLike) -> list[int]:
         return []
     ks = []
     for p in d.glob("part-*.npy"):
-        try:
-            k = int(p.stem.split("-")[1])
-        except (IndexError, ValueError):
+        k = parse_shard_name(p.stem)
+        if k is None:
             continue
         if (d / f"{p.stem}.paths").exists() and (d / f"{p.stem}.failures.jsonl").exists():
             ks.append(k)

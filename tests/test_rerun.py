@@ -126,3 +126,19 @@ def test_other_changes_are_refused_before_a_model_is_rebuilt(tmp_path):
     r = run_cli(d, out, *cpu)  # unchanged: the same model is rebuilt and the run is resumed as complete
     assert r.returncode == 0, r.stderr
     assert model.exists() and "Embedded 3 of 3" in r.stdout
+
+
+def test_an_output_that_cannot_be_created_is_refused_by_the_dry_run_too(tmp_path):
+    d = tmp_path / "in"
+    good_corpus(d, 2)
+    (tmp_path / "file.txt").write_text("x")
+    out = tmp_path / "file.txt" / "out"
+    model = tmp_path / "m" / "new.onnx"
+    build = ["--set", 'infer.backend="cpu"', "--set", f'model.path="{model}"', "--set", 'model.build="tiny"', "-d", "cpu:0"]
+    dry = run_cli(d, out, *build, "--dry-run")
+    real = run_cli(d, out, *build)
+    assert dry.returncode == real.returncode == 2, (dry.stdout, dry.stderr, real.stderr)
+    line = real.stderr.strip().splitlines()[-1]
+    assert line == dry.stderr.strip().splitlines()[-1]
+    assert f"output directory {out} is not writable: Not a directory (config key output.dir / --output)" in line
+    assert not model.exists()  # refused before the model was built
