@@ -65,7 +65,13 @@ def device_warnings(cfg: Config, devices: list[Any], cores: int | None = None) -
 
 
 def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resume."""
+    """What must not change between an interrupted run and its resume. `inputs` are the roots
+    actually walked (overlapping entries of input.paths dropped), so repeating an --input that
+    changes nothing is not a different run."""
+    from stages.source import dedupe_roots
+
+    exts = frozenset(e.lower().encode() for e in cfg.input.extensions)
+    roots = [os.fsdecode(r) for r in dedupe_roots(cfg.input.paths, exts, cfg.input.recursive)]
     return {
         "model_sha256": model.get("sha256"),
         "backend": cfg.infer.backend,
@@ -75,7 +81,7 @@ def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
         "normalize": cfg.output.normalize,
         "dtype": cfg.output.dtype,
         "shard_size": cfg.output.shard_size,
-        "inputs": list(cfg.input.paths),
+        "inputs": roots,
         "extensions": sorted(cfg.input.extensions),
         "recursive": cfg.input.recursive,
         "follow_symlinks": cfg.input.follow_symlinks,

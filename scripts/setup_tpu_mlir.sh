@@ -14,6 +14,8 @@
 #      tpu_mlir/lib/third_party.glibc-disabled/.
 #   2. transform/OnnxOpt.py imports torch at top level only to turn an input into a numpy array;
 #      the import is made optional, with an np.array fallback (no CPU torch for 3.10 needed).
+#   3. run_calibration (INT8/mixed) imports three calibration modules with an unused top-level
+#      'import torch'; those imports are made optional the same way.
 set -euo pipefail
 
 TPU_MLIR_VERSION=1.30.2
@@ -21,7 +23,7 @@ VENV="${CLIP_PIPELINE_TPU_MLIR_VENV:-$HOME/.cache/clip-pipeline/tpu-mlir-venv}"
 CHECK_ONLY=0
 case "${1:-}" in
   --check) CHECK_ONLY=1 ;;
-  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
   "") ;;
   *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
@@ -109,6 +111,31 @@ open(path, "w").write(new)
 print(f"[setup_tpu_mlir] fix 2: OnnxOpt.py torch import made optional ({n2} use(s) patched)")
 PY
 
+# Fix 3: run_calibration (INT8/mixed bmodels) imports calibration/kld_calibrator.py,
+# simple_tunner.py and transformer_pattern.py, each of which has a top-level 'import torch' that
+# the default calibration path never uses (kld_calibrator imports torch.quantization lazily, only
+# for debug_cmd 'use_torch_observer_for_cali'). The imports are made optional, as in fix 2.
+for rel in calibration/kld_calibrator.py calibration/simple_tunner.py calibration/transformer_pattern.py; do
+  F="$PKG/python/$rel"
+  [ -f "$F" ] || die "$F not found: unexpected tpu_mlir layout (expected $TPU_MLIR_VERSION)."
+  "$VENV/bin/python" - "$F" <<'PY'
+import re, sys
+path = sys.argv[1]
+src = open(path).read()
+marker = "# clip-pipeline: optional torch"
+if marker in src:
+    print(f"[setup_tpu_mlir] fix 3: {path.split('/python/')[-1]} already patched")
+    sys.exit(0)
+new, n = re.subn(r"^import torch\n",
+                 "try:  " + marker + "\n    import torch  # noqa: F401\nexcept ImportError:\n    torch = None\n",
+                 src, count=1, flags=re.M)
+if n != 1:
+    sys.exit(f"[setup_tpu_mlir] ERROR: {path} has no top-level 'import torch'; not patched")
+open(path, "w").write(new)
+print(f"[setup_tpu_mlir] fix 3: {path.split('/python/')[-1]} torch import made optional")
+PY
+done
+
 # Smoke check: versions, imports, and the tools start against the system glibc.
 say "smoke check"
 "$VENV/bin/python" - "$PKG" <<'PY' || die "smoke check failed (see above)"
@@ -120,6 +147,7 @@ sys.path.insert(0, os.path.join(pkg, "python"))
 import pyruntime_bm  # noqa: F401  (the BM1684X runtime + simulator)
 import zmq, msgpack  # noqa: F401,E401  (the simulator device's pipeline worker)
 from transform import OnnxOpt  # noqa: F401  (fails if the torch fix is missing)
+from calibration import kld_calibrator, simple_tunner, transformer_pattern  # noqa: F401,E401  (fix 3)
 bindir = os.path.dirname(sys.executable)
 env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
 for tool in ("model_transform", "model_deploy", "model_tool"):

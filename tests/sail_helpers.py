@@ -32,9 +32,13 @@ def use_fake_sail(monkeypatch, tpus: int = 1) -> None:
         sys.modules.pop(mod, None)
 
 
-def write_fake_bmodel(path: Path, onnx_path: Path, batch_sizes, input_dtype: str = "float32") -> Path:
-    path.write_text(json.dumps({"fake_bmodel": True, "onnx": str(onnx_path), "batch_sizes": list(batch_sizes),
-                                "input_dtype": input_dtype, "graph_name": "clip_image_vitb32"}))
+def write_fake_bmodel(path: Path, onnx_path: Path, batch_sizes, input_dtype: str = "float32",
+                      input_scale: float | None = None) -> Path:
+    meta = {"fake_bmodel": True, "onnx": str(onnx_path), "batch_sizes": list(batch_sizes),
+            "input_dtype": input_dtype, "graph_name": "clip_image_vitb32"}
+    if input_scale is not None:
+        meta["input_scale"] = input_scale
+    path.write_text(json.dumps(meta))
     return path
 
 

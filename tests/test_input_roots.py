@@ -133,3 +133,20 @@ def test_more_cpu_devices_than_cores_warns_that_it_oversubscribes(tmp_path):
                        timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     assert f"{n + 1} inference threads on {n} usable core(s) oversubscribe the CPU" in p.stderr
+
+
+def test_repeating_an_overlapping_input_is_not_a_different_run(tmp_path):
+    """The fingerprint holds the roots actually walked: adding --input trip/day1 to a run of trip
+    resumes it (nothing to embed) instead of refusing a 'different input.paths'."""
+    from robust_helpers import good_corpus, run_cli
+
+    trip = tmp_path / "trip"
+    good_corpus(trip / "day1", 3)
+    out = tmp_path / "out"
+    assert run_cli(trip, out).returncode == 0
+    for roots in ([trip, trip / "day1"], [trip, trip]):
+        r = run_cli(roots, out)
+        assert r.returncode == 0, r.stderr
+        assert "Embedded 3 of 3" in r.stdout and "input(s) added" not in r.stdout
+    r = run_cli([trip, tmp_path], out)  # a root that adds files is a different run
+    assert r.returncode == 2 and "different input.paths" in r.stderr

@@ -511,3 +511,30 @@ def test_bm1684x_configs_parse_and_resolve(fake, name, expect):
     assert cfg.infer.backend == "sail" and cfg.sail.mode == "device"
     assert cfg.model.path.endswith("models/BM1684X/clip_image_vitb32_bm1684x_f16_32b.bmodel")
     assert SailBackend.resolve_devices(cfg) == expect
+
+
+# ------------------------------------------------------- INT8-input bmodels (issue 19)
+def test_host_int8_input_bmodel_is_quantised_with_its_input_scale(fake, tmp_path, onnx_model):
+    """An INT8 bmodel deployed with --quant_input takes int8; the numpy Engine.process quantises
+    the CLIP-normalised float32 the backend gives it with the bmodel's input scale (sail-api.md
+    §1.4, engine.cpp:850-870), so host mode reads dtype and scale from the bmodel and feeds float32."""
+    scale = 40.0  # int8 covers [-3.2, 3.175]: CLIP-normalised pixels lie in [-1.8, 2.2]
+    bm = write_fake_bmodel(tmp_path / "q.bmodel", onnx_model, [4], input_dtype="int8", input_scale=scale)
+    dev = open_dev(cfg_for(bm, "host"))
+    assert dev.model.layout == "int8_nchw" and dev.model.input_scale == scale
+    px = np.random.default_rng(1).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    out = dev.embed(px)
+    from pipeline.images import normalize
+
+    sess = ort_session(onnx_model)
+    exact = sess.run(None, {sess.get_inputs()[0].name: normalize(px)})[0]
+    q = np.clip(np.rint(normalize(px) * scale), -128, 127) / scale  # what the chip receives
+    ref = sess.run(None, {sess.get_inputs()[0].name: q.astype(np.float32)})[0]
+    np.testing.assert_allclose(out, ref, atol=HOST_ATOL, rtol=1e-4)
+    assert np.abs(out - exact).max() > HOST_ATOL  # the quantisation really happened
+
+
+def test_device_mode_refuses_int8_input_bmodel(fake, tmp_path, onnx_model):
+    bm = write_fake_bmodel(tmp_path / "q.bmodel", onnx_model, [4], input_dtype="int8", input_scale=40.0)
+    with pytest.raises(ConfigError, match=r"BM_INT8.*sail.mode = \"host\""):
+        open_dev(cfg_for(bm, "device"))

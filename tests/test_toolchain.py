@@ -312,3 +312,72 @@ def test_cli_standalone_verify_exit_codes(tiny, compiled):
     assert "PASS" in ok.stdout and "cos_min=" in ok.stdout
     bad = subprocess.run(cmd + ["--min-cosine", "1.5"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "FAIL" in bad.stdout
+
+
+# --- INT8 / MIXED (issue 19) ------------------------------------------------------------------------
+
+_MLIR_SNIPPET = '''module {
+    %10 = "top.LayerNorm"(%9, %0, %0) {axis = 2 : si32} : (tensor<1x50x64xf32>, none, none) -> tensor<1x50x64xf32> loc(#loc10)
+    %14 = "top.MatMul"(%11, %12, %13) {do_relu = false} : (tensor<1x50x64xf32>) -> tensor<1x50x192xf32> loc(#loc14)
+    %26 = "top.Softmax"(%25) {axis = 3 : si32} : (tensor<1x2x50x50xf32>) -> tensor<1x2x50x50xf32> loc(#loc26)
+    %30 = "top.Sigmoid"(%29) {scale = 1.0} : (tensor<1x50x256xf32>) -> tensor<1x50x256xf32> loc(#loc30)
+}
+#loc10 = loc("ln_pre_LayerNormalization")
+#loc14 = loc("blocks.0.attn.qkv_MatMul")
+#loc26 = loc("blocks.0.attn.probs_Softmax")
+#loc30 = loc("blocks.0.mlp.gelu_gate_Sigmoid")
+'''
+
+
+def test_int8_and_mixed_deploy_args_and_quantize_table():
+    from pipeline.toolchain.compile import calibration_args, mixed_quantize_table
+
+    d = deploy_args("m.mlir", "m_bm1684x_int8_8b.bmodel", quantize="INT8", calibration_table="m_cali_table")
+    assert d[d.index("--quantize") + 1] == "INT8"
+    assert d[d.index("--calibration_table") + 1] == "m_cali_table" and "--quantize_table" not in d
+    m = deploy_args("m.mlir", "o.bmodel", quantize="MIXED", calibration_table="t", quantize_table="q")
+    assert m[m.index("--quantize") + 1] == "INT8" and m[m.index("--quantize_table") + 1] == "q"
+    with pytest.raises(ValueError, match="calibration table"):
+        deploy_args("m.mlir", "o.bmodel", quantize="INT8")
+    with pytest.raises(ValueError, match="quantize table"):
+        deploy_args("m.mlir", "o.bmodel", quantize="MIXED", calibration_table="t")
+    assert bmodel_name("clip", 32, quantize="MIXED") == "clip_bm1684x_mixed_32b.bmodel"
+    c = calibration_args("m.mlir", "data", 16, "m_cali_table")
+    assert c[:2] == ["run_calibration", "m.mlir"] and c[c.index("--input_num") + 1] == "16"
+    assert mixed_quantize_table(_MLIR_SNIPPET) == [
+        "ln_pre_LayerNormalization", "blocks.0.attn.probs_Softmax", "blocks.0.mlp.gelu_gate_Sigmoid"]
+
+
+def test_nn_top1_agreement():
+    from pipeline.toolchain.verify import nn_top1_agreement
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(10, 16))
+    assert nn_top1_agreement(ref + 1e-6 * rng.normal(size=ref.shape), ref) == 1.0
+    assert nn_top1_agreement(rng.normal(size=(10, 16)), ref) < 1.0
+    with pytest.raises(ValueError):
+        nn_top1_agreement(ref[:1], ref[:1])
+
+
+@pytest.mark.slow
+def test_int8_and_mixed_compile_and_verify_on_simulator(tiny, tmp_path):
+    """Calibrate the tiny (synthetic) model on the sample photos, compile INT8 and MIXED, verify on
+    the simulator against onnxruntime fp32 (synthetic weights: the bound is loose on purpose)."""
+    from pipeline.toolchain.compile import compile_onnx
+    from pipeline.toolchain.verify import verify
+
+    samples = Path(__file__).resolve().parents[1] / "samples" / "images"
+    f16 = compile_onnx(tiny, tmp_path, [4], log=lambda s: None)[0]
+    for q in ("INT8", "MIXED"):
+        side = compile_onnx(tiny, tmp_path, [4], quantize=q, calib_images=samples, calib_count=6,
+                            log=lambda s: None)[0]
+        assert side["bmodel"] == f"tiny_bm1684x_{q.lower()}_4b.bmodel" and side["quantize"] == q
+        assert side["calibration"]["images"] == 6 and "synthetic" in side["calibration"]["note"]
+        assert side["f16_estimate"] == f16["estimate"] and side["estimate"]["ms_per_image"] > 0
+        assert (q == "MIXED") == ("quantize_table" in side)
+        r = verify(tmp_path / side["bmodel"], images_dir=samples, max_images=8, log=lambda s: None)
+        img = r.comparisons[-1]
+        assert img.rows == 8 and img.nn_top1_agreement is not None
+        assert 0.95 <= r.cos_min < 0.99999, r.cos_min  # quantised: close, but not float-exact
+    table = (tmp_path / "tiny_bm1684x_mixed_qtable").read_text().splitlines()
+    assert table and all(line.endswith(" F16") for line in table)

@@ -164,10 +164,14 @@ class _Model:
             self.layout = "uint8_nhwc"
         elif self.input_dtype == D.BM_UINT8 and len(s) == 4 and s[1] == 3:
             self.layout = "uint8_nchw"
+        elif self.input_dtype == D.BM_INT8 and len(s) == 4 and s[1] == 3:
+            # an INT8 bmodel deployed with --quant_input: CLIP-normalised data, quantised with the
+            # input scale by the numpy Engine.process (sail-api.md §1.4, engine.cpp:850-870)
+            self.layout = "int8_nchw"
         else:
             raise ConfigError(f"bmodel {path}: input {self.input} {s} dtype {self.input_dtype} is neither "
-                              "float32 [N,3,H,W] (CLIP-normalised) nor uint8 pixels [N,H,W,3]/[N,3,H,W]")
-        if self.layout != "float_nchw" and abs(self.input_scale - 1.0) > 1e-6:
+                              "float32/int8 [N,3,H,W] (CLIP-normalised) nor uint8 pixels [N,H,W,3]/[N,3,H,W]")
+        if self.layout.startswith("uint8") and abs(self.input_scale - 1.0) > 1e-6:
             raise ConfigError(f"bmodel {path}: uint8 input with scale {self.input_scale} != 1 is not supported")
         self.max_batch = int(s[0])
         self.hw = (s[2], s[3]) if self.layout.endswith("nchw") else (s[1], s[2])
@@ -229,8 +233,8 @@ class SailHostDevice(Device):
         return y
 
     def _inputs(self, pixels: np.ndarray) -> np.ndarray:
-        if self.model.layout == "float_nchw":
-            return normalize(pixels)
+        if self.model.layout in ("float_nchw", "int8_nchw"):
+            return normalize(pixels)  # int8: Engine.process quantises with the bmodel's input scale
         if self.model.layout == "uint8_nchw":
             return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
         return pixels  # uint8_nhwc, normalisation fused into the model
@@ -289,7 +293,8 @@ class SailFilesDevice(Device):
             raise ConfigError(
                 f"bmodel {path}: input {m.input} is {getattr(m.input_dtype, 'name', m.input_dtype)} {m.input_shape}; "
                 "sail device mode feeds EngineImagePreProcess's signed-int8 conversion to any non-float32 input, "
-                "which would corrupt uint8 pixels: use a float32-input bmodel or sail.mode = \"host\"")
+                "which would corrupt uint8 pixels (and is unverified for an int8 input): use a float32-input "
+                "bmodel or sail.mode = \"host\"")
         if m.max_batch not in EPP_BATCHES:
             raise ConfigError(f"bmodel {path}: batch {m.max_batch} not in {EPP_BATCHES} "
                               "(EngineImagePreProcess, §3.5); use sail.mode = \"host\"")

@@ -51,6 +51,12 @@ class SimDevice(Device):
         self.batch_size = shape[0]
         self.fixed_batch = True
         self.uint8_input = self.inp.data.dtype == np.uint8  # compiled with --fuse-preprocess
+        if self.inp.data.dtype not in (np.float32, np.uint8):
+            # an INT8 bmodel compiled with model_deploy --quant_input takes int8 scaled by the input's
+            # scale; `clip-pipeline compile --quantize int8|mixed` keeps float32 (or fused uint8) input.
+            raise DeviceError(f"bmodel {cfg.model.path} input {self.inp.name} is {self.inp.data.dtype}: the sim "
+                              "backend takes float32 (CLIP-normalised) or uint8 (fused preprocessing) input; "
+                              "recompile with `clip-pipeline compile --quantize int8` (no --quant_input)")
         self.dim = int(np.prod(self.net.outputs[0].data.shape[1:]))
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:

@@ -23,6 +23,15 @@ from .preprocess import CLIP_MEAN_255, CLIP_SCALE_255
 
 CHIP = "bm1684x"
 QUANTIZE = "F16"
+FLOAT_QUANTIZE = ("F16", "BF16", "F32")
+CALIBRATED_QUANTIZE = ("INT8", "MIXED")  # need run_calibration on real photos first
+DEFAULT_CALIB_COUNT = 32
+# MIXED keeps these TPU-MLIR top ops in F16 (the rest INT8): the ops whose INT8 error a ViT is known
+# to amplify -- LayerNorm (outlier channels), Softmax (attention probabilities), the GELU/QuickGELU
+# sigmoid gate and its product -- an op-type rule, not a per-layer search (docs/tpu-mlir.md).
+MIXED_F16_OPS = ("top.LayerNorm", "top.Softmax", "top.Sigmoid", "top.GELU")
+SYNTHETIC_QUANT_NOTE = ("synthetic random weights quantise differently from trained CLIP weights: "
+                        "check yours with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`")
 
 
 class CompileError(RuntimeError):
@@ -53,9 +62,23 @@ def transform_args(name: str, onnx_path, batch: int, mlir: str, fuse_preprocess:
 
 
 def deploy_args(mlir: str, bmodel: str, chip: str = CHIP, quantize: str = QUANTIZE,
-                fuse_preprocess: bool = False, validate: bool = False, name: str | None = None) -> list[str]:
-    """Arguments of ``model_deploy``; fast compile (``--skip_validation``) unless ``validate``."""
-    args = ["model_deploy", "--mlir", mlir, "--quantize", quantize, "--chip", chip, "--model", bmodel]
+                fuse_preprocess: bool = False, validate: bool = False, name: str | None = None,
+                calibration_table: str | None = None, quantize_table: str | None = None) -> list[str]:
+    """Arguments of ``model_deploy``; fast compile (``--skip_validation``) unless ``validate``.
+
+    ``quantize`` INT8 or MIXED needs ``calibration_table``; MIXED deploys as INT8 with
+    ``quantize_table`` (the layers kept in F16)."""
+    q = quantize.upper()
+    if q in CALIBRATED_QUANTIZE and not calibration_table:
+        raise ValueError(f"--quantize {quantize} needs a calibration table")
+    if q == "MIXED" and not quantize_table:
+        raise ValueError("--quantize MIXED needs a quantize table")
+    args = ["model_deploy", "--mlir", mlir, "--quantize", "INT8" if q == "MIXED" else q, "--chip", chip,
+            "--model", bmodel]
+    if calibration_table:
+        args += ["--calibration_table", calibration_table]
+    if quantize_table and q == "MIXED":
+        args += ["--quantize_table", quantize_table]
     if fuse_preprocess:
         args += ["--fuse_preprocess", "--customization_format", "RGB_PLANAR"]
     if validate:
@@ -63,6 +86,43 @@ def deploy_args(mlir: str, bmodel: str, chip: str = CHIP, quantize: str = QUANTI
     else:
         args += ["--skip_validation"]
     return args
+
+
+def calibration_args(mlir: str, dataset: str, count: int, table: str) -> list[str]:
+    """Arguments of ``run_calibration`` (KL thresholds) over ``count`` npz inputs in ``dataset``."""
+    return ["run_calibration", mlir, "--dataset", dataset, "--input_num", str(int(count)), "-o", table]
+
+
+def mixed_quantize_table(mlir_text: str, ops: Sequence[str] = MIXED_F16_OPS) -> list[str]:
+    """Names (MLIR locations) of the ops of types ``ops`` in a top-level MLIR: the MIXED layers kept
+    in F16, one ``NAME F16`` line each in the quantize table."""
+    import re
+
+    locs = dict(re.findall(r'^#(loc\d+) = loc\("([^"]+)"\)', mlir_text, flags=re.M))
+    names = []
+    pat = re.compile(r'"(' + "|".join(re.escape(o) for o in ops) + r')"\(.*loc\(#(loc\d+)\)\s*$')
+    for line in mlir_text.splitlines():
+        m = pat.search(line)
+        if m and m.group(2) in locs:
+            names.append(locs[m.group(2)])
+    return names
+
+
+def write_calibration_inputs(images_dir, out_dir: Path, count: int, name: str, size: int = 224) -> list[str]:
+    """The first ``count`` photos under ``images_dir`` through the pipeline's reference
+    preprocessing (CLIP-normalised float32, one ``[1,3,H,W]`` npz each, which is what the top MLIR
+    takes with or without fused preprocessing); returns their paths."""
+    import numpy as np
+
+    from .preprocess import load_images_u8, normalize_u8
+
+    paths, u8 = load_images_u8(images_dir, size=size, limit=count)
+    if not paths:
+        raise ValueError(f"--calib-images {images_dir}: no images found (jpg/png/bmp/webp/tif)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(len(paths)):
+        np.savez(out_dir / f"{k:05d}.npz", **{name: normalize_u8(u8[k:k + 1])})
+    return paths
 
 
 def combine_args(bmodels: Sequence[str], out: str) -> list[str]:
@@ -113,13 +173,23 @@ def _write_json(path: Path, obj: dict):
 def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = None,
                  fuse_preprocess: bool = False, combine: bool = False, validate: bool = False,
                  chip: str = CHIP, quantize: str = QUANTIZE, keep_workdir: bool = False,
-                 venv=None, log: Callable[[str], None] = print) -> list[dict]:
+                 venv=None, log: Callable[[str], None] = print, calib_images=None,
+                 calib_count: int = DEFAULT_CALIB_COUNT) -> list[dict]:
     """Compile ``onnx_path`` to one bmodel per batch size (+ a combined one); return sidecars.
 
     Each output ``NAME_{chip}_{q}_{B}b.bmodel`` gets a ``.bmodel.json`` sidecar. Work happens in a
     temporary directory per batch (the tools write many files, and ``compiler_profile_0.txt``).
+
+    ``quantize`` INT8 / MIXED: ``run_calibration`` first runs once (batch-1 MLIR) over the first
+    ``calib_count`` photos of ``calib_images``; its table serves every batch size.
     """
     find_venv(venv)
+    quantize = quantize.upper()
+    calibrated = quantize in CALIBRATED_QUANTIZE
+    if calibrated and not calib_images:
+        raise ValueError(f"--quantize {quantize} needs --calib-images DIR (real photos, e.g. the ones you will embed)")
+    if calibrated and (calib_count or 0) < 1:
+        raise ValueError("--calib-count must be >= 1")
     onnx_path = Path(onnx_path).resolve()
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX not found: {onnx_path}")
@@ -136,6 +206,9 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
     text_context = onnx_text_context(onnx_path)
     if text_context and fuse_preprocess:
         raise ValueError("--fuse-preprocess is for image encoders; this ONNX takes token ids")
+    if text_context and calibrated:
+        raise ValueError(f"--quantize {quantize} is implemented for image encoders only (calibration "
+                         "data for a text tower would be token ids of real captions); use F16")
     common = {
         "chip": chip, "quantize": quantize, "tpu_mlir_version": TPU_MLIR_VERSION,
         "fused_preprocess": bool(fuse_preprocess),
@@ -150,7 +223,37 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                                 "formula": "(x - mean) * scale per channel"}
     results = []
     work_root = Path(tempfile.mkdtemp(prefix=f"tpu-compile-{name}-"))
+    cali_table = qtable = None
     try:
+        if calibrated:
+            cd = work_root / "calib"
+            cd.mkdir()
+            log(f"[compile] {name}: calibration inputs from {calib_images} (up to {calib_count} photos)")
+            used = write_calibration_inputs(calib_images, cd / "data", calib_count, _onnx_input_name(onnx_path))
+            mlir = f"{name}.mlir"
+            t_ctr = run_tool(transform_args(name, onnx_path, 1, mlir, fuse_preprocess), cd, venv)
+            log(f"[compile] {name}: run_calibration over {len(used)} photos (KL thresholds)")
+            t_cal = run_tool(calibration_args(mlir, "data", len(used), f"{name}_cali_table"), cd, venv)
+            cali_table = str(cd / f"{name}_cali_table")
+            common["calibration"] = {
+                "tool": "run_calibration (TPU-MLIR, method kl)", "images_dir": str(Path(calib_images).resolve()),
+                "images": len(used), "seconds": round(t_ctr + t_cal, 2),
+                "note": SYNTHETIC_QUANT_NOTE if synthetic else
+                        "check parity with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`"}
+            shutil.copyfile(cali_table, out_dir / f"{name}_{chip}_cali_table")
+            if quantize == "MIXED":
+                layers = mixed_quantize_table((cd / mlir).read_text(errors="replace"))
+                if not layers:
+                    raise CompileError(f"no {', '.join(MIXED_F16_OPS)} op found in {mlir}: "
+                                       "nothing to keep in F16 (use --quantize INT8)")
+                qtable = str(cd / f"{name}_qtable")
+                Path(qtable).write_text("".join(f"{n} F16\n" for n in layers))
+                shutil.copyfile(qtable, out_dir / f"{name}_{chip}_mixed_qtable")
+                common["quantize_table"] = {
+                    "file": f"{name}_{chip}_mixed_qtable", "f16_layers": len(layers),
+                    "rule": "op types kept in F16: " + ", ".join(MIXED_F16_OPS) + "; all other layers INT8"}
+            log(f"[compile] calibration took {t_ctr + t_cal:.1f} s"
+                + (f"; {len(layers)} layers kept in F16" if quantize == "MIXED" else ""))
         for b in batches:
             wd = work_root / f"b{b}"
             wd.mkdir()
@@ -176,8 +279,8 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                                            test_input=test_in, text_context=text_context), wd, venv)
             log(f"[compile] {name} batch {b}: model_deploy --quantize {quantize} --chip {chip}"
                 + ("" if validate else " --skip_validation"))
-            t_dp = run_tool(deploy_args(mlir, out_name, chip, quantize, fuse_preprocess, validate, name),
-                            wd, venv)
+            t_dp = run_tool(deploy_args(mlir, out_name, chip, quantize, fuse_preprocess, validate, name,
+                                        cali_table, qtable), wd, venv)
             prof = wd / "compiler_profile_0.txt"
             est = parse_compiler_profile(prof.read_text(errors="replace"), batch=b) if prof.is_file() else {}
             dst = out_dir / out_name
@@ -192,6 +295,7 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                 "validated_by_compiler": bool(validate),
                 "bmodel_bytes": dst.stat().st_size,
                 "estimate": est or None,
+                **_f16_estimate(out_dir, name, b, chip, quantize),
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             _copy_projection(onnx_path, dst, side)
@@ -232,6 +336,21 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
         else:
             shutil.rmtree(work_root, ignore_errors=True)
     return results
+
+
+def _f16_estimate(out_dir: Path, name: str, batch: int, chip: str, quantize: str) -> dict:
+    """For INT8/MIXED: the F16 bmodel's compiler estimate (from its sidecar in ``out_dir``, if
+    compiled there), side by side with this one's. Both are the compiler's estimates, not measured."""
+    if quantize not in CALIBRATED_QUANTIZE:
+        return {}
+    out = {"estimate_kind": "compiler estimate (compiler_profile_0.txt), not a measurement"}
+    side = out_dir / (bmodel_name(name, batch, chip, "F16") + ".json")
+    try:
+        f16 = json.loads(side.read_text()).get("estimate")
+    except (OSError, ValueError):
+        f16 = None
+    out["f16_estimate"] = f16
+    return out
 
 
 def _onnx_input_name(onnx_path) -> str:

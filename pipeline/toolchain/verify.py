@@ -22,10 +22,12 @@ class Comparison:
     cos_min: float
     cos_mean: float
     sim_seconds: float
+    nn_top1_agreement: float | None = None  # images only: same nearest neighbour as onnxruntime's
 
     def line(self) -> str:
+        nn = "" if self.nn_top1_agreement is None else f" nn_top1_agreement={self.nn_top1_agreement:.4f}"
         return (f"{self.label:<24} rows={self.rows:<4} max_abs_diff={self.max_abs_diff:.6g} "
-                f"cos_min={self.cos_min:.7f} cos_mean={self.cos_mean:.7f} sim={self.sim_seconds:.1f}s")
+                f"cos_min={self.cos_min:.7f} cos_mean={self.cos_mean:.7f}{nn} sim={self.sim_seconds:.1f}s")
 
 
 @dataclass
@@ -55,6 +57,20 @@ def compare(label: str, got: np.ndarray, ref: np.ndarray, secs: float = 0.0) -> 
     cos = cosine_rows(got, ref)
     return Comparison(label, int(got.shape[0]), float(np.abs(got.astype(np.float64) - ref).max()),
                       float(cos.min()), float(cos.mean()), secs)
+
+
+def nn_top1_agreement(got: np.ndarray, ref: np.ndarray) -> float:
+    """Fraction of rows whose nearest neighbour (cosine, itself excluded) among the other rows is
+    the same with ``got`` embeddings as with ``ref`` ones -- what a search over these images sees."""
+    def top1(e: np.ndarray) -> np.ndarray:
+        e = e.reshape(e.shape[0], -1).astype(np.float64)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+        s = e @ e.T
+        np.fill_diagonal(s, -np.inf)
+        return s.argmax(1)
+    if got.shape[0] < 2:
+        raise ValueError("nearest-neighbour agreement needs at least two images")
+    return float((top1(got) == top1(ref)).mean())
 
 
 def onnx_for(bmodel) -> str | None:
@@ -134,7 +150,10 @@ def verify(bmodel, onnx_path=None, seed: int = 0, images_dir=None, max_images: i
                 secs += t
             ref = np.concatenate([sess.run(None, {in_name: normalize_u8(u8[s:s + b])})[0]
                                   for s in range(0, len(u8), b)])
-            c = compare(f"images n={len(paths)} b={b}", np.concatenate(ys), ref, secs)
+            got = np.concatenate(ys)
+            c = compare(f"images n={len(paths)} b={b}", got, ref, secs)
+            if len(paths) >= 2:
+                c.nn_top1_agreement = nn_top1_agreement(got, ref)
             result.comparisons.append(c)
             log("[verify] " + c.line())
     return result
