@@ -56,7 +56,8 @@ def run(inp: Path, out: Path, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", default=str(ROOT.parent / "shared" / "bench" / "corpus-1k"))
+    default = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()), ROOT.parent / "shared")
+    ap.add_argument("--images", default=str(default / "bench" / "corpus-1k"))
     ap.add_argument("--per-tar", type=int, default=250)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--decode", type=int, default=1, help="workers.decode")
