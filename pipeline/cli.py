@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -26,9 +27,11 @@ def cli() -> None:
     """
 
 
-def _load(config, inputs, output_dir, sets, devices=()):
+def _load(config, inputs, output_dir, sets, devices=(), input_list=None):
     from pipeline import config as cfgmod
 
+    if input_list:
+        sets = (*sets, f"input.list={json.dumps(input_list)}")
     return cfgmod.load(config, sets, input_paths=inputs, output_dir=output_dir, devices=devices)
 
 
@@ -36,12 +39,17 @@ def _load(config, inputs, output_dir, sets, devices=()):
 @click.option("-c", "--config", type=click.Path(dir_okay=False), help="TOML config file (see configs/).")
 @click.option("-i", "--input", "inputs", multiple=True, metavar="DIR",
               help="Image directory or file to embed (repeatable); replaces input.paths.")
+@click.option("-l", "--list", "input_list", metavar="FILE",
+              help="File list (text, one path per line, or .parquet); replaces input.list.")
 @click.option("-o", "--output", "output_dir", metavar="DIR", help="Output directory; replaces output.dir.")
 @click.option("-d", "--device", "devices", multiple=True, metavar="DEV",
               help="Device (repeatable), e.g. cpu:0, or a dev_id for sail; replaces infer.devices.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set infer.threads=2 (repeatable; TOML values).")
 @click.option("--restart", is_flag=True, help="Delete a previous run in the output directory and start over.")
+@click.option("--update", is_flag=True,
+              help="Over a finished output: embed only the inputs that are new since (appended as new shards; "
+                   "existing rows never change), record the removed ones.")
 @click.option("--dry-run", is_flag=True,
               help="Make every check the run makes before it starts (same refusals and exit status), count the "
                    "inputs, show the devices and any existing run, and exit; writes nothing.")
@@ -52,7 +60,8 @@ def _load(config, inputs, output_dir, sets, devices=()):
               help="Run across a Ray cluster (plan, one task per range, merge); see docs/cluster.md. Default: cluster.engine.")
 @click.option("--address", default=None, metavar="HOST:PORT",
               help="Ray cluster address for --cluster ray (default: cluster.address, \"auto\").")
-def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, quiet, cluster, address) -> None:
+def run(config, inputs, input_list, output_dir, devices, sets, restart, update, dry_run, progress, quiet, cluster,
+        address) -> None:
     """Embed every image under the input directories into OUTPUT (resumable).
 
     Exit status: 0 all embedded; 3 completed, some inputs failed (failures.jsonl); 2 bad
@@ -65,7 +74,12 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
     from pipeline.supervisor import RunAborted, Supervisor
 
     try:
-        cfg = _load(config, inputs, output_dir, sets, devices)
+        cfg = _load(config, inputs, output_dir, sets, devices, input_list)
+        if update and restart:
+            raise ConfigError("--update and --restart contradict each other: --update keeps the finished run, "
+                              "--restart deletes it")
+        if update and (cluster or cfg.cluster.engine):
+            raise ConfigError("--update runs on this host only: drop --cluster (or cluster.engine) for the update")
         if dry_run:
             _dry_run(cfg, restart)
             return
@@ -82,7 +96,12 @@ def run(config, inputs, output_dir, devices, sets, restart, dry_run, progress, q
             sys.exit(code)
         mode = "none" if quiet else (progress or cfg.run.progress)
         prog = Progress(mode, cfg.run.log_interval_s)
-        result = Supervisor(cfg, restart=restart, progress=prog).run()
+        if update:
+            from pipeline.update import run_update
+
+            result = run_update(cfg, progress=prog, log=prog.message)
+        else:
+            result = Supervisor(cfg, restart=restart, progress=prog).run()
     except ConfigError as exc:
         _fail(str(exc), 2)
     except RunAborted as exc:
@@ -101,12 +120,11 @@ def _dry_run(cfg, restart: bool = False) -> None:
     """Every check the real run makes before it builds a model or starts a worker (pipeline/preflight.py:
     same refusals, same exit status), then what the run would do. Writes nothing."""
     from pipeline import preflight
-    from stages.source import iter_inputs
+    from stages.source import config_inputs
 
     pf = preflight.check(cfg, restart=restart)
     warnings: list[str] = list(pf.warnings)
-    n = sum(1 for _ in iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
-                                   cfg.input.follow_symlinks, warnings.append))
+    n = sum(1 for _ in config_inputs(cfg, warnings.append))
     if pf.changes:
         warnings.append(preflight.changes_note(pf.changes, pf.manifest.get("status") == "complete"))
     for w in warnings:

@@ -32,6 +32,9 @@ class InputConfig:
     extensions: tuple[str, ...] = _f(DEFAULT_EXTENSIONS, "File suffixes (case-insensitive) listed as inputs; content is sniffed, the suffix is not trusted.")
     recursive: bool = _f(True, "Descend into subdirectories.")
     follow_symlinks: bool = _f(True, "Follow symlinked files and directories (loops are detected and skipped).")
+    list: str = _f("", "A file list, listed after input.paths in its own order: a text file with one path per line (UTF-8, or the escaped form of README 'Output format'; relative paths resolve against the list's directory), or a .parquet file with a path column (needs the `parquet` extra).")
+    list_column: str = _f("path", "The column of a parquet input.list that holds the paths.")
+    tar: bool = _f(True, "Read .tar files (in input.paths, walked directories or input.list) as webdataset shards: one input per sample, its txt/json members as metadata; never extracted.")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class OutputConfig:
     dtype: Literal["float32", "float16"] = _f("float32", "Embedding dtype in the .npy shards.")
     normalize: bool = _f(True, "L2-normalise embeddings before writing.")
     pickle: bool = _f(False, "Also write embeddings.pkl ({'img_path': [...], 'embedding': ndarray}) at the end, like the reference program.")
+    metadata: bool = _f(False, "Also write embeddings/part-NNNNN.parquet per shard, row i describing .npy row i: image_path, tar + key (webdataset inputs), caption (txt), json fields, width/height. Needs the `parquet` extra.")
+    layout: Literal["native", "clip-retrieval"] = _f("native", "\"clip-retrieval\" also publishes the complete run as img_emb/img_emb_NNNNN.npy + metadata/metadata_NNNNN.parquet (hard links; implies output.metadata), what `clip-retrieval index` / autofaiss and `clip-retrieval back` read.")
+    content_hash: bool = _f(False, "Record a fast content hash of every embedded input (embeddings/part-NNNNN.hashes: xxh3-128 if xxhash is installed, else blake2b-128), so that `run --update` skips new names whose bytes are already embedded (renamed or copied files).")
     on_existing: Literal["resume", "restart", "error"] = _f("resume", "What to do when the output dir holds a previous run: resume it, delete and restart, or stop.")
 
 
@@ -289,6 +295,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 
     return cfg.replace(
         input=dataclasses.replace(cfg.input, paths=tuple(absolute(p) for p in cfg.input.paths),
+                                  list=absolute(cfg.input.list) if cfg.input.list else "",
                                   extensions=tuple(e.lower().lstrip(".") for e in cfg.input.extensions)),
         output=dataclasses.replace(cfg.output, dir=absolute(cfg.output.dir)),
         model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path)),
@@ -317,8 +324,16 @@ def load(path: str | os.PathLike | None, overrides: typing.Iterable[str] = (),
 
 def validate_for_run(cfg: Config) -> None:
     """Checks that need the file system: inputs exist, the model exists or can be built."""
-    if not cfg.input.paths:
-        raise ConfigError("config key input.paths is empty: give at least one image directory (or --input DIR)")
+    if not cfg.input.paths and not cfg.input.list:
+        raise ConfigError("config key input.paths is empty: give at least one image directory (or --input DIR), "
+                          "or a file list (input.list / --list FILE)")
+    if cfg.input.list:
+        from pipeline.inputs import iter_list
+
+        if not os.path.isfile(cfg.input.list):
+            raise ConfigError(f"input list {cfg.input.list} does not exist or is not a file (config key input.list / --list)")
+        for _ in iter_list(cfg.input.list, cfg.input.list_column):  # every line checked before a worker starts
+            pass
     for p in cfg.input.paths:
         if not os.path.exists(p):
             raise ConfigError(f"input path {p} does not exist (config key input.paths / --input)")
@@ -331,6 +346,10 @@ def validate_for_run(cfg: Config) -> None:
         )
     if not cfg.infer.devices:
         raise ConfigError("config key infer.devices is empty: list at least one device, e.g. [\"cpu:0\"]")
+    if cfg.output.metadata or cfg.output.layout == "clip-retrieval":
+        from pipeline.metadata import require_pyarrow
+
+        require_pyarrow("output.metadata" if cfg.output.metadata else "output.layout")
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory (config key output.dir / --output)")

@@ -102,6 +102,8 @@ def verify(out: str | os.PathLike) -> list[str]:
     its paths, with the shard's failures, are exactly the listing's inputs of the shard's id range,
     in order. Across the run: one width, no missing shard, failures.jsonl agrees with the shards.
     """
+    from pipeline.output import records as update_records
+
     out = Path(out)
     m = read_run(out)
     cfg_out = m.get("config", {}).get("output", {})
@@ -111,11 +113,19 @@ def verify(out: str | os.PathLike) -> list[str]:
     problems: list[str] = []
     rd = RunDir(out)
     listing_path = rd.listing
-    listing: list[str] | None = None
+    listing: list[str | None] | None = None
+    base_total = 0
     if listing_path.exists():
         try:
             listing = [pathcodec.encode(output.parse_listing_line(line))  # the text form, as in .paths
                        for line in listing_path.read_bytes().splitlines() if line]
+            base_total = len(listing)
+            from pipeline.output import listed_inputs  # inputs added by run --update, after an id gap
+
+            for i, p in listed_inputs(out):
+                if i >= base_total:
+                    listing.extend([None] * (i - len(listing)))
+                    listing.append(pathcodec.encode(p))
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, as is a bad quoted path
             problems.append(f"{listing_path.name} is not readable JSON lines ({exc})")
     else:
@@ -181,7 +191,7 @@ def verify(out: str | os.PathLike) -> list[str]:
             problems.append(f"{where}: a failed id is recorded twice")
         if listing is not None:
             fails = set(fail_ids)
-            want = [listing[i] for i in range(lo, min(hi, len(listing))) if i not in fails]
+            want = [listing[i] for i in range(lo, min(hi, len(listing))) if i not in fails and listing[i] is not None]
             if want != paths:
                 first = next((j for j, (a, b) in enumerate(zip(want, paths)) if a != b), min(len(want), len(paths)))
                 problems.append(f"{where}: paths do not match the input listing from row {first} "
@@ -200,9 +210,10 @@ def verify(out: str | os.PathLike) -> list[str]:
                     problems.append(f"{fpath.name} lists {len(ids)} failures, the shards {len(all_fail_ids)}")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 problems.append(f"{fpath.name} has a line that is not a failure record")
-        if listing is not None and summary["counts"]["total"] is not None and len(listing) != summary["counts"]["total"]:
-            problems.append(f"{rd.listing.name} has {len(listing)} inputs, {rd.manifest.name} says {summary['counts']['total']}")
-        if summary["counts"]["resolved"] != summary["counts"]["total"]:
+        added = sum(r.get("added", 0) for r in update_records(out) if r.get("published"))
+        if listing is not None and summary["counts"]["total"] is not None and base_total != summary["counts"]["total"]:
+            problems.append(f"{rd.listing.name} has {base_total} inputs, {rd.manifest.name} says {summary['counts']['total']}")
+        if summary["counts"]["resolved"] != (summary["counts"]["total"] or 0) + added:
             problems.append(f"shards hold {summary['counts']['resolved']} inputs, the run listed {summary['counts']['total']}")
     return problems
 

@@ -20,8 +20,10 @@ from pipeline.transport import array_header
 
 # Why an input could not be embedded (docs/robustness.md). Decode: empty .. vanished; infer adds
 # non_finite; the supervisor decides crashed_worker (an input that killed its worker twice).
+# Tar shards (pipeline/inputs.py): no_image (a sample without an image member), tar_truncated
+# (the tar ends inside the member), tar_corrupt (a header that is not a tar header).
 REASONS = ("empty", "not_an_image", "truncated", "corrupt", "too_large", "unreadable", "vanished",
-           "not_a_file", "timeout", "non_finite", "crashed_worker")
+           "not_a_file", "timeout", "no_image", "tar_truncated", "tar_corrupt", "non_finite", "crashed_worker")
 
 MESSAGE_LIMIT = 500  # characters of a failure's message kept (a decoder's text can be long)
 

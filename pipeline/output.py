@@ -24,11 +24,14 @@ from pipeline.rundir import (  # noqa: F401 - re-exported (the layout used to li
     decode_path_line,
     encode_path_line,
     fsync_dir,
+    listed_inputs,
     listing_line,
     listing_paths,
     npy_bytes,
     parse_listing_line,
     read_manifest,
+    recorded_inputs,
+    records,
     remove_temp_files,
     shard_name,
     write_shard,
@@ -173,3 +176,4 @@ def load_embeddings(out_dir: str | os.PathLike) -> tuple[list[str], ShardedArray
     paths = [p for s in shards for p in s.paths]
     dtype = (read_manifest(out) or {}).get("config", {}).get("output", {}).get("dtype", "float32")
     return paths, ShardedArray([s.embeddings for s in shards], dim=0, dtype=dtype)
+

@@ -31,6 +31,9 @@ FINGERPRINT_KEYS = {
     "extensions": "input.extensions",
     "recursive": "input.recursive",
     "follow_symlinks": "input.follow_symlinks",
+    "list": "input.list",
+    "list_column": "input.list_column",
+    "tar": "input.tar",
 }
 
 
@@ -82,6 +85,8 @@ def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
         "extensions": sorted(cfg.input.extensions),
         "recursive": cfg.input.recursive,
         "follow_symlinks": cfg.input.follow_symlinks,
+        **({"list": cfg.input.list, "list_column": cfg.input.list_column} if cfg.input.list else {}),
+        **({} if cfg.input.tar else {"tar": False}),
     }
 
 
@@ -264,14 +269,16 @@ def on_existing_refusal(out: Path) -> str:
 
 def input_changes(cfg: Config, listing: Path, warn: Callable[[str], None] = lambda m: None) -> InputChanges:
     """Re-walk the input roots and compare with the run's listing (cheap: names only, no reads)."""
-    from stages.source import dedupe_roots, iter_inputs, read_listing
+    from pipeline.output import recorded_inputs, records
+    from stages.source import config_inputs, dedupe_roots, read_listing
 
     exts = frozenset(e.lower().encode() for e in cfg.input.extensions)
     roots = dedupe_roots(cfg.input.paths, exts, cfg.input.recursive)
-    return compare_inputs(
-        lambda: read_listing(str(listing)),
-        lambda: iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive, cfg.input.follow_symlinks, warn),
-        roots)
+    out = listing.parent
+    # after run --update: every listing (updates append out of walk order: compared as sets), less
+    # the inputs an update already recorded as removed
+    listed = (lambda: recorded_inputs(out)) if records(out) else (lambda: read_listing(str(listing)))
+    return compare_inputs(listed, lambda: config_inputs(cfg, warn), roots)
 
 
 def writable_refusal(out: Path) -> str | None:

@@ -27,7 +27,7 @@ import shutil
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,23 @@ SHARD_SUFFIXES = (PATHS_SUFFIX, FAILURES_SUFFIX, CHECK_SUFFIX, NPY_SUFFIX)  # wr
 REQUIRED_SUFFIXES = (PATHS_SUFFIX, FAILURES_SUFFIX, NPY_SUFFIX)  # a shard is complete iff these exist
 FORMAT = "clip-pipeline/1"
 REPORT_HISTORY = 20  # earlier runs kept in report.json (each a whole report)
+PARQUET_SUFFIX, HASHES_SUFFIX = ".parquet", ".hashes"  # optional companions: output.metadata, output.content_hash
+UPDATES = "updates"  # run --update: OUT/updates/u-NNNN.json + its listing, removed and aliases files
+CLIP_RETRIEVAL_EMB, CLIP_RETRIEVAL_META = "img_emb", "metadata"  # output.layout = "clip-retrieval"
+
+
+def clip_retrieval_files(out_dir: str | os.PathLike, k: int) -> tuple[Path, Path]:
+    """(img_emb/img_emb_NNNNN.npy, metadata/metadata_NNNNN.parquet) of shard k: zero-padded so that
+    name order (what autofaiss and clip-retrieval's metadata reader sort by) is row order."""
+    out = Path(out_dir)
+    return out / CLIP_RETRIEVAL_EMB / f"img_emb_{k:05d}.npy", out / CLIP_RETRIEVAL_META / f"metadata_{k:05d}.parquet"
+
+
+def update_files(n: int) -> dict[str, str]:
+    """The file names (in OUT/updates/) of update n."""
+    name = f"u-{n:04d}"
+    return {"record": f"{name}.json", "listing": f"{name}.jsonl", "removed": f"{name}.removed.txt",
+            "aliases": f"{name}.aliases.jsonl", "attempt": f".{name}", "list": f"{name}.list"}
 
 
 
@@ -163,9 +180,10 @@ def _crc32_file(path: Path, chunk: int = 8 << 20) -> int:
 
 
 def write_shard(out_dir: str | os.PathLike, k: int, paths: list[bytes], emb: np.ndarray,
-                failures: list[dict]) -> None:
-    """Write shard k atomically: .paths, .failures.jsonl and the integrity record (.check.json:
-    size and CRC-32 of each file, rows, shape, dtype) first, the .npy (completion) last."""
+                failures: list[dict], companions: dict[str, bytes] | None = None) -> None:
+    """Write shard k atomically: .paths, .failures.jsonl, any `companions` (suffix -> bytes:
+    PARQUET_SUFFIX, HASHES_SUFFIX) and the integrity record (.check.json: size and CRC-32 of each
+    of the three shard files, rows, shape, dtype) first, the .npy (completion) last."""
     d = Path(out_dir) / EMB_DIR
     name = shard_name(k)
     tmps: list[tuple[Path, Path]] = []
@@ -174,7 +192,7 @@ def write_shard(out_dir: str | os.PathLike, k: int, paths: list[bytes], emb: np.
              ".npy": npy_bytes(emb)}
     check = {"rows": int(emb.shape[0]), "shape": list(emb.shape), "dtype": emb.dtype.str,
              "files": {suffix: file_check(data) for suffix, data in files.items()}}
-    files = {".paths": files[".paths"], ".failures.jsonl": files[".failures.jsonl"],
+    files = {".paths": files[".paths"], ".failures.jsonl": files[".failures.jsonl"], **(companions or {}),
              CHECK_SUFFIX: (json.dumps(check, sort_keys=True) + "\n").encode(), ".npy": files[".npy"]}
     try:
         for suffix, data in files.items():
@@ -272,7 +290,7 @@ def remove_shard(out_dir: str | os.PathLike, k: int) -> None:
     """Delete shard k's files (the .npy, the completion mark, first)."""
     d = Path(out_dir) / EMB_DIR
     name = shard_name(k)
-    for suffix in (".npy", CHECK_SUFFIX, ".paths", ".failures.jsonl"):
+    for suffix in (".npy", CHECK_SUFFIX, ".paths", ".failures.jsonl", PARQUET_SUFFIX, HASHES_SUFFIX):
         (d / f"{name}{suffix}").unlink(missing_ok=True)
     fsync_dir(d)
 
@@ -484,3 +502,41 @@ class RunDir:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# -- inputs added by `run --update` (pipeline/update.py) -----------------------------------------
+
+def records(out: str | os.PathLike) -> list[dict]:
+    """The update records of an output (OUT/updates/u-NNNN.json), oldest first."""
+    d = Path(out) / UPDATES
+    if not d.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(d.glob("u-[0-9]*.json"))]
+
+
+def listed_inputs(out: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(id, path) of every input an output lists: the run's listing, then each published update's."""
+    out = Path(out)
+    listing = out / LISTING
+    if listing.exists():
+        with open(listing, "rb") as fh:
+            for i, line in enumerate(fh):
+                yield i, parse_listing_line(line)
+    for rec in records(out):
+        if not rec.get("published"):
+            continue
+        with open(out / UPDATES / rec["listing"], "rb") as fh:
+            for j, line in enumerate(fh):
+                yield rec["first_id"] + j, parse_listing_line(line)
+
+
+def recorded_inputs(out: str | os.PathLike) -> Iterator[bytes]:
+    """The listed inputs that no update has recorded as removed since (what a re-walk is compared with)."""
+    gone: set[bytes] = set()
+    for rec in records(out):
+        p = Path(out) / UPDATES / rec.get("removed", "")
+        if rec.get("published") and p.is_file():
+            gone.update(pathcodec.decode(line) for line in p.read_text(encoding="utf-8").splitlines() if line)
+    for _i, path in listed_inputs(out):
+        if path not in gone:
+            yield path

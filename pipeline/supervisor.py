@@ -631,6 +631,11 @@ class Supervisor:
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
         n_fail = self.rundir.write_failures(self.ledger.written)
+        o = self.cfg.output
+        if o.metadata or o.layout == "clip-retrieval":
+            from pipeline import metadata
+
+            metadata.publish(self.out, sorted(self.ledger.written), o.metadata, o.layout)
         if self.cfg.output.pickle:
             paths, emb = output.load_embeddings(self.out)
             self.rundir.write_pickle(paths, np.asarray(emb))

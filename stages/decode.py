@@ -12,7 +12,8 @@ import numpy as np
 
 from pipeline import messages
 from pipeline.backends import get_backend
-from pipeline.images import DecodeOptions, crop, decode_file
+from pipeline.images import DecodeOptions, crop, decode_bytes, decode_file
+from pipeline.inputs import TarReader, split_ref
 from pipeline.messages import Failure, ItemError
 from stages.base import Output, StageCore, fail
 
@@ -42,6 +43,16 @@ class DecodeCore(StageCore):
         self.ready_crop = get_backend(spec.cfg.infer.backend).ready_crop(spec.cfg)
         self.ready_groups: dict[int, np.ndarray] = {}
         self.slot = None  # the worker's Slot (set by make_core): marks the input being decoded
+        self.tars = TarReader()  # webdataset members: one header scan per tar, one seek per member
+
+    def decode(self, path: bytes) -> np.ndarray:
+        """A file, or a member of a tar shard (TAR/MEMBER, pipeline/inputs.py), to pixels."""
+        if b".tar/" in path.lower() and split_ref(path) is not None:
+            return decode_bytes(self.tars.read_image(path, self.opts.max_file_bytes), self.opts)
+        return decode_file(path, self.opts)
+
+    def close(self) -> None:
+        self.tars.close()
 
     def setup(self) -> None:
         import cv2
@@ -82,7 +93,7 @@ class DecodeCore(StageCore):
         if self.slot is not None:  # the supervisor's per-input deadline and "stuck" progress note
             self.slot.begin_item(header["id"])
         try:
-            arr = decode_file(header["path"], self.opts)
+            arr = self.decode(header["path"])
             if self.fused:
                 return [image_message("px", header, crop(arr, self.opts.mode, self.opts.target))]
         except ItemError as exc:

@@ -85,6 +85,9 @@ class SinkCore(StageCore):
         self.out_dir = spec.cfg.output.dir
         self.asm: ShardAssembler | None = None
         self.dim = 0
+        o = spec.cfg.output
+        self.metadata = o.metadata or o.layout == "clip-retrieval"  # part-NNNNN.parquet (pipeline/metadata.py)
+        self.tars = None
 
     def setup(self) -> None:
         rundir.remove_temp_files(self.out_dir)
@@ -123,7 +126,19 @@ class SinkCore(StageCore):
                 continue
             paths, emb, fails = self.asm.pop(k, self.dim, self.cfg.output.dtype)
             try:
-                rundir.write_shard(self.out_dir, k, paths, emb, fails)
+                companions = None
+                if self.metadata:
+                    from pipeline import inputs, metadata
+
+                    self.tars = self.tars or inputs.TarReader()
+                    companions = {rundir.PARQUET_SUFFIX: metadata.parquet_bytes(paths, self.tars)}
+                if self.cfg.output.content_hash:  # run --update's rename/copy check (pipeline/update.py)
+                    from pipeline import inputs
+
+                    self.tars = self.tars or inputs.TarReader()
+                    companions = {**(companions or {}), rundir.HASHES_SUFFIX: b"".join(
+                        (inputs.hash_input(p, self.tars) or "").encode() + b"\n" for p in paths)}
+                rundir.write_shard(self.out_dir, k, paths, emb, fails, companions)
             except OSError as exc:
                 what = "the output disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
                 raise FatalError(

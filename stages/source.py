@@ -154,14 +154,28 @@ def dedupe_roots(paths: tuple[str, ...], exts: frozenset[bytes], recursive: bool
 
 
 def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: bool = True,
-                follow_symlinks: bool = True, warn: Warn = lambda m: None) -> Iterator[bytes]:
-    """Every input file, as bytes paths, in the deterministic order that defines input ids.
+                follow_symlinks: bool = True, warn: Warn = lambda m: None, *, input_list: str = "",
+                list_column: str = "path", tar: bool = True) -> Iterator[bytes]:
+    """Every input, as bytes paths, in the deterministic order that defines input ids: the walk
+    of `paths`, then the entries of `input_list` (pipeline/inputs.py) in file order.
 
     Overlapping roots are listed once (dedupe_roots; a directory that is another root is skipped
-    inside the walk). Finding no input at all is warned about, naming the roots and extensions.
+    inside the walk). With `tar`, a `.tar` file (a root, a walked file or a list entry) is read
+    as a webdataset shard: one input per sample, referenced as TAR/MEMBER (pipeline/inputs.py).
+    Finding no input at all is warned about, naming the roots and extensions.
     """
+    from pipeline import inputs
+
     exts = frozenset(e.lower().encode() for e in extensions)
-    roots = dedupe_roots(paths, exts, recursive, warn)
+    walk_exts = exts | {b"tar"} if tar else exts
+
+    def expand(path: bytes) -> Iterator[bytes]:
+        if tar and inputs.is_tar(path) and inputs.is_tar_file(path):
+            yield from inputs.iter_tar_refs(path, warn)
+        else:
+            yield path
+
+    roots = dedupe_roots(paths, walk_exts, recursive, warn)
     dir_roots: dict[tuple[int, int], bytes] = {}
     for broot in roots:
         try:
@@ -180,15 +194,31 @@ def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: 
         if stat.S_ISDIR(st.st_mode):
             ident = (st.st_dev, st.st_ino)
             others = {k: v for k, v in dir_roots.items() if k != ident}
-            for path in _walk_dir(broot, exts, recursive, follow_symlinks, frozenset({ident}), warn, others):
-                n += 1
-                yield path
+            for path in _walk_dir(broot, walk_exts, recursive, follow_symlinks, frozenset({ident}), warn, others):
+                for ref in expand(path):
+                    n += 1
+                    yield ref
         else:
-            n += 1
-            yield broot  # a file named explicitly is an input whatever its suffix
+            for ref in expand(broot):  # a file named explicitly is an input whatever its suffix
+                n += 1
+                yield ref
+    if input_list:
+        for path in inputs.iter_list(input_list, list_column):
+            for ref in expand(path):
+                n += 1
+                yield ref
     if n == 0:
-        warn(f"no input files found under {', '.join(paths)} (extensions searched: {', '.join(extensions)}; "
+        where = ", ".join([*paths, *([f"input.list {input_list}"] if input_list else [])])
+        warn(f"no input files found under {where} (extensions searched: {', '.join(extensions)}; "
              f"input.recursive = {str(recursive).lower()}): check input.paths / --input and input.extensions")
+
+
+def config_inputs(cfg, warn: Warn = lambda m: None) -> Iterator[bytes]:
+    """iter_inputs with every input.* key of a config (the one call the source, the dry run and the
+    re-run comparison make)."""
+    i = cfg.input
+    return iter_inputs(i.paths, i.extensions, i.recursive, i.follow_symlinks, warn,
+                       input_list=i.list, list_column=i.list_column, tar=i.tar)
 
 
 def read_listing(path: str) -> Iterator[bytes]:
@@ -282,8 +312,7 @@ def run_source(spec, slot, loop) -> None:
         elif replay:
             paths_iter = read_listing(listing_path)
         else:
-            paths_iter = iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
-                                     cfg.input.follow_symlinks, warn)
+            paths_iter = config_inputs(cfg, warn)
         old = read_listing(listing_path) if existing and not replay else iter(())
         n = 0
         with open(listing_path, "ab") if range_hi is None else open(os.devnull, "wb") as listing:

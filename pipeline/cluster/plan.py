@@ -119,7 +119,7 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def write_listing(cfg: Config, dst: Path, warn=lambda m: None) -> tuple[int, str]:
     """Walk the inputs (the source stage's order) into dst; return (count, sha256 of the file)."""
-    from stages.source import iter_inputs
+    from stages.source import config_inputs
 
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
     h = hashlib.sha256()
@@ -127,8 +127,7 @@ def write_listing(cfg: Config, dst: Path, warn=lambda m: None) -> tuple[int, str
     try:
         with open(tmp, "wb") as fh:
             buf: list[bytes] = []
-            for path in iter_inputs(cfg.input.paths, cfg.input.extensions, cfg.input.recursive,
-                                    cfg.input.follow_symlinks, warn):
+            for path in config_inputs(cfg, warn):  # input.paths, input.list, tar shards
                 line = output.listing_line(path)
                 buf.append(line)
                 n += 1
