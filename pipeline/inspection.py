@@ -236,7 +236,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("failures: none")
     mdl = s["model"]
     ident = f"{mdl.get('path') or '-'} ({mdl.get('arch', '?')}, sha256 {str(mdl.get('sha256'))[:12]})"
-    lines.append(f"model:    {ident}" + ("  SYNTHETIC random weights: embeddings carry no meaning" if s["synthetic_weights"] else ""))
+    synthetic = "  SYNTHETIC random weights: embeddings carry no meaning" if s["synthetic_weights"] else ""
+    lines.append(f"model:    {ident}{synthetic}")
     lines.append(f"backend:  {s['backend']} on {', '.join(map(str, s['devices'] or []))}")
     if s["report"]:
         lines.append(f"report:   {s['report']} (clip-pipeline report {s['dir']} --html)")

@@ -24,7 +24,8 @@ def resolve_cpu_devices(cfg: Config, backend: str) -> list[str]:
         if isinstance(d, int) and not isinstance(d, bool):
             d = f"cpu:{d}"
         if not isinstance(d, str) or not _CPU.match(d):
-            raise ConfigError(f"config key infer.devices: {d!r} is not a {backend} device (use \"cpu:0\", \"cpu:1\", ... or \"all\")")
+            raise ConfigError(f"config key infer.devices: {d!r} is not a {backend} device "
+                              "(use \"cpu:0\", \"cpu:1\", ... or \"all\")")
         names.append(d)
     if len(set(names)) != len(names):
         raise ConfigError(f"config key infer.devices lists a device twice: {list(devices)}")
