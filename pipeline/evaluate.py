@@ -16,6 +16,7 @@ scikit-learn is an optional extra: `pip install 'clip-pipeline[eval]'`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -285,6 +286,24 @@ def _with_common(f):
     return f
 
 
+@contextlib.contextmanager
+def _work_dir(work: str | None, usage_errors: tuple[type[Exception], ...] = (ConfigError,)):
+    """The eval commands' working directory (a temp one unless --work) and their exit codes:
+    a usage/data error -> one line, exit 2; a failed feature run (RuntimeError) -> one line, exit 4."""
+    tmp = None if work else tempfile.TemporaryDirectory(prefix="clipp-eval-")
+    try:
+        yield Path(work or tmp.name)
+    except usage_errors as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except RuntimeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(4)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
 @eval_group.command("linear-probe")
 @click.option("--train", "train_spec", required=True, metavar="T",
               help="Training set: a CIFAR pickle (cifar-100-python/train) or an ImageFolder directory.")
@@ -314,9 +333,7 @@ def linear_probe_cmd(train_spec, test_spec, c_grid, val_fraction, max_iter, seed
     except ValueError:
         click.echo(f"error: --c-grid {c_grid!r}: expected positive numbers separated by commas", err=True)
         sys.exit(2)
-    tmp = None if work else tempfile.TemporaryDirectory(prefix="clipp-eval-")
-    wdir = Path(work or tmp.name)
-    try:
+    with _work_dir(work) as wdir:
         cfg = _eval_config(config, sets, devices)
         ident, synthetic = _model_note(cfg)
         train = load_dataset(train_spec, wdir)
@@ -336,15 +353,6 @@ def linear_probe_cmd(train_spec, test_spec, c_grid, val_fraction, max_iter, seed
         with threadpool_limits(limits=threads):
             res = linear_probe(x_tr, y_tr, x_te, y_te, c_grid=grid, val_fraction=val_fraction, max_iter=max_iter,
                                seed=seed, log=log)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except RuntimeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(4)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     res.update({"train": train.source, "test": test.source, "backend": cfg.infer.backend,
                 "model": {k: ident.get(k) for k in ("path", "sha256", "arch", "synthetic")},
                 "failed_images": {"train": len(f_tr), "test": len(f_te)}, "synthetic_weights": synthetic,
@@ -406,9 +414,8 @@ def zero_shot_cmd(test_spec, templates, text_model, text_backend, config, sets, 
     def log(m: str) -> None:
         click.echo(m, err=True)
 
-    tmp = None if work else tempfile.TemporaryDirectory(prefix="clipp-eval-")
-    wdir = Path(work or tmp.name)
-    try:
+    # the text side's TextModelError / PairingError are ValueErrors with a message: usage errors too
+    with _work_dir(work, usage_errors=(ConfigError, ValueError)) as wdir:
         tmpls = ["a photo of a {}."]
         if templates:
             tmpls = [t.strip() for t in Path(templates).read_text(encoding="utf-8").splitlines() if t.strip()]
@@ -425,18 +432,6 @@ def zero_shot_cmd(test_spec, templates, text_model, text_backend, config, sets, 
         names = [prompt_name(c) for c in test.classes]
         res = zero_shot_accuracy(wdir / "features-test", x, y, names, tmpls, text_model=text_model,
                                  backend=text_backend, log=log)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except ValueError as exc:  # the text side's TextModelError / PairingError are ValueErrors with a message
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except RuntimeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(4)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     synthetic = synthetic or bool(res["text_model"].get("synthetic"))
     res.update({"test": test.source, "backend": cfg.infer.backend, "failed_images": len(failed),
                 "model": {k: ident.get(k) for k in ("path", "sha256", "arch", "synthetic")},
