@@ -9,8 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from clip_reference import mode_images
-from imagegen import photo, write
+from imagegen import mode_images, photo, write
 from sail_helpers import use_fake_sail, write_fake_bmodel
 from test_sail_backend import DEVICE_MAX_ABS, DEVICE_MIN_COSINE
 
