@@ -124,16 +124,13 @@ def test_fused_constants_are_clips_normalisation():
     np.testing.assert_allclose(normalize_u8(u8), ref, atol=2e-5)
 
 
-def test_verify_images_are_the_pipelines_reference_crops(tmp_path):
+def test_verify_images_are_the_pipelines_reference_crops(photos):
     """verify's image inputs come from the pipeline's own preprocessing (no second implementation)."""
-    from conftest import make_images
-
     from pipeline.images import DecodeOptions, decode_file, reference_crop
     from pipeline.toolchain.preprocess import load_images_u8
 
-    files = make_images(tmp_path / "imgs", 5)
-    paths, u8 = load_images_u8(tmp_path / "imgs")
-    assert paths == sorted(str(f) for f in files) and u8.shape == (5, 3, 224, 224)
+    paths, u8 = load_images_u8(photos[0].parent)
+    assert paths == sorted(str(f) for f in photos) and u8.shape == (len(photos), 3, 224, 224)
     for p, chw in zip(paths, u8):
         ref = reference_crop(decode_file(os.fsencode(p), DecodeOptions()))
         np.testing.assert_array_equal(chw.transpose(1, 2, 0), ref)
@@ -281,7 +278,7 @@ def test_combined_bmodel_exposes_both_stages(tiny, compiled):
 
 @pytest.mark.slow
 def test_fused_preprocess_uint8_bmodel_agrees(tiny, tmp_path):
-    from PIL import Image
+    from imagegen import photo, write
 
     from pipeline.toolchain.compile import compile_onnx
     from pipeline.toolchain.verify import verify
@@ -291,11 +288,8 @@ def test_fused_preprocess_uint8_bmodel_agrees(tiny, tmp_path):
     assert side["input"]["dtype"] == "uint8" and side["input"]["shape"] == [1, 3, 224, 224]
     imgs = tmp_path / "imgs"
     imgs.mkdir()
-    rng = np.random.default_rng(1)
     for k, (w, h) in enumerate([(300, 240), (200, 400)]):
-        yy, xx = np.mgrid[0:h, 0:w]
-        arr = np.stack([xx * 255 // w, yy * 255 // h, rng.integers(0, 256, (h, w))], -1).astype(np.uint8)
-        Image.fromarray(arr).save(imgs / f"{k}.png")
+        write(imgs / f"{k}.png", photo(w, h, k))
     r = verify(tmp_path / side["bmodel"], tiny, images_dir=imgs, log=lambda s: None)
     assert r.fused_preprocess
     assert [c.rows for c in r.comparisons] == [1, 2]
