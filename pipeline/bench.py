@@ -136,8 +136,9 @@ class TreeMemory(threading.Thread):
     (/proc/PID/statm) are O(1) reads; PSS needs smaps_rollup, which walks every mapping of the
     process: 6-17 ms per ViT-B/32 inference process (measured), so at 4 Hz over a 2-device tree it
     took ~10% of a core, ~5% of a 2-core host, charged to the pipeline alone (issue #20). So PSS
-    is sampled every 5 s by default (~0.3% of a core); the memory case, which reports PSS and no
-    throughput ratio, samples it at 4 Hz.
+    is sampled every 5 s by default (~0.3% of a core), and at most twice a second while the tree's
+    RSS grows by 5% (start-up); the memory case, which reports PSS and no throughput ratio,
+    samples it at 4 Hz.
     """
 
     def __init__(self, interval_s: float = 0.25, pss_interval_s: float = 5.0):
@@ -148,6 +149,7 @@ class TreeMemory(threading.Thread):
         self.peak_procs = 0
         self.cpu: list[tuple[float, float]] = []  # (time, CPU seconds of the live tree)
         self._last_pss = float("-inf")
+        self._rss_at_pss = 0
         self._stop_evt = threading.Event()
 
     def run(self) -> None:
@@ -158,23 +160,19 @@ class TreeMemory(threading.Thread):
     def sample(self) -> None:
         pids = tree_pids()
         now = time.monotonic()
-        with_pss = now - self._last_pss >= self.pss_interval_s
-        rss = pss = 0
-        ticks = 0
+        rss = ticks = 0
         for p in pids:
-            if with_pss:
-                r, s = _mem_kib(p)
-                pss += s
-            else:
-                r = _rss_kib(p)
-            rss += r
+            rss += _rss_kib(p)
             ticks += _cpu_ticks(p)
         self.cpu.append((now, ticks / _CLK_TCK))
         self.peak_rss = max(self.peak_rss, rss)
-        if with_pss:
-            self._last_pss = now
-            self.peak_pss = max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(pids))
+        # PSS every pss_interval_s, and sooner (at most 2 Hz) while the tree grows by 5% (start-up:
+        # model loads), so a short run's peak is not missed between two interval samples.
+        since = now - self._last_pss
+        if since >= self.pss_interval_s or (since >= 0.5 and rss > 1.05 * self._rss_at_pss):
+            self._last_pss, self._rss_at_pss = now, rss
+            self.peak_pss = max(self.peak_pss, sum(_mem_kib(p)[1] for p in pids))
 
     def stop(self) -> dict[str, float]:
         self._stop_evt.set()
