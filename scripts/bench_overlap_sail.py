@@ -38,7 +38,8 @@ def main() -> None:
     os.environ["FAKE_SAIL_TPUS"] = "1"
     os.environ["FAKE_SAIL_DECODE_MS"] = str(a.decode_ms)
     os.environ["FAKE_SAIL_INFER_MS"] = str(a.infer_ms)
-    from sail_helpers import photo, write_fake_bmodel, write_jpeg
+    from imagegen import photo, write
+    from sail_helpers import write_fake_bmodel
 
     from pipeline import config
     from pipeline.modelgen import build_clip_image_onnx
@@ -53,7 +54,7 @@ def main() -> None:
         imgs.mkdir()
         base = [photo(320 + 16 * i, 240 + 8 * i, i) for i in range(8)]
         for i in range(a.images):
-            write_jpeg(imgs / f"i{i:05d}.jpg", base[i % 8], quality=80 + i % 15)
+            write(imgs / f"i{i:05d}.jpg", base[i % 8], quality=80 + i % 15)
         nshards = a.images // a.batch
         res: dict = {"serial": [], "overlap": []}
         for rep in range(a.repeats):

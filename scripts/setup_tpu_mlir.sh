@@ -148,6 +148,7 @@ import pyruntime_bm  # noqa: F401  (the BM1684X runtime + simulator)
 import zmq, msgpack  # noqa: F401,E401  (the simulator device's pipeline worker)
 from transform import OnnxOpt  # noqa: F401  (fails if the torch fix is missing)
 from calibration import kld_calibrator, simple_tunner, transformer_pattern  # noqa: F401,E401  (fix 3)
+from calibration import search_qtable  # noqa: F401  (compile --quantize mixed: run_calibration --search fast_search)
 bindir = os.path.dirname(sys.executable)
 env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
 for tool in ("model_transform", "model_deploy", "model_tool"):

@@ -1,12 +1,13 @@
 """Shared fixtures and helpers of the whole suite (one place):
 
 - `tiny_model`: the tiny synthetic CLIP ONNX (float input), built once per session;
-- `make_images`: a folder of small generated JPEG/PNG images;
+- `photos`: a folder of 12 generated photos (JPEG and PNG), written once per session: read-only;
 - `invoke`: the CLI in-process (click's CliRunner); `cli` / `cli_env`: the CLI as a subprocess
   from this checkout;
 - `worker_spec`: a WorkerSpec for driving a stage core directly.
-Helpers of one family of tests live next to them (robust_helpers.py: bad inputs and fake-backend
-runs; sail_helpers.py: the fake sophon.sail)."""
+Every generated image comes from imagegen.py (`photo`, `encode`/`write`, `make_images`,
+`mode_images`). Helpers of one family of tests live next to them (robust_helpers.py: bad inputs
+and fake-backend runs; sail_helpers.py: the fake sophon.sail)."""
 
 from __future__ import annotations
 
@@ -14,27 +15,17 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from imagegen import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "images"
 
 
-def make_images(d: Path, n: int, seed: int = 0, sizes=((64, 48), (48, 64), (80, 80), (300, 120), (33, 257))) -> list[Path]:
-    """Write n small random-content images (JPEG and PNG mixed) and return their paths."""
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        w, h = sizes[i % len(sizes)]
-        base = rng.integers(0, 256, size=(max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
-        img = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
-        p = d / (f"img_{i:03d}.png" if i % 5 == 4 else f"img_{i:03d}.jpg")
-        img.save(p, quality=90) if p.suffix == ".jpg" else img.save(p)
-        out.append(p)
-    return out
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> list[Path]:
+    """12 photos (img_000.jpg ... img_011.jpg, every fifth a PNG) in one folder; don't write there."""
+    return make_images(tmp_path_factory.mktemp("photos"), 12, seed=5)
 
 
 @pytest.fixture(scope="session")

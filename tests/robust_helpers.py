@@ -1,12 +1,11 @@
 """Shared helpers of the robustness tests: generated bad/unusual inputs and fake-backend runs.
 
-Every file is made here with PIL/numpy (nothing is committed). Runs use the fake backend, so they
+Every file is made here from imagegen's photos (nothing is committed). Runs use the fake backend, so they
 need no model and finish in seconds.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import cli_env
+from imagegen import encode, photo, photo_image
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,32 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- images -----------------------------------------------------------------------------------
 
-def pattern(w: int, h: int, seed: int = 0, channels: int = 3) -> np.ndarray:
-    """A smooth, seed-dependent uint8 image (compresses like a photo, distinct per seed)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    chans = []
-    for _ in range(channels):
-        a, b, c = rng.uniform(0.02, 0.2, 3)
-        chans.append(127.5 + 120 * np.sin(a * x + b * y + c * 10))
-    return np.clip(np.stack(chans, axis=2), 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(w: int = 48, h: int = 40, seed: int = 0, **save: object) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pattern(w, h, seed)).save(buf, "JPEG", quality=90, **save)
-    return buf.getvalue()
-
-
-def png_bytes(img: Image.Image, **save: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG", **save)
-    return buf.getvalue()
-
-
 def jpeg_with_size(w: int, h: int) -> bytes:
     """A small valid JPEG whose SOF header is rewritten to claim w x h pixels."""
-    data = bytearray(jpeg_bytes(16, 16))
+    data = bytearray(encode(photo(16, 16)))
     i = 2
     while i < len(data):
         marker = data[i + 1]
@@ -79,12 +56,12 @@ def png_bomb(side: int = 30000) -> bytes:
 def exif_rotated_jpeg(w: int = 64, h: int = 32, orientation: int = 6) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return jpeg_bytes(w, h, seed=7, exif=exif.tobytes())
+    return encode(photo(w, h, 7), exif=exif.tobytes())
 
 
 def bad_files() -> dict[str, tuple[bytes, str]]:
     """name -> (content, expected reason). Each must fail with exactly that reason."""
-    good = jpeg_bytes(64, 64, seed=3)
+    good = encode(photo(64, 64, 3))
     sof = good.find(b"\xff\xda")  # start of scan: everything before it is "only the header"
     return {
         "empty.jpg": (b"", "empty"),
@@ -99,38 +76,28 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
 
 def unusual_files() -> dict[str, bytes]:
     """name -> content of valid but unusual images. Each must embed."""
-    rgb = pattern(40, 30, seed=11)
-    cmyk = Image.fromarray(pattern(40, 30, seed=12, channels=4), "CMYK")
-    gray = Image.fromarray(pattern(40, 30, seed=13)[:, :, 0], "L")
-    rgba = Image.fromarray(pattern(40, 30, seed=14, channels=4), "RGBA")
-    pal = Image.fromarray(rgb).quantize(16)
+    pal = Image.fromarray(photo(40, 30, 11)).quantize(16)
     pal_t = pal.copy()
     pal_t.info["transparency"] = 0
-    g16 = Image.fromarray(pattern(40, 30, seed=15)[:, :, 0].astype(np.uint16) * 257)
-
-    def enc(img: Image.Image, fmt: str, **kw: object) -> bytes:
-        buf = io.BytesIO()
-        img.save(buf, fmt, **kw)
-        return buf.getvalue()
-
+    g16 = np.asarray(photo_image(40, 30, 15, "L")).astype(np.uint16) * 257
     return {
-        "gray.jpg": enc(gray, "JPEG"),
-        "cmyk.jpg": enc(cmyk, "JPEG"),
-        "progressive.jpg": jpeg_bytes(40, 30, seed=16, progressive=True),
-        "subsampling444.jpg": jpeg_bytes(40, 30, seed=17, subsampling=0),
-        "UPPER.JPG": jpeg_bytes(40, 30, seed=18),
-        "dotjpeg.jpeg": jpeg_bytes(40, 30, seed=19),
-        "alpha.png": enc(rgba, "PNG"),
-        "palette.png": enc(pal, "PNG"),
-        "palette_transparent.png": enc(pal_t, "PNG", transparency=0),
-        "sixteen_bit.png": enc(g16, "PNG"),
-        "png_named.jpg": enc(Image.fromarray(pattern(40, 30, seed=20)), "PNG"),
-        "one_pixel.jpg": jpeg_bytes(1, 1, seed=21),
-        "one_pixel.png": enc(Image.fromarray(pattern(1, 1, seed=22)), "PNG"),
-        "panorama_wide.jpg": jpeg_bytes(4000, 8, seed=23),
-        "panorama_tall.png": enc(Image.fromarray(pattern(6, 3000, seed=24)), "PNG"),
-        "name with spaces.jpg": jpeg_bytes(40, 30, seed=25),
-        "naïve café 写真.jpg": jpeg_bytes(40, 30, seed=26),
+        "gray.jpg": encode(photo_image(40, 30, 13, "L")),
+        "cmyk.jpg": encode(photo_image(40, 30, 12, "CMYK")),
+        "progressive.jpg": encode(photo(40, 30, 16), progressive=True),
+        "subsampling444.jpg": encode(photo(40, 30, 17), subsampling=0),
+        "UPPER.JPG": encode(photo(40, 30, 18)),
+        "dotjpeg.jpeg": encode(photo(40, 30, 19)),
+        "alpha.png": encode(photo_image(40, 30, 14, "RGBA"), "PNG"),
+        "palette.png": encode(pal, "PNG"),
+        "palette_transparent.png": encode(pal_t, "PNG", transparency=0),
+        "sixteen_bit.png": encode(g16, "PNG"),
+        "png_named.jpg": encode(photo(40, 30, 20), "PNG"),
+        "one_pixel.jpg": encode(photo(1, 1, 21)),
+        "one_pixel.png": encode(photo(1, 1, 22), "PNG"),
+        "panorama_wide.jpg": encode(photo(4000, 8, 23)),
+        "panorama_tall.png": encode(photo(6, 3000, 24), "PNG"),
+        "name with spaces.jpg": encode(photo(40, 30, 25)),
+        "naïve café 写真.jpg": encode(photo(40, 30, 26)),
         "exif_rotated.jpg": exif_rotated_jpeg(),
     }
 
@@ -147,7 +114,7 @@ def good_corpus(d: Path, n: int, size: int = 32) -> list[Path]:
     out = []
     for i in range(n):
         p = d / f"img_{i:04d}.jpg"
-        p.write_bytes(jpeg_bytes(size, size, seed=1000 + i))
+        p.write_bytes(encode(photo(size, size, 1000 + i)))
         out.append(p)
     return out
 

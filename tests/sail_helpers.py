@@ -1,4 +1,6 @@
-"""Shared helpers for the sail backend tests: fake bmodels, test images, the CPU reference."""
+"""Shared helpers for the sail backend tests: the fake sophon.sail, fake bmodels, the CPU reference.
+
+Their images come from tests/imagegen.py like every test's."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 FAKE_SAIL_DIR = str(Path(__file__).resolve().parent / "fake_sail")
@@ -42,29 +43,6 @@ def write_fake_bmodel(path: Path, onnx_path: Path, batch_sizes, input_dtype: str
     return path
 
 
-def photo(w: int, h: int, seed: int) -> np.ndarray:
-    """A photo-like BGR image: smooth shapes and gradients plus mild noise and some edges."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.zeros((h, w, 3), np.float32)
-    for c in range(3):
-        fx, fy, ph = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.28)]
-        img[..., c] = 128 + 90 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph)
-    for _ in range(6):
-        hi = min(w, h) // 3  # tiny images (a few pixels) get tiny circles
-        cx, cy, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(10, hi)) if hi > 10 else 1
-        cv2.circle(img, (cx, cy), r, rng.uniform(0, 255, 3).tolist(), -1)
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def write_jpeg(path: Path, bgr: np.ndarray, quality: int = 92) -> Path:
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok
-    path.write_bytes(buf.tobytes())
-    return path
-
-
 def ort_session(onnx_path: Path):
     import onnxruntime as ort
 
@@ -79,7 +57,6 @@ def cpu_reference(sess, paths) -> np.ndarray:
 
     crops = np.stack([reference_crop(decode_file(os.fsencode(p), DecodeOptions())) for p in paths])
     return sess.run(None, {sess.get_inputs()[0].name: normalize(crops)})[0]
-
 
 
 def misuse_log() -> str:

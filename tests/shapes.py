@@ -2,6 +2,8 @@
 
 Each class is one (shape, colour) pair; the shape's position, size, colour shade and the noisy
 grey background vary per image. Distinct enough that even random-weight features separate them.
+(Labelled classes, not photos: the one content generator the tests share without labels is
+imagegen.photo; files are written by imagegen.write.)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+from imagegen import write
 from PIL import Image, ImageDraw
 
 CLASSES = [
@@ -74,5 +77,5 @@ def write_imagefolder(d: Path, n: int, seed: int, classes: list[int] | None = No
     for i, (img, lab) in enumerate(zip(imgs, labels, strict=True)):
         p = d / NAMES[lab] / f"{i:05d}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(p)
+        write(p, img)
     return d

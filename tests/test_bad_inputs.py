@@ -7,12 +7,12 @@ import os
 import time
 
 import pytest
+from imagegen import encode, photo
 from robust_helpers import (
     assert_exact,
     bad_files,
     exif_rotated_jpeg,
     good_corpus,
-    jpeg_bytes,
     run_cli,
     unusual_files,
     write,
@@ -44,7 +44,7 @@ def test_bad_file_fails_with_its_reason(tmp_path, name, mode):
 
 
 def test_truncated_jpeg_decision_is_the_same_in_both_modes():
-    good = jpeg_bytes(64, 64, seed=3)
+    good = encode(photo(64, 64, 3))
     for cut in (len(good) // 3, len(good) // 2, len(good) - 10):
         reasons = set()
         for mode in MODES:
@@ -55,7 +55,7 @@ def test_truncated_jpeg_decision_is_the_same_in_both_modes():
 
 
 def test_pixel_limit_is_configurable():
-    data = jpeg_bytes(40, 30)
+    data = encode(photo(40, 30))
     assert decode_bytes(data, DecodeOptions(max_pixels=1200)).shape == (30, 40, 3)
     for mode in MODES:
         with pytest.raises(ItemError) as err:
@@ -65,7 +65,7 @@ def test_pixel_limit_is_configurable():
 
 def test_file_size_limit(tmp_path):
     p = tmp_path / "a.jpg"
-    p.write_bytes(jpeg_bytes(40, 30))
+    p.write_bytes(encode(photo(40, 30)))
     with pytest.raises(ItemError) as err:
         decode_file(os.fsencode(str(p)), DecodeOptions(max_file_bytes=100))
     assert err.value.reason == "too_large" and "preprocess.max_file_bytes" in err.value.message
@@ -74,7 +74,7 @@ def test_file_size_limit(tmp_path):
 def test_file_deleted_after_listing_is_vanished(tmp_path):
     from stages.source import iter_inputs
 
-    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "a.jpg").write_bytes(encode(photo(48, 40)))
     (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
     listed = list(iter_inputs((str(tmp_path),), ("jpg",)))
     (tmp_path / "a.jpg").unlink()
@@ -92,7 +92,7 @@ def test_unreadable_files(tmp_path, monkeypatch):
             decode_file(os.fsencode(str(tmp_path / name)), DecodeOptions())
         assert err.value.reason == "unreadable"
     locked = tmp_path / "locked.jpg"
-    locked.write_bytes(jpeg_bytes())
+    locked.write_bytes(encode(photo(48, 40)))
 
     def denied(path, mode="r"):  # what open() raises for a chmod 000 file (root ignores modes)
         raise PermissionError(13, "Permission denied", path)
@@ -106,7 +106,7 @@ def test_unreadable_files(tmp_path, monkeypatch):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file_real_permissions(tmp_path):
     p = tmp_path / "locked.jpg"
-    p.write_bytes(jpeg_bytes())
+    p.write_bytes(encode(photo(48, 40)))
     p.chmod(0)
     with pytest.raises(ItemError) as err:
         decode_file(os.fsencode(str(p)), DecodeOptions())
@@ -143,7 +143,7 @@ def test_mixed_corpus_exact_accounting(tmp_path):
     good |= {str(d / n) for n in UNUSUAL}
     expected_bad = {str(d / n): reason for n, (_, reason) in BAD.items()}
     # listing oddities: a directory named like an image, links, a name that is not UTF-8
-    write(d / "folder.jpg", {"inside.jpg": jpeg_bytes(seed=41)})
+    write(d / "folder.jpg", {"inside.jpg": encode(photo(48, 40, 41))})
     good.add(str(d / "folder.jpg" / "inside.jpg"))
     (d / "dangling.jpg").symlink_to(d / "deleted.jpg")
     expected_bad[str(d / "dangling.jpg")] = "vanished"
@@ -153,7 +153,7 @@ def test_mixed_corpus_exact_accounting(tmp_path):
     (d / "sub" / "loop").symlink_to(d)
     raw = os.path.join(os.fsencode(str(d)), b"latin1-caf\xe9.jpg")
     with open(raw, "wb") as fh:
-        fh.write(jpeg_bytes(seed=42))
+        fh.write(encode(photo(48, 40, 42)))
     good.add(pathcodec.encode(raw))  # the output holds paths in their UTF-8 text form (pipeline/pathcodec.py)
 
     out = tmp_path / "out"

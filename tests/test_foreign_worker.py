@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from conftest import make_images
+from imagegen import make_images
 
 from pipeline import config as cfgmod
 from pipeline.backends.fake import FakeBackend

@@ -9,24 +9,10 @@ import io
 import numpy as np
 import pytest
 from clip_reference import clip_transform  # the tests' one re-implementation of CLIP's transform
+from imagegen import encode, photo, photo_image
 from PIL import Image
 
 from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_bytes, fast_crop, normalize, reference_crop
-
-
-def photo(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(max(1, h // 16), max(1, w // 16), 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
-    noise = rng.normal(0, 8, (h, w, 3))
-    img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
-    return img.convert(mode)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("w,h,mode,fmt", [
@@ -35,7 +21,7 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     (320, 200, "RGBA", "PNG"), (513, 301, "L", "PNG"),
 ])
 def test_reference_matches_clip_transform(w, h, mode, fmt):
-    data = encode(photo(w, h, mode), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    data = encode(photo_image(w, h, 0, mode), fmt, quality=90)
     ours = normalize(reference_crop(decode_bytes(data, DecodeOptions(mode="reference")))[None])[0]
     theirs = clip_transform(Image.open(io.BytesIO(data)))
     assert ours.shape == theirs.shape == (3, 224, 224)
@@ -45,7 +31,7 @@ def test_reference_matches_clip_transform(w, h, mode, fmt):
 def test_fast_mode_difference_is_small_and_reported(capsys):
     diffs, exact = [], []
     for i, (w, h) in enumerate([(1024, 768), (900, 1200), (640, 480), (2000, 1000), (500, 450)]):
-        data = encode(photo(w, h, seed=i), "JPEG", quality=90)
+        data = encode(photo(w, h, i), "JPEG", quality=90)
         ref = reference_crop(decode_bytes(data, DecodeOptions(mode="reference"))).astype(np.int16)
         fast = fast_crop(decode_bytes(data, DecodeOptions(mode="fast"))).astype(np.int16)
         assert fast.shape == (224, 224, 3)
@@ -54,7 +40,10 @@ def test_fast_mode_difference_is_small_and_reported(capsys):
     with capsys.disabled():
         print(f"\nfast vs reference: mean |diff| {np.mean(diffs):.2f} levels (max per image {max(diffs):.2f}), "
               f"{np.mean(exact) * 100:.0f}% of values identical")
-    assert np.mean(diffs) < 4.0
+    # Measured 0.75 levels on these photos (0.50-1.04 per image; corpus-1k: 0.94). A crop off by one
+    # pixel gives 2.94 here, so the bound is 2.0 (it was 4.0 on the earlier blocky test images,
+    # which measured 1.36 and 12.5 with the one-pixel shift).
+    assert np.mean(diffs) < 2.0
 
 
 def test_fast_jpeg_uses_power_of_two_dct_scaling():
@@ -74,8 +63,7 @@ def test_extreme_panorama_is_cropped_before_resizing(monkeypatch):
     """A 20000x2 strip would need a 2240000x224 intermediate; the box path stays within 2 levels."""
     import pipeline.images as P
 
-    rng = np.random.default_rng(1)
-    img = np.asarray(Image.fromarray(rng.integers(0, 256, (2, 1000, 3), dtype=np.uint8)).resize((5000, 60)))
+    img = photo(5000, 60, 1)  # measured: 1 level at most (a box shifted by half a source pixel: 24)
     monkeypatch.setattr(P, "PANORAMA_PIXELS", 10**12)
     full = P.reference_crop(img).astype(np.int16)
     monkeypatch.setattr(P, "PANORAMA_PIXELS", 1)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli, cli_env, make_images
+from conftest import cli, cli_env
+from imagegen import make_images
 
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sail_helpers import photo, use_fake_sail, write_fake_bmodel, write_jpeg
+from imagegen import photo, write
+from sail_helpers import use_fake_sail, write_fake_bmodel
 
 from pipeline import config
 
@@ -24,7 +25,7 @@ def sail_setup(tmp_path_factory, tiny_model):
     imgs.mkdir()
     base = [photo(96 + 8 * i, 120 - 4 * i, i) for i in range(8)]
     for i in range(N_IMAGES):
-        write_jpeg(imgs / f"i{i:03d}.jpg", base[i % 8], quality=80 + i % 15)
+        write(imgs / f"i{i:03d}.jpg", base[i % 8], quality=80 + i % 15)
     return d, write_fake_bmodel(d / "clip16.bmodel", onnx_path, [16]), imgs
 
 

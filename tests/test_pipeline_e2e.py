@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, cli, cli_env, make_images
+from conftest import ROOT, cli, cli_env
+from imagegen import make_images
 
 from pipeline import config as cfgmod
 from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop

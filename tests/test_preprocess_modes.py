@@ -2,7 +2,7 @@
 
 The comparison is with tests/clip_reference.py, an independent PIL re-implementation of OpenAI
 CLIP's torchvision transform, and with torchvision itself where it is installed. The images of every
-mode are generated here (1, L, LA, P, P+transparency, RGB, RGBA, CMYK, YCbCr, LAB, I;16, I, F,
+mode come from tests/imagegen.py (1, L, LA, P, P+transparency, RGB, RGBA, CMYK, YCbCr, LAB, I;16, I, F,
 16-bit RGB), at a size that is shrunk and one that is enlarged.
 """
 
@@ -13,13 +13,14 @@ import io
 import clip_reference as ref
 import numpy as np
 import pytest
+from imagegen import encode, mode_images, photo_image
 from PIL import Image
 
 from pipeline.images import DecodeOptions, crop, decode_bytes, fast_crop, normalize, reference_crop
 
 TOL = 1e-6  # after normalisation; one 8-bit level is ~0.015
 SIZES = {"317x243": (317, 243), "61x97": (61, 97)}
-IMAGES = {(size, name): data for size, (w, h) in SIZES.items() for name, data in ref.mode_images(w, h).items()}
+IMAGES = {(size, name): data for size, (w, h) in SIZES.items() for name, data in mode_images(w, h).items()}
 DEEP = {"I;16 (PNG)", "I 16-bit values (TIFF)", "I 32-bit values (TIFF)"}  # the README's documented rule
 
 
@@ -104,11 +105,11 @@ def test_a_finished_crop_passes_both_crops_unchanged():
 @pytest.mark.parametrize("mode", ["1", "P", "I;16", "CMYK"])
 def test_panorama_of_uncommon_modes(mode):
     """The crop-region path (extreme aspect ratios) also works for modes decode crops itself."""
-    arr = np.random.default_rng(0).integers(0, 256, (2, 30000), dtype=np.uint8)
-    img = Image.fromarray(arr).convert("RGB").convert(mode) if mode != "I;16" else Image.fromarray(arr.astype(np.uint16) * 257)
-    buf = io.BytesIO()
-    img.save(buf, "TIFF")
-    out = project(buf.getvalue())
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(photo_image(30000, 2, 0, "L")).astype(np.uint16) * 257)
+    else:
+        img = photo_image(30000, 2, 0, mode)
+    out = project(encode(img, "TIFF"))
     assert out.shape == (224, 224, 3)
 
 

@@ -7,7 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-from robust_helpers import good_corpus, jpeg_bytes, run_cli
+from imagegen import encode, photo
+from robust_helpers import good_corpus, run_cli
 
 from pipeline import output
 
@@ -26,7 +27,7 @@ def test_rerun_of_a_finished_output_reports_added_and_removed_inputs(tmp_path):
     r = run_cli(d, out)
     assert r.returncode == 0 and "added" not in r.stdout + r.stderr  # nothing changed: nothing said
     names = sorted(p.name for p in d.iterdir())
-    (d / "000-sorts-first.jpg").write_bytes(jpeg_bytes(seed=99))
+    (d / "000-sorts-first.jpg").write_bytes(encode(photo(48, 40, 99)))
     (d / names[-1]).unlink()
     r = run_cli(d, out)
     assert r.returncode == 0, r.stderr
@@ -45,7 +46,7 @@ def test_resume_with_a_complete_listing_reports_a_file_added_that_sorts_first(tm
     m["status"] = "interrupted"
     (out / "manifest.json").write_text(json.dumps(m))
     (out / output.EMB_DIR / "part-00002.npy").unlink()  # the last shard is missing: resume writes it
-    (d / "000-new.jpg").write_bytes(jpeg_bytes(seed=98))
+    (d / "000-new.jpg").write_bytes(encode(photo(48, 40, 98)))
     r = run_cli(d, out, "--set", "output.shard_size=3")
     assert r.returncode == 0, r.stderr
     assert "1 input(s) added" in r.stdout + r.stderr and "000-new.jpg" in r.stdout + r.stderr

@@ -12,13 +12,12 @@ import time
 
 import numpy as np
 import pytest
+from imagegen import photo, write
 from sail_helpers import (
     cpu_reference,
     ort_session,
-    photo,
     use_fake_sail,
     write_fake_bmodel,
-    write_jpeg,
 )
 
 from pipeline.backends.base import DeviceError
@@ -46,26 +45,23 @@ def onnx_model(tiny_model):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Photo-like images in every format/suffix the backend must route."""
-    import cv2
-    from PIL import Image
-
     d = tmp_path_factory.mktemp("imgs")
     paths = {
-        "landscape": write_jpeg(d / "landscape.jpg", photo(640, 480, 1)),
-        "portrait": write_jpeg(d / "portrait.jpeg", photo(300, 500, 2)),
-        "upper": write_jpeg(d / "UPPER.JPG", photo(512, 384, 3)),
-        "mixed": write_jpeg(d / "mixed.Jpg", photo(400, 400, 4)),  # not on SAIL's list -> CPU
-        "jfif": write_jpeg(d / "x.jfif", photo(333, 250, 5)),
-        "square": write_jpeg(d / "square.jpg", photo(224, 224, 6)),
+        "landscape": write(d / "landscape.jpg", photo(640, 480, 1)),
+        "portrait": write(d / "portrait.jpeg", photo(300, 500, 2)),
+        "upper": write(d / "UPPER.JPG", photo(512, 384, 3)),
+        "mixed": write(d / "mixed.Jpg", photo(400, 400, 4)),  # not on SAIL's list -> CPU
+        "jfif": write(d / "x.jfif", photo(333, 250, 5)),
+        "square": write(d / "square.jpg", photo(224, 224, 6)),
     }
     png = d / "shot.png"
-    cv2.imwrite(str(png), photo(350, 260, 7))
+    write(png, photo(350, 260, 7))
     paths["png"] = png
     webp = d / "pic.webp"
-    Image.fromarray(photo(420, 300, 8)[:, :, ::-1]).save(webp, "WEBP", quality=95)
+    write(webp, photo(420, 300, 8), quality=95)
     paths["webp"] = webp
     png_as_jpg = d / "png_named.jpg"  # PNG content behind a .jpg suffix -> sniffed, CPU
-    cv2.imwrite(str(d / "tmp.png"), photo(260, 330, 9))
+    write(d / "tmp.png", photo(260, 330, 9))
     shutil.move(d / "tmp.png", png_as_jpg)
     paths["png_as_jpg"] = png_as_jpg
     # broken inputs

@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 import pytest
-from sail_helpers import FAKE_SAIL_DIR, photo, use_fake_sail, write_fake_bmodel, write_jpeg
+from imagegen import photo, write
+from sail_helpers import FAKE_SAIL_DIR, use_fake_sail, write_fake_bmodel
 
 from pipeline.config import from_dict
 
@@ -123,7 +124,7 @@ def setup(tmp_path_factory):
     build_clip_image_onnx(onnx_path, arch="tiny", seed=0, input_kind="float")
     imgs = d / "imgs"
     imgs.mkdir()
-    files = [write_jpeg(imgs / f"p{i:02d}.jpg", photo(220 + 41 * i, 400 - 19 * i, 200 + i)) for i in range(10)]
+    files = [write(imgs / f"p{i:02d}.jpg", photo(220 + 41 * i, 400 - 19 * i, 200 + i)) for i in range(10)]
     return d, onnx_path, files
 
 

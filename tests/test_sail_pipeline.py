@@ -9,8 +9,8 @@ import shutil
 
 import numpy as np
 import pytest
-from clip_reference import mode_images
-from sail_helpers import photo, use_fake_sail, write_fake_bmodel, write_jpeg
+from imagegen import mode_images, photo, write
+from sail_helpers import use_fake_sail, write_fake_bmodel
 from test_sail_backend import DEVICE_MAX_ABS, DEVICE_MIN_COSINE
 
 from pipeline.config import from_dict
@@ -18,17 +18,15 @@ from pipeline.config import from_dict
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model):
-    import cv2
-
     d = tmp_path_factory.mktemp("e2e")
     onnx_path = tiny_model
     imgs = d / "imgs"
     (imgs / "sub").mkdir(parents=True)
     for i in range(11):
-        write_jpeg(imgs / f"p{i:02d}.jpg", photo(200 + 37 * i, 460 - 23 * i, 100 + i))
-    write_jpeg(imgs / "sub" / "UP.JPG", photo(500, 300, 7))
-    write_jpeg(imgs / "sub" / "odd.Jpeg", photo(300, 300, 8))
-    cv2.imwrite(str(imgs / "sub" / "s.png"), photo(260, 330, 9))
+        write(imgs / f"p{i:02d}.jpg", photo(200 + 37 * i, 460 - 23 * i, 100 + i))
+    write(imgs / "sub" / "UP.JPG", photo(500, 300, 7))
+    write(imgs / "sub" / "odd.Jpeg", photo(300, 300, 8))
+    write(imgs / "sub" / "s.png", photo(260, 330, 9))
     # modes decode crops itself (CLIP's order in the opened mode): sail host and device modes must
     # take the same reference path as cpu for them
     modes = mode_images(260, 330, seed=3)

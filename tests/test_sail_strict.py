@@ -18,15 +18,14 @@ import time
 
 import numpy as np
 import pytest
+from imagegen import photo, write
 from sail_helpers import (
     FAKE_SAIL_DIR,
     cpu_reference,
     misuse_log,
     ort_session,
-    photo,
     use_fake_sail,
     write_fake_bmodel,
-    write_jpeg,
 )
 
 from pipeline.backends.base import DeviceError
@@ -101,7 +100,7 @@ def test_fake_dies_on_a_bicubic_preprocess_batch_as_a_bm1684x_would(tmp_path, on
     BM1684X VPP rejects it (bmcv_1684x_vpp_internal.cpp:648-654); the throw in a detached thread
     ends the process with SIGABRT. LINEAR, the same script otherwise, delivers its batch."""
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
-    img = write_jpeg(tmp_path / "a.jpg", photo(320, 240, 1))
+    img = write(tmp_path / "a.jpg", photo(320, 240, 1))
     ok = epp_run(bm, img)
     assert ok.returncode == 0 and "BATCH [0, 1, 2, 3]" in ok.stdout, ok.stderr
     dead = epp_run(bm, img, resize="BM_RESIZE_TPU_BICUBIC")
@@ -116,7 +115,7 @@ def test_push_before_set_convert_attr_aborts(tmp_path, onnx_model):
     "invalid status")`; the threads start at the first push. The backend always calls
     InitImagePreProcess and SetConvertAtrr in its constructor, before any push."""
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
-    img = write_jpeg(tmp_path / "a.jpg", photo(320, 240, 1))
+    img = write(tmp_path / "a.jpg", photo(320, 240, 1))
     dead = epp_run(bm, img, set_convert=False)
     assert dead.returncode == -signal.SIGABRT and "sail::SailRuntimeError" in dead.stderr, dead.stderr
 
@@ -128,7 +127,7 @@ def test_backend_calls_init_and_set_convert_before_any_push(fake, tmp_path, onnx
         monkeypatch.setattr(fake.EngineImagePreProcess, name,
                             lambda self, *a, _o=orig, _n=name: (calls.append(_n), _o(self, *a))[1])
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
-    img = write_jpeg(tmp_path / "a.jpg", photo(320, 240, 1))
+    img = write(tmp_path / "a.jpg", photo(320, 240, 1))
     open_dev(cfg_for(bm)).embed_files([0], [os.fsencode(img)])
     assert calls[:2] == ["InitImagePreProcess", "SetConvertAtrr"] and set(calls[2:]) == {"PushImage"}
 
@@ -138,7 +137,7 @@ def test_epp_lifecycle_as_in_decoder_multi(fake, tmp_path, onnx_model):
     sail = fake
     bm = write_fake_bmodel(tmp_path / "b1.bmodel", onnx_model, [1])
     epp = sail.EngineImagePreProcess(str(bm), 0, False)
-    img = sail.Decoder(str(write_jpeg(tmp_path / "a.jpg", photo(300, 300, 2))), True, 0).read(sail.Handle(0))
+    img = sail.Decoder(str(write(tmp_path / "a.jpg", photo(300, 300, 2))), True, 0).read(sail.Handle(0))
     # before InitImagePreProcess: `if (pre_process_ == NULL) return 1;`
     assert epp.SetConvertAtrr(((1, 0),) * 3) == 1
     assert epp.PushImage(0, 0, img) == 1
@@ -186,7 +185,7 @@ def test_backend_retries_push_on_a_full_queue(fake, tmp_path, onnx_model, monkey
     real = dev.epp.PushImage
     script = iter([2, 2, 2])
     dev.epp.PushImage = lambda c, i, img: next(script, None) or real(c, i, img)
-    img = write_jpeg(tmp_path / "a.jpg", photo(260, 200, 1))
+    img = write(tmp_path / "a.jpg", photo(260, 200, 1))
     assert dev.embed_files([0], [os.fsencode(img)]).ids == [0]
     dev.epp.PushImage = lambda c, i, img: 2
     t0 = time.monotonic()
@@ -200,7 +199,7 @@ def test_bmcv_error_in_a_preprocess_thread_aborts(tmp_path, onnx_model):
     """decoder_multi.cpp:1816, 1823 (convert_format), 1914-1975 (resize): a non-zero bmcv status
     is thrown in a detached thread. FAKE_SAIL_BMCV_FAIL_WIDTHS stands in for any such failure."""
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
-    img = write_jpeg(tmp_path / "a.jpg", photo(333, 240, 1))
+    img = write(tmp_path / "a.jpg", photo(333, 240, 1))
     dead = run_snippet(EPP_SCRIPT.format(bmodel=str(bm), resize="BM_RESIZE_TPU_LINEAR", set_convert=True, img=str(img)),
                        FAKE_SAIL_BMCV_FAIL_WIDTHS="333")
     assert dead.returncode == -signal.SIGABRT and "bmcv api fail" in dead.stderr, dead.stderr
@@ -217,8 +216,8 @@ def test_pipeline_survives_an_input_that_aborts_the_device_process(tmp_path, onn
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i in range(9):
-        write_jpeg(imgs / f"ok{i}.jpg", photo(300 + 10 * i, 260, 10 + i))
-    write_jpeg(imgs / "bad.jpg", photo(400, 333, 3))
+        write(imgs / f"ok{i}.jpg", photo(300 + 10 * i, 260, 10 + i))
+    write(imgs / "bad.jpg", photo(400, 333, 3))
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
     cfg = from_dict({"input": {"paths": [str(imgs)]}, "output": {"dir": str(tmp_path / "out"), "shard_size": 4},
                      "model": {"path": str(bm)}, "infer": {"backend": "sail", "devices": [0], "batch_timeout_ms": 20},
@@ -328,7 +327,7 @@ def test_fake_crop_is_planar_strided_and_vpp_bound(fake, tmp_path):
     sail = fake
     h = sail.Handle(0)
     bmcv = sail.Bmcv(h)
-    img = sail.Decoder(str(write_jpeg(tmp_path / "a.jpg", photo(500, 300, 4))), True, 0).read(h)
+    img = sail.Decoder(str(write(tmp_path / "a.jpg", photo(500, 300, 4))), True, 0).read(h)
     assert img.format() == sail.Format.FORMAT_BGR_PACKED
     sq = bmcv.crop(img, 100, 0, 300, 300)
     assert sq.format() == sail.Format.FORMAT_BGR_PLANAR and sq._stride == 320  # 300 -> 64-byte multiple
@@ -339,10 +338,10 @@ def test_fake_crop_is_planar_strided_and_vpp_bound(fake, tmp_path):
     assert not np.array_equal(t.asnumpy()[0], sq._arr)
     # outside the VPP limits (8..8192 a side): bmcv fails, Bmcv.crop ignores the status, returns an
     # unwritten image and raises nothing (cvwrapper.cpp crop -> crop_and_resize)
-    wide = sail.Decoder(str(write_jpeg(tmp_path / "w.jpg", photo(9000, 300, 5))), True, 0).read(h)
+    wide = sail.Decoder(str(write(tmp_path / "w.jpg", photo(9000, 300, 5))), True, 0).read(h)
     c = bmcv.crop(wide, 4350, 0, 300, 300)
     assert (c.width(), c.height()) == (300, 300) and not c._arr.any()
-    tiny = sail.Decoder(str(write_jpeg(tmp_path / "t.jpg", photo(6, 6, 6))), True, 0).read(h)
+    tiny = sail.Decoder(str(write(tmp_path / "t.jpg", photo(6, 6, 6))), True, 0).read(h)
     assert not bmcv.resize(tiny, 224, 224, sail.bmcv_resize_algorithm.BMCV_INTER_LINEAR)._arr.any()
 
 
@@ -355,8 +354,8 @@ def test_device_mode_images_outside_the_vpp_limits(fake, tmp_path, onnx_model, m
     crops = []
     orig = dev.bmcv.crop
     monkeypatch.setattr(dev.bmcv, "crop", lambda img, *a: (crops.append((img.width(), img.height())), orig(img, *a))[1])
-    big = write_jpeg(tmp_path / "x.jpg", photo(w, h, 7))
-    normal = write_jpeg(tmp_path / "n.jpg", photo(400, 300, 8))
+    big = write(tmp_path / "x.jpg", photo(w, h, 7))
+    normal = write(tmp_path / "n.jpg", photo(400, 300, 8))
     res = dev.embed_files([0, 1], [os.fsencode(big), os.fsencode(normal)])
     assert res.ids == [0, 1] and not res.failures
     assert crops == [(400, 300)]  # only the normal image was cropped on the device
@@ -376,14 +375,12 @@ def test_fake_mat_to_bm_image_refuses_non_uint8_with_type_error(fake):
 
 def test_device_mode_uploads_only_uint8(fake, tmp_path, onnx_model):
     """16-bit PNG and a greyscale JPEG take the CPU path and are uploaded as uint8 BGR."""
-    import cv2
-
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
     dev = open_dev(cfg_for(bm))
     p16 = tmp_path / "deep.png"
-    cv2.imwrite(str(p16), photo(300, 260, 9).astype(np.uint16) * 257)
+    write(p16, photo(300, 260, 9).astype(np.uint16) * 257)
     grey = tmp_path / "grey.jpg"
-    cv2.imwrite(str(grey), photo(300, 260, 10)[:, :, 0])
+    write(grey, photo(300, 260, 10)[:, :, 2])
     res = dev.embed_files([0, 1], [os.fsencode(p16), os.fsencode(grey)])
     assert res.ids == [0, 1] and not res.failures
     with pytest.raises(ValueError, match="uint8"):
@@ -431,7 +428,7 @@ def test_overlap_never_enters_one_engine_twice(tmp_path, onnx_model, monkeypatch
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i in range(24):
-        write_jpeg(imgs / f"p{i:02d}.jpg", photo(240 + i, 230, 30 + i))
+        write(imgs / f"p{i:02d}.jpg", photo(240 + i, 230, 30 + i))
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [1, 4])
     cfg = from_dict({"input": {"paths": [str(imgs)]}, "output": {"dir": str(tmp_path / "out")},
                      "model": {"path": str(bm)},
@@ -451,7 +448,7 @@ def test_fake_decoder_picks_the_still_image_path_by_name_ending(fake, tmp_path):
     assert not sail._is_pic_file("/x/a.Jpg") and not sail._is_pic_file("/x/a.jfif")
     with pytest.raises(IndexError):  # std::string::compare past the end -> std::out_of_range
         sail._is_pic_file("ab")
-    data = (write_jpeg(tmp_path / "src.jpg", photo(64, 48, 1))).read_bytes()
+    data = (write(tmp_path / "src.jpg", photo(64, 48, 1))).read_bytes()
     nodot = tmp_path / "photojpg"
     nodot.write_bytes(data)
     assert sail.Decoder(str(nodot), True, 0).read(sail.Handle(0)).width() == 64  # still-image path
@@ -467,7 +464,7 @@ def test_backend_sends_the_decoder_only_names_sail_treats_as_pictures(fake, tmp_
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
     dev = open_dev(cfg_for(bm))
     p = tmp_path / name
-    write_jpeg(p, photo(120, 100, 3))
+    write(p, photo(120, 100, 3), "JPEG")  # JPEG content behind every name
     if dev._hw_eligible(str(p)):
         assert fake._is_pic_file(str(p))
     res = dev.embed_files([0], [os.fsencode(p)])
@@ -486,7 +483,7 @@ def test_shipped_bm1684x_config_runs_end_to_end_on_the_fake(tmp_path, onnx_model
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i in range(40):
-        write_jpeg(imgs / f"p{i:02d}.jpg", photo(200 + 7 * i, 300 - 3 * i, 60 + i))
+        write(imgs / f"p{i:02d}.jpg", photo(200 + 7 * i, 300 - 3 * i, 60 + i))
     (imgs / "broken.jpg").write_bytes((imgs / "p00.jpg").read_bytes()[:500])
     bm = write_fake_bmodel(tmp_path / "clip_32b.bmodel", onnx_model, [32])
     cfg = load(os.path.join(ROOT, "configs", "bm1684x.toml"),
@@ -515,8 +512,8 @@ def test_device_error_message_names_the_failure(fake, tmp_path, onnx_model, monk
     """A stale batch on a chip is a DeviceError naming the chip, never embeddings."""
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
     dev = open_dev(cfg_for(bm), "sail:1")
-    a = write_jpeg(tmp_path / "a.jpg", photo(300, 200, 1))
-    b = write_jpeg(tmp_path / "b.jpg", photo(300, 200, 2))
+    a = write(tmp_path / "a.jpg", photo(300, 200, 1))
+    b = write(tmp_path / "b.jpg", photo(300, 200, 2))
     dev.embed_files([0], [os.fsencode(a)])
     monkeypatch.setenv("FAKE_SAIL_FAIL_DEVS", "1")
     with pytest.raises(DeviceError, match="dev_id 1"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, cli, cli_env, make_images
+from conftest import ROOT, cli, cli_env
 
 from pipeline.config import Config
 from pipeline.output import load_embeddings
@@ -126,10 +126,10 @@ def test_cli_search_vectors_json_and_bad_vectors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def image_run(tmp_path_factory, tiny_model):
+def image_run(tmp_path_factory, tiny_model, photos):
     d = tmp_path_factory.mktemp("imgrun")
-    images = make_images(d / "imgs", 12, seed=5)
-    r = subprocess.run(cli("run", "-i", str(d / "imgs"), "-o", str(d / "out"), "--progress", "none",
+    images = photos
+    r = subprocess.run(cli("run", "-i", str(photos[0].parent), "-o", str(d / "out"), "--progress", "none",
                            "--set", f'model.path="{tiny_model}"', "--set", "output.shard_size=5",
                            "--set", 'output.dtype="float16"'), capture_output=True, text=True, env=cli_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr

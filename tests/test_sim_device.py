@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_images
+from imagegen import make_images
 
 from pipeline import config as cfgmod
 from pipeline.output import load_embeddings

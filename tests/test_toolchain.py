@@ -124,16 +124,13 @@ def test_fused_constants_are_clips_normalisation():
     np.testing.assert_allclose(normalize_u8(u8), ref, atol=2e-5)
 
 
-def test_verify_images_are_the_pipelines_reference_crops(tmp_path):
+def test_verify_images_are_the_pipelines_reference_crops(photos):
     """verify's image inputs come from the pipeline's own preprocessing (no second implementation)."""
-    from conftest import make_images
-
     from pipeline.images import DecodeOptions, decode_file, reference_crop
     from pipeline.toolchain.preprocess import load_images_u8
 
-    files = make_images(tmp_path / "imgs", 5)
-    paths, u8 = load_images_u8(tmp_path / "imgs")
-    assert paths == sorted(str(f) for f in files) and u8.shape == (5, 3, 224, 224)
+    paths, u8 = load_images_u8(photos[0].parent)
+    assert paths == sorted(str(f) for f in photos) and u8.shape == (len(photos), 3, 224, 224)
     for p, chw in zip(paths, u8):
         ref = reference_crop(decode_file(os.fsencode(p), DecodeOptions()))
         np.testing.assert_array_equal(chw.transpose(1, 2, 0), ref)
@@ -281,7 +278,7 @@ def test_combined_bmodel_exposes_both_stages(tiny, compiled):
 
 @pytest.mark.slow
 def test_fused_preprocess_uint8_bmodel_agrees(tiny, tmp_path):
-    from PIL import Image
+    from imagegen import photo, write
 
     from pipeline.toolchain.compile import compile_onnx
     from pipeline.toolchain.verify import verify
@@ -291,11 +288,8 @@ def test_fused_preprocess_uint8_bmodel_agrees(tiny, tmp_path):
     assert side["input"]["dtype"] == "uint8" and side["input"]["shape"] == [1, 3, 224, 224]
     imgs = tmp_path / "imgs"
     imgs.mkdir()
-    rng = np.random.default_rng(1)
     for k, (w, h) in enumerate([(300, 240), (200, 400)]):
-        yy, xx = np.mgrid[0:h, 0:w]
-        arr = np.stack([xx * 255 // w, yy * 255 // h, rng.integers(0, 256, (h, w))], -1).astype(np.uint8)
-        Image.fromarray(arr).save(imgs / f"{k}.png")
+        write(imgs / f"{k}.png", photo(w, h, k))
     r = verify(tmp_path / side["bmodel"], tiny, images_dir=imgs, log=lambda s: None)
     assert r.fused_preprocess
     assert [c.rows for c in r.comparisons] == [1, 2]
@@ -319,18 +313,33 @@ def test_cli_standalone_verify_exit_codes(tiny, compiled):
 _MLIR_SNIPPET = '''module {
     %10 = "top.LayerNorm"(%9, %0, %0) {axis = 2 : si32} : (tensor<1x50x64xf32>, none, none) -> tensor<1x50x64xf32> loc(#loc10)
     %14 = "top.MatMul"(%11, %12, %13) {do_relu = false} : (tensor<1x50x64xf32>) -> tensor<1x50x192xf32> loc(#loc14)
-    %26 = "top.Softmax"(%25) {axis = 3 : si32} : (tensor<1x2x50x50xf32>) -> tensor<1x2x50x50xf32> loc(#loc26)
-    %30 = "top.Sigmoid"(%29) {scale = 1.0} : (tensor<1x50x256xf32>) -> tensor<1x50x256xf32> loc(#loc30)
+    %26 = "top.Add"(%25, %8) : (tensor<1x50x64xf32>, tensor<1x50x64xf32>) -> tensor<1x50x64xf32> loc(#loc26)
 }
 #loc10 = loc("ln_pre_LayerNormalization")
-#loc14 = loc("blocks.0.attn.qkv_MatMul")
-#loc26 = loc("blocks.0.attn.probs_Softmax")
-#loc30 = loc("blocks.0.mlp.gelu_gate_Sigmoid")
+#loc14 = loc("blocks.0.attn.qkv_Add")
+#loc26 = loc("blocks.0.resid_attn_Add")
+'''
+
+# The parts of TPU-MLIR 1.30's `run_calibration --search fast_search` log (its `Search_Qtable` file)
+# that parse_search_log reads, as the tiny model's search printed them.
+_SEARCH_LOG = '''INFO:root:run float mode: tiny.mlir
+INFO:root:op_type : top.LayerNorm, similarity : 1.0
+INFO:root:op_type : top.Add, similarity : 0.998396912188682
+INFO:root:op_type : top.MatMul, similarity : 0.9999071386936839
+INFO:root:sensitive_op_type : ['top.Add'], please pay attention to these types of operations
+INFO:root:all search layer number: 2
+INFO:root:layer tokens_pos_Add, outputs_cos:0.001733146385382911, outputs_snr:0.0069584344241173345
+INFO:root:layer blocks.0.resid_attn_Add, outputs_cos:0.00015779849809227642, outputs_snr:0.0006315963042144013
+INFO:root:>>>run result:
+INFO:root:float layer number: 2, mix model outputs_cos: 0.999867
+INFO:root:int8 outputs_cos:0.997932 old
+INFO:root:mix model outputs_cos:0.999867
+INFO:root:total time:16.557796478271484
 '''
 
 
-def test_int8_and_mixed_deploy_args_and_quantize_table():
-    from pipeline.toolchain.compile import calibration_args, mixed_quantize_table
+def test_int8_and_mixed_deploy_args_and_search():
+    from pipeline.toolchain.compile import calibration_args, mlir_layer_names, parse_quantize_table, parse_search_log, search_args
 
     d = deploy_args("m.mlir", "m_bm1684x_int8_8b.bmodel", quantize="INT8", calibration_table="m_cali_table")
     assert d[d.index("--quantize") + 1] == "INT8"
@@ -344,8 +353,39 @@ def test_int8_and_mixed_deploy_args_and_quantize_table():
     assert bmodel_name("clip", 32, quantize="MIXED") == "clip_bm1684x_mixed_32b.bmodel"
     c = calibration_args("m.mlir", "data", 16, "m_cali_table")
     assert c[:2] == ["run_calibration", "m.mlir"] and c[c.index("--input_num") + 1] == "16"
-    assert mixed_quantize_table(_MLIR_SNIPPET) == [
-        "ln_pre_LayerNormalization", "blocks.0.attn.probs_Softmax", "blocks.0.mlp.gelu_gate_Sigmoid"]
+    s = search_args("m.mlir", "data", 8, "m_cali_table", "m_qtable", 0.9995)
+    assert s[:2] == ["run_calibration", "m.mlir"] and s[s.index("--search") + 1] == "fast_search"
+    assert s[s.index("--expected_cos") + 1] == "0.9995" and s[s.index("--inference_num") + 1] == "8"
+    assert s[s.index("--calibration_table") + 1] == "m_cali_table" and s[s.index("--quantize_table") + 1] == "m_qtable"
+    assert mlir_layer_names(_MLIR_SNIPPET) == {"ln_pre_LayerNormalization", "blocks.0.attn.qkv_Add",
+                                               "blocks.0.resid_attn_Add"}
+    assert parse_quantize_table("# comment\n###\nblocks.0.resid_attn_Add F16\n\ntokens_pos_Add  F16\n") == [
+        ("blocks.0.resid_attn_Add", "F16"), ("tokens_pos_Add", "F16")]
+    r = parse_search_log(_SEARCH_LOG)
+    assert r["int8_cos"] == 0.997932 and r["mixed_cos"] == 0.999867 and not r["int8_already_meets_target"]
+    assert r["sensitive_op_types"] == ["top.Add"] and r["op_type_cos_when_only_it_is_int8"]["top.Add"] < 0.999
+    assert max(r["layer_loss_when_only_it_is_int8"], key=r["layer_loss_when_only_it_is_int8"].get) == "tokens_pos_Add"
+    early = parse_search_log("job success, current int8 cos:0.99951 is higher than expected_cos:0.999,no need")
+    assert early["int8_already_meets_target"] and early["int8_cos"] == 0.99951 and early["mixed_cos"] is None
+
+
+def test_mixed_option_errors(tmp_path, monkeypatch):
+    from pipeline.toolchain.compile import compile_onnx
+
+    monkeypatch.setattr(tenv, "find_venv", lambda venv=None: tmp_path)
+    monkeypatch.setattr("pipeline.toolchain.compile.find_venv", lambda venv=None: tmp_path)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"x")
+    q = tmp_path / "q"
+    q.write_text("a F16\n")
+    with pytest.raises(ValueError, match="MIXED needs --calib-images"):
+        compile_onnx(onnx, tmp_path / "o", [1], quantize="MIXED", calib_table=q)
+    with pytest.raises(ValueError, match="--quantize-table is for --quantize MIXED"):
+        compile_onnx(onnx, tmp_path / "o", [1], quantize="INT8", calib_images=tmp_path, quantize_table=q)
+    with pytest.raises(ValueError, match="--calib-table is for"):
+        compile_onnx(onnx, tmp_path / "o", [1], quantize="F16", calib_table=q)
+    with pytest.raises(ValueError, match="--mixed-cos"):
+        compile_onnx(onnx, tmp_path / "o", [1], quantize="MIXED", calib_images=tmp_path, mixed_cos=1.5)
 
 
 def test_nn_top1_agreement():
@@ -361,13 +401,18 @@ def test_nn_top1_agreement():
 
 @pytest.mark.slow
 def test_int8_and_mixed_compile_and_verify_on_simulator(tiny, tmp_path):
-    """Calibrate the tiny (synthetic) model on the sample photos, compile INT8 and MIXED, verify on
-    the simulator against onnxruntime fp32 (synthetic weights: the bound is loose on purpose)."""
+    """Calibrate the tiny (synthetic) model on the sample photos, compile INT8, then MIXED (TPU-MLIR's
+    sensitivity search picks the F16 layers), verify both on the simulator against onnxruntime fp32
+    on the same photos: MIXED must be a different bmodel, keep real layers of the model in F16, and
+    be closer to fp32 than INT8 (synthetic weights: the bounds are loose on purpose)."""
+    import onnx
+
     from pipeline.toolchain.compile import compile_onnx
     from pipeline.toolchain.verify import verify
 
     samples = Path(__file__).resolve().parents[1] / "samples" / "images"
     f16 = compile_onnx(tiny, tmp_path, [4], log=lambda s: None)[0]
+    cos = {}
     for q in ("INT8", "MIXED"):
         side = compile_onnx(tiny, tmp_path, [4], quantize=q, calib_images=samples, calib_count=6,
                             log=lambda s: None)[0]
@@ -379,5 +424,29 @@ def test_int8_and_mixed_compile_and_verify_on_simulator(tiny, tmp_path):
         img = r.comparisons[-1]
         assert img.rows == 8 and img.nn_top1_agreement is not None
         assert 0.95 <= r.cos_min < 0.99999, r.cos_min  # quantised: close, but not float-exact
-    table = (tmp_path / "tiny_bm1684x_mixed_qtable").read_text().splitlines()
-    assert table and all(line.endswith(" F16") for line in table)
+        cos[q] = (img.cos_min, img.cos_mean)
+    qt = side["quantize_table"]
+    assert side["int8_estimate"] is not None and qt["file"] == "tiny_bm1684x_mixed_qtable"
+    assert "fast_search" in qt["found_by"] and qt["search_images"] == 6 and qt["f16_layers"] == len(qt["layers"]) > 0
+    assert qt["mlir_cos_mixed"] > qt["mlir_cos_all_int8"], qt
+    # every F16 layer is a real node of the model (TPU-MLIR names a layer OUTPUT_OPTYPE)
+    nodes = {f"{n.output[0]}_{n.op_type}" for n in onnx.load(str(tiny)).graph.node}
+    assert set(qt["layers"]) <= nodes, set(qt["layers"]) - nodes
+    table = (tmp_path / "tiny_bm1684x_mixed_qtable").read_text()
+    rows = [ln.split() for ln in table.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert [r[0] for r in rows] == qt["layers"] and all(r[1] == "F16" for r in rows)
+    assert json.loads((tmp_path / "tiny_bm1684x_mixed_qtable.json").read_text())["layers"] == qt["layers"]
+    # a different bmodel from INT8, and closer to fp32 on the same photos
+    assert (tmp_path / "tiny_bm1684x_mixed_4b.bmodel").read_bytes() != (tmp_path / "tiny_bm1684x_int8_4b.bmodel").read_bytes()
+    assert cos["MIXED"][0] > cos["INT8"][0] and cos["MIXED"][1] > cos["INT8"][1], cos
+    # reuse: the table and the calibration from this compile, another batch size, no search
+    side1 = compile_onnx(tiny, tmp_path / "again", [1], quantize="MIXED",
+                         calib_table=tmp_path / "tiny_bm1684x_cali_table",
+                         quantize_table=tmp_path / "tiny_bm1684x_mixed_qtable", log=lambda s: None)[0]
+    assert side1["quantize_table"]["layers"] == qt["layers"] and side1["quantize_table"]["reused_from"]
+    assert side1["quantize_table"]["found_by"] == qt["found_by"] and "reused" in side1["calibration"]["tool"]
+    bad = tmp_path / "bad_qtable"
+    bad.write_text("no_such_layer F16\n")
+    with pytest.raises(ValueError, match="no_such_layer"):
+        compile_onnx(tiny, tmp_path / "bad", [1], quantize="MIXED", calib_table=tmp_path / "tiny_bm1684x_cali_table",
+                     quantize_table=bad, log=lambda s: None)

@@ -30,17 +30,27 @@ def _fail_missing(e: TpuMlirMissing):
 @click.option("--quantize", default="F16", show_default=True,
               type=click.Choice(["F16", "BF16", "F32", "INT8", "MIXED"], case_sensitive=False),
               help="INT8: TPU-MLIR calibration (run_calibration) on --calib-images, then INT8; MIXED: "
-                   "INT8 with LayerNorm/Softmax/GELU kept in F16. Synthetic random weights quantise "
-                   "differently from trained CLIP weights: check with `verify BMODEL --images PHOTOS`.")
+                   "INT8 with the layers whose INT8 hurts the output cosine most kept in F16, found by "
+                   "TPU-MLIR's sensitivity search (run_calibration --search fast_search) on those photos. "
+                   "Synthetic random weights quantise differently from trained CLIP weights: check with "
+                   "`verify BMODEL --images PHOTOS`.")
 @click.option("--calib-images", default=None, type=click.Path(exists=True, file_okay=False),
               help="Photos to calibrate INT8/MIXED on (use the images you will embed).")
 @click.option("--calib-count", default=32, show_default=True, type=click.IntRange(min=1),
               help="How many of --calib-images to calibrate on.")
+@click.option("--calib-table", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="INT8/MIXED: reuse NAME_bm1684x_cali_table from an earlier compile of the same ONNX "
+                   "instead of calibrating again.")
+@click.option("--mixed-cos", default=0.999, show_default=True, type=float,
+              help="MIXED: the output cosine (MLIR interpreter vs F32, on up to 8 calibration photos) the "
+                   "search keeps adding F16 layers for (5 per round, until reached or no gain).")
+@click.option("--quantize-table", "quantize_table", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="MIXED: reuse NAME_bm1684x_mixed_qtable from an earlier MIXED compile (no search).")
 @click.option("--keep-workdir", is_flag=True, help="Keep the temporary TPU-MLIR work directory.")
 @click.option("--venv", default=None, help="TPU-MLIR venv (default: $CLIP_PIPELINE_TPU_MLIR_VENV or "
                                             "~/.cache/clip-pipeline/tpu-mlir-venv).")
 def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, validate, quantize,
-                calib_images, calib_count, keep_workdir, venv):
+                calib_images, calib_count, calib_table, mixed_cos, quantize_table, keep_workdir, venv):
     """Compile an ONNX CLIP image encoder into BM1684X bmodel(s) with TPU-MLIR."""
     from .compile import CompileError, compile_onnx
 
@@ -48,7 +58,8 @@ def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, val
         compile_onnx(onnx_path, out_dir, batches, name=name, fuse_preprocess=fuse_preprocess,
                      combine=combine, validate=validate, quantize=quantize.upper(),
                      keep_workdir=keep_workdir, venv=venv, log=click.echo,
-                     calib_images=calib_images, calib_count=calib_count)
+                     calib_images=calib_images, calib_count=calib_count, calib_table=calib_table,
+                     quantize_table=quantize_table, mixed_cos=mixed_cos)
     except TpuMlirMissing as e:
         _fail_missing(e)
     except (CompileError, ValueError) as e:

@@ -26,10 +26,12 @@ QUANTIZE = "F16"
 FLOAT_QUANTIZE = ("F16", "BF16", "F32")
 CALIBRATED_QUANTIZE = ("INT8", "MIXED")  # need run_calibration on real photos first
 DEFAULT_CALIB_COUNT = 32
-# MIXED keeps these TPU-MLIR top ops in F16 (the rest INT8): the ops whose INT8 error a ViT is known
-# to amplify -- LayerNorm (outlier channels), Softmax (attention probabilities), the GELU/QuickGELU
-# sigmoid gate and its product -- an op-type rule, not a per-layer search (docs/tpu-mlir.md).
-MIXED_F16_OPS = ("top.LayerNorm", "top.Softmax", "top.Sigmoid", "top.GELU")
+# MIXED: INT8 with the layers whose INT8 quantisation hurts the output cosine most kept in F16, found
+# by TPU-MLIR's own sensitivity search (``run_calibration --search fast_search``) on the MLIR
+# interpreter over the calibration photos (docs/tpu-mlir.md section 2b).
+MIXED_SEARCH = "fast_search"
+DEFAULT_MIXED_COS = 0.999        # the search's --expected_cos: the output cosine it tries to reach
+MIXED_SEARCH_MAX_IMAGES = 8      # photos the search evaluates on (also its maximum number of rounds)
 SYNTHETIC_QUANT_NOTE = ("synthetic random weights quantise differently from trained CLIP weights: "
                         "check yours with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`")
 
@@ -93,19 +95,65 @@ def calibration_args(mlir: str, dataset: str, count: int, table: str) -> list[st
     return ["run_calibration", mlir, "--dataset", dataset, "--input_num", str(int(count)), "-o", table]
 
 
-def mixed_quantize_table(mlir_text: str, ops: Sequence[str] = MIXED_F16_OPS) -> list[str]:
-    """Names (MLIR locations) of the ops of types ``ops`` in a top-level MLIR: the MIXED layers kept
-    in F16, one ``NAME F16`` line each in the quantize table."""
+def search_args(mlir: str, dataset: str, count: int, cali_table: str, qtable: str,
+                expected_cos: float = DEFAULT_MIXED_COS, chip: str = CHIP) -> list[str]:
+    """Arguments of TPU-MLIR's mixed-precision search (``run_calibration --search fast_search``):
+    on the MLIR interpreter, over ``count`` npz inputs, it finds the op types whose INT8 lowering
+    costs output cosine, then per layer of those types the loss of quantising it, and keeps the
+    worst 5 per round in F16 until the output cosine reaches ``expected_cos`` (or stops gaining);
+    writes ``qtable``. The calibration table must exist (it is read, not rewritten)."""
+    return ["run_calibration", mlir, "--dataset", dataset, "--input_num", str(int(count)),
+            "--inference_num", str(int(count)), "--search", MIXED_SEARCH,
+            "--expected_cos", repr(float(expected_cos)), "--calibration_table", cali_table,
+            "--quantize_table", qtable, "--chip", chip]
+
+
+def parse_quantize_table(text: str) -> list[tuple[str, str]]:
+    """``(layer, mode)`` pairs of a TPU-MLIR quantize table (``#`` lines are comments)."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) >= 2:
+            out.append((parts[0], parts[1]))
+    return out
+
+
+def mlir_layer_names(mlir_text: str) -> set[str]:
+    """The layer names (MLIR locations) a quantize table can name, from a top-level MLIR."""
     import re
 
-    locs = dict(re.findall(r'^#(loc\d+) = loc\("([^"]+)"\)', mlir_text, flags=re.M))
-    names = []
-    pat = re.compile(r'"(' + "|".join(re.escape(o) for o in ops) + r')"\(.*loc\(#(loc\d+)\)\s*$')
-    for line in mlir_text.splitlines():
-        m = pat.search(line)
-        if m and m.group(2) in locs:
-            names.append(locs[m.group(2)])
-    return names
+    return set(re.findall(r'^#loc\d+ = loc\("([^"]+)"\)', mlir_text, flags=re.M))
+
+
+def parse_search_log(text: str) -> dict:
+    """What ``run_calibration --search fast_search`` reported (its ``Search_Qtable`` log / stdout):
+    the all-INT8 and the final mixed output cosine (MLIR interpreter vs the F32 MLIR), the op types
+    it found sensitive, the per-op-type and per-layer figures, and whether it stopped early because
+    INT8 already reached the target."""
+    import re
+
+    def _f(pat):
+        m = re.findall(pat, text)
+        return float(m[-1]) if m else None
+
+    early = _f(r"current int8 cos:\s*([-\d.e]+) is higher than expected_cos")
+    types = re.findall(r"sensitive_op_type : \[([^\]]*)\]", text)
+    layers: dict[str, float] = {}
+    for name, loss in re.findall(r"layer (\S+), outputs_cos:\s*([-\d.e]+)", text):
+        layers[name] = max(float(loss), layers.get(name, float("-inf")))
+    return {
+        "int8_cos": early if early is not None else _f(r"int8 outputs_cos:\s*([-\d.e]+)"),
+        "mixed_cos": _f(r"mix model outputs_cos:\s*([-\d.e]+)"),
+        "int8_already_meets_target": early is not None,
+        "sensitive_op_types": [t.strip().strip("'\"") for t in types[-1].split(",")] if types and types[-1] else [],
+        "op_type_cos_when_only_it_is_int8": {
+            t: float(c) for t, c in re.findall(r"op_type : (\S+), similarity : ([-\d.e]+)", text)},
+        "layer_loss_when_only_it_is_int8": layers,
+        "seconds_reported": _f(r"total time:\s*([\d.]+)"),
+    }
 
 
 def write_calibration_inputs(images_dir, out_dir: Path, count: int, name: str, size: int = 224) -> list[str]:
@@ -174,20 +222,36 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                  fuse_preprocess: bool = False, combine: bool = False, validate: bool = False,
                  chip: str = CHIP, quantize: str = QUANTIZE, keep_workdir: bool = False,
                  venv=None, log: Callable[[str], None] = print, calib_images=None,
-                 calib_count: int = DEFAULT_CALIB_COUNT) -> list[dict]:
+                 calib_count: int = DEFAULT_CALIB_COUNT, calib_table=None, quantize_table=None,
+                 mixed_cos: float = DEFAULT_MIXED_COS) -> list[dict]:
     """Compile ``onnx_path`` to one bmodel per batch size (+ a combined one); return sidecars.
 
     Each output ``NAME_{chip}_{q}_{B}b.bmodel`` gets a ``.bmodel.json`` sidecar. Work happens in a
     temporary directory per batch (the tools write many files, and ``compiler_profile_0.txt``).
 
     ``quantize`` INT8 / MIXED: ``run_calibration`` first runs once (batch-1 MLIR) over the first
-    ``calib_count`` photos of ``calib_images``; its table serves every batch size.
+    ``calib_count`` photos of ``calib_images``; its table serves every batch size (``calib_table``:
+    reuse a table from an earlier compile instead). MIXED then runs TPU-MLIR's sensitivity search
+    (``search_args``) on those photos for the layers to keep in F16, aiming at output cosine
+    ``mixed_cos`` (``quantize_table``: reuse a table found before; no search).
     """
     find_venv(venv)
     quantize = quantize.upper()
     calibrated = quantize in CALIBRATED_QUANTIZE
-    if calibrated and not calib_images:
+    if calibrated and not calib_images and not calib_table:
         raise ValueError(f"--quantize {quantize} needs --calib-images DIR (real photos, e.g. the ones you will embed)")
+    if quantize == "MIXED" and not calib_images and not quantize_table:
+        raise ValueError("--quantize MIXED needs --calib-images DIR: the search for the layers to keep in F16 "
+                         "runs on those photos (or give --quantize-table FILE from an earlier MIXED compile)")
+    if quantize_table and quantize != "MIXED":
+        raise ValueError("--quantize-table is for --quantize MIXED")
+    if calib_table and not calibrated:
+        raise ValueError("--calib-table is for --quantize INT8 or MIXED")
+    for opt, f in (("--calib-table", calib_table), ("--quantize-table", quantize_table)):
+        if f and not Path(f).is_file():
+            raise ValueError(f"{opt} {f}: no such file")
+    if not 0.0 < float(mixed_cos) < 1.0:
+        raise ValueError("--mixed-cos must be between 0 and 1 (e.g. 0.999)")
     if calibrated and (calib_count or 0) < 1:
         raise ValueError("--calib-count must be >= 1")
     onnx_path = Path(onnx_path).resolve()
@@ -228,32 +292,43 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
         if calibrated:
             cd = work_root / "calib"
             cd.mkdir()
-            log(f"[compile] {name}: calibration inputs from {calib_images} (up to {calib_count} photos)")
-            used = write_calibration_inputs(calib_images, cd / "data", calib_count, _onnx_input_name(onnx_path))
             mlir = f"{name}.mlir"
-            t_ctr = run_tool(transform_args(name, onnx_path, 1, mlir, fuse_preprocess), cd, venv)
-            log(f"[compile] {name}: run_calibration over {len(used)} photos (KL thresholds)")
-            t_cal = run_tool(calibration_args(mlir, "data", len(used), f"{name}_cali_table"), cd, venv)
-            cali_table = str(cd / f"{name}_cali_table")
-            common["calibration"] = {
-                "tool": "run_calibration (TPU-MLIR, method kl)", "images_dir": str(Path(calib_images).resolve()),
-                "images": len(used), "seconds": round(t_ctr + t_cal, 2),
-                "note": SYNTHETIC_QUANT_NOTE if synthetic else
-                        "check parity with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`"}
+            need_search = quantize == "MIXED" and not quantize_table
+            used: list[str] = []
+            t_ctr = 0.0
+            if calib_images and (need_search or not calib_table):
+                log(f"[compile] {name}: calibration inputs from {calib_images} (up to {calib_count} photos)")
+                used = write_calibration_inputs(calib_images, cd / "data", calib_count, _onnx_input_name(onnx_path))
+            if need_search or not calib_table or quantize_table:  # the batch-1 MLIR: calibrate / search / check names
+                t_ctr = run_tool(transform_args(name, onnx_path, 1, mlir, fuse_preprocess), cd, venv)
+            note = (SYNTHETIC_QUANT_NOTE if synthetic else
+                    "check parity with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`")
+            if calib_table:
+                cali_table = str(cd / f"{name}_cali_table")
+                shutil.copyfile(calib_table, cali_table)
+                common["calibration"] = {
+                    "tool": "reused table (--calib-table), not calibrated in this run",
+                    "table": str(Path(calib_table).resolve()), "sha256": sha256_file(calib_table), "note": note}
+                log(f"[compile] {name}: reusing calibration table {calib_table}")
+            else:
+                log(f"[compile] {name}: run_calibration over {len(used)} photos (KL thresholds)")
+                t_cal = run_tool(calibration_args(mlir, "data", len(used), f"{name}_cali_table"), cd, venv)
+                cali_table = str(cd / f"{name}_cali_table")
+                common["calibration"] = {
+                    "tool": "run_calibration (TPU-MLIR, method kl)",
+                    "images_dir": str(Path(calib_images).resolve()),
+                    "images": len(used), "seconds": round(t_ctr + t_cal, 2), "note": note}
+                log(f"[compile] calibration took {t_ctr + t_cal:.1f} s")
             shutil.copyfile(cali_table, out_dir / f"{name}_{chip}_cali_table")
             if quantize == "MIXED":
-                layers = mixed_quantize_table((cd / mlir).read_text(errors="replace"))
-                if not layers:
-                    raise CompileError(f"no {', '.join(MIXED_F16_OPS)} op found in {mlir}: "
-                                       "nothing to keep in F16 (use --quantize INT8)")
-                qtable = str(cd / f"{name}_qtable")
-                Path(qtable).write_text("".join(f"{n} F16\n" for n in layers))
-                shutil.copyfile(qtable, out_dir / f"{name}_{chip}_mixed_qtable")
-                common["quantize_table"] = {
-                    "file": f"{name}_{chip}_mixed_qtable", "f16_layers": len(layers),
-                    "rule": "op types kept in F16: " + ", ".join(MIXED_F16_OPS) + "; all other layers INT8"}
-            log(f"[compile] calibration took {t_ctr + t_cal:.1f} s"
-                + (f"; {len(layers)} layers kept in F16" if quantize == "MIXED" else ""))
+                qtable, record = _mixed_table(cd, mlir, name, chip, cali_table, quantize_table, used,
+                                              calib_images, mixed_cos, venv, log)
+                dst_q = out_dir / f"{name}_{chip}_mixed_qtable"
+                if Path(qtable).resolve() != dst_q.resolve():
+                    shutil.copyfile(qtable, dst_q)
+                record["file"] = dst_q.name
+                _write_json(Path(str(dst_q) + ".json"), record)
+                common["quantize_table"] = record
         for b in batches:
             wd = work_root / f"b{b}"
             wd.mkdir()
@@ -338,6 +413,67 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
     return results
 
 
+
+def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, given, used: Sequence[str],
+                 calib_images, mixed_cos: float, venv, log: Callable[[str], None]) -> tuple[str, dict]:
+    """The MIXED quantize table: ``given`` (checked against the MLIR's layer names; its record
+    ``<given>.json`` carried over when there is one) or found now by TPU-MLIR's fast_search.
+    Returns its path and the record for the sidecar."""
+    names = mlir_layer_names((cd / mlir).read_text(errors="replace"))
+    if given:
+        layers = [n for n, _ in parse_quantize_table(Path(given).read_text(errors="replace"))]
+        unknown = [n for n in layers if n not in names]
+        if not layers or unknown:
+            raise ValueError(f"--quantize-table {given}: " + (f"layer {unknown[0]!r} is not in this model's MLIR"
+                             if unknown else "no 'LAYER MODE' line") + " (use a table found for this ONNX)")
+        try:
+            record = json.loads(Path(str(given) + ".json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        record.update({"reused_from": str(Path(given).resolve()), "f16_layers": len(layers), "layers": layers})
+        record.setdefault("found_by", "unknown (table given with --quantize-table, no record beside it)")
+        log(f"[compile] {name}: reusing quantize table {given} ({len(layers)} layers kept in F16)")
+        return str(given), record
+    count = min(len(used), MIXED_SEARCH_MAX_IMAGES)
+    qtable = f"{name}_qtable"
+    log(f"[compile] {name}: searching the layers to keep in F16 (TPU-MLIR run_calibration --search "
+        f"{MIXED_SEARCH}, target output cosine {mixed_cos}, {count} photos, MLIR interpreter)")
+    t = run_tool(search_args(mlir, "data", count, Path(cali_table).name, qtable, mixed_cos, chip), cd, venv,
+                 "search_qtable.log")
+    text = "\n".join(p.read_text(errors="replace") for p in (cd / "Search_Qtable", cd / "search_qtable.log")
+                     if p.is_file())
+    found = parse_search_log(text)
+    layers = ([n for n, _ in parse_quantize_table((cd / qtable).read_text(errors="replace"))]
+              if (cd / qtable).is_file() else [])
+    if found["int8_already_meets_target"] or not layers:
+        raise ValueError(f"--quantize MIXED: the search found nothing to keep in F16 (all-INT8 output cosine "
+                         f"{found['int8_cos']} on {count} calibration photos, target --mixed-cos {mixed_cos}): "
+                         "use --quantize INT8, or raise --mixed-cos")
+    unknown = [n for n in layers if n not in names]
+    if unknown:
+        raise CompileError(f"the search's quantize table names {unknown[0]!r}, not a layer of {mlir}")
+    header = (f"# clip-pipeline compile --quantize MIXED: layers kept in F16, found by TPU-MLIR run_calibration "
+              f"--search {MIXED_SEARCH} --expected_cos {mixed_cos} on {count} photos of {calib_images}\n"
+              f"# MLIR-interpreter output cosine vs F32: all-INT8 {found['int8_cos']}, this table "
+              f"{found['mixed_cos']}\n")
+    (cd / qtable).write_text(header + (cd / qtable).read_text(errors="replace"))
+    record = {
+        "found_by": f"TPU-MLIR run_calibration --search {MIXED_SEARCH} (sensitivity search on the MLIR "
+                    "interpreter: op types whose INT8 costs output cosine, then the layers of those types "
+                    "ranked by the cosine lost when only that layer is INT8; the worst 5 per round kept in F16)",
+        "target_cos": float(mixed_cos), "search_images": count,
+        "images_dir": str(Path(calib_images).resolve()), "search_seconds": round(t, 2),
+        "f16_layers": len(layers), "layers": layers,
+        "mlir_cos_all_int8": found["int8_cos"], "mlir_cos_mixed": found["mixed_cos"],
+        "cos_kind": "MLIR interpreter (INT8/mixed lowering) vs the F32 MLIR on the search photos; "
+                    "not the simulator: check the bmodel with `clip-pipeline verify BMODEL --images PHOTOS`",
+        "sensitive_op_types": found["sensitive_op_types"],
+        "layer_loss_when_only_it_is_int8": found["layer_loss_when_only_it_is_int8"],
+    }
+    log(f"[compile] {name}: {len(layers)} layers kept in F16 ({t:.1f} s search; MLIR cosine all-INT8 "
+        f"{found['int8_cos']} -> mixed {found['mixed_cos']})")
+    return str(cd / qtable), record
+
 def _f16_estimate(out_dir: Path, name: str, batch: int, chip: str, quantize: str) -> dict:
     """For INT8/MIXED: the F16 bmodel's compiler estimate (from its sidecar in ``out_dir``, if
     compiled there), side by side with this one's. Both are the compiler's estimates, not measured."""
@@ -350,6 +486,12 @@ def _f16_estimate(out_dir: Path, name: str, batch: int, chip: str, quantize: str
     except (OSError, ValueError):
         f16 = None
     out["f16_estimate"] = f16
+    if quantize == "MIXED":
+        try:
+            out["int8_estimate"] = json.loads((out_dir / (bmodel_name(name, batch, chip, "INT8") + ".json"))
+                                              .read_text()).get("estimate")
+        except (OSError, ValueError):
+            out["int8_estimate"] = None
     return out
 
 
