@@ -52,10 +52,15 @@ def machine_info() -> dict[str, Any]:
     from pipeline.telemetry import software_versions
 
     model = ""
+    family = {}  # "cpu family" / "model": names the core generation where "model name" does not
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            key = line.split(":", 1)[0].strip()
+            if key == "model name" and not model:
                 model = line.split(":", 1)[1].strip()
+            elif key in ("cpu family", "model") and key not in family:
+                family[key] = line.split(":", 1)[1].strip()
+            elif not line.strip() and model:
                 break
     except OSError:
         pass
@@ -74,7 +79,9 @@ def machine_info() -> dict[str, Any]:
                 mem = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return {"cpu_model": model, "cpu_flags": flags, "logical_cpus": os.cpu_count(),
+    return {"cpu_model": model, "cpu_family_model": f"{family.get('cpu family', '?')}/{family.get('model', '?')}",
+            "cpu_flags": flags, "logical_cpus": os.cpu_count(),
+            "nice": os.nice(0),  # the bench's scheduling priority (e.g. run under `nice -n -5`)
             "usable_cpus": len(os.sched_getaffinity(0)), "mem_total_gib": round(mem / 2**30, 1),
             "kernel": platform.release(), "loadavg_start": list(os.getloadavg()),
             "versions": software_versions()}
