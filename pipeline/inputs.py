@@ -146,6 +146,11 @@ def is_tar_file(path: bytes) -> bool:
         return False
 
 
+def is_member_ref(path: bytes) -> bool:
+    """True when `path` names a sample inside a tar shard (TAR/MEMBER), not a file."""
+    return b".tar/" in path.lower() and split_ref(path) is not None
+
+
 def split_ref(path: bytes) -> tuple[bytes, bytes] | None:
     """(tar path, member name) when `path` is a reference into a tar shard, else None."""
     low = path.lower()

@@ -54,6 +54,7 @@ REQUIRED_SUFFIXES = (PATHS_SUFFIX, FAILURES_SUFFIX, NPY_SUFFIX)  # a shard is co
 FORMAT = "clip-pipeline/1"
 REPORT_HISTORY = 20  # earlier runs kept in report.json (each a whole report)
 PARQUET_SUFFIX, HASHES_SUFFIX = ".parquet", ".hashes"  # optional companions: output.metadata, output.content_hash
+COMPANION_SUFFIXES = (PARQUET_SUFFIX, HASHES_SUFFIX)
 UPDATES = "updates"  # run --update: OUT/updates/u-NNNN.json + its listing, removed and aliases files
 CLIP_RETRIEVAL_EMB, CLIP_RETRIEVAL_META = "img_emb", "metadata"  # output.layout = "clip-retrieval"
 
@@ -376,6 +377,12 @@ class RunDir:
     def shard_failures(self, k: int) -> Path:
         """Shard k's failure records (JSON lines)."""
         return self.shards_dir / f"{shard_name(k)}{FAILURES_SUFFIX}"
+
+    def shard_companion(self, k: int, suffix: str) -> Path:
+        """Shard k's optional companion file (one of COMPANION_SUFFIXES)."""
+        if suffix not in COMPANION_SUFFIXES:
+            raise ValueError(f"{suffix!r} is not a shard companion ({COMPANION_SUFFIXES})")
+        return self.shards_dir / f"{shard_name(k)}{suffix}"
 
     # -- reading ---------------------------------------------------------------------------------
     def read_manifest(self) -> dict | None:

@@ -44,7 +44,8 @@ def reference(inp: Path, out: Path, **extra: object) -> Path:
 
 def layout_files(out: Path) -> dict[str, bytes]:
     """The files a single-host run writes, minus the timestamped manifest.json and report.json."""
-    names = ["listing.jsonl", "failures.jsonl"] + [f"embeddings/{p.name}" for p in (out / "embeddings").iterdir()]
+    names = ["listing.jsonl", "failures.jsonl"] + [f"{d}/{p.name}" for d in ("embeddings", "img_emb", "metadata")
+                                                    if (out / d).is_dir() for p in (out / d).iterdir()]
     return {n: (out / n).read_bytes() for n in sorted(names) if not n.split("/")[-1].startswith(".")}
 
 

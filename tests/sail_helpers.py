@@ -4,8 +4,11 @@ Their images come from tests/imagegen.py like every test's."""
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +16,10 @@ from pathlib import Path
 import numpy as np
 
 FAKE_SAIL_DIR = str(Path(__file__).resolve().parent / "fake_sail")
+# the misuse logs of this test session live in one folder, removed when the session ends
+_MISUSE_DIR = tempfile.mkdtemp(prefix="fake-sail-misuse-")
+atexit.register(shutil.rmtree, _MISUSE_DIR, True)
+_misuse_ids = itertools.count()
 
 
 def use_fake_sail(monkeypatch, tpus: int = 1) -> None:
@@ -25,9 +32,7 @@ def use_fake_sail(monkeypatch, tpus: int = 1) -> None:
                 "FAKE_SAIL_DECODE_MS", "FAKE_SAIL_INFER_MS", "FAKE_SAIL_BMCV_FAIL_WIDTHS", "FAKE_SAIL_NUMPY_RELEASE_GIL"):
         monkeypatch.delenv(var, raising=False)
     # every misuse the fake detects (e.g. two threads in one Engine) is appended here, from any process
-    fd, misuse = tempfile.mkstemp(prefix="fake-sail-misuse-", suffix=".log")
-    os.close(fd)
-    os.unlink(misuse)
+    misuse = os.path.join(_MISUSE_DIR, f"{next(_misuse_ids)}.log")  # created by the fake's first append
     monkeypatch.setenv("FAKE_SAIL_MISUSE_FILE", misuse)
     for mod in ("sophon.sail", "sophon"):
         sys.modules.pop(mod, None)

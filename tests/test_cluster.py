@@ -80,6 +80,28 @@ def test_every_range_by_hand_out_of_order_then_merge_equals_one_host(data, tmp_p
     assert_same_as_reference(out, ref)
 
 
+def test_merge_carries_metadata_hashes_and_the_clip_retrieval_layout(tmp_path):
+    """output.layout = "clip-retrieval" + output.content_hash: every shard's .parquet and .hashes
+    companion is committed (size + sha256), published by merge, and the img_emb/ + metadata/
+    folders are made as a single-host run makes them, byte for byte."""
+    pytest.importorskip("pyarrow")
+    extra = {"output.layout": "clip-retrieval", "output.content_hash": True}
+    inp = corpus(tmp_path)
+    ref = reference(inp, tmp_path / "ref", **extra)
+    assert (ref / "img_emb").is_dir() and any((ref / "embeddings").glob("*.hashes"))
+    out = tmp_path / "out"
+    r = cli("plan", "-i", str(inp), "-o", str(out), "--range-shards", str(RANGE_SHARDS), *sets(**extra))
+    assert r.returncode == 0, r.stderr
+    for r in (2, 0, 3, 1):
+        assert run_range(out, r).returncode == 0
+    rec = json.loads(cm.record_path(out, 0).read_text())
+    assert set(rec["shards"]["0"]["sha256"]) >= {".parquet", ".hashes", ".npy"}
+    res = cli("merge", str(out))
+    assert res.returncode == 3, res.stderr
+    assert_same_as_reference(out, ref)
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == sorted(p.name for p in (ref / "img_emb").iterdir())
+
+
 @pytest.mark.slow
 def test_two_concurrent_attempts_commit_once(data, tmp_path):
     inp, ref = data

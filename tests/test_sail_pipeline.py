@@ -92,3 +92,34 @@ def test_sail_pipeline_matches_cpu(setup, cpu_rows, monkeypatch, mode, ndev, bat
     else:
         max_abs = float(np.abs(a - b).max())
         assert cos.min() >= DEVICE_MIN_COSINE and max_abs <= DEVICE_MAX_ABS, (cos.min(), max_abs)
+
+
+def test_sail_device_mode_embeds_webdataset_members(setup, cpu_rows, monkeypatch):
+    """sail.Decoder opens files by name only, so device mode decodes a tar shard's samples on the
+    host CPU and uploads them (as it does any image the hardware decoder does not take): every
+    member is embedded within the device tolerances of the cpu run over the same files, and a
+    truncated member fails as `truncated`, as the file does."""
+    import tarfile
+
+    d, onnx_path, imgs = setup
+    names = [f"p{i:02d}.jpg" for i in range(11)] + ["broken.jpg"]
+    shards = d / "shards"
+    shards.mkdir(exist_ok=True)
+    with tarfile.open(shards / "00000.tar", "w") as tf:
+        for i, name in enumerate(names):
+            tf.add(imgs / name, arcname=f"{i:09d}.jpg")
+    use_fake_sail(monkeypatch, tpus=1)
+    bm = write_fake_bmodel(d / "clip_4b_tar.bmodel", onnx_path, [4])
+    out = d / "out-sail-device-tar"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = base_cfg(out, shards, "sail", bm, [0], sail={"mode": "device"})
+    res, rows, fails = run_pipeline(cfg)
+    assert res.exit_code == 3, res.message
+    assert fails == {f"{names.index('broken.jpg'):09d}.jpg": "truncated"}
+    ref, _ = cpu_rows
+    by_name = {os.path.basename(p): e for p, e in ref.items()}
+    assert len(rows) == 11
+    for p, e in rows.items():
+        assert "/00000.tar/" in p
+        want = by_name[names[int(os.path.basename(p)[:9])]]
+        assert float(np.dot(e, want)) >= DEVICE_MIN_COSINE and float(np.abs(e - want).max()) <= DEVICE_MAX_ABS, p

@@ -52,7 +52,17 @@ from pipeline.backends.base import (
     Prepared,
 )
 from pipeline.config import ConfigError
-from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_file, normalize, open_input, reference_crop
+from pipeline.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DecodeOptions,
+    decode_bytes,
+    decode_file,
+    normalize,
+    open_input,
+    reference_crop,
+)
+from pipeline.inputs import TarReader, is_member_ref
 from pipeline.messages import Failure, ItemError
 
 if TYPE_CHECKING:
@@ -327,6 +337,10 @@ class SailFilesDevice(Device):
         except Exception as exc:
             raise DeviceError(_sail_error(f"opening EngineImagePreProcess on dev_id {dev_id}", exc)) from exc
         self.opts = DecodeOptions.from_config(cfg)
+        # webdataset samples (TAR/MEMBER): sail.Decoder opens files by name only (§2.1), so their
+        # bytes are read from the shard and decoded on the host CPU, then uploaded like any image
+        # the hardware decoder does not take
+        self.tars = TarReader()
         self.broken: str | None = None
 
     # --- per file ---------------------------------------------------------------------------
@@ -363,7 +377,10 @@ class SailFilesDevice(Device):
 
     def _cpu_decode(self, item_id: int, path: bytes, centre_crop_224: bool = False):
         try:
-            rgb = decode_file(path, self.opts)
+            if is_member_ref(path):
+                rgb = decode_bytes(self.tars.read_image(path, self.opts.max_file_bytes), self.opts)
+            else:
+                rgb = decode_file(path, self.opts)
         except ItemError as exc:
             return Failure(item_id, path, exc.reason, exc.message)
         if centre_crop_224:
@@ -406,7 +423,7 @@ class SailFilesDevice(Device):
     def _prepare(self, item_id: int, path: bytes):
         """-> (BMImage of a centre square, None) or (None, Failure)."""
         p = os.fsdecode(path)
-        img = self._hw_decode(p) if self._hw_eligible(p) else None
+        img = self._hw_decode(p) if not is_member_ref(path) and self._hw_eligible(p) else None
         if img is not None:
             if img.width() * img.height() > self.opts.max_pixels:
                 return None, Failure(item_id, path, "too_large", f"{img.width()}x{img.height()} pixels, "
@@ -531,6 +548,7 @@ class SailFilesDevice(Device):
         return self.run_prepared(self.prepare_files(ids, paths))
 
     def close(self) -> None:
+        self.tars.close()
         self.epp = None
         self.bmcv = None
         self.handle = None

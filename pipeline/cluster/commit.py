@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import output
 from pipeline.cluster.plan import Plan
-from pipeline.rundir import CHECK_SUFFIX, FAILURES_SUFFIX, NPY_SUFFIX, PATHS_SUFFIX, SHARD_SUFFIXES, RunDir
+from pipeline.rundir import CHECK_SUFFIX, COMPANION_SUFFIXES, FAILURES_SUFFIX, NPY_SUFFIX, PATHS_SUFFIX, RunDir
 
 RANGES_DIR = "ranges"
 ATTEMPTS_DIR = "attempts"
@@ -50,24 +50,33 @@ def sha256_bytes_of(path: Path) -> str:
     return sha256_file(path)
 
 
-def shard_files(d: Path, k: int) -> dict[str, Path]:
-    """Shard k's files in run directory d, by suffix (the names are RunDir's; .check.json is its
-    integrity record)."""
+def shard_files(d: Path, k: int, companions: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Shard k's files in run directory d, by suffix, in publish order: the .npy (the completion
+    mark) last. `companions`: the optional per-shard files the run writes (rundir.COMPANION_SUFFIXES:
+    output.metadata's .parquet, output.content_hash's .hashes). The names are RunDir's; .check.json
+    is the shard's integrity record."""
     rd = RunDir(d)
-    return {PATHS_SUFFIX: rd.shard_paths(k), FAILURES_SUFFIX: rd.shard_failures(k), CHECK_SUFFIX: rd.shard_check(k),
-            NPY_SUFFIX: rd.shard_npy(k)}
+    return {PATHS_SUFFIX: rd.shard_paths(k), FAILURES_SUFFIX: rd.shard_failures(k),
+            **{s: rd.shard_companion(k, s) for s in companions},
+            CHECK_SUFFIX: rd.shard_check(k), NPY_SUFFIX: rd.shard_npy(k)}
+
+
+def recorded_companions(shard: dict[str, Any]) -> tuple[str, ...]:
+    """The companion files a commit record lists for one shard (older records list none)."""
+    return tuple(s for s in COMPANION_SUFFIXES if s in shard["bytes"])
 
 
 def describe_shard(run_dir: Path, k: int) -> dict[str, Any]:
-    """Rows, failures, sizes and sha256 of shard k's three files in a run directory."""
+    """Rows, failures, sizes and sha256 of shard k's files in a run directory (companions too)."""
     import numpy as np
 
-    files = shard_files(run_dir, k)
+    companions = tuple(s for s in COMPANION_SUFFIXES if RunDir(run_dir).shard_companion(k, s).exists())
+    files = shard_files(run_dir, k, companions)
     rows = int(np.load(files[NPY_SUFFIX], mmap_mode="r").shape[0])
     failed = files[FAILURES_SUFFIX].read_bytes().count(b"\n")
     return {"rows": rows, "failed": failed,
-            "bytes": {s: files[s].stat().st_size for s in SHARD_SUFFIXES},
-            "sha256": {s: sha256_bytes_of(files[s]) for s in SHARD_SUFFIXES}}
+            "bytes": {s: p.stat().st_size for s, p in files.items()},
+            "sha256": {s: sha256_bytes_of(p) for s, p in files.items()}}
 
 
 def build_record(plan: Plan, r: int, attempt: str, attempt_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
@@ -136,10 +145,11 @@ def read_record(out: str | os.PathLike, r: int) -> dict[str, Any] | None:
 def committed_files(plan: Plan, record: dict[str, Any], k: int) -> dict[str, Path]:
     """Where shard k of a committed range lies: its attempt directory, or (after a merge that
     cleaned the attempts) the published layout."""
-    files = shard_files(plan.out / record["dir"], k)
+    companions = recorded_companions(record["shards"][str(k)])
+    files = shard_files(plan.out / record["dir"], k, companions)
     if all(p.exists() for p in files.values()):
         return files
-    return shard_files(plan.out, k)
+    return shard_files(plan.out, k, companions)
 
 
 def check_record(plan: Plan, r: int, record: dict[str, Any] | None, deep: bool = False) -> list[str]:

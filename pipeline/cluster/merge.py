@@ -109,9 +109,9 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
     for r, rec in records.items():
         for k in plan.shards(r):
             src = cm.committed_files(plan, rec, k)
-            dst = cm.shard_files(outp, k)
+            dst = cm.shard_files(outp, k, cm.recorded_companions(rec["shards"][str(k)]))
             want = rec["shards"][str(k)]["sha256"]
-            for suffix in cm.SHARD_SUFFIXES:  # .npy last: a shard is complete iff its .npy exists
+            for suffix in src:  # .npy last: a shard is complete iff its .npy exists
                 if src[suffix] == dst[suffix]:
                     continue
                 if (dst[suffix].exists() and dst[suffix].stat().st_size == src[suffix].stat().st_size
@@ -125,6 +125,11 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
     reasons = RunDir(outp).failures_by_reason(range(plan.n_shards))
     rows = sum(rec["rows"] for rec in records.values())
     cfg_dict = plan.record["config"]
+    o = cfg_dict.get("output", {})
+    if o.get("metadata") or o.get("layout") == "clip-retrieval":  # as a single-host run ends
+        from pipeline import metadata
+
+        metadata.publish(outp, list(range(plan.n_shards)), bool(o.get("metadata")), o.get("layout", "native"))
     model = plan.record["model"]
     synthetic = bool(model.get("synthetic"))
     per_range = [{"range": r, "attempt": rec["attempt"], "host": rec.get("host"), "engine_node": rec.get("engine_node"),
