@@ -36,8 +36,11 @@ def _fail_missing(e: TpuMlirMissing):
                    "`verify BMODEL --images PHOTOS`.")
 @click.option("--calib-images", default=None, type=click.Path(exists=True, file_okay=False),
               help="Photos to calibrate INT8/MIXED on (use the images you will embed).")
+@click.option("--calib-texts", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A text encoder's calibration data: real captions, one per line (UTF-8), tokenised "
+                   "by the project's CLIP tokenizer (use captions like the prompts you will embed).")
 @click.option("--calib-count", default=32, show_default=True, type=click.IntRange(min=1),
-              help="How many of --calib-images to calibrate on.")
+              help="How many of --calib-images (--calib-texts lines) to calibrate on.")
 @click.option("--calib-table", default=None, type=click.Path(exists=True, dir_okay=False),
               help="INT8/MIXED: reuse NAME_bm1684x_cali_table from an earlier compile of the same ONNX "
                    "instead of calibrating again.")
@@ -50,8 +53,8 @@ def _fail_missing(e: TpuMlirMissing):
 @click.option("--venv", default=None, help="TPU-MLIR venv (default: $CLIP_PIPELINE_TPU_MLIR_VENV or "
                                             "~/.cache/clip-pipeline/tpu-mlir-venv).")
 def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, validate, quantize,
-                calib_images, calib_count, calib_table, mixed_cos, quantize_table, keep_workdir, venv):
-    """Compile an ONNX CLIP image encoder into BM1684X bmodel(s) with TPU-MLIR."""
+                calib_images, calib_texts, calib_count, calib_table, mixed_cos, quantize_table, keep_workdir, venv):
+    """Compile an ONNX CLIP image or text encoder into BM1684X bmodel(s) with TPU-MLIR."""
     from .compile import CompileError, compile_onnx
 
     try:
@@ -59,7 +62,7 @@ def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, val
                      combine=combine, validate=validate, quantize=quantize.upper(),
                      keep_workdir=keep_workdir, venv=venv, log=click.echo,
                      calib_images=calib_images, calib_count=calib_count, calib_table=calib_table,
-                     quantize_table=quantize_table, mixed_cos=mixed_cos)
+                     quantize_table=quantize_table, mixed_cos=mixed_cos, calib_texts=calib_texts)
     except TpuMlirMissing as e:
         _fail_missing(e)
     except (CompileError, ValueError) as e:
@@ -73,6 +76,10 @@ def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, val
 @click.option("--images", "images_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Also compare on real images (reference CLIP preprocessing).")
 @click.option("--max-images", default=64, show_default=True, type=int)
+@click.option("--texts", "texts_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Text encoder: also compare on these captions (one per line, UTF-8; the first "
+                   "--max-texts), tokenised by the project's tokenizer; embeddings at the end token.")
+@click.option("--max-texts", default=64, show_default=True, type=int)
 @click.option("-b", "--batch", "batches", type=int, multiple=True,
               help="Only these stages of a multi-stage bmodel (default: all).")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -81,7 +88,7 @@ def compile_cmd(onnx_path, out_dir, batches, name, fuse_preprocess, combine, val
                    "(default: 0.9999; 0.99 for an INT8/MIXED bmodel).")
 @click.option("--venv", default=None, help="TPU-MLIR venv (default: $CLIP_PIPELINE_TPU_MLIR_VENV or "
                                             "~/.cache/clip-pipeline/tpu-mlir-venv).")
-def verify_cmd(bmodel, onnx_path, images_dir, max_images, batches, seed, min_cosine, venv):
+def verify_cmd(bmodel, onnx_path, images_dir, max_images, texts_file, max_texts, batches, seed, min_cosine, venv):
     """Run BMODEL on the BM1684X simulator and compare it with onnxruntime (slow: seconds per
     forward for a tiny model, minutes for ViT-B/32)."""
     from .compile import CompileError
@@ -90,7 +97,8 @@ def verify_cmd(bmodel, onnx_path, images_dir, max_images, batches, seed, min_cos
 
     try:
         r = verify(bmodel, onnx_path, seed=seed, images_dir=images_dir, max_images=max_images,
-                   batches=batches or None, venv=venv, log=click.echo)
+                   batches=batches or None, venv=venv, log=click.echo, texts_file=texts_file,
+                   max_texts=max_texts)
     except TpuMlirMissing as e:
         _fail_missing(e)
     except (CompileError, SimulatorError, ValueError) as e:
@@ -99,9 +107,10 @@ def verify_cmd(bmodel, onnx_path, images_dir, max_images, batches, seed, min_cos
     if min_cosine is None:
         min_cosine = 0.99 if quant in ("INT8", "MIXED") else 0.9999
     if quant in ("INT8", "MIXED"):
-        click.echo(f"[verify] {quant} bmodel: parity depends on the weights and photos. Synthetic random "
+        what = "--texts YOUR_CAPTIONS" if r.text else "--images YOUR_PHOTOS"
+        click.echo(f"[verify] {quant} bmodel: parity depends on the weights and inputs. Synthetic random "
                    "weights quantise differently from trained CLIP weights: run `clip-pipeline verify "
-                   "BMODEL --images YOUR_PHOTOS` with your own model to know yours.")
+                   f"BMODEL {what}` with your own model to know yours.")
     ok = r.cos_min >= min_cosine
     click.echo(f"[verify] overall: max_abs_diff={r.max_abs_diff:.6g} cos_min={r.cos_min:.7f} "
                f"-> {'PASS' if ok else 'FAIL'} (min cosine {min_cosine})")

@@ -24,7 +24,7 @@ from .preprocess import CLIP_MEAN_255, CLIP_SCALE_255
 CHIP = "bm1684x"
 QUANTIZE = "F16"
 FLOAT_QUANTIZE = ("F16", "BF16", "F32")
-CALIBRATED_QUANTIZE = ("INT8", "MIXED")  # need run_calibration on real photos first
+CALIBRATED_QUANTIZE = ("INT8", "MIXED")  # need run_calibration on real photos (captions) first
 DEFAULT_CALIB_COUNT = 32
 # MIXED: INT8 with the layers whose INT8 quantisation hurts the output cosine most kept in F16, found
 # by TPU-MLIR's own sensitivity search (``run_calibration --search fast_search``) on the MLIR
@@ -34,6 +34,8 @@ DEFAULT_MIXED_COS = 0.999        # the search's --expected_cos: the output cosin
 MIXED_SEARCH_MAX_IMAGES = 8      # photos the search evaluates on (also its maximum number of rounds)
 SYNTHETIC_QUANT_NOTE = ("synthetic random weights quantise differently from trained CLIP weights: "
                         "check yours with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`")
+SYNTHETIC_QUANT_NOTE_TEXT = ("synthetic random weights quantise differently from trained CLIP weights: "
+                             "check yours with `clip-pipeline verify BMODEL --texts YOUR_CAPTIONS`")
 
 
 class CompileError(RuntimeError):
@@ -173,6 +175,45 @@ def write_calibration_inputs(images_dir, out_dir: Path, count: int, name: str, s
     return paths
 
 
+def read_captions(texts_file, count: int | None = None) -> list[str]:
+    """The first ``count`` non-blank lines (stripped) of a UTF-8 file, one caption per line."""
+    try:
+        raw = Path(texts_file).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{texts_file}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{texts_file}: not UTF-8 text (byte {e.start}); give one caption per line, UTF-8") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[:count] if count else lines
+
+
+def tokenize_captions(captions: Sequence[str], context: int):
+    """Token ids ``int32 [n, context]`` of ``captions`` by the project's CLIP BPE tokenizer
+    (pipeline.text.tokenizer; a caption too long for the context is cut, end token last)."""
+    from pipeline.text.tokenizer import get_tokenizer
+
+    return get_tokenizer().tokenize(list(captions), context_length=int(context)).ids
+
+
+def write_calibration_texts(texts_file, out_dir: Path, count: int, name: str, context: int,
+                            dtype: str = "int32") -> list[str]:
+    """The first ``count`` captions of ``texts_file`` (one per line, UTF-8, blank lines skipped)
+    as token ids by the project's tokenizer, one ``[1, context]`` npz each with the ONNX input's
+    name and integer dtype (what the top MLIR takes); returns the captions."""
+    import numpy as np
+
+    caps = read_captions(texts_file, count)
+    if not caps:
+        raise ValueError(f"--calib-texts {texts_file}: no captions (one per line, UTF-8)")
+    ids = tokenize_captions(caps, context).astype(np.dtype(dtype))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(len(caps)):
+        np.savez(out_dir / f"{k:05d}.npz", **{name: ids[k:k + 1]})
+    return caps
+
+
 def combine_args(bmodels: Sequence[str], out: str) -> list[str]:
     return ["model_tool", "--combine", *[str(b) for b in bmodels], "-o", str(out)]
 
@@ -223,7 +264,7 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                  chip: str = CHIP, quantize: str = QUANTIZE, keep_workdir: bool = False,
                  venv=None, log: Callable[[str], None] = print, calib_images=None,
                  calib_count: int = DEFAULT_CALIB_COUNT, calib_table=None, quantize_table=None,
-                 mixed_cos: float = DEFAULT_MIXED_COS) -> list[dict]:
+                 mixed_cos: float = DEFAULT_MIXED_COS, calib_texts=None) -> list[dict]:
     """Compile ``onnx_path`` to one bmodel per batch size (+ a combined one); return sidecars.
 
     Each output ``NAME_{chip}_{q}_{B}b.bmodel`` gets a ``.bmodel.json`` sidecar. Work happens in a
@@ -234,15 +275,25 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
     reuse a table from an earlier compile instead). MIXED then runs TPU-MLIR's sensitivity search
     (``search_args``) on those photos for the layers to keep in F16, aiming at output cosine
     ``mixed_cos`` (``quantize_table``: reuse a table found before; no search).
+
+    A text encoder calibrates on ``calib_texts`` instead (a file of captions, one per line): the
+    first ``calib_count`` captions as token ids by the project's tokenizer.
     """
     find_venv(venv)
     quantize = quantize.upper()
     calibrated = quantize in CALIBRATED_QUANTIZE
-    if calibrated and not calib_images and not calib_table:
-        raise ValueError(f"--quantize {quantize} needs --calib-images DIR (real photos, e.g. the ones you will embed)")
-    if quantize == "MIXED" and not calib_images and not quantize_table:
+    if calib_images and calib_texts:
+        raise ValueError("give --calib-images DIR (image encoder) or --calib-texts FILE (text encoder), not both")
+    calib_src = calib_images or calib_texts
+    if calibrated and not calib_src and not calib_table:
+        raise ValueError(f"--quantize {quantize} needs --calib-images DIR (real photos, e.g. the ones you will "
+                         "embed; a text encoder: --calib-texts FILE, real captions one per line)")
+    if quantize == "MIXED" and not calib_src and not quantize_table:
         raise ValueError("--quantize MIXED needs --calib-images DIR: the search for the layers to keep in F16 "
-                         "runs on those photos (or give --quantize-table FILE from an earlier MIXED compile)")
+                         "runs on those photos (a text encoder: --calib-texts FILE; or give --quantize-table "
+                         "FILE from an earlier MIXED compile)")
+    if calib_src and not calibrated:
+        raise ValueError(f"--calib-{'images' if calib_images else 'texts'} is for --quantize INT8 or MIXED")
     if quantize_table and quantize != "MIXED":
         raise ValueError("--quantize-table is for --quantize MIXED")
     if calib_table and not calibrated:
@@ -270,9 +321,12 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
     text_context = onnx_text_context(onnx_path)
     if text_context and fuse_preprocess:
         raise ValueError("--fuse-preprocess is for image encoders; this ONNX takes token ids")
-    if text_context and calibrated:
-        raise ValueError(f"--quantize {quantize} is implemented for image encoders only (calibration "
-                         "data for a text tower would be token ids of real captions); use F16")
+    if text_context and calib_images:
+        raise ValueError(f"--calib-images is for image encoders; {onnx_path.name} takes token ids: "
+                         "give --calib-texts FILE (real captions, one per line, UTF-8)")
+    if calib_texts and not text_context:
+        raise ValueError(f"--calib-texts is for text encoders; {onnx_path.name} takes images: "
+                         "give --calib-images DIR (real photos)")
     common = {
         "chip": chip, "quantize": quantize, "tpu_mlir_version": TPU_MLIR_VERSION,
         "fused_preprocess": bool(fuse_preprocess),
@@ -296,13 +350,24 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
             need_search = quantize == "MIXED" and not quantize_table
             used: list[str] = []
             t_ctr = 0.0
-            if calib_images and (need_search or not calib_table):
-                log(f"[compile] {name}: calibration inputs from {calib_images} (up to {calib_count} photos)")
-                used = write_calibration_inputs(calib_images, cd / "data", calib_count, _onnx_input_name(onnx_path))
+            if calib_src and (need_search or not calib_table):
+                if text_context:
+                    log(f"[compile] {name}: calibration inputs from {calib_texts} (up to {calib_count} captions)")
+                    used = write_calibration_texts(calib_texts, cd / "data", calib_count, _onnx_input_name(onnx_path),
+                                                   text_context, _onnx_input_dtype(onnx_path))
+                else:
+                    log(f"[compile] {name}: calibration inputs from {calib_images} (up to {calib_count} photos)")
+                    used = write_calibration_inputs(calib_images, cd / "data", calib_count,
+                                                    _onnx_input_name(onnx_path))
             if need_search or not calib_table or quantize_table:  # the batch-1 MLIR: calibrate / search / check names
-                t_ctr = run_tool(transform_args(name, onnx_path, 1, mlir, fuse_preprocess), cd, venv)
-            note = (SYNTHETIC_QUANT_NOTE if synthetic else
-                    "check parity with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`")
+                t_ctr = run_tool(transform_args(name, onnx_path, 1, mlir, fuse_preprocess, text_context=text_context),
+                                 cd, venv)
+            if text_context:
+                note = (SYNTHETIC_QUANT_NOTE_TEXT if synthetic else
+                        "check parity with `clip-pipeline verify BMODEL --texts YOUR_CAPTIONS`")
+            else:
+                note = (SYNTHETIC_QUANT_NOTE if synthetic else
+                        "check parity with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`")
             if calib_table:
                 cali_table = str(cd / f"{name}_cali_table")
                 shutil.copyfile(calib_table, cali_table)
@@ -311,18 +376,22 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                     "table": str(Path(calib_table).resolve()), "sha256": sha256_file(calib_table), "note": note}
                 log(f"[compile] {name}: reusing calibration table {calib_table}")
             else:
-                log(f"[compile] {name}: run_calibration over {len(used)} photos (KL thresholds)")
+                unit = "captions" if text_context else "photos"
+                log(f"[compile] {name}: run_calibration over {len(used)} {unit} (KL thresholds)")
                 t_cal = run_tool(calibration_args(mlir, "data", len(used), f"{name}_cali_table"), cd, venv)
                 cali_table = str(cd / f"{name}_cali_table")
+                src = ({"texts_file": str(Path(calib_texts).resolve()), "texts": len(used),
+                        "tokenizer": "clip-bpe (pipeline.text.tokenizer)", "context": text_context}
+                       if text_context else
+                       {"images_dir": str(Path(calib_images).resolve()), "images": len(used)})
                 common["calibration"] = {
-                    "tool": "run_calibration (TPU-MLIR, method kl)",
-                    "images_dir": str(Path(calib_images).resolve()),
-                    "images": len(used), "seconds": round(t_ctr + t_cal, 2), "note": note}
+                    "tool": "run_calibration (TPU-MLIR, method kl)", **src,
+                    "seconds": round(t_ctr + t_cal, 2), "note": note}
                 log(f"[compile] calibration took {t_ctr + t_cal:.1f} s")
             shutil.copyfile(cali_table, out_dir / f"{name}_{chip}_cali_table")
             if quantize == "MIXED":
                 qtable, record = _mixed_table(cd, mlir, name, chip, cali_table, quantize_table, used,
-                                              calib_images, mixed_cos, venv, log)
+                                              calib_src, mixed_cos, venv, log, bool(text_context))
                 dst_q = out_dir / f"{name}_{chip}_mixed_qtable"
                 if Path(qtable).resolve() != dst_q.resolve():
                     shutil.copyfile(qtable, dst_q)
@@ -415,7 +484,8 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
 
 
 def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, given, used: Sequence[str],
-                 calib_images, mixed_cos: float, venv, log: Callable[[str], None]) -> tuple[str, dict]:
+                 calib_src, mixed_cos: float, venv, log: Callable[[str], None],
+                 text: bool = False) -> tuple[str, dict]:
     """The MIXED quantize table: ``given`` (checked against the MLIR's layer names; its record
     ``<given>.json`` carried over when there is one) or found now by TPU-MLIR's fast_search.
     Returns its path and the record for the sidecar."""
@@ -435,9 +505,10 @@ def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, giv
         log(f"[compile] {name}: reusing quantize table {given} ({len(layers)} layers kept in F16)")
         return str(given), record
     count = min(len(used), MIXED_SEARCH_MAX_IMAGES)
+    unit = "captions" if text else "photos"
     qtable = f"{name}_qtable"
     log(f"[compile] {name}: searching the layers to keep in F16 (TPU-MLIR run_calibration --search "
-        f"{MIXED_SEARCH}, target output cosine {mixed_cos}, {count} photos, MLIR interpreter)")
+        f"{MIXED_SEARCH}, target output cosine {mixed_cos}, {count} {unit}, MLIR interpreter)")
     t = run_tool(search_args(mlir, "data", count, Path(cali_table).name, qtable, mixed_cos, chip), cd, venv,
                  "search_qtable.log")
     text = "\n".join(p.read_text(errors="replace") for p in (cd / "Search_Qtable", cd / "search_qtable.log")
@@ -447,13 +518,13 @@ def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, giv
               if (cd / qtable).is_file() else [])
     if found["int8_already_meets_target"] or not layers:
         raise ValueError(f"--quantize MIXED: the search found nothing to keep in F16 (all-INT8 output cosine "
-                         f"{found['int8_cos']} on {count} calibration photos, target --mixed-cos {mixed_cos}): "
+                         f"{found['int8_cos']} on {count} calibration {unit}, target --mixed-cos {mixed_cos}): "
                          "use --quantize INT8, or raise --mixed-cos")
     unknown = [n for n in layers if n not in names]
     if unknown:
         raise CompileError(f"the search's quantize table names {unknown[0]!r}, not a layer of {mlir}")
     header = (f"# clip-pipeline compile --quantize MIXED: layers kept in F16, found by TPU-MLIR run_calibration "
-              f"--search {MIXED_SEARCH} --expected_cos {mixed_cos} on {count} photos of {calib_images}\n"
+              f"--search {MIXED_SEARCH} --expected_cos {mixed_cos} on {count} {unit} of {calib_src}\n"
               f"# MLIR-interpreter output cosine vs F32: all-INT8 {found['int8_cos']}, this table "
               f"{found['mixed_cos']}\n")
     (cd / qtable).write_text(header + (cd / qtable).read_text(errors="replace"))
@@ -461,12 +532,13 @@ def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, giv
         "found_by": f"TPU-MLIR run_calibration --search {MIXED_SEARCH} (sensitivity search on the MLIR "
                     "interpreter: op types whose INT8 costs output cosine, then the layers of those types "
                     "ranked by the cosine lost when only that layer is INT8; the worst 5 per round kept in F16)",
-        "target_cos": float(mixed_cos), "search_images": count,
-        "images_dir": str(Path(calib_images).resolve()), "search_seconds": round(t, 2),
+        "target_cos": float(mixed_cos), ("search_texts" if text else "search_images"): count,
+        ("texts_file" if text else "images_dir"): str(Path(calib_src).resolve()), "search_seconds": round(t, 2),
         "f16_layers": len(layers), "layers": layers,
         "mlir_cos_all_int8": found["int8_cos"], "mlir_cos_mixed": found["mixed_cos"],
-        "cos_kind": "MLIR interpreter (INT8/mixed lowering) vs the F32 MLIR on the search photos; "
-                    "not the simulator: check the bmodel with `clip-pipeline verify BMODEL --images PHOTOS`",
+        "cos_kind": f"MLIR interpreter (INT8/mixed lowering) vs the F32 MLIR on the search {unit}; "
+                    "not the simulator: check the bmodel with `clip-pipeline verify BMODEL "
+                    + ("--texts CAPTIONS`" if text else "--images PHOTOS`"),
         "sensitive_op_types": found["sensitive_op_types"],
         "layer_loss_when_only_it_is_int8": found["layer_loss_when_only_it_is_int8"],
     }
@@ -501,6 +573,17 @@ def _onnx_input_name(onnx_path) -> str:
     m = onnx.load(str(onnx_path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
     return next(i.name for i in m.graph.input if i.name not in inits)
+
+
+def _onnx_input_dtype(onnx_path) -> str:
+    """numpy dtype name of the ONNX's (first non-initializer) input."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    inp = next(i for i in m.graph.input if i.name not in inits)
+    return str(tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
 
 
 def onnx_text_context(onnx_path) -> int | None:

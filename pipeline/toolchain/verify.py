@@ -36,6 +36,7 @@ class VerifyResult:
     onnx: str
     fused_preprocess: bool
     comparisons: list[Comparison] = field(default_factory=list)
+    text: bool = False
 
     @property
     def cos_min(self) -> float:
@@ -85,10 +86,15 @@ def onnx_for(bmodel) -> str | None:
 
 def verify(bmodel, onnx_path=None, seed: int = 0, images_dir=None, max_images: int | None = 64,
            batches: Sequence[int] | None = None, venv=None,
-           log: Callable[[str], None] = print) -> VerifyResult:
+           log: Callable[[str], None] = print, texts_file=None, max_texts: int | None = 64) -> VerifyResult:
     """Run ``bmodel`` on the simulator and onnxruntime on the same inputs; one comparison per stage
     (seeded random uint8 images, CLIP-normalised unless the bmodel fuses preprocessing), plus one
-    over real images from ``images_dir`` if given (reference preprocessing, padded to the batch)."""
+    over real images from ``images_dir`` if given (reference preprocessing, padded to the batch).
+
+    A text encoder: seeded rows shaped like token ids per stage, plus, with ``texts_file``, its
+    first ``max_texts`` captions (project tokenizer, padded with zero rows to the batch), compared
+    as the embedding the pipeline uses: the states at the end token (argmax of the ids) times the
+    projection beside the bmodel for a states-form model; a projected model's output as it is."""
     import onnxruntime as ort
 
     bmodel = Path(bmodel)
@@ -105,7 +111,11 @@ def verify(bmodel, onnx_path=None, seed: int = 0, images_dir=None, max_images: i
     text = len(inp["shape"]) == 2  # a text encoder: token ids [B, 77]
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     in_name = sess.get_inputs()[0].name
-    result = VerifyResult(str(bmodel), str(onnx_path), fused)
+    result = VerifyResult(str(bmodel), str(onnx_path), fused, text=text)
+    if text and images_dir:
+        raise ValueError(f"--images is for image encoders; {bmodel.name} takes token ids: use --texts FILE")
+    if texts_file and not text:
+        raise ValueError(f"--texts is for text encoders; {bmodel.name} takes images: use --images DIR")
     log(f"[verify] {bmodel.name}: network {info['networks'][0]['name']}, stages (batch) {stages}, "
         f"input {inp['name']} {inp['dtype']}{' (fused CLIP preprocessing)' if fused else ''}")
     todo = [b for b in stages if not batches or b in batches]
@@ -134,6 +144,8 @@ def verify(bmodel, onnx_path=None, seed: int = 0, images_dir=None, max_images: i
             c = compare(f"random seed={seed + k} b={b}", y, ref, secs)
             result.comparisons.append(c)
             log("[verify] " + c.line())
+        if texts_file:
+            result.comparisons.append(_compare_texts(runner, sess, bmodel, texts_file, max_texts, size, max(todo), log))
         if images_dir and not text:
             paths, u8 = load_images_u8(images_dir, size=size, limit=max_images)
             if not len(paths):
@@ -157,6 +169,48 @@ def verify(bmodel, onnx_path=None, seed: int = 0, images_dir=None, max_images: i
             result.comparisons.append(c)
             log("[verify] " + c.line())
     return result
+
+
+def _compare_texts(runner, sess, bmodel: Path, texts_file, max_texts: int | None, context: int, b: int,
+                   log: Callable[[str], None]) -> Comparison:
+    """Captions through the bmodel (simulator) and onnxruntime; the embeddings the pipeline uses."""
+    from .compile import read_captions, tokenize_captions
+
+    caps = read_captions(texts_file, max_texts)
+    if not caps:
+        raise ValueError(f"--texts {texts_file}: no captions (one per line, UTF-8)")
+    ids = tokenize_captions(caps, context)
+    proj = _projection_of(bmodel)
+    in_name = sess.get_inputs()[0].name
+    ys, secs = [], 0.0
+    for s in range(0, len(ids), b):
+        chunk = ids[s:s + b]
+        n = len(chunk)
+        if n < b:  # zero rows to the static batch, as embed-text does
+            chunk = np.concatenate([chunk, np.zeros((b - n, context), np.int32)])
+        (y,) = runner.forward([chunk])
+        ys.append(y[:n])
+        secs += runner.last_seconds or 0.0
+    got = np.concatenate(ys)
+    ref = np.concatenate([sess.run(None, {in_name: ids[s:s + b].astype(_ort_int(sess))})[0]
+                          for s in range(0, len(ids), b)])
+    eot = ids.argmax(1)
+    if got.ndim == 3:  # states form: the end token's state, projected as the host does
+        got, ref = got[np.arange(len(ids)), eot], ref[np.arange(len(ids)), eot]
+        if proj is not None:
+            got, ref = got @ proj, ref @ proj
+    c = compare(f"texts n={len(caps)} b={b}" + (" (eot state @ projection)" if proj is not None else ""),
+                got, ref, secs)
+    if len(caps) >= 2:
+        c.nn_top1_agreement = nn_top1_agreement(got, ref)
+    log("[verify] " + c.line())
+    return c
+
+
+def _projection_of(bmodel: Path):
+    """A states-form text bmodel's projection (``<stem>.text_projection.npy`` beside it), or None."""
+    p = bmodel.with_name(bmodel.stem + ".text_projection.npy")
+    return np.load(p).astype(np.float64) if p.is_file() else None
 
 
 def _ort_int(sess) -> type:
