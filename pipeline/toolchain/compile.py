@@ -81,7 +81,7 @@ def deploy_args(mlir: str, bmodel: str, chip: str = CHIP, quantize: str = QUANTI
             "--model", bmodel]
     if calibration_table:
         args += ["--calibration_table", calibration_table]
-    if quantize_table and q == "MIXED":
+    if quantize_table and q in CALIBRATED_QUANTIZE:  # INT8: layers that must stay float (nonfinite_layers)
         args += ["--quantize_table", quantize_table]
     if fuse_preprocess:
         args += ["--fuse_preprocess", "--customization_format", "RGB_PLANAR"]
@@ -128,6 +128,31 @@ def mlir_layer_names(mlir_text: str) -> set[str]:
     import re
 
     return set(re.findall(r'^#loc\d+ = loc\("([^"]+)"\)', mlir_text, flags=re.M))
+
+
+def nonfinite_layers(cali_table_text: str) -> list[str]:
+    """Layers whose calibration threshold is not finite (``inf``/``nan`` in a TPU-MLIR calibration
+    table): INT8 cannot represent them and ``model_deploy`` aborts lowering them ("can't get scale
+    and zeropoint"). In CLIP's text tower these are the causal-mask additions (scores + a mask of
+    -inf above the diagonal); they are kept in F16, which carries -inf exactly into the softmax."""
+    import math
+
+    out = []
+    for line in cali_table_text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and not line.lstrip().startswith("#"):
+            try:
+                th = float(parts[1])
+            except ValueError:
+                continue
+            if not math.isfinite(th):
+                out.append(parts[0])
+    return out
+
+
+def write_quantize_table(path: Path, layers: Sequence[str], header: str = "") -> None:
+    """A TPU-MLIR quantize table keeping ``layers`` in F16."""
+    Path(path).write_text(header + "".join(f"{n} F16\n" for n in layers))
 
 
 def parse_search_log(text: str) -> dict:
@@ -389,6 +414,17 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                     "seconds": round(t_ctr + t_cal, 2), "note": note}
                 log(f"[compile] calibration took {t_ctr + t_cal:.1f} s")
             shutil.copyfile(cali_table, out_dir / f"{name}_{chip}_cali_table")
+            forced = nonfinite_layers(Path(cali_table).read_text(errors="replace"))
+            if forced:
+                log(f"[compile] {name}: {len(forced)} layers with a non-finite calibration threshold kept in "
+                    f"F16 ({', '.join(forced[:4])}{' ...' if len(forced) > 4 else ''})")
+                common["f16_forced"] = {
+                    "layers": forced,
+                    "why": "non-finite calibration threshold (a causal attention mask adds -inf): INT8 cannot "
+                           "represent it and model_deploy aborts lowering it; F16 carries -inf into the softmax"}
+                if quantize == "INT8":
+                    qtable = str(cd / f"{name}_int8_qtable")
+                    write_quantize_table(Path(qtable), forced, "# layers kept in F16: non-finite calibration threshold\n")
             if quantize == "MIXED":
                 qtable, record = _mixed_table(cd, mlir, name, chip, cali_table, quantize_table, used,
                                               calib_src, mixed_cos, venv, log, bool(text_context))
@@ -398,6 +434,12 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                 record["file"] = dst_q.name
                 _write_json(Path(str(dst_q) + ".json"), record)
                 common["quantize_table"] = record
+                extra = [n for n in forced if n not in record["layers"]]
+                if extra:  # the deploy also needs the non-finite layers in F16
+                    merged = cd / f"{name}_deploy_qtable"
+                    merged.write_text(Path(qtable).read_text(errors="replace").rstrip("\n") + "\n"
+                                      + "".join(f"{n} F16\n" for n in extra))
+                    qtable = str(merged)
         for b in batches:
             wd = work_root / f"b{b}"
             wd.mkdir()
