@@ -349,6 +349,10 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
     if text_context and calib_images:
         raise ValueError(f"--calib-images is for image encoders; {onnx_path.name} takes token ids: "
                          "give --calib-texts FILE (real captions, one per line, UTF-8)")
+    if text_context and quantize == "MIXED":
+        raise ValueError("--quantize MIXED is not available for text encoders: TPU-MLIR 1.30's search "
+                         "(run_calibration --search fast_search) aborts lowering the causal mask's -inf "
+                         "additions (non-finite calibration threshold); use --quantize INT8 (keeps those in F16)")
     if calib_texts and not text_context:
         raise ValueError(f"--calib-texts is for text encoders; {onnx_path.name} takes images: "
                          "give --calib-images DIR (real photos)")
