@@ -98,7 +98,8 @@ def calibration_args(mlir: str, dataset: str, count: int, table: str) -> list[st
 
 
 def search_args(mlir: str, dataset: str, count: int, cali_table: str, qtable: str,
-                expected_cos: float = DEFAULT_MIXED_COS, chip: str = CHIP) -> list[str]:
+                expected_cos: float = DEFAULT_MIXED_COS, chip: str = CHIP,
+                pre_qtable: str | None = None) -> list[str]:
     """Arguments of TPU-MLIR's mixed-precision search (``run_calibration --search fast_search``):
     on the MLIR interpreter, over ``count`` npz inputs, it finds the op types whose INT8 lowering
     costs output cosine, then per layer of those types the loss of quantising it, and keeps the
@@ -107,7 +108,7 @@ def search_args(mlir: str, dataset: str, count: int, cali_table: str, qtable: st
     return ["run_calibration", mlir, "--dataset", dataset, "--input_num", str(int(count)),
             "--inference_num", str(int(count)), "--search", MIXED_SEARCH,
             "--expected_cos", repr(float(expected_cos)), "--calibration_table", cali_table,
-            "--quantize_table", qtable, "--chip", chip]
+            "--quantize_table", qtable, "--chip", chip] + (["--pre_qtable", pre_qtable] if pre_qtable else [])
 
 
 def parse_quantize_table(text: str) -> list[tuple[str, str]]:
@@ -349,10 +350,6 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
     if text_context and calib_images:
         raise ValueError(f"--calib-images is for image encoders; {onnx_path.name} takes token ids: "
                          "give --calib-texts FILE (real captions, one per line, UTF-8)")
-    if text_context and quantize == "MIXED":
-        raise ValueError("--quantize MIXED is not available for text encoders: TPU-MLIR 1.30's search "
-                         "(run_calibration --search fast_search) aborts lowering the causal mask's -inf "
-                         "additions (non-finite calibration threshold); use --quantize INT8 (keeps those in F16)")
     if calib_texts and not text_context:
         raise ValueError(f"--calib-texts is for text encoders; {onnx_path.name} takes images: "
                          "give --calib-images DIR (real photos)")
@@ -426,12 +423,14 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
                     "layers": forced,
                     "why": "non-finite calibration threshold (a causal attention mask adds -inf): INT8 cannot "
                            "represent it and model_deploy aborts lowering it; F16 carries -inf into the softmax"}
+                forced_table = cd / f"{name}_forced_qtable"
+                write_quantize_table(forced_table, forced, "# layers kept in F16: non-finite calibration threshold\n")
                 if quantize == "INT8":
-                    qtable = str(cd / f"{name}_int8_qtable")
-                    write_quantize_table(Path(qtable), forced, "# layers kept in F16: non-finite calibration threshold\n")
+                    qtable = str(forced_table)
             if quantize == "MIXED":
                 qtable, record = _mixed_table(cd, mlir, name, chip, cali_table, quantize_table, used,
-                                              calib_src, mixed_cos, venv, log, bool(text_context))
+                                              calib_src, mixed_cos, venv, log, bool(text_context),
+                                              forced_table.name if forced else None)
                 dst_q = out_dir / f"{name}_{chip}_mixed_qtable"
                 if Path(qtable).resolve() != dst_q.resolve():
                     shutil.copyfile(qtable, dst_q)
@@ -531,7 +530,7 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
 
 def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, given, used: Sequence[str],
                  calib_src, mixed_cos: float, venv, log: Callable[[str], None],
-                 text: bool = False) -> tuple[str, dict]:
+                 text: bool = False, pre_qtable: str | None = None) -> tuple[str, dict]:
     """The MIXED quantize table: ``given`` (checked against the MLIR's layer names; its record
     ``<given>.json`` carried over when there is one) or found now by TPU-MLIR's fast_search.
     Returns its path and the record for the sidecar."""
@@ -555,8 +554,8 @@ def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, giv
     qtable = f"{name}_qtable"
     log(f"[compile] {name}: searching the layers to keep in F16 (TPU-MLIR run_calibration --search "
         f"{MIXED_SEARCH}, target output cosine {mixed_cos}, {count} {unit}, MLIR interpreter)")
-    t = run_tool(search_args(mlir, "data", count, Path(cali_table).name, qtable, mixed_cos, chip), cd, venv,
-                 "search_qtable.log")
+    t = run_tool(search_args(mlir, "data", count, Path(cali_table).name, qtable, mixed_cos, chip, pre_qtable),
+                 cd, venv, "search_qtable.log")
     text = "\n".join(p.read_text(errors="replace") for p in (cd / "Search_Qtable", cd / "search_qtable.log")
                      if p.is_file())
     found = parse_search_log(text)
