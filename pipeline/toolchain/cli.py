@@ -29,7 +29,8 @@ def _fail_missing(e: TpuMlirMissing):
                    "simulator during compile (slow: minutes for ViT-B/32). Default: --skip_validation.")
 @click.option("--quantize", default="F16", show_default=True,
               type=click.Choice(["F16", "BF16", "F32", "INT8", "MIXED"], case_sensitive=False),
-              help="INT8: TPU-MLIR calibration (run_calibration) on --calib-images, then INT8; MIXED: "
+              help="INT8: TPU-MLIR calibration (run_calibration) on --calib-images (a text encoder: "
+                   "--calib-texts), then INT8; MIXED: "
                    "INT8 with the layers whose INT8 hurts the output cosine most kept in F16, found by "
                    "TPU-MLIR's sensitivity search (run_calibration --search fast_search) on those photos. "
                    "Synthetic random weights quantise differently from trained CLIP weights: check with "
