@@ -530,7 +530,7 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
 
 def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, given, used: Sequence[str],
                  calib_src, mixed_cos: float, venv, log: Callable[[str], None],
-                 text: bool = False, pre_qtable: str | None = None) -> tuple[str, dict]:
+                 is_text: bool = False, pre_qtable: str | None = None) -> tuple[str, dict]:
     """The MIXED quantize table: ``given`` (checked against the MLIR's layer names; its record
     ``<given>.json`` carried over when there is one) or found now by TPU-MLIR's fast_search.
     Returns its path and the record for the sidecar."""
@@ -550,7 +550,7 @@ def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, giv
         log(f"[compile] {name}: reusing quantize table {given} ({len(layers)} layers kept in F16)")
         return str(given), record
     count = min(len(used), MIXED_SEARCH_MAX_IMAGES)
-    unit = "captions" if text else "photos"
+    unit = "captions" if is_text else "photos"
     qtable = f"{name}_qtable"
     log(f"[compile] {name}: searching the layers to keep in F16 (TPU-MLIR run_calibration --search "
         f"{MIXED_SEARCH}, target output cosine {mixed_cos}, {count} {unit}, MLIR interpreter)")
@@ -577,13 +577,13 @@ def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, giv
         "found_by": f"TPU-MLIR run_calibration --search {MIXED_SEARCH} (sensitivity search on the MLIR "
                     "interpreter: op types whose INT8 costs output cosine, then the layers of those types "
                     "ranked by the cosine lost when only that layer is INT8; the worst 5 per round kept in F16)",
-        "target_cos": float(mixed_cos), ("search_texts" if text else "search_images"): count,
-        ("texts_file" if text else "images_dir"): str(Path(calib_src).resolve()), "search_seconds": round(t, 2),
+        "target_cos": float(mixed_cos), ("search_texts" if is_text else "search_images"): count,
+        ("texts_file" if is_text else "images_dir"): str(Path(calib_src).resolve()), "search_seconds": round(t, 2),
         "f16_layers": len(layers), "layers": layers,
         "mlir_cos_all_int8": found["int8_cos"], "mlir_cos_mixed": found["mixed_cos"],
         "cos_kind": f"MLIR interpreter (INT8/mixed lowering) vs the F32 MLIR on the search {unit}; "
                     "not the simulator: check the bmodel with `clip-pipeline verify BMODEL "
-                    + ("--texts CAPTIONS`" if text else "--images PHOTOS`"),
+                    + ("--texts CAPTIONS`" if is_text else "--images PHOTOS`"),
         "sensitive_op_types": found["sensitive_op_types"],
         "layer_loss_when_only_it_is_int8": found["layer_loss_when_only_it_is_int8"],
     }
