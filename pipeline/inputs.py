@@ -151,6 +151,16 @@ def is_member_ref(path: bytes) -> bool:
     return b".tar/" in path.lower() and split_ref(path) is not None
 
 
+def decode_input(path: bytes, opts, tars: TarReader):
+    """One input to pixels (pipeline/images.py's contract): a file, or a sample of a tar shard
+    (TAR/MEMBER) read through `tars`; ItemError with the reason otherwise. `opts`: DecodeOptions."""
+    from pipeline.images import decode_bytes, decode_file
+
+    if is_member_ref(path):
+        return decode_bytes(tars.read_image(path, opts.max_file_bytes), opts)
+    return decode_file(path, opts)
+
+
 def split_ref(path: bytes) -> tuple[bytes, bytes] | None:
     """(tar path, member name) when `path` is a reference into a tar shard, else None."""
     low = path.lower()

@@ -12,8 +12,8 @@ import numpy as np
 
 from pipeline import messages
 from pipeline.backends import get_backend
-from pipeline.images import DecodeOptions, crop, decode_bytes, decode_file
-from pipeline.inputs import TarReader, is_member_ref
+from pipeline.images import DecodeOptions, crop
+from pipeline.inputs import TarReader, decode_input
 from pipeline.messages import Failure, ItemError
 from stages.base import Output, StageCore, fail
 
@@ -47,9 +47,7 @@ class DecodeCore(StageCore):
 
     def decode(self, path: bytes) -> np.ndarray:
         """A file, or a member of a tar shard (TAR/MEMBER, pipeline/inputs.py), to pixels."""
-        if is_member_ref(path):
-            return decode_bytes(self.tars.read_image(path, self.opts.max_file_bytes), self.opts)
-        return decode_file(path, self.opts)
+        return decode_input(path, self.opts, self.tars)
 
     def close(self) -> None:
         self.tars.close()

@@ -56,13 +56,11 @@ from pipeline.images import (
     CLIP_MEAN,
     CLIP_STD,
     DecodeOptions,
-    decode_bytes,
-    decode_file,
     normalize,
     open_input,
     reference_crop,
 )
-from pipeline.inputs import TarReader, is_member_ref
+from pipeline.inputs import TarReader, decode_input, is_member_ref
 from pipeline.messages import Failure, ItemError
 
 if TYPE_CHECKING:
@@ -345,7 +343,10 @@ class SailFilesDevice(Device):
 
     # --- per file ---------------------------------------------------------------------------
     def _hw_eligible(self, p: str) -> bool:
-        """Suffix on SAIL's list (§2.1, case-sensitive), JPEG content, end marker present."""
+        """A file (not a tar member: sail.Decoder opens names only, §2.1), suffix on SAIL's list
+        (§2.1, case-sensitive), JPEG content, end marker present."""
+        if is_member_ref(os.fsencode(p)):
+            return False
         base = os.path.basename(p)
         if "." not in base or base.rsplit(".", 1)[1] not in HW_SUFFIXES:
             return False
@@ -377,10 +378,7 @@ class SailFilesDevice(Device):
 
     def _cpu_decode(self, item_id: int, path: bytes, centre_crop_224: bool = False):
         try:
-            if is_member_ref(path):
-                rgb = decode_bytes(self.tars.read_image(path, self.opts.max_file_bytes), self.opts)
-            else:
-                rgb = decode_file(path, self.opts)
+            rgb = decode_input(path, self.opts, self.tars)
         except ItemError as exc:
             return Failure(item_id, path, exc.reason, exc.message)
         if centre_crop_224:
@@ -423,7 +421,7 @@ class SailFilesDevice(Device):
     def _prepare(self, item_id: int, path: bytes):
         """-> (BMImage of a centre square, None) or (None, Failure)."""
         p = os.fsdecode(path)
-        img = self._hw_decode(p) if not is_member_ref(path) and self._hw_eligible(p) else None
+        img = self._hw_decode(p) if self._hw_eligible(p) else None
         if img is not None:
             if img.width() * img.height() > self.opts.max_pixels:
                 return None, Failure(item_id, path, "too_large", f"{img.width()}x{img.height()} pixels, "

@@ -43,16 +43,16 @@ def _install() -> None:
 
         decode.DecodeCore.handle_one = crashing_handle_one
     if hang_on is not None:
-        from stages import decode
+        from pipeline import images  # read at every call by pipeline.inputs.decode_input
 
-        decode_file = decode.decode_file
+        decode_file = images.decode_file
 
         def hanging_decode_file(path, opts):
             while hang_on in path:
                 time.sleep(3600)
             return decode_file(path, opts)
 
-        decode.decode_file = hanging_decode_file
+        images.decode_file = hanging_decode_file
     if enospc is not None:
         from pipeline import rundir
 
