@@ -538,7 +538,9 @@ class Supervisor:
         self.reissue_pending.update(self.ledger.to_reissue(sent))
 
     def stop_all(self) -> None:
-        procs = [w.proc for w in self.workers.values() if w.proc is not None]
+        # a process whose start() failed (fork refused, ...) has no pid: nothing to stop, and
+        # terminate() on it would raise over the error that is on its way out
+        procs = [w.proc for w in self.workers.values() if w.proc is not None and w.proc.pid is not None]
         for p in procs:
             if p.exitcode is None:
                 p.terminate()
@@ -726,8 +728,8 @@ class ForeignProcess:
         self.popen = subprocess.Popen(self.args, env=env, cwd=root, stdin=subprocess.DEVNULL)
 
     @property
-    def pid(self) -> int:
-        return self.popen.pid
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
 
     @property
     def exitcode(self) -> int | None:

@@ -174,3 +174,31 @@ def test_supervisor_on_death_reissues_then_fails_an_input_that_kills_twice(tmp_p
             (5, "crashed_worker", b"/in/5.jpg"), (6, "crashed_worker", b"/in/6.jpg")]
     finally:
         sup.ep.cleanup()
+
+
+def test_a_worker_that_failed_to_start_does_not_hide_the_error(tmp_path: Path, monkeypatch):
+    """fork/exec refused for the second worker: run() raises that error and stops the first worker;
+    stop_all used to call terminate() on the never-started process (AttributeError over the cause)."""
+    import errno
+    import multiprocessing.context as mpc
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cfg = cfgmod.from_dict({"input": {"paths": [str(inputs)]}, "output": {"dir": str(tmp_path / "out")},
+                            "infer": {"backend": "fake"}})
+    sup = Supervisor(cfg, progress=Progress("none"), log=lambda m: None)
+    real_start, started = mpc.SpawnProcess.start, []
+
+    def start(proc):
+        if started:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        real_start(proc)
+        started.append(proc)
+
+    monkeypatch.setattr(mpc.SpawnProcess, "start", start)
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        sup.run()
+    assert len(started) == 1 and started[0].exitcode is not None  # the one that started was stopped
+    never = [w.proc for w in sup.workers.values() if w.proc is not None and w.proc not in started]
+    assert never and all(p.pid is None for p in never)
+    sup.stop_all()  # again, with nothing left to stop: no error either
