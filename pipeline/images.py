@@ -135,7 +135,12 @@ def read_bytes(path: bytes, max_file_bytes: int) -> bytes:
             size = os.fstat(fh.fileno()).st_size
             if size > max_file_bytes:
                 raise ItemError("too_large", f"file is {size} bytes, over preprocess.max_file_bytes={max_file_bytes}")
-            data = fh.read(max_file_bytes + 1)
+            # Sized to the file: read(max_file_bytes + 1) allocates that much (512 MB by default)
+            # for every input, a measured 0.02 ms of a core per photo. One byte more tells a file
+            # that grew since the fstat; then the rest is read up to the limit.
+            data = fh.read(size + 1)
+            if len(data) > size:
+                data += fh.read(max(0, max_file_bytes + 1 - len(data)))
     except FileNotFoundError:
         raise ItemError("vanished", "file no longer exists (deleted after listing, or a dangling symlink)") from None
     except IsADirectoryError:

@@ -71,6 +71,28 @@ def test_file_size_limit(tmp_path):
     assert err.value.reason == "too_large" and "preprocess.max_file_bytes" in err.value.message
 
 
+def test_file_that_grows_after_its_size_was_read(tmp_path, monkeypatch):
+    """read_bytes reads size + 1 bytes (not max_file_bytes + 1): a file appended to between the
+    fstat and the read is still read whole, or refused once it passes the limit."""
+    import pipeline.images as P
+
+    p = tmp_path / "a.jpg"
+    data = encode(photo(40, 30))
+    p.write_bytes(data)
+    real = os.fstat
+
+    def stale(fd):  # the size the file had "before" the writer appended its second half
+        st = real(fd)
+        return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
+                               len(data) // 2, st.st_atime, st.st_mtime, st.st_ctime))
+
+    monkeypatch.setattr(P.os, "fstat", stale)
+    assert P.read_bytes(os.fsencode(str(p)), 10 * len(data)) == data
+    with pytest.raises(ItemError) as err:
+        P.read_bytes(os.fsencode(str(p)), len(data) - 1)
+    assert err.value.reason == "too_large" and "grew" in err.value.message
+
+
 def test_file_deleted_after_listing_is_vanished(tmp_path):
     from stages.source import iter_inputs
 
