@@ -362,9 +362,9 @@ _SHIFT = (-np.asarray(CLIP_MEAN, dtype=np.float32) / np.asarray(CLIP_STD, dtype=
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 RGB [n,H,W,3] -> float32 [n,3,H,W], CLIP-normalised ((x/255 - mean) / std)."""
-    x = pixels.astype(np.float32).transpose(0, 3, 1, 2)
-    out = np.empty(x.shape, dtype=np.float32)
-    for c in range(3):
-        np.multiply(x[:, c], _SCALE[c], out=out[:, c])
+    n, h, w, _ = pixels.shape
+    out = np.empty((n, 3, h, w), dtype=np.float32)
+    for c in range(3):  # one strided pass per channel: uint8 -> float32 x scale, then + shift
+        np.multiply(pixels[..., c], _SCALE[c], out=out[:, c], dtype=np.float32)
         out[:, c] += _SHIFT[c]
     return out
