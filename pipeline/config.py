@@ -62,7 +62,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    mode: Literal["reference", "fast"] = _f("reference", "reference = CLIP's exact transform (PIL bicubic; 16/32-bit integer images scaled by bit depth); fast = power-of-two DCT downscale + OpenCV area resize for L/LA/RGB/RGBA images, the reference crop for other modes (measured differences: README, Preprocessing fidelity).")
+    mode: Literal["reference", "fast"] = _f("reference", "reference = CLIP's exact transform (PIL bicubic; 16/32-bit integer images scaled by bit depth); fast = power-of-two DCT downscale + OpenCV resize (bicubic 2x up then integer 2x area down; plain area for factors of 2 or more) for L/LA/RGB/RGBA images, the reference crop for other modes and extreme panoramas (measured differences: README, Preprocessing fidelity).")
     exif_transpose: bool = _f(False, "Apply EXIF orientation before resizing (CLIP's reference ignores it).")
     max_pixels: int = _f(178_956_970, "Images with more pixels than this fail as too_large (checked from the header, before decoding).", min=1)
     max_file_bytes: int = _f(512 * 1024 * 1024, "Files larger than this fail as too_large without being read.", min=1)
