@@ -204,3 +204,25 @@ def test_cpu_length_sweep_summaries_and_table():
            "machine": {"cpu_model": "x", "usable_cpus": 2, "loadavg_start": [1.0], "loadavg_end": [1.0]}}
     text = table(res)
     assert "CPU (64 JPEGs" in text and "CPU (1000 JPEGs" in text and "host_cpu_cores_steady 1.95" in text
+
+
+def test_pool_cpu_sweeps_pools_runs_of_several_files(tmp_path):
+    """scripts/pool_cpu_sweeps.py: runs of two sweep files pooled per length (ratios of the pooled
+    medians, median/mean/SE of per-run ratios); a one-length result pools under its size."""
+    def run(ceiling, pipeline):
+        return {"ceiling": {"images_per_s": ceiling}, "pipeline": {"images_per_s": pipeline, "host_cpu_cores_steady": 2.0},
+                "single_loop": {"images_per_s": 40.0}, "dataloader": {"images_per_s": 40.0}}
+
+    sweep = {"cases": {"cpu": {"setup": {"images": [1000]}, "lengths": {"1000": {"runs": [run(50.0, 45.0), run(40.0, 40.0)]}}}}}
+    single = {"cases": {"cpu": {"setup": {"images": 1000}, "runs": [run(45.0, 45.0)]}}}
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    files[0].write_text(json.dumps(sweep))
+    files[1].write_text(json.dumps(single))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "pool_cpu_sweeps.py"), *map(str, files)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("1000 images, 3 runs: median images/s {'ceiling': 45.0, 'pipeline': 45.0")
+    # per-run ratios 0.9, 1.0, 1.0: median 1.0, mean 0.9667, SE 0.0333
+    assert "pipeline/ceiling: ratio of medians 1.0, median of run ratios 1.0, mean 0.9667 +- 0.0333 (SE)" in out
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "pool_cpu_sweeps.py"), str(tmp_path / "none.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "cannot read bench results" in bad.stderr and "none.json" in bad.stderr
