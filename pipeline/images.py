@@ -326,8 +326,8 @@ def _resize_shorter(img: np.ndarray, nw: int, nh: int) -> np.ndarray:
     Shrinking by less than 2 (every JPEG after the DCT scaling, and most photos): bicubic upsampling
     to (2nw, 2nh), then OpenCV's integer 2x area (box) reduction, which is its SIMD path. Measured
     on corpus-1k against CLIP's PIL bicubic (docs/performance.md, "Fast preprocessing"): closer to it
-    than OpenCV's general area resize (0.82 vs 0.91 levels mean), in 0.34 vs 0.60 ms of a core for
-    a 500x375 photo, because the general (non-integer) area resize runs scalar code. Shrinking by 2
+    than OpenCV's general area resize (0.85 vs 0.94 levels mean), in 0.33 vs 0.61 ms of a core per
+    photo (mostly 500x375), because the general (non-integer) area resize runs scalar code. Shrinking by 2
     or more (non-JPEG inputs, which get no DCT scaling): area resize, which does not alias there.
     Enlarging: bicubic, as PIL's resize does.
     """
