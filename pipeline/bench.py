@@ -6,6 +6,9 @@ reported. Cases:
 
   cpu     1. model-only ceiling: the same model, processes and threads fed pre-decoded tensors
           2. clip-pipeline end to end on a directory of JPEGs (a real run, shards written)
+          2b. the same run with decode replaced by ready crops (fake.ready_crops): what the
+             orchestration reaches without the host's decode work, which splits 1 - 2/1 into
+             decode (2b - 2) and everything else (1 - 2b)
           3. a single-process loop like the reference program's CPU path (decode + preprocess a
              batch with PIL, then infer with every core, repeat)
           4. a torch-DataLoader-style baseline (worker processes doing reference preprocessing
@@ -526,17 +529,20 @@ def _cpu_rep(p: dict, work: Path, n: int, pixels: np.ndarray, label: str, say: C
     pipe_model = p["pipeline_model"] or p["model"]
     devices = [f"cpu:{i}" for i in range(procs)]
 
-    def pipe_raw(model: str) -> dict:
+    def pipe_raw(model: str, ready_crops: bool = False) -> dict:
         return pipeline_raw(inputs, work / "cpu-out", model={"path": model, "batch_size": batch},
                             preprocess={"mode": p["mode"]}, infer={"backend": "cpu", "devices": devices, "threads": threads},
                             workers={"decode": p["decode_workers"], "items_per_message": p["items_per_message"]},
-                            queues={"infer": 2 * batch, "decode": 2 * p["items_per_message"]})
+                            queues={"infer": 2 * batch, "decode": 2 * p["items_per_message"]},
+                            fake={"ready_crops": ready_crops})
 
     r: dict = {"load_before": list(os.getloadavg())}
     say(f"{label}: model-only ceiling ({procs} x {threads} threads)")
     r["ceiling"] = model_ceiling(pipe_model, procs, threads, pixels, n)
     say(f"{label}: clip-pipeline end to end")
     r["pipeline"] = run_pipeline(pipe_raw(pipe_model))
+    say(f"{label}: clip-pipeline, decode replaced by ready crops")
+    r["pipeline_ready_crops"] = run_pipeline(pipe_raw(pipe_model, ready_crops=True))
     say(f"{label}: single-process loop")
     r["single_loop"] = _loop_result(_spawn(_single_loop_job, p["model"], cores, [str(f) for f in files], batch))
     say(f"{label}: DataLoader-style baseline")
@@ -554,9 +560,9 @@ def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
     cores = len(os.sched_getaffinity(0))
     pipe_model = p["pipeline_model"] or p["model"]
     med = {k: _median([r[k] for r in runs], "images_per_s") for k in runs[0] if isinstance(runs[0][k], dict)}
-    per_run = [{"pipeline/ceiling": _ratio(r["pipeline"]["images_per_s"], r["ceiling"]["images_per_s"]),
-                "pipeline/single_loop": _ratio(r["pipeline"]["images_per_s"], r["single_loop"]["images_per_s"]),
-                "pipeline/dataloader": _ratio(r["pipeline"]["images_per_s"], r["dataloader"]["images_per_s"])}
+    pairs = [("pipeline", "ceiling"), ("pipeline", "single_loop"), ("pipeline", "dataloader"),
+             ("pipeline_ready_crops", "ceiling")]
+    per_run = [{f"{a}/{b}": _ratio(r[a]["images_per_s"], r[b]["images_per_s"]) for a, b in pairs if a in r}
                for r in runs]
     pipes = [r["pipeline"] for r in runs]
     out: dict = {
@@ -568,11 +574,7 @@ def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
                   "dataloader_workers": cores},
         "runs": runs,
         "median_images_per_s": med,
-        "ratios": {
-            "pipeline/ceiling": _ratio(med["pipeline"], med["ceiling"]),
-            "pipeline/single_loop": _ratio(med["pipeline"], med["single_loop"]),
-            "pipeline/dataloader": _ratio(med["pipeline"], med["dataloader"]),
-        },
+        "ratios": {f"{a}/{b}": _ratio(med[a], med[b]) for a, b in pairs if a in med},
         "ratios_median_of_runs": {k: _median([{"v": r[k]} for r in per_run], "v") for k in per_run[0]},
         "per_run_ratios": per_run,
         "pipeline_from_first_result_images_per_s": _median(pipes, "images_per_s_from_first_result"),
@@ -722,6 +724,7 @@ def table(res: dict) -> str:
         lines += [f"CPU ({cpu['setup']['images']} JPEGs, batch {cpu['setup']['batch']}, median of {len(cpu['runs'])} runs)",
                   f"  {'case':44s} {'images/s':>9s}"]
         names = {"ceiling": "1. model-only ceiling (same model/devices)", "pipeline": "2. clip-pipeline end to end",
+                 "pipeline_ready_crops": "2b. clip-pipeline, decode -> ready crops",
                  "single_loop": "3. single-process loop (reference CPU path)", "dataloader": "4. DataLoader-style baseline",
                  "int8_ceiling": "   int8 model-only ceiling", "int8_pipeline": "   int8 clip-pipeline end to end"}
         for k, label in names.items():

@@ -35,13 +35,15 @@ def test_bench_command_emits_wellformed_json(tmp_path, tiny_model):
     assert m["usable_cpus"] >= 1 and len(m["loadavg_start"]) == 3 and len(m["loadavg_end"]) == 3
     assert "onnxruntime" in m["versions"]
     cpu = res["cases"]["cpu"]
-    for case in ("ceiling", "pipeline", "single_loop", "dataloader"):
+    for case in ("ceiling", "pipeline", "pipeline_ready_crops", "single_loop", "dataloader"):
         assert cpu["median_images_per_s"][case] > 0, case
-    assert set(cpu["ratios"]) >= {"pipeline/ceiling", "pipeline/single_loop", "pipeline/dataloader"}
+    ratios = {"pipeline/ceiling", "pipeline/single_loop", "pipeline/dataloader", "pipeline_ready_crops/ceiling"}
+    assert set(cpu["ratios"]) >= ratios
     assert all(v > 0 for v in cpu["ratios"].values())
-    assert set(cpu["ratios_median_of_runs"]) == {"pipeline/ceiling", "pipeline/single_loop", "pipeline/dataloader"}
+    assert set(cpu["ratios_median_of_runs"]) == ratios
     run = cpu["runs"][0]["pipeline"]
     assert run["images"] == 8 and run["time_to_first_embedding_s"] > 0 and run["peak_tree_rss_mib"] > 0
+    assert cpu["runs"][0]["pipeline_ready_crops"]["images"] == 8
     fake = res["cases"]["fake"]["devices"]["1"]
     assert fake["ceiling_images_per_s"] == pytest.approx(602.4, abs=0.1)
     assert fake["median_images_per_s"] > 0 and fake["ratio_to_ceiling"] > 0

@@ -78,6 +78,14 @@ class CpuBackend(Backend):
         return True
 
     @classmethod
+    def ready_crop(cls, cfg: Config) -> np.ndarray | None:
+        """fake.ready_crops (bench-only): the decode workers send a pre-made crop instead of decoding,
+        so the bench can split the host's decode from the orchestration (docs/performance.md)."""
+        from pipeline.backends.fake import ready_crop
+
+        return ready_crop(cfg.model.image_size or 224) if cfg.fake.ready_crops else None
+
+    @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:
         return resolve_cpu_devices(cfg, "cpu")
 

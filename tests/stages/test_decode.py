@@ -1,11 +1,12 @@
-"""Decode stage (stages/decode.py): DecodeCore on groups and single items, and the fake backend's
-ready crops. The decoders themselves are tested in tests/test_images.py and tests/test_bad_inputs.py."""
+"""Decode stage (stages/decode.py): DecodeCore on groups and single items, and the ready crops
+of the fake and cpu backends (fake.ready_crops). The decoders themselves are tested in tests/test_images.py and tests/test_bad_inputs.py."""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
+import pytest
 from conftest import SAMPLES, worker_spec
 
 from pipeline.backends.fake import ready_crop
@@ -29,8 +30,9 @@ def test_decode_group_keeps_per_item_failures_and_ids(tmp_path):
     assert [h["t"] for _, h, _ in single] == ["px"] and single[0][1]["id"] == 3
 
 
-def test_ready_crops_skip_the_files():
-    core = DecodeCore(worker_spec("decode", {"infer": {"backend": "fake"}, "fake": {"ready_crops": True}}))
+@pytest.mark.parametrize("backend", ["fake", "cpu"])  # cpu: the bench's "decode -> ready crops" case
+def test_ready_crops_skip_the_files(backend):
+    core = DecodeCore(worker_spec("decode", {"infer": {"backend": backend}, "fake": {"ready_crops": True}}))
     out = core.handle({"t": "items", "ids": [0, 1], "paths": [b"/does/not/exist.jpg", b"/nor/this.jpg"]}, [])
     (_, h, (px,)), = out
     assert h["t"] == "pxs" and h["ids"] == [0, 1] and px.shape == (2, 224, 224, 3)
