@@ -38,13 +38,15 @@ def pooled(runs: list[dict]) -> dict:
     rate = {c: [r[c]["images_per_s"] for r in runs if r.get(c, {}).get("images_per_s")] for c in CASES}
     out: dict = {"runs": len(runs), "median_images_per_s": {c: round(statistics.median(v), 3) for c, v in rate.items() if v}}
     for a, b in RATIOS:
-        per_run = [r[a]["images_per_s"] / r[b]["images_per_s"] for r in runs
-                   if r.get(a, {}).get("images_per_s") and r.get(b, {}).get("images_per_s")]
-        if not per_run:
+        both = [r for r in runs if r.get(a, {}).get("images_per_s") and r.get(b, {}).get("images_per_s")]
+        if not both:  # (a case only some results have, e.g. 2b: ratios over the runs that have it)
             continue
+        per_run = [r[a]["images_per_s"] / r[b]["images_per_s"] for r in both]
         se = statistics.stdev(per_run) / len(per_run) ** 0.5 if len(per_run) > 1 else float("nan")
         out[f"{a}/{b}"] = {
-            "ratio_of_medians": round(statistics.median(rate[a]) / statistics.median(rate[b]), 3),
+            "runs": len(both),
+            "ratio_of_medians": round(statistics.median(r[a]["images_per_s"] for r in both)
+                                      / statistics.median(r[b]["images_per_s"] for r in both), 3),
             "median_of_run_ratios": round(statistics.median(per_run), 3),
             "mean_of_run_ratios": round(statistics.fmean(per_run), 4), "standard_error": round(se, 4)}
     cores = [r["pipeline"].get("host_cpu_cores_steady") for r in runs if r["pipeline"].get("host_cpu_cores_steady")]
@@ -71,7 +73,7 @@ def main(argv: list[str]) -> int:
         for a, b in RATIOS:
             if f"{a}/{b}" in p:
                 r = p[f"{a}/{b}"]
-                print(f"  {a}/{b}: ratio of medians {r['ratio_of_medians']}, median of run ratios "
+                print(f"  {a}/{b} ({r['runs']} runs): ratio of medians {r['ratio_of_medians']}, median of run ratios "
                       f"{r['median_of_run_ratios']}, mean {r['mean_of_run_ratios']} +- {r['standard_error']} (SE)")
     return 0
 

@@ -216,6 +216,7 @@ def test_pool_cpu_sweeps_pools_runs_of_several_files(tmp_path):
                 "single_loop": {"images_per_s": 40.0}, "dataloader": {"images_per_s": 40.0}}
 
     sweep = {"cases": {"cpu": {"setup": {"images": [1000]}, "lengths": {"1000": {"runs": [run(50.0, 45.0), run(40.0, 40.0)]}}}}}
+    sweep["cases"]["cpu"]["lengths"]["1000"]["runs"][0]["pipeline_ready_crops"] = {"images_per_s": 48.0}
     single = {"cases": {"cpu": {"setup": {"images": 1000}, "runs": [run(45.0, 45.0)]}}}
     files = [tmp_path / "a.json", tmp_path / "b.json"]
     files[0].write_text(json.dumps(sweep))
@@ -224,7 +225,9 @@ def test_pool_cpu_sweeps_pools_runs_of_several_files(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert out.startswith("1000 images, 3 runs: median images/s {'ceiling': 45.0, 'pipeline': 45.0")
     # per-run ratios 0.9, 1.0, 1.0: median 1.0, mean 0.9667, SE 0.0333
-    assert "pipeline/ceiling: ratio of medians 1.0, median of run ratios 1.0, mean 0.9667 +- 0.0333 (SE)" in out
+    assert "pipeline/ceiling (3 runs): ratio of medians 1.0, median of run ratios 1.0, mean 0.9667 +- 0.0333 (SE)" in out
+    # case 2b in one run only: its ratios over that run, not its median over the ceiling of all three
+    assert "pipeline_ready_crops/ceiling (1 runs): ratio of medians 0.96, median of run ratios 0.96" in out
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "pool_cpu_sweeps.py"), str(tmp_path / "none.json")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "cannot read bench results" in bad.stderr and "none.json" in bad.stderr
