@@ -86,6 +86,18 @@ class Device(abc.ABC):
         """Release device resources."""
 
 
+def ready_crop(size: int = 224) -> np.ndarray:
+    """The fixed crop fake.ready_crops sends (a smooth gradient, so fake embeddings are finite)."""
+    y, x = np.mgrid[0:size, 0:size]
+    return np.ascontiguousarray(np.stack([x, y, (x + y) // 2], axis=2).astype(np.uint8))
+
+
+def configured_ready_crop(cfg: Config) -> np.ndarray | None:
+    """`Backend.ready_crop` for the backends whose inputs the host decodes (fake, cpu): the crop
+    when fake.ready_crops (bench-only) is set, else None."""
+    return ready_crop(cfg.model.image_size or 224) if cfg.fake.ready_crops else None
+
+
 class Backend(abc.ABC):
     name: ClassVar[str]
     #: "pixels": host workers decode + preprocess; "files": the device process does it.

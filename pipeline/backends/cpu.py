@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError
+from pipeline.backends.base import Backend, Device, DeviceError, configured_ready_crop
 from pipeline.config import Config, ConfigError
 from pipeline.images import normalize
 
@@ -81,9 +81,7 @@ class CpuBackend(Backend):
     def ready_crop(cls, cfg: Config) -> np.ndarray | None:
         """fake.ready_crops (bench-only): the decode workers send a pre-made crop instead of decoding,
         so the bench can split the host's decode from the orchestration (docs/performance.md)."""
-        from pipeline.backends.fake import ready_crop
-
-        return ready_crop(cfg.model.image_size or 224) if cfg.fake.ready_crops else None
+        return configured_ready_crop(cfg)
 
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:

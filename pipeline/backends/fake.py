@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError
+from pipeline.backends.base import Backend, Device, DeviceError, configured_ready_crop
 from pipeline.backends.cpu import resolve_cpu_devices
 from pipeline.config import Config
 
@@ -95,18 +95,12 @@ class FakeDevice(Device):
         return emb
 
 
-def ready_crop(size: int = 224) -> np.ndarray:
-    """The fixed crop fake.ready_crops sends (a smooth gradient, so fake embeddings are finite)."""
-    y, x = np.mgrid[0:size, 0:size]
-    return np.ascontiguousarray(np.stack([x, y, (x + y) // 2], axis=2).astype(np.uint8))
-
-
 class FakeBackend(Backend):
     name = "fake"
 
     @classmethod
     def ready_crop(cls, cfg: Config) -> np.ndarray | None:
-        return ready_crop(cfg.model.image_size or 224) if cfg.fake.ready_crops else None
+        return configured_ready_crop(cfg)
 
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:

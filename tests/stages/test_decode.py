@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import SAMPLES, worker_spec
 
-from pipeline.backends.fake import ready_crop
+from pipeline.backends.base import ready_crop
 from stages.decode import DecodeCore
 
 
