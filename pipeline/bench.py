@@ -555,14 +555,18 @@ def _cpu_rep(p: dict, work: Path, n: int, pixels: np.ndarray, label: str, say: C
     return r
 
 
+# The cpu case's ratios (run key / run key), per run and of the medians; scripts/pool_cpu_sweeps.py
+# pools the same ones. 2b (pipeline_ready_crops) only where a run has it (older results do not).
+CPU_RATIOS = (("pipeline", "ceiling"), ("pipeline", "single_loop"), ("pipeline", "dataloader"),
+              ("pipeline_ready_crops", "ceiling"))
+
+
 def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
     batch, procs, threads = p["batch"], p["cpu_procs"], p["cpu_threads"]
     cores = len(os.sched_getaffinity(0))
     pipe_model = p["pipeline_model"] or p["model"]
     med = {k: _median([r[k] for r in runs], "images_per_s") for k in runs[0] if isinstance(runs[0][k], dict)}
-    pairs = [("pipeline", "ceiling"), ("pipeline", "single_loop"), ("pipeline", "dataloader"),
-             ("pipeline_ready_crops", "ceiling")]
-    per_run = [{f"{a}/{b}": _ratio(r[a]["images_per_s"], r[b]["images_per_s"]) for a, b in pairs if a in r}
+    per_run = [{f"{a}/{b}": _ratio(r[a]["images_per_s"], r[b]["images_per_s"]) for a, b in CPU_RATIOS if a in r}
                for r in runs]
     pipes = [r["pipeline"] for r in runs]
     out: dict = {
@@ -574,7 +578,7 @@ def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
                   "dataloader_workers": cores},
         "runs": runs,
         "median_images_per_s": med,
-        "ratios": {f"{a}/{b}": _ratio(med[a], med[b]) for a, b in pairs if a in med},
+        "ratios": {f"{a}/{b}": _ratio(med[a], med[b]) for a, b in CPU_RATIOS if a in med},
         "ratios_median_of_runs": {k: _median([{"v": r[k]} for r in per_run], "v") for k in per_run[0]},
         "per_run_ratios": per_run,
         "pipeline_from_first_result_images_per_s": _median(pipes, "images_per_s_from_first_result"),
