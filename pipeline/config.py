@@ -115,7 +115,7 @@ class FakeConfig:
     fail_devices: tuple[str, ...] = _f((), "fake backend: devices that fail permanently on every batch.")
     slow_devices: tuple[str, ...] = _f((), "fake backend: devices that take fake.slow_factor times the latency (an uneven fleet).")
     slow_factor: float = _f(3.0, "fake backend: latency multiplier of fake.slow_devices.", min=1)
-    ready_crops: bool = _f(False, "fake and cpu backends, BENCH-ONLY: decode workers neither read nor decode the inputs and send one pre-made 224x224 crop per input (measures orchestration at accelerator speed, or without the host's decode on cpu).")
+    ready_crops: bool = _f(False, "BENCH-ONLY, backends fed by host decode (fake, cpu; not sail device mode): the decode workers neither read nor decode the inputs and send one pre-made crop per input (stages/ready.py; measures orchestration at accelerator speed, or without the host's decode on cpu).")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
 
 Creates the trees (empty .jpg files) under --root (default: a temp dir, removed afterwards) and
 measures each in a fresh process, so the numbers are the peak RSS (ru_maxrss) of that process
-alone: the listing walk (stages.source.iter_inputs, consumed like the source worker does) and,
+alone: the listing walk (pipeline.data.listing.iter_inputs, consumed like the source worker does) and,
 with --full, `clip-pipeline run` on the fake backend (every empty file fails as `empty`; the
 supervisor's peak and the largest worker's peak are reported separately).
 Not part of the test suite: a million files take a minute or two to create.
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIST_PROBE = r"""
 import os, resource, sys, time
 sys.path.insert(0, sys.argv[2])
-from stages.source import iter_inputs
+from pipeline.data.listing import iter_inputs
 from pipeline import output
 t0 = time.monotonic()
 n = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.backends import get_backend
 from pipeline.data.images import DecodeOptions, crop
 from pipeline.data.inputs import TarReader, decode_input
 from pipeline.wire import messages
@@ -37,11 +36,7 @@ class DecodeCore(StageCore):
     def __init__(self, spec):
         super().__init__()
         self.opts = DecodeOptions.from_config(spec.cfg)
-        self.fused = spec.cfg.workers.fuse_decode_preprocess
-        # A backend may stand in for the host's work (bench-only: fake.ready_crops): then the files
-        # are neither read nor decoded and this pre-made crop is sent for every input.
-        self.ready_crop = get_backend(spec.cfg.infer.backend).ready_crop(spec.cfg)
-        self.ready_groups: dict[int, np.ndarray] = {}
+        self.fused = spec.fused
         self.slot = None  # the worker's Slot (set by make_core): marks the input being decoded
         self.tars = TarReader()  # webdataset members: one header scan per tar, one seek per member
 
@@ -60,20 +55,11 @@ class DecodeCore(StageCore):
     def handle(self, header: dict, frames: list):
         if header["t"] == "items":
             return self.handle_group(header)
-        if self.ready_crop is not None:
-            return [image_message("px", header, self.ready_crop)]
         return self.handle_one(header)
 
     def handle_group(self, header: dict):
         """A group of inputs -> one message of stacked crops (fused) plus per-item failures."""
         ids, paths = header["ids"], header["paths"]
-        if self.ready_crop is not None:
-            if not self.fused:  # the preprocess stage takes one image per message
-                return [image_message("img", {"id": i, "path": p}, self.ready_crop) for i, p in zip(ids, paths)]
-            if len(ids) not in self.ready_groups:  # built once per group size, sent zero-copy
-                self.ready_groups[len(ids)] = np.ascontiguousarray(
-                    np.broadcast_to(self.ready_crop, (len(ids), *self.ready_crop.shape)))
-            return [pixels_message(ids, paths, self.ready_groups[len(ids)], header.get("tail", 0))]
         outputs, ok_ids, ok_paths, crops = [], [], [], []
         for item_id, path in zip(ids, paths):
             for target, h, bufs in self.handle_one(messages.item(item_id, path)):

@@ -206,8 +206,9 @@ class InferCore(StageCore):
 
     def setup(self) -> None:
         backend = get_backend(self.cfg.infer.backend)
-        self.files_mode = backend.input_kind(self.cfg) == "files"
+        self.files_mode = self.spec.files_mode  # decided by the run plan
         self.device = backend.open_device(self.cfg, self.spec.device)
+        self.device.generation = self.spec.generation
         self.batcher = Batcher(self.device.batch_size, self.cfg.infer.batch_timeout_ms / 1000.0)
         if self.cfg.infer.overlap:
             self.runner = BackgroundRunner(self._execute, name=f"infer-run-{self.spec.device}")

@@ -4,7 +4,7 @@
 - `photos`: a folder of 12 generated photos (JPEG and PNG), written once per session: read-only;
 - `invoke`: the CLI in-process (click's CliRunner); `cli` / `cli_env`: the CLI as a subprocess
   from this checkout;
-- `worker_spec`: a WorkerSpec for driving a stage core directly.
+- `worker_spec`: a role's spec (pipeline/worker/spec.py) for driving a stage core directly.
 Every generated image comes from imagegen.py (`photo`, `encode`/`write`, `make_images`,
 `mode_images`). Helpers of one family of tests live next to them (robust_helpers.py: bad inputs
 and fake-backend runs; sail_helpers.py: the fake sophon.sail)."""
@@ -68,7 +68,14 @@ def invoke(*args: object):
 def worker_spec(role: str, raw: dict, **fields):
     """A WorkerSpec (no sockets) for a stage core, from a raw config dict."""
     from pipeline import config
-    from pipeline.worker.loop import WorkerSpec
+    from pipeline.worker.spec import SPEC_TYPES
 
-    return WorkerSpec(role=role, index=0, cfg=config.from_dict(raw), in_addr=None, next_addrs=(), sink_addr="",
-                      control_addr="", device="cpu:0" if role == "infer" else None, **fields)
+    cfg = config.from_dict(raw)
+    if role == "infer":  # the device's input kind, as the run plan decides it
+        from pipeline.backends import get_backend
+
+        files = get_backend(cfg.infer.backend).input_kind(cfg) == "files"
+        fields = {"device": "cpu:0", "files_mode": files, **fields}
+    if role == "decode":
+        fields = {"fused": cfg.workers.fuse_decode_preprocess, **fields}
+    return SPEC_TYPES[role](index=0, cfg=cfg, **fields)

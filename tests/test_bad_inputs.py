@@ -95,7 +95,7 @@ def test_file_that_grows_after_its_size_was_read(tmp_path, monkeypatch):
 
 
 def test_file_deleted_after_listing_is_vanished(tmp_path):
-    from stages.source import iter_inputs
+    from pipeline.data.listing import iter_inputs
 
     (tmp_path / "a.jpg").write_bytes(encode(photo(48, 40)))
     (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")

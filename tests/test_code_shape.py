@@ -59,3 +59,33 @@ def test_no_function_over_the_limit():
 if __name__ == "__main__":
     for name, n in sorted(long_functions().items(), key=lambda kv: -kv[1]):
         print(f"{n:5d}  {name}")
+
+
+def reason_literals(root: Path = ROOT) -> dict[str, str]:
+    """Every reason code written as a literal in an `ItemError(reason, ...)` or a `Failure(id, path,
+    reason, ...)` in pipeline/ and stages/: code -> where."""
+    out: dict[str, str] = {}
+    for pkg in ("pipeline", "stages"):
+        for p in sorted((root / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                pos = {"ItemError": 0, "Failure": 2}.get(name)
+                if pos is None:
+                    continue
+                arg = next((k.value for k in node.keywords if k.arg == "reason"),
+                           node.args[pos] if len(node.args) > pos else None)
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    out.setdefault(arg.value, f"{p.relative_to(root)}:{node.lineno}")
+    return out
+
+
+def test_every_reason_code_is_in_the_one_list():
+    """messages.REASONS is the one list of failure reason codes (README, docs/robustness.md): a
+    code raised anywhere else is a new reason nobody documented."""
+    from pipeline.wire.messages import REASONS
+
+    found = reason_literals()
+    assert {"empty", "timeout", "crashed_worker"} <= set(found)  # the scan sees the decoders and the supervisor
+    assert {code: where for code, where in found.items() if code not in REASONS} == {}

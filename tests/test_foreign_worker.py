@@ -11,8 +11,9 @@ from imagegen import make_images
 from pipeline import config as cfgmod
 from pipeline.backends.fake import FakeBackend
 from pipeline.output import load_embeddings
+from pipeline.run.pool import ForeignProcess
 from pipeline.run.progress import Progress
-from pipeline.run.supervisor import ForeignProcess, Supervisor
+from pipeline.run.supervisor import Supervisor
 
 
 def _run(inputs, out):

@@ -201,3 +201,34 @@ def test_every_module_is_in_the_map():
 
 def test_imports_point_down_the_map():
     assert upward_imports(import_graph(include_functions=True), module_map()) == []
+
+
+def test_only_the_worker_imports_the_stages():
+    """The stages are what a worker process runs: the rest of the project lists inputs, plans and
+    reads runs through pipeline/ (pipeline/data/listing.py, not stages/source.py)."""
+    graph = import_graph(include_functions=True)
+    users = {m for m, deps in graph.items() if any(d == "stages" or d.startswith("stages.") for d in deps)}
+    assert {m for m in users if not m.startswith(("stages", "pipeline.worker."))} == set()
+
+
+def private_imports() -> list[str]:
+    """`from pipeline.x import _name` and `module._name` across modules of pipeline/ and stages/."""
+    out = []
+    for mod, path in project_modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        aliases: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+                out += [f"{mod}: from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+                aliases |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] in PACKAGES}
+        out += [f"{mod}:{node.lineno} {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")]
+    return out
+
+
+def test_no_private_imports_across_modules():
+    """A module's `_names` are its own: what another module needs is public API."""
+    assert private_imports() == []

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import DEFAULT_EXTENSIONS
-from stages.source import iter_inputs
+from pipeline.data.listing import iter_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 

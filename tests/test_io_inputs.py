@@ -18,11 +18,11 @@ from imagegen import make_images
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError
 from pipeline.data import inputs
+from pipeline.data.listing import iter_inputs
 from pipeline.output import load_embeddings
 from pipeline.run.progress import Progress
 from pipeline.run.supervisor import Supervisor
 from pipeline.wire import pathcodec
-from stages.source import iter_inputs
 
 
 def run_pipeline(out, model, inputs_=(), **sets):

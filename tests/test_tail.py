@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 from conftest import worker_spec
 
+from pipeline import config
+from pipeline.backends import get_backend
+from pipeline.run.plan import run_tail
 from pipeline.wire.dispatch import Credits, tail_cap, tail_images, tail_piece
 from pipeline.worker.loop import Slot
 from stages import source
 from stages.infer import InferCore
-from stages.source import run_tail, split_tail
+from stages.source import split_tail
 
 
 def test_tail_sizes():
@@ -100,14 +103,16 @@ def test_source_sends_the_last_inputs_as_tail_pieces(tmp_path, backend, dispatch
         (imgs / f"{i:04d}.jpg").write_bytes(b"x")
     raw = {"input": {"paths": [str(imgs)]}, "infer": {"backend": backend, "devices": ["cpu:0", "cpu:1"]},
            "model": {"batch_size": 16}, "workers": {"items_per_message": 16}, "queues": {"dispatch": dispatch}}
-    spec = worker_spec("source", raw, listing_path=str(tmp_path / "listing.jsonl"))
+    cfg = config.from_dict(raw)
+    tail_n, piece, cap = run_tail(cfg, 2, get_backend(backend).splits_tail(cfg))  # as the run plan decides it
+    spec = worker_spec("source", raw, listing_path=str(tmp_path / "listing.jsonl"), tail_n=tail_n, tail_piece=piece,
+                       tail_cap=cap)
     loop, slot = _RecLoop(), Slot(str(tmp_path / "slot"))
     with pytest.raises(_Done):
         source.run_source(spec, slot, loop)
     ids = [i for h in loop.sent for i in (h["ids"] if "ids" in h else [h["id"]])]
     assert ids == list(range(n))  # every input once, in listing order
     assert slot.sent_upto == n
-    tail_n, piece, cap = run_tail(spec.cfg)
     tails = [h for h in loop.sent if h.get("tail")]
     if dispatch == "round_robin" or backend == "fake":  # the fake's latency is per batch: no pieces
         assert tail_n == 0 and tails == []

@@ -13,11 +13,14 @@ import zmq
 
 from pipeline import config as cfgmod
 from pipeline.data.rundir import listing_line
+from pipeline.run.ledger import Ledger
+from pipeline.run.policy import FailurePolicy
 from pipeline.run.progress import Progress
+from pipeline.run.start import RunStart
 from pipeline.run.supervisor import Supervisor
 from pipeline.wire import messages, transport
-from pipeline.worker import loop as worker
-from pipeline.worker.loop import EXIT_CRASH, EXIT_DEVICE, Loop, Slot, WorkerSpec, _run_core, _Stop
+from pipeline.worker.loop import EXIT_CRASH, EXIT_DEVICE, EXIT_FATAL, Loop, Slot, _run_core, _Stop
+from pipeline.worker.spec import DecodeSpec
 from stages.base import StageCore
 
 
@@ -56,7 +59,7 @@ def wired(monkeypatch, tmp_path):
     """A decode worker's spec and slot, and the test's own ends of its pipes."""
     ep = transport.Endpoints.create()
     cfg = cfgmod.from_dict({"output": {"dir": str(tmp_path / "out")}})
-    spec = WorkerSpec(role="decode", index=0, cfg=cfg, in_addr=ep.stage("decode", 0),
+    spec = DecodeSpec(index=0, cfg=cfg, in_addr=ep.stage("decode", 0),
                       next_addrs=(ep.stage("infer", 0),), sink_addr=ep.addr("sink"), control_addr=ep.addr("control"),
                       in_hwm=8, out_hwm=8, sink_hwm=8)
     slot = Slot(str(tmp_path / "slot"))
@@ -73,7 +76,7 @@ def wired(monkeypatch, tmp_path):
 
 def drive(monkeypatch, spec, slot, core, feed, ids, stop_after: float = 1.0):
     """Run _run_core in this thread; another thread feeds `ids` and stops the loop after a while."""
-    monkeypatch.setattr(worker, "make_core", lambda spec, slot: core)
+    monkeypatch.setattr(type(spec), "make_core", lambda self, slot: core)
     loop = Loop(spec, slot)
 
     def feeder():
@@ -147,12 +150,13 @@ def test_supervisor_on_death_reissues_then_fails_an_input_that_kills_twice(tmp_p
     cfg = cfgmod.from_dict({"input": {"paths": [str(inputs)]}, "output": {"dir": str(tmp_path / "out")},
                             "infer": {"backend": "fake"}, "run": {"max_restarts": 5}})
     sup = Supervisor(cfg, progress=Progress("none"), log=lambda m: None)
-    sup.devices = ["cpu:0"]
     sup.rundir.path.mkdir(parents=True)
     sup.rundir.listing.write_bytes(b"".join(listing_line(f"/in/{i}.jpg".encode()) for i in range(10)))
+    sup.devices = ["cpu:0"]
+    sup.start = RunStart(cfg, sup.rundir, sup.listing_path, devices=sup.devices)  # what prepare() finds
     sup.plan()
     spawned: list[str] = []
-    monkeypatch.setattr(sup, "spawn", lambda w: spawned.append(w.name))
+    monkeypatch.setattr(sup.pool, "spawn", lambda w: spawned.append(w.name))
     try:
         sup.source().slot.sent_upto = 10
         sup.ledger.on_resolved([0, 1, 2], 3, 0)
@@ -162,7 +166,7 @@ def test_supervisor_on_death_reissues_then_fails_an_input_that_kills_twice(tmp_p
         dec.slot.begin([5, 6])
         sup.on_death(dec, "exit code 70")
         assert spawned == ["decode-0"] and dec.restarts == 1 and sup.ledger.crash_counts == {5: 1, 6: 1}
-        assert sup.reissue_pending == {3, 4, 5, 6, 7, 8, 9} and sup.outbox == []
+        assert sup.reissue_pending == {3, 4, 5, 6, 7, 8, 9} and sup.outbox.queue == []
         sup.reissue_pending.clear()  # sent (pump_outbox)
         # the re-issued 5 and 6 kill it again: now they fail as crashed_worker and are not re-issued
         dec.proc = DeadProc()
@@ -170,7 +174,7 @@ def test_supervisor_on_death_reissues_then_fails_an_input_that_kills_twice(tmp_p
         sup.on_death(dec, "exit code 70")
         assert spawned == ["decode-0"] * 2 and dec.restarts == 2 and sup.ledger.crash_counts == {5: 2, 6: 2}
         assert sup.reissue_pending == {3, 4, 7, 8, 9}
-        fails = [h for _sock, h in sup.outbox if h["t"] == "fail"]
+        fails = [h for _sock, h in sup.outbox.queue if h["t"] == "fail"]
         assert sorted((h["id"], h["reason"], h["path"]) for h in fails) == [
             (5, "crashed_worker", b"/in/5.jpg"), (6, "crashed_worker", b"/in/6.jpg")]
     finally:
@@ -202,4 +206,60 @@ def test_a_worker_that_failed_to_start_does_not_hide_the_error(tmp_path: Path, m
     assert len(started) == 1 and started[0].exitcode is not None  # the one that started was stopped
     never = [w.proc for w in sup.workers.values() if w.proc is not None and w.proc not in started]
     assert never and all(p.pid is None for p in never)
-    sup.stop_all()  # again, with nothing left to stop: no error either
+    sup.pool.stop_all()  # again, with nothing left to stop: no error either
+
+
+class _W:
+    """What the failure policy reads of a worker (pool.Worker's fields)."""
+
+    def __init__(self, role: str, device: str | None = None):
+        self.role, self.device, self.name = role, device, f"{role}-0" + (f"({device})" if device else "")
+        self.restarts = self.streak = 0
+
+
+def _policy(files_mode: bool = False, max_restarts: int = 2) -> FailurePolicy:
+    return FailurePolicy(cfgmod.from_dict({"run": {"max_restarts": max_restarts}}), files_mode)
+
+
+def test_the_failure_policy_fails_an_input_that_kills_its_worker_twice():
+    policy, led, dec = _policy(max_restarts=5), Ledger(10), _W("decode")
+    first = policy.on_death(dec, EXIT_CRASH, [5, 6], "exit code 70", led)
+    assert first.restart and first.crashed == [] and led.crash_counts == {5: 1, 6: 1} and dec.restarts == 1
+    second = policy.on_death(dec, EXIT_CRASH, [5, 6], "exit code 70", led)
+    assert second.restart and second.crashed == [5, 6] and not second.abort
+
+
+@pytest.mark.parametrize("role,files_mode,code,blamed", [
+    ("decode", False, EXIT_CRASH, True), ("preprocess", False, EXIT_CRASH, True),
+    ("decode", False, EXIT_DEVICE, False),  # the device failed, not the inputs
+    ("infer", False, EXIT_CRASH, False),  # a pixel-mode device sees only crops: its deaths are its own
+    ("infer", True, EXIT_CRASH, True),  # a files-mode device decodes the inputs itself
+    ("sink", False, EXIT_CRASH, False)])
+def test_the_failure_policy_blames_inputs_only_where_an_input_can_kill(role, files_mode, code, blamed):
+    policy, led = _policy(files_mode), Ledger(10)
+    policy.on_death(_W(role, "cpu:0" if role == "infer" else None), code, [4], "x", led)
+    assert led.crash_counts == ({4: 1} if blamed else {})
+    assert policy.on_death(_W("decode"), EXIT_CRASH, [4], "timed out", Ledger(10), blame=False).crashed == []
+
+
+def test_the_failure_policy_takes_out_a_device_over_its_restarts_and_aborts_without_devices():
+    policy, led = _policy(max_restarts=1), Ledger(10)
+    dev = _W("infer", "cpu:1")
+    assert policy.on_death(dev, EXIT_DEVICE, [], "exit code 71", led, devices_left=1).restart
+    out = policy.on_death(dev, EXIT_DEVICE, [], "exit code 71", led, devices_left=1)
+    assert out.remove and not out.abort and "device cpu:1 failed 2 times" in out.note and "(1 device(s) left)" in out.note
+    last = policy.on_death(_W("infer", "cpu:0"), EXIT_DEVICE, [], "x", led, devices_left=0, last_error="chip gone")
+    assert last.restart  # its first death
+    gone = _W("infer", "cpu:0")
+    gone.restarts = 1
+    end = policy.on_death(gone, EXIT_DEVICE, [], "x", led, devices_left=0, last_error="chip gone")
+    assert end.remove and end.abort == "every device failed (last error: chip gone); see report.json for details"
+
+
+def test_the_failure_policy_aborts_on_a_broken_stage_and_on_a_fatal_error():
+    policy, led, sink = _policy(max_restarts=1), Ledger(10), _W("sink")
+    assert policy.on_death(sink, EXIT_CRASH, [], "exit code 70", led).restart
+    broken = policy.on_death(sink, EXIT_CRASH, [], "exit code 70", led, last_error="no space")
+    assert broken.abort == "sink-0 failed 2 times (last error: no space)"
+    fatal = policy.on_death(_W("decode"), EXIT_FATAL, [1], "exit code 73", led, fatal="the output disk is full")
+    assert fatal.abort == "the output disk is full" and not fatal.restart and not fatal.crashed

@@ -59,6 +59,9 @@ class Device(abc.ABC):
     fixed_batch: bool = False
     #: embedding width
     dim: int = 512
+    #: the restart count of the worker process that opened it (0: the first), set by the infer
+    #: stage after open_device (the fake backend's faults fire in generation 0 only)
+    generation: int = 0
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 RGB [n,224,224,3] (n == batch_size when fixed_batch) -> float32 [n, dim]."""
@@ -85,18 +88,6 @@ class Device(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources."""
-
-
-def ready_crop(size: int = 224) -> np.ndarray:
-    """The fixed crop fake.ready_crops sends (a smooth gradient, so fake embeddings are finite)."""
-    y, x = np.mgrid[0:size, 0:size]
-    return np.ascontiguousarray(np.stack([x, y, (x + y) // 2], axis=2).astype(np.uint8))
-
-
-def configured_ready_crop(cfg: Config) -> np.ndarray | None:
-    """`Backend.ready_crop` for the backends whose inputs the host decodes (fake, cpu): the crop
-    when fake.ready_crops (bench-only) is set, else None."""
-    return ready_crop(cfg.model.image_size or 224) if cfg.fake.ready_crops else None
 
 
 class TextSession:
@@ -155,12 +146,6 @@ class Backend(abc.ABC):
         """Environment variables for the infer worker of `device`, set when it is started (e.g. a GPU
         backend's CUDA_VISIBLE_DEVICES). They override the inherited environment; default none."""
         return {}
-
-    @classmethod
-    def ready_crop(cls, cfg: Config) -> np.ndarray | None:
-        """A 224x224x3 uint8 crop the decode workers send for every input instead of reading and
-        decoding it (bench-only: measures orchestration at accelerator speed); default None."""
-        return None
 
     @classmethod
     def splits_tail(cls, cfg: Config) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError, TextSession, configured_ready_crop
+from pipeline.backends.base import Backend, Device, DeviceError, TextSession
 from pipeline.config import Config, ConfigError
 from pipeline.data.images import normalize
 from pipeline.errors import TextModelError
@@ -108,12 +108,6 @@ class CpuBackend(Backend):
         """onnxruntime with a dynamic batch: a batch costs about its size (ViT-B/32 on a core: the
         per-image cost changes little from batch 4 to 16), so the tail goes as small pieces."""
         return True
-
-    @classmethod
-    def ready_crop(cls, cfg: Config) -> np.ndarray | None:
-        """fake.ready_crops (bench-only): the decode workers send a pre-made crop instead of decoding,
-        so the bench can split the host's decode from the orchestration (docs/performance.md)."""
-        return configured_ready_crop(cfg)
 
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError, TextSession, configured_ready_crop
+from pipeline.backends.base import Backend, Device, DeviceError, TextSession
 from pipeline.backends.cpu import resolve_cpu_devices
 from pipeline.config import Config
 
@@ -54,7 +54,6 @@ class FakeDevice(Device):
         self.dim = cfg.fake.dim
         self.batches = 0
         self.calls_running = 0
-        self.first_generation = os.environ.get("CLIP_PIPELINE_WORKER_GENERATION", "0") == "0"
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         self.calls_running += 1
@@ -78,7 +77,7 @@ class FakeDevice(Device):
         f = self.cfg
         if self.device in f.fail_devices:
             raise DeviceError(f"fake device {self.device} failed (fake.fail_devices)")
-        if self.first_generation:
+        if self.generation == 0:  # a restarted worker behaves (Device.generation)
             if self.batches == f.fail_on_batch:
                 raise DeviceError(f"fake device {self.device}: injected failure on batch {self.batches}")
             if self.batches == f.exit_on_batch:
@@ -118,10 +117,6 @@ class FakeTextSession(TextSession):
 
 class FakeBackend(Backend):
     name = "fake"
-
-    @classmethod
-    def ready_crop(cls, cfg: Config) -> np.ndarray | None:
-        return configured_ready_crop(cfg)
 
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:

@@ -406,6 +406,7 @@ def run_pipeline(raw: dict, pss_interval_s: float = 5.0) -> dict:
     from pipeline import config as cfgmod
     from pipeline.run.progress import Progress
     from pipeline.run.supervisor import Supervisor
+    from pipeline.run.telemetry import dispatch_summary
 
     marks: list[tuple[float, int]] = []  # (time, inputs) of every `resolved` (Supervisor's on_resolved hook)
     cfg = cfgmod.from_dict(raw, source="<bench>")
@@ -448,7 +449,7 @@ def run_pipeline(raw: dict, pss_interval_s: float = 5.0) -> dict:
             "host_cpu_s": round(cpu_s, 3), "host_cpu_s_per_1000_incl_startup": round(1000 * cpu_s / n, 3),
             "host_cpu_cores_steady": round(cpu_rate, 3) if cpu_rate else None,
             "host_cpu_s_per_1000": round(1000 * cpu_rate / steady, 3) if cpu_rate and steady else None, **memory,
-            "dispatch": sup.dispatch_summary()}
+            "dispatch": dispatch_summary(list(sup.pool), sup.telemetry.stats, sup.cfg)}
 
 
 def device_timelines(sup: Any, t0: float, t_end: float) -> dict[str, dict]:

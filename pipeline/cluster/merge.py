@@ -75,7 +75,7 @@ def _publish(src: Path, dst: Path) -> None:
 
 def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
     from pipeline.data.rundir import FORMAT
-    from pipeline.run.supervisor import SYNTHETIC_NOTE
+    from pipeline.run.start import SYNTHETIC_NOTE
     from pipeline.run.telemetry import software_versions
 
     t0 = time.monotonic()

@@ -119,7 +119,7 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def write_listing(cfg: Config, dst: Path, warn=lambda m: None) -> tuple[int, str]:
     """Walk the inputs (the source stage's order) into dst; return (count, sha256 of the file)."""
-    from stages.source import config_inputs
+    from pipeline.data.listing import config_inputs
 
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
     h = hashlib.sha256()

@@ -94,8 +94,8 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
 def _dry_run(cfg, restart: bool = False) -> None:
     """Every check the real run makes before it builds a model or starts a worker (pipeline/run/preflight.py:
     same refusals, same exit status), then what the run would do. Writes nothing."""
+    from pipeline.data.listing import config_inputs
     from pipeline.run import preflight
-    from stages.source import config_inputs
 
     pf = preflight.check(cfg, restart=restart)
     warnings: list[str] = list(pf.warnings)

@@ -96,12 +96,12 @@ def _warn_synthetic(what: str) -> None:
 def _default_text_model(log) -> str:
     """No image run, no --text-model: the synthetic text tower paired with the default image model."""
     from pipeline.model.modelgen import clip_model_id
-    from pipeline.text.embed import _build_synthetic_text, synthetic_text_path
+    from pipeline.text.embed import build_synthetic_text, synthetic_text_path
 
     cm = clip_model_id("vit-b32", 0, "quickgelu")
     path = synthetic_text_path("models/clip-vit-b32-synthetic.onnx", cm)
     if not path.exists():
-        _build_synthetic_text(path, cm, log)
+        build_synthetic_text(path, cm, log)
     return str(path)
 
 

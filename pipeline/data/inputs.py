@@ -152,12 +152,14 @@ def is_member_ref(path: bytes) -> bool:
 
 
 def decode_input(path: bytes, opts, tars: TarReader):
-    """One input to pixels (pipeline/data/images.py's contract): a file, or a sample of a tar shard
-    (TAR/MEMBER) read through `tars`; ItemError with the reason otherwise. `opts`: DecodeOptions."""
+    """One input to pixels (pipeline/data/images.py's contract): a file, or an input inside a
+    container (a tar shard's sample, TAR/MEMBER) read through its reader (`tars`: the decode
+    worker's TarReader); ItemError with the reason otherwise. `opts`: DecodeOptions."""
     from pipeline.data.images import decode_bytes, decode_file
 
-    if is_member_ref(path):
-        return decode_bytes(tars.read_image(path, opts.max_file_bytes), opts)
+    for c in CONTAINERS:
+        if c.is_ref(path):
+            return decode_bytes(c.read(path, opts.max_file_bytes, tars), opts)
     return decode_file(path, opts)
 
 
@@ -388,3 +390,51 @@ def hash_input(path: bytes, reader: TarReader | None = None) -> str | None:
             return content_hash(fh.read())
     except Exception:  # noqa: BLE001 - an unreadable input is simply not matched
         return None
+
+
+# -- containers: files that hold many inputs ----------------------------------------------------
+
+class Container:
+    """A kind of file that holds many inputs. Listing (pipeline/data/listing.py) expands such a
+    file into one reference per input inside it (`refs`); decode recognises a reference
+    (`is_ref`) and reads the input's bytes (`read`). A new kind (video frames, say) is one
+    subclass in CONTAINERS, with its reader and its reason codes."""
+
+    suffix: bytes = b""  # the file suffix that marks one (without the dot); the walk lists these files too
+
+    def holds(self, path: bytes) -> bool:
+        """`path` is a container of this kind (a regular file with the suffix)."""
+        raise NotImplementedError
+
+    def refs(self, path: bytes, warn: Warn) -> Iterator[bytes]:
+        """The references of the inputs inside `path`, in their order."""
+        raise NotImplementedError
+
+    def is_ref(self, path: bytes) -> bool:
+        """`path` references an input inside a container of this kind."""
+        raise NotImplementedError
+
+    def read(self, ref: bytes, max_bytes: int, reader) -> bytes:
+        """The bytes of the input `ref`, through a long-lived per-worker `reader`."""
+        raise NotImplementedError
+
+
+class TarContainer(Container):
+    """A webdataset tar shard: one input per sample (TAR/MEMBER), read by TarReader."""
+
+    suffix = b"tar"
+
+    def holds(self, path: bytes) -> bool:
+        return is_tar(path) and is_tar_file(path)
+
+    def refs(self, path: bytes, warn: Warn) -> Iterator[bytes]:
+        return iter_tar_refs(path, warn)
+
+    def is_ref(self, path: bytes) -> bool:
+        return is_member_ref(path)
+
+    def read(self, ref: bytes, max_bytes: int, reader: TarReader) -> bytes:
+        return reader.read_image(ref, max_bytes)
+
+
+CONTAINERS: tuple[Container, ...] = (TarContainer(),)

@@ -68,7 +68,7 @@ def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
     """What must not change between an interrupted run and its resume. `inputs` are the roots
     actually walked (overlapping entries of input.paths dropped), so repeating an --input that
     changes nothing is not a different run."""
-    from stages.source import dedupe_roots
+    from pipeline.data.listing import dedupe_roots
 
     exts = frozenset(e.lower().encode() for e in cfg.input.extensions)
     roots = [os.fsdecode(r) for r in dedupe_roots(cfg.input.paths, exts, cfg.input.recursive)]
@@ -269,8 +269,8 @@ def on_existing_refusal(out: Path) -> str:
 
 def input_changes(cfg: Config, listing: Path, warn: Callable[[str], None] = lambda m: None) -> InputChanges:
     """Re-walk the input roots and compare with the run's listing (cheap: names only, no reads)."""
+    from pipeline.data.listing import config_inputs, dedupe_roots, read_listing
     from pipeline.output import recorded_inputs, records
-    from stages.source import config_inputs, dedupe_roots, read_listing
 
     exts = frozenset(e.lower().encode() for e in cfg.input.extensions)
     roots = dedupe_roots(cfg.input.paths, exts, cfg.input.recursive)

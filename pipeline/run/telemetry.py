@@ -7,10 +7,14 @@ at the end, the content of report.json. Pure bookkeeping over the counters the w
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from pipeline import output
+from pipeline.config import Config
 from pipeline.data.rundir import FORMAT
 from pipeline.run.ledger import Ledger
 from pipeline.run.progress import aggregate, bottleneck_line, queue_fill, utilisation
@@ -160,3 +164,75 @@ class Telemetry:
             **run,
             "versions": software_versions(),
         }
+
+
+# -- what the supervisor adds: the stuck note of the progress line, the report's run fields ----------
+def stuck_note(workers: Iterable[Any], now: float, cfg: Config, path_of: Callable[[int], str]) -> str:
+    """Workers (pool.Worker) stuck on one input, or one unit of work, for a while: named with the
+    seconds and the path, so a hidden stall (a decoder blocked on a file) shows on the progress line."""
+    notes = []
+    item_after = min(5.0, cfg.preprocess.decode_timeout_s / 2)
+    for w in workers:
+        if not w.alive:
+            continue
+        item = w.slot.current_item() if w.role == "decode" else None
+        if item and now - item[1] >= item_after:
+            notes.append(f"{w.name} stuck {now - item[1]:.0f}s on {path_of(item[0])}")
+            continue
+        busy = w.slot.busy_since
+        if not item and busy and now - busy >= max(30.0, cfg.run.stall_timeout_s / 10):
+            ids = w.slot.current_ids()
+            what = path_of(ids[0]) if len(ids) == 1 else f"{len(ids)} inputs"
+            notes.append(f"{w.name} busy {now - busy:.0f}s on {what}")
+    return "; ".join(notes)
+
+
+def dispatch_summary(workers: Iterable[Any], stats: dict[str, dict], cfg: Config) -> dict:
+    """How the work was spread over the devices: images per device (this run's last process of
+    each) and the tail, from the first device's last result to the last one's (a device idle
+    while another still works: the cost of uneven dispatch at the end of a run)."""
+    per_device, last = {}, []
+    for w in workers:
+        if w.role != "infer":
+            continue
+        st = stats.get(w.name, {})
+        per_device[str(w.device)] = int(st.get("in", 0))
+        if st.get("last_result_t"):
+            last.append(float(st["last_result_t"]))
+    q = cfg.queues
+    return {"mode": q.dispatch, "window_batches": 1 + q.infer_batches if q.dispatch == "credit" else None,
+            "images_per_device": per_device,
+            "tail_s": round(max(last) - min(last), 3) if len(last) > 1 else 0.0}
+
+
+def run_fields(workers: list[Any], stats: dict[str, dict], cfg: Config, model: dict, devices: list[str],
+               errors: list[dict], warnings: list[str]) -> dict[str, Any]:
+    """report.json's fields about this run's setup and troubles (Telemetry.report's `run`)."""
+    return {
+        "dispatch": dispatch_summary(workers, stats, cfg),
+        "model": model,
+        "devices": devices,
+        "backend": cfg.infer.backend,
+        "restarts": {w.name: w.restarts for w in workers if w.restarts},
+        "removed_devices": [w.device for w in workers if w.removed and w.role == "infer"],
+        "errors": errors[-50:],
+        "warnings": warnings[:200],
+        "synthetic_weights": bool(model.get("synthetic")),
+    }
+
+
+class PathNames:
+    """An input's path by id, read from the listing (cached: asked only for the few inputs a
+    progress line or a warning names)."""
+
+    def __init__(self, listing_path: str | os.PathLike):
+        self.listing_path = listing_path
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, i: int) -> str:
+        if i not in self.cache:
+            try:
+                self.cache[i] = os.fsdecode(output.listing_paths(self.listing_path, [i]).get(i, b"?"))
+            except OSError:
+                self.cache[i] = f"input #{i}"
+        return self.cache[i]

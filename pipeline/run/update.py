@@ -93,10 +93,11 @@ def next_shard(out: Path) -> int:
 def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print):
     """Embed what is new since the finished run in cfg.output.dir; returns a RunResult."""
     from pipeline.backends import get_backend
+    from pipeline.data.listing import config_inputs
     from pipeline.model.models import ensure_model
+    from pipeline.run.finish import EXIT_SUCCESS, EXIT_WITH_FAILURES, RunResult
     from pipeline.run.preflight import fingerprint
-    from pipeline.run.supervisor import EXIT_SUCCESS, EXIT_WITH_FAILURES, RunResult, Supervisor
-    from stages.source import config_inputs
+    from pipeline.run.supervisor import Supervisor
 
     out = Path(cfg.output.dir)
     manifest = output.read_manifest(out) if out.is_dir() else None

@@ -166,14 +166,14 @@ def paired_text_model(run: str | os.PathLike, text_model: str | os.PathLike | No
                 if not build:
                     raise TextModelError(f"the synthetic text tower {text_model} does not exist; build it with "
                                          f"clip-pipeline build-model {text_model} --tower text")
-                _build_synthetic_text(text_model, clip_model, log)
+                build_synthetic_text(text_model, clip_model, log)
         else:
             raise TextModelError(f"the image model of {run} names no text model: give --text-model PATH "
                                  "(or add \"text_model\": PATH to the image model's .json sidecar)")
     return check_pairing(image, text_model, assume_paired)
 
 
-def _build_synthetic_text(path: Path, clip_model: str, log=None) -> None:
+def build_synthetic_text(path: Path, clip_model: str, log=None) -> None:
     from pipeline.text.model import build_clip_text_onnx
 
     _, arch, seed, act = re.fullmatch(r"(synthetic):([\w-]+):seed=(-?\d+):act=(\w+)", clip_model).groups()

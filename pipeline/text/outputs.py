@@ -38,7 +38,7 @@ LOGIT_SCALE = 100.0  # CLIP ViT-B/32's learned logit scale, exp(4.6052) = 100
 
 
 def versions() -> dict[str, str]:
-    from pipeline.run.supervisor import software_versions
+    from pipeline.run.telemetry import software_versions
 
     return software_versions()
 

@@ -23,11 +23,24 @@ died with it; the supervisor re-issues the ids). Messages carry the sender's ind
 (`src`, `sg`), and credits for a previous generation of a sender are ignored. Nothing here affects
 completion accounting: the sink still counts ids, and everything unresolved after a death is
 re-issued as before.
+
+`Credits` and `Origins` are the pure bookkeeping; `CreditSender` (a sender's sockets) and
+`CreditReturner` (an infer process's) put them on the wire for the worker loop.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import zmq
+
+from pipeline.wire import transport
+
+SEND_POLL_MS = 200  # no device has room: wait this long for credit before checking the worker is still wanted
+CREDIT_RETRY_MS = 20  # a device with credit but not connected yet: try again this soon
+ANNOUNCE_INTERVAL_S = 0.5  # an infer process repeats its window this often (a restarted sender learns it)
 
 
 @dataclass
@@ -149,3 +162,91 @@ class Origins:
     def take_due(self) -> dict[tuple[int, int], int]:
         due, self.due = self.due, {}
         return due
+
+
+class CreditSender:
+    """A sender into the infer stage (credit dispatch): one PUSH per device and a PULL where the
+    devices return credits. `send` puts a message on the device with the most free window and
+    waits for credit while none has room."""
+
+    def __init__(self, ctx: zmq.Context, device_addrs: tuple[str, ...], hwm: int, credit_addr: str, index: int,
+                 generation: int):
+        self.peers = [transport.push(ctx, [a], hwm) for a in device_addrs]
+        self.credit_in = transport.pull(ctx, credit_addr, hwm=100000)
+        self.credits = Credits(len(device_addrs), gen=generation)
+        self.index, self.generation = index, generation
+
+    def send(self, header: dict, buffers: tuple, check_alive: Callable[[], None]) -> None:
+        n = items_in(header)
+        cap = int(header["tail"]) if header.get("tail") else None  # a tail piece (tail_images)
+        header = {**header, "src": self.index, "sg": self.generation}
+        tried: set[int] = set()
+        while True:
+            self.take_credits()
+            d = self.credits.choose(tried, cap, n)
+            if d is None:
+                check_alive()
+                self.credit_in.poll(CREDIT_RETRY_MS if tried else SEND_POLL_MS)
+                tried.clear()
+                continue
+            try:
+                transport.send(self.peers[d], header, *buffers, flags=zmq.NOBLOCK)
+            except zmq.Again:  # that device is not connected (starting, restarting, gone)
+                tried.add(d)
+                continue
+            self.credits.on_sent(d, n)
+            return
+
+    def take_credits(self) -> None:
+        while True:
+            try:
+                h, _ = transport.recv(self.credit_in, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.credits.on_credit(h)
+
+    def close(self) -> None:
+        for s in (self.credit_in, *self.peers):
+            s.close(0)
+
+
+class CreditReturner:
+    """An infer process with credit-dispatching senders: where each held id came from (`Origins`),
+    credits back to those senders, and this device's window announced to all of them."""
+
+    def __init__(self, ctx: zmq.Context, sender_addrs: tuple[str, ...], window: int, index: int, generation: int):
+        self.out = [transport.push(ctx, [a], hwm=10000) for a in sender_addrs]
+        self.origins = Origins()
+        self.window = window
+        self.base = {"t": "credit", "peer": index, "gen": generation, "w": window}
+        self.last_announce = 0.0
+        self.return_credits(announce=True)
+
+    def received(self, header: dict) -> None:
+        self.origins.received(header)
+
+    def finished(self, header: dict) -> None:
+        self.origins.finished(header)  # these ids are done here: their senders get credit back
+
+    def return_credits(self, announce: bool = False) -> None:
+        """Credits for the ids finished since the last call, to the senders they came from; and
+        every ANNOUNCE_INTERVAL_S (or when asked) this device's window to every sender (a sender
+        that restarted learns it so, and a new generation of this device resets their counts)."""
+        for (src, sg), n in self.origins.take_due().items():
+            if 0 <= src < len(self.out):
+                self._send(src, {**self.base, "n": n, "sg": sg})
+        now = time.monotonic()
+        if announce or now - self.last_announce >= ANNOUNCE_INTERVAL_S:
+            self.last_announce = now
+            for src in range(len(self.out)):
+                self._send(src, {**self.base, "n": 0})
+
+    def _send(self, src: int, header: dict) -> None:
+        try:
+            transport.send(self.out[src], header, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # that sender is gone: its next generation starts from the announcements
+
+    def close(self) -> None:
+        for s in self.out:
+            s.close(0)

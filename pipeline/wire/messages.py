@@ -21,7 +21,8 @@ from pipeline.wire.transport import array_header
 # Why an input could not be embedded (docs/robustness.md). Decode: empty .. vanished; infer adds
 # non_finite; the supervisor decides crashed_worker (an input that killed its worker twice).
 # Tar shards (pipeline/data/inputs.py): no_image (a sample without an image member), tar_truncated
-# (the tar ends inside the member), tar_corrupt (a header that is not a tar header).
+# (the tar ends inside the member), tar_corrupt (a header that is not a tar header). Every code the
+# project raises is one of these (tests/test_code_shape.py reads the code for them).
 REASONS = ("empty", "not_an_image", "truncated", "corrupt", "too_large", "unreadable", "vanished",
            "not_a_file", "timeout", "no_image", "tar_truncated", "tar_corrupt", "non_finite", "crashed_worker")
 

@@ -89,3 +89,25 @@ def array_from(header: dict[str, Any], buf: memoryview) -> np.ndarray:
 
 def fsencode(path: str | bytes) -> bytes:
     return path if isinstance(path, bytes) else os.fsencode(path)
+
+
+class Outbox:
+    """Messages to send without ever blocking the sender (the supervisor's to the sink and to the
+    first stage): queued in order, sent while the peers take them; what would block waits."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[zmq.Socket, dict]] = []
+
+    def put(self, sock: zmq.Socket, header: dict) -> None:
+        self.queue.append((sock, header))
+
+    def pump(self) -> bool:
+        """Send what the peers take now, in order; True when nothing is left waiting."""
+        for i, (sock, header) in enumerate(self.queue):
+            try:
+                send(sock, header, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.queue = self.queue[i:]
+                return False
+        self.queue = []
+        return True

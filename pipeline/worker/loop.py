@@ -17,21 +17,19 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import zmq
 
 from pipeline.backends.base import DeviceError
-from pipeline.config import Config
 from pipeline.wire import messages, transport
-from pipeline.wire.dispatch import Credits, Origins, items_in, window_for
+from pipeline.wire.dispatch import CreditReturner, CreditSender, window_for
 from pipeline.worker.pdeath import PARENT_ENV, set_parent_death_signal
+from pipeline.worker.spec import WorkerSpec
 from stages.base import FatalError, Output, StageCore
 
 MAX_SLOT_IDS = 1024
 STATS_INTERVAL_S = 0.5
 SEND_TIMEOUT_MS = 200
-CREDIT_RETRY_MS = 20  # a device with credit but not connected yet: try again this soon
 
 # Exit codes of workers (the supervisor reads them).
 EXIT_OK = 0
@@ -116,37 +114,6 @@ class Slot:
         self.floats[3] = float(value)
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    role: str  # source | decode | preprocess | infer | sink
-    index: int
-    cfg: Config
-    in_addr: str | None
-    next_addrs: tuple[str, ...]
-    sink_addr: str
-    control_addr: str
-    device: str | None = None
-    generation: int = 0
-    # queue limits (ZeroMQ high-water marks, in messages), decided once by Supervisor.plan
-    in_hwm: int = 0  # of this worker's PULL (0: it receives nothing)
-    out_hwm: int = 0  # of its PUSH to the next stage (0: it has none)
-    sink_hwm: int = 0  # of its PUSH to the sink
-    # the source's
-    listing_path: str = ""  # OUT/listing.jsonl
-    done_shards: tuple[int, ...] = ()  # complete shards: their ids are not sent
-    listing_complete: bool = False  # replay the saved listing instead of walking the inputs
-    start_at: int = 0  # a restarted source sends ids from here on
-    range_lo: int = 0  # a cluster range run: ids [range_lo, range_hi) of a planned listing only
-    range_hi: int | None = None
-    # credit-based dispatch into the devices (queues.dispatch = "credit", pipeline/wire/dispatch.py)
-    credit_addr: str = ""  # a sender into the infer stage: where the devices return its credits
-    credit_addrs: tuple[str, ...] = ()  # an infer process: every sender's credit endpoint
-
-    @property
-    def name(self) -> str:
-        return f"{self.role}-{self.index}" + (f"({self.device})" if self.device else "")
-
-
 # Environment of spawned workers: one process per core is the design, so libraries must not add
 # thread pools of their own (an idle OpenBLAS pool spin-waits: on a loaded 2-core host it tripled
 # the fake device's CPU time). Only set where the user has not chosen a value.
@@ -176,30 +143,6 @@ def worker_environment(extra: dict[str, str] | None = None):
                 os.environ[k] = v
 
 
-def make_core(spec: WorkerSpec, slot: Slot) -> StageCore:
-    # Imported here, not at the top: a worker loads only its own stage (and its libraries: PIL, cv2,
-    # the backend's runtime), and the supervisor, which imports this module, loads none of them.
-    if spec.role == "decode":
-        from stages.decode import DecodeCore
-
-        core = DecodeCore(spec)
-        core.slot = slot
-        return core
-    if spec.role == "preprocess":
-        from stages.preprocess import PreprocessCore
-
-        return PreprocessCore(spec)
-    if spec.role == "infer":
-        from stages.infer import InferCore
-
-        return InferCore(spec, slot)
-    if spec.role == "sink":
-        from stages.sink import SinkCore
-
-        return SinkCore(spec)
-    raise ValueError(f"unknown role {spec.role}")
-
-
 class _Stop(Exception):
     pass
 
@@ -216,24 +159,18 @@ class Loop:
         self.ctx = zmq.Context()
         self.control = transport.push(self.ctx, [spec.control_addr], hwm=10000, linger_ms=1000)
         self.next = None
-        # A sender into the infer stage dispatches by credit (pipeline/wire/dispatch.py): one PUSH per
-        # device, and a PULL where the devices return credits.
-        self.credits: Credits | None = None
-        self.peers: list[zmq.Socket] = []
-        self.credit_in: zmq.Socket | None = None
+        # A sender into the infer stage with credit dispatch (pipeline/wire/dispatch.py): one PUSH
+        # per device, and a PULL where the devices return credits.
+        self.credited: CreditSender | None = None
         if spec.next_addrs and spec.credit_addr:
-            self.peers = [transport.push(self.ctx, [a], spec.out_hwm) for a in spec.next_addrs]
-            self.credit_in = transport.pull(self.ctx, spec.credit_addr, hwm=100000)
-            self.credits = Credits(len(spec.next_addrs), gen=spec.generation)
+            self.credited = CreditSender(self.ctx, spec.next_addrs, spec.out_hwm, spec.credit_addr, spec.index,
+                                         spec.generation)
         elif spec.next_addrs:
             self.next = transport.push(self.ctx, spec.next_addrs, spec.out_hwm)
-        # An infer process with credit-dispatching senders: where each held id came from, and the
-        # sockets to return credits on (started once the device is ready: start_credits)
-        self.origins: Origins | None = None
-        self.credit_out: list[zmq.Socket] = []
-        self.window = 0
-        self.last_announce = 0.0
-        self.sink = transport.push(self.ctx, [spec.sink_addr], spec.sink_hwm) if spec.role != "sink" else None
+        # An infer process with credit-dispatching senders returns credits (started once its device
+        # is ready: start_credits)
+        self.returner: CreditReturner | None = None
+        self.sink = transport.push(self.ctx, [spec.sink_addr], spec.sink_hwm) if spec.sends_to_sink else None
         self.stats: dict[str, float] = {"in": 0, "out": 0, "sink_out": 0, "busy_s": 0.0, "blocked_s": 0.0,
                                         "idle_s": 0.0}
         self.last_stats = 0.0
@@ -243,8 +180,11 @@ class Loop:
         # Every send is non-blocking with a poll between tries: a blocking send to a peer that is
         # gone (ZMQ_IMMEDIATE: no peer = no pipe) would never return, and the worker would
         # outlive the supervisor (issue #12: orphans blocked in report_stats).
-        if target == "next" and self.credits is not None:
-            self.send_credited(header, buffers)
+        if target == "next" and self.credited is not None:
+            t0 = time.monotonic()
+            self.credited.send(header, buffers, self.check_alive)
+            self.stats["blocked_s"] += time.monotonic() - t0
+            self.stats["out"] += 1
             return
         sock = {"control": self.control, "next": self.next}.get(target, self.sink)
         t0 = time.monotonic()
@@ -259,74 +199,19 @@ class Loop:
             return
         self.stats["blocked_s"] += time.monotonic() - t0
         self.stats["out" if target == "next" else "sink_out"] += 1  # queue fill (progress.queue_fill)
-        if self.origins is not None and target == "sink":
-            self.origins.finished(header)  # these ids are done here: their senders get credit back
-        if self.spec.role == "infer" and header.get("t") == "emb":
+        if self.returner is not None and target == "sink":
+            self.returner.finished(header)
+        if header.get("t") == "emb":
             now = time.monotonic()  # the dispatch tail (report.json "dispatch")
             self.stats["first_result_t"] = self.stats.get("first_result_t") or now
             self.stats["last_result_t"] = now
 
-    def send_credited(self, header: dict, buffers: tuple) -> None:
-        """Send to the device with the most free window; wait for credit when none has room."""
-        n = items_in(header)
-        cap = int(header["tail"]) if header.get("tail") else None  # a tail piece (dispatch.tail_images)
-        header = {**header, "src": self.spec.index, "sg": self.spec.generation}
-        t0 = time.monotonic()
-        tried: set[int] = set()
-        while True:
-            self.take_credits()
-            d = self.credits.choose(tried, cap, n)
-            if d is None:
-                self.check_alive()
-                self.credit_in.poll(CREDIT_RETRY_MS if tried else SEND_TIMEOUT_MS)
-                tried.clear()
-                continue
-            try:
-                transport.send(self.peers[d], header, *buffers, flags=zmq.NOBLOCK)
-            except zmq.Again:  # that device is not connected (starting, restarting, gone)
-                tried.add(d)
-                continue
-            self.credits.on_sent(d, n)
-            break
-        self.stats["blocked_s"] += time.monotonic() - t0
-        self.stats["out"] += 1
-
-    def take_credits(self) -> None:
-        while True:
-            try:
-                h, _ = transport.recv(self.credit_in, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.credits.on_credit(h)
-
-    # -- the infer side of credit dispatch ------------------------------------------------------
     def start_credits(self, addrs: tuple[str, ...], window: int) -> None:
-        self.credit_out = [transport.push(self.ctx, [a], hwm=10000) for a in addrs]
-        self.origins = Origins()
-        self.window = window
-        self.return_credits(announce=True)
+        self.returner = CreditReturner(self.ctx, addrs, window, self.spec.index, self.spec.generation)
 
-    def return_credits(self, announce: bool = False) -> None:
-        """Credits for the ids finished since the last call, to the senders they came from; and
-        every STATS_INTERVAL_S (or when asked) this device's window to every sender (a sender that
-        restarted learns it so, and a new generation of this device resets their counts)."""
-        if self.origins is None:
-            return
-        base = {"t": "credit", "peer": self.spec.index, "gen": self.spec.generation, "w": self.window}
-        for (src, sg), n in self.origins.take_due().items():
-            if 0 <= src < len(self.credit_out):
-                self._credit(src, {**base, "n": n, "sg": sg})
-        now = time.monotonic()
-        if announce or now - self.last_announce >= STATS_INTERVAL_S:
-            self.last_announce = now
-            for src in range(len(self.credit_out)):
-                self._credit(src, {**base, "n": 0})
-
-    def _credit(self, src: int, header: dict) -> None:
-        try:
-            transport.send(self.credit_out[src], header, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # that sender is gone: its next generation starts from the announcements
+    def return_credits(self) -> None:
+        if self.returner is not None:
+            self.returner.return_credits()
 
     def emit(self, outputs: Iterable[Output] | None) -> None:
         for target, header, buffers in outputs or ():
@@ -350,9 +235,12 @@ class Loop:
                                             type(exc).__name__, str(exc), traceback.format_exc()))
 
     def close(self) -> None:
-        for s in (self.next, self.sink, self.credit_in, *self.peers, *self.credit_out):
+        for s in (self.next, self.sink):
             if s is not None:
                 s.close(0)
+        for c in (self.credited, self.returner):
+            if c is not None:
+                c.close()
         self.control.close(1000)
         self.ctx.term()
 
@@ -397,18 +285,12 @@ def _install_signals(loop: Loop) -> None:
 
 def worker_main(spec: WorkerSpec, slot: Slot) -> None:
     """Entry point of every spawned stage worker."""
-    os.environ["CLIP_PIPELINE_WORKER_GENERATION"] = str(spec.generation)
     loop = Loop(spec, slot)
     _install_signals(loop)
     slot.floats[2] = os.getpid()
     code = EXIT_OK
     try:
-        if spec.role == "source":
-            from stages.source import run_source
-
-            run_source(spec, slot, loop)
-        else:
-            code = _run_core(spec, slot, loop)
+        code = spec.main(slot, loop, _run_core)
     except _Stop:
         code = EXIT_OK
     except FatalError as exc:
@@ -430,7 +312,7 @@ def worker_main(spec: WorkerSpec, slot: Slot) -> None:
 
 
 def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
-    core = make_core(spec, slot)
+    core = spec.make_core(slot)
     loop.core = core
     try:
         core.setup()
@@ -441,8 +323,8 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
         return EXIT_SETUP
     loop.send("control", messages.ready(spec.name, spec.role, spec.index, os.getpid(), core.info))
     inp = transport.pull(loop.ctx, spec.in_addr, spec.in_hwm)
-    if spec.role == "infer" and spec.credit_addrs:
-        addrs = spec.credit_addrs
+    addrs = spec.credit_returns()
+    if addrs:
         batch = int(core.info.get("batch_size") or spec.cfg.model.batch_size)
         loop.start_credits(addrs, window_for(batch, spec.cfg.queues.infer_batches, len(addrs)))
     poller = zmq.Poller()
@@ -450,7 +332,7 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
     wake = core.wake_fd()
     if wake is not None:  # the core finishes work on a thread of its own: wake up to send its results
         poller.register(wake, zmq.POLLIN)
-    per_item = spec.role in ("decode", "preprocess")  # one item per message: attribute crashes to it
+    per_item = spec.per_item  # one input per message (decode, preprocess): crashes are attributed to it
     try:
         while True:
             loop.check_alive()
@@ -463,8 +345,8 @@ def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
             if ready.get(inp):
                 header, frames = transport.recv(inp)
                 loop.stats["in"] += len(header["ids"]) if "ids" in header and header["t"] != "emb" else 1
-                if loop.origins is not None:
-                    loop.origins.received(header)
+                if loop.returner is not None:
+                    loop.returner.received(header)
                 t0 = time.monotonic()
                 if per_item:
                     slot.begin(header["ids"] if "ids" in header else [header["id"]])

@@ -1,5 +1,5 @@
-"""Decode stage (stages/decode.py): DecodeCore on groups and single items, and the ready crops
-of the fake and cpu backends (fake.ready_crops). The decoders themselves are tested in tests/test_images.py and tests/test_bad_inputs.py."""
+"""Decode stage (stages/decode.py): DecodeCore on groups and single items, and its bench-only
+stand-in (stages/ready.py, fake.ready_crops). The decoders themselves are tested in tests/test_images.py and tests/test_bad_inputs.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import SAMPLES, worker_spec
 
-from pipeline.backends.base import ready_crop
 from stages.decode import DecodeCore
+from stages.ready import ReadyCropCore, ready_crop
 
 
 def test_decode_group_keeps_per_item_failures_and_ids(tmp_path):
@@ -30,10 +30,17 @@ def test_decode_group_keeps_per_item_failures_and_ids(tmp_path):
     assert [h["t"] for _, h, _ in single] == ["px"] and single[0][1]["id"] == 3
 
 
-@pytest.mark.parametrize("backend", ["fake", "cpu"])  # cpu: the bench's "decode -> ready crops" case
-def test_ready_crops_skip_the_files(backend):
-    core = DecodeCore(worker_spec("decode", {"infer": {"backend": backend}, "fake": {"ready_crops": True}}))
+@pytest.mark.parametrize("fused", [True, False])
+def test_ready_crops_skip_the_files(fused):
+    """fake.ready_crops (bench-only): the decode workers run the stand-in core (stages/ready.py)."""
+    spec = worker_spec("decode", {"workers": {"fuse_decode_preprocess": fused}}, ready_crops=True)
+    core = spec.make_core(None)
+    assert isinstance(core, ReadyCropCore)
     out = core.handle({"t": "items", "ids": [0, 1], "paths": [b"/does/not/exist.jpg", b"/nor/this.jpg"]}, [])
-    (_, h, (px,)), = out
-    assert h["t"] == "pxs" and h["ids"] == [0, 1] and px.shape == (2, 224, 224, 3)
-    assert np.array_equal(px[1], ready_crop())
+    if fused:
+        (_, h, (px,)), = out
+        assert h["t"] == "pxs" and h["ids"] == [0, 1] and px.shape == (2, 224, 224, 3)
+        assert np.array_equal(px[1], ready_crop())
+    else:  # one full image per message for the preprocess stage
+        assert [h["t"] for _, h, _ in out] == ["img", "img"] and [h["id"] for _, h, _ in out] == [0, 1]
+    assert isinstance(worker_spec("decode", {}).make_core(None), DecodeCore)

@@ -13,7 +13,8 @@ from conftest import worker_spec
 
 from pipeline import config
 from pipeline.backends.base import DeviceError
-from pipeline.worker.loop import Slot, WorkerSpec
+from pipeline.worker.loop import Slot
+from pipeline.worker.spec import InferSpec
 from stages.infer import Batcher, InferCore, pad_batch
 
 WAIT_S = 10.0
@@ -64,8 +65,7 @@ def test_infer_groups_fill_batches_across_messages(tmp_path):
 def _core(tmp_path, overlap: bool, batch: int = 4, name: str = "slot", **fake) -> InferCore:
     cfg = config.from_dict({"infer": {"backend": "fake", "overlap": overlap, "batch_timeout_ms": 50},
                             "model": {"batch_size": batch}, "fake": {"dim": 16, **fake}})
-    spec = WorkerSpec(role="infer", index=0, cfg=cfg, in_addr=None, next_addrs=(), sink_addr="",
-                      control_addr="", device="cpu:0")
+    spec = InferSpec(index=0, cfg=cfg, device="cpu:0")
     core = InferCore(spec, Slot(str(tmp_path / name)))
     core.setup()
     return core
@@ -163,7 +163,6 @@ def test_slot_holds_in_flight_and_prepared_ids(tmp_path, pixels):
 
 
 def test_device_error_surfaces_on_the_loop_thread(tmp_path, pixels, monkeypatch):
-    monkeypatch.setenv("CLIP_PIPELINE_WORKER_GENERATION", "0")  # fake faults fire in generation 0 only
     core = _core(tmp_path, overlap=True, fail_on_batch=2)
     assert core.handle(*_msg(pixels, 0, 4)) == []
     assert [i for i, _ in _embs(core.handle(*_msg(pixels, 4, 8)))] == [[0, 1, 2, 3]]

@@ -1,4 +1,5 @@
-"""The source's walk: odd directory entries, deterministic byte order, streaming."""
+"""The walk of the inputs (pipeline/data/listing.py, what the source stage lists): odd directory entries,
+deterministic byte order, streaming."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import source
-from stages.source import iter_inputs
+from pipeline.data import listing
+from pipeline.data.listing import iter_inputs
 
 EXTS = ("jpg", "jpeg", "png")
 
@@ -94,7 +95,7 @@ def test_unreadable_subdirectory_is_skipped_with_a_warning(tmp_path, monkeypatch
             raise PermissionError(13, "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(source.os, "scandir", scandir)
+    monkeypatch.setattr(listing.os, "scandir", scandir)
     paths, warnings = walk(tmp_path)
     assert rel(tmp_path, paths) == [b"a.jpg", b"z.jpg"]
     assert warnings == [f"skipped unreadable directory {tmp_path / 'locked'}: Permission denied"]
@@ -138,7 +139,7 @@ def test_listing_streams(tmp_path, monkeypatch):
         scanned.append(path)
         return real(path)
 
-    monkeypatch.setattr(source.os, "scandir", scandir)
+    monkeypatch.setattr(listing.os, "scandir", scandir)
     it = iter_inputs((str(tmp_path),), EXTS)
     first = next(it)
     assert first.endswith(b"d0/img.jpg")
@@ -160,6 +161,6 @@ def test_huge_directory_is_sorted_in_spilled_runs(tmp_path, monkeypatch):
     for n in names:
         touch(tmp_path / n)
     whole = rel(tmp_path, walk(tmp_path)[0])
-    monkeypatch.setattr(source, "SPILL_ENTRIES", 4)
+    monkeypatch.setattr(listing, "SPILL_ENTRIES", 4)
     spilled = rel(tmp_path, walk(tmp_path)[0])
     assert spilled == whole == sorted(os.fsencode(n) for n in names)

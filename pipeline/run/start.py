@@ -1,0 +1,104 @@
+"""What a run starts from: the pre-start checks, the model, the prepared output directory, the
+resume state, and the run's manifest (its contents are decided here, written through the RunDir).
+
+`RunStart.prepare` makes every refusal before a model is built (the same checks as `run
+--dry-run`, pipeline/run/preflight.py), builds the model if asked, resolves the crop size once,
+prepares (or resumes) the output directory and writes the manifest as "running".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline import output
+from pipeline.config import Config
+from pipeline.data.rundir import FORMAT, RunDir, now_iso
+from pipeline.model.models import ensure_model, resolve_image_size
+from pipeline.run import preflight
+from pipeline.run.ledger import Ledger
+from pipeline.run.telemetry import software_versions
+
+SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
+
+
+@dataclass
+class RunStart:
+    cfg: Config  # with model.image_size resolved
+    rundir: RunDir
+    listing_path: Path
+    id_range: tuple[int, int] | None = None
+    devices: list[str] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)
+    fp: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    resumed: bool = False
+    listing_complete: bool = False
+    done_shards: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    input_changes: preflight.InputChanges | None = None  # inputs added/removed since an existing run listed them
+
+    @classmethod
+    def prepare(cls, cfg: Config, backend: Any, rundir: RunDir, ledger: Ledger, *, restart: bool, log: Callable,
+                listing_path: Path, id_range: tuple[int, int] | None = None) -> RunStart:
+        """Checks, model, output directory; the ledger is seeded with the shards already done."""
+        # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
+        pf = preflight.check(cfg, restart=restart)
+        s = cls(cfg, rundir, listing_path, id_range, devices=pf.devices, input_changes=pf.changes)
+        for w in pf.warnings:
+            log(f"warning: {w}")
+            s.warnings.append(w)
+        if pf.changes:
+            note = preflight.changes_note(pf.changes, pf.manifest.get("status") == "complete")
+            log(f"warning: {note}")
+            s.warnings.append(note)
+        ensure_model(cfg, log=log)
+        # the crop size every worker uses comes from the model (model.image_size = 0), resolved once here
+        s.cfg = cfg.replace(model=replace(cfg.model, image_size=resolve_image_size(cfg)))
+        s.model = pf.model or backend.model_identity(s.cfg)
+        s.fp = preflight.fingerprint(s.cfg, s.model)
+        prior = rundir.prepare(s.fp, restart=restart, on_existing=cfg.output.on_existing, log=log,
+                               refusal=lambda old: preflight.fingerprint_refusal(rundir.path, old, s.fp))
+        s.resumed, s.listing_complete, s.done_shards = prior.resumed, prior.listing_complete, prior.done_shards
+        s.warnings += [f"shard {output.shard_name(k)} is damaged ({why}); redone" for k, why in prior.damaged.items()]
+        if id_range is not None:
+            s.listing_complete = True  # the planned listing, replayed
+        for k in s.done_shards:
+            rows, failed = rundir.shard_counts(k)
+            ledger.on_shard_written(k, rows, failed, resumed=True)
+        s.created = prior.manifest.get("created") if prior.manifest else now_iso()
+        s.write_manifest("running", ledger)
+        if s.resumed and s.done_shards:
+            log(f"Resuming the run in {rundir.path}: {len(s.done_shards)} shards already complete.")
+        return s
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.model.get("synthetic"))
+
+    def write_manifest(self, status: str, ledger: Ledger, extra: dict | None = None) -> None:
+        m = {
+            "format": FORMAT,
+            "status": status,
+            "created": self.created,
+            "updated": now_iso(),
+            "fingerprint": self.fp,
+            "config": self.cfg.to_dict(),
+            "devices": self.devices,
+            "model": self.model,
+            "synthetic_weights": self.synthetic,
+            "inputs": {"listed": ledger.listed, "listing_complete": ledger.listing_done or self.listing_complete},
+            "counts": {"embedded": ledger.embedded, "failed": ledger.failed, "total": ledger.total},
+            "shard_size": self.cfg.output.shard_size,
+            "shards": sorted(ledger.written),
+            "versions": software_versions(),
+        }
+        if self.id_range is not None:
+            m["range"] = {"ids": list(self.id_range), "listing": str(self.listing_path)}
+        if self.synthetic:
+            m["warning"] = SYNTHETIC_NOTE
+        if extra:
+            m.update(extra)
+        self.rundir.write_manifest(m)
