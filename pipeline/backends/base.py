@@ -111,6 +111,13 @@ class TextSession:
         raise NotImplementedError
 
 
+def text_model(model: str | None) -> str:
+    """The text model a backend's open_text runs: refused when none is given."""
+    if model is None:
+        raise TextModelError("no text model given")
+    return model
+
+
 class Backend(abc.ABC):
     name: ClassVar[str]
     #: "pixels": host workers decode + preprocess; "files": the device process does it.

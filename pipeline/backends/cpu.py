@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError, TextSession
+from pipeline.backends.base import Backend, Device, DeviceError, TextSession, text_model
 from pipeline.config import Config, ConfigError
 from pipeline.data.images import normalize
 from pipeline.errors import TextModelError
@@ -115,9 +115,7 @@ class CpuBackend(Backend):
 
     @classmethod
     def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
-        if model is None:
-            raise TextModelError("no text model given")
-        return OrtTextSession(model, threads)
+        return OrtTextSession(text_model(model), threads)
 
     @classmethod
     def open_device(cls, cfg: Config, device: str) -> Device:

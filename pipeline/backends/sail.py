@@ -51,6 +51,7 @@ from pipeline.backends.base import (
     FileBatchResult,
     Prepared,
     TextSession,
+    text_model,
 )
 from pipeline.config import ConfigError
 from pipeline.data.images import (
@@ -649,9 +650,7 @@ class SailBackend(Backend):
 
     @classmethod
     def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
-        if model is None:
-            raise TextModelError("no text model given")
-        return SailTextSession(model, int(device or 0))
+        return SailTextSession(text_model(model), int(device or 0))
 
     @classmethod
     def open_device(cls, cfg: Config, device: str) -> Device:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError, TextSession
+from pipeline.backends.base import Backend, Device, DeviceError, TextSession, text_model
 from pipeline.config import Config, ConfigError
 from pipeline.data.images import normalize
 from pipeline.errors import TextModelError
@@ -124,9 +124,7 @@ class SimBackend(Backend):
 
     @classmethod
     def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
-        if model is None:
-            raise TextModelError("no text model given")
-        return SimTextSession(model)
+        return SimTextSession(text_model(model))
 
     @classmethod
     def open_device(cls, cfg: Config, device: str) -> Device:
