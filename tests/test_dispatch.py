@@ -1,8 +1,8 @@
-"""pipeline/dispatch.py: credit-based dispatch into the devices (pure: no sockets, no clock)."""
+"""pipeline/wire/dispatch.py: credit-based dispatch into the devices (pure: no sockets, no clock)."""
 
 from __future__ import annotations
 
-from pipeline.dispatch import Credits, window_for
+from pipeline.wire.dispatch import Credits, window_for
 
 
 def test_credits_send_only_to_ready_devices_and_to_the_one_with_most_room():

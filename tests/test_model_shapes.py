@@ -16,8 +16,8 @@ import pytest
 from clip_reference import clip_transform  # the tests' own CLIP transform, independent of pipeline/
 from PIL import Image
 
-from pipeline.modelgen import build_clip_image_onnx
-from pipeline.models import model_image_size
+from pipeline.model.modelgen import build_clip_image_onnx
+from pipeline.model.models import model_image_size
 from tests.conftest import ROOT, cli, cli_env
 
 SAMPLES = ROOT / "samples" / "images"
@@ -54,7 +54,7 @@ def test_336_input_768_width_end_to_end(tmp_path, model336, fused):
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["model"]["image_size"] == 336
     sess = ort.InferenceSession(str(model336), providers=["CPUExecutionProvider"])
-    for i in (0, 3, 7):  # the reference: the tests' own CLIP transform at 336, not pipeline.images
+    for i in (0, 3, 7):  # the reference: the tests' own CLIP transform at 336, not pipeline.data.images
         x = clip_transform(Image.open(paths[i]), 336)
         assert x.shape == (3, 336, 336)
         want = sess.run(None, {"image": x[None]})[0][0]

@@ -94,10 +94,10 @@ def test_kill_9_of_the_main_process_leaves_no_worker(corpus, tmp_path, moment, f
         assert pids
         if foreign:
             cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids]
-            assert sum(b"pipeline.boot" in c and b"spawn_main" not in c for c in cmdlines) == 2
+            assert sum(b"pipeline.worker.boot" in c and b"spawn_main" not in c for c in cmdlines) == 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        # every worker dies with the main process (parent-death signal, pipeline/pdeath.py); how fast
+        # every worker dies with the main process (parent-death signal, pipeline/worker/pdeath.py); how fast
         # is not asserted here (a shared test machine), only that none is left: the wait is a hang guard
         t0 = time.monotonic()
         left = session_pids(proc.pid)
@@ -164,9 +164,9 @@ def test_non_regular_inputs_fail_at_once_as_not_a_file(tmp_path):
 
 
 def test_file_swapped_for_a_fifo_after_listing_does_not_block(tmp_path, monkeypatch):
-    import pipeline.images as dec
-    from pipeline.images import DecodeOptions, decode_file, open_input
-    from pipeline.messages import ItemError
+    import pipeline.data.images as dec
+    from pipeline.data.images import DecodeOptions, decode_file, open_input
+    from pipeline.wire.messages import ItemError
 
     p = tmp_path / "x.jpg"
     os.mkfifo(p)
@@ -174,7 +174,7 @@ def test_file_swapped_for_a_fifo_after_listing_does_not_block(tmp_path, monkeypa
         decode_file(os.fsencode(str(p)), DecodeOptions())
     assert err.value.reason == "not_a_file" and "FIFO" in err.value.message
     # the race: the stat said "regular file", then a FIFO took its place before the open. Only
-    # pipeline.images sees the stale stat (its own view of os); the rest of the process is untouched.
+    # pipeline.data.images sees the stale stat (its own view of os); the rest of the process is untouched.
     (tmp_path / "ok.jpg").write_bytes(b"x")
     regular = os.stat(tmp_path / "ok.jpg")
 
