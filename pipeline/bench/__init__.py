@@ -49,7 +49,7 @@ BM1684X_MS_PER_IMAGE_B32 = 1.66  # bmrt_test compute, 32-batch fp16 bmodel (docs
 
 # -- machine and process-tree measurements ---------------------------------------------------------
 def machine_info() -> dict[str, Any]:
-    from pipeline.run.telemetry import software_versions
+    from pipeline.data.rundir import software_versions
 
     model = ""
     family = {}  # "cpu family" / "model": names the core generation where "model name" does not

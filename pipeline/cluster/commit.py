@@ -152,6 +152,11 @@ def committed_files(plan: Plan, record: dict[str, Any], k: int) -> dict[str, Pat
     return shard_files(plan.out, k, companions)
 
 
+def committed_dir(plan: Plan, record: dict[str, Any], k: int) -> Path:
+    """The run directory that holds shard k of a committed range (see committed_files)."""
+    return committed_files(plan, record, k)[NPY_SUFFIX].parent.parent
+
+
 def check_record(plan: Plan, r: int, record: dict[str, Any] | None, deep: bool = False) -> list[str]:
     """Problems with range r's commit record (empty = it verifies). deep: also the sha256 of every
     file (the merge does that); otherwise existence and sizes only (cheap, for run-range)."""
