@@ -16,7 +16,8 @@ from imagegen import make_images
 
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError
-from pipeline.output import EMB_DIR, iter_shards, listed_inputs, load_embeddings
+from pipeline.data.rundir import EMB_DIR
+from pipeline.output import iter_shards, listed_inputs, load_embeddings
 from pipeline.query.inspection import verify
 from pipeline.run.progress import Progress
 from pipeline.run.supervisor import Supervisor

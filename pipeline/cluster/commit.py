@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline import output
 from pipeline.cluster.plan import Plan
+from pipeline.data import rundir
 from pipeline.data.rundir import CHECK_SUFFIX, COMPANION_SUFFIXES, FAILURES_SUFFIX, NPY_SUFFIX, PATHS_SUFFIX, RunDir
 
 RANGES_DIR = "ranges"
@@ -124,7 +124,7 @@ def commit(out: str | os.PathLike, r: int, record: dict[str, Any]) -> bool:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        output.fsync_dir(final.parent)
+        rundir.fsync_dir(final.parent)
         return True
     finally:
         tmp.unlink(missing_ok=True)

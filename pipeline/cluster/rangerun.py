@@ -124,7 +124,7 @@ def run_range(cfg: Config, r: int, *, attempt: str | None = None, log=print, pro
 
 
 def _devices(run_dir: Path) -> list:
-    from pipeline import output
+    from pipeline.data.rundir import RunDir
 
-    m = output.read_manifest(run_dir) or {}
+    m = RunDir(run_dir).read_manifest() or {}
     return list(m.get("devices") or [])

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import output
 from pipeline.config import Config, ConfigError
+from pipeline.data import rundir
 from pipeline.data.rundir import RunDir
 
 EXTRA_HINT = "pip install 'clip-pipeline[cluster]'"
@@ -319,7 +319,7 @@ def run_on_ray(cfg: Config, *, address: str | None = None, restart: bool = False
     log(f"{'Planned' if created else 'Plan found:'} {plan.n_inputs} inputs, {plan.n_ranges} range(s) of "
         f"{plan.range_size}; {len(todo)} to run, {plan.n_ranges - len(todo)} already committed.")
     config_file = plan.out / "plan" / f".config-{uuid.uuid4().hex[:8]}.json"
-    output.atomic_write_bytes(config_file, json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    rundir.atomic_write_bytes(config_file, json.dumps(cfg.to_dict(), sort_keys=True).encode())
     connected_here = False
     driver = RayDriver(cfg, ray, log=log)
     t_ranges = time.monotonic()
@@ -365,4 +365,4 @@ def _driver_report(out: Path, s: DriverStats, plan_s: float, ranges_s: float) ->
         "plan_s": round(plan_s, 3), "ranges_s": round(ranges_s, 3), "submitted": s.submitted,
         "duplicates": s.duplicates, "timeouts": s.timeouts, "app_failures": s.app_failures, "lost": s.lost,
         "skipped_committed": s.skipped, "ranges": s.range_timings}
-    output.atomic_write_json(p, rep)
+    rundir.atomic_write_json(p, rep)

@@ -20,9 +20,9 @@ from typing import Any
 
 import zmq
 
-from pipeline import output
 from pipeline.backends import get_backend
 from pipeline.config import Config
+from pipeline.data import rundir
 from pipeline.data.rundir import SYNTHETIC_NOTE, RunDir, now_iso
 from pipeline.model.models import ensure_model, resolve_image_size
 from pipeline.run import preflight
@@ -173,7 +173,7 @@ class Supervisor:
         self.resumed = prior.resumed
         self.listing_complete = prior.listing_complete
         self.done_shards = prior.done_shards
-        self.warnings += [f"shard {output.shard_name(k)} is damaged ({why}); redone" for k, why in prior.damaged.items()]
+        self.warnings += [f"shard {rundir.shard_name(k)} is damaged ({why}); redone" for k, why in prior.damaged.items()]
         if self.id_range is not None:
             self.listing_complete = True  # the planned listing, replayed
         for k in self.done_shards:
@@ -424,7 +424,7 @@ class Supervisor:
             self.send_reissues()
 
     def send_reissues(self) -> None:
-        paths = output.listing_paths(self.listing_path, self.reissue_pending)
+        paths = rundir.listing_paths(self.listing_path, self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
             self.outbox.append((self.to_first, messages.item(i, paths[i], suspect=bool(self.ledger.crash_counts.get(i)))))
@@ -520,7 +520,7 @@ class Supervisor:
                 self.queue_to_sink(messages.total(self.ledger.listed))
             if self.dim is not None:
                 self.queue_to_sink(messages.dim(self.dim))
-        paths = output.listing_paths(self.listing_path, self.ledger.failed_here)
+        paths = rundir.listing_paths(self.listing_path, self.ledger.failed_here)
         for i, failure in sorted(self.ledger.failed_here.items()):
             self.queue_to_sink(replace(failure, path=paths.get(i, b"")).header())
         sent = self.source().slot.sent_upto
@@ -585,7 +585,7 @@ class Supervisor:
         """An input's path, from the listing (cached: only asked for the few stuck inputs)."""
         if i not in self.paths_cache:
             try:
-                self.paths_cache[i] = os.fsdecode(output.listing_paths(self.listing_path, [i]).get(i, b"?"))
+                self.paths_cache[i] = os.fsdecode(rundir.listing_paths(self.listing_path, [i]).get(i, b"?"))
             except OSError:
                 self.paths_cache[i] = f"input #{i}"
         return self.paths_cache[i]

@@ -24,7 +24,7 @@ The finished output is never rewritten: existing shards, rows and ids stay as th
    report.json's runs.
 
 `load_embeddings`, `iter_shards`, `inspect` and search read every shard, so they see old and new
-rows together. `output.listed_inputs(out)` gives every listed input with its id.
+rows together. `pipeline.output.listed_inputs(out)` gives every listed input with its id.
 """
 
 from __future__ import annotations

@@ -122,9 +122,9 @@ def test_names_that_are_not_utf8_are_listed_as_bytes(tmp_path):
     assert rel(tmp_path, paths) == sorted([b"caf\xe9.jpg", b"ok.jpg", b"\xff\xfe.png", "写真.jpg".encode()])
     assert warnings == []
     # the listing file round-trips them exactly
-    from pipeline import output
+    from pipeline.data import rundir
 
-    assert [output.parse_listing_line(output.listing_line(p)) for p in paths] == paths
+    assert [rundir.parse_listing_line(rundir.listing_line(p)) for p in paths] == paths
 
 
 def test_listing_streams(tmp_path, monkeypatch):
