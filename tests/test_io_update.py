@@ -198,6 +198,14 @@ def test_a_plain_run_over_an_updated_output_counts_the_update_and_keeps_it(tmp_p
     r = subprocess.run(cli("report", str(out), "--all"), env=cli_env(), capture_output=True, text=True, timeout=60)
     assert "3 runs over this output directory" in r.stdout, r.stdout
     assert "update 1" in r.stdout and "9 inputs this run" in r.stdout, r.stdout
+    # an update that only records a removed input is listed by the manifest at once (no later
+    # "finished publishing" for it)
+    next(Path(inputs[1]).glob("img_*.jpg")).unlink()
+    r = _fake_cli("run", "--update", *args)
+    assert r.returncode == 0 and "Nothing new to embed" in r.stdout and "1 input(s) removed" in r.stdout, r.stdout
+    assert [u["update"] for u in json.loads((out / "manifest.json").read_text())["updates"]] == [1, 2]
+    r = _fake_cli("run", *args, progress="log")
+    assert r.returncode == 3 and "finished publishing" not in r.stderr, r.stderr
 
 
 def test_update_killed_mid_publish_is_finished_by_the_next_run(tmp_path):

@@ -74,7 +74,10 @@ def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print
            "shard_size": cfg.output.shard_size, "added": len(ch.new), "removed_count": len(ch.removed),
            "aliased": len(ch.aliases), "published": False}
     if not ch.new:
-        return RunResult(EXIT_SUCCESS, _record_only(rd, rec, ch), {"embedded": 0, "failed": 0, "total": 0}, str(rd))
+        msg = _record_only(rd, rec, ch)
+        if rec["published"]:  # removed or aliased inputs recorded: the manifest lists every update
+            _refresh_run(cfg, rd, manifest)
+        return RunResult(EXIT_SUCCESS, msg, {"embedded": 0, "failed": 0, "total": 0}, str(rd))
     attempt = RunDir(rd.update_file(n, "attempt"))
     result = _embed(cfg, rd, n, ch.new, attempt, progress)
     if result.exit_code not in (EXIT_SUCCESS, EXIT_WITH_FAILURES):
