@@ -6,6 +6,7 @@ import json
 
 import click
 
+from pipeline.backends import NAMES as BACKEND_NAMES
 from pipeline.commands import CONTEXT, fail
 
 
@@ -60,7 +61,7 @@ def tokenize_cmd(texts, as_json) -> None:
 
 
 def _backend_options(f):
-    f = click.option("--backend", type=click.Choice(["cpu", "sail", "sim", "fake"]), default="cpu", show_default=True,
+    f = click.option("--backend", type=click.Choice(BACKEND_NAMES), default="cpu", show_default=True,
                      help="cpu: onnxruntime (ONNX); sail: a text bmodel on a SOPHON chip; sim: a text bmodel on the "
                           "BM1684X simulator (slow); fake: a deterministic stand-in for tests.")(f)
     f = click.option("--device", default="0", show_default=True, help="sail: the chip's dev_id.")(f)
