@@ -10,13 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from pipeline import output
-from pipeline.data.rundir import RunDir
+from pipeline.data.rundir import SYNTHETIC_NOTE, RunDir
 from pipeline.run import preflight
 from pipeline.run.ledger import Ledger
-from pipeline.run.start import SYNTHETIC_NOTE
 from pipeline.run.telemetry import run_fields
 
 if TYPE_CHECKING:
@@ -70,18 +66,13 @@ def finish_run(sup: Supervisor, wall: float) -> RunResult:
         best_effort(sup.log, sup.out, sup.write_manifest, "failed", {"error": reason})
         return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {on_disk(led, sup.range_total())} in {sup.out}; "
                          "fix the cause and run the same command again to resume.", counts, str(sup.out))
-    n_fail = sup.rundir.write_failures(sup.ledger.written)
     o = sup.cfg.output
-    if o.metadata or o.layout == "clip-retrieval":
-        from pipeline.data import metadata
-
-        metadata.publish(sup.out, sorted(sup.ledger.written), o.metadata, o.layout)
-    if sup.cfg.output.pickle:
-        paths, emb = output.load_embeddings(sup.out)
-        sup.rundir.write_pickle(paths, np.asarray(emb))
-    sup.write_manifest("complete")
+    manifest = sup.start.manifest("complete", led)
+    n_fail = sup.rundir.publish(manifest, metadata=o.metadata, layout=o.layout, pickle=o.pickle)
+    if manifest.get("updates"):  # inputs added by run --update count too (RunDir.manifest_of)
+        counts = dict(manifest["counts"])
     synthetic = f" ({SYNTHETIC_NOTE})" if sup.model.get("synthetic") else ""
-    msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {sup.out}{synthetic}.")
+    msg = (f"Embedded {counts['embedded']} of {counts['total']} images in {wall:.1f}s into {sup.out}{synthetic}.")
     if sup.start.input_changes:
         msg += " Note: " + preflight.changes_note(sup.start.input_changes, True) + "."
     if n_fail:

@@ -1,5 +1,5 @@
 """What a run starts from: the pre-start checks, the model, the prepared output directory, the
-resume state, and the run's manifest (its contents are decided here, written through the RunDir).
+resume state, and the run's manifest (built by RunDir.manifest_of, written through the RunDir).
 
 `RunStart.prepare` makes every refusal before a model is built (the same checks as `run
 --dry-run`, pipeline/run/preflight.py), builds the model if asked, resolves the crop size once,
@@ -13,15 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import output
 from pipeline.config import Config
-from pipeline.data.rundir import FORMAT, RunDir, now_iso
+from pipeline.data.rundir import RunDir, now_iso, shard_name
 from pipeline.model.models import ensure_model, resolve_image_size
 from pipeline.run import preflight
 from pipeline.run.ledger import Ledger
-from pipeline.run.telemetry import software_versions
-
-SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
 
 
 @dataclass
@@ -62,7 +58,7 @@ class RunStart:
         prior = rundir.prepare(s.fp, restart=restart, on_existing=cfg.output.on_existing, log=log,
                                refusal=lambda old: preflight.fingerprint_refusal(rundir.path, old, s.fp))
         s.resumed, s.listing_complete, s.done_shards = prior.resumed, prior.listing_complete, prior.done_shards
-        s.warnings += [f"shard {output.shard_name(k)} is damaged ({why}); redone" for k, why in prior.damaged.items()]
+        s.warnings += [f"shard {shard_name(k)} is damaged ({why}); redone" for k, why in prior.damaged.items()]
         if id_range is not None:
             s.listing_complete = True  # the planned listing, replayed
         for k in s.done_shards:
@@ -78,27 +74,17 @@ class RunStart:
     def synthetic(self) -> bool:
         return bool(self.model.get("synthetic"))
 
-    def write_manifest(self, status: str, ledger: Ledger, extra: dict | None = None) -> None:
-        m = {
-            "format": FORMAT,
-            "status": status,
-            "created": self.created,
-            "updated": now_iso(),
-            "fingerprint": self.fp,
-            "config": self.cfg.to_dict(),
-            "devices": self.devices,
-            "model": self.model,
-            "synthetic_weights": self.synthetic,
-            "inputs": {"listed": ledger.listed, "listing_complete": ledger.listing_done or self.listing_complete},
-            "counts": {"embedded": ledger.embedded, "failed": ledger.failed, "total": ledger.total},
-            "shard_size": self.cfg.output.shard_size,
-            "shards": sorted(ledger.written),
-            "versions": software_versions(),
-        }
+    def manifest(self, status: str, ledger: Ledger, extra: dict | None = None) -> dict[str, Any]:
+        """This run's manifest.json (built by RunDir.manifest_of, with any published updates)."""
+        extra = dict(extra or {})
         if self.id_range is not None:
-            m["range"] = {"ids": list(self.id_range), "listing": str(self.listing_path)}
-        if self.synthetic:
-            m["warning"] = SYNTHETIC_NOTE
-        if extra:
-            m.update(extra)
-        self.rundir.write_manifest(m)
+            extra["range"] = {"ids": list(self.id_range), "listing": str(self.listing_path)}
+        return self.rundir.manifest_of(
+            status=status, created=self.created, fingerprint=self.fp, config=self.cfg.to_dict(),
+            devices=self.devices, model=self.model, listed=ledger.listed,
+            listing_complete=ledger.listing_done or self.listing_complete,
+            counts={"embedded": ledger.embedded, "failed": ledger.failed, "total": ledger.total},
+            shards=ledger.written, shard_size=self.cfg.output.shard_size, **extra)
+
+    def write_manifest(self, status: str, ledger: Ledger, extra: dict | None = None) -> None:
+        self.rundir.write_manifest(self.manifest(status, ledger, extra))

@@ -21,17 +21,17 @@ from typing import Any
 
 import zmq
 
-from pipeline import output
 from pipeline.backends import get_backend
 from pipeline.config import Config
-from pipeline.data.rundir import RunDir
+from pipeline.data import rundir
+from pipeline.data.rundir import SYNTHETIC_NOTE, RunDir
 from pipeline.run.finish import RunAborted, RunResult, finish_run, sync_with_disk
 from pipeline.run.ledger import Ledger
 from pipeline.run.plan import RunPlan, plan_run
 from pipeline.run.policy import FailurePolicy
 from pipeline.run.pool import Worker, WorkerPool
 from pipeline.run.progress import Progress
-from pipeline.run.start import SYNTHETIC_NOTE, RunStart
+from pipeline.run.start import RunStart
 from pipeline.run.telemetry import PathNames, Telemetry, stuck_note
 from pipeline.wire import messages, transport
 from pipeline.wire.messages import Failure
@@ -228,7 +228,7 @@ class Supervisor:
             self.send_reissues()
 
     def send_reissues(self) -> None:
-        paths = output.listing_paths(self.listing_path, self.reissue_pending)
+        paths = rundir.listing_paths(self.listing_path, self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
             self.outbox.put(self.to_first, messages.item(i, paths[i], suspect=bool(self.ledger.crash_counts.get(i))))
@@ -302,7 +302,7 @@ class Supervisor:
                 self.queue_to_sink(messages.total(self.ledger.listed))
             if self.dim is not None:
                 self.queue_to_sink(messages.dim(self.dim))
-        paths = output.listing_paths(self.listing_path, self.ledger.failed_here)
+        paths = rundir.listing_paths(self.listing_path, self.ledger.failed_here)
         for i, failure in sorted(self.ledger.failed_here.items()):
             self.queue_to_sink(replace(failure, path=paths.get(i, b"")).header())
         sent = self.source().slot.sent_upto

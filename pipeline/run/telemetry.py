@@ -13,27 +13,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pipeline import output
 from pipeline.config import Config
-from pipeline.data.rundir import FORMAT
+from pipeline.data import rundir
+from pipeline.data.rundir import FORMAT, software_versions
 from pipeline.run.ledger import Ledger
 from pipeline.run.progress import aggregate, bottleneck_line, queue_fill, utilisation
 
 TIMELINE_MAX = 1200  # points; beyond it the resolution halves (report.json stays small)
-
-
-def software_versions() -> dict[str, str]:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("clip-pipeline", "numpy", "pyzmq", "msgpack", "onnxruntime", "pillow", "simplejpeg",
-                "opencv-python-headless"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 class Telemetry:
@@ -232,7 +218,7 @@ class PathNames:
     def __call__(self, i: int) -> str:
         if i not in self.cache:
             try:
-                self.cache[i] = os.fsdecode(output.listing_paths(self.listing_path, [i]).get(i, b"?"))
+                self.cache[i] = os.fsdecode(rundir.listing_paths(self.listing_path, [i]).get(i, b"?"))
             except OSError:
                 self.cache[i] = f"input #{i}"
         return self.cache[i]
