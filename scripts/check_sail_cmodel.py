@@ -59,7 +59,7 @@ def main() -> int:
     from imagegen import make_images
 
     from pipeline.backends.sail import cmodel_python
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
     from pipeline.toolchain.compile import compile_onnx
 
     cmodel_python()  # ConfigError with the set-up hint when missing
@@ -77,8 +77,9 @@ def main() -> int:
         if not imgs.is_dir():
             make_images(imgs, n, seed=n)
         cpu_out = w / f"cpu{n}"
-        rc, dt, err = clip_pipeline("run", "--config", str(ROOT / "configs" / "cpu.toml"), "-i", str(imgs), "-o", str(cpu_out),
-                                    "--restart", "--set", f'model.path="{onnx}"', "--set", "model.batch_size=4", "--progress", "none")
+        rc, dt, err = clip_pipeline("run", "--config", str(ROOT / "configs" / "cpu.toml"), "-i", str(imgs),
+                                    "-o", str(cpu_out), "--restart", "--set", f'model.path="{onnx}"',
+                                    "--set", "model.batch_size=4", "--progress", "none")
         assert rc == 0, err[-2000:]
         cpu = embeddings(cpu_out)
         for mode in ("device", "host"):

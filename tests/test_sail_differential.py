@@ -71,7 +71,7 @@ def cos_rows(a, b) -> np.ndarray:
 def model(tmp_path_factory):
     """The tiny synthetic CLIP ONNX (random weights), its fake bmodels and, when the cmodel half runs,
     its BM1684X F16 bmodels compiled by TPU-MLIR (batch 4 and 1)."""
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     d = tmp_path_factory.mktemp("diff")
     onnx_path = d / "tiny.onnx"
@@ -159,7 +159,7 @@ def test_epp_batch_with_fresh_padding(runtime, model, tmp_path):
     import cv2
     from PIL import Image
 
-    from pipeline.images import normalize
+    from pipeline.data.images import normalize
 
     crops = []
     for p in model["images"]:
@@ -192,7 +192,7 @@ def test_epp_aborts(runtime, case, model, tmp_path):
 
 @pytest.fixture(scope="module")
 def crops(model):
-    from pipeline.images import DecodeOptions, decode_file, reference_crop
+    from pipeline.data.images import DecodeOptions, decode_file, reference_crop
 
     c = np.stack([reference_crop(decode_file(os.fsencode(p), DecodeOptions())) for p in model["images"]])
     path = model["dir"] / "crops.npy"
@@ -204,7 +204,7 @@ def crops(model):
 def test_backend_host_mode(runtime, model, crops, tmp_path):
     """SailHostDevice (numpy Engine.process, stage discovery, zero padding) equals the cpu backend's
     onnxruntime on the same ONNX: cosine >= 0.999 (F16 bmodel on the cmodel)."""
-    from pipeline.images import normalize
+    from pipeline.data.images import normalize
 
     path, c = crops
     r = run(runtime, "backend", {"bmodel": bmodel(model, runtime, 4), "mode": "host", "crops": str(path),

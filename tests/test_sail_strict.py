@@ -553,7 +553,7 @@ def test_device_mode_routes_rotated_jpegs_to_the_cpu_decoder(fake, tmp_path, onn
     ref = cpu_reference(ort_session(onnx_model), files)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
 
-    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
+    from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
 
     fed_ref = normalize(np.stack([reference_crop(decode_file(os.fsencode(f), DecodeOptions())) for f in files]))
 

@@ -748,8 +748,17 @@ class SailBackend(Backend):
     def open_device(cls, cfg: Config, device: str) -> Device:
         sail = import_sail(cfg.sail.runtime)
         dev_id = _dev_id(device)
+        try:  # SAIL's spdlog writes every thread start/stop at info level; keep warnings and errors
+            sail.set_loglevel(sail.LogLevel.WARN)
+        except Exception:  # noqa: BLE001 - an older SAIL without it: only noisier
+            pass
         if cfg.sail.runtime == "cmodel":
             sail.set_print_flag(False)
+            # the cmodel prints its start-up to fd 1; keep the user's terminal for the progress
+            # display (as the sim backend does)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
             # only dev_id 0 exists on the cmodel (Handle(1) ends the process in libbmlib's assert)
             print(f"[sail] {device}: real SAIL on the BM1684X cmodel (software chip), opened as cmodel device 0",
                   file=sys.stderr, flush=True)
