@@ -44,6 +44,29 @@ def embeddings(out: Path) -> dict[str, np.ndarray]:
     return dict(zip(paths, e))
 
 
+def build(w: Path, arch: str, batch: int) -> tuple[Path, Path]:
+    """The synthetic CLIP image tower (random weights) as ONNX, compiled to an F16 bmodel."""
+    from pipeline.model.modelgen import build_clip_image_onnx
+    from pipeline.toolchain.compile import compile_onnx
+
+    onnx = w / f"{arch}.onnx"
+    build_clip_image_onnx(onnx, arch=arch, seed=0, input_kind="float")
+    t0 = time.monotonic()
+    side = compile_onnx(onnx, w / "bm", batches=[batch], log=lambda s: None)[0]
+    bm = w / "bm" / side["bmodel"]
+    print(f"compiled {bm.name} in {time.monotonic() - t0:.0f} s (synthetic {arch} CLIP, random weights)")
+    return onnx, bm
+
+
+def photos(w: Path, n: int) -> Path:
+    from imagegen import make_images
+
+    imgs = w / f"photos{n}"
+    if not imgs.is_dir():
+        make_images(imgs, n, seed=n)
+    return imgs
+
+
 def compare(a: dict, b: dict) -> str:
     common = sorted(set(a) & set(b))
     cos = np.array([float(a[k] @ b[k]) for k in common])
@@ -56,26 +79,15 @@ def main() -> int:
     ap.add_argument("--vitb32", action="store_true")
     ap.add_argument("--work", default="/tmp/clip-pipeline-sail-cmodel-check")
     a = ap.parse_args()
-    from imagegen import make_images
-
     from pipeline.backends.sail import cmodel_python
-    from pipeline.model.modelgen import build_clip_image_onnx
-    from pipeline.toolchain.compile import compile_onnx
 
     cmodel_python()  # ConfigError with the set-up hint when missing
     w = Path(a.work)
     w.mkdir(parents=True, exist_ok=True)
-    onnx = w / "tiny.onnx"
-    build_clip_image_onnx(onnx, arch="tiny", seed=0, input_kind="float")
-    t0 = time.monotonic()
-    side = compile_onnx(onnx, w / "bm", batches=[4], log=lambda s: None)[0]
-    bm = w / "bm" / side["bmodel"]
-    print(f"compiled {bm.name} in {time.monotonic() - t0:.0f} s (tiny synthetic CLIP, random weights)")
+    onnx, bm = build(w, "tiny", 4)
     cfg = str(ROOT / "configs" / "bm1684x.toml")
     for n in (int(x) for x in a.photos.split(",")):
-        imgs = w / f"photos{n}"
-        if not imgs.is_dir():
-            make_images(imgs, n, seed=n)
+        imgs = photos(w, n)
         cpu_out = w / f"cpu{n}"
         rc, dt, err = clip_pipeline("run", "--config", str(ROOT / "configs" / "cpu.toml"), "-i", str(imgs),
                                     "-o", str(cpu_out), "--restart", "--set", f'model.path="{onnx}"',
@@ -93,15 +105,8 @@ def main() -> int:
             if rc != 0:
                 print(err[-2000:])
     if a.vitb32:
-        onnx = w / "vitb32.onnx"
-        build_clip_image_onnx(onnx, arch="vit-b32", seed=0, input_kind="float")
-        t0 = time.monotonic()
-        side = compile_onnx(onnx, w / "bm", batches=[1], log=lambda s: None)[0]
-        bm = w / "bm" / side["bmodel"]
-        print(f"compiled {bm.name} in {time.monotonic() - t0:.0f} s (synthetic ViT-B/32, random weights)")
-        imgs = w / "photos1"
-        if not imgs.is_dir():
-            make_images(imgs, 1, seed=1)
+        onnx, bm = build(w, "vit-b32", 1)
+        imgs = photos(w, 1)
         cpu_out, out = w / "vit-cpu", w / "vit-host"
         rc, dt, err = clip_pipeline("run", "--config", str(ROOT / "configs" / "cpu.toml"), "-i", str(imgs), "-o", str(cpu_out),
                                     "--restart", "--set", f'model.path="{onnx}"', "--progress", "none")
