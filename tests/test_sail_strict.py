@@ -371,6 +371,29 @@ def test_device_mode_images_outside_the_vpp_limits(fake, tmp_path, onnx_model, m
     np.testing.assert_allclose(res.embeddings[0], ref[0], atol=1e-4, rtol=1e-4)
 
 
+def test_device_mode_bmcv_crop_that_raises_is_a_per_input_cpu_crop(fake, tmp_path, onnx_model, monkeypatch):
+    """The BMImage-returning Bmcv.crop raises SailBMImageError on a bmcv failure (SAIL_CHECK_RET,
+    src/cvwrapper.cpp:4190). Should one raise inside the limits, only that input is affected: it
+    takes CLIP's exact crop on the CPU and is embedded; the device goes on with the next batch."""
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    dev = open_dev(cfg_for(bm))
+    orig = dev.bmcv.crop
+
+    def crop(img, *a):
+        if img.width() == 333:
+            raise fake.SailBMImageError("BMImage related error!")
+        return orig(img, *a)
+
+    monkeypatch.setattr(dev.bmcv, "crop", crop)
+    bad = write(tmp_path / "bad.jpg", photo(333, 250, 3))
+    good = write(tmp_path / "good.jpg", photo(400, 300, 4))
+    res = dev.embed_files([0, 1], [os.fsencode(bad), os.fsencode(good)])
+    assert res.ids == [0, 1] and not res.failures
+    ref = cpu_reference(ort_session(onnx_model), [bad])
+    np.testing.assert_allclose(res.embeddings[0], ref[0], atol=1e-4, rtol=1e-4)  # the CPU's exact crop
+    assert dev.embed_files([2], [os.fsencode(good)]).ids == [2]
+
+
 # -------------------------------------------------------------------------- mat_to_bm_image
 def test_fake_mat_to_bm_image_refuses_non_uint8_with_type_error(fake):
     """SAIL src/bind.cpp binds it with py::arg("input_array").noconvert() over array_t<uint8_t>."""

@@ -530,7 +530,7 @@ class SailFilesDevice(Device):
         if w == h:
             return img
         try:
-            # BGR_PLANAR, 64-byte stride, its own device memory (the source may go)
+            # BGR_PLANAR (rows 64-byte aligned on an SoC build), its own device memory (the source may go)
             return _Img(self.bmcv.crop(img.bm, (w - s) // 2, (h - s) // 2, s, s))
         except Exception:  # noqa: BLE001 - Sail*Error derive from Exception (§2.3)
             return None
