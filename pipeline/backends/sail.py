@@ -711,7 +711,7 @@ class SailTextSession(TextSession):
         self.out_rank = len(out_shape)
         self.out_last = int(out_shape[-1])
         self.id_dtype = np.int32
-        self.check = _OutputCheck(dev_id)
+        self.check = _OutputCheck(_where(dev_id, None))
 
     def run_ids(self, ids: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(ids, dtype=np.int32)
