@@ -3,7 +3,6 @@ tar shards (grouping, sidecars, failures with reasons, streamed, equal to the sa
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import cli, cli_env
-from imagegen import make_images
+from imagegen import make_images, write_shard
 
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError
@@ -31,28 +30,6 @@ def run_pipeline(out, model, inputs_=(), **sets):
                              "infer.batch_timeout_ms=20", *overrides],
                       input_paths=[str(p) for p in inputs_], output_dir=str(out))
     return Supervisor(cfg, progress=Progress("none")).run()
-
-
-def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
-def write_shard(path: Path, images: list[Path], extra=()) -> list[str]:
-    """A webdataset shard like img2dataset's: KEY.jpg + KEY.txt + KEY.json per image, plus `extra`
-    (name, bytes) members appended. Returns the sample keys in order."""
-    keys = []
-    with tarfile.open(path, "w") as tf:
-        for i, img in enumerate(images):
-            key = f"{i:09d}"
-            keys.append(key)
-            add(tf, f"{key}{img.suffix}", img.read_bytes())
-            add(tf, f"{key}.txt", f"caption {i}".encode())
-            add(tf, f"{key}.json", json.dumps({"key": key, "url": f"http://x/{i}", "i": i}).encode())
-        for name, data in extra:
-            add(tf, name, data)
-    return keys
 
 
 # -- file lists --------------------------------------------------------------------------------

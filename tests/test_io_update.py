@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import cli, cli_env
-from imagegen import make_images
+from imagegen import make_images, write_shard
 
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError
@@ -118,8 +118,6 @@ def test_update_refuses_an_unfinished_run_or_another_model(tmp_path, tiny_model)
 
 
 def test_update_from_the_command_line_with_tar_shards(tmp_path, tiny_model):
-    from test_io_inputs import write_shard
-
     imgs = make_images(tmp_path / "imgs", 6)
     shards = tmp_path / "shards"
     shards.mkdir()
