@@ -15,7 +15,7 @@ from test_pathcodec import HOSTILE
 from pipeline.output import load_embeddings
 from pipeline.wire import pathcodec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _strict_json_lines(path: Path) -> list:

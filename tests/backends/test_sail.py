@@ -288,7 +288,7 @@ def test_cli_bicubic_exits_2_before_any_process_starts(tmp_path, monkeypatch):
 
     started = []
     monkeypatch.setattr(sup.Supervisor, "__init__", lambda self, *a, **k: started.append(1))
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "out"
     r = CliRunner().invoke(cli, ["run", "--config", str(root / "configs" / "bm1684x.toml"),
                                  "--set", 'sail.resize="bicubic"', "-o", str(out)])
@@ -504,7 +504,7 @@ def test_bm1684x_configs_parse_and_resolve(fake, name, expect):
     from pipeline.backends.sail import SailBackend
     from pipeline.config import load
 
-    cfg = load(Path(__file__).resolve().parents[1] / "configs" / name)
+    cfg = load(Path(__file__).resolve().parents[2] / "configs" / name)
     assert cfg.infer.backend == "sail" and cfg.sail.mode == "device"
     assert cfg.model.path.endswith("models/BM1684X/clip_image_vitb32_bm1684x_f16_32b.bmodel")
     assert SailBackend.resolve_devices(cfg) == expect

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import invoke
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "images"
 FAKE = ["--set", 'infer.backend="fake"']
 

@@ -15,7 +15,7 @@ from pipeline.backends.fake import fake_embed
 from pipeline.bench.sampler import steady_cpu_rate, tree_pids
 from pipeline.worker.loop import worker_environment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "images"
 
 

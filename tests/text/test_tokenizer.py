@@ -16,7 +16,7 @@ from pipeline.text.tokenizer import EOT, SOT, Tokenizer, TokenizerError, get_tok
 from tests.open_clip_helpers import open_clip_module
 from tests.text_strings import varied_prompts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 GOLDEN = {
     # from the issue (and open_clip / OpenAI clip.tokenize)

@@ -20,7 +20,7 @@ from pipeline.output import ShardedArray, iter_shards, load_embeddings
 from pipeline.query.inspection import summarize, verify
 from pipeline.run.progress import StageSample, bottleneck_line, queue_fill, utilisation
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "images"
 
 

@@ -58,7 +58,7 @@ def test_pipeline_on_simulator_int8_fused_uint8(tmp_path, tiny_model, venv):
 
     from pipeline.toolchain.compile import compile_onnx
 
-    samples = Path(__file__).resolve().parents[1] / "samples" / "images"
+    samples = Path(__file__).resolve().parents[2] / "samples" / "images"
     make_images(tmp_path / "imgs", 8, seed=3)
     side = compile_onnx(tiny_model, tmp_path / "bm", batches=[4], quantize="INT8", fuse_preprocess=True,
                         calib_images=samples, calib_count=6, log=lambda s: None)[0]

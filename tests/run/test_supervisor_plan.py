@@ -15,7 +15,7 @@ from pipeline.run.progress import Progress
 from pipeline.run.supervisor import Supervisor, grouped_hwm
 from pipeline.worker.loop import WorkerSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUEUES = {"decode": 64, "preprocess": 24, "infer": 40, "sink": 12}
 
 

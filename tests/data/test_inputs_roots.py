@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.config import DEFAULT_EXTENSIONS
 from stages.source import iter_inputs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tree(base: Path) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from imagegen import mode_images, photo, write
 from sail_helpers import use_fake_sail, write_fake_bmodel
-from test_sail_backend import DEVICE_MAX_ABS, DEVICE_MIN_COSINE
+from test_sail import DEVICE_MAX_ABS, DEVICE_MIN_COSINE
 
 from pipeline.config import from_dict
 

@@ -123,7 +123,7 @@ def test_two_cpu_devices_with_tail_pieces_write_what_one_device_writes(tmp_path,
     """End to end on the cpu backend, fused decode: 2 devices (the last 16 inputs as tail pieces of
     one image) write byte for byte the shards of 1 device (no tail), one input failing on the way."""
     from imagegen import make_images
-    from test_pipeline_e2e import _output_files, run_pipeline
+    from test_supervisor_e2e import _output_files, run_pipeline
 
     make_images(tmp_path / "imgs", 37, seed=5)
     (tmp_path / "imgs" / "zz-broken.jpg").write_bytes(b"not an image")  # inside the tail

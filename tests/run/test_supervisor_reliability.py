@@ -210,7 +210,7 @@ def test_an_input_that_hangs_its_decoder_fails_as_timeout(tmp_path):
     assert "preprocess.decode_timeout_s=3s" in r.stderr
 
 
-# -- dispatch: work goes where there is capacity (the Credits unit tests: tests/test_dispatch.py) --
+# -- dispatch: work goes where there is capacity (the Credits unit tests: tests/wire/test_dispatch.py) --
 
 def _per_device(out: Path) -> dict[str, int]:
     report = json.loads((out / "report.json").read_text())
@@ -220,7 +220,7 @@ def _per_device(out: Path) -> dict[str, int]:
 def test_uneven_devices_each_get_work_and_the_report_accounts_for_it(tmp_path):
     """Two fake devices, one 3x slower: every input is embedded once, both devices take part, and
     report.json's dispatch section adds up. The split itself (about 3:1 by capacity) depends on
-    timing: `clip-pipeline bench --cases dispatch` measures it, and tests/test_dispatch.py checks
+    timing: `clip-pipeline bench --cases dispatch` measures it, and tests/wire/test_dispatch.py checks
     the rule that gives it without a clock."""
     d = tmp_path / "in"
     good = {str(p) for p in good_corpus(d, 96)}

@@ -31,7 +31,7 @@ from sail_helpers import (
 from pipeline.backends.base import DeviceError
 from pipeline.config import ConfigError, from_dict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_pipeline_survives_an_input_that_aborts_the_device_process(tmp_path, onn
 
 
 # ---------------------------------------------------------------- failed inference launches
-# (tests/test_sail_backend.py: test_fake_failed_launch_is_silent_and_leaves_stale_outputs,
+# (tests/backends/test_sail.py: test_fake_failed_launch_is_silent_and_leaves_stale_outputs,
 #  test_host_failed_launch_is_device_error, test_device_mode_failed_launch_is_device_error)
 
 

@@ -36,7 +36,7 @@ from sail_helpers import FAKE_SAIL_DIR, use_fake_sail, write_fake_bmodel
 
 from pipeline.config import from_dict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -1,6 +1,6 @@
 """Preprocessing: `reference` is CLIP's transform exactly; `fast` differs by a measured amount.
 
-Every image mode PIL opens: tests/test_preprocess_modes.py."""
+Every image mode PIL opens: tests/data/test_images_modes.py."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 tiny CLIP tower, run it on the BM1684X simulator) that need the venv from
 scripts/setup_tpu_mlir.sh and are skipped, with the reason, when it is absent.
 
-    pytest tests/test_toolchain.py            # fast tests only (slow ones deselected by default)
-    pytest -m slow tests/test_toolchain.py    # end-to-end on the simulator (~1-2 minutes)
+    pytest tests/toolchain/test_toolchain.py            # fast tests only (slow ones deselected by default)
+    pytest -m slow tests/toolchain/test_toolchain.py    # end-to-end on the simulator (~1-2 minutes)
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pipeline.toolchain.compile import bmodel_name, combine_args, deploy_args, o
 from pipeline.toolchain.parse import parse_compiler_profile, parse_model_info, stage_batches
 from pipeline.toolchain.preprocess import CLIP_MEAN_255, CLIP_SCALE_255, normalize_u8
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PROFILE_TAIL = """\
                                                                                            Cast_125|GDMA_MATRIX|s:496570|b:338|g:50|e:496941|t:372|dr:1|sz:2048|bw:5.13
@@ -410,7 +410,7 @@ def test_int8_and_mixed_compile_and_verify_on_simulator(tiny, tmp_path):
     from pipeline.toolchain.compile import compile_onnx
     from pipeline.toolchain.verify import verify
 
-    samples = Path(__file__).resolve().parents[1] / "samples" / "images"
+    samples = Path(__file__).resolve().parents[2] / "samples" / "images"
     f16 = compile_onnx(tiny, tmp_path, [4], log=lambda s: None)[0]
     cos = {}
     for q in ("INT8", "MIXED"):
