@@ -374,10 +374,10 @@ def linear_probe_cmd(train_spec, test_spec, c_grid, val_fraction, max_iter, seed
 
 def zero_shot_accuracy(run_dir: str | os.PathLike, x: np.ndarray, y: np.ndarray, class_names: list[str],
                        templates: list[str], *, text_model: str | None = None, backend: str = "cpu",
-                       threads: int = 1, log=print) -> dict[str, Any]:
+                       threads: int = 1, precision: str = "auto", log=print) -> dict[str, Any]:
     """Top-1/top-5 of CLIP zero-shot classification (classify's prompt ensembling and scoring) of
     features x [n, dim] from the image run in run_dir, with the text model paired with that run."""
-    enc = text_encoder_for_run(run_dir, text_model, backend=backend, log=log, threads=threads)
+    enc = text_encoder_for_run(run_dir, text_model, backend=backend, log=log, threads=threads, precision=precision)
     if enc.dim != x.shape[1]:
         raise ConfigError(f"image features are {x.shape[1]}-d but the text model makes {enc.dim}-d: "
                           "they do not belong together (--text-model)")
@@ -404,9 +404,13 @@ def prompt_name(class_dir: str) -> str:
               help='Prompt templates, one per line, each with "{}" (default: "a photo of a {}.").')
 @click.option("--text-model", type=click.Path(dir_okay=False), default=None,
               help="Text tower (default: the one paired with the image model, as `classify` finds it).")
-@click.option("--text-backend", type=click.Choice(["cpu", "sail", "sim", "fake"]), default="cpu", show_default=True)
+@click.option("--text-backend", type=click.Choice(["cpu", "openvino", "sail", "sim", "fake"]), default="cpu",
+              show_default=True)
+@click.option("--text-precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="--text-backend openvino: inference precision (auto = bf16 where the CPU has native bf16).")
 @_with_common
-def zero_shot_cmd(test_spec, templates, text_model, text_backend, config, sets, devices, work, progress, as_json) -> None:
+def zero_shot_cmd(test_spec, templates, text_model, text_backend, text_precision,
+                  config, sets, devices, work, progress, as_json) -> None:
     """Zero-shot accuracy: image features through the pipeline, classes from the text tower (as `classify`).
 
     Exit status: 0 done; 2 bad usage or data; 4 the feature run failed.
@@ -431,7 +435,7 @@ def zero_shot_cmd(test_spec, templates, text_model, text_backend, config, sets, 
             raise ConfigError("no test image could be embedded; see the failures above")
         names = [prompt_name(c) for c in test.classes]
         res = zero_shot_accuracy(wdir / "features-test", x, y, names, tmpls, text_model=text_model,
-                                 backend=text_backend, log=log)
+                                 backend=text_backend, precision=text_precision, log=log)
     synthetic = synthetic or bool(res["text_model"].get("synthetic"))
     res.update({"test": test.source, "backend": cfg.infer.backend, "failed_images": len(failed),
                 "model": {k: ident.get(k) for k in ("path", "sha256", "arch", "synthetic")},

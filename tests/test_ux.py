@@ -228,7 +228,7 @@ def test_devices_lists_every_backend(monkeypatch):
     r = invoke("devices")
     assert r.exit_code == 0, r.output
     names = [line.split()[0] for line in r.output.splitlines()]
-    assert names == ["cpu", "sail", "sim", "fake"]
+    assert names == ["cpu", "openvino", "sail", "sim", "fake"]
     assert re.search(r"^cpu\s+available\s+devices: cpu:0", r.output, re.MULTILINE)
     lines = dict(zip(names, r.output.splitlines()))
     for line in lines.values():  # every line: name, state, devices, and (a reason)

@@ -114,6 +114,12 @@ class Backend(abc.ABC):
         """Open `device` in the calling (worker) process."""
 
     @classmethod
+    def resolve(cls, cfg: Config) -> Config:
+        """Settings this backend decides once before start, from the machine (e.g. openvino.precision
+        = "auto"); refuses what this machine cannot run (ConfigError). Default: cfg unchanged."""
+        return cfg
+
+    @classmethod
     def model_identity(cls, cfg: Config) -> dict[str, Any]:
         """What identifies the model for the manifest (resume refuses a different one)."""
         return model_identity(cfg.model.path)

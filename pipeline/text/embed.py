@@ -15,7 +15,8 @@ A text model is either form (detected from its output rank, see pipeline/text/mo
 ``projected`` ids -> [B, dim]; or ``states`` ids -> ln_final states [B, 77, width] plus a
 projection [width, dim] found beside it (``<stem>.text_projection.npy``, or Sophgo's
 ``text_projection_<w>_<d>.npy`` in the same directory), gathered at the EOT position and projected
-here, as Sophgo's CLIP demo does. Backends: ``cpu`` (onnxruntime), ``sail`` (a bmodel on a SOPHON
+here, as Sophgo's CLIP demo does. Backends: ``cpu`` (onnxruntime), ``openvino`` (OpenVINO on the
+CPU, ``precision`` fp32 / bf16 / auto as the image backend's ``openvino.precision``), ``sail`` (a bmodel on a SOPHON
 chip, int32 ids through ``Engine.process``, fixed batch padded with zero rows and trimmed),
 ``sim`` (a bmodel on TPU-MLIR's BM1684X simulator: for checking, seconds per batch), ``fake``
 (deterministic, for tests).
@@ -42,7 +43,7 @@ import numpy as np
 from pipeline.rundir import RunDir
 from pipeline.text.tokenizer import Tokenized, Tokenizer, get_tokenizer
 
-BACKENDS = ("cpu", "sail", "sim", "fake")
+BACKENDS = ("cpu", "openvino", "sail", "sim", "fake")
 
 
 class TextModelError(ValueError):
@@ -230,6 +231,33 @@ class _OrtText:
         return self.session.run(None, {self.input_name: ids.astype(self.id_dtype, copy=False)})[0]
 
 
+class _OvText:
+    """OpenVINO text model (the openvino backend's session): ids [n, 77] -> [n, dim] or [n, 77, width]."""
+
+    def __init__(self, path: str, threads: int = 1, precision: str = "auto"):
+        from pipeline.backends.base import DeviceError
+        from pipeline.backends.openvino import OvSession
+        from pipeline.errors import ConfigError
+
+        try:
+            self.ov = OvSession(path, precision, threads, what="text model", key="text precision (--precision)")
+        except (DeviceError, ConfigError) as exc:  # a broken model; openvino missing; bf16 refused here
+            raise TextModelError(str(exc)) from exc
+        self.precision = self.ov.precision
+        shape, out = self.ov.input_shape, self.ov.output_shape
+        if self.ov.input_type not in ("i32", "i64") or len(shape) != 2:
+            raise TextModelError(f"{path} is not a CLIP text model: its input is {self.ov.input_type} {shape}, "
+                                 "expected int32/int64 token ids [batch, 77]")
+        self.id_dtype = np.int32 if self.ov.input_type == "i32" else np.int64
+        self.context_length = shape[1] or 77
+        self.fixed_batch = shape[0]
+        self.out_rank = len(out)
+        self.out_last = out[-1]
+
+    def run_ids(self, ids: np.ndarray) -> np.ndarray:
+        return self.ov.run(np.ascontiguousarray(ids, dtype=self.id_dtype))
+
+
 class _SailText:
     """A text bmodel on one SOPHON chip: int32 ids through the numpy ``Engine.process`` (sail-api.md §1.4)."""
 
@@ -321,10 +349,14 @@ class _FakeText:
         return np.einsum("ntd,t->nd", self.table[ids % 4096], self.pos).astype(np.float32)
 
 
-def open_text_session(model: str | os.PathLike, backend: str = "cpu", device: Any = None, threads: int = 1):
-    """The raw text model (``run_ids(int32 [n,77]) -> model output``), for benchmarks and tools."""
+def open_text_session(model: str | os.PathLike, backend: str = "cpu", device: Any = None, threads: int = 1,
+                      precision: str = "auto"):
+    """The raw text model (``run_ids(int32 [n,77]) -> model output``), for benchmarks and tools.
+    ``precision``: the openvino backend's (fp32, bf16, auto; ignored by the others)."""
     if backend == "cpu":
         return _OrtText(str(model), threads)
+    if backend == "openvino":
+        return _OvText(str(model), threads, precision)
     if backend == "sail":
         return _SailText(str(model), int(device or 0))
     if backend == "fake":
@@ -346,13 +378,14 @@ class TextEncoder:
     """One loaded text model on one backend/device; ``embed(prompts)`` -> TextEmbedding."""
 
     def __init__(self, model: str | os.PathLike | None, backend: str = "cpu", device: Any = None, threads: int = 1,
-                 batch_size: int = 32, projection: str | os.PathLike | None = None, tokenizer: Tokenizer | None = None):
+                 batch_size: int = 32, projection: str | os.PathLike | None = None, tokenizer: Tokenizer | None = None,
+                 precision: str = "auto"):
         self.backend = backend
         self.model_path = None if model is None else str(model)
         self.pairing: Pairing | None = None
         if backend != "fake" and model is None:
             raise TextModelError("no text model given")
-        self.session = open_text_session(model, backend, device, threads)
+        self.session = open_text_session(model, backend, device, threads, precision)
         self.batch_size = self.session.fixed_batch or int(batch_size)
         self.tokenizer = tokenizer or get_tokenizer()
         self.projection: np.ndarray | None = None
@@ -386,6 +419,10 @@ class TextEncoder:
             return {"path": None, "sha256": None, "synthetic": True, "arch": "fake", "clip_model": "fake", "info": {}}
         ident = text_model_identity(self.model_path)
         ident["form"] = self.form
+        if self.backend == "openvino":
+            from pipeline.backends.openvino import engine_identity
+
+            ident["engine"] = engine_identity(self.session.precision)
         if self.projection_path:
             from pipeline.models import sha256_file
 
@@ -434,13 +471,13 @@ def text_encoder_for_run(run: str | os.PathLike, text_model: str | os.PathLike |
 
 def embed_texts(prompts: Sequence[str], model: str | os.PathLike | None = None, run: str | os.PathLike | None = None,
                 backend: str = "cpu", device: Any = None, threads: int = 1, batch_size: int = 32,
-                normalize: bool = True, assume_paired: bool = False) -> np.ndarray:
+                normalize: bool = True, assume_paired: bool = False, precision: str = "auto") -> np.ndarray:
     """float32 [len(prompts), dim]: CLIP text embeddings (L2-normalised by default).
 
     Give ``run`` (an image output directory) to use the text model paired with it (checked, see
     ``paired_text_model``), or ``model`` (a text ONNX / bmodel); both: the model is checked against the run.
     """
-    kw = {"device": device, "threads": threads, "batch_size": batch_size}
+    kw = {"device": device, "threads": threads, "batch_size": batch_size, "precision": precision}
     if run is not None:
         enc = text_encoder_for_run(run, model, assume_paired, backend, **kw)
     else:
