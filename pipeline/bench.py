@@ -14,6 +14,8 @@ reported. Cases:
           4. a torch-DataLoader-style baseline (worker processes doing reference preprocessing
              into float batches, the main process inferring); torch itself is not needed
           + optional int8 model: its ceiling, end to end, and its cosine vs the fp32 model
+          + --openvino: OpenVINO fp32 and bf16 ceilings, the pipeline on the openvino backend at each,
+            bf16 with ready crops (its 2b) and case 3 on OpenVINO bf16 (issue #28)
   fake    fake devices with an accelerator's batch latency, decode replaced by ready crops
           (fake.ready_crops, bench-only): images/s vs the devices' ceiling, host CPU s / 1000 img
   memory  peak RSS/PSS of the whole process tree for growing input counts (fake backend)
@@ -265,7 +267,11 @@ def reference_batch(files: list[Path]) -> np.ndarray:
 
 
 # -- subprocess jobs (spawned, so every measurement starts from a clean interpreter) -------------
-def _session(model: str, threads: int):
+def _session(model: str, threads: int, engine: str = "ort"):
+    """(session, input name, uint8 input?) with `session.run(None, {name: x})[0]`, onnxruntime's call;
+    engine "fp32"/"bf16": OpenVINO at that precision (the openvino backend's session) behind the same call."""
+    if engine != "ort":
+        return _ov_session(model, threads, engine)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -277,14 +283,31 @@ def _session(model: str, threads: int):
     return sess, sess.get_inputs()[0].name, sess.get_inputs()[0].type == "tensor(uint8)"
 
 
+class _OvRun:
+    """An OpenVINO session behind onnxruntime's `run(None, {name: x})` call, for the bench's jobs."""
+
+    def __init__(self, model: str, threads: int, precision: str):
+        from pipeline.backends.openvino import OvSession
+
+        self.s = OvSession(model, precision, threads)
+
+    def run(self, _outputs, feeds: dict) -> list:
+        return [self.s.run(next(iter(feeds.values())))]
+
+
+def _ov_session(model: str, threads: int, precision: str):
+    sess = _OvRun(model, threads, precision)
+    return sess, "x", sess.s.input_type == "u8"
+
+
 def _feed(pixels: np.ndarray, uint8_input: bool) -> np.ndarray:
     from pipeline.images import normalize
 
     return pixels if uint8_input else normalize(pixels)
 
 
-def _ceiling_job(model: str, threads: int, pixels: np.ndarray, batches: int, barrier, conn) -> None:
-    sess, name, u8 = _session(model, threads)
+def _ceiling_job(model: str, threads: int, pixels: np.ndarray, batches: int, barrier, engine: str, conn) -> None:
+    sess, name, u8 = _session(model, threads, engine)
     x = _feed(pixels, u8)
     sess.run(None, {name: x})  # warm-up (allocations, kernel selection)
     barrier.wait()
@@ -294,11 +317,11 @@ def _ceiling_job(model: str, threads: int, pixels: np.ndarray, batches: int, bar
     conn.send((t0, time.monotonic(), batches * len(pixels)))
 
 
-def _single_loop_job(model: str, threads: int, files: list[str], batch: int, conn) -> None:
+def _single_loop_job(model: str, threads: int, files: list[str], batch: int, engine: str, conn) -> None:
     """The reference program's CPU path: decode+preprocess a batch (PIL, CLIP transform), infer."""
     from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
 
-    sess, name, u8 = _session(model, threads)
+    sess, name, u8 = _session(model, threads, engine)
     opts = DecodeOptions()
     t_first = n_after = None
     t_start = time.monotonic()
@@ -368,15 +391,16 @@ def _spawn(target: Callable, *args: Any, timeout_s: float = 1800) -> Any:
             p.join()
 
 
-def model_ceiling(model: str, procs: int, threads: int, pixels: np.ndarray, n_images: int) -> dict:
-    """Images/s of `procs` processes x `threads` threads running the model on ready tensors."""
+def model_ceiling(model: str, procs: int, threads: int, pixels: np.ndarray, n_images: int, engine: str = "ort") -> dict:
+    """Images/s of `procs` processes x `threads` threads running the model on ready tensors
+    (engine: "ort" = onnxruntime, "fp32"/"bf16" = OpenVINO at that precision)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs)
     batches = max(1, -(-n_images // (procs * len(pixels))))
     pipes, jobs = [], []
     for _ in range(procs):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_ceiling_job, args=(model, threads, pixels, batches, barrier, send))
+        p = ctx.Process(target=_ceiling_job, args=(model, threads, pixels, batches, barrier, engine, send))
         p.start()
         send.close()
         pipes.append(recv)
@@ -529,12 +553,14 @@ def _cpu_rep(p: dict, work: Path, n: int, pixels: np.ndarray, label: str, say: C
     pipe_model = p["pipeline_model"] or p["model"]
     devices = [f"cpu:{i}" for i in range(procs)]
 
-    def pipe_raw(model: str, ready_crops: bool = False) -> dict:
+    def pipe_raw(model: str, ready_crops: bool = False, precision: str | None = None) -> dict:
+        """The cpu backend's run; with a precision, the same run on the openvino backend."""
         return pipeline_raw(inputs, work / "cpu-out", model={"path": model, "batch_size": batch},
-                            preprocess={"mode": p["mode"]}, infer={"backend": "cpu", "devices": devices, "threads": threads},
+                            preprocess={"mode": p["mode"]},
+                            infer={"backend": "openvino" if precision else "cpu", "devices": devices, "threads": threads},
                             workers={"decode": p["decode_workers"], "items_per_message": p["items_per_message"]},
                             queues={"infer": 2 * batch, "decode": 2 * p["items_per_message"]},
-                            fake={"ready_crops": ready_crops})
+                            fake={"ready_crops": ready_crops}, openvino={"precision": precision or "fp32"})
 
     r: dict = {"load_before": list(os.getloadavg())}
     say(f"{label}: model-only ceiling ({procs} x {threads} threads)")
@@ -544,9 +570,12 @@ def _cpu_rep(p: dict, work: Path, n: int, pixels: np.ndarray, label: str, say: C
     say(f"{label}: clip-pipeline, decode replaced by ready crops")
     r["pipeline_ready_crops"] = run_pipeline(pipe_raw(pipe_model, ready_crops=True))
     say(f"{label}: single-process loop")
-    r["single_loop"] = _loop_result(_spawn(_single_loop_job, p["model"], cores, [str(f) for f in files], batch))
-    say(f"{label}: DataLoader-style baseline")
-    r["dataloader"] = _loop_result(_spawn(_dataloader_job, p["model"], cores, [str(f) for f in files], batch, cores))
+    r["single_loop"] = _loop_result(_spawn(_single_loop_job, p["model"], cores, [str(f) for f in files], batch, "ort"))
+    if p.get("dataloader", True):
+        say(f"{label}: DataLoader-style baseline")
+        r["dataloader"] = _loop_result(_spawn(_dataloader_job, p["model"], cores, [str(f) for f in files], batch, cores))
+    if p.get("openvino"):
+        r.update(_openvino_rep(p, n, pixels, files, pipe_raw, label, say))
     if p["int8_model"]:
         say(f"{label}: int8 ceiling and end to end")
         r["int8_ceiling"] = model_ceiling(p["int8_model"], procs, threads, pixels, 2 * n)
@@ -555,10 +584,45 @@ def _cpu_rep(p: dict, work: Path, n: int, pixels: np.ndarray, label: str, say: C
     return r
 
 
+def _openvino_rep(p: dict, n: int, pixels: np.ndarray, files: list[Path], pipe_raw: Callable, label: str,
+                  say: Callable[[str], None]) -> dict:
+    """The openvino backend beside the cpu case (bench --openvino), in the same repeat: its fp32 and
+    bf16 model-only ceilings (same processes x threads), the pipeline on each, bf16 again with ready
+    crops (its 2b: decode vs orchestration) and a hand-written bf16 loop (case 3 on OpenVINO)."""
+    procs, threads, batch = p["cpu_procs"], p["cpu_threads"], p["batch"]
+    model = p["pipeline_model"] or p["model"]
+    cores = len(os.sched_getaffinity(0))
+    r: dict = {}
+    for prec in ("fp32", "bf16"):
+        say(f"{label}: OpenVINO {prec} model-only ceiling ({procs} x {threads} threads)")
+        r[f"ov_{prec}_ceiling"] = model_ceiling(model, procs, threads, pixels, n, engine=prec)
+        say(f"{label}: clip-pipeline end to end, openvino {prec}")
+        r[f"ov_{prec}_pipeline"] = run_pipeline(pipe_raw(model, precision=prec))
+    say(f"{label}: clip-pipeline, openvino bf16, decode replaced by ready crops")
+    r["ov_bf16_pipeline_ready_crops"] = run_pipeline(pipe_raw(model, ready_crops=True, precision="bf16"))
+    say(f"{label}: single-process loop, OpenVINO bf16")
+    r["ov_bf16_single_loop"] = _loop_result(_spawn(_single_loop_job, p["model"], cores, [str(f) for f in files],
+                                                   batch, "bf16"))
+    return r
+
+
+def _ov_setup() -> dict:
+    from pipeline.backends.openvino import engine_identity, native_bf16_flags
+
+    return {"engine": engine_identity("bf16"), "native_bf16_flags": native_bf16_flags()}
+
+
 # The cpu case's ratios (run key / run key), per run and of the medians; scripts/pool_cpu_sweeps.py
-# pools the same ones. 2b (pipeline_ready_crops) only where a run has it (older results do not).
+# pools the same ones. A pair counts only where a run has both (2b and the openvino cases are in
+# newer results only; the DataLoader baseline can be left out).
 CPU_RATIOS = (("pipeline", "ceiling"), ("pipeline", "single_loop"), ("pipeline", "dataloader"),
               ("pipeline_ready_crops", "ceiling"))
+# bench --openvino: the issue #28 figures (bf16 pipeline vs the fp32 pipeline, the hand-written
+# onnxruntime loop and its own ceiling; its 2b; fp32 on OpenVINO vs its ceiling; the engines' ceilings)
+OV_RATIOS = (("ov_bf16_pipeline", "pipeline"), ("ov_bf16_pipeline", "single_loop"),
+             ("ov_bf16_pipeline", "ov_bf16_ceiling"), ("ov_bf16_pipeline_ready_crops", "ov_bf16_ceiling"),
+             ("ov_bf16_pipeline", "ov_bf16_single_loop"), ("ov_fp32_pipeline", "ov_fp32_ceiling"),
+             ("ov_fp32_ceiling", "ceiling"), ("ov_bf16_ceiling", "ceiling"))
 
 
 def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
@@ -566,8 +630,8 @@ def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
     cores = len(os.sched_getaffinity(0))
     pipe_model = p["pipeline_model"] or p["model"]
     med = {k: _median([r[k] for r in runs], "images_per_s") for k in runs[0] if isinstance(runs[0][k], dict)}
-    per_run = [{f"{a}/{b}": _ratio(r[a]["images_per_s"], r[b]["images_per_s"]) for a, b in CPU_RATIOS if a in r}
-               for r in runs]
+    pairs = [(a, b) for a, b in CPU_RATIOS + OV_RATIOS if a in runs[0] and b in runs[0]]
+    per_run = [{f"{a}/{b}": _ratio(r[a]["images_per_s"], r[b]["images_per_s"]) for a, b in pairs} for r in runs]
     pipes = [r["pipeline"] for r in runs]
     out: dict = {
         "setup": {"images": n, "batch": batch, "preprocess_mode": p["mode"], "pipeline_model": pipe_model,
@@ -576,9 +640,10 @@ def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
                   "threads_per_device": threads, "decode_workers": p["decode_workers"],
                   "items_per_message": p["items_per_message"], "baseline_threads": cores,
                   "dataloader_workers": cores},
+        **({"openvino": _ov_setup()} if p.get("openvino") else {}),
         "runs": runs,
         "median_images_per_s": med,
-        "ratios": {f"{a}/{b}": _ratio(med[a], med[b]) for a, b in CPU_RATIOS if a in med},
+        "ratios": {f"{a}/{b}": _ratio(med[a], med[b]) for a, b in pairs},
         "ratios_median_of_runs": {k: _median([{"v": r[k]} for r in per_run], "v") for k in per_run[0]},
         "per_run_ratios": per_run,
         "pipeline_from_first_result_images_per_s": _median(pipes, "images_per_s_from_first_result"),
@@ -730,7 +795,11 @@ def table(res: dict) -> str:
         names = {"ceiling": "1. model-only ceiling (same model/devices)", "pipeline": "2. clip-pipeline end to end",
                  "pipeline_ready_crops": "2b. clip-pipeline, decode -> ready crops",
                  "single_loop": "3. single-process loop (reference CPU path)", "dataloader": "4. DataLoader-style baseline",
-                 "int8_ceiling": "   int8 model-only ceiling", "int8_pipeline": "   int8 clip-pipeline end to end"}
+                 "int8_ceiling": "   int8 model-only ceiling", "int8_pipeline": "   int8 clip-pipeline end to end",
+                 "ov_fp32_ceiling": "   OpenVINO fp32 model-only ceiling", "ov_fp32_pipeline": "   clip-pipeline, openvino fp32",
+                 "ov_bf16_ceiling": "   OpenVINO bf16 model-only ceiling", "ov_bf16_pipeline": "   clip-pipeline, openvino bf16",
+                 "ov_bf16_pipeline_ready_crops": "   ... bf16, decode -> ready crops",
+                 "ov_bf16_single_loop": "   single-process loop, OpenVINO bf16"}
         for k, label in names.items():
             if k in m:
                 lines.append(f"  {label:44s} {m[k]:9.2f}")
@@ -813,12 +882,16 @@ def _ints(text: str) -> list[int]:
 @click.option("--fake-overlap", type=click.Choice(["default", "on", "off", "both"]), default="default", show_default=True,
               help="infer.overlap in the fake case: the config default, on, off, or both interleaved run by run.")
 @click.option("--memory-sizes", default="1000,10000,100000", show_default=True)
+@click.option("--openvino", is_flag=True,
+              help="cpu case: also the openvino backend (pip install -e '.[openvino]'): OpenVINO fp32 and bf16 "
+                   "ceilings, the pipeline on each, bf16 with ready crops, and a hand-written OpenVINO bf16 loop.")
+@click.option("--no-dataloader", is_flag=True, help="cpu case: leave out the DataLoader-style baseline (case 4).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Runs per case (medians reported).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench(cases, images, model, pipeline_model, int8_model, cpu_images, cpu_lengths, batch, layout, mode, decode_workers,
           items_per_message, fake_devices, fake_seconds, fake_decode_workers, fake_items_per_message, fake_overlap,
-          memory_sizes, repeats, json_path, quiet) -> None:
+          memory_sizes, openvino, no_dataloader, repeats, json_path, quiet) -> None:
     """Benchmark the pipeline against its model-only ceiling and hand-written baselines.
 
     Prints a table (and the full results as JSON with --json). See docs/performance.md.
@@ -847,7 +920,17 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, cpu_leng
          "decode_workers": decode_workers, "items_per_message": items_per_message,
          "fake_devices": _ints(fake_devices), "fake_seconds": fake_seconds,
          "fake_decode_workers": fake_decode_workers, "fake_items_per_message": fake_items_per_message,
-         "fake_overlap": fake_overlap, "memory_sizes": _ints(memory_sizes), "repeats": repeats}
+         "fake_overlap": fake_overlap, "memory_sizes": _ints(memory_sizes), "repeats": repeats,
+         "openvino": openvino, "dataloader": not no_dataloader}
+    if openvino and "cpu" in cases:
+        from pipeline.backends.openvino import import_openvino, resolve_precision
+        from pipeline.errors import ConfigError
+
+        try:
+            import_openvino()
+            resolve_precision("bf16", key="bench --openvino (bf16)")
+        except ConfigError as exc:
+            raise BenchUsageError(str(exc)) from None
 
     def say(msg: str) -> None:
         if not quiet:

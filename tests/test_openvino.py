@@ -100,7 +100,7 @@ def test_image_device_matches_onnxruntime(tmp_path, input_kind):
     path = tmp_path / "m.onnx"
     build_clip_image_onnx(path, arch="tiny", seed=0, input_kind=input_kind)
     raw = {"model": {"path": str(path), "batch_size": 4}, "infer": {"backend": "openvino"},
-           "openvino": {"precision": "fp32"}}
+           "openvino": {"precision": "fp32", "cache_dir": ""}}
     cfg = config.from_dict(raw)
     dev = ovb.OpenVinoBackend.open_device(cfg, "cpu:0")
     assert (dev.batch_size, dev.fixed_batch, dev.dim, dev.uint8_input) == (4, False, 512, input_kind == "uint8")
@@ -109,7 +109,8 @@ def test_image_device_matches_onnxruntime(tmp_path, input_kind):
         x = _crops(n)
         assert _cos(dev.embed(x), ref.embed(x)).min() > 0.99999
     if ovb.native_bf16_flags():
-        bf = ovb.OpenVinoBackend.open_device(config.from_dict({**raw, "openvino": {"precision": "bf16"}}), "cpu:0")
+        bf = ovb.OpenVinoBackend.open_device(config.from_dict({**raw, "openvino": {"precision": "bf16", "cache_dir": ""}}),
+                                             "cpu:0")
         c = _cos(bf.embed(_crops()), ref.embed(_crops()))
         assert 0.99 < c.min() < 1.0  # bf16 really ran (not fp32), and close
 
@@ -143,13 +144,14 @@ def test_text_cli_records_the_precision(tmp_path):
 def test_run_records_precision_and_refuses_another_on_resume(tmp_path, tiny_model):
     out = tmp_path / "out"
     base = ["run", "-i", SAMPLES, "-o", out, "--set", f'model.path="{tiny_model}"', "--set", "infer.backend=openvino",
-            "--set", 'infer.devices=["cpu:0"]', "-q"]
+            "--set", 'infer.devices=["cpu:0"]', "--set", f'openvino.cache_dir="{tmp_path / "cache"}"', "-q"]
     r = invoke(*base, "--set", "openvino.precision=fp32")
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["fingerprint"]["precision"] == "fp32" and m["model"]["engine"]["precision"] == "fp32"
     assert m["counts"]["embedded"] == len(list(SAMPLES.iterdir()))
     assert "backend:  openvino (fp32) on cpu:0" in invoke("inspect", out).output
+    assert any((tmp_path / "cache").iterdir())  # openvino.cache_dir: the compiled model is kept
     rep = json.loads((out / "report.json").read_text())
     assert rep["backend"] == "openvino" and rep["model"]["engine"]["precision"] == "fp32"
     if ovb.native_bf16_flags():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from pipeline.images import normalize
 INSTALL_HINT = "pip install -e '.[openvino]'"
 #: /proc/cpuinfo flags that mean bf16 matrix arithmetic in hardware
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+#: openvino.cache_dir's default (the text commands use it too)
+DEFAULT_CACHE_DIR = "~/.cache/clip-pipeline/openvino"
 #: openvino.precision -> INFERENCE_PRECISION_HINT
 OV_HINT = {"fp32": "f32", "bf16": "bf16"}
 
@@ -109,19 +112,23 @@ class OvSession:
     """One compiled ONNX model on OpenVINO's CPU plugin: first input -> first output, any batch."""
 
     def __init__(self, path: str, precision: str, threads: int, what: str = "model",
-                 key: str = "config key openvino.precision"):
+                 key: str = "config key openvino.precision", cache_dir: str = ""):
         ov = import_openvino()
         # "auto" -> fp32/bf16; bf16 is checked again here (a session opened without a resolved config)
         precision = resolve_precision(precision, key=key).resolved
         self.precision = precision
         core = ov.Core()
+        if cache_dir:
+            # OpenVINO keys the cache by the model's content and the compile settings, and compiles
+            # again (rewriting the entry) when an entry cannot be read
+            core.set_property({"CACHE_DIR": os.path.expanduser(cache_dir)})
         try:
-            model = core.read_model(path)
-            self.compiled = core.compile_model(model, "CPU", compile_config(precision, threads))
+            # from the path: with a cache hit the ONNX file is not even parsed
+            self.compiled = core.compile_model(path, "CPU", compile_config(precision, threads))
         except Exception as exc:  # noqa: BLE001 - openvino raises RuntimeError with the parser's message
             raise DeviceError(f"cannot load {what} {path} with OpenVINO: {str(exc).strip().splitlines()[0]}") from exc
         self.request = self.compiled.create_infer_request()
-        inp, out = model.inputs[0], model.outputs[0]
+        inp, out = self.compiled.inputs[0], self.compiled.outputs[0]
         self.input_type = inp.get_element_type().get_type_name()  # "f32", "u8", "i32", "i64"
         self.input_shape = [d.get_length() if d.is_static else None for d in inp.get_partial_shape()]
         self.output_shape = [d.get_length() if d.is_static else None for d in out.get_partial_shape()]
@@ -134,7 +141,8 @@ class OvSession:
 
 class OvImageDevice(Device):
     def __init__(self, cfg: Config, device: str):
-        self.session = OvSession(cfg.model.path, cfg.openvino.precision, cfg.infer.threads)
+        self.session = OvSession(cfg.model.path, cfg.openvino.precision, cfg.infer.threads,
+                                 cache_dir=cfg.openvino.cache_dir)
         s = self.session
         self.uint8_input = s.input_type == "u8"
         if s.input_type not in ("u8", "f32") or len(s.input_shape) != 4:
