@@ -237,8 +237,9 @@ class Loop:
         self.stats: dict[str, float] = {"in": 0, "out": 0, "sink_out": 0, "busy_s": 0.0, "blocked_s": 0.0,
                                         "idle_s": 0.0}
         self.last_stats = 0.0
-        # SIGTERM writes a byte here; the stage loop polls it, so a stop is seen at once instead of
-        # at the end of the current poll (up to STATS_INTERVAL_S: ~0.5 s of every run's shutdown)
+        # SIGTERM writes a byte here (signal.set_wakeup_fd and on_term); the stage loop polls it, so a
+        # stop is seen at once instead of at the end of the current poll (up to STATS_INTERVAL_S:
+        # ~0.5 s of every run's shutdown)
         self.stop_r, self.stop_w = os.pipe()
         os.set_blocking(self.stop_w, False)
 
@@ -400,6 +401,10 @@ def _install_signals(loop: Loop) -> None:
             _orphan_watchdog(loop, loop.spec.cfg.run.stall_timeout_s)
 
     signal.signal(signal.SIGTERM, on_term)
+    # The signal may land on any thread (a device library's pool: OpenVINO's TBB workers), where it
+    # interrupts no poll of ours; the C-level handler then writes to this fd, which the stage loop
+    # polls, so the main thread wakes and runs on_term at once (not at its next 0.5 s poll timeout)
+    signal.set_wakeup_fd(loop.stop_w, warn_on_full_buffer=False)
     set_parent_death_signal(signal.SIGTERM)  # already asked by pipeline.boot; harmless again
     # The supervisor may have died before prctl took effect: then no signal will ever come.
     if os.getppid() != loop.parent:
