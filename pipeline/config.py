@@ -133,7 +133,7 @@ class SailConfig:
 @dataclass(frozen=True)
 class OpenVinoConfig:
     precision: Literal["fp32", "bf16", "auto"] = _f("auto", "openvino backend: inference precision. bf16 runs 2-4x faster than fp32 on CPUs with native bf16 (AVX512_BF16, AMX) at a cosine of ~0.9999 to fp32 (README, Fidelity); refused where bf16 would be emulated (slower than fp32). auto = bf16 where the CPU has it natively, else fp32; resolved once before start and recorded in the manifest (a resume with another precision is refused).")
-    cache_dir: str = _f("~/.cache/clip-pipeline/openvino", "openvino backend: OpenVINO's model cache (CACHE_DIR): the compiled model is kept here, so later runs load it in about half the time (a ViT-B/32 takes ~350 MB per precision; the text commands use the same directory); \"\" = no cache.")
+    cache_dir: str = _f("", "openvino backend: a directory for OpenVINO's model cache (CACHE_DIR), which keeps the compiled model so that later runs load faster (a ViT-B/32 takes ~350 MB per precision). Off by default (\"\"): once in testing a cached bf16 blob gave NaN embeddings and the cause was not found (docs/performance.md).")
 
 
 @dataclass(frozen=True)

@@ -168,3 +168,34 @@ def test_dry_run_shows_the_resolved_precision(tmp_path, tiny_model):
     assert r.exit_code == 0, r.output
     want = "bf16" if ovb.native_bf16_flags() else "fp32"
     assert f"precision: {want} (openvino.precision = \"auto\"" in r.output
+
+
+# -- the bench's openvino cases ------------------------------------------------------------------------
+@needs_bf16
+def test_bench_openvino_cases(tmp_path, tiny_model):
+    """bench --openvino: OpenVINO fp32/bf16 ceilings, the pipeline on each, bf16 2b and loop, and the
+    issue #28 ratios, beside the cpu cases (the DataLoader baseline left out)."""
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT, cli
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(cli("bench", "--case", "cpu", "--openvino", "--no-dataloader", "--images", SAMPLES,
+                              "--model", tiny_model, "--cpu-images", "8", "--batch", "4", "--repeats", "1",
+                              "--json", out, "-q"),
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OpenVINO bf16 model-only ceiling" in proc.stdout
+    cpu = json.loads(out.read_text())["cases"]["cpu"]
+    run = cpu["runs"][0]
+    assert "dataloader" not in run
+    for k in ("ov_fp32_ceiling", "ov_bf16_ceiling", "ov_fp32_pipeline", "ov_bf16_pipeline",
+              "ov_bf16_pipeline_ready_crops", "ov_bf16_single_loop"):
+        assert cpu["median_images_per_s"][k] > 0, k
+    assert run["ov_bf16_pipeline"]["images"] == 8
+    assert {"ov_bf16_pipeline/pipeline", "ov_bf16_pipeline/single_loop", "ov_bf16_pipeline/ov_bf16_ceiling",
+            "ov_bf16_pipeline_ready_crops/ov_bf16_ceiling"} <= set(cpu["ratios"])
+    assert "pipeline/dataloader" not in cpu["ratios"]
+    assert cpu["openvino"]["engine"]["precision"] == "bf16"

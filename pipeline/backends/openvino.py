@@ -28,8 +28,6 @@ from pipeline.images import normalize
 INSTALL_HINT = "pip install -e '.[openvino]'"
 #: /proc/cpuinfo flags that mean bf16 matrix arithmetic in hardware
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-#: openvino.cache_dir's default (the text commands use it too)
-DEFAULT_CACHE_DIR = "~/.cache/clip-pipeline/openvino"
 #: openvino.precision -> INFERENCE_PRECISION_HINT
 OV_HINT = {"fp32": "f32", "bf16": "bf16"}
 
@@ -119,8 +117,8 @@ class OvSession:
         self.precision = precision
         core = ov.Core()
         if cache_dir:
-            # OpenVINO keys the cache by the model's content and the compile settings, and compiles
-            # again (rewriting the entry) when an entry cannot be read
+            # opt-in (openvino.cache_dir): OpenVINO keys an entry by the model file (path and file
+            # info) and the compile settings
             core.set_property({"CACHE_DIR": os.path.expanduser(cache_dir)})
         try:
             # from the path: with a cache hit the ONNX file is not even parsed

@@ -236,12 +236,11 @@ class _OvText:
 
     def __init__(self, path: str, threads: int = 1, precision: str = "auto"):
         from pipeline.backends.base import DeviceError
-        from pipeline.backends.openvino import DEFAULT_CACHE_DIR, OvSession
+        from pipeline.backends.openvino import OvSession
         from pipeline.errors import ConfigError
 
         try:
-            self.ov = OvSession(path, precision, threads, what="text model", key="text precision (--precision)",
-                                cache_dir=DEFAULT_CACHE_DIR)
+            self.ov = OvSession(path, precision, threads, what="text model", key="text precision (--precision)")
         except (DeviceError, ConfigError) as exc:  # a broken model; openvino missing; bf16 refused here
             raise TextModelError(str(exc)) from exc
         self.precision = self.ov.precision
