@@ -37,7 +37,7 @@ DEFAULT_CORPUS = ROOT.parent / "shared" / "bench" / "corpus-1k"
 
 LOOP = r'''
 import os, sys, numpy as np
-from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
+from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
 model, engine, batch, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 files = sorted(os.path.join(sys.argv[5], f) for f in os.listdir(sys.argv[5]))
 threads = len(os.sched_getaffinity(0))

@@ -37,7 +37,7 @@ DEFAULT_CORPUS = ROOT.parent / "shared" / "bench" / "corpus-1k"
 
 
 def crops(images: Path, n: int) -> tuple[np.ndarray, list[str]]:
-    from pipeline.images import DecodeOptions, crop, decode_file
+    from pipeline.data.images import DecodeOptions, crop, decode_file
 
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
     if not files:

@@ -66,7 +66,7 @@ def test_bf16_hint_only_for_the_cpu_backend_on_native_bf16():
 
 
 def test_fingerprint_has_the_resolved_precision_for_openvino_only(monkeypatch):
-    from pipeline.preflight import fingerprint, fingerprint_refusal
+    from pipeline.run.preflight import fingerprint, fingerprint_refusal
 
     monkeypatch.setattr(ovb, "_ov_capabilities", lambda: CAPS)
     monkeypatch.setattr(ovb, "cpu_flags", lambda: set(NATIVE))
@@ -95,7 +95,7 @@ def _crops(n=6, size=224):
 @pytest.mark.parametrize("input_kind", ["float", "uint8"])
 def test_image_device_matches_onnxruntime(tmp_path, input_kind):
     from pipeline.backends.cpu import OnnxDevice
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     path = tmp_path / "m.onnx"
     build_clip_image_onnx(path, arch="tiny", seed=0, input_kind=input_kind)

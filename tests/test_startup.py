@@ -8,11 +8,11 @@ import os
 import select
 import time
 
-from pipeline.models import model_sha256
+from pipeline.model.models import model_sha256
 
 
 def test_model_sha256_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
-    from pipeline import models
+    from pipeline.model import models
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cache = tmp_path / "cache" / "clip-pipeline" / "model-sha256.json"
@@ -33,7 +33,7 @@ def test_model_sha256_is_remembered_until_the_file_changes(tmp_path, monkeypatch
 
 
 def test_request_stop_wakes_the_poll(monkeypatch):
-    from pipeline.worker import Loop
+    from pipeline.worker.loop import Loop
 
     loop = Loop.__new__(Loop)  # only the stop pipe, no sockets
     loop.stopping = False

@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.backends.base import Device, DeviceError
 from pipeline.backends.cpu import CpuBackend
 from pipeline.config import Config, ConfigError
-from pipeline.images import normalize
+from pipeline.data.images import normalize
 
 INSTALL_HINT = "pip install -e '.[openvino]'"
 #: /proc/cpuinfo flags that mean bf16 matrix arithmetic in hardware

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.rundir import RunDir
+from pipeline.data.rundir import RunDir
 from pipeline.text.tokenizer import Tokenized, Tokenizer, get_tokenizer
 
 BACKENDS = ("cpu", "openvino", "sail", "sim", "fake")
@@ -77,7 +77,7 @@ def clip_model_of(info: dict) -> str | None:
     side = info.get("info") if isinstance(info.get("info"), dict) else info
     legacy = side.get("builder") == "clip-pipeline modelgen" and side.get("arch") not in (None, "unknown")
     if side.get("synthetic") is True and legacy:
-        from pipeline.modelgen import clip_model_id
+        from pipeline.model.modelgen import clip_model_id
 
         return clip_model_id(side["arch"], int(side.get("seed") or 0), side.get("act", "quickgelu"))
     return None
@@ -85,7 +85,7 @@ def clip_model_of(info: dict) -> str | None:
 
 def text_model_identity(path: str | os.PathLike) -> dict[str, Any]:
     """What an output's manifest records about the text model (sha256 of the file and the projection)."""
-    from pipeline.models import sha256_file
+    from pipeline.model.models import sha256_file
 
     path = Path(path)
     if not path.is_file():
@@ -424,7 +424,7 @@ class TextEncoder:
 
             ident["engine"] = engine_identity(self.session.precision)
         if self.projection_path:
-            from pipeline.models import sha256_file
+            from pipeline.model.models import sha256_file
 
             ident["projection"] = {"path": self.projection_path, "sha256": sha256_file(self.projection_path)}
         return ident
