@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="the loop's batch (configs/cpu.toml's model.batch_size)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cases", default="pipeline_fp32,loop_fp32,pipeline_bf16,loop_bf16")
+    ap.add_argument("--baseline-tree", type=Path,
+                    help="another checkout (e.g. before a change): adds case pipeline_fp32_baseline, the same "
+                         "pipeline_fp32 command run from that tree")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from pipeline.bench import jpeg_files, link_inputs, machine_info
@@ -97,13 +100,17 @@ def main() -> None:
         "pipeline_bf16_cache": run + ["-o", str(work / "pbc"), "--set", "infer.backend=openvino",
                                       "--set", "openvino.precision=bf16", "--set", f'openvino.cache_dir="{work / "ovc"}"'],
     }
-    cases = [c for c in a.cases.split(",") if c]
+    envs = {c: env for c in cmds}
+    if a.baseline_tree:
+        cmds["pipeline_fp32_baseline"] = run + ["-o", str(work / "p32b")]
+        envs["pipeline_fp32_baseline"] = dict(os.environ, PYTHONPATH=str(a.baseline_tree.resolve()))
+    cases = [c for c in a.cases.split(",") if c] + (["pipeline_fp32_baseline"] if a.baseline_tree else [])
     times: dict[str, list[float]] = {c: [] for c in cases}
     load0 = list(os.getloadavg())
-    timed(cmds[cases[0]], env)  # warm the page cache (model file, photos, Python) for every case alike
+    timed(cmds[cases[0]], envs[cases[0]])  # warm the page cache (model file, photos, Python) for every case alike
     for r in range(a.repeats):
         for c in cases:
-            times[c].append(round(timed(cmds[c], env), 3))
+            times[c].append(round(timed(cmds[c], envs[c]), 3))
         print(f"repeat {r + 1}/{a.repeats}: " + ", ".join(f"{c} {times[c][-1]:.2f} s" for c in cases), file=sys.stderr)
     med = {c: round(statistics.median(v), 3) for c, v in times.items()}
     ratios = {}
@@ -111,7 +118,11 @@ def main() -> None:
         p, lp = f"pipeline_{prec}", f"loop_{prec}"
         if p in times and lp in times:  # > 1: the pipeline finished first
             ratios[f"{lp}/{p}"] = round(statistics.median(x / y for x, y in zip(times[lp], times[p])), 3)
-    res = {"schema": "clip-pipeline-bench-short-job/1", "machine": machine_info(), "images": a.n, "batch": a.batch,
+    if a.baseline_tree and "pipeline_fp32" in times:  # > 1: this tree's pipeline finished first
+        ratios["pipeline_fp32_baseline/pipeline_fp32"] = round(statistics.median(
+            x / y for x, y in zip(times["pipeline_fp32_baseline"], times["pipeline_fp32"])), 3)
+    res = {"schema": "clip-pipeline-bench-short-job/1", "baseline_tree": str(a.baseline_tree or ""),
+           "machine": machine_info(), "images": a.n, "batch": a.batch,
            "model": a.model, "loadavg_start": load0, "loadavg_end": list(os.getloadavg()),
            "median_wall_s": med, "loop_time_over_pipeline_time_median_of_runs": ratios, "wall_s": times,
            "commands": {c: " ".join(cmds[c][:3] + ["..."]) if c.startswith("loop") else " ".join(cmds[c]) for c in cases}}

@@ -123,31 +123,23 @@ def open_clip_export(dest: Path) -> tuple[str, str]:
                    vision_cfg=m.CLIPVisionCfg(layers=12, width=768, patch_size=32, image_size=224),
                    text_cfg=m.CLIPTextCfg(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)).eval()
 
-    class Image(torch.nn.Module):
-        def __init__(self):
+    class Tower(torch.nn.Module):  # one of the model's encoders as the module to export
+        def __init__(self, encode):
             super().__init__()
-            self.m = model
+            self.m, self.encode = model, encode
 
-        def forward(self, image):
-            return self.m.encode_image(image)
-
-    class Text(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, text):
-            return self.m.encode_text(text)
+        def forward(self, x):
+            return self.encode(x)
 
     # nn.MultiheadAttention's inference fast path is one fused op the ONNX exporter cannot write
     torch.backends.mha.set_fastpath_enabled(False)
     dest.mkdir(parents=True, exist_ok=True)
     img, txt = dest / "open_clip_vitb32_random_image.onnx", dest / "open_clip_vitb32_random_text.onnx"
     with torch.no_grad():
-        torch.onnx.export(Image(), (torch.zeros(2, 3, 224, 224),), str(img), input_names=["image"],
+        torch.onnx.export(Tower(model.encode_image), (torch.zeros(2, 3, 224, 224),), str(img), input_names=["image"],
                           output_names=["embedding"], dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
                           opset_version=17, dynamo=False)
-        torch.onnx.export(Text(), (torch.zeros(2, 77, dtype=torch.int64),), str(txt), input_names=["text"],
+        torch.onnx.export(Tower(model.encode_text), (torch.zeros(2, 77, dtype=torch.int64),), str(txt), input_names=["text"],
                           output_names=["embedding"], dynamic_axes={"text": {0: "batch"}, "embedding": {0: "batch"}},
                           opset_version=17, dynamo=False)
     return str(img), str(txt)

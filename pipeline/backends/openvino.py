@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.backends.base import Device, DeviceError
-from pipeline.backends.cpu import CpuBackend
+from pipeline.backends.cpu import CpuBackend, take_image_input
 from pipeline.config import Config, ConfigError
 from pipeline.data.images import normalize
 
@@ -142,22 +142,9 @@ class OvImageDevice(Device):
         self.session = OvSession(cfg.model.path, cfg.openvino.precision, cfg.infer.threads,
                                  cache_dir=cfg.openvino.cache_dir)
         s = self.session
-        self.uint8_input = s.input_type == "u8"
         if s.input_type not in ("u8", "f32") or len(s.input_shape) != 4:
             raise DeviceError(f"{cfg.model.path} is not a CLIP image tower: input {s.input_type} {s.input_shape}")
-        if cfg.model.input_kind == "uint8" and not self.uint8_input:
-            raise DeviceError(f"model.input_kind = 'uint8' but {cfg.model.path} takes {s.input_type}")
-        if cfg.model.input_kind == "float" and self.uint8_input:
-            raise DeviceError(f"model.input_kind = 'float' but {cfg.model.path} takes uint8")
-        want = cfg.model.image_size or 224
-        hw = s.input_shape[1:3] if self.uint8_input else s.input_shape[2:4]
-        if all(isinstance(d, int) for d in hw) and tuple(hw) != (want, want):
-            raise ConfigError(f"model {cfg.model.path} takes {hw[0]}x{hw[1]} images but the crops are {want}x{want} "
-                              f"(config key model.image_size; 0 reads the size from the model)")
-        batch = s.input_shape[0]
-        self.fixed_batch = isinstance(batch, int)
-        self.batch_size = batch if self.fixed_batch else cfg.model.batch_size
-        self.dim = s.output_shape[-1] if isinstance(s.output_shape[-1], int) else 512
+        take_image_input(self, cfg, s.input_type == "u8", s.input_type, s.input_shape, s.output_shape)
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         x = pixels if self.uint8_input else normalize(pixels)
