@@ -218,4 +218,4 @@ def bf16_hint(cfg: Config, flags: set[str] | None = None) -> str | None:
         install = f" (after {INSTALL_HINT})"
     return (f"note: this CPU has native bf16 ({', '.join(native)}): --set infer.backend=openvino --set "
             f"openvino.precision=bf16{install} runs inference at about 2x the throughput or more, with embeddings "
-            "at a cosine of ~0.9999 to fp32 (README, \"Fidelity\": check your weights with scripts/bf16_parity.py)")
+            "at a cosine of ~0.9999 to fp32 (README, \"Preprocessing fidelity\": check your weights with scripts/bf16_parity.py)")
