@@ -168,6 +168,10 @@ def test_dry_run_shows_the_resolved_precision(tmp_path, tiny_model):
     assert r.exit_code == 0, r.output
     want = "bf16" if ovb.native_bf16_flags() else "fp32"
     assert f"precision: {want} (openvino.precision = \"auto\"" in r.output
+    assert "--set infer.backend=openvino" not in r.output  # the hint is for the cpu backend only
+    cpu = invoke("run", "--dry-run", "-i", SAMPLES, "-o", tmp_path / "o", "--set", f'model.path="{tiny_model}"')
+    assert cpu.exit_code == 0, cpu.output
+    assert ("--set infer.backend=openvino --set openvino.precision=bf16" in cpu.output) == bool(ovb.native_bf16_flags())
 
 
 # -- the bench's openvino cases ------------------------------------------------------------------------
