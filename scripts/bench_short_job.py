@@ -84,7 +84,8 @@ def main() -> None:
                          "pipeline_fp32 command run from that tree")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    from pipeline.bench import jpeg_files, link_inputs, machine_info
+    from pipeline.bench.corpus import jpeg_files, link_inputs
+    from pipeline.bench.sampler import machine_info
 
     work = Path(tempfile.mkdtemp(prefix="clipp-short-"))
     inputs = link_inputs(jpeg_files(a.images, a.n), work / "in")

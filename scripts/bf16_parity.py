@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from pipeline.backends.openvino import native_bf16_flags, resolve_precision
-    from pipeline.bench import machine_info
+    from pipeline.bench.sampler import machine_info
 
     resolve_precision("bf16")  # refuses, with the reason, where bf16 would be emulated
     model, text_model = a.model, a.text_model

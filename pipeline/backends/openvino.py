@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Device, DeviceError
+from pipeline.backends.base import Device, DeviceError, TextSession
 from pipeline.backends.cpu import CpuBackend, take_image_input
 from pipeline.config import Config, ConfigError
 from pipeline.data.images import normalize
+from pipeline.errors import TextModelError
 
 INSTALL_HINT = "pip install -e '.[openvino]'"
 #: /proc/cpuinfo flags that mean bf16 matrix arithmetic in hardware
@@ -154,6 +155,32 @@ class OvImageDevice(Device):
             raise DeviceError(f"OpenVINO inference failed: {exc}") from exc
 
 
+class OvTextSession(TextSession):
+    """A text tower (either form) on OpenVINO: ids [n, 77] -> [n, dim] or [n, 77, width]."""
+
+    def __init__(self, path: str, threads: int = 1, precision: str = "auto"):
+        try:
+            self.ov = OvSession(path, precision, threads, what="text model", key="text precision (--precision)")
+        except (DeviceError, ConfigError) as exc:  # a broken model; openvino missing; bf16 refused here
+            raise TextModelError(str(exc)) from exc
+        shape, out = self.ov.input_shape, self.ov.output_shape
+        if self.ov.input_type not in ("i32", "i64") or len(shape) != 2:
+            raise TextModelError(f"{path} is not a CLIP text model: its input is {self.ov.input_type} {shape}, "
+                                 "expected int32/int64 token ids [batch, 77]")
+        self.id_dtype = np.int32 if self.ov.input_type == "i32" else np.int64
+        self.context_length = shape[1] or 77
+        self.fixed_batch = shape[0]
+        self.out_rank = len(out)
+        self.out_last = out[-1]
+        self.engine = engine_identity(self.ov.precision)
+
+    def run_ids(self, ids: np.ndarray) -> np.ndarray:
+        try:
+            return self.ov.run(np.ascontiguousarray(ids, dtype=self.id_dtype))
+        except RuntimeError as exc:
+            raise TextModelError(f"OpenVINO text inference failed: {exc}") from exc
+
+
 class OpenVinoBackend(CpuBackend):
     """cpu's devices, batching, tail splitting and bench ready crops; OpenVINO's inference."""
 
@@ -166,6 +193,12 @@ class OpenVinoBackend(CpuBackend):
     @classmethod
     def open_device(cls, cfg: Config, device: str) -> Device:
         return OvImageDevice(cfg, device)
+
+    @classmethod
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1, precision: str = "auto") -> TextSession:
+        if model is None:
+            raise TextModelError("no text model given")
+        return OvTextSession(model, threads, precision)
 
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pipeline.backends import NAMES as BACKEND_NAMES
 from pipeline.backends import get_backend
 from pipeline.config import Config, ConfigError
 from pipeline.config import load as load_config
@@ -156,8 +157,7 @@ def linear_probe_cmd(train_spec, test_spec, c_grid, val_fraction, max_iter, seed
               help='Prompt templates, one per line, each with "{}" (default: "a photo of a {}.").')
 @click.option("--text-model", type=click.Path(dir_okay=False), default=None,
               help="Text tower (default: the one paired with the image model, as `classify` finds it).")
-@click.option("--text-backend", type=click.Choice(["cpu", "openvino", "sail", "sim", "fake"]), default="cpu",
-              show_default=True)
+@click.option("--text-backend", type=click.Choice(BACKEND_NAMES), default="cpu", show_default=True)
 @click.option("--text-precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="--text-backend openvino: inference precision (auto = bf16 where the CPU has native bf16).")
 @_with_common
