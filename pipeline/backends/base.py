@@ -114,7 +114,7 @@ class TextSession:
     out_last: int | None = None
     id_dtype: Any = np.int32
     identity: dict[str, Any] | None = None
-    engine: dict[str, Any] | None = None  # recorded beside the model file's identity (openvino: its precision)
+    engine_info: dict[str, Any] | None = None  # recorded as the identity's "engine" (openvino: its precision)
     needs_model: bool = True  # False: runs without a model file (the fake backend)
 
     def run_ids(self, ids: np.ndarray) -> np.ndarray:

@@ -172,7 +172,7 @@ class OvTextSession(TextSession):
         self.fixed_batch = shape[0]
         self.out_rank = len(out)
         self.out_last = out[-1]
-        self.engine = engine_identity(self.ov.precision)
+        self.engine_info = engine_identity(self.ov.precision)
 
     def run_ids(self, ids: np.ndarray) -> np.ndarray:
         try:

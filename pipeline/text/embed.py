@@ -258,8 +258,8 @@ class TextEncoder:
             return dict(self.session.identity)
         ident = text_model_identity(self.model_path)
         ident["form"] = self.form
-        if self.session.engine is not None:  # e.g. openvino: the engine and its resolved precision
-            ident["engine"] = dict(self.session.engine)
+        if self.session.engine_info is not None:  # e.g. openvino: the engine and its resolved precision
+            ident["engine"] = dict(self.session.engine_info)
         if self.projection_path:
             from pipeline.model.models import sha256_file
 
