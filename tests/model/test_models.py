@@ -83,3 +83,30 @@ def test_classify_a_768_wide_run(tmp_path, model336):
     assert r.returncode == 0, r.stderr
     assert np.load(out / "zeroshot" / "class_embeddings.npy").shape == (3, 768)
     assert (model336.parent / "clip-text-tiny-336-seed0-quickgelu-synthetic.onnx").is_file()
+
+
+# what a run's start-up skips: the model's sha256, remembered per file
+def test_model_sha256_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+    import time
+
+    from pipeline.model import models
+    from pipeline.model.models import model_sha256
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "clip-pipeline" / "model-sha256.json"
+    f = tmp_path / "m.onnx"
+    f.write_bytes(b"a" * 1000)
+    assert model_sha256(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert not cache.exists()  # just written: too recent to be remembered (coarse timestamps)
+    monkeypatch.setattr(models, "RACY_NS", 0)
+    assert model_sha256(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert str(f) in cache.read_text()
+    st = os.stat(f)
+    time.sleep(0.05)  # past the file system's timestamp tick
+    f.write_bytes(b"b" * 1000)  # same size, and the mtime put back: the ctime still tells
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert model_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest()
+    cache.write_text("{not json")
+    assert model_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest()  # a broken cache is ignored

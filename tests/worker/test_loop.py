@@ -203,3 +203,20 @@ def test_a_worker_that_failed_to_start_does_not_hide_the_error(tmp_path: Path, m
     never = [w.proc for w in sup.workers.values() if w.proc is not None and w.proc not in started]
     assert never and all(p.pid is None for p in never)
     sup.stop_all()  # again, with nothing left to stop: no error either
+
+
+# what a run's shutdown does not wait for: a stage worker's poll, woken by SIGTERM
+def test_request_stop_wakes_the_poll(monkeypatch):
+    import os
+    import select
+
+    from pipeline.worker.loop import Loop
+
+    loop = Loop.__new__(Loop)  # only the stop pipe, no sockets
+    loop.stopping = False
+    loop.stop_r, loop.stop_w = os.pipe()
+    os.set_blocking(loop.stop_w, False)
+    assert select.select([loop.stop_r], [], [], 0)[0] == []
+    loop.request_stop()
+    loop.request_stop()  # twice: still one wake-up pending, no error
+    assert loop.stopping and select.select([loop.stop_r], [], [], 0)[0] == [loop.stop_r]
