@@ -219,6 +219,7 @@ def devices() -> None:
 
 from pipeline.bench import bench as bench_cmd  # noqa: E402 - commands live in their own modules
 from pipeline.cluster.cli import merge_cmd, plan_cmd, run_range_cmd, status_cmd  # noqa: E402
+from pipeline.serve.command import serve_cmd  # noqa: E402
 from pipeline.evaluate import eval_group  # noqa: E402
 from pipeline.index import index_cmd  # noqa: E402
 from pipeline.inspection import inspect_cmd  # noqa: E402
@@ -243,6 +244,7 @@ cli.add_command(plan_cmd)
 cli.add_command(run_range_cmd)
 cli.add_command(merge_cmd)
 cli.add_command(status_cmd)
+cli.add_command(serve_cmd)
 
 
 def main() -> None:
