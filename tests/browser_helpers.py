@@ -88,14 +88,18 @@ class Browser:
         return res["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30.0):
-        """Poll until the expression is truthy; its value."""
+        """Poll until the expression is truthy (an exception counts as not yet: the page may still be loading)."""
         deadline = time.monotonic() + timeout
+        last = None
         while True:
-            value = self.js(expression)
+            try:
+                value = self.js(expression)
+            except AssertionError as exc:
+                value, last = None, exc
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for: {expression}")
+                raise AssertionError(f"timed out after {timeout}s waiting for: {expression} (last error: {last})")
             time.sleep(0.1)
 
     def set_file(self, expression: str, path: str | os.PathLike) -> None:

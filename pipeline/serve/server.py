@@ -93,5 +93,6 @@ class Service:
 
     def close(self) -> None:
         if self.server is not None:
+            self.server.task_dispatcher.shutdown(timeout=5)  # let running requests finish their writes
             self.server.close()
         self.pool.close()
