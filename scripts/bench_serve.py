@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 def make_run(work: Path, rows: int, shard_size: int) -> Path:
     from bench_search import make_data
 
-    from pipeline.rundir import atomic_write_json, read_manifest
+    from pipeline.data.rundir import atomic_write_json, read_manifest
 
     base = work / "base"
     if not (base / "manifest.json").exists():

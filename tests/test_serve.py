@@ -220,9 +220,9 @@ def test_bad_metadata_requests(served, body, words):
 
 
 def test_decode_pool_times_out_and_recovers():
-    from pipeline.images import DecodeOptions
-    from pipeline.messages import ItemError
+    from pipeline.data.images import DecodeOptions
     from pipeline.serve.decode import DecodePool
+    from pipeline.wire.messages import ItemError
 
     big = Image.new("RGB", (6000, 6000), (200, 10, 10))
     buf = io.BytesIO()

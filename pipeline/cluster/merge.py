@@ -17,7 +17,7 @@ from typing import Any
 from pipeline import output
 from pipeline.cluster import commit as cm
 from pipeline.cluster.plan import Plan, load_plan
-from pipeline.rundir import RunDir
+from pipeline.data.rundir import RunDir
 
 
 class MergeIncomplete(Exception):
@@ -74,9 +74,9 @@ def _publish(src: Path, dst: Path) -> None:
 
 
 def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
-    from pipeline.rundir import FORMAT
-    from pipeline.supervisor import SYNTHETIC_NOTE
-    from pipeline.telemetry import software_versions
+    from pipeline.data.rundir import FORMAT
+    from pipeline.run.supervisor import SYNTHETIC_NOTE
+    from pipeline.run.telemetry import software_versions
 
     t0 = time.monotonic()
     plan = load_plan(out)
@@ -127,7 +127,7 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
     cfg_dict = plan.record["config"]
     o = cfg_dict.get("output", {})
     if o.get("metadata") or o.get("layout") == "clip-retrieval":  # as a single-host run ends
-        from pipeline import metadata
+        from pipeline.data import metadata
 
         metadata.publish(outp, list(range(plan.n_shards)), bool(o.get("metadata")), o.get("layout", "native"))
     model = plan.record["model"]

@@ -25,11 +25,11 @@ import numpy as np
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from pipeline.messages import ItemError
-from pipeline.pathcodec import decode as decode_path
-from pipeline.rundir import atomic_write_bytes
+from pipeline.data.rundir import atomic_write_bytes
 from pipeline.serve.decode import DecodePool
 from pipeline.serve.engine import QueryError, RunIndex, near_duplicates
+from pipeline.wire.messages import ItemError
+from pipeline.wire.pathcodec import decode as decode_path
 
 STATIC = Path(__file__).with_name("static")
 IGNORED_OPTIONS = {

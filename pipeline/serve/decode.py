@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.images import DecodeOptions, crop, decode_bytes
-from pipeline.messages import ItemError
+from pipeline.data.images import DecodeOptions, crop, decode_bytes
+from pipeline.wire.messages import ItemError
 
 
 def query_crop(data: bytes, opts: DecodeOptions) -> np.ndarray:
@@ -30,7 +30,7 @@ def thumbnail(path: bytes, opts: DecodeOptions, side: int, tars: Any = None) -> 
     """A JPEG of the input at `path` (a file or TAR/MEMBER) whose longer side is at most `side`."""
     from PIL import Image
 
-    from pipeline.inputs import TarReader, decode_input
+    from pipeline.data.inputs import TarReader, decode_input
 
     own = tars is None
     tars = tars or TarReader()
@@ -50,8 +50,8 @@ def thumbnail(path: bytes, opts: DecodeOptions, side: int, tars: Any = None) -> 
 
 def _child_main(conn) -> None:
     """The decode child: (kind, args) in, ("ok", result) or ("fail", reason, message) out, until EOF."""
-    from pipeline.inputs import TarReader
-    from pipeline.pdeath import set_parent_death_signal
+    from pipeline.data.inputs import TarReader
+    from pipeline.worker.pdeath import set_parent_death_signal
 
     set_parent_death_signal()
     tars = TarReader()

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.featurize import check_same_model, config_of, manifest_of
-from pipeline.images import DecodeOptions
-from pipeline.index import INDEX_DIR, OpenIndex
+from pipeline.data.images import DecodeOptions
+from pipeline.data.rundir import EMB_DIR, shard_name
 from pipeline.output import ShardedArray, iter_shards
-from pipeline.rundir import EMB_DIR, shard_name
-from pipeline.search import exact_topk, run_status_notes
+from pipeline.query.index import INDEX_DIR, OpenIndex
+from pipeline.query.search import exact_topk, run_status_notes
+from pipeline.run.featurize import check_same_model, config_of, manifest_of
 
 DEDUP_THRESHOLD = 0.94  # clip-back's: results this similar to a better one are dropped by `deduplicate`
 
@@ -152,7 +152,7 @@ class RunIndex:
         return enc.embed([text]).embeddings[0]
 
     def decode_options(self) -> DecodeOptions:
-        from pipeline.models import resolve_image_size
+        from pipeline.model.models import resolve_image_size
 
         return DecodeOptions.from_config(self.cfg.replace(
             model=dataclasses.replace(self.cfg.model, image_size=resolve_image_size(self.cfg))))

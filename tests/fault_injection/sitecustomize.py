@@ -43,7 +43,7 @@ def _install() -> None:
 
         decode.DecodeCore.handle_one = crashing_handle_one
     if hang_on is not None:
-        from pipeline import images  # read at every call by pipeline.inputs.decode_input
+        from pipeline.data import images  # read at every call by pipeline.data.inputs.decode_input
 
         decode_file = images.decode_file
 
@@ -54,7 +54,7 @@ def _install() -> None:
 
         images.decode_file = hanging_decode_file
     if enospc is not None:
-        from pipeline import rundir
+        from pipeline.data import rundir
 
         write_shard = rundir.write_shard
 
