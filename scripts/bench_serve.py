@@ -15,7 +15,9 @@ What it does (every step through the project's own code; not part of the test su
    keep-alive connections on loopback:
    * vector queries (`embedding_input`, data rows plus noise) with the ivf-pq index;
    * text queries end to end (tokenizer + the ViT-B/32 text tower on the cpu backend + ivf-pq);
-   * the same vector queries against a second server with --no-index (the exact chunked scan);
+   * the same vector queries with --nprobe 128 (--wide-nprobe): more lists visited, higher recall;
+   * the same vector queries against a server with --no-index (the exact chunked scan); its results
+     are the reference for the recall@k of the ivf-pq cases (same queries);
    * --clients concurrent clients for --seconds (half text, half vector queries, ivf-pq), stopping
      at the deadline or after --max-requests, whichever comes first; every non-200 is an error.
    Latencies are wall-clock per request, measured by the client (sequential, one connection).
@@ -126,17 +128,24 @@ def percentiles(times: list[float]) -> dict:
             "mean_ms": round(float(ms.mean()), 2), "max_ms": round(float(ms.max()), 2)}
 
 
-def latency(port: int, bodies: list[dict], warmup: int = 3) -> dict:
+def latency(port: int, bodies: list[dict], warmup: int = 3) -> tuple[dict, list[list[int]]]:
+    """Sequential queries on one connection: (percentiles, the result ids of each query)."""
     c = Client(port)
     for b in bodies[:warmup]:
         c.post(b)
-    times = []
+    times, ids = [], []
     for b in bodies:
         status, dt, doc = c.post(b)
         if status != 200:
             raise SystemExit(f"query failed ({status}): {doc}")
         times.append(dt)
-    return percentiles(times)
+        ids.append([r["id"] for r in doc])
+    return percentiles(times), ids
+
+
+def recall(found: list[list[int]], exact: list[list[int]]) -> float:
+    """Mean fraction of the exact top-k found, over the queries both lists have."""
+    return round(float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=False)])), 4)
 
 
 def load(port: int, bodies: list[dict], clients: int, seconds: float, max_requests: int) -> dict:
@@ -186,7 +195,8 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=65536)
     ap.add_argument("--data", type=Path, default=None, help="work directory (kept; default: a temp dir, removed)")
     ap.add_argument("--queries", type=int, default=200, help="sequential queries per latency case")
-    ap.add_argument("--exact-queries", type=int, default=20)
+    ap.add_argument("--exact-queries", type=int, default=50, help="exact-scan queries (also the recall reference)")
+    ap.add_argument("--wide-nprobe", type=int, default=128, help="a second ivf-pq case with this nprobe")
     ap.add_argument("-k", type=int, default=10, help="num_images = num_result_ids per query")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -215,13 +225,14 @@ def main() -> None:
                for v in q]
         text = [{"text": f"{PROMPTS[i % len(PROMPTS)]} #{i}", "num_images": args.k, "num_result_ids": args.k,
                  "indice_name": out.name} for i in range(args.queries)]
+        found = {}
         srv = Server(out)
         try:
-            print("latency: vector queries, ivf-pq...", flush=True)
-            result["vector_ivfpq"] = latency(srv.port, vec[:args.queries])
+            print(f"latency: vector queries, ivf-pq (nprobe {result['index']['nprobe']})...", flush=True)
+            result["vector_ivfpq"], found["vector_ivfpq"] = latency(srv.port, vec[:args.queries])
             print(f"  {result['vector_ivfpq']}", flush=True)
             print("latency: text queries end to end, cpu text tower, ivf-pq...", flush=True)
-            result["text_ivfpq"] = latency(srv.port, text)
+            result["text_ivfpq"], _ = latency(srv.port, text)
             print(f"  {result['text_ivfpq']}", flush=True)
             print(f"load: {args.clients} clients for {args.seconds:g}s, half text half vector...", flush=True)
             mixed = [b for pair in zip(text, vec, strict=False) for b in pair]
@@ -230,13 +241,24 @@ def main() -> None:
         finally:
             srv.stop()
         result["server_log"] = [line.rstrip() for line in srv.log if not line.startswith("Serving")][:20]
+        wide = Server(out, "--nprobe", str(args.wide_nprobe))
+        try:
+            print(f"latency: vector queries, ivf-pq (nprobe {args.wide_nprobe})...", flush=True)
+            result["vector_ivfpq_wide"], found["vector_ivfpq_wide"] = latency(wide.port, vec[:args.queries])
+            result["vector_ivfpq_wide"]["nprobe"] = args.wide_nprobe
+            print(f"  {result['vector_ivfpq_wide']}", flush=True)
+        finally:
+            wide.stop()
         exact = Server(out, "--no-index")
         try:
             print("latency: vector queries, exact scan...", flush=True)
-            result["vector_exact"] = latency(exact.port, vec[:args.exact_queries], warmup=1)
+            result["vector_exact"], exact_ids = latency(exact.port, vec[:args.exact_queries], warmup=1)
             print(f"  {result['vector_exact']}", flush=True)
         finally:
             exact.stop()
+        for key, ids in found.items():  # what the served results miss of the exact top-k, same queries
+            result[key]["recall_at_k_vs_exact"] = recall(ids, exact_ids)
+            result[key]["recall_queries"] = min(len(ids), len(exact_ids))
     finally:
         if args.data is None:
             shutil.rmtree(work, ignore_errors=True)

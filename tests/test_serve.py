@@ -91,6 +91,12 @@ def test_image_query_finds_itself_and_embedding_input_is_used_as_given(served, r
     np.testing.assert_allclose(got[0]["similarity"], float(vec @ vec), rtol=1e-5)
     status, got, _ = call(base, "knn-service", {"id": 9, "num_images": 1})  # more like this row
     assert status == 200 and got[0]["id"] == 9
+    # clip-front's "similar image" sends a result's url: ours is a row, no fetch; anyone else's is refused
+    status, got, _ = call(base, "knn-service", {"image_url": f"{base}thumb/photos/8", "num_images": 1})
+    assert status == 200 and got[0]["id"] == 8
+    for url in (f"{base}thumb/photos/12", f"{base}thumb/other/8", "http://example.com/thumb/photos/8"):
+        status, doc, _ = call(base, "knn-service", {"image_url": url, "num_images": 1})
+        assert status == 400 and "no outbound fetches" in doc["error"], url
 
 
 def test_num_result_ids_beyond_num_images_and_metadata(served, run):

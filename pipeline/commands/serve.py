@@ -45,6 +45,8 @@ def serve_cmd(outs, host, port, token, no_index, nprobe, text_backend, threads, 
     image queries the run's model and preprocessing; the search uses the run's faiss index when
     there is one, else the exact scan. Exit status: 0 stopped with Ctrl-C; 2 bad usage or runs.
     """
+    import logging
+
     from pipeline.serve.app import Settings
     from pipeline.serve.server import TOKEN_ENV, Service, is_loopback
 
@@ -54,10 +56,11 @@ def serve_cmd(outs, host, port, token, no_index, nprobe, text_backend, threads, 
                         cache_dir=Path(cache_dir) if cache_dir else Settings().cache_dir,
                         cors_origins=tuple(cors_origins))
     log = lambda m: click.echo(m, err=True)  # noqa: E731
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy moment
     try:
         service = Service(list(outs), settings, use_index=not no_index, nprobe=nprobe, text_backend=text_backend,
                           decode_workers=decode_workers, log=log)
-        service.warm_up()
+        service.warm_up(log)
         service.listen(host, port, threads)
     except (ConfigError, FileNotFoundError) as exc:
         click.echo(f"error: {exc}", err=True)

@@ -157,25 +157,30 @@ class RunIndex:
         return DecodeOptions.from_config(self.cfg.replace(
             model=dataclasses.replace(self.cfg.model, image_size=resolve_image_size(self.cfg))))
 
-    def image_vector(self, crop: np.ndarray) -> np.ndarray:
-        """One S x S uint8 crop through the run's model on its backend (one device, opened here once),
-        normalised as the run's infer stage does."""
+    def image_device(self):
+        """The run's image model on its backend's first device, opened (and checked to be the run's model) once."""
         from pipeline.backends import get_backend
-        from stages.infer import l2_normalize, pad_batch
 
         backend = get_backend(self.cfg.infer.backend)
         if backend.input_kind(self.cfg) != "pixels" or backend.worker_python(self.cfg):
             raise QueryError(f"image queries on the {self.cfg.infer.backend!r} backend are not served (its device "
                              f"decodes files itself or runs under another interpreter); use `clip-pipeline search "
                              f"{self.out} --image FILE`")
-        with self._image_lock:  # one device, one call at a time (a chip handle is not shared by threads)
+        with self._image_lock:
             if self._image is None:
                 try:
                     check_same_model(self.out, self.manifest, self.cfg)
                 except ConfigError as exc:
                     raise QueryError(f"image queries are not available for index {self.name!r}: {exc}") from None
                 self._image = backend.open_device(self.cfg, backend.resolve_devices(self.cfg)[0])
-            dev = self._image
+        return self._image
+
+    def image_vector(self, crop: np.ndarray) -> np.ndarray:
+        """One S x S uint8 crop through the run's model, normalised as the run's infer stage does."""
+        from stages.infer import l2_normalize, pad_batch
+
+        dev = self.image_device()
+        with self._image_lock:  # one device, one call at a time (a chip handle is not shared by threads)
             pixels = crop[None]
             emb = dev.embed(pad_batch(pixels, dev.batch_size) if dev.fixed_batch else pixels)[:1]
         emb = np.asarray(emb, dtype=np.float32)

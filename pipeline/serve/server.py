@@ -65,10 +65,18 @@ class Service:
         self.settings = settings
         self.server = None
 
-    def warm_up(self) -> None:
-        """Open each run's text tower now, so that the first text query does not pay for it."""
+    def warm_up(self, log=print) -> None:
+        """Open each run's text tower and image model now, so that the first queries do not pay for it."""
+        from pipeline.serve.engine import QueryError
+
         for ix in self.indices:
             ix.text_encoder()
+            try:
+                ix.image_device()
+            except QueryError as exc:
+                log(f"note: {exc}")
+            except Exception as exc:  # noqa: BLE001 - image queries will say so; text and vectors still work
+                log(f"note: image queries on {ix.name!r} will fail: cannot open its model: {exc}")
 
     def listen(self, host: str, port: int, threads: int = 8):
         from waitress.server import create_server
