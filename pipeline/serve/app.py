@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -246,9 +247,8 @@ def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) ->
         if not data:
             raise BadRequest("image is empty")
         opts = ix.decode_options()
-        opts = type(opts)(mode=opts.mode, max_pixels=min(opts.max_pixels, settings.max_pixels),
-                          max_file_bytes=min(opts.max_file_bytes, settings.max_upload_bytes),
-                          exif_transpose=opts.exif_transpose, target=opts.target)
+        opts = dataclasses.replace(opts, max_pixels=min(opts.max_pixels, settings.max_pixels),
+                                   max_file_bytes=min(opts.max_file_bytes, settings.max_upload_bytes))
         if len(data) > opts.max_file_bytes:
             raise BadRequest(f"the image is {len(data):,} bytes, over the upload limit of {opts.max_file_bytes:,} "
                              "(serve --max-upload-mb, and the run's preprocess.max_file_bytes)", 413)
@@ -319,9 +319,7 @@ def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) ->
         if cache.exists():
             data = cache.read_bytes()
         else:
-            opts = ix.decode_options()
-            opts = type(opts)(mode="fast", max_pixels=opts.max_pixels, max_file_bytes=opts.max_file_bytes,
-                              exif_transpose=True, target=settings.thumb_side)
+            opts = dataclasses.replace(ix.decode_options(), mode="fast", exif_transpose=True, target=settings.thumb_side)
             try:
                 data = pool.call("thumb", decode_path(ix.paths[row]), opts, settings.thumb_side)
             except ItemError as exc:
@@ -342,7 +340,10 @@ def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) ->
     # -- our page ---------------------------------------------------------------------------------
     @app.get("/")
     def page():
-        return send_from_directory(STATIC, "index.html")
+        resp = send_from_directory(STATIC, "index.html")
+        resp.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data: blob:; "
+                                                   "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+        return resp
 
     @app.get("/static/<path:name>")
     def static_file(name: str):
