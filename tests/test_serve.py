@@ -279,6 +279,11 @@ def test_cors_only_for_named_origins(run, tmp_path):
         assert hdrs.get("access-control-allow-origin") == "http://127.0.0.1:9"
         _, _, hdrs = call(base, "indices-list", headers={"Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in hdrs
+        status, _, hdrs = call(base, "knn-service", method="OPTIONS", headers={  # a preflight
+            "Origin": "http://127.0.0.1:9", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        assert status == 200 and hdrs.get("access-control-allow-origin") == "http://127.0.0.1:9"
+        assert "POST" in hdrs.get("access-control-allow-methods", "")
     finally:
         svc.close()
 

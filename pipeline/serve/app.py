@@ -258,10 +258,8 @@ def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) ->
             raise BadRequest(f"the image cannot be used: {exc.reason} ({exc.message})",
                              413 if exc.reason == "too_large" else 400) from None
 
-    @app.route("/knn-service", methods=["POST", "OPTIONS"])
+    @app.post("/knn-service")  # OPTIONS (a CORS preflight): Flask's automatic answer, headers() adds CORS
     def knn_service():
-        if request.method == "OPTIONS":
-            return Response(status=204)
         doc = body()
         ix = index_of(doc)
         if doc.get("modality", "image") not in ("image", None, ""):
@@ -291,10 +289,8 @@ def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) ->
             out.append(item)
         return jsonify(out)
 
-    @app.route("/metadata", methods=["POST", "OPTIONS"])
+    @app.post("/metadata")
     def metadata():
-        if request.method == "OPTIONS":
-            return Response(status=204)
         doc = body()
         ix = index_of(doc)
         ids = doc.get("ids")
