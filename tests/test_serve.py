@@ -269,6 +269,14 @@ def test_token_required_and_thumbnail_signatures(run, tmp_path):
         svc.close()
 
 
+def test_other_host_names_refused_on_loopback(served):
+    base, _, _ = served
+    status, doc, _ = call(base, "indices-list", headers={"Host": "rebound.example:80"})
+    assert status == 403 and "DNS" not in doc["error"] and "not this service's address" in doc["error"]
+    port = base.rstrip("/").rsplit(":", 1)[1]
+    assert call(base, "indices-list", headers={"Host": f"localhost:{port}"})[0] == 200
+
+
 def test_cors_only_for_named_origins(run, tmp_path):
     out, _ = run
     svc = Service([str(out)], Settings(cache_dir=tmp_path, cors_origins=("http://127.0.0.1:9",)))

@@ -51,6 +51,7 @@ class Settings:
     thumb_side: int = 256
     cache_dir: Path = field(default_factory=lambda: Path(os.path.expanduser("~/.cache/clip-pipeline/serve")))
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host headers answered (empty: any); set for loopback by Service.listen
 
 
 class BadRequest(Exception):
@@ -110,6 +111,10 @@ def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) ->
 
     @app.before_request
     def check_token():
+        if settings.allowed_hosts and request.host.lower() not in settings.allowed_hosts:
+            # a page of another site whose name was made to resolve to 127.0.0.1 (DNS rebinding)
+            return _error(403, f"Host {request.host[:80]!r} is not this service's address: it answers "
+                               f"{', '.join(settings.allowed_hosts)}")
         if request.method == "OPTIONS" or request.path == "/" or request.path.startswith("/static/"):
             return None  # the page and its assets hold nothing: it asks for the token itself
         if request.path.startswith("/thumb/") and secret:

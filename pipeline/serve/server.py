@@ -86,6 +86,9 @@ class Service:
         self.server = create_server(self.app, host=host, port=port, threads=threads,
                                     max_request_body_size=2 * self.settings.max_body_bytes, expose_tracebacks=False,
                                     ident="clip-pipeline", clear_untrusted_proxy_headers=True)
+        if is_loopback(host):  # only names of this machine: no DNS rebinding from a web page
+            port = self.port
+            self.settings.allowed_hosts = (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}")
         return self.server
 
     @property
