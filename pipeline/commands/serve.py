@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.backends import NAMES as BACKEND_NAMES
 from pipeline.commands import CONTEXT
 from pipeline.config import ConfigError
 
@@ -21,7 +22,7 @@ from pipeline.config import ConfigError
               help="Require 'Authorization: Bearer TOKEN' on every API call (default: $CLIP_PIPELINE_SERVE_TOKEN).")
 @click.option("--no-index", "no_index", is_flag=True, help="Exact search even where `clip-pipeline index` built an index.")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF indexes: lists visited per query.")
-@click.option("--text-backend", type=click.Choice(["cpu", "sail", "sim", "fake"]), default=None,
+@click.option("--text-backend", type=click.Choice(BACKEND_NAMES), default=None,
               help="Where text queries are embedded (default: the run's backend).")
 @click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True, help="Request threads.")
 @click.option("--decode-workers", type=click.IntRange(1, 64), default=2, show_default=True,

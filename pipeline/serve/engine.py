@@ -129,13 +129,10 @@ class RunIndex:
     def text_encoder(self):
         """The run's paired text tower, opened on first use (None and a reason when there is none)."""
         if self._text is None and self._text_error is None:
-            from pipeline.text.embed import BACKENDS, TextModelError, text_encoder_for_run
+            from pipeline.text.embed import TextModelError, text_encoder_for_run
 
-            backend = self.text_backend or self.cfg.infer.backend
+            backend = self.text_backend or self.cfg.infer.backend  # one registry for both towers
             device = None
-            if backend not in BACKENDS:
-                self.notes.append(f"text queries run on the cpu backend (no text tower on {backend!r})")
-                backend = "cpu"
             if backend == "sail":
                 device = str(self.cfg.infer.devices[0]) if self.cfg.infer.devices else None
             try:
