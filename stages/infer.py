@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.backends import get_backend
-from pipeline.backends.base import DeviceError
+from pipeline.backends.base import DeviceError, l2_normalize, pad_batch
 from pipeline.wire import messages
 from pipeline.wire.messages import Failure
 from pipeline.wire.transport import array_from
@@ -70,23 +70,6 @@ class Batcher:
     def take(self) -> Batch:
         batch, self.pending = self.pending, Batch()
         return batch
-
-
-def pad_batch(pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Zero-pad [n,...] to [batch_size,...] for fixed-batch models."""
-    n = pixels.shape[0]
-    if n == batch_size:
-        return pixels
-    if n > batch_size:
-        raise ValueError(f"batch of {n} exceeds the model's fixed batch {batch_size}")
-    out = np.zeros((batch_size, *pixels.shape[1:]), dtype=pixels.dtype)
-    out[:n] = pixels
-    return out
-
-
-def l2_normalize(emb: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.maximum(norms, 1e-12)
 
 
 class _Job:

@@ -90,6 +90,23 @@ class Device(abc.ABC):
         """Release device resources."""
 
 
+def pad_batch(pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Zero-pad [n,...] to [batch_size,...] for fixed-batch models."""
+    n = pixels.shape[0]
+    if n == batch_size:
+        return pixels
+    if n > batch_size:
+        raise ValueError(f"batch of {n} exceeds the model's fixed batch {batch_size}")
+    out = np.zeros((batch_size, *pixels.shape[1:]), dtype=pixels.dtype)
+    out[:n] = pixels
+    return out
+
+
+def l2_normalize(emb: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.maximum(norms, 1e-12)
+
+
 class TextSession:
     """A text tower opened on a backend (`Backend.open_text`): token ids in, the model's output out.
 
@@ -105,6 +122,7 @@ class TextSession:
     out_last: int | None = None
     id_dtype: Any = np.int32
     identity: dict[str, Any] | None = None
+    engine_info: dict[str, Any] | None = None  # recorded as the identity's "engine" (openvino: its precision)
     needs_model: bool = True  # False: runs without a model file (the fake backend)
 
     def run_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -132,6 +150,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def open_device(cls, cfg: Config, device: str) -> Device:
         """Open `device` in the calling (worker) process."""
+
+    @classmethod
+    def resolve(cls, cfg: Config) -> Config:
+        """Settings this backend decides once before start, from the machine (e.g. openvino.precision
+        = "auto"); refuses what this machine cannot run (ConfigError). Default: cfg unchanged."""
+        return cfg
 
     @classmethod
     def model_identity(cls, cfg: Config) -> dict[str, Any]:
@@ -163,10 +187,12 @@ class Backend(abc.ABC):
         return False
 
     @classmethod
-    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1, precision: str = "auto") -> TextSession:
         """The text tower `model` on `device` of this backend, in the calling process (embed-text,
-        classify, search --text, eval zero-shot). Raises TextModelError, naming what to do, for a
-        model this backend cannot run; the default: this backend has no text tower."""
+        classify, search --text, eval zero-shot). `precision`: a backend with a precision setting
+        (openvino: fp32, bf16, auto) runs the tower at it; the others ignore it. Raises
+        TextModelError, naming what to do, for a model this backend cannot run; the default: this
+        backend has no text tower."""
         raise TextModelError(f"the {cls.name} backend has no text tower: run the text model on a backend "
                              "that has one (its open_text)")
 

@@ -793,7 +793,7 @@ class SailBackend(Backend):
         return [f"sail:{i}" for i in ids]
 
     @classmethod
-    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1, precision: str = "auto") -> TextSession:
         return SailTextSession(text_model(model), int(device or 0))
 
     @classmethod

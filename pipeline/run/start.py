@@ -42,6 +42,7 @@ class RunStart:
         """Checks, model, output directory; the ledger is seeded with the shards already done."""
         # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
         pf = preflight.check(cfg, restart=restart)
+        cfg = pf.cfg  # with what the backend resolved once before start (openvino.precision)
         s = cls(cfg, rundir, listing_path, id_range, devices=pf.devices, input_changes=pf.changes)
         for w in pf.warnings:
             log(f"warning: {w}")

@@ -1,5 +1,6 @@
 """Decode stage (stages/decode.py): DecodeCore on groups and single items, and its bench-only
-stand-in (stages/ready.py, fake.ready_crops). The decoders themselves are tested in tests/test_images.py and tests/test_bad_inputs.py."""
+stand-in (stages/ready.py, fake.ready_crops). The decoders themselves are tested in tests/data/test_images.py and
+tests/data/test_images_bad_inputs.py."""
 
 from __future__ import annotations
 

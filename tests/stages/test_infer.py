@@ -12,10 +12,10 @@ import pytest
 from conftest import worker_spec
 
 from pipeline import config
-from pipeline.backends.base import DeviceError
+from pipeline.backends.base import DeviceError, pad_batch
 from pipeline.worker.loop import Slot
 from pipeline.worker.spec import InferSpec
-from stages.infer import Batcher, InferCore, pad_batch
+from stages.infer import Batcher, InferCore
 
 WAIT_S = 10.0
 
