@@ -13,7 +13,9 @@ from pipeline.config import ConfigError
 from pipeline.featurize import embed_inputs, manifest_of, query_config
 from pipeline.index import search_index as index_search
 from pipeline.search import SearchResult, search_out
-from pipeline.text.embed import embed_texts
+from pipeline.text.embed import TextModelError, embed_texts
+from pipeline.text.tokenizer import TokenizerError
+from pipeline.text.vocab import VocabError
 
 # -- queries -----------------------------------------------------------------------------------
 
@@ -128,8 +130,8 @@ def search_cmd(out, texts, text_model, text_backend, images, vectors, k, use_ind
             result = search_out(out, queries, k)
     except ConfigError as exc:
         fail(str(exc))
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
+    except (ValueError, FileNotFoundError, TextModelError, TokenizerError, VocabError) as exc:
+        fail(str(exc))  # e.g. no tokenizer vocab (an offline install): the one line says what to do
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if manifest.get("synthetic_weights"):

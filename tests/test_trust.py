@@ -1,0 +1,172 @@
+"""Issue #27 (trust, round 3): what an outside user and an adversary broke, one regression test each.
+
+Items 7 (clip-retrieval readers) and 4 (byte-identical torture runs) are tested beside their
+subjects: tests/test_io_inputs.py, tests/test_bad_inputs.py.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, cli, cli_env, invoke
+from robust_helpers import accounting, good_corpus, run_cli, start_cli, wait_for, workers
+
+from pipeline import config as cfgmod
+from pipeline.config import ConfigError
+
+# -- item 8: smaller faults -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["run.stall_timeout_s", "preprocess.decode_timeout_s", "run.start_timeout_s"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_timeouts_are_refused(key, value):
+    """A NaN stall timeout passed `>= min` (every comparison with NaN is false) and switched the
+    watchdog off: a hang."""
+    with pytest.raises(ConfigError, match=rf"{key}: must be a finite number"):
+        cfgmod.load(None, [f"{key}={value}"])
+
+
+def test_absurd_worker_count_and_image_size_are_refused_before_work(tmp_path):
+    good_corpus(tmp_path / "in", 2)
+    for key, value in (("workers.decode", 100000), ("model.image_size", 100000)):
+        r = subprocess.run(cli("run", "--dry-run", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),
+                               "--set", "infer.backend=\"fake\"", "--set", f"{key}={value}"),
+                           cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (key, r.stdout, r.stderr)
+        assert f"config key {key}: must be <= 1024" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_workers_over_the_open_file_limit_are_refused(tmp_path):
+    """workers.decode within the cap but over `ulimit -n`: exit 2 naming the key and the limit,
+    not an EMFILE traceback once hundreds of processes are up."""
+    good_corpus(tmp_path / "in", 2)
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    r = subprocess.run(cli("run", "--dry-run", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),
+                           "--set", "infer.backend=\"fake\"", "--set", "workers.decode=200"),
+                       cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60, preexec_fn=low_limit)
+    assert r.returncode == 2, r.stderr
+    assert "workers.decode=200" in r.stderr and "ulimit -n" in r.stderr and "256" in r.stderr
+
+
+def test_empty_output_is_refused_not_replaced_by_the_config_dir(tmp_path):
+    good_corpus(tmp_path / "in", 2)
+    r = invoke("run", "-i", tmp_path / "in", "--output", "", "--set", 'infer.backend="fake"', "--progress", "none")
+    assert r.exit_code == 2, r.output
+    assert "output.dir (--output) is empty" in r.output
+    assert not (ROOT / "out").exists() or not (ROOT / "out" / "manifest.json").exists()
+
+
+def test_missing_relative_input_in_a_config_says_what_it_resolved_against(tmp_path, monkeypatch):
+    conf = tmp_path / "conf" / "c.toml"
+    conf.parent.mkdir()
+    conf.write_text('[input]\npaths = ["images"]\n[infer]\nbackend = "fake"\n')
+    monkeypatch.chdir(tmp_path)
+    r = invoke("run", "--config", conf, "-o", tmp_path / "o", "--dry-run")
+    assert r.exit_code == 2
+    assert f"resolves against the current directory, {tmp_path}" in r.output
+
+
+def test_stale_socket_directories_of_dead_runs_are_removed(tmp_path):
+    """kill -9 leaves /tmp/clipp-XXXX behind; the next run removes those whose owner is dead (pid
+    and start time), never a live one's or one without an owner record."""
+    from pipeline import transport
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    made = []
+    for owner in (f"{dead.pid} 1", f"{os.getpid()} {transport.process_start(os.getpid())}",
+                  f"{os.getpid()} 1", None):  # dead; alive; pid reused by another process; no record
+        d = transport.tempfile.mkdtemp(prefix="clipp-", dir="/tmp")
+        if owner is not None:
+            with open(os.path.join(d, transport.OWNER), "w") as fh:
+                fh.write(owner + "\n")
+        made.append(d)
+    try:
+        removed = transport.remove_stale_roots()
+        assert made[0] in removed and made[2] in removed
+        assert os.path.isdir(made[1]) and os.path.isdir(made[3])
+        ep = transport.Endpoints.create()  # every run records its owner
+        assert open(os.path.join(ep.root, transport.OWNER)).read().split()[0] == str(os.getpid())
+        ep.cleanup()
+    finally:
+        for d in made:
+            transport.shutil.rmtree(d, ignore_errors=True)
+
+
+def test_killed_run_leaves_no_socket_directory_behind_the_next(tmp_path):
+    good_corpus(tmp_path / "in", 40)
+    p = start_cli(tmp_path / "in", tmp_path / "out", **{"fake.latency_ms_per_batch": 200})
+    wait_for(lambda: workers(tmp_path / "out").get("infer-0(cpu:0)"), 60, "the workers")
+    roots = {d for d in os.listdir("/tmp") if d.startswith("clipp-")
+             if _owner(f"/tmp/{d}") == p.pid}
+    assert roots, "the run's socket directory records its owner"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    r = run_cli(tmp_path / "in", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert not any(os.path.exists(f"/tmp/{d}") for d in roots)
+
+
+def _owner(root: str) -> int | None:
+    try:
+        return int(open(os.path.join(root, "owner")).read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_eval_linear_probe_checks_its_extras_before_embedding(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pipeline import evaluate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "threadpoolctl" else real(name, *a))
+    monkeypatch.setattr(evaluate, "features", lambda *a, **k: pytest.fail("embedded before checking the extras"))
+    r = invoke("eval", "linear-probe", "--train", tmp_path, "--test", tmp_path)
+    assert r.exit_code == 2, r.output
+    assert "threadpoolctl" in r.output and "clip-pipeline[eval]" in r.output
+
+
+def test_search_text_without_the_vocab_is_one_line(tmp_path):
+    good_corpus(tmp_path / "in", 3)
+    assert run_cli(tmp_path / "in", tmp_path / "out").returncode == 0
+    r = subprocess.run(cli("search", str(tmp_path / "out"), "--text", "a dog", "--text-backend", "fake"),
+                       cwd=ROOT, env=cli_env(CLIP_PIPELINE_VOCAB=str(tmp_path / "missing.gz")),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "fetch-vocab" in r.stderr
+
+
+@pytest.mark.slow
+def test_source_killed_now_and_then_does_not_abort_the_run(tmp_path):
+    """source-0 never sent "ready", so its deaths counted "in a row" for the whole run: 4 kills
+    spread over a run aborted it. It now gets ready like every worker."""
+    good_corpus(tmp_path / "in", 400)
+    out = tmp_path / "out"
+    p = start_cli(tmp_path / "in", out, **{"fake.latency_ms_per_batch": 300, "queues.decode": 4,
+                                           "workers.items_per_message": 1})
+    pid = wait_for(lambda: workers(out).get("source-0"), 60, "source-0")
+    for _ in range(5):  # one more than run.max_restarts = 3 allows in a row
+        os.kill(pid, signal.SIGKILL)
+
+        def respawned(old=pid):
+            assert p.poll() is None, p.communicate()[1]
+            now = workers(out).get("source-0")
+            return now if now not in (None, old) else None
+
+        pid = wait_for(respawned, 30, "a new source-0")
+        time.sleep(3)  # the issue's kills came 2.5 s apart: time for the new source to get ready
+    stdout, stderr = p.communicate(timeout=180)
+    assert p.returncode == 0, stderr
+    embedded, failed = accounting(out)
+    assert len(embedded) == 400 and not failed
+
