@@ -95,7 +95,7 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
                 click.echo(f"error: {message}", err=True)
             sys.exit(code)
         mode = "none" if quiet else (progress or cfg.run.progress)
-        prog = Progress(mode, cfg.run.log_interval_s)
+        prog = Progress(mode, cfg.run.log_interval_s, quiet=quiet)
         if update:
             from pipeline.update import run_update
 

@@ -86,7 +86,7 @@ class Embedded:
 
 
 def embed_inputs(cfg: Config, inputs: list[str], work_dir: str | os.PathLike, *,
-                 progress: str = "none", restart: bool = False) -> Embedded:
+                 progress: str = "none", restart: bool = False, quiet: bool = False) -> Embedded:
     """Run the pipeline (cfg's backend, model, preprocessing) on `inputs` into work_dir; load the result.
 
     work_dir is an ordinary, resumable output directory: running again with the same inputs and
@@ -98,7 +98,7 @@ def embed_inputs(cfg: Config, inputs: list[str], work_dir: str | os.PathLike, *,
                                    dtype="float32"),
     )
     try:
-        result = Supervisor(cfg, restart=restart, progress=Progress(progress, cfg.run.log_interval_s)).run()
+        result = Supervisor(cfg, restart=restart, progress=Progress(progress, cfg.run.log_interval_s, quiet=quiet)).run()
     except RunAborted as exc:
         raise RuntimeError(f"embedding {', '.join(inputs)} failed: {exc}") from None
     if result.exit_code not in (0, 3):

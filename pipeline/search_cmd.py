@@ -54,7 +54,7 @@ def embed_query_images(out: str, images: list[str], *, model: str | None = None,
             raise ConfigError(f"query image {p} cannot be read (permission denied) (--image)")
     cfg, _ = query_config(out, model=model, devices=devices)
     with tempfile.TemporaryDirectory(prefix="clipp-query-") as tmp:
-        res = embed_inputs(cfg, list(images), os.path.join(tmp, "out"))
+        res = embed_inputs(cfg, list(images), os.path.join(tmp, "out"), quiet=True)
     if res.failures:
         f = res.failures[0]
         raise ConfigError(f"query image {os.fsdecode(f.get('path', '?'))} cannot be used: {f.get('reason')} "

@@ -20,7 +20,6 @@ import msgpack
 import numpy as np
 import zmq
 
-
 OWNER = "owner"  # "PID START" of the process that made a run's socket directory
 
 

@@ -16,7 +16,6 @@ from robust_helpers import (
     run_cli,
     torture_set,
     unusual_files,
-    write,
 )
 
 from pipeline import images, pathcodec
