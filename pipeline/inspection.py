@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from pipeline import output, pathcodec
-from pipeline.rundir import RunDir, damaged_shards
+from pipeline.rundir import RunDir, damaged_shards, lock_holder
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 NORM_TOLERANCE = {"float32": 1e-3, "float16": 5e-3}
@@ -74,6 +74,7 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
         "dir": str(out),
         "status": m.get("status"),
         "complete": complete,
+        "in_use": lock_holder(out),  # a run (or update, merge) holding the output's lock now
         "created": m.get("created"),
         "updated": m.get("updated"),
         "counts": {"listed": m.get("inputs", {}).get("listed"), "total": total,
@@ -241,7 +242,9 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"backend:  {s['backend']} on {', '.join(map(str, s['devices'] or []))}")
     if s["report"]:
         lines.append(f"report:   {s['report']} (clip-pipeline report {s['dir']} --html)")
-    if not s["complete"]:
+    if s.get("in_use"):
+        lines.append(f"in use:   {s['in_use']} (going on now; this is a snapshot)")
+    elif not s["complete"]:
         lines.append("To finish it, run the same `clip-pipeline run` command again (it resumes).")
     return "\n".join(lines)
 

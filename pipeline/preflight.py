@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline import pathcodec
 from pipeline.config import Config
-from pipeline.rundir import RunDir
+from pipeline.rundir import LOCK, RunDir
 
 # fingerprint field (manifest.json) -> the config key a user changes to change it
 FINGERPRINT_KEYS = {
@@ -315,7 +315,7 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     rd = RunDir(out)
     manifest = rd.read_manifest() if out.is_dir() else None
     if manifest is None:
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
             raise ConfigError(foreign_dir_refusal(out))
         refusal = writable_refusal(out)
         if refusal:

@@ -19,6 +19,7 @@ exists: companions are renamed into place first, the .npy last; temporary files 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -55,6 +56,7 @@ FORMAT = "clip-pipeline/1"
 REPORT_HISTORY = 20  # earlier runs kept in report.json (each a whole report)
 PARQUET_SUFFIX, HASHES_SUFFIX = ".parquet", ".hashes"  # optional companions: output.metadata, output.content_hash
 COMPANION_SUFFIXES = (PARQUET_SUFFIX, HASHES_SUFFIX)
+LOCK = ".lock"  # the exclusive lock of the output directory (output_lock); "pid P on host H since T"
 UPDATES = "updates"  # run --update: OUT/updates/u-NNNN.json + its listing, removed and aliases files
 CLIP_RETRIEVAL_EMB, CLIP_RETRIEVAL_META = "img_emb", "metadata"  # output.layout = "clip-retrieval"
 
@@ -429,13 +431,19 @@ class RunDir:
         the old run on restart, remove temp files."""
         out = self.path
         manifest = self.read_manifest() if out.exists() else None
-        if out.exists() and manifest is None and any(out.iterdir()):
+        if out.exists() and manifest is None and any(p.name != LOCK for p in out.iterdir()):
             raise ConfigError(f"output directory {out} is not empty and holds no clip-pipeline run; "
                               "choose a new or empty directory (config key output.dir / --output)")
         if manifest is not None:
             if restart or on_existing == "restart":
                 log(f"Deleting the previous run in {out} (--restart).")
-                shutil.rmtree(out)
+                for p in out.iterdir():  # all but the lock this process holds
+                    if p.name == LOCK:
+                        continue
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
                 manifest = None
             elif on_existing == "error":
                 raise ConfigError(f"output directory {out} already holds a run (output.on_existing = 'error'); "
@@ -505,6 +513,82 @@ class RunDir:
         """OUT/embeddings.pkl in the reference program's format."""
         data = pickle.dumps({"img_path": paths, "embedding": embeddings}, protocol=4)
         atomic_write_bytes(self.pickle, data)
+
+
+_held: dict[str, list[int]] = {}  # realpath of a locked directory -> [fd, depth] (this process)
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, what: str = "run") -> Iterator[None]:
+    """Hold the output directory's exclusive lock (flock on OUT/.lock) for the block: run, --update,
+    --restart, run-range (on its attempt directory) and merge take it; inspect and search read
+    without it. The OS drops it with its holder (kill -9 leaves nothing stale). A second process
+    gets ConfigError (exit 2) at once, naming the holder's pid and host. Re-entrant within one
+    process (an update runs a Supervisor inside its own lock)."""
+    import fcntl
+    import socket
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(out)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        for attempt in range(6):  # a reader's probe (lock_holder) holds a shared lock for microseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 5:
+                    raise
+                time.sleep(0.04)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"output directory {out} is in use: {holder} holds it. Two processes on one output "
+                          "would corrupt it: wait for that one to finish (or stop it), or choose another --output; "
+                          "`clip-pipeline inspect` reads it meanwhile") from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"clip-pipeline {what}, pid {os.getpid()} on host {socket.gethostname()} since {now_iso()}\n"
+              .encode(), 0)
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        os.close(fd)  # releases the lock; the file stays (deleting it would race the next taker)
+
+
+def lock_holder(out: str | os.PathLike) -> str | None:
+    """Who holds the output's lock now ("clip-pipeline run, pid P on host H since T"), or None.
+    Probes without blocking and without writing anything (inspect and search take no lock)."""
+    import fcntl
+
+    path = Path(out) / LOCK
+    if os.path.realpath(Path(out)) in _held:
+        return None  # this process
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # a shared lock we got goes with the descriptor
+    return None
 
 
 def now_iso() -> str:

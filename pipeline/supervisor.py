@@ -30,7 +30,7 @@ from pipeline.messages import Failure
 from pipeline.models import ensure_model, resolve_image_size
 from pipeline.preflight import fingerprint
 from pipeline.progress import Progress
-from pipeline.rundir import FORMAT, RunDir, now_iso
+from pipeline.rundir import FORMAT, RunDir, now_iso, output_lock
 from pipeline.telemetry import Telemetry, software_versions
 from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment
 
@@ -319,6 +319,10 @@ class Supervisor:
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        with output_lock(self.out, "run-range" if self.id_range is not None else "run"):
+            return self._run()
+
+    def _run(self) -> RunResult:
         t_start = time.monotonic()
         self.prepare()
         self.plan()

@@ -89,7 +89,17 @@ def next_shard(out: Path) -> int:
 
 
 def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print):
-    """Embed what is new since the finished run in cfg.output.dir; returns a RunResult."""
+    """Embed what is new since the finished run in cfg.output.dir; returns a RunResult. Holds the
+    output's lock throughout (rundir.output_lock)."""
+    out = Path(cfg.output.dir)
+    if not (out / rundir.MANIFEST).is_file():
+        raise ConfigError(f"--update needs a finished run in {out} (no run manifest there): run without --update first "
+                          "(config key output.dir / --output)")
+    with rundir.output_lock(out, "run --update"):
+        return _run_update(cfg, progress=progress, log=log)
+
+
+def _run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print):
     from pipeline.backends import get_backend
     from pipeline.models import ensure_model
     from pipeline.preflight import fingerprint

@@ -217,3 +217,85 @@ def test_list_and_input_paths_are_both_used_each_file_once(tmp_path):
     embedded, failed = accounting(out)
     assert set(embedded) == {str(p) for p in imgs + extra} and not failed
     assert json.loads((out / "manifest.json").read_text())["counts"]["total"] == 6
+
+
+# -- item 1: one process per output directory ----------------------------------------------------
+
+
+def _tree(out) -> dict[str, bytes]:
+    tree = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    tree.pop("report.json", None)
+    tree.pop(".lock", None)  # who held it last
+    m = json.loads(tree.pop("manifest.json"))
+    m.pop("created"), m.pop("updated")
+    tree["manifest.json"] = json.dumps(m, sort_keys=True).encode()
+    return tree
+
+
+def _refused_beside(p, inp, out, **sets) -> None:
+    for extra in ((), ("--restart",), ("--update",)):
+        t0 = time.monotonic()
+        r = run_cli(inp, out, *extra, timeout=60, **sets)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert f"pid {p.pid} on host" in r.stderr and "is in use" in r.stderr and "Traceback" not in r.stderr
+        assert time.monotonic() - t0 < 30  # at once (generous: a loaded CI machine); scripts/check_output_lock.py times it
+
+
+def test_second_process_on_one_output_is_refused_at_once(tmp_path):
+    """Two runs 0.6 s apart on one OUT interleaved their listings and shards; a --restart beside a
+    run deleted its files. Now the second process (run, --restart, --update) exits 2 at once naming
+    the holder; inspect reads meanwhile and says who holds it; the first finishes intact."""
+    good = good_corpus(tmp_path / "in", 200)
+    out = tmp_path / "out"
+    slow = {"fake.latency_ms_per_batch": 300}
+    p = start_cli(tmp_path / "in", out, **slow)
+    wait_for(lambda: workers(out).get("source-0"), 60, "the first run's workers")
+    _refused_beside(p, tmp_path / "in", out, **slow)
+    r = subprocess.run(cli("inspect", str(out)), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and f"in use:   clip-pipeline run, pid {p.pid} on host" in r.stdout, r.stdout + r.stderr
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    embedded, failed = accounting(out)
+    assert set(embedded) == {str(x) for x in good} and not failed
+
+
+@pytest.mark.slow
+def test_refused_process_leaves_a_clean_runs_bytes_and_kill_frees_the_lock(tmp_path):
+    good_corpus(tmp_path / "in", 200)
+    out = tmp_path / "out"
+    slow = {"fake.latency_ms_per_batch": 300}
+    p = start_cli(tmp_path / "in", out, **slow)
+    wait_for(lambda: workers(out).get("source-0"), 60, "the first run's workers")
+    _refused_beside(p, tmp_path / "in", out, **slow)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    first = _tree(out)
+    out.rename(tmp_path / "first")
+    assert run_cli(tmp_path / "in", out, **slow).returncode == 0
+    assert _tree(out) == first
+
+    # the lock dies with its holder: kill -9, then the same command resumes to the same bytes
+    p = start_cli(tmp_path / "in", out, "--restart", **slow)
+    wait_for(lambda: workers(out).get("source-0"), 60, "the third run's workers")
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    r = run_cli(tmp_path / "in", out, **slow)
+    assert r.returncode == 0, r.stderr
+    assert _tree(out) == first
+
+
+def test_lock_is_reentrant_in_one_process_and_exclusive_across(tmp_path):
+    from pipeline import rundir
+
+    with rundir.output_lock(tmp_path / "o"):
+        with rundir.output_lock(tmp_path / "o"):
+            pass
+        code = ("import sys; from pipeline import rundir\n"
+                "try:\n  with rundir.output_lock(sys.argv[1]): pass\n"
+                "except rundir.ConfigError as e: print(e); sys.exit(2)\n")
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], env=cli_env(), capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and f"pid {os.getpid()} on host" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], env=cli_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

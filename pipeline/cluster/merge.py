@@ -74,6 +74,15 @@ def _publish(src: Path, dst: Path) -> None:
 
 
 def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
+    """Under the output's lock (rundir.output_lock): one merge at a time, never beside a run."""
+    from pipeline.rundir import output_lock
+
+    outp = load_plan(out).out
+    with output_lock(outp, "merge"):
+        return _merge(out, log=log, clean=clean)
+
+
+def _merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
     from pipeline.rundir import FORMAT
     from pipeline.supervisor import SYNTHETIC_NOTE
     from pipeline.telemetry import software_versions
