@@ -299,3 +299,30 @@ def test_lock_is_reentrant_in_one_process_and_exclusive_across(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], env=cli_env(), capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_merge_never_deletes_a_running_attempts_directory(tmp_path):
+    """merge's clean-up of attempt directories no commit refers to spared nothing: a duplicate
+    attempt still running lost its files. A directory whose run holds the lock is kept."""
+    from types import SimpleNamespace
+
+    from pipeline.cluster import commit as cm
+    from pipeline.cluster.merge import remove_stale_attempts
+
+    root = tmp_path / cm.ATTEMPTS_DIR / "r00000"
+    running, dead = root / "a-running", root / "a-dead"
+    for d in (running, dead):
+        d.mkdir(parents=True)
+        (root / f"{d.name}.attempt.json").write_text("{}")
+    code = ("import sys, time; from pipeline import rundir\n"
+            "with rundir.output_lock(sys.argv[1], 'run-range'):\n  print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(running)], env=cli_env(), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert remove_stale_attempts(SimpleNamespace(out=tmp_path), {}) == 1
+        assert running.is_dir() and (root / "a-running.attempt.json").exists()
+        assert not dead.exists() and not (root / "a-dead.attempt.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()

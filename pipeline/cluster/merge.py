@@ -216,7 +216,10 @@ def _load_for_pickle(outp: Path):
 
 
 def remove_stale_attempts(plan: Plan, records: dict[int, dict[str, Any]]) -> int:
-    """Delete attempt directories no commit refers to (losers, dead or cancelled attempts)."""
+    """Delete attempt directories no commit refers to (losers, dead or cancelled attempts); never
+    one whose run still holds its lock (a duplicate still running: it deletes its own when it loses)."""
+    from pipeline.rundir import lock_holder
+
     keep = {str(plan.out / rec["dir"]) for rec in records.values()}
     n = 0
     root = plan.out / cm.ATTEMPTS_DIR
@@ -226,10 +229,11 @@ def remove_stale_attempts(plan: Plan, records: dict[int, dict[str, Any]]) -> int
         if not rdir.is_dir():
             continue
         for a in rdir.iterdir():
-            if a.is_dir() and str(a) not in keep:
+            if a.is_dir() and str(a) not in keep and lock_holder(a) is None:
                 cm.remove_attempt(a)
                 n += 1
-            elif a.name.endswith(".attempt.json") and str(rdir / a.name.removesuffix(".attempt.json")) not in keep:
+            elif (a.name.endswith(".attempt.json") and str(rdir / a.name.removesuffix(".attempt.json")) not in keep
+                  and lock_holder(rdir / a.name.removesuffix(".attempt.json")) is None):
                 a.unlink(missing_ok=True)
     return n
 
