@@ -8,6 +8,7 @@ import sys
 import click
 
 from pipeline.config import ConfigError
+from pipeline.errors import RunFailure
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -104,7 +105,7 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
             result = Supervisor(cfg, restart=restart, progress=prog).run()
     except ConfigError as exc:
         _fail(str(exc), 2)
-    except RunAborted as exc:
+    except (RunAborted, RunFailure) as exc:
         _fail(str(exc), 4)
     except KeyboardInterrupt:  # Ctrl-C before the supervisor took over the signal
         _fail("interrupted before the run started; nothing was processed", 130)

@@ -18,15 +18,14 @@ from pipeline.backends import get_backend
 from pipeline.config import Config, ConfigError, apply_override, from_dict, parse_value
 from pipeline.output import load_embeddings
 from pipeline.progress import Progress
-from pipeline.rundir import RunDir
+from pipeline.rundir import RESTART_OR_RESTORE, RunDir, looks_like_run
 from pipeline.supervisor import RunAborted, Supervisor
 
 
 def manifest_of(out: str | os.PathLike) -> dict[str, Any]:
-    try:
-        manifest = RunDir(out).read_manifest()
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{out}/manifest.json is not valid JSON ({exc}); is {out} a clip-pipeline output?") from None
+    manifest = RunDir(out).read_manifest()  # DamagedRun (a ConfigError) says how to recover
+    if manifest is None and looks_like_run(out):
+        raise ConfigError(f"{out} holds a clip-pipeline run whose manifest.json is missing: {RESTART_OR_RESTORE}")
     if manifest is None:
         raise ConfigError(f"{out} holds no clip-pipeline run (no manifest.json); give the --output directory of a run")
     return manifest

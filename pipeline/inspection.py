@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from pipeline import output, pathcodec
-from pipeline.rundir import RunDir, damaged_shards, lock_holder
+from pipeline.rundir import RESTART_OR_RESTORE, DamagedRun, RunDir, damaged_shards, lock_holder, looks_like_run
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 NORM_TOLERANCE = {"float32": 1e-3, "float16": 5e-3}
@@ -36,8 +36,10 @@ def read_run(out: str | os.PathLike) -> dict[str, Any]:
         raise NotARun(f"{out} is not a directory: give the output directory of a run (its output.dir / --output)")
     try:
         manifest = output.read_manifest(out)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NotARun(f"{RunDir(out).manifest} is not valid JSON ({exc}); the run directory is damaged") from None
+    except DamagedRun as exc:
+        raise NotARun(str(exc)) from None
+    if manifest is None and looks_like_run(out):
+        raise NotARun(f"{out} holds a clip-pipeline run whose {RunDir(out).manifest.name} is missing: {RESTART_OR_RESTORE}")
     if manifest is None or not str(manifest.get("format", "")).startswith("clip-pipeline/"):
         raise NotARun(f"{out} holds no clip-pipeline run (no {RunDir(out).manifest.name}): give the output directory "
                       "of a run (its output.dir / --output)")

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline import pathcodec
 from pipeline.config import Config
-from pipeline.rundir import LOCK, RunDir
+from pipeline.rundir import LOCK, MANIFEST, RESTART_OR_RESTORE, DamagedRun, RunDir, looks_like_run
 
 # fingerprint field (manifest.json) -> the config key a user changes to change it
 FINGERPRINT_KEYS = {
@@ -313,9 +313,18 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     pf = Preflight(devices=devices, warnings=device_warnings(cfg, devices))
     out = Path(cfg.output.dir)
     rd = RunDir(out)
-    manifest = rd.read_manifest() if out.is_dir() else None
+    restarting = restart or cfg.output.on_existing == "restart"
+    try:
+        manifest = rd.read_manifest() if out.is_dir() else None
+    except DamagedRun:
+        if not restarting:
+            raise
+        manifest = None  # --restart deletes it with the rest
     if manifest is None:
-        if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
+        if out.is_dir() and looks_like_run(out) and not restarting:
+            raise DamagedRun(f"output directory {out} holds a clip-pipeline run whose {MANIFEST} is missing: "
+                             f"{RESTART_OR_RESTORE}")
+        if out.is_dir() and not looks_like_run(out) and any(p.name != LOCK for p in out.iterdir()):
             raise ConfigError(foreign_dir_refusal(out))
         refusal = writable_refusal(out)
         if refusal:

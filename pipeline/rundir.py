@@ -20,6 +20,7 @@ exists: companions are renamed into place first, the .npy last; temporary files 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import pathcodec
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RunFailure
 
 if TYPE_CHECKING:
     pass
@@ -113,6 +114,57 @@ def listing_line(path: bytes) -> bytes:
 
 def parse_listing_line(line: bytes) -> bytes:
     return pathcodec.decode(json.loads(line))
+
+
+class DamagedRun(ConfigError):
+    """A file of the run directory that cannot be read as it was written (bit rot, a partial copy,
+    random bytes): the message names it and says how to recover (exit 2 from run)."""
+
+
+_LISTING_ERRORS = (ValueError, TypeError, AttributeError)  # bad JSON, bad UTF-8, a non-string value
+
+
+def iter_listing(path: str | os.PathLike) -> Iterator[bytes]:
+    """The paths of a listing file, in id order. A torn or damaged *last* line ends it (a crash
+    mid-write; the source cuts it and lists that input again: repair_listing); a damaged line with
+    lines after it is DamagedRun naming the line."""
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("line cut short")
+                p = parse_listing_line(line)
+            except _LISTING_ERRORS as exc:
+                if fh.read(1):
+                    raise DamagedRun(f"{path} line {n} is damaged ({exc}): the ids of the inputs after it cannot be "
+                                     "trusted. Pass --restart to list and embed everything again") from None
+                return
+            yield p
+
+
+def repair_listing(path: str | os.PathLike) -> tuple[int, bool]:
+    """(lines kept, whether a torn or damaged last line was cut). The cut input is listed again by
+    the next walk; a damaged line before the last is left for iter_listing to name."""
+    if not os.path.exists(path):
+        return 0, False
+    n = good_end = last_start = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            n += 1
+            last_start, good_end = good_end, good_end + len(line)
+    if n:
+        with open(path, "rb") as fh:
+            fh.seek(last_start)
+            try:
+                parse_listing_line(fh.read(good_end - last_start))
+            except _LISTING_ERRORS:
+                n, good_end = n - 1, last_start
+    cut = good_end != os.path.getsize(path)
+    if cut:
+        os.truncate(path, good_end)
+    return n, cut
 
 
 def listing_paths(listing: str | os.PathLike, ids) -> dict[int, bytes]:
@@ -231,6 +283,45 @@ def completed_shards(out_dir: str | os.PathLike) -> list[int]:
     return sorted(ks)
 
 
+CHECKED_SUFFIXES = (".paths", ".failures.jsonl", ".npy")  # the files a .check.json records
+
+
+def check_record_problem(rec: Any) -> str | None:
+    """What makes `rec` not an integrity record as write_shard writes it, or None. A record with a
+    flipped key or value must not switch the check off (issue #27): anything else is damage."""
+    def count(v: Any) -> bool:
+        return type(v) is int and v >= 0
+
+    if not isinstance(rec, dict) or set(rec) != {"rows", "shape", "dtype", "files"}:
+        return f"keys {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}"
+    shape = rec["shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(count(x) for x in shape)):
+        return f"shape {shape!r}"
+    if not count(rec["rows"]) or rec["rows"] != shape[0]:
+        return f"rows {rec['rows']!r} for shape {shape}"
+    if not isinstance(rec["dtype"], str):
+        return f"dtype {rec['dtype']!r}"
+    files = rec["files"]
+    if not isinstance(files, dict) or set(files) != set(CHECKED_SUFFIXES):
+        return f"files {sorted(files) if isinstance(files, dict) else files!r}"
+    for suffix, want in files.items():
+        if not (isinstance(want, dict) and set(want) == {"size", "crc32"} and count(want["size"])
+                and count(want["crc32"]) and want["crc32"] <= 0xFFFFFFFF):
+            return f"files[{suffix!r}] {want!r}"
+    return None
+
+
+def check_record(out_dir: str | os.PathLike, k: int) -> dict[str, Any]:
+    """The integrity record of shard k as its files are now (write_shard's, recomputed): for a
+    complete shard whose .check.json was deleted, after its header and size checks passed."""
+    d = Path(out_dir) / EMB_DIR
+    name = shard_name(k)
+    emb = np.load(d / f"{name}.npy", mmap_mode="r")
+    files = {s: {"size": (d / f"{name}{s}").stat().st_size, "crc32": _crc32_file(d / f"{name}{s}")}
+             for s in CHECKED_SUFFIXES}
+    return {"rows": int(emb.shape[0]), "shape": list(emb.shape), "dtype": emb.dtype.str, "files": files}
+
+
 def verify_shard(out_dir: str | os.PathLike, k: int, checksums: bool = True) -> str | None:
     """What is wrong with shard k on disk, or None when it is intact: companions present, sizes and
     (with `checksums`) CRC-32s as recorded at write time, the .npy header readable and consistent
@@ -243,13 +334,19 @@ def verify_shard(out_dir: str | os.PathLike, k: int, checksums: bool = True) -> 
     rec = None
     if (d / f"{name}{CHECK_SUFFIX}").exists():
         try:
-            rec = json.loads((d / f"{name}{CHECK_SUFFIX}").read_text())
+            rec = json.loads((d / f"{name}{CHECK_SUFFIX}").read_bytes())
         except (OSError, ValueError) as exc:
             return f"{name}{CHECK_SUFFIX} unreadable ({exc})"
+        bad = check_record_problem(rec)
+        if bad:
+            return f"{name}{CHECK_SUFFIX} is not a valid integrity record ({bad})"
     if rec is not None:
-        for suffix, want in rec.get("files", {}).items():
+        for suffix, want in rec["files"].items():
             p = d / f"{name}{suffix}"
-            size = p.stat().st_size
+            try:
+                size = p.stat().st_size
+            except OSError as exc:
+                return f"{p.name} cannot be read ({exc.strerror or exc})"
             if size != want["size"]:
                 return f"{p.name} is {size} bytes, {want['size']} were written"
             if checksums and _crc32_file(p) != want["crc32"]:
@@ -305,12 +402,28 @@ def remove_temp_files(out_dir: str | os.PathLike) -> None:
                 p.unlink(missing_ok=True)
 
 
+RESTART_OR_RESTORE = ("restore it from a copy if you have one, or pass --restart to delete the run and start over "
+                      "(without it the run's model and preprocessing are unknown, so its shards cannot be reused)")
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The run's manifest, None when there is none; DamagedRun when it cannot be read as one."""
     p = Path(out_dir) / MANIFEST
     try:
-        return json.loads(p.read_text())
+        m = json.loads(p.read_bytes())
     except FileNotFoundError:
         return None
+    except ValueError as exc:  # not JSON, not UTF-8
+        raise DamagedRun(f"{p} is damaged ({str(exc)[:80]}): {RESTART_OR_RESTORE}") from None
+    if not isinstance(m, dict) or not str(m.get("format", "")).startswith("clip-pipeline/"):
+        raise DamagedRun(f"{p} is not a clip-pipeline manifest: {RESTART_OR_RESTORE}")
+    return m
+
+
+def looks_like_run(out_dir: str | os.PathLike) -> bool:
+    """Whether a directory without a manifest holds a run's other files (its manifest was deleted)."""
+    out = Path(out_dir)
+    return (out / LISTING).exists() or (out / EMB_DIR).is_dir()
 
 
 @dataclass(frozen=True)
@@ -430,12 +543,24 @@ class RunDir:
         incompatible directory (ConfigError; `refusal(old fingerprint)` words the latter), delete
         the old run on restart, remove temp files."""
         out = self.path
-        manifest = self.read_manifest() if out.exists() else None
+        restart = restart or on_existing == "restart"
+        try:
+            manifest = self.read_manifest() if out.exists() else None
+        except DamagedRun:
+            if not restart:
+                raise
+            manifest = {}  # deleted below
         if out.exists() and manifest is None and any(p.name != LOCK for p in out.iterdir()):
-            raise ConfigError(f"output directory {out} is not empty and holds no clip-pipeline run; "
-                              "choose a new or empty directory (config key output.dir / --output)")
+            if looks_like_run(out) and restart:
+                manifest = {}
+            elif looks_like_run(out):
+                raise DamagedRun(f"output directory {out} holds a clip-pipeline run whose {MANIFEST} is missing: "
+                                 f"{RESTART_OR_RESTORE}")
+            else:
+                raise ConfigError(f"output directory {out} is not empty and holds no clip-pipeline run; "
+                                  "choose a new or empty directory (config key output.dir / --output)")
         if manifest is not None:
-            if restart or on_existing == "restart":
+            if restart:
                 log(f"Deleting the previous run in {out} (--restart).")
                 for p in out.iterdir():  # all but the lock this process holds
                     if p.name == LOCK:
@@ -451,6 +576,7 @@ class RunDir:
             elif manifest.get("fingerprint") != fp:
                 raise ConfigError(refusal(manifest.get("fingerprint") or {}))
         damaged: dict[int, str] = {}
+        listing_cut = False
         try:
             self.shards_dir.mkdir(parents=True, exist_ok=True)
             remove_temp_files(out)
@@ -459,15 +585,27 @@ class RunDir:
                 for k, problem in damaged.items():
                     log(f"warning: shard {shard_name(k)} is damaged ({problem}); redoing it.")
                     remove_shard(out, k)
+                for k in completed_shards(out):  # intact by header and size, its record deleted
+                    if not self.shard_check(k).exists():
+                        log(f"warning: {self.shard_check(k).name} was missing; recreated from the shard's files.")
+                        atomic_write_bytes(self.shard_check(k),
+                                           (json.dumps(check_record(out, k), sort_keys=True) + "\n").encode())
+                _n, cut = repair_listing(self.listing)
+                if cut:
+                    log(f"warning: the last line of {self.listing} was cut short or damaged; that input is listed again.")
+                    listing_cut = True
             probe = out / ".write-test.tmp"
             probe.write_bytes(b"x")
             probe.unlink()
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # exit 4 like a disk that fills up mid-run (README, exit status)
+                raise RunFailure(f"the output disk is full ({out}): free space and run the same command again; "
+                                 "completed shards are kept") from None
             raise ConfigError(f"output directory {out} is not writable: {exc.strerror or exc} "
                               "(config key output.dir / --output)") from None
         listing_complete = bool(manifest and manifest.get("inputs", {}).get("listing_complete"))
-        if listing_complete and not self.listing.exists():
-            listing_complete = False
+        if listing_complete and (listing_cut or not self.listing.exists()):
+            listing_complete = False  # walked again (and compared with what the listing holds)
         done_shards = self.completed_shards()
         if not manifest:
             self.listing.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from pipeline.messages import Failure
 from pipeline.models import ensure_model, resolve_image_size
 from pipeline.preflight import fingerprint
 from pipeline.progress import Progress
-from pipeline.rundir import FORMAT, RunDir, now_iso, output_lock
+from pipeline.rundir import FORMAT, LOCK, RunDir, now_iso, output_lock
 from pipeline.telemetry import Telemetry, software_versions
 from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment
 
@@ -119,6 +119,7 @@ class Supervisor:
         self.errors: list[dict] = []
         self.interrupted: int | None = None
         self.abort_reason: str | None = None
+        self.out_ident: tuple[int, int] | None = None  # (dev, inode) of OUT/.lock while this run holds it
         self.outbox: list[tuple[zmq.Socket, dict]] = []
         self.reissue_pending: set[int] = set()
         self.dim: int | None = None  # embedding width, from the first device that gets ready
@@ -320,7 +321,23 @@ class Supervisor:
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         with output_lock(self.out, "run-range" if self.id_range is not None else "run"):
+            st = os.stat(self.out / LOCK)
+            self.out_ident = (st.st_dev, st.st_ino)
             return self._run()
+
+    def out_gone(self) -> bool:
+        """Whether OUT was deleted or replaced under the run (`rm -rf OUT`): its lock file is not
+        the one this run holds. Writing on would scatter the run's files into a new directory."""
+        if self.out_ident is None:
+            return False
+        try:
+            st = os.stat(self.out / LOCK)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.out_ident
+
+    def gone_reason(self) -> str:
+        return f"the output directory {self.out} was deleted or moved during the run"
 
     def _run(self) -> RunResult:
         t_start = time.monotonic()
@@ -381,6 +398,8 @@ class Supervisor:
             if now - last_tick >= 0.5:
                 last_tick = now
                 self.tick(now)
+                if self.out_gone():
+                    raise RunAborted(self.gone_reason())
             if self.ledger.complete():
                 return
             if self.abort_reason:
@@ -621,6 +640,9 @@ class Supervisor:
         line = self.telemetry.final_line(led)
         self.progress.close(done, self.range_total(), led.failed, self.rate(), line)
         ending_early = self.interrupted is not None or bool(self.abort_reason) or not led.complete()
+        if self.out_gone():  # nothing to keep, and nothing must be written into a stranger's directory
+            return RunResult(EXIT_ABORTED, f"Run aborted: {self.gone_reason()}; nothing more was written. Run the "
+                             "same command again to start over.", counts, str(self.out))
         if ending_early:
             self.sync_with_disk()
         report = self.report(wall)
@@ -636,16 +658,22 @@ class Supervisor:
             self.best_effort(self.write_manifest, "failed", {"error": reason})
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
-        n_fail = self.rundir.write_failures(self.ledger.written)
-        o = self.cfg.output
-        if o.metadata or o.layout == "clip-retrieval":
-            from pipeline import metadata
+        try:
+            n_fail = self.rundir.write_failures(self.ledger.written)
+            o = self.cfg.output
+            if o.metadata or o.layout == "clip-retrieval":
+                from pipeline import metadata
 
-            metadata.publish(self.out, sorted(self.ledger.written), o.metadata, o.layout)
-        if self.cfg.output.pickle:
-            paths, emb = output.load_embeddings(self.out)
-            self.rundir.write_pickle(paths, np.asarray(emb))
-        self.write_manifest("complete")
+                metadata.publish(self.out, sorted(self.ledger.written), o.metadata, o.layout)
+            if self.cfg.output.pickle:
+                paths, emb = output.load_embeddings(self.out)
+                self.rundir.write_pickle(paths, np.asarray(emb))
+            self.write_manifest("complete")
+        except OSError as exc:  # the disk filled up, or OUT was deleted, at the very end: exit 4 as mid-run
+            reason = output_failure(self.out, exc)
+            self.best_effort(self.write_manifest, "failed", {"error": reason})
+            return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
+                             "fix the cause and run the same command again to resume.", counts, str(self.out))
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
         msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
         if self.input_changes:
@@ -753,6 +781,17 @@ class ForeignProcess:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
+
+
+def output_failure(out: Path, exc: OSError) -> str:
+    """Why writing the output failed, in words (the run's exit-4 reason)."""
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return f"the output disk is full (writing {exc.filename or out}); free space"
+    if not out.is_dir():
+        return f"the output directory {out} was deleted or moved during the run"
+    return f"cannot write {exc.filename or out}: {exc.strerror or exc}"
 
 
 def run(cfg: Config, *, restart: bool = False, progress: Progress | None = None) -> RunResult:

@@ -12,6 +12,8 @@ then wraps production functions according to the environment:
                                       generation: the preprocess.decode_timeout_s test.
   CLIP_PIPELINE_TEST_UNREADABLE_DIR=BYTES  listing any directory whose path ends in BYTES fails with
                                       PermissionError (the tests run as root, which reads any mode).
+  CLIP_PIPELINE_TEST_ENOSPC_MANIFEST=STATUS  writing a manifest with that status ("complete": the
+                                      end of a run) fails with OSError(ENOSPC).
   CLIP_PIPELINE_TEST_ENOSPC_SHARD=N   writing shard N fails with OSError(ENOSPC), for platforms
                                       where the tests cannot mount a tiny tmpfs.
 
@@ -28,12 +30,25 @@ CRASH_ENV = "CLIP_PIPELINE_TEST_CRASH_ON"
 HANG_ENV = "CLIP_PIPELINE_TEST_HANG_ON"
 ENOSPC_ENV = "CLIP_PIPELINE_TEST_ENOSPC_SHARD"
 UNREADABLE_DIR_ENV = "CLIP_PIPELINE_TEST_UNREADABLE_DIR"
+ENOSPC_MANIFEST_ENV = "CLIP_PIPELINE_TEST_ENOSPC_MANIFEST"
 
 
 def _install() -> None:
     crash_on = os.fsencode(os.environ.get(CRASH_ENV, "")) or None
     hang_on = os.fsencode(os.environ.get(HANG_ENV, "")) or None
     enospc = int(os.environ[ENOSPC_ENV]) if os.environ.get(ENOSPC_ENV, "").isdigit() else None
+    full_at = os.environ.get(ENOSPC_MANIFEST_ENV) or None
+    if full_at is not None:
+        from pipeline import rundir
+
+        write_manifest = rundir.RunDir.write_manifest
+
+        def full_write_manifest(self, manifest):
+            if manifest.get("status") == full_at:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest))
+            return write_manifest(self, manifest)
+
+        rundir.RunDir.write_manifest = full_write_manifest
     locked = os.fsencode(os.environ.get(UNREADABLE_DIR_ENV, "")) or None
     if locked is not None:
         from stages import source
