@@ -13,7 +13,17 @@ from pipeline.errors import RunFailure
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _ignore_signals() -> None:
+    """The result is decided: a SIGINT/SIGTERM now must not turn it into a traceback or a death by
+    signal (interpreter shutdown puts Python-level handlers back to the default; ignored stays ignored)."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _fail(message: str, code: int = 2) -> None:
+    _ignore_signals()
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -71,9 +81,16 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
     interrupted by SIGINT/SIGTERM (run the same command again to resume); 1 internal error.
     See docs/robustness.md.
     """
-    from pipeline.progress import Progress
-    from pipeline.supervisor import RunAborted, Supervisor
+    import signal
 
+    from pipeline.progress import Progress
+    from pipeline.supervisor import InterruptedBeforeStart, RunAborted, Supervisor
+
+    def early(signum, frame):  # noqa: ARG001 - until the supervisor installs its own (SIGTERM too)
+        raise InterruptedBeforeStart(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, early)
     try:
         cfg = _load(config, inputs, output_dir, sets, devices, input_list)
         if update and restart:
@@ -102,13 +119,20 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
 
             result = run_update(cfg, progress=prog, log=prog.message)
         else:
-            result = Supervisor(cfg, restart=restart, progress=prog).run()
+            sup = Supervisor(cfg, restart=restart, progress=prog)
+            sup.keep_handlers = True  # signals after the manifest is written change nothing
+            result = sup.run()
     except ConfigError as exc:
         _fail(str(exc), 2)
     except (RunAborted, RunFailure) as exc:
         _fail(str(exc), 4)
-    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over the signal
-        _fail("interrupted before the run started; nothing was processed", 130)
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM while the run was being prepared (or before)
+        import signal as _signal
+
+        term = getattr(exc, "signum", _signal.SIGINT) == _signal.SIGTERM
+        _fail(f"interrupted by {'SIGTERM' if term else 'SIGINT'} before this run started any work; the output holds "
+              "what earlier runs left. Run the same command again to resume.", 143 if term else 130)
+    _ignore_signals()
     if result.exit_code in (0, 3):
         if not quiet:
             click.echo(result.message)

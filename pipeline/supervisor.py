@@ -25,12 +25,13 @@ from pipeline import messages, output, preflight, transport
 from pipeline.backends import get_backend
 from pipeline.boot import boot
 from pipeline.config import Config
+from pipeline.errors import RunFailure
 from pipeline.ledger import Ledger
 from pipeline.messages import Failure
 from pipeline.models import ensure_model, resolve_image_size
 from pipeline.preflight import fingerprint
 from pipeline.progress import Progress
-from pipeline.rundir import FORMAT, LOCK, RunDir, now_iso, output_lock
+from pipeline.rundir import FORMAT, LOCK, RunDir, now_iso, output_lock, remove_temp_files
 from pipeline.telemetry import Telemetry, software_versions
 from pipeline.worker import EXIT_DEVICE, EXIT_FATAL, EXIT_OK, Slot, WorkerSpec, worker_environment
 
@@ -46,7 +47,15 @@ EXIT_SIGTERM = 143
 SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
 
 
-class RunAborted(Exception):
+class InterruptedBeforeStart(KeyboardInterrupt):
+    """SIGINT/SIGTERM while the run was being prepared (checks, model build): no worker ran."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class RunAborted(RunFailure):
     """The run cannot go on (no device left, disk full, inputs changed...)."""
 
 
@@ -119,6 +128,10 @@ class Supervisor:
         self.errors: list[dict] = []
         self.interrupted: int | None = None
         self.abort_reason: str | None = None
+        self.hurry = False  # a second signal: stop the workers now (kill), not in order
+        # the CLI keeps this run's handlers after it returns (a signal then changes nothing: the
+        # manifest is written and the process is about to print its result and exit)
+        self.keep_handlers = False
         self.out_ident: tuple[int, int] | None = None  # (dev, inode) of OUT/.lock while this run holds it
         self.outbox: list[tuple[zmq.Socket, dict]] = []
         self.reissue_pending: set[int] = set()
@@ -340,40 +353,56 @@ class Supervisor:
         return f"the output directory {self.out} was deleted or moved during the run"
 
     def _run(self) -> RunResult:
+        """The run, with SIGINT/SIGTERM handled from the first check to the last manifest write: a
+        signal before the workers start stops at once (InterruptedBeforeStart); after, the first
+        one stops the run in order (shards kept, manifest "interrupted", the closing message) and a
+        second only hurries the workers' stop. The previous handlers come back only after finish()."""
         t_start = time.monotonic()
-        self.prepare()
-        self.plan()
-        self.ctx = zmq.Context()
-        self.control = transport.pull(self.ctx, self.control_addr, hwm=100000)
-        self.to_sink = transport.push(self.ctx, [self.sink_addr], hwm=100000)
-        self.to_first = transport.push(self.ctx, list(self.first_stage_addrs), hwm=self.first_stage_hwm)
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        started = False
 
         def on_signal(signum, frame):  # noqa: ARG001
-            self.interrupted = signum
+            if self.interrupted is None:
+                self.interrupted = signum
+                if not started:
+                    raise InterruptedBeforeStart(signum)
+            else:
+                self.hurry = True
 
         for s in old:
             signal.signal(s, on_signal)
-        if self.model.get("synthetic"):
-            self.log(f"Note: model {self.model.get('path') or self.cfg.infer.backend} has {SYNTHETIC_NOTE}.")
-        self.telemetry.start(time.monotonic())
         try:
-            for w in self.workers.values():
-                self.spawn(w)
-            self.loop()
-        except RunAborted as exc:
-            self.abort_reason = str(exc)
+            self.prepare()
+            self.plan()
+            self.ctx = zmq.Context()
+            self.control = transport.pull(self.ctx, self.control_addr, hwm=100000)
+            self.to_sink = transport.push(self.ctx, [self.sink_addr], hwm=100000)
+            self.to_first = transport.push(self.ctx, list(self.first_stage_addrs), hwm=self.first_stage_hwm)
+            started = True
+            if self.interrupted is not None:  # came between the last check and `started`
+                raise InterruptedBeforeStart(self.interrupted)
+            if self.model.get("synthetic"):
+                self.log(f"Note: model {self.model.get('path') or self.cfg.infer.backend} has {SYNTHETIC_NOTE}.")
+            self.telemetry.start(time.monotonic())
+            try:
+                for w in self.workers.values():
+                    self.spawn(w)
+                self.loop()
+            except RunAborted as exc:
+                self.abort_reason = str(exc)
+            finally:
+                self.stop_all()
+                self.drain_stats()
+                self.rundir.remove_workers()
+                for sock in (self.control, self.to_sink, self.to_first):
+                    sock.close(0)
+                self.ctx.term()
+                self.ep.cleanup()
+            return self.finish(time.monotonic() - t_start)
         finally:
-            self.stop_all()
-            self.drain_stats()
-            self.rundir.remove_workers()
-            for s, h in old.items():
-                signal.signal(s, h)
-            for sock in (self.control, self.to_sink, self.to_first):
-                sock.close(0)
-            self.ctx.term()
-            self.ep.cleanup()
-        return self.finish(time.monotonic() - t_start)
+            if not self.keep_handlers:
+                for s, h in old.items():
+                    signal.signal(s, h)
 
     def loop(self) -> None:
         poller = zmq.Poller()
@@ -569,7 +598,8 @@ class Supervisor:
                 p.terminate()
         deadline = time.monotonic() + 10
         for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
+            while p.exitcode is None and not self.hurry and time.monotonic() < deadline:
+                p.join(0.1)  # a second SIGINT/SIGTERM (self.hurry) kills what is left at once
             if p.exitcode is None:
                 p.kill()
                 p.join(2)
@@ -644,6 +674,9 @@ class Supervisor:
             return RunResult(EXIT_ABORTED, f"Run aborted: {self.gone_reason()}; nothing more was written. Run the "
                              "same command again to start over.", counts, str(self.out))
         if ending_early:
+            # every worker is stopped and this process holds the lock: what a killed writer left
+            # half-written (.part-*.tmp) goes now, not at the next start
+            self.best_effort(remove_temp_files, self.out)
             self.sync_with_disk()
         report = self.report(wall)
         self.best_effort(self.rundir.write_report, report)

@@ -483,3 +483,36 @@ def test_output_deleted_mid_run_is_exit_4_and_nothing_is_recreated(tmp_path):
     assert p.returncode == 4, stderr
     assert f"the output directory {out} was deleted or moved during the run" in stderr and "Traceback" not in stderr
     assert not out.exists()
+
+
+# -- item 3: signals during shutdown -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_storm_keeps_the_closing_message_and_leaves_no_temp_files(tmp_path, signum):
+    """Default handlers came back before finish(): SIGINT every 5 ms printed "interrupted before the
+    run started; nothing was processed" with shards on disk; SIGTERM printed nothing and left
+    .manifest.json.tmp / .report.json.tmp. Handlers now stay until the manifest is written and a
+    second signal only hurries the stop."""
+    good = good_corpus(tmp_path / "in", 200)
+    out = tmp_path / "out"
+    p = start_cli(tmp_path / "in", out, **{"fake.latency_ms_per_batch": 200})
+    wait_for(lambda: (out / "embeddings" / "part-00001.npy").exists(), 60, "two shards")
+    t0 = time.monotonic()
+    while p.poll() is None and time.monotonic() - t0 < 60:
+        try:
+            os.kill(p.pid, signum)
+        except ProcessLookupError:
+            break
+        time.sleep(0.005)
+    _stdout, stderr = p.communicate(timeout=60)
+    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+    assert p.returncode == (130 if signum == signal.SIGINT else 143), stderr
+    assert f"Interrupted by {name}: " in stderr and "complete shard(s) on disk" in stderr, stderr
+    assert "before this run started" not in stderr and "Traceback" not in stderr
+    assert [str(x) for x in out.rglob("*.tmp")] == []
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    r = run_cli(tmp_path / "in", out)
+    assert r.returncode == 0, r.stderr
+    embedded, failed = accounting(out)
+    assert set(embedded) == {str(x) for x in good} and not failed
