@@ -94,7 +94,7 @@ class QueuesConfig:
     preprocess: int = _f(16, "Queue depth into the preprocess workers.", min=1)
     infer: int = _f(128, "Queue depth (images) into each inference process: the ZeroMQ bound per pipe. With queues.dispatch = 'credit' the credit window (queues.infer_batches) is the real, tighter bound.", min=1)
     infer_batches: int = _f(1, "Batches a device may hold beyond the one it runs (credit dispatch): its window is (1 + this) x batch_size images, split over the senders feeding it. No device idles while another holds more than this.", min=0)
-    dispatch: Literal["credit", "round_robin"] = _f("credit", "How work is spread over the devices: credit = each message goes to the device with the most free window (pipeline/dispatch.py); round_robin = ZeroMQ's round-robin over queues.infer-deep pipes (the earlier behaviour, kept for the bench's before/after).")
+    dispatch: Literal["credit", "round_robin"] = _f("credit", "How work is spread over the devices: credit = each message goes to the device with the most free window (pipeline/wire/dispatch.py); round_robin = ZeroMQ's round-robin over queues.infer-deep pipes (the earlier behaviour, kept for the bench's before/after).")
     sink: int = _f(16, "Queue depth into the sink.", min=1)
 
 
@@ -362,7 +362,7 @@ def validate_for_run(cfg: Config) -> None:
         raise ConfigError("config key input.paths is empty: give at least one image directory (or --input DIR), "
                           "or a file list (input.list / --list FILE)")
     if cfg.input.list:
-        from pipeline.inputs import iter_list
+        from pipeline.data.inputs import iter_list
 
         if not os.path.isfile(cfg.input.list):
             raise ConfigError(f"input list {cfg.input.list} does not exist or is not a file (config key input.list / --list)"
@@ -382,7 +382,7 @@ def validate_for_run(cfg: Config) -> None:
     if not cfg.infer.devices:
         raise ConfigError("config key infer.devices is empty: list at least one device, e.g. [\"cpu:0\"]")
     if cfg.output.metadata or cfg.output.layout == "clip-retrieval":
-        from pipeline.metadata import require_pyarrow
+        from pipeline.data.metadata import require_pyarrow
 
         require_pyarrow("output.metadata" if cfg.output.metadata else "output.layout")
     out = Path(cfg.output.dir)

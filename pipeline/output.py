@@ -1,7 +1,7 @@
 """The Python API to read a run's output: `load_embeddings`, `iter_shards`, `ShardedArray`.
 
 The layout of the output directory, its file formats and the atomic writes are in
-pipeline/rundir.py (the only place that spells its file names); the names below that come from
+pipeline/data/rundir.py (the only place that spells its file names); the names below that come from
 there are re-exported for callers that used them from here.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.rundir import (  # noqa: F401 - re-exported (the layout used to live here)
+from pipeline.data.rundir import (  # noqa: F401 - re-exported (the layout used to live here)
     EMB_DIR,
     RunDir,
     atomic_write_bytes,

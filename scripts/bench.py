@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bench import bench  # noqa: E402
+from pipeline.commands.bench import bench  # noqa: E402
 
 if __name__ == "__main__":
     bench(prog_name="scripts/bench.py")

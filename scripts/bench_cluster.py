@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 BATCH = 32
-LATENCY_MS = 1.66 * BATCH  # pipeline/bench.py BM1684X_MS_PER_IMAGE_B32
+LATENCY_MS = 1.66 * BATCH  # pipeline/bench/__init__.py BM1684X_MS_PER_IMAGE_B32
 PER_DEVICE = BATCH * 1000.0 / LATENCY_MS
 SHARD = 4096
 

@@ -42,9 +42,9 @@ def main() -> None:
     from sail_helpers import write_fake_bmodel
 
     from pipeline import config
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
     from pipeline.output import EMB_DIR, shard_name
-    from pipeline.supervisor import run
+    from pipeline.run.supervisor import run
 
     work = Path(tempfile.mkdtemp(prefix="clipp-overlap-"))
     try:

@@ -11,11 +11,11 @@ clusters on the unit sphere (embedding-like: neighbours exist); the queries are 
 plus noise, renormalised. Each contender runs in its own fresh process, so its peak RSS
 (ru_maxrss) is its own:
 
-* ours:  pipeline.search.search_out(OUT, queries, k): the memory-mapped shards read block by block
+* ours:  pipeline.query.search.search_out(OUT, queries, k): the memory-mapped shards read block by block
          (what `clip-pipeline search OUT --vectors q.npy` runs), paths attached;
 * faiss: the shards loaded into memory as float32 (faiss's flat index stores float32), added to an
          IndexFlatIP, then index.search(queries, k); load+add and search are timed separately;
-* index: `clip-pipeline index OUT --kind ivf-pq` (pipeline.index.build_index): build time and the
+* index: `clip-pipeline index OUT --kind ivf-pq` (pipeline.query.index.build_index): build time and the
          recall@10 against exact search it measures.
 
 Search times are the median of --repeat calls in the same process (the first call reads the
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 def make_data(out: Path, rows: int, dim: int, shard_size: int, seed: int) -> None:
     from pipeline.config import Config
-    from pipeline.rundir import EMB_DIR, atomic_write_json, write_shard
+    from pipeline.data.rundir import EMB_DIR, atomic_write_json, write_shard
 
     (out / EMB_DIR).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -84,7 +84,7 @@ def make_queries(out: Path, n: int, seed: int) -> Path:
 
 def child_ours(out: str, queries: str, k: str, repeat: str) -> dict:
     from pipeline.output import load_embeddings
-    from pipeline.search import exact_topk, search_out
+    from pipeline.query.search import exact_topk, search_out
 
     k, repeat = int(k), int(repeat)
     q = np.load(queries)
@@ -126,7 +126,7 @@ def child_faiss(out: str, queries: str, k: str, repeat: str) -> dict:
 
 
 def child_index(out: str, kind: str, where: str) -> dict:
-    from pipeline.index import build_index
+    from pipeline.query.index import build_index
 
     t = time.perf_counter()
     info = build_index(out, kind, where, log=lambda m: None)

@@ -39,7 +39,7 @@ import numpy as np
 from imagegen import mode_images
 from PIL import Image
 
-from pipeline.images import DecodeOptions, crop, decode_bytes, normalize
+from pipeline.data.images import DecodeOptions, crop, decode_bytes, normalize
 
 DEEP_INTEGER = ("I;16", "I")  # modes where the project follows the README's rule, not CLIP
 
@@ -84,7 +84,7 @@ def measure_modes() -> list[dict]:
 def _model(args) -> Path:
     if args.model:
         return Path(args.model)
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     path = Path(os.path.expanduser("~/.cache/clip-pipeline/measure")) / f"clip-{args.arch}-synthetic-seed0.onnx"
     if not path.exists():

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "fake_sail"))
 
-from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
+from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
 
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MODES = (("linear", cv2.INTER_LINEAR), ("nearest", cv2.INTER_NEAREST))  # sail.resize values

@@ -1,4 +1,4 @@
-"""The stage contract: what a stage supplies to the generic worker loop (pipeline/worker.py).
+"""The stage contract: what a stage supplies to the generic worker loop (pipeline/worker/loop.py).
 
 A stage is a *core*: `setup()`, `handle(header, frames) -> outputs`, `flush(now) -> outputs`,
 `deadline()`, `close()`, plus `info` (sent with `ready`), `wake_fd()` and `busy_s()`. StageCore
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from pipeline.messages import Failure
+from pipeline.wire.messages import Failure
 
 Output = tuple[str, dict, tuple]
 

@@ -1,6 +1,6 @@
 """Decode stage: file bytes -> pixel array (or, fused, the 224x224 crop), or a failed item.
 
-The image functions (decoders, crops, reason codes) are in pipeline/images.py; this module is the
+The image functions (decoders, crops, reason codes) are in pipeline/data/images.py; this module is the
 worker core around them. Decode and preprocess are fused by default (workers.fuse_decode_preprocess):
 then the group of inputs of an `items` message leaves as one `pxs` message of crops, and each
 failure goes to the sink on its own.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import messages
 from pipeline.backends import get_backend
-from pipeline.images import DecodeOptions, crop
-from pipeline.inputs import TarReader, decode_input
-from pipeline.messages import Failure, ItemError
+from pipeline.data.images import DecodeOptions, crop
+from pipeline.data.inputs import TarReader, decode_input
+from pipeline.wire import messages
+from pipeline.wire.messages import Failure, ItemError
 from stages.base import Output, StageCore, fail
 
 
@@ -24,7 +24,7 @@ def image_message(kind: str, header: dict, arr: np.ndarray) -> Output:
 
 def pixels_message(ids: list[int], paths: list[bytes], pixels: np.ndarray, tail: int = 0) -> Output:
     """Crops of several inputs in one message: uint8 [n,224,224,3] and their ids/paths. `tail`: a
-    piece of the run's tail, passed on from the source (pipeline/dispatch.py, tail_images)."""
+    piece of the run's tail, passed on from the source (pipeline/wire/dispatch.py, tail_images)."""
     header, bufs = messages.pixels(ids, paths, pixels)
     if tail:
         header["tail"] = tail
@@ -46,7 +46,7 @@ class DecodeCore(StageCore):
         self.tars = TarReader()  # webdataset members: one header scan per tar, one seek per member
 
     def decode(self, path: bytes) -> np.ndarray:
-        """A file, or a member of a tar shard (TAR/MEMBER, pipeline/inputs.py), to pixels."""
+        """A file, or a member of a tar shard (TAR/MEMBER, pipeline/data/inputs.py), to pixels."""
         return decode_input(path, self.opts, self.tars)
 
     def close(self) -> None:

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import messages
 from pipeline.backends import get_backend
 from pipeline.backends.base import DeviceError
-from pipeline.messages import Failure
-from pipeline.transport import array_from
+from pipeline.wire import messages
+from pipeline.wire.messages import Failure
+from pipeline.wire.transport import array_from
 from stages.base import Output, StageCore, fail
 
 
@@ -245,7 +245,7 @@ class InferCore(StageCore):
             if batch is not None:
                 outputs.extend(self.run(batch))
         if header.get("tail") and self.batcher.pending:
-            # a piece of the run's tail (pipeline/dispatch.py): run it now; waiting to fill a batch
+            # a piece of the run's tail (pipeline/wire/dispatch.py): run it now; waiting to fill a batch
             # (or for batch_timeout_ms) would idle this device while the others finish
             outputs.extend(self.run(self.batcher.take()))
         return outputs

@@ -1,14 +1,14 @@
 """Preprocess stage (only when not fused with decode): decoded image -> 224x224x3 uint8 RGB crop.
 
 The crops themselves (reference: CLIP's exact transform; fast: OpenCV area resize) and the batch
-normalisation are pure functions in pipeline/images.py; this module is the worker core.
+normalisation are pure functions in pipeline/data/images.py; this module is the worker core.
 """
 
 from __future__ import annotations
 
-from pipeline.images import crop
-from pipeline.messages import Failure
-from pipeline.transport import array_from
+from pipeline.data.images import crop
+from pipeline.wire.messages import Failure
+from pipeline.wire.transport import array_from
 from stages.base import Output, StageCore, fail
 from stages.decode import image_message
 

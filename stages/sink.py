@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import messages, rundir
-from pipeline.messages import Failure
-from pipeline.transport import array_from
+from pipeline.data import rundir
+from pipeline.wire import messages
+from pipeline.wire.messages import Failure
+from pipeline.wire.transport import array_from
 from stages.base import FatalError, Output, StageCore
 
 
@@ -86,7 +87,7 @@ class SinkCore(StageCore):
         self.asm: ShardAssembler | None = None
         self.dim = 0
         o = spec.cfg.output
-        self.metadata = o.metadata or o.layout == "clip-retrieval"  # part-NNNNN.parquet (pipeline/metadata.py)
+        self.metadata = o.metadata or o.layout == "clip-retrieval"  # part-NNNNN.parquet (pipeline/data/metadata.py)
         self.tars = None
 
     def setup(self) -> None:
@@ -128,12 +129,12 @@ class SinkCore(StageCore):
             try:
                 companions = None
                 if self.metadata:
-                    from pipeline import inputs, metadata
+                    from pipeline.data import inputs, metadata
 
                     self.tars = self.tars or inputs.TarReader()
                     companions = {rundir.PARQUET_SUFFIX: metadata.parquet_bytes(paths, self.tars)}
-                if self.cfg.output.content_hash:  # run --update's rename/copy check (pipeline/update.py)
-                    from pipeline import inputs
+                if self.cfg.output.content_hash:  # run --update's rename/copy check (pipeline/run/update.py)
+                    from pipeline.data import inputs
 
                     self.tars = self.tars or inputs.TarReader()
                     companions = {**(companions or {}), rundir.HASHES_SUFFIX: b"".join(

@@ -17,7 +17,8 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 
-from pipeline import messages, rundir
+from pipeline.data import rundir
+from pipeline.wire import messages
 from stages.base import FatalError
 
 Warn = Callable[[str], None]
@@ -192,14 +193,14 @@ def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: 
                 follow_symlinks: bool = True, warn: Warn = lambda m: None, *, input_list: str = "",
                 list_column: str = "path", tar: bool = True) -> Iterator[bytes]:
     """Every input, as bytes paths, in the deterministic order that defines input ids: the walk
-    of `paths`, then the entries of `input_list` (pipeline/inputs.py) in file order.
+    of `paths`, then the entries of `input_list` (pipeline/data/inputs.py) in file order.
 
     Overlapping roots are listed once (dedupe_roots; a directory that is another root is skipped
     inside the walk). With `tar`, a `.tar` file (a root, a walked file or a list entry) is read
-    as a webdataset shard: one input per sample, referenced as TAR/MEMBER (pipeline/inputs.py).
+    as a webdataset shard: one input per sample, referenced as TAR/MEMBER (pipeline/data/inputs.py).
     Finding no input at all is warned about, naming the roots and extensions.
     """
-    from pipeline import inputs
+    from pipeline.data import inputs
 
     exts = frozenset(e.lower().encode() for e in extensions)
     walk_exts = exts | {b"tar"} if tar else exts
@@ -282,7 +283,7 @@ def _repair_listing(listing_path: str) -> int:
 
 def send_items(loop, items: list[tuple[int, bytes]], tail: int = 0) -> None:
     """One message for a group of inputs (batch-sized messages: see workers.items_per_message).
-    `tail`: a piece of the run's tail, with the cap its device may hold (pipeline/dispatch.py)."""
+    `tail`: a piece of the run's tail, with the cap its device may hold (pipeline/wire/dispatch.py)."""
     if len(items) == 1 and not tail:
         loop.send("next", messages.item(items[0][0], items[0][1]))
     else:
@@ -294,10 +295,10 @@ def send_items(loop, items: list[tuple[int, bytes]], tail: int = 0) -> None:
 
 def run_tail(cfg) -> tuple[int, int, int]:
     """(inputs at the end sent as tail pieces, inputs per piece, the cap a device may hold when
-    given one): issue #20, pipeline/dispatch.py. None with round_robin dispatch, one device, or a
+    given one): issue #20, pipeline/wire/dispatch.py. None with round_robin dispatch, one device, or a
     backend whose batch costs the same full or not (Backend.splits_tail)."""
     from pipeline.backends import get_backend
-    from pipeline.dispatch import tail_cap, tail_images, tail_piece
+    from pipeline.wire.dispatch import tail_cap, tail_images, tail_piece
 
     devices = cfg.infer.devices
     n_dev = 2 if "all" in devices else len(devices)  # 'all' (sail/sim) resolves later: at least 2

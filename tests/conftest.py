@@ -30,7 +30,7 @@ def photos(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     path = tmp_path_factory.mktemp("models") / "tiny.onnx"
     build_clip_image_onnx(path, arch="tiny", seed=0)
@@ -68,7 +68,7 @@ def invoke(*args: object):
 def worker_spec(role: str, raw: dict, **fields):
     """A WorkerSpec (no sockets) for a stage core, from a raw config dict."""
     from pipeline import config
-    from pipeline.worker import WorkerSpec
+    from pipeline.worker.loop import WorkerSpec
 
     return WorkerSpec(role=role, index=0, cfg=config.from_dict(raw), in_addr=None, next_addrs=(), sink_addr="",
                       control_addr="", device="cpu:0" if role == "infer" else None, **fields)

@@ -118,7 +118,7 @@ def torture_set(d: Path) -> tuple[set[str], dict[str, str]]:
     embed, path -> reason of those that fail)."""
     import os
 
-    from pipeline import pathcodec
+    from pipeline.wire import pathcodec
 
     good = {str(p) for p in good_corpus(d, 6)}
     bad = bad_files()
@@ -139,7 +139,7 @@ def torture_set(d: Path) -> tuple[set[str], dict[str, str]]:
     raw = os.path.join(os.fsencode(str(d)), b"latin1-caf\xe9.jpg")
     with open(raw, "wb") as fh:
         fh.write(encode(photo(48, 40, 42)))
-    good.add(pathcodec.encode(raw))  # the output holds paths in their UTF-8 text form (pipeline/pathcodec.py)
+    good.add(pathcodec.encode(raw))  # the output holds paths in their UTF-8 text form (pipeline/wire/pathcodec.py)
     return good, expected_bad
 
 

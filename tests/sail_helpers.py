@@ -58,7 +58,7 @@ def ort_session(onnx_path: Path):
 
 def cpu_reference(sess, paths) -> np.ndarray:
     """CLIP's exact transform (decode_file -> reference_crop -> normalize) + onnxruntime."""
-    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
+    from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
 
     crops = np.stack([reference_crop(decode_file(os.fsencode(p), DecodeOptions())) for p in paths])
     return sess.run(None, {sess.get_inputs()[0].name: normalize(crops)})[0]

@@ -18,9 +18,10 @@ from robust_helpers import (
     unusual_files,
 )
 
-from pipeline import images, pathcodec
-from pipeline.images import DecodeOptions, crop, decode_bytes, decode_file
-from pipeline.messages import ItemError
+from pipeline.data import images
+from pipeline.data.images import DecodeOptions, crop, decode_bytes, decode_file
+from pipeline.wire import pathcodec
+from pipeline.wire.messages import ItemError
 
 MODES = ("reference", "fast")
 BAD = bad_files()
@@ -74,7 +75,7 @@ def test_file_size_limit(tmp_path):
 def test_file_that_grows_after_its_size_was_read(tmp_path, monkeypatch):
     """read_bytes reads size + 1 bytes (not max_file_bytes + 1): a file appended to between the
     fstat and the read is still read whole, or refused once it passes the limit."""
-    import pipeline.images as P
+    import pipeline.data.images as P
 
     p = tmp_path / "a.jpg"
     data = encode(photo(40, 30))

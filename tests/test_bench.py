@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.backends.fake import fake_embed
 from pipeline.bench import steady_cpu_rate, tree_pids
-from pipeline.worker import worker_environment
+from pipeline.worker.loop import worker_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "images"

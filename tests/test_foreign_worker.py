@@ -1,4 +1,4 @@
-"""Infer workers launched as plain subprocesses (`python -m pipeline.worker`), as the simulator
+"""Infer workers launched as plain subprocesses (`python -m pipeline.worker.boot`), as the simulator
 device does under TPU-MLIR's Python 3.10, speak the same protocol and give the same output."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from imagegen import make_images
 from pipeline import config as cfgmod
 from pipeline.backends.fake import FakeBackend
 from pipeline.output import load_embeddings
-from pipeline.progress import Progress
-from pipeline.supervisor import ForeignProcess, Supervisor
+from pipeline.run.progress import Progress
+from pipeline.run.supervisor import ForeignProcess, Supervisor
 
 
 def _run(inputs, out):

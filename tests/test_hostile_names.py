@@ -12,8 +12,8 @@ from imagegen import encode, photo
 from robust_helpers import run_cli
 from test_pathcodec import HOSTILE
 
-from pipeline import pathcodec
 from pipeline.output import load_embeddings
+from pipeline.wire import pathcodec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +63,6 @@ def test_hostile_names_round_trip_through_a_run(tmp_path):
     for p in data["img_path"]:
         p.encode("utf-8")  # strict: every img_path is valid UTF-8 text
     np.testing.assert_array_equal(data["embedding"], np.asarray(emb))
-    from pipeline.inspection import verify
+    from pipeline.query.inspection import verify
 
     assert verify(out) == []

@@ -12,7 +12,7 @@ from clip_reference import clip_transform  # the tests' one re-implementation of
 from imagegen import encode, photo, photo_image
 from PIL import Image
 
-from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_bytes, fast_crop, normalize, reference_crop
+from pipeline.data.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_bytes, fast_crop, normalize, reference_crop
 
 
 @pytest.mark.parametrize("w,h,mode,fmt", [
@@ -80,7 +80,7 @@ def test_normalize_is_clip_normalisation():
 
 def test_extreme_panorama_is_cropped_before_resizing(monkeypatch):
     """A 20000x2 strip would need a 2240000x224 intermediate; the box path stays within 2 levels."""
-    import pipeline.images as P
+    import pipeline.data.images as P
 
     img = photo(5000, 60, 1)  # measured: 1 level at most (a box shifted by half a source pixel: 24)
     monkeypatch.setattr(P, "PANORAMA_PIXELS", 10**12)

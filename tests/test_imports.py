@@ -1,4 +1,5 @@
-"""The layers point one way: no import cycle between the project's modules (pipeline/, stages/).
+"""The layers point one way: no import cycle between the project's modules (pipeline/, stages/), and
+every import goes down the layers of ARCHITECTURE.md's module map, which lists every module.
 
 Read with ast (nothing is imported). A module-level import (anything executed when the module is
 imported: top level, class bodies, `try`/`if` blocks, but not `if TYPE_CHECKING:`) is an edge to
@@ -12,6 +13,7 @@ third-party modules are imported lazily, never to dodge a project cycle).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,9 +150,9 @@ def test_the_walker_sees_a_cycle():
 
 def test_the_walker_sees_the_project():
     graph = import_graph(include_functions=False)
-    assert "pipeline.supervisor" in graph and "stages.decode" in graph
-    assert "pipeline.worker" in graph["pipeline.supervisor"]
-    assert "pipeline.transport" in graph["pipeline.worker"]  # `from pipeline import transport`
+    assert "pipeline.run.supervisor" in graph and "stages.decode" in graph
+    assert "pipeline.worker.loop" in graph["pipeline.run.supervisor"]
+    assert "pipeline.wire.transport" in graph["pipeline.worker.loop"]  # `from pipeline.wire import transport`
 
 
 def test_no_module_level_import_cycle():
@@ -161,3 +163,41 @@ def test_no_module_level_import_cycle():
 def test_no_import_cycle_hidden_in_functions():
     cycles = find_cycles(import_graph(include_functions=True))
     assert cycles == [], f"import cycles (counting imports inside functions): {cycles}"
+
+
+# -- the module map of ARCHITECTURE.md: every module listed once, imports only downwards ------------
+
+MAP_ROW = re.compile(r"^\| (\d+) \| `((?:pipeline|stages)/[\w/]+\.py)` \| (.+?) \|$")
+
+
+def module_map() -> dict[str, int]:
+    """ARCHITECTURE.md's module map: module name -> layer (rows `| N | `path.py` | purpose |`)."""
+    layers: dict[str, int] = {}
+    for line in (ROOT / "ARCHITECTURE.md").read_text().splitlines():
+        m = MAP_ROW.match(line)
+        if m:
+            parts = list(Path(m.group(2)).with_suffix("").parts)
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            assert name not in layers, f"{m.group(2)} is listed twice in ARCHITECTURE.md's module map"
+            layers[name] = int(m.group(1))
+    return layers
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    return sorted(f"{a} (layer {layers[a]}) imports {b} (layer {layers[b]})"
+                  for a, bs in graph.items() for b in bs if layers[b] > layers[a])
+
+
+def test_the_map_check_can_fail():
+    assert upward_imports({"a": {"b"}, "b": set()}, {"a": 1, "b": 2}) == ["a (layer 1) imports b (layer 2)"]
+    assert upward_imports({"a": {"b"}, "b": set()}, {"a": 2, "b": 2}) == []
+
+
+def test_every_module_is_in_the_map():
+    listed, present = set(module_map()), set(project_modules())
+    assert present - listed == set(), "modules missing from ARCHITECTURE.md's module map"
+    assert listed - present == set(), "modules in ARCHITECTURE.md's module map that do not exist"
+
+
+def test_imports_point_down_the_map():
+    assert upward_imports(import_graph(include_functions=True), module_map()) == []

@@ -114,7 +114,7 @@ def test_run_on_an_empty_directory_warns(tmp_path):
 
 def test_more_cpu_devices_than_cores_warns_that_it_oversubscribes(tmp_path):
     from pipeline import config
-    from pipeline.preflight import device_warnings, usable_cores
+    from pipeline.run.preflight import device_warnings, usable_cores
 
     cfg = config.from_dict({"infer": {"backend": "cpu", "devices": ["cpu:0", "cpu:1", "cpu:2"], "threads": 2}})
     [over] = device_warnings(cfg, ["cpu:0", "cpu:1", "cpu:2"], cores=4)

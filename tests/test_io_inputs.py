@@ -16,11 +16,12 @@ from conftest import cli, cli_env
 from imagegen import make_images
 
 from pipeline import config as cfgmod
-from pipeline import inputs, pathcodec
 from pipeline.config import ConfigError
+from pipeline.data import inputs
 from pipeline.output import load_embeddings
-from pipeline.progress import Progress
-from pipeline.supervisor import Supervisor
+from pipeline.run.progress import Progress
+from pipeline.run.supervisor import Supervisor
+from pipeline.wire import pathcodec
 from stages.source import iter_inputs
 
 

@@ -16,11 +16,11 @@ from imagegen import make_images
 
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError
-from pipeline.inspection import verify
 from pipeline.output import EMB_DIR, iter_shards, listed_inputs, load_embeddings
-from pipeline.progress import Progress
-from pipeline.supervisor import Supervisor
-from pipeline.update import run_update
+from pipeline.query.inspection import verify
+from pipeline.run.progress import Progress
+from pipeline.run.supervisor import Supervisor
+from pipeline.run.update import run_update
 
 
 def load(out, inputs_, model, **sets):

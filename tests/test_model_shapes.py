@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pipeline.images import decode_file, reference_crop
-from pipeline.modelgen import build_clip_image_onnx
-from pipeline.models import model_image_size
+from pipeline.data.images import decode_file, reference_crop
+from pipeline.model.modelgen import build_clip_image_onnx
+from pipeline.model.models import model_image_size
 from tests.conftest import ROOT, cli, cli_env
 
 SAMPLES = ROOT / "samples" / "images"
@@ -53,7 +53,7 @@ def test_336_input_768_width_end_to_end(tmp_path, model336, fused):
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["model"]["image_size"] == 336
     sess = ort.InferenceSession(str(model336), providers=["CPUExecutionProvider"])
-    from pipeline.images import DecodeOptions, normalize
+    from pipeline.data.images import DecodeOptions, normalize
 
     for i in (0, 3, 7):
         crop = reference_crop(decode_file(paths[i], DecodeOptions()), 336)

@@ -1,4 +1,4 @@
-"""Tests of the synthetic CLIP image-tower builder (pipeline/modelgen.py)."""
+"""Tests of the synthetic CLIP image-tower builder (pipeline/model/modelgen.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from pipeline import modelgen
-from pipeline.modelgen import (
+from pipeline.model import modelgen
+from pipeline.model.modelgen import (
     ARCHS,
     build_clip_image_onnx,
     param_count,

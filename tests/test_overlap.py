@@ -31,7 +31,7 @@ def sail_setup(tmp_path_factory, tiny_model):
 
 def _sail_run(d: Path, bm: Path, imgs: Path, overlap: bool) -> dict:
     from pipeline.output import load_embeddings
-    from pipeline.supervisor import run
+    from pipeline.run.supervisor import run
 
     out = d / f"out-{overlap}"
     cfg = {"input": {"paths": [str(imgs)]}, "output": {"dir": str(out), "shard_size": 16},

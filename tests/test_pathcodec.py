@@ -1,4 +1,4 @@
-"""The path codec: every file name as one line of valid UTF-8, losslessly (pipeline/pathcodec.py)."""
+"""The path codec: every file name as one line of valid UTF-8, losslessly (pipeline/wire/pathcodec.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline import pathcodec
+from pipeline.wire import pathcodec
 
 # Names a file system can hold (no NUL, no "/") that break naive line/UTF-8/JSON readers.
 HOSTILE: list[bytes] = [

@@ -13,10 +13,10 @@ from conftest import ROOT, cli, cli_env
 from imagegen import make_images
 
 from pipeline import config as cfgmod
-from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
+from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
 from pipeline.output import EMB_DIR, load_embeddings
-from pipeline.progress import Progress
-from pipeline.supervisor import Supervisor
+from pipeline.run.progress import Progress
+from pipeline.run.supervisor import Supervisor
 
 
 def run_pipeline(inputs, out, model, **sets):

@@ -1,11 +1,11 @@
-"""Pre-start checks shared by `run` and `run --dry-run` (pipeline/preflight.py), as pure functions."""
+"""Pre-start checks shared by `run` and `run --dry-run` (pipeline/run/preflight.py), as pure functions."""
 
 from __future__ import annotations
 
 import pytest
 
 from pipeline import config
-from pipeline.preflight import compare_inputs, describe_run, fingerprint_refusal, model_refusal_before_build
+from pipeline.run.preflight import compare_inputs, describe_run, fingerprint_refusal, model_refusal_before_build
 
 FP = {"model_sha256": "a" * 64, "backend": "cpu", "preprocess_mode": "reference", "shard_size": 4096,
       "inputs": ["/photos"], "dtype": "float32"}
@@ -27,7 +27,7 @@ def _cfg(**model):
 
 
 def test_a_model_to_be_built_is_refused_before_building_when_it_cannot_match():
-    from pipeline.modelgen import BUILDER
+    from pipeline.model.modelgen import BUILDER
 
     real = {"model": {"path": "/m/real.onnx", "sha256": "c" * 64, "info": {}}}
     msg = model_refusal_before_build(_cfg(), "/o", real)

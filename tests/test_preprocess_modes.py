@@ -16,7 +16,7 @@ import pytest
 from imagegen import encode, mode_images, photo_image
 from PIL import Image
 
-from pipeline.images import DecodeOptions, crop, decode_bytes, fast_crop, normalize, reference_crop
+from pipeline.data.images import DecodeOptions, crop, decode_bytes, fast_crop, normalize, reference_crop
 
 TOL = 1e-6  # after normalisation; one 8-bit level is ~0.015
 SIZES = {"317x243": (317, 243), "61x97": (61, 97)}

@@ -94,7 +94,7 @@ def test_kill_9_of_the_main_process_leaves_no_worker(corpus, tmp_path, moment, f
         assert pids
         if foreign:
             cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids]
-            assert sum(b"pipeline.boot" in c and b"spawn_main" not in c for c in cmdlines) == 2
+            assert sum(b"pipeline.worker.boot" in c and b"spawn_main" not in c for c in cmdlines) == 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         t0 = time.monotonic()
@@ -172,8 +172,8 @@ def test_non_regular_inputs_fail_at_once_as_not_a_file(tmp_path):
 
 
 def test_file_swapped_for_a_fifo_after_listing_does_not_block(tmp_path):
-    from pipeline.images import DecodeOptions, decode_file, open_input
-    from pipeline.messages import ItemError
+    from pipeline.data.images import DecodeOptions, decode_file, open_input
+    from pipeline.wire.messages import ItemError
 
     p = tmp_path / "x.jpg"
     os.mkfifo(p)
@@ -188,7 +188,7 @@ def test_file_swapped_for_a_fifo_after_listing_does_not_block(tmp_path):
         return st
 
     (tmp_path / "ok.jpg").write_bytes(b"x")
-    import pipeline.images as dec
+    import pipeline.data.images as dec
 
     orig = dec.os.stat
     dec.os.stat = stale_stat
@@ -221,7 +221,7 @@ def test_an_input_that_hangs_its_decoder_fails_as_timeout(tmp_path):
 # -- dispatch: work goes where there is capacity ---------------------------------------------------
 
 def test_credits_send_only_to_ready_devices_and_to_the_one_with_most_room():
-    from pipeline.dispatch import Credits
+    from pipeline.wire.dispatch import Credits
 
     c = Credits(2)
     assert c.choose() is None  # nobody announced a window: nobody is ready
@@ -240,7 +240,7 @@ def test_credits_send_only_to_ready_devices_and_to_the_one_with_most_room():
 
 
 def test_credits_survive_restarts_of_devices_and_senders():
-    from pipeline.dispatch import Credits
+    from pipeline.wire.dispatch import Credits
 
     c = Credits(1, gen=1)
     c.on_credit({"peer": 0, "gen": 0, "w": 4, "n": 0})
@@ -256,7 +256,7 @@ def test_credits_survive_restarts_of_devices_and_senders():
 
 
 def test_window_counts_batches():
-    from pipeline.dispatch import window_for
+    from pipeline.wire.dispatch import window_for
 
     assert window_for(32, 1, 1) == 64  # the batch it runs + one more
     assert window_for(32, 1, 2) == 32  # split over two senders

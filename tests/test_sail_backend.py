@@ -137,7 +137,7 @@ def test_host_fixed_batch_pads_and_trims(fake, tmp_path, onnx_model, images, bat
     orig = dev.engine.process
     dev.engine.process = lambda g, d, *a, **k: (shapes.append(next(iter(d.values())).shape[0]), orig(g, d, *a, **k))[1]
     names = ["landscape", "portrait", "upper", "png", "webp"]
-    from pipeline.images import DecodeOptions, decode_file, reference_crop
+    from pipeline.data.images import DecodeOptions, decode_file, reference_crop
 
     pixels = np.stack([reference_crop(decode_file(os.fsencode(images[n]), DecodeOptions())) for n in names])
     n = 3 if batch > 1 else 5
@@ -167,7 +167,7 @@ def test_host_multistage_picks_smallest_stage(fake, tmp_path, onnx_model, images
     assert shapes == [8, 4]  # 8 + 3 (padded to the 4 stage)
     assert dev.embed(px[:1]).shape == (1, 512) and shapes[-1] == 1
     sess = ort_session(onnx_model)
-    from pipeline.images import normalize
+    from pipeline.data.images import normalize
 
     ref = sess.run(None, {sess.get_inputs()[0].name: normalize(px)})[0]
     np.testing.assert_allclose(out, ref, atol=HOST_ATOL, rtol=1e-4)
@@ -283,7 +283,7 @@ def test_cli_bicubic_exits_2_before_any_process_starts(tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    import pipeline.supervisor as sup
+    import pipeline.run.supervisor as sup
     from pipeline.cli import cli
 
     started = []
@@ -301,7 +301,7 @@ def test_cli_bicubic_exits_2_before_any_process_starts(tmp_path, monkeypatch):
 def device_inputs_vs_reference(sail, dev, paths):
     """Mean/max abs difference (0..255 units) between what the chip's network was fed and
     CLIP's reference crop, per image, one file per batch."""
-    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
+    from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
 
     alpha = np.array([a for a, _ in pipeline_alpha_beta()], np.float32).reshape(3, 1, 1)
     out = []
@@ -520,7 +520,7 @@ def test_host_int8_input_bmodel_is_quantised_with_its_input_scale(fake, tmp_path
     assert dev.model.layout == "int8_nchw" and dev.model.input_scale == scale
     px = np.random.default_rng(1).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
     out = dev.embed(px)
-    from pipeline.images import normalize
+    from pipeline.data.images import normalize
 
     sess = ort_session(onnx_model)
     exact = sess.run(None, {sess.get_inputs()[0].name: normalize(px)})[0]

@@ -117,7 +117,7 @@ def seed_encode_image(sail, image_model: str, image: np.ndarray, dev_id: int = 0
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     d = tmp_path_factory.mktemp("seed")
     onnx_path = d / "tiny.onnx"
@@ -154,7 +154,7 @@ def test_seed_bmcv_sequence_runs_on_the_fake_and_matches_device_mode(setup, monk
 
 
 def test_seed_engine_process_sequence_runs_on_the_fake_and_matches_host_mode(setup, monkeypatch):
-    from pipeline.images import DecodeOptions, decode_file, normalize, reference_crop
+    from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
 
     d, onnx_path, files = setup
     use_fake_sail(monkeypatch)

@@ -40,7 +40,7 @@ def setup(tmp_path_factory, tiny_model):
 
 def run_pipeline(cfg_dict):
     from pipeline.output import load_embeddings
-    from pipeline.supervisor import run
+    from pipeline.run.supervisor import run
 
     res = run(from_dict(cfg_dict))
     paths, emb = load_embeddings(res.out_dir)

@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory):
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     path = tmp_path_factory.mktemp("model") / "tiny.onnx"
     build_clip_image_onnx(path, arch="tiny", seed=0, input_kind="float")
@@ -209,7 +209,7 @@ def test_pipeline_survives_an_input_that_aborts_the_device_process(tmp_path, onn
     """The device process dies (SIGABRT) on one input, twice: the supervisor restarts it, the input
     ends as crashed_worker, every other input is embedded, the run completes (exit 3)."""
     from pipeline.output import load_embeddings
-    from pipeline.supervisor import run
+    from pipeline.run.supervisor import run
 
     use_fake_sail(monkeypatch, tpus=1)
     monkeypatch.setenv("FAKE_SAIL_BMCV_FAIL_WIDTHS", "333")  # the centre square of bad.jpg is 333 wide
@@ -292,7 +292,7 @@ def test_fake_scales_alpha_beta_by_the_int8_input_scale(fake, tmp_path, onnx_mod
 
 @pytest.mark.parametrize("kind", ["uint8_nhwc", "uint8_nchw", "int8"])
 def test_device_mode_refuses_non_float32_input_bmodels(fake, tmp_path, onnx_model, kind):
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     if kind == "uint8_nhwc":  # our fused bmodels: normalisation folded in, uint8 pixels in
         path = tmp_path / "fused.onnx"
@@ -311,7 +311,7 @@ def test_device_mode_refuses_non_float32_input_bmodels(fake, tmp_path, onnx_mode
 
 
 def test_host_mode_still_runs_fused_uint8_bmodels(fake, tmp_path):
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     path = tmp_path / "fused.onnx"
     build_clip_image_onnx(path, arch="tiny", seed=0, input_kind="uint8")
@@ -420,7 +420,7 @@ def test_overlap_never_enters_one_engine_twice(tmp_path, onnx_model, monkeypatch
     stage discovery happens before it starts: a whole host-mode run with the GIL-free stress knob
     (every call wide open for a second thread) records no misuse."""
     from pipeline.output import load_embeddings
-    from pipeline.supervisor import run
+    from pipeline.run.supervisor import run
 
     use_fake_sail(monkeypatch, tpus=1)
     monkeypatch.setenv("FAKE_SAIL_NUMPY_RELEASE_GIL", "1")
@@ -477,7 +477,7 @@ def test_shipped_bm1684x_config_runs_end_to_end_on_the_fake(tmp_path, onnx_model
     input/output directories replaced; 32-image batches of the fake bmodel."""
     from pipeline.config import load
     from pipeline.output import load_embeddings
-    from pipeline.supervisor import run
+    from pipeline.run.supervisor import run
 
     use_fake_sail(monkeypatch, tpus=1)
     imgs = tmp_path / "imgs"

@@ -11,9 +11,9 @@ import pytest
 from conftest import ROOT, cli, cli_env
 
 from pipeline.config import Config
+from pipeline.data.rundir import atomic_write_json, write_shard
 from pipeline.output import load_embeddings
-from pipeline.rundir import atomic_write_json, write_shard
-from pipeline.search import brute_force_topk, exact_topk, search_out
+from pipeline.query.search import brute_force_topk, exact_topk, search_out
 
 
 def write_synthetic_run(out: Path, emb: np.ndarray, shard_size: int, *, status: str = "complete",
@@ -152,7 +152,7 @@ def test_cli_search_bad_query_image_and_other_model(image_run, tmp_path):
     d, images = image_run
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     other = tmp_path / "other.onnx"
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     build_clip_image_onnx(other, arch="tiny", seed=1)
     cases = [
@@ -170,7 +170,7 @@ def test_cli_search_bad_query_image_and_other_model(image_run, tmp_path):
 
 def test_flat_index_round_trips_paths_and_equals_exact(tmp_path):
     pytest.importorskip("faiss")
-    from pipeline.index import build_index, search_index
+    from pipeline.query.index import build_index, search_index
 
     rng = np.random.default_rng(4)
     emb = unit_rows(rng, 700, 32, np.float16)
@@ -213,7 +213,7 @@ def test_ivfpq_index_recall_and_cli(tmp_path):
 
 def test_search_index_missing_and_stale(tmp_path):
     pytest.importorskip("faiss")
-    from pipeline.index import build_index, search_index
+    from pipeline.query.index import build_index, search_index
 
     rng = np.random.default_rng(6)
     emb = unit_rows(rng, 300, 16)
@@ -230,7 +230,7 @@ def test_search_index_missing_and_stale(tmp_path):
 # -- shard names: byte order = id order, also past 99,999 shards (autofaiss reads sorted *.npy) ---
 
 def test_shard_names_sort_in_id_order_past_99999():
-    from pipeline.rundir import parse_shard_name, shard_name
+    from pipeline.data.rundir import parse_shard_name, shard_name
 
     ks = [0, 1, 9, 10, 99_998, 99_999, 100_000, 100_001, 999_999, 1_000_000, 123_456_789, 9_999_999_999]
     names = [shard_name(k) for k in ks]
@@ -244,7 +244,7 @@ def test_shard_names_sort_in_id_order_past_99999():
 def test_sorted_npy_files_concatenate_to_load_embeddings(tmp_path):
     """What autofaiss (embedding-reader) does with OUT/embeddings: glob *.npy, sort the names,
     concatenate. It must equal load_embeddings' rows, shards past 99,999 included."""
-    from pipeline.rundir import EMB_DIR, completed_shards
+    from pipeline.data.rundir import EMB_DIR, completed_shards
 
     out = tmp_path / "out"
     (out / EMB_DIR).mkdir(parents=True)
@@ -287,7 +287,7 @@ def test_cli_search_text_equals_embed_text_vectors(image_run, tmp_path):
 
 def test_ivfpq_exact_rerank_raises_recall_and_scores_are_exact(tmp_path):
     pytest.importorskip("faiss")
-    from pipeline.index import build_index, search_index
+    from pipeline.query.index import build_index, search_index
 
     rng = np.random.default_rng(8)
     centres = unit_rows(rng, 40, 64)

@@ -9,8 +9,8 @@ from imagegen import make_images
 
 from pipeline import config as cfgmod
 from pipeline.output import load_embeddings
-from pipeline.progress import Progress
-from pipeline.supervisor import Supervisor
+from pipeline.run.progress import Progress
+from pipeline.run.supervisor import Supervisor
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import worker_spec
 
-from pipeline.dispatch import Credits, tail_cap, tail_images, tail_piece
-from pipeline.worker import Slot
+from pipeline.wire.dispatch import Credits, tail_cap, tail_images, tail_piece
+from pipeline.worker.loop import Slot
 from stages import source
 from stages.infer import InferCore
 from stages.source import run_tail, split_tail

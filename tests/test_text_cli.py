@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.modelgen import build_clip_image_onnx
+from pipeline.model.modelgen import build_clip_image_onnx
 from pipeline.text.embed import PairingError, TextEncoder, check_pairing, embed_texts, paired_text_model
 from pipeline.text.model import build_clip_text_onnx
 from tests.conftest import ROOT, cli, cli_env

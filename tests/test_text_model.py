@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from pipeline import modelgen
+from pipeline.model import modelgen
 from pipeline.text.embed import TextEncoder, TextModelError, find_projection
 from pipeline.text.model import build_clip_text_onnx, make_text_model_proto, projection_path, state_dict, text_param_count
 from pipeline.text.tokenizer import get_tokenizer

@@ -51,7 +51,7 @@ def test_calibration_texts_are_token_ids_of_the_captions(tmp_path):
 
 
 def test_calibration_source_must_match_the_tower(tmp_path, monkeypatch):
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
     from pipeline.text.model import build_clip_text_onnx
     from pipeline.toolchain.compile import compile_onnx
 
@@ -76,8 +76,8 @@ def test_calibration_source_must_match_the_tower(tmp_path, monkeypatch):
 def test_cli_refusals_are_one_line(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
+    from pipeline.commands.toolchain import compile_cmd
     from pipeline.text.model import build_clip_text_onnx
-    from pipeline.toolchain.cli import compile_cmd
 
     _fake_venv(monkeypatch, tmp_path)
     text = tmp_path / "t.onnx"

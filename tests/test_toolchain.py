@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from pipeline.commands.toolchain import compile_cmd, verify_cmd
 from pipeline.toolchain import env as tenv
-from pipeline.toolchain.cli import compile_cmd, verify_cmd
 from pipeline.toolchain.compile import bmodel_name, combine_args, deploy_args, onnx_synthetic_flag, transform_args
 from pipeline.toolchain.parse import parse_compiler_profile, parse_model_info, stage_batches
 from pipeline.toolchain.preprocess import CLIP_MEAN_255, CLIP_SCALE_255, normalize_u8
@@ -126,7 +126,7 @@ def test_fused_constants_are_clips_normalisation():
 
 def test_verify_images_are_the_pipelines_reference_crops(photos):
     """verify's image inputs come from the pipeline's own preprocessing (no second implementation)."""
-    from pipeline.images import DecodeOptions, decode_file, reference_crop
+    from pipeline.data.images import DecodeOptions, decode_file, reference_crop
     from pipeline.toolchain.preprocess import load_images_u8
 
     paths, u8 = load_images_u8(photos[0].parent)
@@ -197,7 +197,7 @@ def _venv_or_skip():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     _venv_or_skip()
-    from pipeline.modelgen import build_clip_image_onnx
+    from pipeline.model.modelgen import build_clip_image_onnx
 
     d = tmp_path_factory.mktemp("tpu")
     onnx = d / "tiny.onnx"
@@ -300,7 +300,7 @@ def test_fused_preprocess_uint8_bmodel_agrees(tiny, tmp_path):
 def test_cli_standalone_verify_exit_codes(tiny, compiled):
     out, _ = compiled
     bm = out / "tiny_bm1684x_f16_1b.bmodel"
-    cmd = [sys.executable, "-m", "pipeline.toolchain.cli", "verify", str(bm)]  # ONNX from sidecar
+    cmd = [sys.executable, "-m", "pipeline.commands.toolchain", "verify", str(bm)]  # ONNX from sidecar
     ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "PASS" in ok.stdout and "cos_min=" in ok.stdout

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import config as cfgmod
-from pipeline import rundir
-from pipeline.progress import Progress
-from pipeline.supervisor import Supervisor, grouped_hwm
-from pipeline.worker import WorkerSpec
+from pipeline.data import rundir
+from pipeline.run.progress import Progress
+from pipeline.run.supervisor import Supervisor, grouped_hwm
+from pipeline.worker.loop import WorkerSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUES = {"decode": 64, "preprocess": 24, "infer": 40, "sink": 12}
@@ -94,7 +94,7 @@ def test_specs_are_typed_and_frozen(planned):
 
 
 def test_only_rundir_spells_the_layouts_file_names():
-    """manifest.json, listing.jsonl, ... appear as string literals only in pipeline/rundir.py."""
+    """manifest.json, listing.jsonl, ... appear as string literals only in pipeline/data/rundir.py."""
     names = {rundir.MANIFEST, rundir.LISTING, rundir.FAILURES, rundir.REPORT, rundir.PICKLE, rundir.WORKERS,
              rundir.EMB_DIR, *rundir.SHARD_SUFFIXES, "part-"}
     offenders = []

@@ -79,7 +79,7 @@ def test_missing_relative_input_in_a_config_says_what_it_resolved_against(tmp_pa
 def test_stale_socket_directories_of_dead_runs_are_removed(tmp_path):
     """kill -9 leaves /tmp/clipp-XXXX behind; the next run removes those whose owner is dead (pid
     and start time), never a live one's or one without an owner record."""
-    from pipeline import transport
+    from pipeline.wire import transport
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -127,7 +127,7 @@ def _owner(root: str) -> int | None:
 def test_eval_linear_probe_checks_its_extras_before_embedding(tmp_path, monkeypatch):
     import importlib.util
 
-    from pipeline import evaluate
+    from pipeline.commands import evaluate
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "threadpoolctl" else real(name, *a))
@@ -285,12 +285,12 @@ def test_refused_process_leaves_a_clean_runs_bytes_and_kill_frees_the_lock(tmp_p
 
 
 def test_lock_is_reentrant_in_one_process_and_exclusive_across(tmp_path):
-    from pipeline import rundir
+    from pipeline.data import rundir
 
     with rundir.output_lock(tmp_path / "o"):
         with rundir.output_lock(tmp_path / "o"):
             pass
-        code = ("import sys; from pipeline import rundir\n"
+        code = ("import sys; from pipeline.data import rundir\n"
                 "try:\n  with rundir.output_lock(sys.argv[1]): pass\n"
                 "except rundir.ConfigError as e: print(e); sys.exit(2)\n")
         r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], env=cli_env(), capture_output=True,
@@ -314,7 +314,7 @@ def test_merge_never_deletes_a_running_attempts_directory(tmp_path):
     for d in (running, dead):
         d.mkdir(parents=True)
         (root / f"{d.name}.attempt.json").write_text("{}")
-    code = ("import sys, time; from pipeline import rundir\n"
+    code = ("import sys, time; from pipeline.data import rundir\n"
             "with rundir.output_lock(sys.argv[1], 'run-range'):\n  print('held', flush=True); time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(running)], env=cli_env(), stdout=subprocess.PIPE,
                               text=True)
@@ -349,7 +349,7 @@ def test_every_single_bit_flip_of_a_check_record_is_damage_or_harmless(tmp_path)
     """52 of 200 single-bit flips of a .check.json crashed run and inspect --verify (KeyError:
     'crc32'); 12 (the "files" key, the "rows" value) silently switched the CRC check off. Every
     flip now either still reads as the same record or is named as damage, never an exception."""
-    from pipeline import rundir
+    from pipeline.data import rundir
 
     _good, out = _finished(tmp_path, 10)
     check = out / "embeddings" / "part-00000.check.json"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline import config as cfgmod
-from pipeline import pathcodec
-from pipeline.ledger import Ledger
 from pipeline.output import decode_path_line, encode_path_line
+from pipeline.run.ledger import Ledger
+from pipeline.wire import pathcodec
 
 
 def test_ledger_reissue_and_crash_accounting():

@@ -15,9 +15,9 @@ import pytest
 from conftest import invoke
 
 from pipeline import config, output
-from pipeline.inspection import summarize, verify
 from pipeline.output import ShardedArray, iter_shards, load_embeddings
-from pipeline.progress import StageSample, bottleneck_line, queue_fill, utilisation
+from pipeline.query.inspection import summarize, verify
+from pipeline.run.progress import StageSample, bottleneck_line, queue_fill, utilisation
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "images"
@@ -36,7 +36,7 @@ def fake_cfg(inputs, out, **sections):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A finished fake-backend run: 12 sample images + 2 bad files, shard_size 5 (3 shards)."""
-    from pipeline.supervisor import run
+    from pipeline.run.supervisor import run
 
     base = tmp_path_factory.mktemp("ux")
     imgs = base / "imgs"

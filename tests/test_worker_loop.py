@@ -12,11 +12,12 @@ import pytest
 import zmq
 
 from pipeline import config as cfgmod
-from pipeline import messages, transport, worker
-from pipeline.progress import Progress
-from pipeline.rundir import listing_line
-from pipeline.supervisor import Supervisor
-from pipeline.worker import EXIT_CRASH, EXIT_DEVICE, Loop, Slot, WorkerSpec, _run_core, _Stop
+from pipeline.data.rundir import listing_line
+from pipeline.run.progress import Progress
+from pipeline.run.supervisor import Supervisor
+from pipeline.wire import messages, transport
+from pipeline.worker import loop as worker
+from pipeline.worker.loop import EXIT_CRASH, EXIT_DEVICE, Loop, Slot, WorkerSpec, _run_core, _Stop
 from stages.base import StageCore
 
 

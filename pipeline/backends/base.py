@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from pipeline.messages import Failure
-from pipeline.models import model_identity
+from pipeline.model.models import model_identity
+from pipeline.wire.messages import Failure
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -143,7 +143,7 @@ class Backend(abc.ABC):
     @classmethod
     def splits_tail(cls, cfg: Config) -> bool:
         """Whether a batch's cost grows with its size, so the end of a run may go as small pieces
-        that balance the devices (pipeline/dispatch.py, tail_images). False (the default) for
+        that balance the devices (pipeline/wire/dispatch.py, tail_images). False (the default) for
         devices whose batch costs the same full or not (fixed-batch bmodels pad; the fake backend's
         latency is per batch): small pieces would make the tail slower, not shorter."""
         return False

@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.backends.base import Backend, Device, DeviceError, configured_ready_crop
 from pipeline.config import Config, ConfigError
-from pipeline.images import normalize
+from pipeline.data.images import normalize
 
 _CPU = re.compile(r"^cpu:(\d+)$")
 

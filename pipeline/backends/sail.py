@@ -16,7 +16,7 @@ How the card's decode -> preprocess -> infer stages map onto processes
   sophon handles must not cross process boundaries anyway (§5: open everything in the child).
   Files the hardware path cannot take (suffix not on SAIL's case-sensitive list, content not
   JPEG, a JPEG without its end marker, images outside the TPU resize limits, a failed hardware
-  decode) are decoded on the host CPU *in the same process* with ``pipeline.images.decode_file``
+  decode) are decoded on the host CPU *in the same process* with ``pipeline.data.images.decode_file``
   and uploaded with ``Bmcv.mat_to_bm_image``; decode_file's ItemError gives the failure reason,
   so reasons match the cpu backend's.
   The host decode/preprocess worker pools are not used in this mode.
@@ -52,7 +52,7 @@ from pipeline.backends.base import (
     Prepared,
 )
 from pipeline.config import ConfigError
-from pipeline.images import (
+from pipeline.data.images import (
     CLIP_MEAN,
     CLIP_STD,
     DecodeOptions,
@@ -60,8 +60,8 @@ from pipeline.images import (
     open_input,
     reference_crop,
 )
-from pipeline.inputs import TarReader, decode_input, is_member_ref
-from pipeline.messages import Failure, ItemError
+from pipeline.data.inputs import TarReader, decode_input, is_member_ref
+from pipeline.wire.messages import Failure, ItemError
 
 if TYPE_CHECKING:
     from pipeline.config import Config

@@ -2,7 +2,7 @@
 
 The closest thing to SOPHON hardware this project has: the real BM1684X runtime (libbmrt) runs a
 real bmodel, only the chip is simulated. Each infer worker runs *under the TPU-MLIR Python 3.10
-venv* (`scripts/setup_tpu_mlir.sh`), launched as `python -m pipeline.worker` and speaking the same
+venv* (`scripts/setup_tpu_mlir.sh`), launched as `python -m pipeline.worker.boot` and speaking the same
 ZeroMQ/msgpack protocol as every other worker — decode, preprocess and the sink run as usual in
 the main interpreter. Throughput is seconds per forward (tiny model) to minutes (ViT-B/32):
 for correctness of the TPU path, never for speed.
@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.backends.base import Backend, Device, DeviceError
 from pipeline.config import Config, ConfigError
-from pipeline.images import normalize
+from pipeline.data.images import normalize
 
 
 class SimDevice(Device):

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import output
 from pipeline.cluster.plan import Plan
-from pipeline.rundir import CHECK_SUFFIX, COMPANION_SUFFIXES, FAILURES_SUFFIX, NPY_SUFFIX, PATHS_SUFFIX, RunDir
+from pipeline.data.rundir import CHECK_SUFFIX, COMPANION_SUFFIXES, FAILURES_SUFFIX, NPY_SUFFIX, PATHS_SUFFIX, RunDir
 
 RANGES_DIR = "ranges"
 ATTEMPTS_DIR = "attempts"
@@ -45,7 +45,7 @@ def new_attempt_id() -> str:
 
 
 def sha256_bytes_of(path: Path) -> str:
-    from pipeline.models import sha256_file
+    from pipeline.model.models import sha256_file
 
     return sha256_file(path)
 

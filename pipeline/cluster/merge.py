@@ -17,7 +17,7 @@ from typing import Any
 from pipeline import output
 from pipeline.cluster import commit as cm
 from pipeline.cluster.plan import Plan, load_plan
-from pipeline.rundir import RunDir
+from pipeline.data.rundir import RunDir
 
 
 class MergeIncomplete(Exception):
@@ -75,7 +75,7 @@ def _publish(src: Path, dst: Path) -> None:
 
 def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
     """Under the output's lock (rundir.output_lock): one merge at a time, never beside a run."""
-    from pipeline.rundir import output_lock
+    from pipeline.data.rundir import output_lock
 
     outp = load_plan(out).out
     with output_lock(outp, "merge"):
@@ -83,9 +83,9 @@ def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResu
 
 
 def _merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
-    from pipeline.rundir import FORMAT
-    from pipeline.supervisor import SYNTHETIC_NOTE
-    from pipeline.telemetry import software_versions
+    from pipeline.data.rundir import FORMAT
+    from pipeline.run.supervisor import SYNTHETIC_NOTE
+    from pipeline.run.telemetry import software_versions
 
     t0 = time.monotonic()
     plan = load_plan(out)
@@ -136,7 +136,7 @@ def _merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeRes
     cfg_dict = plan.record["config"]
     o = cfg_dict.get("output", {})
     if o.get("metadata") or o.get("layout") == "clip-retrieval":  # as a single-host run ends
-        from pipeline import metadata
+        from pipeline.data import metadata
 
         metadata.publish(outp, list(range(plan.n_shards)), bool(o.get("metadata")), o.get("layout", "native"))
     model = plan.record["model"]
@@ -218,7 +218,7 @@ def _load_for_pickle(outp: Path):
 def remove_stale_attempts(plan: Plan, records: dict[int, dict[str, Any]]) -> int:
     """Delete attempt directories no commit refers to (losers, dead or cancelled attempts); never
     one whose run still holds its lock (a duplicate still running: it deletes its own when it loses)."""
-    from pipeline.rundir import lock_holder
+    from pipeline.data.rundir import lock_holder
 
     keep = {str(plan.out / rec["dir"]) for rec in records.values()}
     n = 0

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline import output
 from pipeline.config import Config, ConfigError
-from pipeline.rundir import LISTING, LOCK, RunDir
+from pipeline.data.rundir import LISTING, LOCK, RunDir
 
 PLAN_FORMAT = "clip-pipeline-plan/1"
 PLAN_DIR = "plan"
@@ -104,8 +104,8 @@ def identity(cfg: Config, log=print) -> tuple[dict[str, Any], dict[str, Any]]:
     (model.build), raises ConfigError for a missing model file."""
     from pipeline.backends import get_backend
     from pipeline.config import validate_for_run
-    from pipeline.models import ensure_model
-    from pipeline.preflight import fingerprint
+    from pipeline.model.models import ensure_model
+    from pipeline.run.preflight import fingerprint
 
     validate_for_run(cfg)
     ensure_model(cfg, log=log)

@@ -71,7 +71,7 @@ def check_host_config(plan: Plan, cfg: Config, log=print) -> dict[str, Any]:
 
 
 def run_range(cfg: Config, r: int, *, attempt: str | None = None, log=print, progress=None) -> RangeOutcome:
-    from pipeline.supervisor import RunAborted, Supervisor
+    from pipeline.run.supervisor import RunAborted, Supervisor
 
     t0 = time.monotonic()
     plan = load_plan(cfg.output.dir)

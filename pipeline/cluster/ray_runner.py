@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline import output
 from pipeline.config import Config, ConfigError
-from pipeline.rundir import RunDir
+from pipeline.data.rundir import RunDir
 
 EXTRA_HINT = "pip install 'clip-pipeline[cluster]'"
 SLOT = "clip_slot"

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.rundir import RunDir
+from pipeline.data.rundir import RunDir
 from pipeline.text.tokenizer import Tokenized, Tokenizer, get_tokenizer
 
 BACKENDS = ("cpu", "sail", "sim", "fake")
@@ -76,7 +76,7 @@ def clip_model_of(info: dict) -> str | None:
     side = info.get("info") if isinstance(info.get("info"), dict) else info
     legacy = side.get("builder") == "clip-pipeline modelgen" and side.get("arch") not in (None, "unknown")
     if side.get("synthetic") is True and legacy:
-        from pipeline.modelgen import clip_model_id
+        from pipeline.model.modelgen import clip_model_id
 
         return clip_model_id(side["arch"], int(side.get("seed") or 0), side.get("act", "quickgelu"))
     return None
@@ -84,7 +84,7 @@ def clip_model_of(info: dict) -> str | None:
 
 def text_model_identity(path: str | os.PathLike) -> dict[str, Any]:
     """What an output's manifest records about the text model (sha256 of the file and the projection)."""
-    from pipeline.models import sha256_file
+    from pipeline.model.models import sha256_file
 
     path = Path(path)
     if not path.is_file():
@@ -387,7 +387,7 @@ class TextEncoder:
         ident = text_model_identity(self.model_path)
         ident["form"] = self.form
         if self.projection_path:
-            from pipeline.models import sha256_file
+            from pipeline.model.models import sha256_file
 
             ident["projection"] = {"path": self.projection_path, "sha256": sha256_file(self.projection_path)}
         return ident

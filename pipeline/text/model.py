@@ -14,7 +14,7 @@ Two forms (the same weights for the same seed):
   the EOT position and projects (``pipeline.text.embed``), so Sophgo's downloaded
   ``clip_text_vitb32_bm1684x_f16_4b.bmodel`` + ``text_projection_512_512.npy`` work unchanged.
 
-Conventions as ``pipeline.modelgen``: each initializer is one CLIP parameter named after OpenAI
+Conventions as ``pipeline.model.modelgen``: each initializer is one CLIP parameter named after OpenAI
 CLIP's state_dict key (``token_embedding.weight``, ``transformer.resblocks.0.attn.in_proj_weight.T``
 for the transposed ``MatMul`` weight, ``ln_final.weight``, ``text_projection``); everything else
 (the causal mask, shapes, scalars) is a Constant node. Layer norms get random weights and biases
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline import modelgen as mg
+from pipeline.model import modelgen as mg
 from pipeline.text.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
 
 FORMS = ("projected", "states")
@@ -53,7 +53,7 @@ class TextSpec:
         return self.width // self.heads
 
 
-# output_dim follows the image tower of the same arch (pipeline.modelgen.ARCHS), so they pair.
+# output_dim follows the image tower of the same arch (pipeline.model.modelgen.ARCHS), so they pair.
 TEXT_ARCHS: dict[str, TextSpec] = {
     "vit-b32": TextSpec(width=512, layers=12, heads=8, output_dim=mg.ARCHS["vit-b32"].output_dim),
     "tiny": TextSpec(width=64, layers=2, heads=2, output_dim=mg.ARCHS["tiny"].output_dim),

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.rundir import MANIFEST
 from pipeline.output import atomic_write_bytes, atomic_write_json, npy_bytes
-from pipeline.rundir import MANIFEST
 
 TEXT_FORMAT = "clip-pipeline-text/1"
 ZEROSHOT_FORMAT = "clip-pipeline-zeroshot/1"
@@ -38,7 +38,7 @@ LOGIT_SCALE = 100.0  # CLIP ViT-B/32's learned logit scale, exp(4.6052) = 100
 
 
 def versions() -> dict[str, str]:
-    from pipeline.supervisor import software_versions
+    from pipeline.run.supervisor import software_versions
 
     return software_versions()
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.models import sha256_file  # noqa: F401 - also part of this module's API (tests)
+from pipeline.model.models import sha256_file  # noqa: F401 - also part of this module's API (tests)
 
 from .env import TPU_MLIR_VERSION, find_venv, venv_env
 from .parse import parse_compiler_profile, parse_model_info

@@ -1,13 +1,13 @@
 """Inputs of compile (--fuse-preprocess) and verify, from the pipeline's own preprocessing.
 
-CLIP's mean/std and the crop come from pipeline/images.py (the one implementation): a bmodel is
+CLIP's mean/std and the crop come from pipeline/data/images.py (the one implementation): a bmodel is
 verified on exactly the crops the pipeline's default (reference) path feeds it.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_file, reference_crop
+from pipeline.data.images import CLIP_MEAN, CLIP_STD, DecodeOptions, decode_file, reference_crop
 
 # CLIP's mean/std in 0..255 units, as TPU-MLIR takes them: y = (x - mean) * scale per channel (RGB).
 CLIP_MEAN_255 = tuple(255.0 * m for m in CLIP_MEAN)
@@ -28,7 +28,7 @@ def random_u8_images(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
 
 def load_images_u8(directory, size: int = 224, limit: int | None = None) -> tuple[list[str], np.ndarray]:
     """The pipeline's reference preprocessing up to (not including) normalisation: decode
-    (pipeline.images.decode_file), CLIP's resize + centre crop (reference_crop).
+    (pipeline.data.images.decode_file), CLIP's resize + centre crop (reference_crop).
     Returns (paths, uint8 [N,3,size,size])."""
     import os
     from pathlib import Path

@@ -39,7 +39,7 @@ def _install() -> None:
     enospc = int(os.environ[ENOSPC_ENV]) if os.environ.get(ENOSPC_ENV, "").isdigit() else None
     full_at = os.environ.get(ENOSPC_MANIFEST_ENV) or None
     if full_at is not None:
-        from pipeline import rundir
+        from pipeline.data import rundir
 
         write_manifest = rundir.RunDir.write_manifest
 
@@ -73,7 +73,7 @@ def _install() -> None:
 
         decode.DecodeCore.handle_one = crashing_handle_one
     if hang_on is not None:
-        from pipeline import images  # read at every call by pipeline.inputs.decode_input
+        from pipeline.data import images  # read at every call by pipeline.data.inputs.decode_input
 
         decode_file = images.decode_file
 
@@ -84,7 +84,7 @@ def _install() -> None:
 
         images.decode_file = hanging_decode_file
     if enospc is not None:
-        from pipeline import rundir
+        from pipeline.data import rundir
 
         write_shard = rundir.write_shard
 

@@ -13,7 +13,7 @@ from conftest import worker_spec
 
 from pipeline import config
 from pipeline.backends.base import DeviceError
-from pipeline.worker import Slot, WorkerSpec
+from pipeline.worker.loop import Slot, WorkerSpec
 from stages.infer import Batcher, InferCore, pad_batch
 
 WAIT_S = 10.0
@@ -197,7 +197,7 @@ def test_partial_batch_flush_and_prompt_wakeup(tmp_path, pixels):
 
 def test_default_two_phase_defers_to_embed_files():
     from pipeline.backends.base import Device, FileBatchResult, Prepared
-    from pipeline.messages import Failure
+    from pipeline.wire.messages import Failure
 
     class FilesOnly(Device):
         batch_size, dim = 4, 2

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from conftest import worker_spec
 
-from pipeline import messages
-from pipeline.images import reference_crop
-from pipeline.transport import array_from
+from pipeline.data.images import reference_crop
+from pipeline.wire import messages
+from pipeline.wire.transport import array_from
 from stages.preprocess import PreprocessCore
 
 

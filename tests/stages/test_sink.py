@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.messages import Failure
+from pipeline.wire.messages import Failure
 from stages.sink import ShardAssembler
 
 
@@ -30,9 +30,9 @@ def test_shard_assembler_dedupes_and_completes_in_id_order():
 def test_sink_core_writes_a_shard_once_every_id_is_resolved(tmp_path):
     from conftest import worker_spec
 
-    from pipeline import messages
+    from pipeline.data.rundir import RunDir
     from pipeline.output import iter_shards
-    from pipeline.rundir import RunDir
+    from pipeline.wire import messages
     from stages.sink import SinkCore
 
     RunDir(tmp_path).shards_dir.mkdir()  # made by the supervisor's RunDir.prepare

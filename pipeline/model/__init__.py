@@ -1,0 +1,1 @@
+"""Model files: identity, image size, and the synthetic model builder."""

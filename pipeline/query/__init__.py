@@ -1,0 +1,1 @@
+"""Reading finished runs: search, faiss index, evaluation, inspect and report."""

@@ -1,0 +1,162 @@
+"""What a run measures about itself: the workers' stats, ticks, the timeline, rates, report.json.
+
+The supervisor feeds it (`on_stats`, `on_result`, `tick`) and asks it for the progress line and,
+at the end, the content of report.json. Pure bookkeeping over the counters the workers send
+(pipeline/run/progress.py does the arithmetic); no sockets, no files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from pipeline.data.rundir import FORMAT
+from pipeline.run.ledger import Ledger
+from pipeline.run.progress import aggregate, bottleneck_line, queue_fill, utilisation
+
+TIMELINE_MAX = 1200  # points; beyond it the resolution halves (report.json stays small)
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("clip-pipeline", "numpy", "pyzmq", "msgpack", "onnxruntime", "pillow", "simplejpeg",
+                "opencv-python-headless"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Telemetry:
+    """Stats, utilisation, queue fill and the timeline of one run."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict] = {}  # worker name -> its latest cumulative counters
+        self.roles: dict[str, str] = {}  # worker name -> role
+        self.stage_order: list[str] = []
+        self.queue_capacity: dict[str, int] = {}
+        self.timeline: list[dict] = []
+        self.timeline_dt = 1.0  # doubles whenever the timeline gets long (report.json stays small)
+        self.util: dict[str, float] = {}
+        self.queues: dict[str, int] = {}
+        self.t0: float | None = None  # when the workers were started (monotonic)
+        self.first_result_s: float | None = None
+        self.prev_sample: dict = {}
+        self.prev_t = 0.0
+        self.tl_sample: dict = {}
+        self.tl_t: float | None = None  # last timeline point (None until the control loop runs)
+
+    def set_topology(self, roles: dict[str, str], stage_order: list[str], queue_capacity: dict[str, int]) -> None:
+        self.roles = dict(roles)
+        self.stage_order = list(stage_order)
+        self.queue_capacity = dict(queue_capacity)
+
+    def start(self, now: float) -> None:
+        """The workers are being started: per-stage figures count from here."""
+        self.t0 = now
+
+    def begin_loop(self, now: float) -> None:
+        """The control loop starts: utilisation and timeline intervals count from here."""
+        self.prev_sample, self.prev_t = {}, now
+        self.tl_sample, self.tl_t = {}, now
+
+    def on_stats(self, worker: str, stats: dict) -> None:
+        self.stats[worker] = stats
+
+    def on_result(self, now: float) -> None:
+        if self.first_result_s is None and self.t0 is not None:
+            self.first_result_s = now - self.t0
+
+    def elapsed(self, now: float | None = None) -> float:
+        return 0.0 if self.t0 is None else (time.monotonic() if now is None else now) - self.t0
+
+    # -- every tick ------------------------------------------------------------------------------
+    def tick(self, now: float, ledger: Ledger) -> None:
+        sample = aggregate(self.stats, self.roles)
+        self.queues = queue_fill(sample, self.stage_order)
+        dt = now - self.prev_t
+        if dt >= 1.0:
+            self.util = utilisation(self.prev_sample, sample, dt)
+            self.prev_sample, self.prev_t = sample, now
+        if self.tl_t is not None and now - self.tl_t >= self.timeline_dt:
+            self.record_timeline(now, sample, ledger)
+
+    def stage_line(self) -> str:
+        return bottleneck_line(self.util, self.queues, self.queue_capacity)
+
+    def record_timeline(self, now: float, sample: dict, ledger: Ledger) -> None:
+        """One report.json timeline point: inputs resolved, stage utilisation and queue fill."""
+        util = utilisation(self.tl_sample, sample, now - (self.tl_t or now))
+        self.tl_sample, self.tl_t = sample, now
+        self.timeline.append({"t": round(now - (self.t0 or now), 2), "done": ledger.embedded + ledger.failed,
+                              "failed": ledger.failed,
+                              "util": {k: round(v, 3) for k, v in util.items()},
+                              "queues": queue_fill(sample, self.stage_order)})
+        if len(self.timeline) > TIMELINE_MAX:  # keep report.json small on long runs: halve the resolution
+            self.timeline = self.timeline[1::2]
+            self.timeline_dt *= 2
+
+    def rate(self, done_now: int) -> float:
+        """Inputs resolved per second by this run (done_now excludes what a resumed run had)."""
+        elapsed = self.elapsed()
+        return done_now / elapsed if elapsed > 0 else 0.0
+
+    # -- the end ---------------------------------------------------------------------------------
+    def final_line(self, ledger: Ledger) -> str:
+        """The last timeline point, and the progress line that sums up the whole run."""
+        final = aggregate(self.stats, self.roles)
+        if self.tl_t is not None:
+            self.record_timeline(time.monotonic(), final, ledger)
+        if self.t0 is None:
+            return self.stage_line()
+        whole = utilisation({}, final, time.monotonic() - self.t0)
+        return (bottleneck_line(whole) + " (whole run)") if whole else self.stage_line()
+
+    def report(self, wall: float, ledger: Ledger, resumed: int, reasons: Counter,
+               run: dict[str, Any]) -> dict[str, Any]:
+        """The content of report.json; `run` adds what the supervisor knows (model, devices,
+        backend, restarts, removed devices, errors, warnings, synthetic weights)."""
+        done_now = ledger.embedded + ledger.failed - resumed
+        # per-stage figures are over the pipeline's running time (after model build / preparation)
+        run_s = self.elapsed()
+        per_stage = {}
+        for role, s in aggregate(self.stats, self.roles).items():
+            if role == "source":
+                continue
+            per_stage[role] = {
+                "workers": s.workers, "busy_s": round(s.busy_s, 3), "blocked_s": round(s.blocked_s, 3),
+                "busy_fraction": round(s.busy_s / (run_s * s.workers), 3) if run_s > 0 and s.workers else None,
+                "items_in": int(s.items_in),  # messages: one per image, except into the sink (one per batch)
+                "items_in_per_s": round(s.items_in / run_s, 3) if run_s > 0 else None,
+            }
+        cap = self.queue_capacity
+        occupancy: dict[str, Any] = {"capacity": cap, "mean": {}, "max": {}}
+        for edge in cap:
+            vals = [p["queues"][edge] for p in self.timeline if edge in p.get("queues", {})]
+            if vals:
+                occupancy["mean"][edge] = round(sum(vals) / len(vals), 2)
+                occupancy["max"][edge] = max(vals)
+        return {
+            "format": FORMAT,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "inputs_this_run": done_now,  # `report` draws the run that did the most work
+            "wall_s": round(wall, 3),
+            "run_s": round(run_s, 3),
+            "images_per_s": round(done_now / wall, 3) if wall > 0 else None,
+            "resumed_from": resumed,
+            "queue_occupancy": occupancy,
+            "stage_order": self.stage_order,
+            "time_to_first_result_s": None if self.first_result_s is None else round(self.first_result_s, 3),
+            "counts": {"embedded": ledger.embedded, "failed": ledger.failed, "listed": ledger.listed},
+            "failures_by_reason": dict(sorted(reasons.items())),
+            "per_stage": per_stage,
+            "per_worker": self.stats,
+            "timeline": self.timeline,
+            **run,
+            "versions": software_versions(),
+        }

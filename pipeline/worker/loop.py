@@ -1,0 +1,511 @@
+"""The one generic process loop every stage worker runs (spawned by the supervisor).
+
+A stage supplies a *core* (stages/*.py, contract: stages/base.py StageCore): `setup()`,
+`handle(header, frames) -> outputs`, `flush(now) -> outputs`, `deadline()`, `close()`. This loop owns everything else: sockets,
+poll timeouts, backpressure, stats, the shared slot the supervisor reads for crash attribution
+and stall detection, signals, and reporting exceptions with the worker and item named.
+
+Outputs are (target, header, buffers) with target "next" (the next stage), "sink" or "control".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import zmq
+
+from pipeline.backends.base import DeviceError
+from pipeline.config import Config
+from pipeline.wire import messages, transport
+from pipeline.wire.dispatch import Credits, Origins, items_in, window_for
+from pipeline.worker.pdeath import PARENT_ENV, set_parent_death_signal
+from stages.base import FatalError, Output, StageCore
+
+MAX_SLOT_IDS = 1024
+STATS_INTERVAL_S = 0.5
+SEND_TIMEOUT_MS = 200
+CREDIT_RETRY_MS = 20  # a device with credit but not connected yet: try again this soon
+
+# Exit codes of workers (the supervisor reads them).
+EXIT_OK = 0
+EXIT_CRASH = 70  # unexpected exception in the stage core
+EXIT_DEVICE = 71  # the device failed (DeviceError)
+EXIT_SETUP = 72  # setup failed (model load, device open)
+EXIT_FATAL = 73  # the run cannot continue (e.g. output disk full)
+
+class Slot:
+    """Shared memory between one worker slot and the supervisor (no locks: single writer).
+
+    A small file-backed mmap (in the run's private temp dir), so it also works for workers that
+    run under another interpreter (the TPU-MLIR simulator device runs under Python 3.10).
+    floats: [busy_since (monotonic, 0 = idle), last_beat, pid, sent_upto, item_id, item_since]
+            item_*: the one input a decoder is reading right now (per-input deadline, progress)
+    ids:    [n, id0, id1, ...] the ids inside the current unit of work
+    """
+
+    NFLOATS = 6
+    SIZE = 8 * (NFLOATS + 1 + MAX_SLOT_IDS)
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path):
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * self.SIZE)
+        self._map()
+
+    def _map(self) -> None:
+        import mmap
+
+        import numpy as np
+
+        with open(self.path, "r+b") as fh:
+            self._mm = mmap.mmap(fh.fileno(), self.SIZE)
+        self.floats = np.ndarray((self.NFLOATS,), dtype=np.float64, buffer=self._mm, offset=0)
+        self.ids = np.ndarray((MAX_SLOT_IDS + 1,), dtype=np.int64, buffer=self._mm, offset=8 * self.NFLOATS)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._map()
+
+    def begin(self, ids: Iterable[int]) -> None:
+        ids = list(ids)[:MAX_SLOT_IDS]
+        self.ids[1:len(ids) + 1] = ids
+        self.ids[0] = len(ids)
+        self.floats[0] = time.monotonic()
+
+    def end(self) -> None:
+        self.floats[0] = 0.0
+        self.ids[0] = 0
+
+    def begin_item(self, item_id: int) -> None:
+        self.floats[4] = float(item_id)
+        self.floats[5] = time.monotonic()
+
+    def end_item(self) -> None:
+        self.floats[5] = 0.0
+
+    def current_item(self) -> tuple[int, float] | None:
+        """(id, since) of the one input being read right now, or None."""
+        since = float(self.floats[5])
+        return (int(self.floats[4]), since) if since else None
+
+    def current_ids(self) -> list[int]:
+        n = int(self.ids[0])
+        return [int(i) for i in self.ids[1:n + 1]]
+
+    @property
+    def busy_since(self) -> float:
+        return float(self.floats[0])
+
+    @property
+    def sent_upto(self) -> int:
+        return int(self.floats[3])
+
+    @sent_upto.setter
+    def sent_upto(self, value: int) -> None:
+        self.floats[3] = float(value)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # source | decode | preprocess | infer | sink
+    index: int
+    cfg: Config
+    in_addr: str | None
+    next_addrs: tuple[str, ...]
+    sink_addr: str
+    control_addr: str
+    device: str | None = None
+    generation: int = 0
+    # queue limits (ZeroMQ high-water marks, in messages), decided once by Supervisor.plan
+    in_hwm: int = 0  # of this worker's PULL (0: it receives nothing)
+    out_hwm: int = 0  # of its PUSH to the next stage (0: it has none)
+    sink_hwm: int = 0  # of its PUSH to the sink
+    # the source's
+    listing_path: str = ""  # OUT/listing.jsonl
+    done_shards: tuple[int, ...] = ()  # complete shards: their ids are not sent
+    listing_complete: bool = False  # replay the saved listing instead of walking the inputs
+    start_at: int = 0  # a restarted source sends ids from here on
+    range_lo: int = 0  # a cluster range run: ids [range_lo, range_hi) of a planned listing only
+    range_hi: int | None = None
+    # credit-based dispatch into the devices (queues.dispatch = "credit", pipeline/wire/dispatch.py)
+    credit_addr: str = ""  # a sender into the infer stage: where the devices return its credits
+    credit_addrs: tuple[str, ...] = ()  # an infer process: every sender's credit endpoint
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}" + (f"({self.device})" if self.device else "")
+
+
+# Environment of spawned workers: one process per core is the design, so libraries must not add
+# thread pools of their own (an idle OpenBLAS pool spin-waits: on a loaded 2-core host it tripled
+# the fake device's CPU time). Only set where the user has not chosen a value.
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def worker_environment(extra: dict[str, str] | None = None):
+    """Around Process.start(): children inherit WORKER_ENV (where the user has not chosen a value)
+    and `extra` (the backend's per-worker variables, Backend.worker_env: always set); the parent's
+    environment is restored afterwards."""
+    extra = dict(extra or {})
+    saved = {k: os.environ.get(k) for k in extra}
+    added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    added[PARENT_ENV] = str(os.getpid())  # the supervisor: a worker whose parent is another has lost it
+    os.environ.update(added)
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def make_core(spec: WorkerSpec, slot: Slot) -> StageCore:
+    # Imported here, not at the top: a worker loads only its own stage (and its libraries: PIL, cv2,
+    # the backend's runtime), and the supervisor, which imports this module, loads none of them.
+    if spec.role == "decode":
+        from stages.decode import DecodeCore
+
+        core = DecodeCore(spec)
+        core.slot = slot
+        return core
+    if spec.role == "preprocess":
+        from stages.preprocess import PreprocessCore
+
+        return PreprocessCore(spec)
+    if spec.role == "infer":
+        from stages.infer import InferCore
+
+        return InferCore(spec, slot)
+    if spec.role == "sink":
+        from stages.sink import SinkCore
+
+        return SinkCore(spec)
+    raise ValueError(f"unknown role {spec.role}")
+
+
+class _Stop(Exception):
+    pass
+
+
+class Loop:
+    """Sockets and bookkeeping of one worker process."""
+
+    def __init__(self, spec: WorkerSpec, slot: Slot):
+        self.spec = spec
+        self.slot = slot
+        self.stopping = False
+        self.core: StageCore | None = None  # set once made (the orphan watchdog asks it about device calls)
+        self.parent = int(os.environ.get(PARENT_ENV) or os.getppid())
+        self.ctx = zmq.Context()
+        self.control = transport.push(self.ctx, [spec.control_addr], hwm=10000, linger_ms=1000)
+        self.next = None
+        # A sender into the infer stage dispatches by credit (pipeline/wire/dispatch.py): one PUSH per
+        # device, and a PULL where the devices return credits.
+        self.credits: Credits | None = None
+        self.peers: list[zmq.Socket] = []
+        self.credit_in: zmq.Socket | None = None
+        if spec.next_addrs and spec.credit_addr:
+            self.peers = [transport.push(self.ctx, [a], spec.out_hwm) for a in spec.next_addrs]
+            self.credit_in = transport.pull(self.ctx, spec.credit_addr, hwm=100000)
+            self.credits = Credits(len(spec.next_addrs), gen=spec.generation)
+        elif spec.next_addrs:
+            self.next = transport.push(self.ctx, spec.next_addrs, spec.out_hwm)
+        # An infer process with credit-dispatching senders: where each held id came from, and the
+        # sockets to return credits on (started once the device is ready: start_credits)
+        self.origins: Origins | None = None
+        self.credit_out: list[zmq.Socket] = []
+        self.window = 0
+        self.last_announce = 0.0
+        self.sink = transport.push(self.ctx, [spec.sink_addr], spec.sink_hwm) if spec.role != "sink" else None
+        self.stats: dict[str, float] = {"in": 0, "out": 0, "sink_out": 0, "busy_s": 0.0, "blocked_s": 0.0,
+                                        "idle_s": 0.0}
+        self.last_stats = 0.0
+
+    # -- sending with backpressure but without going deaf to signals or a dead parent --------
+    def send(self, target: str, header: dict, buffers: tuple = ()) -> None:
+        # Every send is non-blocking with a poll between tries: a blocking send to a peer that is
+        # gone (ZMQ_IMMEDIATE: no peer = no pipe) would never return, and the worker would
+        # outlive the supervisor (issue #12: orphans blocked in report_stats).
+        if target == "next" and self.credits is not None:
+            self.send_credited(header, buffers)
+            return
+        sock = {"control": self.control, "next": self.next}.get(target, self.sink)
+        t0 = time.monotonic()
+        while True:
+            try:
+                transport.send(sock, header, *buffers, flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                self.check_alive()
+                sock.poll(SEND_TIMEOUT_MS, zmq.POLLOUT)
+        if target == "control":
+            return
+        self.stats["blocked_s"] += time.monotonic() - t0
+        self.stats["out" if target == "next" else "sink_out"] += 1  # queue fill (progress.queue_fill)
+        if self.origins is not None and target == "sink":
+            self.origins.finished(header)  # these ids are done here: their senders get credit back
+        if self.spec.role == "infer" and header.get("t") == "emb":
+            now = time.monotonic()  # the dispatch tail (report.json "dispatch")
+            self.stats["first_result_t"] = self.stats.get("first_result_t") or now
+            self.stats["last_result_t"] = now
+
+    def send_credited(self, header: dict, buffers: tuple) -> None:
+        """Send to the device with the most free window; wait for credit when none has room."""
+        n = items_in(header)
+        cap = int(header["tail"]) if header.get("tail") else None  # a tail piece (dispatch.tail_images)
+        header = {**header, "src": self.spec.index, "sg": self.spec.generation}
+        t0 = time.monotonic()
+        tried: set[int] = set()
+        while True:
+            self.take_credits()
+            d = self.credits.choose(tried, cap, n)
+            if d is None:
+                self.check_alive()
+                self.credit_in.poll(CREDIT_RETRY_MS if tried else SEND_TIMEOUT_MS)
+                tried.clear()
+                continue
+            try:
+                transport.send(self.peers[d], header, *buffers, flags=zmq.NOBLOCK)
+            except zmq.Again:  # that device is not connected (starting, restarting, gone)
+                tried.add(d)
+                continue
+            self.credits.on_sent(d, n)
+            break
+        self.stats["blocked_s"] += time.monotonic() - t0
+        self.stats["out"] += 1
+
+    def take_credits(self) -> None:
+        while True:
+            try:
+                h, _ = transport.recv(self.credit_in, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.credits.on_credit(h)
+
+    # -- the infer side of credit dispatch ------------------------------------------------------
+    def start_credits(self, addrs: tuple[str, ...], window: int) -> None:
+        self.credit_out = [transport.push(self.ctx, [a], hwm=10000) for a in addrs]
+        self.origins = Origins()
+        self.window = window
+        self.return_credits(announce=True)
+
+    def return_credits(self, announce: bool = False) -> None:
+        """Credits for the ids finished since the last call, to the senders they came from; and
+        every STATS_INTERVAL_S (or when asked) this device's window to every sender (a sender that
+        restarted learns it so, and a new generation of this device resets their counts)."""
+        if self.origins is None:
+            return
+        base = {"t": "credit", "peer": self.spec.index, "gen": self.spec.generation, "w": self.window}
+        for (src, sg), n in self.origins.take_due().items():
+            if 0 <= src < len(self.credit_out):
+                self._credit(src, {**base, "n": n, "sg": sg})
+        now = time.monotonic()
+        if announce or now - self.last_announce >= STATS_INTERVAL_S:
+            self.last_announce = now
+            for src in range(len(self.credit_out)):
+                self._credit(src, {**base, "n": 0})
+
+    def _credit(self, src: int, header: dict) -> None:
+        try:
+            transport.send(self.credit_out[src], header, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # that sender is gone: its next generation starts from the announcements
+
+    def emit(self, outputs: Iterable[Output] | None) -> None:
+        for target, header, buffers in outputs or ():
+            self.send(target, header, buffers)
+
+    def check_alive(self) -> None:
+        if self.stopping:
+            raise _Stop()
+        if os.getppid() != self.parent:  # the supervisor died: don't linger as an orphan
+            raise _Stop()
+
+    def report_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_stats >= STATS_INTERVAL_S:
+            self.last_stats = now
+            self.slot.floats[1] = now
+            self.send("control", messages.stats(self.spec.name, self.spec.role, self.spec.index, self.stats))
+
+    def error(self, kind: str, exc: BaseException, ids: list[int]) -> None:
+        self.send("control", messages.error(kind, self.spec.name, self.spec.role, self.spec.index, ids[:64],
+                                            type(exc).__name__, str(exc), traceback.format_exc()))
+
+    def close(self) -> None:
+        for s in (self.next, self.sink, self.credit_in, *self.peers, *self.credit_out):
+            if s is not None:
+                s.close(0)
+        self.control.close(1000)
+        self.ctx.term()
+
+
+# An orphan (the supervisor died) that has not left its loop this long after SIGTERM exits hard:
+# nothing it holds can be written anywhere any more. A device call in flight is waited for (up to
+# run.stall_timeout_s), so a device is never torn down under a running call.
+ORPHAN_GRACE_S = 1.5
+
+def _orphan_watchdog(loop: Loop, stall_s: float) -> None:
+    import threading
+
+    def run() -> None:
+        t0 = time.monotonic()
+        while True:
+            time.sleep(0.05)
+            waited = time.monotonic() - t0
+            in_call = loop.core is not None and loop.core.in_device_call()
+            if waited >= ORPHAN_GRACE_S and (not in_call or waited >= stall_s):
+                os._exit(EXIT_OK)
+
+    threading.Thread(target=run, daemon=True, name="orphan-watchdog").start()
+
+
+def _install_signals(loop: Loop) -> None:
+    # Ctrl-C reaches the whole process group: only the supervisor decides what happens.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watchdog = []
+
+    def on_term(signum, frame):  # noqa: ARG001
+        loop.stopping = True
+        if os.getppid() != loop.parent and not watchdog:  # parent death (PR_SET_PDEATHSIG)
+            watchdog.append(True)
+            _orphan_watchdog(loop, loop.spec.cfg.run.stall_timeout_s)
+
+    signal.signal(signal.SIGTERM, on_term)
+    set_parent_death_signal(signal.SIGTERM)  # already asked by pipeline.worker.boot; harmless again
+    # The supervisor may have died before prctl took effect: then no signal will ever come.
+    if os.getppid() != loop.parent:
+        on_term(signal.SIGTERM, None)
+
+
+def worker_main(spec: WorkerSpec, slot: Slot) -> None:
+    """Entry point of every spawned stage worker."""
+    os.environ["CLIP_PIPELINE_WORKER_GENERATION"] = str(spec.generation)
+    loop = Loop(spec, slot)
+    _install_signals(loop)
+    slot.floats[2] = os.getpid()
+    code = EXIT_OK
+    try:
+        if spec.role == "source":
+            from stages.source import run_source
+
+            # ready like every worker (it has its sockets): deaths count "in a row without getting
+            # ready" for the source too, so a source killed now and then does not abort the run
+            loop.send("control", messages.ready(spec.name, spec.role, spec.index, os.getpid(), {}))
+            run_source(spec, slot, loop)
+        else:
+            code = _run_core(spec, slot, loop)
+    except _Stop:
+        code = EXIT_OK
+    except FatalError as exc:
+        loop.error("fatal", exc, slot.current_ids())
+        code = EXIT_FATAL
+    except Exception as exc:  # noqa: BLE001 - reported to the supervisor with context
+        loop.error("crash", exc, slot.current_ids())
+        code = EXIT_CRASH
+    finally:
+        try:
+            # final stats only to a live supervisor: with it gone (SIGKILLed, e.g. with its Ray
+            # worker) the control socket has no peer and the send would block this orphan forever
+            if os.getppid() == loop.parent:
+                loop.report_stats(force=True)
+        except Exception:  # noqa: BLE001
+            pass
+        loop.close()
+    sys.exit(code)
+
+
+def _run_core(spec: WorkerSpec, slot: Slot, loop: Loop) -> int:
+    core = make_core(spec, slot)
+    loop.core = core
+    try:
+        core.setup()
+    except FatalError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        loop.error("setup", exc, [])
+        return EXIT_SETUP
+    loop.send("control", messages.ready(spec.name, spec.role, spec.index, os.getpid(), core.info))
+    inp = transport.pull(loop.ctx, spec.in_addr, spec.in_hwm)
+    if spec.role == "infer" and spec.credit_addrs:
+        addrs = spec.credit_addrs
+        batch = int(core.info.get("batch_size") or spec.cfg.model.batch_size)
+        loop.start_credits(addrs, window_for(batch, spec.cfg.queues.infer_batches, len(addrs)))
+    poller = zmq.Poller()
+    poller.register(inp, zmq.POLLIN)
+    wake = core.wake_fd()
+    if wake is not None:  # the core finishes work on a thread of its own: wake up to send its results
+        poller.register(wake, zmq.POLLIN)
+    per_item = spec.role in ("decode", "preprocess")  # one item per message: attribute crashes to it
+    try:
+        while True:
+            loop.check_alive()
+            now = time.monotonic()
+            deadline = core.deadline()
+            timeout = STATS_INTERVAL_S if deadline is None else max(0.0, min(STATS_INTERVAL_S, deadline - now))
+            t0 = time.monotonic()
+            ready = dict(poller.poll(int(timeout * 1000)))
+            loop.stats["idle_s"] += time.monotonic() - t0
+            if ready.get(inp):
+                header, frames = transport.recv(inp)
+                loop.stats["in"] += len(header["ids"]) if "ids" in header and header["t"] != "emb" else 1
+                if loop.origins is not None:
+                    loop.origins.received(header)
+                t0 = time.monotonic()
+                if per_item:
+                    slot.begin(header["ids"] if "ids" in header else [header["id"]])
+                try:
+                    outputs = list(core.handle(header, frames) or ())
+                except DeviceError as exc:
+                    slot.end()  # the device failed, not these items: don't blame them
+                    loop.error("device", exc, [])
+                    return EXIT_DEVICE
+                if per_item:
+                    slot.end()
+                loop.stats["busy_s"] += time.monotonic() - t0
+                loop.emit(outputs)
+            t0 = time.monotonic()
+            try:
+                outputs = list(core.flush(time.monotonic()) or ())
+            except DeviceError as exc:
+                slot.end()
+                loop.error("device", exc, [])
+                return EXIT_DEVICE
+            loop.stats["busy_s"] += time.monotonic() - t0
+            loop.emit(outputs)
+            own_busy = core.busy_s()
+            if own_busy is not None:  # work done on a thread of the core's own (infer.overlap)
+                loop.stats["busy_s"] = own_busy
+            loop.return_credits()
+            loop.report_stats()
+    finally:
+        try:
+            core.close()
+        finally:
+            inp.close(0)
+
+
+if __name__ == "__main__":
+    # Entry for workers launched under another interpreter (see Backend.worker_python); the
+    # supervisor uses `python -m pipeline.worker.boot SPEC.pickle`, which guards against orphans first.
+    import pickle
+
+    with open(sys.argv[1], "rb") as fh:
+        worker_main(*pickle.load(fh))
