@@ -516,3 +516,82 @@ def test_signal_storm_keeps_the_closing_message_and_leaves_no_temp_files(tmp_pat
     assert r.returncode == 0, r.stderr
     embedded, failed = accounting(out)
     assert set(embedded) == {str(x) for x in good} and not failed
+
+
+# -- item 9: messages people read ----------------------------------------------------------------
+
+
+def test_report_verdict_names_model_start_up():
+    """The quick start's report said "input-bound (every stage mostly idle)" when 6.5 of 8 s were
+    the model starting."""
+    from pipeline.query.report import charts, svg_chart, verdict
+
+    rep = {"run_s": 8.0, "startup_s": 6.5, "per_stage": {"decode": {"busy_fraction": 0.05},
+                                                         "infer": {"busy_fraction": 0.1}},
+           "timeline": [{"t": 1.0, "done": 0}, {"t": 8.0, "done": 16}]}
+    assert verdict(rep).startswith("start-up-bound: the model took 6.5 of 8.0 s to start")
+    assert "model start-up" in svg_chart(charts(rep)[0])
+    rep["startup_s"] = 1.5
+    assert verdict(rep) == "input-bound (every stage mostly idle): infer 10% busy on average (model start-up 1.5 s)"
+
+
+def test_progress_line_says_starting_while_the_model_loads(tmp_path):
+    import time as _time
+
+    from pipeline.run.progress import Progress
+    from pipeline.run.supervisor import Supervisor
+
+    cfg = cfgmod.load(None, ['infer.backend="fake"'], input_paths=[str(tmp_path)], output_dir=str(tmp_path / "o"))
+    sup = Supervisor(cfg, progress=Progress("none"))
+    sup.devices = ["cpu:0"]
+    sup.plan()
+    sup.telemetry.start(_time.monotonic())
+    assert sup.stage_line().startswith("starting: 1 device(s) loading the model"), sup.stage_line()
+    sup.telemetry.on_device_ready(_time.monotonic())
+    assert not sup.stage_line().startswith("starting: ")
+
+
+def test_final_messages_read_right(tmp_path):
+    """"Completed with 1 failures", "to resume.. Kept:", a resumed run's "Embedded 20 of 20" that
+    did not say most were earlier runs' work, and the added-inputs warning without --update."""
+    good = good_corpus(tmp_path / "in", 20)
+    (tmp_path / "in" / "bad.jpg").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    r = run_cli(tmp_path / "in", out, env_extra={"CLIP_PIPELINE_TEST_ENOSPC_SHARD": "1"})
+    assert r.returncode == 4 and "Run aborted: " in r.stderr and ".. Kept" not in r.stderr, r.stderr
+    r = run_cli(tmp_path / "in", out)
+    assert r.returncode == 3, r.stderr
+    assert "Completed with 1 failure: see" in r.stdout
+    assert "of the inputs were done by an earlier run of this output, 13 by this one." in r.stdout, r.stdout
+    good_corpus(tmp_path / "more", 1)[0].rename(tmp_path / "in" / "new.jpg")
+    r = run_cli(tmp_path / "in", out)
+    assert "1 input(s) added" in r.stderr and "--update" in r.stderr, r.stderr
+    assert len(good) == 20
+
+
+def test_full_disk_before_a_run_is_exit_4(tmp_path, monkeypatch):
+    """A full disk found by the start-up write probe was exit 2 ("not writable"); the README lists
+    a full disk under 4."""
+    import errno
+    from pathlib import Path
+
+    from pipeline.data.rundir import RunDir
+    from pipeline.errors import RunFailure
+
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name == ".write-test.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(RunFailure, match="the output disk is full"):
+        RunDir(tmp_path / "o").prepare({}, restart=False, on_existing="resume", log=print, refusal=lambda old: "")
+
+
+def test_readme_says_which_python_and_how_to_make_a_venv():
+    text = (ROOT / "README.md").read_text()
+    quick = text[text.index("## Quick start"):text.index("## Commands")]
+    assert "Python 3.11 or newer" in quick and "python3 -m venv" in quick
+    assert "is coming" not in text and "--no-build-isolation" in text

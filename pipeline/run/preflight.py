@@ -364,4 +364,7 @@ def changes_note(changes: InputChanges, complete: bool) -> str:
     what = "this output" if complete else "this run, which resumes the listing as it was,"
     return (f"since this run listed its inputs, {changes.summary()}: {what} does not include the added ones"
             f"{' and keeps the rows of the removed ones' if complete and changes.removed else ''}. "
-            "To embed them: --restart (embeds everything again) or, once it exists, `run --update` (incremental)")
+            + ("To embed only the new ones: the same command with --update (incremental; the output must be "
+               "complete); or --restart (embeds everything again)" if complete else
+               "Let this run finish, then run it again with --update to embed only the new ones; or --restart "
+               "(embeds everything again)"))

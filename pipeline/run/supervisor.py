@@ -445,6 +445,8 @@ class Supervisor:
             if w is not None:
                 w.ready = True
                 w.streak = 0
+                if w.role == "infer":
+                    self.telemetry.on_device_ready(time.monotonic())
             dim = (h.get("info") or {}).get("dim")
             if dim and self.dim is None:
                 self.dim = int(dim)
@@ -624,6 +626,10 @@ class Supervisor:
                              self.rate(), self.stage_line())
 
     def stage_line(self) -> str:
+        if self.telemetry.ready_s is None and self.telemetry.t0 is not None:  # not "input-bound: infer 0%"
+            devices = sum(1 for w in self.workers.values() if w.role == "infer" and not w.removed)
+            return (f"starting: {devices} device(s) loading the model, "
+                    f"{self.telemetry.elapsed():.0f}s so far")
         line = self.telemetry.stage_line()
         stuck = self.stuck_note(time.monotonic())
         return f"{line} | {stuck}" if stuck else line
@@ -689,7 +695,7 @@ class Supervisor:
                    "Run the same command again to resume (the rest is redone).")
             return RunResult(EXIT_SIGINT if self.interrupted == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(self.out))
         if ending_early:
-            reason = self.abort_reason or "the run ended before every input was resolved"
+            reason = (self.abort_reason or "the run ended before every input was resolved").rstrip(". ")
             self.best_effort(self.write_manifest, "failed", {"error": reason})
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
@@ -710,11 +716,14 @@ class Supervisor:
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
-        msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
+        earlier = (f"; {self.resumed_count} of the inputs were done by an earlier run of this output, "
+                   f"{led.embedded + led.failed - self.resumed_count} by this one") if self.resumed_count else ""
+        msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}"
+               f"{earlier}.")
         if self.input_changes:
             msg += " Note: " + preflight.changes_note(self.input_changes, True) + "."
         if n_fail:
-            msg += f" Completed with {n_fail} failures: see {self.rundir.failures}."
+            msg += f" Completed with {n_fail} failure{'s' if n_fail != 1 else ''}: see {self.rundir.failures}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
         return RunResult(EXIT_SUCCESS, msg, counts, str(self.out))
 

@@ -199,8 +199,11 @@ def _run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = prin
     _publish(out, attempt, rec)
     _finish_record(out, rec)
     _refresh_run(cfg, out, manifest)
-    msg = (f"Updated {out}: {rec['embedded']} new input(s) embedded into shards {output.shard_name(k0)}.."
-           f"{output.shard_name(next_shard(out) - 1)}, {rec['failed']} failed, {len(removed)} removed since"
+    k1 = next_shard(out) - 1
+    shards = (f"shard {output.shard_name(k0)}" if k1 == k0 else
+              f"shards {output.shard_name(k0)}..{output.shard_name(k1)}")
+    msg = (f"Updated {out}: {rec['embedded']} new input(s) embedded into {shards}, {rec['failed']} failed, "
+           f"{len(removed)} removed since"
            + (f" (recorded in {out / UPDATES / rec['removed']})" if removed else "")
            + (f", {len(aliases)} skipped as the content of an embedded input" if aliases else "") + ".")
     return RunResult(EXIT_WITH_FAILURES if rec["failed"] else EXIT_SUCCESS, msg,
