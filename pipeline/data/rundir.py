@@ -426,6 +426,12 @@ def looks_like_run(out_dir: str | os.PathLike) -> bool:
     return (out / LISTING).exists() or (out / EMB_DIR).is_dir()
 
 
+def manifest_missing(out_dir: str | os.PathLike) -> DamagedRun:
+    """The error for a run directory whose manifest was deleted, saying how to recover."""
+    return DamagedRun(f"output directory {out_dir} holds a clip-pipeline run whose {MANIFEST} is missing: "
+                      f"{RESTART_OR_RESTORE}")
+
+
 @dataclass(frozen=True)
 class PriorRun:
     """What RunDir.prepare found in the output directory."""
@@ -554,8 +560,7 @@ class RunDir:
             if looks_like_run(out) and restart:
                 manifest = {}
             elif looks_like_run(out):
-                raise DamagedRun(f"output directory {out} holds a clip-pipeline run whose {MANIFEST} is missing: "
-                                 f"{RESTART_OR_RESTORE}")
+                raise manifest_missing(out)
             else:
                 raise ConfigError(f"output directory {out} is not empty and holds no clip-pipeline run; "
                                   "choose a new or empty directory (config key output.dir / --output)")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import output
-from pipeline.data.rundir import RESTART_OR_RESTORE, DamagedRun, RunDir, damaged_shards, lock_holder, looks_like_run
+from pipeline.data.rundir import DamagedRun, RunDir, damaged_shards, lock_holder, looks_like_run, manifest_missing
 from pipeline.wire import pathcodec
 
 NORM_TOLERANCE = {"float32": 1e-3, "float16": 5e-3}
@@ -37,7 +37,7 @@ def read_run(out: str | os.PathLike) -> dict[str, Any]:
     except DamagedRun as exc:
         raise NotARun(str(exc)) from None
     if manifest is None and looks_like_run(out):
-        raise NotARun(f"{out} holds a clip-pipeline run whose {RunDir(out).manifest.name} is missing: {RESTART_OR_RESTORE}")
+        raise NotARun(str(manifest_missing(out)))
     if manifest is None or not str(manifest.get("format", "")).startswith("clip-pipeline/"):
         raise NotARun(f"{out} holds no clip-pipeline run (no {RunDir(out).manifest.name}): give the output directory "
                       "of a run (its output.dir / --output)")

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.backends import get_backend
 from pipeline.config import Config, ConfigError, apply_override, from_dict, parse_value
-from pipeline.data.rundir import RESTART_OR_RESTORE, RunDir, looks_like_run
+from pipeline.data.rundir import RunDir, looks_like_run, manifest_missing
 from pipeline.output import load_embeddings
 from pipeline.run.progress import Progress
 from pipeline.run.supervisor import RunAborted, Supervisor
@@ -25,7 +25,7 @@ from pipeline.run.supervisor import RunAborted, Supervisor
 def manifest_of(out: str | os.PathLike) -> dict[str, Any]:
     manifest = RunDir(out).read_manifest()  # DamagedRun (a ConfigError) says how to recover
     if manifest is None and looks_like_run(out):
-        raise ConfigError(f"{out} holds a clip-pipeline run whose manifest.json is missing: {RESTART_OR_RESTORE}")
+        raise manifest_missing(out)
     if manifest is None:
         raise ConfigError(f"{out} holds no clip-pipeline run (no manifest.json); give the --output directory of a run")
     return manifest

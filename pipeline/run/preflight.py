@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.data.rundir import LOCK, MANIFEST, RESTART_OR_RESTORE, DamagedRun, RunDir, looks_like_run
+from pipeline.data.rundir import LOCK, DamagedRun, RunDir, looks_like_run, manifest_missing
 from pipeline.wire import pathcodec
 
 # fingerprint field (manifest.json) -> the config key a user changes to change it
@@ -322,8 +322,7 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
         manifest = None  # --restart deletes it with the rest
     if manifest is None:
         if out.is_dir() and looks_like_run(out) and not restarting:
-            raise DamagedRun(f"output directory {out} holds a clip-pipeline run whose {MANIFEST} is missing: "
-                             f"{RESTART_OR_RESTORE}")
+            raise manifest_missing(out)
         if out.is_dir() and not looks_like_run(out) and any(p.name != LOCK for p in out.iterdir()):
             raise ConfigError(foreign_dir_refusal(out))
         refusal = writable_refusal(out)
