@@ -1,8 +1,8 @@
-"""The Python API to read a run's output: `load_embeddings`, `iter_shards`, `ShardedArray`.
+"""The Python API to read a run's output: `load_embeddings`, `iter_shards`, `ShardedArray`,
+`read_manifest`, `listed_inputs`.
 
-The layout of the output directory, its file formats and the atomic writes are in
-pipeline/data/rundir.py (the only place that spells its file names); the names below that come from
-there are re-exported for callers that used them from here.
+One door each way: reading a run goes through here, writing one through pipeline/data/rundir.py
+(its layout, formats and atomic writes: the only module that spells the layout's file names).
 """
 
 from __future__ import annotations
@@ -15,27 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.rundir import (  # noqa: F401 - re-exported (the layout used to live here)
-    EMB_DIR,
-    RunDir,
-    atomic_write_bytes,
-    atomic_write_json,
-    completed_shards,
-    decode_path_line,
-    encode_path_line,
-    fsync_dir,
-    listed_inputs,
-    listing_line,
-    listing_paths,
-    npy_bytes,
-    parse_listing_line,
-    read_manifest,
-    recorded_inputs,
-    records,
-    remove_temp_files,
-    shard_name,
-    write_shard,
-)
+from pipeline.data.rundir import RunDir, completed_shards
+from pipeline.data.rundir import listed_inputs as listed_inputs  # (id, path) of every input, updates too
+from pipeline.data.rundir import read_manifest as read_manifest  # the run's manifest.json, None if absent
 
 # -- reading a run's output -------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ def sample_shards(out: Path, stop: threading.Event, samples: list) -> None:
 def bench_ray(nodes: int, devices: int, range_shards: int, work: Path) -> dict:
     import ray_helpers
 
-    from pipeline.bench import empty_inputs
+    from pipeline.bench.corpus import empty_inputs
     from pipeline.cluster.ray_runner import run_on_ray
     from pipeline.config import from_dict
 
@@ -112,7 +112,7 @@ def bench_ray(nodes: int, devices: int, range_shards: int, work: Path) -> dict:
 
 
 def bench_plan(n: int, work: Path) -> dict:
-    from pipeline.bench import empty_inputs
+    from pipeline.bench.corpus import empty_inputs
     from pipeline.cluster.plan import make_plan
     from pipeline.config import from_dict
 

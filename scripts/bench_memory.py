@@ -31,12 +31,12 @@ LIST_PROBE = r"""
 import os, resource, sys, time
 sys.path.insert(0, sys.argv[2])
 from stages.source import iter_inputs
-from pipeline import output
+from pipeline.data import rundir
 t0 = time.monotonic()
 n = 0
 with open(os.devnull, "wb") as sink:  # the source writes each path to listing.jsonl
     for p in iter_inputs((sys.argv[1],), ("jpg",)):
-        sink.write(output.listing_line(p))
+        sink.write(rundir.listing_line(p))
         n += 1
 print(n, time.monotonic() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -42,8 +42,8 @@ def main() -> None:
     from sail_helpers import write_fake_bmodel
 
     from pipeline import config
+    from pipeline.data.rundir import EMB_DIR, shard_name
     from pipeline.model.modelgen import build_clip_image_onnx
-    from pipeline.output import EMB_DIR, shard_name
     from pipeline.run.supervisor import run
 
     work = Path(tempfile.mkdtemp(prefix="clipp-overlap-"))

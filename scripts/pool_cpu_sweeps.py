@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.bench import CPU_RATIOS as RATIOS  # noqa: E402 - the bench's own list of ratios
+from pipeline.bench.cases import CPU_RATIOS as RATIOS  # noqa: E402 - the bench's own list of ratios
 
 CASES = ("ceiling", "pipeline", "pipeline_ready_crops", "single_loop", "dataloader")  # printing order
 

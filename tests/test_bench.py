@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.backends.fake import fake_embed
-from pipeline.bench import steady_cpu_rate, tree_pids
+from pipeline.bench.sampler import steady_cpu_rate, tree_pids
 from pipeline.worker.loop import worker_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_tree_pids_includes_this_process_and_its_children():
 def test_tree_memory_reads_smaps_only_every_pss_interval(monkeypatch):
     """smaps_rollup costs the measured run ~10% of a core at 4 Hz on ViT-B/32 (issue #20): the
     sampler must read it once per pss_interval_s, and RSS/CPU (cheap reads) on every sample."""
-    from pipeline import bench
+    from pipeline.bench import sampler as bench
 
     smaps_reads = []
     real = bench._mem_kib
@@ -137,35 +137,36 @@ def test_fake_embed_rows_do_not_depend_on_the_batch():
     assert fake_embed(px[:, :24, :24].copy()).shape == (5, 512)  # tiny crops work too
 
 
-@pytest.mark.parametrize("what", ["corpus", "model", "empty"])
-def test_bench_usage_errors_are_one_line_exit_2(tmp_path, monkeypatch, what):
-    """A fresh clone has no bench corpus: the cpu case says so in one line (no traceback), exit 2."""
+@pytest.mark.parametrize("what", ["no_corpus", "corpus", "model", "empty"])
+def test_bench_usage_errors_are_one_line_exit_2(tmp_path, what):
+    """The corpus comes from --images only (no default path): without it, or with a missing or
+    empty directory, the cpu case says so in one line (no traceback), exit 2."""
     from click.testing import CliRunner
 
-    from pipeline import bench as benchmod
     from pipeline.cli import cli
 
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
     corpus = tmp_path / "corpus"
-    if what != "corpus":
+    if what not in ("corpus", "no_corpus"):
         corpus.mkdir()
     if what == "model":
         (corpus / "a.jpg").write_bytes(b"x")
         model = tmp_path / "missing.onnx"
-    monkeypatch.setattr(benchmod, "DEFAULT_CORPUS", corpus)
-    r = CliRunner().invoke(cli, ["bench", "--case", "cpu", "--model", str(model), "-q"])
+    images = [] if what == "no_corpus" else ["--images", str(corpus)]
+    r = CliRunner().invoke(cli, ["bench", "--case", "cpu", "--model", str(model), *images, "-q"])
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
     assert "Traceback" not in r.output
-    expect = {"corpus": f"bench corpus {corpus} does not exist", "model": f"model {model} does not exist",
-              "empty": f"no JPEGs in {corpus}"}[what]
+    expect = {"no_corpus": "the cpu case needs a directory of JPEGs", "corpus": f"bench corpus {corpus} does not exist",
+              "model": f"model {model} does not exist", "empty": f"no JPEGs in {corpus}"}[what]
     assert expect in r.output and ("--images" in r.output or what == "model")
 
 
 def test_dispatch_summary_and_table():
     """bench --case dispatch: medians per mode (tail, throughput, ratio to the ceiling) and its table rows."""
-    from pipeline.bench import _dispatch_summary, table
+    from pipeline.bench.cases import _dispatch_summary
+    from pipeline.bench.table import table
 
     def run(tail, ips, split):
         return {"images_per_s": ips, "wall_s": 10.0, "dispatch": {"tail_s": tail, "images_per_device": split}}
@@ -185,7 +186,8 @@ def test_dispatch_summary_and_table():
 def test_cpu_length_sweep_summaries_and_table():
     """bench --case cpu --cpu-lengths: one summary per run length (medians of the interleaved runs,
     ratios, host_cpu_cores_steady, drain tail), and a table block per length."""
-    from pipeline.bench import _cpu_summary, table
+    from pipeline.bench.cases import _cpu_summary
+    from pipeline.bench.table import table
 
     p = {"batch": 16, "cpu_procs": 2, "cpu_threads": 1, "pipeline_model": None, "model": "m.onnx", "mode": "fast",
          "int8_model": None, "decode_workers": 1, "items_per_message": 16}

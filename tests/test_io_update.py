@@ -16,7 +16,8 @@ from imagegen import make_images
 
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError
-from pipeline.output import EMB_DIR, iter_shards, listed_inputs, load_embeddings
+from pipeline.data.rundir import EMB_DIR
+from pipeline.output import iter_shards, listed_inputs, load_embeddings
 from pipeline.query.inspection import verify
 from pipeline.run.progress import Progress
 from pipeline.run.supervisor import Supervisor
@@ -133,3 +134,96 @@ def test_update_from_the_command_line_with_tar_shards(tmp_path, tiny_model):
     paths, emb = load_embeddings(tmp_path / "out")
     assert [p.split("/")[-2:] for p in paths] == [["00000.tar", f"{i:09d}.jpg"] for i in range(3)] + \
         [["00001.tar", f"{i:09d}{imgs[3 + i].suffix}"] for i in range(3)]
+
+
+# -- an updated output stays one run: counts, the manifest, recovery (issue #27 item 5) ---------------
+
+def _fake_cli(*args: str, env_extra: dict | None = None, progress: str = "none") -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args, "--set", 'infer.backend="fake"', "--set", "output.shard_size=4",
+                              "--set", "model.batch_size=4", "--progress", progress),
+                          env=cli_env(**(env_extra or {})), capture_output=True, text=True, timeout=180)
+
+
+def _updated_outputs(tmp_path: Path, *names: str) -> tuple[list[Path], list[str]]:
+    """Finished fake-backend runs (one per name) over the same 10 photos (shard size 4), then 9 new
+    inputs, one of them broken: an update fills 3 shards. Returns (the outputs, the input arguments)."""
+    imgs = tmp_path / "imgs"
+    make_images(imgs, 10)
+    outs = [tmp_path / name for name in names]
+    for out in outs:
+        r = _fake_cli("run", "--input", str(imgs), "--output", str(out))
+        assert r.returncode == 0, r.stderr
+    make_images(imgs / "new", 8, seed=7)
+    (imgs / "new" / "zz_broken.jpg").write_bytes(b"not an image")
+    return outs, ["--input", str(imgs)]
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    """Every file of OUT but report.json, the manifest's timestamps removed."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name != "report.json":
+            data = p.read_bytes()
+            if p.name == "manifest.json":
+                m = json.loads(data)
+                for k in ("created", "updated"):
+                    m.pop(k, None)
+                m["config"]["output"].pop("dir")  # compared across directories
+                data = json.dumps(m, sort_keys=True).encode()
+            files[str(p.relative_to(out))] = data
+    return files
+
+
+def test_a_plain_run_over_an_updated_output_counts_the_update_and_keeps_it(tmp_path):
+    [out], inputs = _updated_outputs(tmp_path, "out")
+    args = [*inputs, "--output", str(out)]
+    r = _fake_cli("run", "--update", *args)
+    assert r.returncode == 3 and "8 new input(s) embedded" in r.stdout, r.stdout + r.stderr
+    after_update = _files(out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"] == {"embedded": 18, "failed": 1, "total": 19} and m["shards"] == [0, 1, 2, 3, 4, 5]
+    assert [u["update"] for u in m["updates"]] == [1]
+    # inspect and --dry-run count the update's inputs and shards
+    r = subprocess.run(cli("inspect", str(out)), env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert "19 listed, 18 embedded, 1 failed" in r.stdout and "shards:   6 of 6 complete" in r.stdout, r.stdout
+    r = _fake_cli("run", "--dry-run", *args)
+    assert r.returncode == 0 and "complete: 6 of 6 shards" in r.stdout, r.stdout + r.stderr
+    # a plain run of the same command: nothing to do, the counts include the update, nothing is lost
+    r = _fake_cli("run", *args)
+    assert r.returncode == 3, r.stderr
+    assert "Embedded 18 of 19 images" in r.stdout and "of 10" not in r.stdout, r.stdout
+    assert _files(out) == after_update
+    assert verify(out) == []
+    # report --all lists the update among the runs over this directory
+    r = subprocess.run(cli("report", str(out), "--all"), env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert "3 runs over this output directory" in r.stdout, r.stdout
+    assert "update 1" in r.stdout and "9 inputs this run" in r.stdout, r.stdout
+    # an update that only records a removed input is listed by the manifest at once (no later
+    # "finished publishing" for it)
+    next(Path(inputs[1]).glob("img_*.jpg")).unlink()
+    r = _fake_cli("run", "--update", *args)
+    assert r.returncode == 0 and "Nothing new to embed" in r.stdout and "1 input(s) removed" in r.stdout, r.stdout
+    assert [u["update"] for u in json.loads((out / "manifest.json").read_text())["updates"]] == [1, 2]
+    r = _fake_cli("run", *args, progress="log")
+    assert r.returncode == 3 and "finished publishing" not in r.stderr, r.stderr
+
+
+def test_update_killed_mid_publish_is_finished_by_the_next_run(tmp_path):
+    """The update dies after moving its 2nd shard into place (the next plain run finishes it), or
+    after the last move and before the run's files are refreshed (the next --update finishes it):
+    deaths injected by tests/fault_injection. Either way the output ends byte-identical to an update
+    that was never interrupted (before: "Nothing new to embed", the manifest without the update,
+    an empty failures.jsonl, and inspect --verify failing)."""
+    (ref, *outs), inputs = _updated_outputs(tmp_path, "ref", "shard2", "refresh")
+    r = _fake_cli("run", "--update", *inputs, "--output", str(ref))
+    assert r.returncode == 3, r.stderr
+    for out, death, again in zip(outs, ("shard:2", "refresh"), ([], ["--update"])):
+        args = [*inputs, "--output", str(out)]
+        r = _fake_cli("run", "--update", *args, env_extra={"CLIP_PIPELINE_TEST_DIE_IN_PUBLISH": death})
+        assert r.returncode == 86, r.stdout + r.stderr  # the hook's os._exit
+        assert _files(out) != _files(ref)
+        r = _fake_cli("run", *again, *args, progress="log")
+        assert r.returncode == (0 if again else 3), r.stdout + r.stderr
+        assert "finished publishing update 1" in r.stderr, r.stdout + r.stderr
+        assert _files(out) == _files(ref), death
+        assert verify(out) == [], death

@@ -13,8 +13,9 @@ import subprocess
 import numpy as np
 import onnxruntime as ort
 import pytest
+from clip_reference import clip_transform  # the tests' own CLIP transform, independent of pipeline/
+from PIL import Image
 
-from pipeline.data.images import decode_file, reference_crop
 from pipeline.model.modelgen import build_clip_image_onnx
 from pipeline.model.models import model_image_size
 from tests.conftest import ROOT, cli, cli_env
@@ -53,12 +54,10 @@ def test_336_input_768_width_end_to_end(tmp_path, model336, fused):
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["model"]["image_size"] == 336
     sess = ort.InferenceSession(str(model336), providers=["CPUExecutionProvider"])
-    from pipeline.data.images import DecodeOptions, normalize
-
-    for i in (0, 3, 7):
-        crop = reference_crop(decode_file(paths[i], DecodeOptions()), 336)
-        assert crop.shape == (336, 336, 3)
-        want = sess.run(None, {"image": normalize(crop[None])})[0][0]
+    for i in (0, 3, 7):  # the reference: the tests' own CLIP transform at 336, not pipeline.data.images
+        x = clip_transform(Image.open(paths[i]), 336)
+        assert x.shape == (3, 336, 336)
+        want = sess.run(None, {"image": x[None]})[0][0]
         want /= np.linalg.norm(want)
         np.testing.assert_allclose(emb[i], want, atol=2e-5)
 

@@ -14,7 +14,8 @@ from imagegen import make_images
 
 from pipeline import config as cfgmod
 from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
-from pipeline.output import EMB_DIR, load_embeddings
+from pipeline.data.rundir import EMB_DIR
+from pipeline.output import load_embeddings
 from pipeline.run.progress import Progress
 from pipeline.run.supervisor import Supervisor
 

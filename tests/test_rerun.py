@@ -10,7 +10,7 @@ from pathlib import Path
 from imagegen import encode, photo
 from robust_helpers import good_corpus, run_cli
 
-from pipeline import output
+from pipeline.data import rundir
 
 
 def _finished(tmp_path: Path, n: int = 3, *extra: str) -> tuple[Path, Path]:
@@ -45,12 +45,12 @@ def test_resume_with_a_complete_listing_reports_a_file_added_that_sorts_first(tm
     m = json.loads((out / "manifest.json").read_text())
     m["status"] = "interrupted"
     (out / "manifest.json").write_text(json.dumps(m))
-    (out / output.EMB_DIR / "part-00002.npy").unlink()  # the last shard is missing: resume writes it
+    (out / rundir.EMB_DIR / "part-00002.npy").unlink()  # the last shard is missing: resume writes it
     (d / "000-new.jpg").write_bytes(encode(photo(48, 40, 98)))
     r = run_cli(d, out, "--set", "output.shard_size=3")
     assert r.returncode == 0, r.stderr
     assert "1 input(s) added" in r.stdout + r.stderr and "000-new.jpg" in r.stdout + r.stderr
-    assert output.completed_shards(out) == [0, 1, 2]
+    assert rundir.completed_shards(out) == [0, 1, 2]
 
 
 def test_dry_run_refuses_what_the_run_refuses_with_the_same_message(tmp_path):
@@ -74,7 +74,7 @@ def test_dry_run_reports_the_existing_run(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     m["status"] = "interrupted"
     (out / "manifest.json").write_text(json.dumps(m))
-    (out / output.EMB_DIR / "part-00001.npy").unlink()
+    (out / rundir.EMB_DIR / "part-00001.npy").unlink()
     r = run_cli(d, out, "--set", "output.shard_size=3", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert f"existing run in {out}: interrupted: 2 of 3 shards complete, 7 inputs listed" in r.stdout

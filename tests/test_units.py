@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import config as cfgmod
-from pipeline.output import decode_path_line, encode_path_line
+from pipeline.data.rundir import decode_path_line, encode_path_line
 from pipeline.run.ledger import Ledger
 from pipeline.wire import pathcodec
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import invoke
 
-from pipeline import config, output
+from pipeline import config
+from pipeline.data import rundir
 from pipeline.output import ShardedArray, iter_shards, load_embeddings
 from pipeline.query.inspection import summarize, verify
 from pipeline.run.progress import StageSample, bottleneck_line, queue_fill, utilisation
@@ -98,7 +99,7 @@ def test_inspect_summary_and_verify(run_dir):
 def test_verify_finds_damage(run_dir, tmp_path, damage, expect):
     out = tmp_path / "copy"
     shutil.copytree(run_dir, out)
-    d = out / output.EMB_DIR
+    d = out / rundir.EMB_DIR
     arr = np.load(d / "part-00001.npy")
     if damage == "nan":
         arr[1, 3] = np.nan
@@ -124,7 +125,7 @@ def test_inspect_incomplete_run_exits_3(run_dir, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     m["status"] = "interrupted"
     (out / "manifest.json").write_text(json.dumps(m))
-    (out / output.EMB_DIR / "part-00002.npy").unlink()
+    (out / rundir.EMB_DIR / "part-00002.npy").unlink()
     r = invoke("inspect", out)
     assert r.exit_code == 3
     assert "NOT complete" in r.output and "missing [2]" in r.output and "resumes" in r.output

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from pipeline.errors import TextModelError
 from pipeline.model.models import model_identity
 from pipeline.wire.messages import Failure
 
@@ -98,6 +99,27 @@ def configured_ready_crop(cfg: Config) -> np.ndarray | None:
     return ready_crop(cfg.model.image_size or 224) if cfg.fake.ready_crops else None
 
 
+class TextSession:
+    """A text tower opened on a backend (`Backend.open_text`): token ids in, the model's output out.
+
+    `run_ids(int ids [n, context_length]) -> float32 [n, dim]` (a projected tower) or
+    `[n, context_length, width]` (the states form; pipeline/text/embed.py gathers and projects).
+    `fixed_batch`: the batch a compiled model takes (the caller pads), None for any batch.
+    `identity`: what a manifest records about the model when there is no model file (the fake
+    backend); None means the model file's own identity."""
+
+    fixed_batch: int | None = None
+    context_length: int = 77
+    out_rank: int = 2
+    out_last: int | None = None
+    id_dtype: Any = np.int32
+    identity: dict[str, Any] | None = None
+    needs_model: bool = True  # False: runs without a model file (the fake backend)
+
+    def run_ids(self, ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
 class Backend(abc.ABC):
     name: ClassVar[str]
     #: "pixels": host workers decode + preprocess; "files": the device process does it.
@@ -147,6 +169,14 @@ class Backend(abc.ABC):
         devices whose batch costs the same full or not (fixed-batch bmodels pad; the fake backend's
         latency is per batch): small pieces would make the tail slower, not shorter."""
         return False
+
+    @classmethod
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+        """The text tower `model` on `device` of this backend, in the calling process (embed-text,
+        classify, search --text, eval zero-shot). Raises TextModelError, naming what to do, for a
+        model this backend cannot run; the default: this backend has no text tower."""
+        raise TextModelError(f"the {cls.name} backend has no text tower: run the text model on a backend "
+                             "that has one (its open_text)")
 
     @classmethod
     def input_kind(cls, cfg: Config) -> str:

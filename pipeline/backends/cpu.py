@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError, configured_ready_crop
+from pipeline.backends.base import Backend, Device, DeviceError, TextSession, configured_ready_crop
 from pipeline.config import Config, ConfigError
 from pipeline.data.images import normalize
+from pipeline.errors import TextModelError
 
 _CPU = re.compile(r"^cpu:(\d+)$")
 
@@ -68,6 +70,36 @@ class OnnxDevice(Device):
         return self.session.run(None, {self.input_name: x})[0]
 
 
+class OrtTextSession(TextSession):
+    """onnxruntime text model: ids [n, 77] -> [n, dim] or [n, 77, width]."""
+
+    def __init__(self, path: str, threads: int = 1):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise TextModelError(f"cannot load text model {path} with onnxruntime: {exc}") from exc
+        inp = self.session.get_inputs()[0]
+        out = self.session.get_outputs()[0]
+        if inp.type not in ("tensor(int32)", "tensor(int64)") or len(inp.shape) != 2:
+            raise TextModelError(f"{path} is not a CLIP text model: its input {inp.name} is {inp.type} {inp.shape}, "
+                                 "expected int32/int64 token ids [batch, 77]")
+        self.input_name = inp.name
+        self.id_dtype = np.int32 if inp.type == "tensor(int32)" else np.int64
+        self.context_length = inp.shape[1] if isinstance(inp.shape[1], int) else 77
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.out_rank = len(out.shape)
+        self.out_last = out.shape[-1] if isinstance(out.shape[-1], int) else None
+
+    def run_ids(self, ids: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: ids.astype(self.id_dtype, copy=False)})[0]
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -86,6 +118,12 @@ class CpuBackend(Backend):
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:
         return resolve_cpu_devices(cfg, "cpu")
+
+    @classmethod
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+        if model is None:
+            raise TextModelError("no text model given")
+        return OrtTextSession(model, threads)
 
     @classmethod
     def open_device(cls, cfg: Config, device: str) -> Device:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import functools
 import os
 import time
+from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError, configured_ready_crop
+from pipeline.backends.base import Backend, Device, DeviceError, TextSession, configured_ready_crop
 from pipeline.backends.cpu import resolve_cpu_devices
 from pipeline.config import Config
 
@@ -95,6 +96,26 @@ class FakeDevice(Device):
         return emb
 
 
+class FakeTextSession(TextSession):
+    """Deterministic stand-in (fake backend): rows depend only on the ids; no model file is read."""
+
+    def __init__(self, dim: int = 512, context_length: int = 77):
+        rng = np.random.default_rng(1234)
+        self.table = rng.standard_normal((4096, dim), dtype=np.float32)
+        self.pos = (1.0 + np.arange(context_length, dtype=np.float32)) ** -0.5
+        self.fixed_batch = None
+        self.context_length = context_length
+        self.out_rank = 2
+        self.out_last = dim
+        self.id_dtype = np.int32
+
+    needs_model = False
+    identity = {"path": None, "sha256": None, "synthetic": True, "arch": "fake", "clip_model": "fake", "info": {}}
+
+    def run_ids(self, ids: np.ndarray) -> np.ndarray:
+        return np.einsum("ntd,t->nd", self.table[ids % 4096], self.pos).astype(np.float32)
+
+
 class FakeBackend(Backend):
     name = "fake"
 
@@ -105,6 +126,10 @@ class FakeBackend(Backend):
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:
         return resolve_cpu_devices(cfg, "fake")
+
+    @classmethod
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+        return FakeTextSession()
 
     @classmethod
     def open_device(cls, cfg: Config, device: str) -> Device:

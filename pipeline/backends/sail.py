@@ -50,6 +50,7 @@ from pipeline.backends.base import (
     DeviceError,
     FileBatchResult,
     Prepared,
+    TextSession,
 )
 from pipeline.config import ConfigError
 from pipeline.data.images import (
@@ -61,6 +62,7 @@ from pipeline.data.images import (
     reference_crop,
 )
 from pipeline.data.inputs import TarReader, decode_input, is_member_ref
+from pipeline.errors import TextModelError
 from pipeline.wire.messages import Failure, ItemError
 
 if TYPE_CHECKING:
@@ -552,6 +554,51 @@ class SailFilesDevice(Device):
         self.handle = None
 
 
+class SailTextSession(TextSession):
+    """A text bmodel on one SOPHON chip: int32 ids through the numpy ``Engine.process`` (sail-api.md §1.4)."""
+
+    def __init__(self, path: str, dev_id: int):
+        sail = import_sail()
+        try:
+            self.engine = sail.Engine(path, dev_id, sail.IOMode.SYSIO)  # §1.2: numpy needs SYSIO
+            self.graph = self.engine.get_graph_names()[0]
+            self.input_name = self.engine.get_input_names(self.graph)[0]
+            self.output_name = self.engine.get_output_names(self.graph)[0]
+            in_shape = list(self.engine.get_input_shape(self.graph, self.input_name))  # largest stage (§1.3)
+            out_shape = list(self.engine.get_output_shape(self.graph, self.output_name))
+            in_dtype = self.engine.get_input_dtype(self.graph, self.input_name)
+            out_dtype = self.engine.get_output_dtype(self.graph, self.output_name)
+        except Exception as exc:  # noqa: BLE001 - SailEngineError and friends
+            raise TextModelError(f"cannot open text bmodel {path} on dev_id {dev_id}: {exc}") from exc
+        if len(in_shape) != 2:
+            raise TextModelError(f"{path}: input {self.input_name} is {in_shape}, expected token ids [batch, 77]")
+        # §1.4: numpy inputs are coerced to float32, then to the model's dtype (ids < 2^24 are exact);
+        # FP16/BF16 inputs raise "not supported"; non-FP32, non-int outputs come back as garbage.
+        if in_dtype not in (sail.Dtype.BM_INT32, sail.Dtype.BM_FLOAT32):
+            raise TextModelError(f"{path}: input dtype {in_dtype} not supported (expected INT32 or FP32 ids)")
+        if out_dtype != sail.Dtype.BM_FLOAT32:
+            raise TextModelError(f"{path}: output dtype {out_dtype}; recompile with float32 output")
+        self.fixed_batch = int(in_shape[0])
+        self.context_length = int(in_shape[1])
+        self.out_rank = len(out_shape)
+        self.out_last = int(out_shape[-1])
+        self.id_dtype = np.int32
+        self.check = _OutputCheck(dev_id)
+
+    def run_ids(self, ids: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(ids, dtype=np.int32)
+        try:
+            out = self.engine.process(self.graph, {self.input_name: x})
+            y = np.asarray(out[self.output_name], dtype=np.float32)
+            # SAIL only logs a failed launch and returns stale or zeroed outputs (sail.py _OutputCheck)
+            self.check.check(y.reshape(len(y), -1), x.tobytes())
+        except DeviceError as exc:
+            raise TextModelError(f"text bmodel inference failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - SailEngineError and friends
+            raise TextModelError(f"text bmodel inference failed: {exc}") from exc
+        return y
+
+
 class SailBackend(Backend):
     name = "sail"
     device_input = "files"
@@ -599,6 +646,12 @@ class SailBackend(Backend):
         if n is not None and max(ids) >= n:
             raise ConfigError(f"config key infer.devices: dev_id {max(ids)} does not exist ({n} SOPHON device(s): 0..{n - 1})")
         return [f"sail:{i}" for i in ids]
+
+    @classmethod
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+        if model is None:
+            raise TextModelError("no text model given")
+        return SailTextSession(model, int(device or 0))
 
     @classmethod
     def open_device(cls, cfg: Config, device: str) -> Device:

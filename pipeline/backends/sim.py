@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Backend, Device, DeviceError
+from pipeline.backends.base import Backend, Device, DeviceError, TextSession
 from pipeline.config import Config, ConfigError
 from pipeline.data.images import normalize
+from pipeline.errors import TextModelError
 
 
 class SimDevice(Device):
@@ -69,6 +71,29 @@ class SimDevice(Device):
         return out.reshape(self.batch_size, -1)
 
 
+class SimTextSession(TextSession):
+    """A text bmodel on the BM1684X simulator (TPU-MLIR venv child process; seconds per batch)."""
+
+    def __init__(self, path: str):
+        from pipeline.toolchain.runner import BmodelRunner, SimulatorError
+
+        try:
+            self.runner = BmodelRunner(path)
+        except (SimulatorError, FileNotFoundError, RuntimeError) as exc:  # TpuMlirMissing is a RuntimeError
+            raise TextModelError(f"cannot open text bmodel {path} on the simulator: {str(exc).splitlines()[0]}") from exc
+        net = self.runner.nets[self.runner.networks[0]]
+        in_shape, out_shape = net["inputs"][0]["shape"], net["outputs"][0]["shape"]
+        if len(in_shape) != 2:
+            raise TextModelError(f"{path}: input is {in_shape}, expected token ids [batch, 77]")
+        self.fixed_batch, self.context_length = int(in_shape[0]), int(in_shape[1])
+        self.out_rank, self.out_last = len(out_shape), int(out_shape[-1])
+        self.id_dtype = np.int32
+
+    def run_ids(self, ids: np.ndarray) -> np.ndarray:
+        (y,) = self.runner.forward([np.ascontiguousarray(ids, dtype=np.int32)])
+        return np.asarray(y, dtype=np.float32)
+
+
 class SimBackend(Backend):
     name = "sim"
 
@@ -96,6 +121,12 @@ class SimBackend(Backend):
             return str(find_venv() / "bin" / "python")
         except TpuMlirMissing as exc:
             raise ConfigError(str(exc).replace("\n", " ")) from None
+
+    @classmethod
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+        if model is None:
+            raise TextModelError("no text model given")
+        return SimTextSession(model)
 
     @classmethod
     def open_device(cls, cfg: Config, device: str) -> Device:

@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline import output
 from pipeline.cluster.plan import Plan
+from pipeline.data import rundir
 from pipeline.data.rundir import CHECK_SUFFIX, COMPANION_SUFFIXES, FAILURES_SUFFIX, NPY_SUFFIX, PATHS_SUFFIX, RunDir
 
 RANGES_DIR = "ranges"
@@ -124,7 +124,7 @@ def commit(out: str | os.PathLike, r: int, record: dict[str, Any]) -> bool:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        output.fsync_dir(final.parent)
+        rundir.fsync_dir(final.parent)
         return True
     finally:
         tmp.unlink(missing_ok=True)
@@ -150,6 +150,11 @@ def committed_files(plan: Plan, record: dict[str, Any], k: int) -> dict[str, Pat
     if all(p.exists() for p in files.values()):
         return files
     return shard_files(plan.out, k, companions)
+
+
+def committed_dir(plan: Plan, record: dict[str, Any], k: int) -> Path:
+    """The run directory that holds shard k of a committed range (see committed_files)."""
+    return committed_files(plan, record, k)[NPY_SUFFIX].parent.parent
 
 
 def check_record(plan: Plan, r: int, record: dict[str, Any] | None, deep: bool = False) -> list[str]:

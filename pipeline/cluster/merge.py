@@ -8,15 +8,14 @@ read it unchanged, and `clip-pipeline run` with the same config finds it complet
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import output
 from pipeline.cluster import commit as cm
 from pipeline.cluster.plan import Plan, load_plan
+from pipeline.data import rundir
 from pipeline.data.rundir import RunDir
 
 
@@ -60,35 +59,48 @@ def array_spec(ranges: list[int]) -> str:
     return ",".join(parts)
 
 
-def _publish(src: Path, dst: Path) -> None:
-    """dst becomes src's content, atomically (hard link, else copy, to a temp name then rename)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-    os.replace(tmp, dst)
-
-
 def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
     """Under the output's lock (rundir.output_lock): one merge at a time, never beside a run."""
-    from pipeline.data.rundir import output_lock
-
-    outp = load_plan(out).out
-    with output_lock(outp, "merge"):
+    with rundir.output_lock(load_plan(out).out, "merge"):
         return _merge(out, log=log, clean=clean)
 
 
 def _merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
-    from pipeline.data.rundir import FORMAT
-    from pipeline.run.supervisor import SYNTHETIC_NOTE
-    from pipeline.run.telemetry import software_versions
-
     t0 = time.monotonic()
     plan = load_plan(out)
+    records = _verified_records(plan)
+    rd = RunDir(plan.out)
+    rd.shards_dir.mkdir(exist_ok=True)
+    rundir.remove_temp_files(plan.out)
+    for r, rec in records.items():
+        for k in plan.shards(r):  # hard links (or copies) of the committed attempt's files, .npy last
+            rd.adopt_shard(RunDir(cm.committed_dir(plan, rec, k)), k, k, link=True)
+    rundir.fsync_dir(rd.shards_dir)
+    rundir.link_or_copy(plan.listing, rd.listing)
+    rows = sum(rec["rows"] for rec in records.values())
+    cfg_dict = plan.record["config"]
+    model = plan.record["model"]
+    devices = sorted({f"{rec.get('host')}:{d}" for rec in records.values() for d in rec.get("devices") or []})
+    manifest = rd.manifest_of(
+        status="complete", created=plan.record["created"], fingerprint=plan.fingerprint, config=cfg_dict,
+        devices=devices, model=model, listed=plan.n_inputs, listing_complete=True,
+        counts={"embedded": rows, "failed": sum(rec["failed"] for rec in records.values()), "total": plan.n_inputs},
+        shards=range(plan.n_shards), shard_size=plan.shard_size,
+        cluster={"run_id": plan.run_id, "ranges": plan.n_ranges, "range_size": plan.range_size,
+                 "plan": str(Path("plan") / "plan.json")})
+    o = cfg_dict.get("output", {})
+    # report.json first, the manifest (in publish) last: the run is complete from then on
+    rd.write_report(_report(plan, records, rows, devices, model, time.monotonic() - t0))
+    n_fail = rd.publish(manifest, metadata=bool(o.get("metadata")), layout=o.get("layout", "native"),
+                        pickle=bool(o.get("pickle")))
+    if clean:
+        remove_stale_attempts(plan, records)
+    return MergeResult(rows, n_fail, plan.n_inputs, plan.n_shards, plan.n_ranges, time.monotonic() - t0)
+
+
+def _verified_records(plan: Plan) -> dict[int, dict[str, Any]]:
+    """Every range's commit record, each verified (sha256 of every file) and every shard of the plan
+    committed exactly once; MergeIncomplete / MergeBroken saying what to run again otherwise."""
     outp = plan.out
     missing = missing_ranges(plan)
     if missing:
@@ -96,7 +108,6 @@ def _merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeRes
                               f"(run-range them, e.g. sbatch --array={array_spec(missing)}; "
                               f"`clip-pipeline status {outp} --missing` lists them)", missing)
     records = {r: cm.read_record(outp, r) for r in range(plan.n_ranges)}
-    # every shard of the plan exactly once, every file matching its checksum
     owner: dict[int, int] = {}
     problems: list[str] = []
     for r, rec in records.items():
@@ -112,85 +123,32 @@ def _merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeRes
         hint = (f"; delete {', '.join(str(cm.record_path(outp, r)) for r in bad[:5])} and run-range "
                 f"{array_spec(bad)} again") if bad else ""
         raise MergeBroken(f"{problems[0]} ({len(problems)} problem(s) in all){hint}")
-    emb = RunDir(outp).shards_dir
-    emb.mkdir(exist_ok=True)
-    output.remove_temp_files(outp)
-    for r, rec in records.items():
-        for k in plan.shards(r):
-            src = cm.committed_files(plan, rec, k)
-            dst = cm.shard_files(outp, k, cm.recorded_companions(rec["shards"][str(k)]))
-            want = rec["shards"][str(k)]["sha256"]
-            for suffix in src:  # .npy last: a shard is complete iff its .npy exists
-                if src[suffix] == dst[suffix]:
-                    continue
-                if (dst[suffix].exists() and dst[suffix].stat().st_size == src[suffix].stat().st_size
-                        and cm.sha256_bytes_of(dst[suffix]) == want[suffix]):
-                    continue
-                _publish(src[suffix], dst[suffix])
-    output.fsync_dir(emb)
-    _publish(plan.listing, RunDir(outp).listing)
-    # failures.jsonl as the single-host run writes it: the shards' failure files, in order
-    n_fail = RunDir(outp).write_failures(range(plan.n_shards))
-    reasons = RunDir(outp).failures_by_reason(range(plan.n_shards))
-    rows = sum(rec["rows"] for rec in records.values())
-    cfg_dict = plan.record["config"]
-    o = cfg_dict.get("output", {})
-    if o.get("metadata") or o.get("layout") == "clip-retrieval":  # as a single-host run ends
-        from pipeline.data import metadata
+    return records
 
-        metadata.publish(outp, list(range(plan.n_shards)), bool(o.get("metadata")), o.get("layout", "native"))
-    model = plan.record["model"]
-    synthetic = bool(model.get("synthetic"))
+
+def _report(plan: Plan, records: dict[int, dict[str, Any]], rows: int, devices: list[str], model: dict,
+            merge_s: float) -> dict[str, Any]:
+    """The merged run's report.json: across hosts, from the first range's start to the last commit."""
+    rd = RunDir(plan.out)
+    shards = range(plan.n_shards)
+    n_fail = sum(rec["failed"] for rec in records.values())
     per_range = [{"range": r, "attempt": rec["attempt"], "host": rec.get("host"), "engine_node": rec.get("engine_node"),
                   "devices": rec.get("devices"), "rows": rec["rows"], "failed": rec["failed"],
                   "timings": rec.get("timings", {})} for r, rec in records.items()]
-    if cfg_dict.get("output", {}).get("pickle"):
-
-        import numpy as np
-
-        paths, arr = _load_for_pickle(outp)
-        RunDir(outp).write_pickle(paths, np.asarray(arr))
     span = _span_s(records.values())
-    devices = sorted({f"{rec.get('host')}:{d}" for rec in records.values() for d in rec.get("devices") or []})
-    report = {
-        "format": FORMAT,
-        # across hosts: from the first range's start to the last commit (seconds resolution)
+    return {
+        "format": rundir.FORMAT,
         "wall_s": span,
         "images_per_s": round((rows + n_fail) / span, 3) if span else None,
         "devices": devices,
-        "cluster": {"run_id": plan.run_id, "ranges": per_range, "merge_s": round(time.monotonic() - t0, 3)},
+        "cluster": {"run_id": plan.run_id, "ranges": per_range, "merge_s": round(merge_s, 3)},
         "counts": {"embedded": rows, "failed": n_fail, "listed": plan.n_inputs},
-        "failures_by_reason": dict(sorted(reasons.items())),
+        "failures_by_reason": dict(sorted(rd.failures_by_reason(shards).items())),
         "model": model,
-        "backend": cfg_dict.get("infer", {}).get("backend"),
-        "synthetic_weights": synthetic,
-        "versions": software_versions(),
+        "backend": plan.record["config"].get("infer", {}).get("backend"),
+        "synthetic_weights": bool(model.get("synthetic")),
+        "versions": rundir.software_versions(),
     }
-    RunDir(outp).write_report(report)
-    manifest = {
-        "format": FORMAT,
-        "status": "complete",
-        "created": plan.record["created"],
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "fingerprint": plan.fingerprint,
-        "config": cfg_dict,
-        "devices": devices,
-        "model": model,
-        "synthetic_weights": synthetic,
-        "inputs": {"listed": plan.n_inputs, "listing_complete": True},
-        "counts": {"embedded": rows, "failed": n_fail, "total": plan.n_inputs},
-        "shard_size": plan.shard_size,
-        "shards": list(range(plan.n_shards)),
-        "versions": software_versions(),
-        "cluster": {"run_id": plan.run_id, "ranges": plan.n_ranges, "range_size": plan.range_size,
-                    "plan": str(Path("plan") / "plan.json")},
-    }
-    if synthetic:
-        manifest["warning"] = SYNTHETIC_NOTE
-    RunDir(outp).write_manifest(manifest)  # last: the run is complete
-    if clean:
-        remove_stale_attempts(plan, records)
-    return MergeResult(rows, n_fail, plan.n_inputs, plan.n_shards, plan.n_ranges, time.monotonic() - t0)
 
 
 def _span_s(records) -> float | None:
@@ -207,19 +165,9 @@ def _span_s(records) -> float | None:
     return max(1.0, (max(ends) - min(starts)).total_seconds())
 
 
-def _load_for_pickle(outp: Path):
-    shards = list(output.iter_shards(outp))
-    import numpy as np
-
-    paths = [p for s in shards for p in s.paths]
-    return paths, np.concatenate([np.asarray(s.embeddings) for s in shards]) if shards else np.zeros((0, 0))
-
-
 def remove_stale_attempts(plan: Plan, records: dict[int, dict[str, Any]]) -> int:
     """Delete attempt directories no commit refers to (losers, dead or cancelled attempts); never
     one whose run still holds its lock (a duplicate still running: it deletes its own when it loses)."""
-    from pipeline.data.rundir import lock_holder
-
     keep = {str(plan.out / rec["dir"]) for rec in records.values()}
     n = 0
     root = plan.out / cm.ATTEMPTS_DIR
@@ -229,11 +177,11 @@ def remove_stale_attempts(plan: Plan, records: dict[int, dict[str, Any]]) -> int
         if not rdir.is_dir():
             continue
         for a in rdir.iterdir():
-            if a.is_dir() and str(a) not in keep and lock_holder(a) is None:
+            if a.is_dir() and str(a) not in keep and rundir.lock_holder(a) is None:
                 cm.remove_attempt(a)
                 n += 1
             elif (a.name.endswith(".attempt.json") and str(rdir / a.name.removesuffix(".attempt.json")) not in keep
-                  and lock_holder(rdir / a.name.removesuffix(".attempt.json")) is None):
+                  and rundir.lock_holder(rdir / a.name.removesuffix(".attempt.json")) is None):
                 a.unlink(missing_ok=True)
     return n
 

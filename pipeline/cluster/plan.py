@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import output
 from pipeline.config import Config, ConfigError
+from pipeline.data import rundir
 from pipeline.data.rundir import LISTING, LOCK, RunDir
 
 PLAN_FORMAT = "clip-pipeline-plan/1"
@@ -128,7 +128,7 @@ def write_listing(cfg: Config, dst: Path, warn=lambda m: None) -> tuple[int, str
         with open(tmp, "wb") as fh:
             buf: list[bytes] = []
             for path in config_inputs(cfg, warn):  # input.paths, input.list, tar shards
-                line = output.listing_line(path)
+                line = rundir.listing_line(path)
                 buf.append(line)
                 n += 1
                 if len(buf) >= 4096:
@@ -210,6 +210,6 @@ def make_plan(cfg: Config, range_shards: int, *, log=print, warn=None) -> tuple[
         "config": cfg.to_dict(),
         "listing_s": round(time.monotonic() - t0, 3),
     }
-    output.atomic_write_bytes(plan_path(out), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-    output.fsync_dir(out / PLAN_DIR)
+    rundir.atomic_write_bytes(plan_path(out), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    rundir.fsync_dir(out / PLAN_DIR)
     return Plan(out, record), True

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -71,7 +70,8 @@ def check_host_config(plan: Plan, cfg: Config, log=print) -> dict[str, Any]:
 
 
 def run_range(cfg: Config, r: int, *, attempt: str | None = None, log=print, progress=None) -> RangeOutcome:
-    from pipeline.run.supervisor import RunAborted, Supervisor
+    from pipeline.run.attempt import run_into
+    from pipeline.run.supervisor import RunAborted
 
     t0 = time.monotonic()
     plan = load_plan(cfg.output.dir)
@@ -92,10 +92,9 @@ def run_range(cfg: Config, r: int, *, attempt: str | None = None, log=print, pro
             "attempt": attempt, "range": r, "ids": [lo, hi],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (adir.parent / f"{attempt}.attempt.json").write_text(json.dumps(info, sort_keys=True) + "\n")
-    acfg = cfg.replace(output=dataclasses.replace(cfg.output, dir=str(adir), on_existing="resume", pickle=False))
     t_run = time.monotonic()
     try:
-        result = Supervisor(acfg, progress=progress, log=log, id_range=(lo, hi), listing=plan.listing).run()
+        result = run_into(cfg, adir, progress=progress, log=log, supervise={"id_range": (lo, hi), "listing": plan.listing})
     except ConfigError as exc:
         raise ConfigError(_on_host(str(exc))) from None
     except RunAborted as exc:
@@ -125,7 +124,7 @@ def run_range(cfg: Config, r: int, *, attempt: str | None = None, log=print, pro
 
 
 def _devices(run_dir: Path) -> list:
-    from pipeline import output
+    from pipeline.data.rundir import RunDir
 
-    m = output.read_manifest(run_dir) or {}
+    m = RunDir(run_dir).read_manifest() or {}
     return list(m.get("devices") or [])

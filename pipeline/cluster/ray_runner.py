@@ -23,12 +23,13 @@ import statistics
 import time
 import uuid
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import output
 from pipeline.config import Config, ConfigError
+from pipeline.data import rundir
 from pipeline.data.rundir import RunDir
 
 EXTRA_HINT = "pip install 'clip-pipeline[cluster]'"
@@ -153,113 +154,148 @@ class RayDriver:
         ray = self.ray
         root = str(Path(__file__).resolve().parents[2])
         remote = ray.remote(num_cpus=0, resources={SLOT: 1}, max_retries=3, retry_exceptions=False)(_range_task)
-        deadline = time.monotonic() + SLOT_WAIT_S  # nodes that are still joining
+        self.wait_for_slots()
+        s = _Schedule(plan, todo, lambda r, tag, opts: (remote.options(**opts) if opts else remote).remote(
+            root, str(plan.out), r, config_file, tag))
+        while s.queue or s.inflight:
+            free = self.fill_slots(s)
+            if not s.queue and free > 0 and self.c.straggler_factor and self.stats.range_wall_s:
+                self.launch_duplicates(s, free)
+            ready, _ = ray.wait(list(s.inflight), num_returns=1, timeout=self.poll_s) if s.inflight else ([], [])
+            for ref in ready:
+                self.collect(s, ref)
+            if self.c.range_timeout_s:
+                self.cancel_overdue(s)
+        return s.failed
+
+    def wait_for_slots(self) -> None:
+        """Wait up to SLOT_WAIT_S for a first node with a clip_slot (nodes that are still joining)."""
+        deadline = time.monotonic() + SLOT_WAIT_S
         while self.slots() == 0 and time.monotonic() < deadline:
             time.sleep(1.0)
         if self.slots() == 0:
             raise ConfigError(f"no node of the Ray cluster offers the {SLOT} resource: start every node with "
                               f"ray start ... --resources='{{\"{SLOT}\": 1}}' (docs/cluster.md)")
-        queue: deque[int] = deque(todo)
-        inflight: dict[Any, Running] = {}
-        by_range: dict[int, set] = defaultdict(set)
-        tries: dict[int, int] = defaultdict(int)
-        bad_nodes: dict[int, set[str]] = defaultdict(set)
-        done: set[int] = set()
-        failed: dict[int, str] = {}
-        last_error: dict[int, str] = {}
 
-        def submit(r: int, duplicate: bool = False) -> None:
-            opts: dict[str, Any] = {}
-            avoid = bad_nodes[r]
-            if avoid:
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    def submit(self, s: _Schedule, r: int, duplicate: bool = False) -> None:
+        """Start an attempt at range r, on another node than those where it already failed."""
+        opts: dict[str, Any] = {}
+        avoid = s.bad_nodes[r]
+        if avoid:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-                good = [n for n in self.slot_nodes() if n not in avoid]
-                if good:  # another node than those where this range already failed
-                    pick = good[(tries[r] + len(avoid)) % len(good)]
-                    opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(pick, soft=False)
-            tag = f"{tries[r]}{'d' if duplicate else ''}-{uuid.uuid4().hex[:6]}"
-            fn = remote.options(**opts) if opts else remote
-            ref = fn.remote(root, str(plan.out), r, config_file, tag)
-            inflight[ref] = Running(r, time.monotonic(), duplicate, tag)
-            by_range[r].add(ref)
-            self.stats.submitted += 1
-            self.stats.duplicates += duplicate
+            good = [n for n in self.slot_nodes() if n not in avoid]
+            if good:  # another node than those where this range already failed
+                pick = good[(s.tries[r] + len(avoid)) % len(good)]
+                opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(pick, soft=False)
+        tag = f"{s.tries[r]}{'d' if duplicate else ''}-{uuid.uuid4().hex[:6]}"
+        ref = s.launch(r, tag, opts)
+        s.inflight[ref] = Running(r, time.monotonic(), duplicate, tag)
+        s.by_range[r].add(ref)
+        self.stats.submitted += 1
+        self.stats.duplicates += duplicate
 
-        def give_up_or_retry(r: int, why: str) -> None:
-            tries[r] += 1
-            last_error[r] = why
-            if by_range[r] or r in done:
-                return  # another attempt of r is still running
-            if tries[r] >= self.c.max_attempts:
-                failed[r] = why
-                self.log(f"range {r}: giving up after {tries[r]} attempt(s): {why}")
-            else:
-                self.log(f"range {r}: {why}; trying again ({tries[r]} of {self.c.max_attempts} attempts used)")
-                queue.append(r)
+    def give_up_or_retry(self, s: _Schedule, r: int, why: str) -> None:
+        s.tries[r] += 1
+        s.last_error[r] = why
+        if s.by_range[r] or r in s.done:
+            return  # another attempt of r is still running
+        if s.tries[r] >= self.c.max_attempts:
+            s.failed[r] = why
+            self.log(f"range {r}: giving up after {s.tries[r]} attempt(s): {why}")
+        else:
+            self.log(f"range {r}: {why}; trying again ({s.tries[r]} of {self.c.max_attempts} attempts used)")
+            s.queue.append(r)
 
-        while queue or inflight:
-            free = self.slots() - len(inflight)
-            while queue and free > 0:
-                r = queue.popleft()
-                if r not in done and r not in failed:
-                    submit(r)
-                    free -= 1
-            now = time.monotonic()
-            if not queue and free > 0 and self.c.straggler_factor and self.stats.range_wall_s:
-                bound = max(self.c.straggler_min_s, self.c.straggler_factor * statistics.median(self.stats.range_wall_s))
-                for _ref, a in sorted(inflight.items(), key=lambda kv: kv[1].t0):
-                    if free <= 0:
-                        break
-                    if len(by_range[a.r]) == 1 and not a.duplicate and now - a.t0 > bound:
-                        self.log(f"range {a.r} has run {now - a.t0:.0f}s (> {bound:.0f}s); launching a duplicate")
-                        submit(a.r, duplicate=True)
-                        free -= 1
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.poll_s) if inflight else ([], [])
-            for ref in ready:
-                a = inflight.pop(ref)
-                by_range[a.r].discard(ref)
-                try:
-                    res = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - Ray's retries exhausted, or cancelled by us
-                    if a.r in done or type(exc).__name__ == "TaskCancelledError":
-                        continue
-                    give_up_or_retry(a.r, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-                    continue
-                if a.r in done:
-                    continue
-                if not res.get("ok"):
-                    self.stats.app_failures += 1
-                    bad_nodes[a.r].add(res["node"])
-                    give_up_or_retry(a.r, f"failed on {res['host']} (node {res['node'][:8]}): {res['error']}")
-                    continue
-                done.add(a.r)
-                if res["status"] == "lost":
-                    self.stats.lost += 1
-                wall = time.monotonic() - a.t0
-                if res["status"] == "committed":
-                    self.stats.range_wall_s.append(wall)
-                    self.stats.range_timings.append({"range": a.r, "driver_wall_s": round(wall, 3),
-                                                     "task_wall_s": round(res["wall_s"], 3), **res.get("timings", {})})
-                self.log(f"range {a.r}: {res['status']} on {res['host']} ({len(done)} of {len(todo)} done)")
-                for other in list(by_range[a.r]):  # the first commit wins: cancel the duplicate
-                    ray.cancel(other, force=True)
-                    inflight.pop(other, None)
-                by_range[a.r].clear()
-            if self.c.range_timeout_s:
-                now = time.monotonic()
-                for ref, a in list(inflight.items()):
-                    if now - a.t0 > self.c.range_timeout_s:
-                        ray.cancel(ref, force=True)
-                        inflight.pop(ref)
-                        by_range[a.r].discard(ref)
-                        self.stats.timeouts += 1
-                        node = self.node_of_attempt(plan, a)
-                        if node:
-                            bad_nodes[a.r].add(node)
-                        give_up_or_retry(a.r, f"attempt timed out after {self.c.range_timeout_s:g}s "
+    def fill_slots(self, s: _Schedule) -> int:
+        """Submit queued ranges while slots are free; returns the slots still free."""
+        free = self.slots() - len(s.inflight)
+        while s.queue and free > 0:
+            r = s.queue.popleft()
+            if r not in s.done and r not in s.failed:
+                self.submit(s, r)
+                free -= 1
+        return free
+
+    def launch_duplicates(self, s: _Schedule, free: int) -> None:
+        """Stragglers: a duplicate of each range running longer than cluster.straggler_factor x the
+        median range time, while slots are free (the first commit wins)."""
+        now = time.monotonic()
+        bound = max(self.c.straggler_min_s, self.c.straggler_factor * statistics.median(self.stats.range_wall_s))
+        for _ref, a in sorted(s.inflight.items(), key=lambda kv: kv[1].t0):
+            if free <= 0:
+                break
+            if len(s.by_range[a.r]) == 1 and not a.duplicate and now - a.t0 > bound:
+                self.log(f"range {a.r} has run {now - a.t0:.0f}s (> {bound:.0f}s); launching a duplicate")
+                self.submit(s, a.r, duplicate=True)
+                free -= 1
+
+    def collect(self, s: _Schedule, ref: Any) -> None:
+        """A finished attempt: a range done (its duplicates cancelled), or another try."""
+        a = s.inflight.pop(ref)
+        s.by_range[a.r].discard(ref)
+        try:
+            res = self.ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - Ray's retries exhausted, or cancelled by us
+            if a.r in s.done or type(exc).__name__ == "TaskCancelledError":
+                return
+            self.give_up_or_retry(s, a.r, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return
+        if a.r in s.done:
+            return
+        if not res.get("ok"):
+            self.stats.app_failures += 1
+            s.bad_nodes[a.r].add(res["node"])
+            self.give_up_or_retry(s, a.r, f"failed on {res['host']} (node {res['node'][:8]}): {res['error']}")
+            return
+        s.done.add(a.r)
+        if res["status"] == "lost":
+            self.stats.lost += 1
+        wall = time.monotonic() - a.t0
+        if res["status"] == "committed":
+            self.stats.range_wall_s.append(wall)
+            self.stats.range_timings.append({"range": a.r, "driver_wall_s": round(wall, 3),
+                                             "task_wall_s": round(res["wall_s"], 3), **res.get("timings", {})})
+        self.log(f"range {a.r}: {res['status']} on {res['host']} ({len(s.done)} of {len(s.todo)} done)")
+        for other in list(s.by_range[a.r]):  # the first commit wins: cancel the duplicate
+            self.ray.cancel(other, force=True)
+            s.inflight.pop(other, None)
+        s.by_range[a.r].clear()
+
+    def cancel_overdue(self, s: _Schedule) -> None:
+        """cluster.range_timeout_s: cancel an attempt running longer, and try its range again."""
+        now = time.monotonic()
+        for ref, a in list(s.inflight.items()):
+            if now - a.t0 > self.c.range_timeout_s:
+                self.ray.cancel(ref, force=True)
+                s.inflight.pop(ref)
+                s.by_range[a.r].discard(ref)
+                self.stats.timeouts += 1
+                node = self.node_of_attempt(s.plan, a)
+                if node:
+                    s.bad_nodes[a.r].add(node)
+                self.give_up_or_retry(s, a.r, f"attempt timed out after {self.c.range_timeout_s:g}s "
                                               "(cluster.range_timeout_s)")
-        return failed
+
+
+@dataclass
+class _Schedule:
+    """The state of one RayDriver.run: the queue, the attempts in flight, what is done or failed."""
+
+    plan: Any
+    todo: list[int]
+    launch: Callable[[int, str, dict[str, Any]], Any]  # (range, attempt tag, Ray options) -> object ref
+    queue: deque[int] = field(init=False)
+    inflight: dict[Any, Running] = field(default_factory=dict)
+    by_range: dict[int, set] = field(default_factory=lambda: defaultdict(set))
+    tries: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    bad_nodes: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+    done: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)
+    last_error: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.queue = deque(self.todo)
 
 
 def run_on_ray(cfg: Config, *, address: str | None = None, restart: bool = False, log=print,
@@ -283,7 +319,7 @@ def run_on_ray(cfg: Config, *, address: str | None = None, restart: bool = False
     log(f"{'Planned' if created else 'Plan found:'} {plan.n_inputs} inputs, {plan.n_ranges} range(s) of "
         f"{plan.range_size}; {len(todo)} to run, {plan.n_ranges - len(todo)} already committed.")
     config_file = plan.out / "plan" / f".config-{uuid.uuid4().hex[:8]}.json"
-    output.atomic_write_bytes(config_file, json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    rundir.atomic_write_bytes(config_file, json.dumps(cfg.to_dict(), sort_keys=True).encode())
     connected_here = False
     driver = RayDriver(cfg, ray, log=log)
     t_ranges = time.monotonic()
@@ -329,4 +365,4 @@ def _driver_report(out: Path, s: DriverStats, plan_s: float, ranges_s: float) ->
         "plan_s": round(plan_s, 3), "ranges_s": round(ranges_s, 3), "submitted": s.submitted,
         "duplicates": s.duplicates, "timeouts": s.timeouts, "app_failures": s.app_failures, "lost": s.lost,
         "skipped_committed": s.skipped, "ranges": s.range_timings}
-    output.atomic_write_json(p, rep)
+    rundir.atomic_write_json(p, rep)

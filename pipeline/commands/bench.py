@@ -12,18 +12,11 @@ from pathlib import Path
 
 import click
 
-import pipeline.bench as benchlib
-from pipeline.bench import (
-    DEFAULT_CORPUS,
-    SCHEMA,
-    BenchUsageError,
-    case_cpu,
-    case_dispatch,
-    case_fake,
-    case_memory,
-    machine_info,
-    table,
-)
+from pipeline.bench import SCHEMA
+from pipeline.bench.cases import case_cpu, case_dispatch, case_fake, case_memory
+from pipeline.bench.corpus import BenchUsageError
+from pipeline.bench.sampler import machine_info
+from pipeline.bench.table import table
 
 
 def _ints(text: str) -> list[int]:
@@ -37,8 +30,9 @@ def _ints(text: str) -> list[int]:
 @click.option("--case", "cases", multiple=True, type=click.Choice(["cpu", "fake", "memory", "dispatch"]),
               help="Which cases to run (repeatable; default cpu and fake). dispatch: tail and uneven-fleet "
                    "throughput, credit vs round_robin (2 CPU devices if --model exists, 8 fake devices).")
-@click.option("--images", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help=f"Directory of JPEGs for the cpu case (default {DEFAULT_CORPUS}).")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of JPEGs for the cpu case (and the dispatch case's 2 CPU devices), e.g. a copy of "
+                   "the 1000-photo corpus docs/performance.md uses; no default: the bench reads no path it was not given.")
 @click.option("--model", type=click.Path(dir_okay=False), default="models/clip-vit-b32-synthetic.onnx",
               show_default=True, help="fp32 float-input ONNX model (the baselines always use it).")
 @click.option("--pipeline-model", type=click.Path(dir_okay=False), default=None,
@@ -79,18 +73,20 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, cpu_leng
     except ValueError:
         raise click.BadParameter(f"expected PROCSxTHREADS such as 2x1, got {layout!r}", param_hint="--layout") from None
     cases = cases or ("cpu", "fake")
-    images = images or benchlib.DEFAULT_CORPUS
     if "cpu" in cases:
         for m in filter(None, (model, pipeline_model, int8_model)):
             if not os.path.exists(m):
                 raise BenchUsageError(
                     f"model {m} does not exist: build it with `clip-pipeline build-model {m}` "
                     "(add --input-kind uint8 or --int8 for the variants)")
-        if not Path(images).is_dir():
+        if images is None:
+            raise BenchUsageError("the cpu case needs a directory of JPEGs: pass --images DIR, "
+                                  "or run only --case fake / --case memory")
+        if not images.is_dir():
             raise BenchUsageError(
                 f"the bench corpus {images} does not exist (the cpu case needs a directory of JPEGs): "
                 "pass --images DIR, or run only --case fake / --case memory")
-    p = {"images": Path(images), "model": os.path.abspath(model),
+    p = {"images": images, "model": os.path.abspath(model),
          "pipeline_model": os.path.abspath(pipeline_model) if pipeline_model else None,
          "int8_model": os.path.abspath(int8_model) if int8_model else None,
          "cpu_images": cpu_images, "cpu_lengths": _ints(cpu_lengths) if cpu_lengths else None, "batch": batch,

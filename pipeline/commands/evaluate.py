@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pipeline.backends import NAMES as BACKEND_NAMES
 from pipeline.backends import get_backend
 from pipeline.config import Config, ConfigError
 from pipeline.config import load as load_config
@@ -163,7 +164,7 @@ def linear_probe_cmd(train_spec, test_spec, c_grid, val_fraction, max_iter, seed
               help='Prompt templates, one per line, each with "{}" (default: "a photo of a {}.").')
 @click.option("--text-model", type=click.Path(dir_okay=False), default=None,
               help="Text tower (default: the one paired with the image model, as `classify` finds it).")
-@click.option("--text-backend", type=click.Choice(["cpu", "sail", "sim", "fake"]), default="cpu", show_default=True)
+@click.option("--text-backend", type=click.Choice(BACKEND_NAMES), default="cpu", show_default=True)
 @_with_common
 def zero_shot_cmd(test_spec, templates, text_model, text_backend, config, sets, devices, work, progress, as_json) -> None:
     """Zero-shot accuracy: image features through the pipeline, classes from the text tower (as `classify`).

@@ -9,6 +9,7 @@ import sys
 import click
 import numpy as np
 
+from pipeline.backends import NAMES as BACKEND_NAMES
 from pipeline.config import ConfigError
 from pipeline.query.index import search_index as index_search
 from pipeline.query.search import SearchResult, search_out
@@ -75,7 +76,7 @@ def _print_text(result: SearchResult, labels: list[str]) -> None:
               help="Query text (repeatable), embedded with the text tower paired with OUT's image model.")
 @click.option("--text-model", metavar="PATH", default=None,
               help="Text tower for --text (default: the one paired with OUT's image model, as `classify` finds it).")
-@click.option("--text-backend", type=click.Choice(["cpu", "sail", "sim", "fake"]), default="cpu", show_default=True,
+@click.option("--text-backend", type=click.Choice(BACKEND_NAMES), default="cpu", show_default=True,
               help="Where --text queries are embedded.")
 @click.option("--image", "images", multiple=True, metavar="PATH",
               help="Query image (repeatable), embedded with OUT's model, backend and preprocessing.")

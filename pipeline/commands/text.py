@@ -6,6 +6,7 @@ import json
 
 import click
 
+from pipeline.backends import NAMES as BACKEND_NAMES
 from pipeline.commands import CONTEXT, fail
 
 
@@ -60,7 +61,7 @@ def tokenize_cmd(texts, as_json) -> None:
 
 
 def _backend_options(f):
-    f = click.option("--backend", type=click.Choice(["cpu", "sail", "sim", "fake"]), default="cpu", show_default=True,
+    f = click.option("--backend", type=click.Choice(BACKEND_NAMES), default="cpu", show_default=True,
                      help="cpu: onnxruntime (ONNX); sail: a text bmodel on a SOPHON chip; sim: a text bmodel on the "
                           "BM1684X simulator (slow); fake: a deterministic stand-in for tests.")(f)
     f = click.option("--device", default="0", show_default=True, help="sail: the chip's dev_id.")(f)
@@ -190,8 +191,8 @@ def classify_cmd(run_dir, labels, templates, top_k, output, partial, backend, de
 
     import numpy as np
 
-    from pipeline.data.rundir import MANIFEST
-    from pipeline.output import atomic_write_bytes, atomic_write_json, load_embeddings, npy_bytes
+    from pipeline.data.rundir import MANIFEST, atomic_write_bytes, atomic_write_json, npy_bytes, software_versions
+    from pipeline.output import load_embeddings
     from pipeline.text import outputs as out_mod
     from pipeline.text import prompts as pr
     from pipeline.text.embed import TextModelError, paired_text_model, read_run_manifest
@@ -256,7 +257,7 @@ def classify_cmd(run_dir, labels, templates, top_k, output, partial, backend, de
             "labels": {"file": str(labels), "count": len(names),
                        "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()},
             "templates": tmpls, "top_k": min(top_k, len(names)), "logit_scale": out_mod.LOGIT_SCALE,
-            "images": n, "synthetic_weights": synthetic, "versions": out_mod.versions(),
+            "images": n, "synthetic_weights": synthetic, "versions": software_versions(),
         }
         if synthetic:
             m["warning"] = "SYNTHETIC random weights: these predictions carry no meaning"

@@ -11,16 +11,17 @@ row i of `part-NNNNN.npy` (failed inputs have no row in either):
                 flattens metadata); keys named like the columns above are dropped (ours win);
                 nested values are JSON text; a key whose values mix types in a shard is JSON text
 
-Every parquet file of a complete run has the same columns and types (`unify`, run by `publish`):
+Every parquet file of a complete run has the same columns and types (`unify`, run by `RunDir.publish_layout`):
 the union of every shard's columns (ours first, then json keys in first-seen shard order), null
 where a shard has no value, and a key whose type differs between shards JSON text everywhere.
 clip-retrieval's readers need this: `clip back --enable_hdf5` appends each file's columns to one
 hdf5 dataset per column, so a column missing from one file shifts every later row of it (another
 row's URL), and pyarrow/arrow readers take the first file's schema.
 
-The sink writes the parquet with the shard (a companion renamed before the .npy); the
-supervisor backfills any that are missing when a run completes (a run resumed with metadata
-newly switched on). With `output.layout = "clip-retrieval"` the completed run also holds
+The sink writes the parquet with the shard (a companion renamed before the .npy); when a run
+completes, RunDir.publish (pipeline/data/rundir.py, which writes every file of the layout)
+backfills any that are missing (a run resumed with metadata newly switched on) with
+`parquet_bytes`. With `output.layout = "clip-retrieval"` the completed run also holds
 `img_emb/img_emb_NNNNN.npy` (a hard link to the shard's .npy: same bytes, no copy) and
 `metadata/metadata_NNNNN.parquet` for every shard with rows: what `clip-retrieval index` (autofaiss
 over img_emb/) and `clip-retrieval back` (every metadata/*.parquet, sorted by name, concatenated)
@@ -206,65 +207,3 @@ def unify(paths: list[Path]) -> int:
         atomic_write_bytes(path, sink.getvalue().to_pybytes())
         rewritten += 1
     return rewritten
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    from pipeline.data.rundir import atomic_write_bytes
-
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-        os.replace(tmp, dst)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        atomic_write_bytes(dst, src.read_bytes())
-
-
-def publish(out: str | os.PathLike, shards: list[int], metadata: bool, layout: str) -> None:
-    """At the end of a complete run: backfill missing per-shard parquet files; with the
-    clip-retrieval layout, put every shard with rows into img_emb/ and metadata/."""
-    import numpy as np
-
-    from pipeline.data.rundir import (
-        CLIP_RETRIEVAL_EMB,
-        CLIP_RETRIEVAL_META,
-        EMB_DIR,
-        NPY_SUFFIX,
-        PARQUET_SUFFIX,
-        PATHS_SUFFIX,
-        atomic_write_bytes,
-        clip_retrieval_files,
-        decode_path_line,
-        fsync_dir,
-        shard_name,
-    )
-
-    out = Path(out)
-    d = out / EMB_DIR
-    if metadata or layout == "clip-retrieval":
-        reader = inputs.TarReader()
-        try:
-            for k in shards:
-                pq_path = d / f"{shard_name(k)}{PARQUET_SUFFIX}"
-                if not pq_path.exists():
-                    lines = (d / f"{shard_name(k)}{PATHS_SUFFIX}").read_bytes().splitlines()
-                    paths = [pathcodec.decode(decode_path_line(line)) for line in lines]
-                    atomic_write_bytes(pq_path, parquet_bytes(paths, reader))
-        finally:
-            reader.close()
-        unify([d / f"{shard_name(k)}{PARQUET_SUFFIX}" for k in shards])
-    if layout != "clip-retrieval":
-        return
-    emb_dir, meta_dir = out / CLIP_RETRIEVAL_EMB, out / CLIP_RETRIEVAL_META
-    emb_dir.mkdir(exist_ok=True)
-    meta_dir.mkdir(exist_ok=True)
-    for k in shards:
-        npy = d / f"{shard_name(k)}{NPY_SUFFIX}"
-        if np.load(npy, mmap_mode="r").shape[0] == 0:
-            continue  # no rows: nothing to index, and both folders skip it alike
-        emb_file, meta_file = clip_retrieval_files(out, k)
-        _link_or_copy(d / f"{shard_name(k)}{PARQUET_SUFFIX}", meta_file)
-        _link_or_copy(npy, emb_file)
-    fsync_dir(emb_dir)
-    fsync_dir(meta_dir)

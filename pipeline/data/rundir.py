@@ -11,10 +11,17 @@ the source and `inspect` use to prepare, read and write it.
     OUT/report.json                        throughput, per-stage stats, failures by reason
     OUT/embeddings.pkl                     optional: {'img_path': [...], 'embedding': ndarray}
     OUT/.workers.json                      while running: worker name -> pid
+    OUT/updates/u-NNNN.json (+ .jsonl ...) run --update: each update's record, listing, removed, aliases
+    OUT/img_emb/, OUT/metadata/            output.layout = "clip-retrieval": hard links of the shards
 
 Shard k holds input ids [k*shard_size, (k+1)*shard_size). A shard is complete iff its .npy
 exists: companions are renamed into place first, the .npy last; temporary files are hidden
 (dot-prefixed) and removed on the next start. The Python API to read a run is pipeline/output.py.
+
+Writing goes through here: `RunDir.manifest_of` builds the one manifest.json (a run, a merge and
+an update all write it), `RunDir.publish` finishes a complete run (failures.jsonl, metadata and
+the clip-retrieval layout, the pickle, the manifest last), and `RunDir.adopt_shard` moves or links
+another run directory's shard into this one (an update's attempt, a cluster range's attempt).
 """
 
 from __future__ import annotations
@@ -26,21 +33,20 @@ import json
 import os
 import pickle
 import shutil
+import tempfile
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from pipeline.errors import ConfigError, RunFailure
 from pipeline.wire import pathcodec
-
-if TYPE_CHECKING:
-    pass
+from pipeline.wire.messages import Failure
 
 MANIFEST = "manifest.json"
 LISTING = "listing.jsonl"
@@ -60,6 +66,24 @@ COMPANION_SUFFIXES = (PARQUET_SUFFIX, HASHES_SUFFIX)
 LOCK = ".lock"  # the exclusive lock of the output directory (output_lock); "pid P on host H since T"
 UPDATES = "updates"  # run --update: OUT/updates/u-NNNN.json + its listing, removed and aliases files
 CLIP_RETRIEVAL_EMB, CLIP_RETRIEVAL_META = "img_emb", "metadata"  # output.layout = "clip-retrieval"
+SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
+# what the manifest's `updates` lists of each published update record
+UPDATE_FIELDS = ("update", "first_shard", "first_id", "added", "embedded", "failed", "removed_count", "aliased")
+
+
+def software_versions() -> dict[str, str]:
+    """The versions of what wrote a run (manifest.json and report.json record them)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("clip-pipeline", "numpy", "pyzmq", "msgpack", "onnxruntime", "pillow", "simplejpeg",
+                "opencv-python-headless"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
 
 
 def clip_retrieval_files(out_dir: str | os.PathLike, k: int) -> tuple[Path, Path]:
@@ -196,22 +220,57 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open(path, "wb") gives a new file
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """The project's one atomic write (run directories, model files, indexes): `write(f)` on a temp
+    file beside `path` (`.NAME.XXXX.tmp`, unique, so concurrent writers of the same file never
+    share one; a dot-prefixed .tmp is removed by the next prepare), fsync, rename over `path`.
+    The file gets the mode open() would give it. A failure removes the temp file and re-raises.
+    (pipeline/text/vocab.py keeps its own: it must stay stdlib-only, see there.)"""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+        os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """dst becomes src's content, atomically: a hard link (a copy where links fail) to a temp name,
+    then a rename."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, dst)
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -611,13 +670,143 @@ class RunDir:
         listing_complete = bool(manifest and manifest.get("inputs", {}).get("listing_complete"))
         if listing_complete and (listing_cut or not self.listing.exists()):
             listing_complete = False  # walked again (and compared with what the listing holds)
-        done_shards = self.completed_shards()
+        if manifest is not None:
+            self.finish_updates(manifest, log)
+        updated = self.update_shards()  # published by run --update: not this run's to count or redo
+        done_shards = [k for k in self.completed_shards() if k not in updated]
         if not manifest:
             self.listing.unlink(missing_ok=True)
         return PriorRun(manifest, listing_complete, done_shards, damaged)
 
+    def manifest_of(self, *, status: str, created: str, fingerprint: dict, config: dict, devices: list,
+                    model: dict, listed: int, listing_complete: bool, counts: dict, shards: Iterable[int],
+                    shard_size: int, **extra: Any) -> dict[str, Any]:
+        """The run's manifest.json, the one builder (run, merge, update). `counts` (embedded, failed,
+        total) and `shards` are those of the run's own listing (`listed` inputs); every update
+        published into this directory is added to them and listed under `updates`, so every count
+        includes the updates. `extra`: keys of one kind of run (`range`, `cluster`, `error`)."""
+        counts, shards = dict(counts), set(shards)
+        published = self.published_updates()
+        for rec in published:
+            counts["embedded"] += int(rec.get("embedded", 0))
+            counts["failed"] += int(rec.get("failed", 0))
+            if counts.get("total") is not None:
+                counts["total"] += int(rec.get("added", 0))
+            shards.update(update_shard_range(rec))
+        synthetic = bool(model.get("synthetic"))
+        m = {
+            "format": FORMAT,
+            "status": status,
+            "created": created,
+            "updated": now_iso(),
+            "fingerprint": fingerprint,
+            "config": config,
+            "devices": devices,
+            "model": model,
+            "synthetic_weights": synthetic,
+            "inputs": {"listed": listed, "listing_complete": listing_complete},
+            "counts": counts,
+            "shard_size": shard_size,
+            "shards": sorted(shards),
+            "versions": software_versions(),
+        }
+        if published:
+            m["updates"] = [{k: rec[k] for k in UPDATE_FIELDS} for rec in published]
+        if synthetic:
+            m["warning"] = SYNTHETIC_NOTE
+        m.update(extra)
+        return m
+
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write_json(self.manifest, manifest)
+
+    def publish(self, manifest: dict[str, Any], *, metadata: bool, layout: str, pickle: bool) -> int:
+        """Finish a complete run, the one way (a run, a merge and an update end here): failures.jsonl
+        over the manifest's shards, the per-shard metadata and the clip-retrieval layout, the
+        pickle, then the manifest, last (from then on the run is complete). Returns the number of
+        failures."""
+        shards = sorted(manifest["shards"])
+        n_fail = self.write_failures(shards)
+        if metadata or layout == "clip-retrieval":
+            self.publish_layout(shards, metadata, layout)
+        if pickle:
+            dtype = (manifest.get("config") or {}).get("output", {}).get("dtype", "float32")
+            self.write_pickle(*self.read_rows(shards, dtype))
+        self.write_manifest(manifest)
+        return n_fail
+
+    def read_rows(self, shards: Iterable[int], dtype: str = "float32") -> tuple[list[str], np.ndarray]:
+        """(paths, embeddings [rows, dim]) of these shards, in order, in memory (for the pickle)."""
+        paths: list[str] = []
+        parts = []
+        for k in sorted(shards):
+            emb, ps, _fails = self.read_shard(k)
+            paths += ps
+            if emb.shape[0]:
+                parts.append(np.asarray(emb))
+        return paths, np.concatenate(parts) if parts else np.zeros((0, 0), dtype=dtype)
+
+    def publish_layout(self, shards: list[int], metadata: bool, layout: str) -> None:
+        """Backfill missing per-shard parquet files (a run resumed with metadata newly on); with the
+        clip-retrieval layout, hard-link every shard with rows into img_emb/ and metadata/."""
+        from pipeline.data import inputs
+        from pipeline.data import metadata as meta
+
+        reader = inputs.TarReader()
+        try:
+            for k in shards:
+                pq_path = self.shard_companion(k, PARQUET_SUFFIX)
+                if not pq_path.exists():
+                    lines = self.shard_paths(k).read_bytes().splitlines()
+                    paths = [pathcodec.decode(decode_path_line(line)) for line in lines]
+                    atomic_write_bytes(pq_path, meta.parquet_bytes(paths, reader))
+        finally:
+            reader.close()
+        # one schema in every parquet file of the run (clip-retrieval's readers need it): metadata.unify
+        meta.unify([self.shard_companion(k, PARQUET_SUFFIX) for k in shards])
+        if layout != "clip-retrieval":
+            return
+        emb_dir, meta_dir = self.path / CLIP_RETRIEVAL_EMB, self.path / CLIP_RETRIEVAL_META
+        emb_dir.mkdir(exist_ok=True)
+        meta_dir.mkdir(exist_ok=True)
+        for k in shards:
+            if np.load(self.shard_npy(k), mmap_mode="r").shape[0] == 0:
+                continue  # no rows: nothing to index, and both folders skip it alike
+            emb_file, meta_file = clip_retrieval_files(self.path, k)
+            link_or_copy(self.shard_companion(k, PARQUET_SUFFIX), meta_file)
+            link_or_copy(self.shard_npy(k), emb_file)
+        fsync_dir(emb_dir)
+        fsync_dir(meta_dir)
+
+    # -- another run directory's shards (an update's or a cluster range's attempt) -------------------
+    def adopt_shard(self, src: RunDir, j: int, k: int, *, id_shift: int = 0, link: bool = False) -> None:
+        """Shard j of the run directory `src` becomes shard k here, the .npy (completion) last. Its
+        failure records get ids + id_shift (and the integrity record their new size and CRC); the
+        other files move unchanged (`link`: hard-linked or copied, src stays whole). Idempotent: a
+        file already moved is not there any more and is skipped, so a publish that died half-way is
+        finished by doing it again."""
+        if src.path.resolve() == self.path.resolve() and j == k:
+            return
+        moves = [PATHS_SUFFIX, FAILURES_SUFFIX, *COMPANION_SUFFIXES, CHECK_SUFFIX, NPY_SUFFIX]
+        if id_shift:
+            moves.remove(FAILURES_SUFFIX)  # rewritten; the attempt's own stays until the attempt is removed
+            fails = src.shard_failures(j)
+            if fails.exists():
+                data = b"".join(_shifted_failure(line, id_shift) for line in fails.read_bytes().splitlines() if line)
+                atomic_write_bytes(self.shard_failures(k), data)
+                check = src.shard_check(j)
+                if check.exists():  # the integrity record follows the rewritten failures file
+                    rec = json.loads(check.read_text())
+                    rec.setdefault("files", {})[FAILURES_SUFFIX] = file_check(data)
+                    atomic_write_bytes(check, (json.dumps(rec, sort_keys=True) + "\n").encode())
+        for suffix in moves:
+            a, b = src.shards_dir / f"{shard_name(j)}{suffix}", self.shards_dir / f"{shard_name(k)}{suffix}"
+            if not a.exists():
+                continue
+            if link:
+                link_or_copy(a, b)
+            else:
+                os.replace(a, b)
 
     def write_report(self, report: dict[str, Any]) -> None:
         """report.json: this run's report at the top level (what tools read), with the reports of
@@ -656,6 +845,56 @@ class RunDir:
         """OUT/embeddings.pkl in the reference program's format."""
         data = pickle.dumps({"img_path": paths, "embedding": embeddings}, protocol=4)
         atomic_write_bytes(self.pickle, data)
+
+    # -- updates (run --update, pipeline/run/update.py) ---------------------------------------------
+    @property
+    def updates_dir(self) -> Path:
+        return self.path / UPDATES
+
+    def update_file(self, n: int, kind: str) -> Path:
+        """One file of update n in OUT/updates/ (kinds: update_files)."""
+        return self.updates_dir / update_files(n)[kind]
+
+    def published_updates(self) -> list[dict]:
+        return [rec for rec in records(self.path) if rec.get("published")]
+
+    def update_shards(self) -> set[int]:
+        """The shards the published updates added."""
+        return {k for rec in self.published_updates() for k in update_shard_range(rec)}
+
+    def publish_update(self, rec: dict, attempt: RunDir) -> None:
+        """Put a finished update attempt's shards after the existing ones: attempt shard j becomes
+        shard first_shard + j, its ids shifted by first_id; then the attempt goes and the record is
+        marked published. The record, written before the first move, is the journal: a publish
+        that died is done again by finish_updates (every step is idempotent)."""
+        for j in attempt.shards_on_disk():
+            self.adopt_shard(attempt, j, rec["first_shard"] + j, id_shift=rec["first_id"])
+        fsync_dir(self.shards_dir)
+        if attempt.path.exists():
+            shutil.rmtree(attempt.path)
+        self.update_file(rec["update"], "list").unlink(missing_ok=True)
+        atomic_write_json(self.update_file(rec["update"], "record"), {**rec, "published": True})
+
+    def finish_updates(self, manifest: dict, log: Callable[[str], None]) -> list[int]:
+        """Updates whose publish was interrupted: shards not all moved (the record is not marked
+        published: the moves are finished here), or the run's files not refreshed after them (the
+        manifest does not list them: the caller's publish refreshes them). Returns their numbers."""
+        listed = {u.get("update") for u in manifest.get("updates") or []}
+        unfinished = []
+        for rec in records(self.path):
+            if not rec.get("published"):
+                self.publish_update(rec, RunDir(self.update_file(rec["update"], "attempt")))
+            elif rec["update"] in listed:
+                continue
+            log(f"warning: finished publishing update {rec['update']} of {self.path}, which was interrupted")
+            unfinished.append(rec["update"])
+        return unfinished
+
+    def shards_on_disk(self) -> list[int]:
+        """Shards whose .npy is here, complete or not (a half-adopted shard still has its .npy)."""
+        if not self.shards_dir.is_dir():
+            return []
+        return sorted(k for p in self.shards_dir.glob("part-*.npy") if (k := parse_shard_name(p.stem)) is not None)
 
 
 _held: dict[str, list[int]] = {}  # realpath of a locked directory -> [fd, depth] (this process)
@@ -739,6 +978,34 @@ def now_iso() -> str:
 
 
 # -- inputs added by `run --update` (pipeline/run/update.py) -----------------------------------------
+
+def expected_shards(manifest: dict) -> list[int] | None:
+    """The shards a run with this manifest holds when complete: those of its own listing, then
+    those of every update it lists; None while its listing is not finished."""
+    inputs, counts = manifest.get("inputs") or {}, manifest.get("counts") or {}
+    if not inputs.get("listing_complete") or counts.get("total") is None or inputs.get("listed") is None:
+        return None
+    size = int(manifest.get("shard_size") or (manifest.get("fingerprint") or {}).get("shard_size") or 1)
+    shards = set(range(-(-int(inputs["listed"]) // size)))
+    for u in manifest.get("updates") or []:
+        shards.update(update_shard_range({**u, "shard_size": size}))
+    return sorted(shards)
+
+
+def update_shard_range(rec: dict) -> range:
+    """The shards an update record's inputs occupy: first_shard on, one per shard_size inputs."""
+    if rec.get("first_shard") is None:
+        return range(0)
+    n = -(-int(rec.get("added", 0)) // int(rec["shard_size"]))
+    return range(int(rec["first_shard"]), int(rec["first_shard"]) + n)
+
+
+def _shifted_failure(line: bytes, id_shift: int) -> bytes:
+    """A .failures.jsonl line with its input id shifted (an update's shard published after the run's)."""
+    f = json.loads(line)
+    rec = Failure(int(f["id"]) + id_shift, f["path"], f["reason"], f["message"], f.get("stage", "")).record()
+    return json.dumps(rec, sort_keys=True).encode() + b"\n"
+
 
 def records(out: str | os.PathLike) -> list[dict]:
     """The update records of an output (OUT/updates/u-NNNN.json), oldest first."""

@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.data.images import CLIP_MEAN, CLIP_STD
+from pipeline.data.rundir import atomic_write, atomic_write_bytes
 
 OPSET = 17
 # IR 8 is the oldest IR that allows opset 17; a low IR keeps the file loadable by older
@@ -138,7 +139,7 @@ def param_count(arch: str) -> int:
     return sum(int(np.prod(shape)) for _, shape, _, _ in _parameter_table(_spec(arch)))
 
 
-def _draw(rng: np.random.Generator, shape: tuple[int, ...], kind: str, std: float) -> np.ndarray:
+def draw(rng: np.random.Generator, shape: tuple[int, ...], kind: str, std: float) -> np.ndarray:
     if kind == "ones":
         return np.ones(shape, np.float32)
     if kind == "zeros":
@@ -161,7 +162,7 @@ def _fold_normalisation(conv_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return folded, bias.astype(np.float32)
 
 
-class _GraphBuilder:
+class GraphBuilder:
     """Collects nodes with deterministic names; constants become Constant nodes."""
 
     def __init__(self) -> None:
@@ -190,7 +191,7 @@ class _GraphBuilder:
         return self.op(op_type, inputs, name, **attrs)[0]
 
 
-def activation(g: _GraphBuilder, y: str, prefix: str, act: str) -> str:
+def activation(g: GraphBuilder, y: str, prefix: str, act: str) -> str:
     """The MLP activation: QuickGELU ``x*sigmoid(1.702x)`` or exact (erf) GELU (opset 17 has no Gelu op)."""
     if act == "quickgelu":
         alpha = g.const("quickgelu_alpha", np.asarray(QUICKGELU_ALPHA, np.float32))
@@ -214,7 +215,7 @@ def clip_model_id(arch: str, seed: int, act: str) -> str:
     return f"synthetic:{arch}:seed={seed}:act={act}"
 
 
-def _build_graph(spec: VisionSpec, input_kind: str, g: _GraphBuilder, conv_bias: str | None,
+def _build_graph(spec: VisionSpec, input_kind: str, g: GraphBuilder, conv_bias: str | None,
                  act: str = "quickgelu") -> str:
     """Adds the forward pass; returns the output tensor name."""
     w, h, hd = spec.width, spec.heads, spec.head_dim
@@ -303,7 +304,7 @@ def _weights(spec: VisionSpec, seed: int, input_kind: str):
     table = _parameter_table(spec)
     name, shape, kind, std = table[0]
     assert name == "visual.conv1.weight"  # drawn first: the uint8 graph needs its folded bias
-    conv_w = _draw(rng, shape, kind, std)
+    conv_w = draw(rng, shape, kind, std)
     conv_bias = None
     if input_kind == "uint8":
         conv_w, conv_bias = _fold_normalisation(conv_w)
@@ -311,7 +312,7 @@ def _weights(spec: VisionSpec, seed: int, input_kind: str):
     def gen():
         yield name, conv_w
         for n, shp, k, sd in table[1:]:
-            yield n, _draw(rng, shp, k, sd)
+            yield n, draw(rng, shp, k, sd)
 
     return conv_bias, gen()
 
@@ -320,7 +321,7 @@ def _skeleton(arch: str, seed: int, input_kind: str, conv_bias: np.ndarray | Non
               act: str = "quickgelu") -> onnx.ModelProto:
     """The whole model except the initializers' data (they are listed as graph inputs nowhere)."""
     spec = _spec(arch)
-    g = _GraphBuilder()
+    g = GraphBuilder()
     bias_name = g.const("conv1.norm_bias", conv_bias) if conv_bias is not None else None
     output = _build_graph(spec, input_kind, g, bias_name, act)
     in_name, in_shape = _io(spec, input_kind)
@@ -487,36 +488,14 @@ def _check_args(arch: str, input_kind: str, act: str = "quickgelu") -> None:
         raise ValueError(f"act must be one of {ACTS}, not {act!r}")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(f)`` on a temp file beside ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; model files are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def _sidecar_path(path: Path) -> Path:
+def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _write_sidecar(path: Path, info: dict) -> None:
+def write_sidecar(path: Path, info: dict) -> None:
+    """A model's `<file>.json` sidecar (read back by read_model_info), written atomically."""
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(_sidecar_path(path), text.encode())
+    atomic_write_bytes(sidecar_path(path), text.encode())
 
 
 def build_clip_image_onnx(
@@ -536,8 +515,9 @@ def build_clip_image_onnx(
     seed = int(seed)
     spec = _spec(arch)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     result: list = []
-    _atomic_write(path, lambda f: result.append(_stream_model(f, arch, seed, input_kind, act)))
+    atomic_write(path, lambda f: result.append(_stream_model(f, arch, seed, input_kind, act)))
     (file_bytes, sha256), = result
     in_name, in_shape = _io(spec, input_kind)
     info = {
@@ -560,7 +540,7 @@ def build_clip_image_onnx(
         "act": act,
         "clip_model": clip_model_id(arch, seed, act),
     }
-    _write_sidecar(path, info)
+    write_sidecar(path, info)
     return info
 
 
@@ -582,7 +562,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
         helper.set_model_props(model, props)
         data = model.SerializeToString()
         del model
-        _atomic_write_bytes(dst, data)
+        atomic_write_bytes(dst, data)
     finally:
         try:
             os.unlink(tmp)
@@ -595,7 +575,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
         file_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
-    _write_sidecar(dst, info)
+    write_sidecar(dst, info)
     return info
 
 
@@ -614,7 +594,7 @@ def read_model_info(path: str | os.PathLike) -> dict:
     3. else ``{"synthetic": False, "arch": "unknown", ...}``.
     """
     path = Path(path)
-    sidecar = _sidecar_path(path)
+    sidecar = sidecar_path(path)
     if sidecar.is_file():
         try:
             info = json.loads(sidecar.read_text())

@@ -14,8 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import output
-from pipeline.data.rundir import DamagedRun, RunDir, damaged_shards, lock_holder, looks_like_run, manifest_missing
+from pipeline.data.rundir import (
+    DamagedRun,
+    RunDir,
+    damaged_shards,
+    decode_path_line,
+    expected_shards,
+    listed_inputs,
+    lock_holder,
+    looks_like_run,
+    manifest_missing,
+    parse_listing_line,
+    shard_name,
+)
 from pipeline.wire import pathcodec
 
 NORM_TOLERANCE = {"float32": 1e-3, "float16": 5e-3}
@@ -33,7 +44,7 @@ def read_run(out: str | os.PathLike) -> dict[str, Any]:
     if not out.is_dir():
         raise NotARun(f"{out} is not a directory: give the output directory of a run (its output.dir / --output)")
     try:
-        manifest = output.read_manifest(out)
+        manifest = RunDir(out).read_manifest()
     except DamagedRun as exc:
         raise NotARun(str(exc)) from None
     if manifest is None and looks_like_run(out):
@@ -51,9 +62,12 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
     m = read_run(out)
     shard_size = int(m.get("shard_size") or m.get("config", {}).get("output", {}).get("shard_size", 1))
     total = m.get("counts", {}).get("total")
-    listing_complete = bool(m.get("inputs", {}).get("listing_complete"))
     done = rd.completed_shards()
-    expected = -(-total // shard_size) if (total is not None and listing_complete) else None
+    updates = rd.published_updates()  # run --update: their inputs and shards count too
+    expected_list = expected_shards({**m, "shard_size": shard_size, "updates": updates})
+    if expected_list is not None and updates:
+        total = int(m["inputs"]["listed"]) + sum(int(u.get("added", 0)) for u in updates)
+    expected = len(expected_list) if expected_list is not None else None
     rows = 0
     dim = None
     for k in done:
@@ -66,7 +80,7 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
             pass  # --verify reports it
     reasons = rd.failures_by_reason(done)
     failed = sum(reasons.values())
-    missing = sorted(set(range(expected)) - set(done)) if expected is not None else None
+    missing = sorted(set(expected_list) - set(done)) if expected_list is not None else None
     complete = m.get("status") == "complete" and missing == []
     model = m.get("model") or {}
     report = rd.report
@@ -103,120 +117,142 @@ def verify(out: str | os.PathLike) -> list[str]:
     its paths, with the shard's failures, are exactly the listing's inputs of the shard's id range,
     in order. Across the run: one width, no missing shard, failures.jsonl agrees with the shards.
     """
-    from pipeline.output import records as update_records
-
     out = Path(out)
     m = read_run(out)
     cfg_out = m.get("config", {}).get("output", {})
-    dtype = cfg_out.get("dtype", "float32")
-    normalize = bool(cfg_out.get("normalize", True))
     shard_size = int(m.get("shard_size") or cfg_out.get("shard_size", 1))
     problems: list[str] = []
     rd = RunDir(out)
-    listing_path = rd.listing
-    listing: list[str | None] | None = None
-    base_total = 0
-    if listing_path.exists():
-        try:
-            listing = [pathcodec.encode(output.parse_listing_line(line))  # the text form, as in .paths
-                       for line in listing_path.read_bytes().splitlines() if line]
-            base_total = len(listing)
-            from pipeline.output import listed_inputs  # inputs added by run --update, after an id gap
-
-            for i, p in listed_inputs(out):
-                if i >= base_total:
-                    listing.extend([None] * (i - len(listing)))
-                    listing.append(pathcodec.encode(p))
-        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, as is a bad quoted path
-            problems.append(f"{listing_path.name} is not readable JSON lines ({exc})")
-    else:
-        problems.append(f"{listing_path.name} is missing (the input listing, needed to check paths and to resume)")
+    listing, base_total = _listing(rd, problems)
     dims: set[int] = set()
     all_fail_ids: list[int] = []
-    done = rd.completed_shards()
     for k, problem in damaged_shards(rd.path).items():  # sizes and CRC-32s recorded at write time
-        problems.append(f"shard {output.shard_name(k)}: {problem}")
-    for k in done:
-        npy, paths_file, fails_file = rd.shard_npy(k), rd.shard_paths(k), rd.shard_failures(k)
-        where = f"shard {output.shard_name(k)}"
-        try:
-            emb = np.load(npy, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            problems.append(f"{where}: {npy.name} cannot be read ({exc})")
-            continue
-        if emb.ndim != 2:
-            problems.append(f"{where}: expected a 2-d array [rows, dim], got shape {emb.shape}")
-            continue
-        if emb.dtype != np.dtype(dtype):
-            problems.append(f"{where}: dtype {emb.dtype}, the run's output.dtype is {dtype}")
-        if emb.shape[0]:
-            dims.add(int(emb.shape[1]))
-        finite = np.ones(emb.shape[0], dtype=bool)
-        norms = np.ones(emb.shape[0])
-        for lo in range(0, emb.shape[0], 65536):
-            block = np.asarray(emb[lo:lo + 65536], dtype=np.float64)
-            finite[lo:lo + len(block)] = np.isfinite(block).all(axis=1)
-            norms[lo:lo + len(block)] = np.linalg.norm(np.nan_to_num(block), axis=1)
-        if not finite.all():
-            problems.append(f"{where}: {int((~finite).sum())} row(s) with NaN/inf, first row {int(np.flatnonzero(~finite)[0])}")
-        if normalize and emb.shape[0]:
-            off = np.abs(norms - 1.0) > NORM_TOLERANCE.get(dtype, 1e-3)
-            if off.any():
-                i = int(np.flatnonzero(off)[0])
-                problems.append(f"{where}: {int(off.sum())} row(s) not unit-norm (output.normalize = true), "
-                                f"e.g. row {i} has norm {norms[i]:.4f}")
-        try:
-            paths = [output.decode_path_line(line) for line in paths_file.read_bytes().splitlines()]
-        except (OSError, ValueError) as exc:
-            problems.append(f"{where}: {paths_file.name} cannot be read ({exc})")
-            continue
-        if len(paths) != emb.shape[0]:
-            problems.append(f"{where}: {len(paths)} paths in {paths_file.name} for {emb.shape[0]} embedding rows")
-        fail_ids = []
-        for n, line in enumerate(fails_file.read_text(errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                fail_ids.append(int(rec["id"]))
-                if not rec.get("reason"):
-                    problems.append(f"{where}: failure record on line {n} has no reason")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                problems.append(f"{where}: {fails_file.name} line {n} is not a failure record")
+        problems.append(f"shard {shard_name(k)}: {problem}")
+    for k in rd.completed_shards():
+        dim, fail_ids = _check_shard(rd, k, shard_size, cfg_out.get("dtype", "float32"),
+                                     bool(cfg_out.get("normalize", True)), listing, problems)
+        if dim is not None:
+            dims.add(dim)
         all_fail_ids += fail_ids
-        lo, hi = k * shard_size, (k + 1) * shard_size
-        bad_ids = [i for i in fail_ids if not lo <= i < hi]
-        if bad_ids:
-            problems.append(f"{where}: failed ids {bad_ids[:5]} are outside its id range [{lo}, {hi})")
-        if len(set(fail_ids)) != len(fail_ids):
-            problems.append(f"{where}: a failed id is recorded twice")
-        if listing is not None:
-            fails = set(fail_ids)
-            want = [listing[i] for i in range(lo, min(hi, len(listing))) if i not in fails and listing[i] is not None]
-            if want != paths:
-                first = next((j for j, (a, b) in enumerate(zip(want, paths)) if a != b), min(len(want), len(paths)))
-                problems.append(f"{where}: paths do not match the input listing from row {first} "
-                                f"({len(paths)} rows + {len(fails)} failures for {len(want) + len(fails)} listed inputs)")
     if len(dims) > 1:
         problems.append(f"shards have different embedding widths: {sorted(dims)}")
     summary = summarize(out)
     if summary["complete"]:
-        fpath = rd.failures
-        if not fpath.exists():
-            problems.append(f"{fpath.name} is missing (a complete run always writes it, empty if nothing failed)")
-        else:
-            try:
-                ids = [int(json.loads(line)["id"]) for line in fpath.read_text(errors="replace").splitlines() if line.strip()]
-                if sorted(ids) != sorted(all_fail_ids):
-                    problems.append(f"{fpath.name} lists {len(ids)} failures, the shards {len(all_fail_ids)}")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                problems.append(f"{fpath.name} has a line that is not a failure record")
-        added = sum(r.get("added", 0) for r in update_records(out) if r.get("published"))
-        if listing is not None and summary["counts"]["total"] is not None and base_total != summary["counts"]["total"]:
-            problems.append(f"{rd.listing.name} has {base_total} inputs, {rd.manifest.name} says {summary['counts']['total']}")
-        if summary["counts"]["resolved"] != (summary["counts"]["total"] or 0) + added:
-            problems.append(f"shards hold {summary['counts']['resolved']} inputs, the run listed {summary['counts']['total']}")
+        _check_run(rd, m, summary, listing is not None, base_total, all_fail_ids, problems)
     return problems
+
+
+def _listing(rd: RunDir, problems: list[str]) -> tuple[list[str | None] | None, int]:
+    """Every listed input's text form by id (the run's listing, then each update's after its id
+    gap: None in the gap) and the length of the run's own listing."""
+    listing_path = rd.listing
+    if not listing_path.exists():
+        problems.append(f"{listing_path.name} is missing (the input listing, needed to check paths and to resume)")
+        return None, 0
+    try:
+        listing: list[str | None] = [pathcodec.encode(parse_listing_line(line))  # the text form, as in .paths
+                                     for line in listing_path.read_bytes().splitlines() if line]
+        base_total = len(listing)
+        for i, p in listed_inputs(rd.path):  # inputs added by run --update, after an id gap
+            if i >= base_total:
+                listing.extend([None] * (i - len(listing)))
+                listing.append(pathcodec.encode(p))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, as is a bad quoted path
+        problems.append(f"{listing_path.name} is not readable JSON lines ({exc})")
+        return None, 0
+    return listing, base_total
+
+
+def _check_shard(rd: RunDir, k: int, shard_size: int, dtype: str, normalize: bool,
+                 listing: list[str | None] | None, problems: list[str]) -> tuple[int | None, list[int]]:
+    """One complete shard's problems (appended); returns its width (None: no rows or unreadable)
+    and its failed ids."""
+    npy, paths_file, fails_file = rd.shard_npy(k), rd.shard_paths(k), rd.shard_failures(k)
+    where = f"shard {shard_name(k)}"
+    try:
+        emb = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        problems.append(f"{where}: {npy.name} cannot be read ({exc})")
+        return None, []
+    if emb.ndim != 2:
+        problems.append(f"{where}: expected a 2-d array [rows, dim], got shape {emb.shape}")
+        return None, []
+    if emb.dtype != np.dtype(dtype):
+        problems.append(f"{where}: dtype {emb.dtype}, the run's output.dtype is {dtype}")
+    _check_values(emb, where, dtype, normalize, problems)
+    dim = int(emb.shape[1]) if emb.shape[0] else None
+    try:
+        paths = [decode_path_line(line) for line in paths_file.read_bytes().splitlines()]
+    except (OSError, ValueError) as exc:
+        problems.append(f"{where}: {paths_file.name} cannot be read ({exc})")
+        return dim, []
+    if len(paths) != emb.shape[0]:
+        problems.append(f"{where}: {len(paths)} paths in {paths_file.name} for {emb.shape[0]} embedding rows")
+    fail_ids = []
+    for n, line in enumerate(fails_file.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            fail_ids.append(int(rec["id"]))
+            if not rec.get("reason"):
+                problems.append(f"{where}: failure record on line {n} has no reason")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            problems.append(f"{where}: {fails_file.name} line {n} is not a failure record")
+    lo, hi = k * shard_size, (k + 1) * shard_size
+    bad_ids = [i for i in fail_ids if not lo <= i < hi]
+    if bad_ids:
+        problems.append(f"{where}: failed ids {bad_ids[:5]} are outside its id range [{lo}, {hi})")
+    if len(set(fail_ids)) != len(fail_ids):
+        problems.append(f"{where}: a failed id is recorded twice")
+    if listing is not None:
+        fails = set(fail_ids)
+        want = [listing[i] for i in range(lo, min(hi, len(listing))) if i not in fails and listing[i] is not None]
+        if want != paths:
+            first = next((j for j, (a, b) in enumerate(zip(want, paths)) if a != b), min(len(want), len(paths)))
+            problems.append(f"{where}: paths do not match the input listing from row {first} "
+                            f"({len(paths)} rows + {len(fails)} failures for {len(want) + len(fails)} listed inputs)")
+    return dim, fail_ids
+
+
+def _check_values(emb: np.ndarray, where: str, dtype: str, normalize: bool, problems: list[str]) -> None:
+    """Every value finite; rows unit-norm when the run normalises (read in blocks)."""
+    finite = np.ones(emb.shape[0], dtype=bool)
+    norms = np.ones(emb.shape[0])
+    for lo in range(0, emb.shape[0], 65536):
+        block = np.asarray(emb[lo:lo + 65536], dtype=np.float64)
+        finite[lo:lo + len(block)] = np.isfinite(block).all(axis=1)
+        norms[lo:lo + len(block)] = np.linalg.norm(np.nan_to_num(block), axis=1)
+    if not finite.all():
+        problems.append(f"{where}: {int((~finite).sum())} row(s) with NaN/inf, first row {int(np.flatnonzero(~finite)[0])}")
+    if normalize and emb.shape[0]:
+        off = np.abs(norms - 1.0) > NORM_TOLERANCE.get(dtype, 1e-3)
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            problems.append(f"{where}: {int(off.sum())} row(s) not unit-norm (output.normalize = true), "
+                            f"e.g. row {i} has norm {norms[i]:.4f}")
+
+
+def _check_run(rd: RunDir, m: dict, summary: dict, have_listing: bool, base_total: int, all_fail_ids: list[int],
+               problems: list[str]) -> None:
+    """A complete run's own files: failures.jsonl agrees with the shards, the listing with the
+    manifest, and the shards hold every listed input (the run's and its updates')."""
+    fpath = rd.failures
+    if not fpath.exists():
+        problems.append(f"{fpath.name} is missing (a complete run always writes it, empty if nothing failed)")
+    else:
+        try:
+            ids = [int(json.loads(line)["id"]) for line in fpath.read_text(errors="replace").splitlines() if line.strip()]
+            if sorted(ids) != sorted(all_fail_ids):
+                problems.append(f"{fpath.name} lists {len(ids)} failures, the shards {len(all_fail_ids)}")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            problems.append(f"{fpath.name} has a line that is not a failure record")
+    listed = (m.get("inputs") or {}).get("listed")  # the run's own listing (the counts include updates)
+    if have_listing and listed is not None and base_total != listed:
+        problems.append(f"{rd.listing.name} has {base_total} inputs, {rd.manifest.name} says {listed}")
+    total = summary["counts"]["total"] or 0
+    if summary["counts"]["resolved"] != total:
+        problems.append(f"shards hold {summary['counts']['resolved']} inputs, the run listed {total}")
 
 
 def format_summary(s: dict[str, Any]) -> str:

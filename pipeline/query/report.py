@@ -61,7 +61,8 @@ def runs_table(runs: list[dict[str, Any]], chosen: int) -> str:
     lines = [f"{len(runs)} runs over this output directory (report.json history):"]
     for i, r in enumerate(runs):
         mark = "*" if i == chosen else " "
-        lines.append(f" {mark} run {i + 1}: {r.get('finished', '?')}  {r.get('wall_s', 0):.1f} s, "
+        what = f" (update {r['update']}: run --update)" if r.get("update") else ""
+        lines.append(f" {mark} run {i + 1}{what}: {r.get('finished', '?')}  {r.get('wall_s', 0):.1f} s, "
                      f"{_work(r)} inputs this run, {r.get('images_per_s') or 0:.1f} images/s")
     return "\n".join(lines)
 

@@ -18,8 +18,9 @@ from pipeline.backends import get_backend
 from pipeline.config import Config, ConfigError, apply_override, from_dict, parse_value
 from pipeline.data.rundir import RunDir, looks_like_run, manifest_missing
 from pipeline.output import load_embeddings
+from pipeline.run.attempt import run_into
 from pipeline.run.progress import Progress
-from pipeline.run.supervisor import RunAborted, Supervisor
+from pipeline.run.supervisor import RunAborted
 
 
 def manifest_of(out: str | os.PathLike) -> dict[str, Any]:
@@ -91,13 +92,9 @@ def embed_inputs(cfg: Config, inputs: list[str], work_dir: str | os.PathLike, *,
     work_dir is an ordinary, resumable output directory: running again with the same inputs and
     model reuses what was embedded.
     """
-    cfg = cfg.replace(
-        input=dataclasses.replace(cfg.input, paths=tuple(os.path.abspath(p) for p in inputs)),
-        output=dataclasses.replace(cfg.output, dir=os.path.abspath(work_dir), pickle=False, on_existing="resume",
-                                   dtype="float32"),
-    )
     try:
-        result = Supervisor(cfg, restart=restart, progress=Progress(progress, cfg.run.log_interval_s, quiet=quiet)).run()
+        result = run_into(cfg, work_dir, inputs=dataclasses.replace(cfg.input, paths=tuple(os.path.abspath(p) for p in inputs)),
+                          dtype="float32", restart=restart, progress=Progress(progress, cfg.run.log_interval_s, quiet=quiet))
     except RunAborted as exc:
         raise RuntimeError(f"embedding {', '.join(inputs)} failed: {exc}") from None
     if result.exit_code not in (0, 3):

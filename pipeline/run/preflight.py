@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.data.rundir import LOCK, DamagedRun, RunDir, looks_like_run, manifest_missing
+from pipeline.data.rundir import LOCK, DamagedRun, RunDir, expected_shards, looks_like_run, manifest_missing
 from pipeline.wire import pathcodec
 
 # fingerprint field (manifest.json) -> the config key a user changes to change it
@@ -146,9 +146,9 @@ def describe_run(manifest: dict[str, Any], done_shards: list[int]) -> str:
     total = counts.get("total")
     listed = inputs.get("listed", 0)
     complete_listing = bool(inputs.get("listing_complete")) and total is not None
-    expected = -(-total // shard_size) if complete_listing else None
-    shards = f"{len(done_shards)} of {expected} shards" if expected is not None else f"{len(done_shards)} shard(s)"
-    if status == "complete" and expected is not None and len(done_shards) >= expected:
+    expected = expected_shards({**manifest, "shard_size": shard_size})  # with every update's shards
+    shards = f"{len(done_shards)} of {len(expected)} shards" if expected is not None else f"{len(done_shards)} shard(s)"
+    if status == "complete" and expected is not None and set(expected) <= set(done_shards):
         return (f"complete: {shards}, {total} inputs ({counts.get('embedded', 0)} embedded, "
                 f"{counts.get('failed', 0)} failed)")
     state = {"running": "interrupted (the process was killed: status was still 'running')",
@@ -269,7 +269,7 @@ def on_existing_refusal(out: Path) -> str:
 
 def input_changes(cfg: Config, listing: Path, warn: Callable[[str], None] = lambda m: None) -> InputChanges:
     """Re-walk the input roots and compare with the run's listing (cheap: names only, no reads)."""
-    from pipeline.output import recorded_inputs, records
+    from pipeline.data.rundir import recorded_inputs, records
     from stages.source import config_inputs, dedupe_roots, read_listing
 
     exts = frozenset(e.lower().encode() for e in cfg.input.extensions)

@@ -18,20 +18,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
-from pipeline import output
 from pipeline.backends import get_backend
 from pipeline.config import Config
-from pipeline.data.rundir import FORMAT, LOCK, RunDir, now_iso, output_lock, remove_temp_files
+from pipeline.data import rundir
+from pipeline.data.rundir import LOCK, SYNTHETIC_NOTE, RunDir, now_iso, output_lock, remove_temp_files
 from pipeline.errors import RunFailure
 from pipeline.model.models import ensure_model, resolve_image_size
 from pipeline.run import preflight
 from pipeline.run.ledger import Ledger
 from pipeline.run.preflight import fingerprint
 from pipeline.run.progress import Progress
-from pipeline.run.telemetry import Telemetry, software_versions
+from pipeline.run.telemetry import Telemetry
 from pipeline.wire import messages, transport
 from pipeline.wire.messages import Failure
 from pipeline.worker.boot import boot
@@ -46,7 +45,6 @@ EXIT_ABORTED = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
-SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
 
 
 class InterruptedBeforeStart(KeyboardInterrupt):
@@ -189,7 +187,7 @@ class Supervisor:
         self.resumed = prior.resumed
         self.listing_complete = prior.listing_complete
         self.done_shards = prior.done_shards
-        self.warnings += [f"shard {output.shard_name(k)} is damaged ({why}); redone" for k, why in prior.damaged.items()]
+        self.warnings += [f"shard {rundir.shard_name(k)} is damaged ({why}); redone" for k, why in prior.damaged.items()]
         if self.id_range is not None:
             self.listing_complete = True  # the planned listing, replayed
         for k in self.done_shards:
@@ -201,32 +199,21 @@ class Supervisor:
         if self.resumed and self.done_shards:
             self.log(f"Resuming the run in {self.out}: {len(self.done_shards)} shards already complete.")
 
-    def write_manifest(self, status: str, extra: dict | None = None) -> None:
-        synthetic = bool(self.model.get("synthetic"))
-        m = {
-            "format": FORMAT,
-            "status": status,
-            "created": self.created,
-            "updated": now_iso(),
-            "fingerprint": self.fp,
-            "config": self.cfg.to_dict(),
-            "devices": self.devices,
-            "model": self.model,
-            "synthetic_weights": synthetic,
-            "inputs": {"listed": self.ledger.listed, "listing_complete": self.ledger.listing_done or self.listing_complete},
-            "counts": {"embedded": self.ledger.embedded, "failed": self.ledger.failed,
-                       "total": self.ledger.total},
-            "shard_size": self.cfg.output.shard_size,
-            "shards": sorted(self.ledger.written),
-            "versions": software_versions(),
-        }
+    def manifest(self, status: str, extra: dict | None = None) -> dict[str, Any]:
+        """This run's manifest.json (built by RunDir.manifest_of, with any published updates)."""
+        extra = dict(extra or {})
         if self.id_range is not None:
-            m["range"] = {"ids": list(self.id_range), "listing": str(self.listing_path)}
-        if synthetic:
-            m["warning"] = SYNTHETIC_NOTE
-        if extra:
-            m.update(extra)
-        self.rundir.write_manifest(m)
+            extra["range"] = {"ids": list(self.id_range), "listing": str(self.listing_path)}
+        led = self.ledger
+        return self.rundir.manifest_of(
+            status=status, created=self.created, fingerprint=self.fp, config=self.cfg.to_dict(),
+            devices=self.devices, model=self.model, listed=led.listed,
+            listing_complete=led.listing_done or self.listing_complete,
+            counts={"embedded": led.embedded, "failed": led.failed, "total": led.total},
+            shards=led.written, shard_size=self.cfg.output.shard_size, **extra)
+
+    def write_manifest(self, status: str, extra: dict | None = None) -> None:
+        self.rundir.write_manifest(self.manifest(status, extra))
 
     # -- processes ------------------------------------------------------------------------------
     def plan(self) -> None:
@@ -491,7 +478,7 @@ class Supervisor:
             self.send_reissues()
 
     def send_reissues(self) -> None:
-        paths = output.listing_paths(self.listing_path, self.reissue_pending)
+        paths = rundir.listing_paths(self.listing_path, self.reissue_pending)
         self.reissue_pending.clear()
         for i in sorted(paths):
             self.outbox.append((self.to_first, messages.item(i, paths[i], suspect=bool(self.ledger.crash_counts.get(i)))))
@@ -587,7 +574,7 @@ class Supervisor:
                 self.queue_to_sink(messages.total(self.ledger.listed))
             if self.dim is not None:
                 self.queue_to_sink(messages.dim(self.dim))
-        paths = output.listing_paths(self.listing_path, self.ledger.failed_here)
+        paths = rundir.listing_paths(self.listing_path, self.ledger.failed_here)
         for i, failure in sorted(self.ledger.failed_here.items()):
             self.queue_to_sink(replace(failure, path=paths.get(i, b"")).header())
         sent = self.source().slot.sent_upto
@@ -657,7 +644,7 @@ class Supervisor:
         """An input's path, from the listing (cached: only asked for the few stuck inputs)."""
         if i not in self.paths_cache:
             try:
-                self.paths_cache[i] = os.fsdecode(output.listing_paths(self.listing_path, [i]).get(i, b"?"))
+                self.paths_cache[i] = os.fsdecode(rundir.listing_paths(self.listing_path, [i]).get(i, b"?"))
             except OSError:
                 self.paths_cache[i] = f"input #{i}"
         return self.paths_cache[i]
@@ -699,26 +686,21 @@ class Supervisor:
             self.best_effort(self.write_manifest, "failed", {"error": reason})
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
+        o = self.cfg.output
         try:
-            n_fail = self.rundir.write_failures(self.ledger.written)
-            o = self.cfg.output
-            if o.metadata or o.layout == "clip-retrieval":
-                from pipeline.data import metadata
-
-                metadata.publish(self.out, sorted(self.ledger.written), o.metadata, o.layout)
-            if self.cfg.output.pickle:
-                paths, emb = output.load_embeddings(self.out)
-                self.rundir.write_pickle(paths, np.asarray(emb))
-            self.write_manifest("complete")
+            manifest = self.manifest("complete")
+            n_fail = self.rundir.publish(manifest, metadata=o.metadata, layout=o.layout, pickle=o.pickle)
         except OSError as exc:  # the disk filled up, or OUT was deleted, at the very end: exit 4 as mid-run
             reason = output_failure(self.out, exc)
             self.best_effort(self.write_manifest, "failed", {"error": reason})
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
+        if manifest.get("updates"):  # inputs added by run --update count too (RunDir.manifest_of)
+            counts = dict(manifest["counts"])
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
         earlier = (f"; {self.resumed_count} of the inputs were done by an earlier run of this output, "
                    f"{led.embedded + led.failed - self.resumed_count} by this one") if self.resumed_count else ""
-        msg = (f"Embedded {led.embedded} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}"
+        msg = (f"Embedded {counts['embedded']} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}"
                f"{earlier}.")
         if self.input_changes:
             msg += " Note: " + preflight.changes_note(self.input_changes, True) + "."

@@ -11,25 +11,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from pipeline.data.rundir import FORMAT
+from pipeline.data.rundir import FORMAT, software_versions
 from pipeline.run.ledger import Ledger
 from pipeline.run.progress import aggregate, bottleneck_line, queue_fill, utilisation
 
 TIMELINE_MAX = 1200  # points; beyond it the resolution halves (report.json stays small)
-
-
-def software_versions() -> dict[str, str]:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("clip-pipeline", "numpy", "pyzmq", "msgpack", "onnxruntime", "pillow", "simplejpeg",
-                "opencv-python-headless"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 class Telemetry:

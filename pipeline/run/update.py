@@ -16,27 +16,28 @@ The finished output is never rewritten: existing shards, rows and ids stay as th
    `.parquet` and `.hashes` move unchanged, the `.npy` last. The update's record
    (`OUT/updates/u-NNNN.json`: first shard, first id, counts; its listing `u-NNNN.jsonl`, the
    removed inputs `u-NNNN.removed.jsonl`, the aliases `u-NNNN.aliases.jsonl`) is written before the
-   first shard moves and marked published after the last, so an interrupted publish is finished by
-   the next `--update`.
+   first shard moves and marked published after the last: it is the journal of the publish
+   (RunDir.publish_update, every step idempotent), so a publish that died is finished by the next
+   run over the output, `--update` or not (RunDir.finish_updates);
+5. refreshes the run's files (failures.jsonl, the metadata layout, the pickle, the manifest, whose
+   counts and shards include every update: RunDir.publish), and adds the update's report to
+   report.json's runs.
 
 `load_embeddings`, `iter_shards`, `inspect` and search read every shard, so they see old and new
-rows together. `output.listed_inputs(out)` gives every listed input with its id.
+rows together. `pipeline.output.listed_inputs(out)` gives every listed input with its id.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline import output
 from pipeline.config import Config, ConfigError
-from pipeline.data import rundir
 from pipeline.data.inputs import hash_input
-from pipeline.data.rundir import HASHES_SUFFIX, PARQUET_SUFFIX, UPDATES, listed_inputs, records, update_files
+from pipeline.data.rundir import RunDir, atomic_write_bytes, atomic_write_json, output_lock, records, shard_name
 from pipeline.wire import pathcodec
 
 INPUT_KEYS = {"inputs", "extensions", "recursive", "follow_symlinks", "list", "list_column", "tar"}
@@ -49,91 +50,96 @@ def _refuse_other_fingerprint(out: Path, old: dict, new: dict) -> None:
                           "mix embeddings. Use the run's own model and preprocessing, or --restart")
 
 
-def _write_lines(path: Path, lines: list[bytes]) -> None:
-    output.atomic_write_bytes(path, b"".join(lines))
+@dataclass
+class Changes:
+    """What changed since the output listed its inputs."""
 
-
-def _move(src: Path, dst: Path) -> None:
-    if src.exists():
-        os.replace(src, dst)
-
-
-def _publish(out: Path, attempt: Path, rec: dict) -> None:
-    """Move the attempt's shards after the existing ones (idempotent: a re-run finishes it)."""
-    src, dst = attempt / output.EMB_DIR, out / output.EMB_DIR
-    k0, first_id, size = rec["first_shard"], rec["first_id"], rec["shard_size"]
-    for j in output.completed_shards(attempt) if attempt.exists() else []:
-        a, b = output.shard_name(j), output.shard_name(k0 + j)
-        fails = (src / f"{a}{rundir.FAILURES_SUFFIX}").read_text().splitlines()
-        shifted = []
-        for line in fails:
-            if line:
-                f = json.loads(line)
-                f["id"] += first_id
-                shifted.append(json.dumps(f, sort_keys=True).encode() + b"\n")
-        data = b"".join(shifted)
-        output.atomic_write_bytes(dst / f"{b}{rundir.FAILURES_SUFFIX}", data)
-        check = src / f"{a}{rundir.CHECK_SUFFIX}"
-        if check.exists():  # the integrity record follows the rewritten failures file
-            rec_check = json.loads(check.read_text())
-            rec_check.setdefault("files", {})[rundir.FAILURES_SUFFIX] = rundir.file_check(data)
-            output.atomic_write_bytes(check, (json.dumps(rec_check, sort_keys=True) + "\n").encode())
-        for suffix in (rundir.PATHS_SUFFIX, PARQUET_SUFFIX, HASHES_SUFFIX, rundir.CHECK_SUFFIX):
-            _move(src / f"{a}{suffix}", dst / f"{b}{suffix}")
-        _move(src / f"{a}{rundir.NPY_SUFFIX}", dst / f"{b}{rundir.NPY_SUFFIX}")  # last: the shard is complete from here
-        assert first_id + j * size == (k0 + j) * size
-    output.fsync_dir(dst)
-
-
-def next_shard(out: Path) -> int:
-    done = output.completed_shards(out)
-    return done[-1] + 1 if done else 0
+    new: list[bytes] = field(default_factory=list)  # to embed, in walk order
+    removed: list[bytes] = field(default_factory=list)
+    aliases: list[dict] = field(default_factory=list)  # new names with the content of an embedded row
 
 
 def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print):
     """Embed what is new since the finished run in cfg.output.dir; returns a RunResult. Holds the
     output's lock throughout (rundir.output_lock)."""
-    out = Path(cfg.output.dir)
-    if not (out / rundir.MANIFEST).is_file():
-        raise ConfigError(f"--update needs a finished run in {out} (no run manifest there): run without --update first "
+    rd = RunDir(cfg.output.dir)
+    if not rd.manifest.is_file():
+        raise ConfigError(f"--update needs a finished run in {rd} (no run manifest there): run without --update first "
                           "(config key output.dir / --output)")
-    with rundir.output_lock(out, "run --update"):
-        return _run_update(cfg, progress=progress, log=log)
+    with output_lock(rd.path, "run --update"):
+        return _run_update(cfg, rd, progress=progress, log=log)
 
 
-def _run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print):
+def _run_update(cfg: Config, rd: RunDir, *, progress=None, log: Callable[[str], None] = print):
+    from pipeline.run.supervisor import EXIT_SUCCESS, EXIT_WITH_FAILURES, RunResult
+
+    manifest = _check_update(cfg, rd, log)
+    rd.updates_dir.mkdir(exist_ok=True)
+    if rd.finish_updates(manifest, log):  # an interrupted publish: its moves are done, now the run's files
+        manifest = _refresh_run(cfg, rd, manifest)
+    ch = _changes(cfg, rd, log)
+    n = len(records(rd.path)) + 1
+    rec = {"update": n, **{k: rd.update_file(n, k).name for k in ("listing", "removed", "aliases", "attempt")},
+           "shard_size": cfg.output.shard_size, "added": len(ch.new), "removed_count": len(ch.removed),
+           "aliased": len(ch.aliases), "published": False}
+    if not ch.new:
+        msg = _record_only(rd, rec, ch)
+        if rec["published"]:  # removed or aliased inputs recorded: the manifest lists every update
+            _refresh_run(cfg, rd, manifest)
+        return RunResult(EXIT_SUCCESS, msg, {"embedded": 0, "failed": 0, "total": 0}, str(rd))
+    attempt = RunDir(rd.update_file(n, "attempt"))
+    result = _embed(cfg, rd, n, ch.new, attempt, progress)
+    if result.exit_code not in (EXIT_SUCCESS, EXIT_WITH_FAILURES):
+        return RunResult(result.exit_code, f"{result.message} (the update of {rd}; run the same --update again)",
+                         result.counts, str(rd))
+    k0 = _next_shard(rd)
+    rec.update(first_shard=k0, first_id=k0 * cfg.output.shard_size, embedded=result.counts.get("embedded", 0),
+               failed=result.counts.get("failed", 0))
+    shutil.copyfile(attempt.listing, rd.update_file(n, "listing"))
+    _write_changes(rd, rec, ch)
+    report = _attempt_report(attempt, n)
+    atomic_write_json(rd.update_file(n, "record"), rec)  # the journal: before the first shard moves
+    rd.publish_update(rec, attempt)
+    _refresh_run(cfg, rd, manifest, report)
+    k1 = _next_shard(rd) - 1
+    shards = f"shard {shard_name(k0)}" if k1 == k0 else f"shards {shard_name(k0)}..{shard_name(k1)}"
+    msg = (f"Updated {rd}: {rec['embedded']} new input(s) embedded into {shards}, {rec['failed']} failed, "
+           f"{len(ch.removed)} removed since"
+           + (f" (recorded in {rd.update_file(n, 'removed')})" if ch.removed else "")
+           + (f", {len(ch.aliases)} skipped as the content of an embedded input" if ch.aliases else "") + ".")
+    return RunResult(EXIT_WITH_FAILURES if rec["failed"] else EXIT_SUCCESS, msg,
+                     {"embedded": rec["embedded"], "failed": rec["failed"], "total": len(ch.new)}, str(rd))
+
+
+def _check_update(cfg: Config, rd: RunDir, log: Callable[[str], None]) -> dict:
+    """The finished run's manifest, once the config is checked to make the same embeddings
+    (ConfigError saying what to do otherwise; the model is built if needed)."""
     from pipeline.backends import get_backend
+    from pipeline.config import validate_for_run
     from pipeline.model.models import ensure_model
     from pipeline.run.preflight import fingerprint
-    from pipeline.run.supervisor import EXIT_SUCCESS, EXIT_WITH_FAILURES, RunResult, Supervisor
-    from stages.source import config_inputs
 
-    out = Path(cfg.output.dir)
-    manifest = output.read_manifest(out) if out.is_dir() else None
+    manifest = rd.read_manifest() if rd.path.is_dir() else None
     if manifest is None:
-        raise ConfigError(f"--update needs a finished run in {out} (no run manifest there): run without --update first "
+        raise ConfigError(f"--update needs a finished run in {rd} (no run manifest there): run without --update first "
                           "(config key output.dir / --output)")
     if manifest.get("status") != "complete":
-        raise ConfigError(f"the run in {out} is {manifest.get('status')}, not complete: run the same command without "
+        raise ConfigError(f"the run in {rd} is {manifest.get('status')}, not complete: run the same command without "
                           "--update to finish it first, then --update")
-    from pipeline.config import validate_for_run
-
     validate_for_run(cfg)
     ensure_model(cfg, log=log)
     model = get_backend(cfg.infer.backend).model_identity(cfg)
-    fp = fingerprint(cfg, model)
-    _refuse_other_fingerprint(out, manifest.get("fingerprint") or {}, fp)
-    size = cfg.output.shard_size
-    (out / UPDATES).mkdir(exist_ok=True)
+    _refuse_other_fingerprint(rd.path, manifest.get("fingerprint") or {}, fingerprint(cfg, model))
+    return manifest
 
-    pending = [r for r in records(out) if not r.get("published")]
-    if pending:  # an interrupted publish: finish it first
-        rec = pending[0]
-        _publish(out, out / UPDATES / rec["attempt"], rec)
-        _finish_record(out, rec)
+
+def _changes(cfg: Config, rd: RunDir, log: Callable[[str], None]) -> Changes:
+    """The config's inputs against every input the output lists (walk order kept)."""
+    from pipeline.data.rundir import listed_inputs, recorded_inputs
+    from stages.source import config_inputs
 
     warnings: list[str] = []
-    listed = {p for _i, p in listed_inputs(out)}
+    listed = {p for _i, p in listed_inputs(rd.path)}
     current: list[bytes] = []
     current_set: set[bytes] = set()
     for p in config_inputs(cfg, warnings.append):
@@ -142,119 +148,99 @@ def _run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = prin
             current.append(p)
     for w in warnings:
         log(f"warning: {w}")
-    new = [p for p in current if p not in listed]
-    removed = [p for p in output.recorded_inputs(out) if p not in current_set]
-
-    aliases: list[dict] = []
-    if cfg.output.content_hash and new:
-        known = _embedded_hashes(out)
+    ch = Changes([p for p in current if p not in listed], [p for p in recorded_inputs(rd.path) if p not in current_set])
+    if cfg.output.content_hash and ch.new:
+        known = _embedded_hashes(rd)
         keep = []
-        for p in new:
+        for p in ch.new:
             h = hash_input(p)
             if h is not None and h in known:
-                aliases.append({"path": pathcodec.encode(p), "same_as": known[h], "hash": h})
+                ch.aliases.append({"path": pathcodec.encode(p), "same_as": known[h], "hash": h})
             else:
                 keep.append(p)
-        new = keep
-
-    n = len(records(out)) + 1
-    files = update_files(n)
-    rec = {"update": n, "listing": files["listing"], "removed": files["removed"],
-           "aliases": files["aliases"], "attempt": files["attempt"], "shard_size": size,
-           "added": len(new), "removed_count": len(removed), "aliased": len(aliases), "published": False}
-    if not new:
-        if removed or aliases:
-            _write_lines(out / UPDATES / rec["removed"], [pathcodec.encode(p).encode() + b"\n" for p in removed])
-            _write_lines(out / UPDATES / rec["aliases"], [json.dumps(a).encode() + b"\n" for a in aliases])
-            _write_lines(out / UPDATES / rec["listing"], [])
-            rec.update(first_shard=next_shard(out), first_id=next_shard(out) * size, embedded=0, failed=0,
-                       published=True)
-            output.atomic_write_json(out / UPDATES / files["record"], rec)
-        msg = (f"Nothing new to embed in {out}: {len(removed)} input(s) removed since"
-               + (f" (recorded in {out / UPDATES / rec['removed']})" if removed else "")
-               + (f", {len(aliases)} new name(s) with the content of an embedded input" if aliases else "") + ".")
-        return RunResult(EXIT_SUCCESS, msg, {"embedded": 0, "failed": 0, "total": 0}, str(out))
-
-    attempt = out / UPDATES / rec["attempt"]
-    list_file = out / UPDATES / files["list"]
-    lines = [pathcodec.encode(p).encode() + b"\n" for p in new]
-    if attempt.exists() and (not list_file.exists() or list_file.read_bytes() != b"".join(lines)):
-        shutil.rmtree(attempt)  # an earlier, interrupted update of other inputs: start it over
-    _write_lines(list_file, lines)
-    sub = cfg.replace(
-        input=replace(cfg.input, paths=(), list=str(list_file), list_column="path"),
-        output=replace(cfg.output, dir=str(attempt), layout="native", pickle=False, on_existing="resume"),
-    )
-    result = Supervisor(sub, progress=progress).run()
-    if result.exit_code not in (EXIT_SUCCESS, EXIT_WITH_FAILURES):
-        return RunResult(result.exit_code, f"{result.message} (the update of {out}; run the same --update again)",
-                         result.counts, str(out))
-    k0 = next_shard(out)
-    rec.update(first_shard=k0, first_id=k0 * size, embedded=result.counts.get("embedded", 0),
-               failed=result.counts.get("failed", 0))
-    shutil.copyfile(output.RunDir(attempt).listing, out / UPDATES / rec["listing"])
-    _write_lines(out / UPDATES / rec["removed"], [pathcodec.encode(p).encode() + b"\n" for p in removed])
-    _write_lines(out / UPDATES / rec["aliases"], [json.dumps(a).encode() + b"\n" for a in aliases])
-    output.atomic_write_json(out / UPDATES / files["record"], rec)  # before the first shard moves
-    _publish(out, attempt, rec)
-    _finish_record(out, rec)
-    _refresh_run(cfg, out, manifest)
-    k1 = next_shard(out) - 1
-    shards = (f"shard {output.shard_name(k0)}" if k1 == k0 else
-              f"shards {output.shard_name(k0)}..{output.shard_name(k1)}")
-    msg = (f"Updated {out}: {rec['embedded']} new input(s) embedded into {shards}, {rec['failed']} failed, "
-           f"{len(removed)} removed since"
-           + (f" (recorded in {out / UPDATES / rec['removed']})" if removed else "")
-           + (f", {len(aliases)} skipped as the content of an embedded input" if aliases else "") + ".")
-    return RunResult(EXIT_WITH_FAILURES if rec["failed"] else EXIT_SUCCESS, msg,
-                     {"embedded": rec["embedded"], "failed": rec["failed"], "total": len(new)}, str(out))
+        ch.new = keep
+    return ch
 
 
-def _embedded_hashes(out: Path) -> dict[str, str]:
+def _write_changes(rd: RunDir, rec: dict, ch: Changes) -> None:
+    """The update's removed and aliases files (its listing comes from its run)."""
+    n = rec["update"]
+    atomic_write_bytes(rd.update_file(n, "removed"), b"".join(pathcodec.encode(p).encode() + b"\n" for p in ch.removed))
+    atomic_write_bytes(rd.update_file(n, "aliases"), b"".join(json.dumps(a).encode() + b"\n" for a in ch.aliases))
+
+
+def _record_only(rd: RunDir, rec: dict, ch: Changes) -> str:
+    """Nothing to embed: record what was removed or aliased, if anything; the message."""
+    n = rec["update"]
+    if ch.removed or ch.aliases:
+        _write_changes(rd, rec, ch)
+        atomic_write_bytes(rd.update_file(n, "listing"), b"")
+        k = _next_shard(rd)
+        rec.update(first_shard=k, first_id=k * rec["shard_size"], embedded=0, failed=0, published=True)
+        atomic_write_json(rd.update_file(n, "record"), rec)
+    return (f"Nothing new to embed in {rd}: {len(ch.removed)} input(s) removed since"
+            + (f" (recorded in {rd.update_file(n, 'removed')})" if ch.removed else "")
+            + (f", {len(ch.aliases)} new name(s) with the content of an embedded input" if ch.aliases else "") + ".")
+
+
+def _embed(cfg: Config, rd: RunDir, n: int, new: list[bytes], attempt: RunDir, progress):
+    """The new inputs as an ordinary, resumable run over a file list, in the update's attempt
+    directory (started over if it holds an interrupted update of other inputs)."""
+    from pipeline.run.attempt import run_into
+
+    list_file = rd.update_file(n, "list")
+    lines = b"".join(pathcodec.encode(p).encode() + b"\n" for p in new)
+    if attempt.path.exists() and (not list_file.exists() or list_file.read_bytes() != lines):
+        shutil.rmtree(attempt.path)
+    atomic_write_bytes(list_file, lines)
+    inputs = replace(cfg.input, paths=(), list=str(list_file), list_column="path")
+    return run_into(cfg, attempt.path, inputs=inputs, layout="native", progress=progress)
+
+
+def _attempt_report(attempt: RunDir, n: int) -> dict | None:
+    """The update run's report.json (its last run), marked as update n, for the output's report."""
+    try:
+        rep = json.loads(attempt.report.read_text())
+    except (OSError, ValueError):
+        return None
+    return {**{k: v for k, v in rep.items() if k != "history"}, "update": n}
+
+
+def _next_shard(rd: RunDir) -> int:
+    done = rd.completed_shards()
+    return done[-1] + 1 if done else 0
+
+
+def _embedded_hashes(rd: RunDir) -> dict[str, str]:
     """content hash -> the path (text form) of the embedded row that has it, over every shard."""
+    from pipeline.data.rundir import HASHES_SUFFIX, decode_path_line
+
     known: dict[str, str] = {}
-    d = out / output.EMB_DIR
-    for k in output.completed_shards(out):
-        h = d / f"{output.shard_name(k)}{HASHES_SUFFIX}"
+    for k in rd.completed_shards():
+        h = rd.shard_companion(k, HASHES_SUFFIX)
         if not h.exists():
             continue
-        paths = (d / f"{output.shard_name(k)}{rundir.PATHS_SUFFIX}").read_bytes().splitlines()
-        for line, p in zip(h.read_text().splitlines(), paths):
+        for line, p in zip(h.read_text().splitlines(), rd.shard_paths(k).read_bytes().splitlines()):
             if line:
-                known.setdefault(line, output.decode_path_line(p))
+                known.setdefault(line, decode_path_line(p))
     return known
 
 
-def _finish_record(out: Path, rec: dict) -> None:
-    attempt = out / UPDATES / rec["attempt"]
-    if attempt.exists():
-        shutil.rmtree(attempt)
-    files = update_files(rec["update"])
-    (out / UPDATES / files["list"]).unlink(missing_ok=True)
-    rec["published"] = True
-    output.atomic_write_json(out / UPDATES / files["record"], rec)
-
-
-def _refresh_run(cfg: Config, out: Path, manifest: dict) -> None:
-    """The run-level files after new shards: failures, metadata layout, pickle, manifest."""
-    import numpy as np
-
-    rd = rundir.RunDir(out)
-    done = rd.completed_shards()
-    failed = rd.write_failures(done)
-    rows = sum(rd.shard_counts(k)[0] for k in done)
+def _refresh_run(cfg: Config, rd: RunDir, manifest: dict, report: dict | None = None) -> dict:
+    """The run-level files after new shards (RunDir.publish: failures, metadata layout, pickle, the
+    manifest with the updates' counts and shards), and the update's report among the runs."""
+    if report is not None:
+        rd.write_report(report)
+    updated = rd.update_shards()
+    own = [k for k in rd.completed_shards() if k not in updated]
+    rows = sum(rd.shard_counts(k)[0] for k in own)
+    failed = sum(rd.shard_counts(k)[1] for k in own)
+    new = rd.manifest_of(
+        status="complete", created=manifest.get("created"), fingerprint=manifest.get("fingerprint"),
+        config=manifest.get("config"), devices=manifest.get("devices"), model=manifest.get("model") or {},
+        listed=manifest.get("inputs", {}).get("listed"), listing_complete=True,
+        counts={"embedded": rows, "failed": failed, "total": rows + failed}, shards=own,
+        shard_size=manifest.get("shard_size"), **{k: manifest[k] for k in ("range", "cluster") if k in manifest})
     o = cfg.output
-    if o.metadata or o.layout == "clip-retrieval":
-        from pipeline.data import metadata
-
-        metadata.publish(out, done, o.metadata, o.layout)
-    if o.pickle:
-        paths, emb = output.load_embeddings(out)
-        rd.write_pickle(paths, np.asarray(emb))
-    manifest = dict(manifest)
-    manifest["updated"] = rundir.now_iso()
-    manifest["shards"] = done
-    manifest["counts"] = {**manifest.get("counts", {}), "embedded": rows, "failed": failed}
-    manifest["updates"] = [{k: r[k] for k in ("update", "first_shard", "first_id", "added", "embedded", "failed",
-                                             "removed_count", "aliased")} for r in records(out)]
-    rd.write_manifest(manifest)
+    rd.publish(new, metadata=o.metadata, layout=o.layout, pickle=o.pickle)
+    return new

@@ -39,14 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.backends import NAMES, get_backend
 from pipeline.data.rundir import RunDir
+from pipeline.errors import TextModelError
 from pipeline.text.tokenizer import Tokenized, Tokenizer, get_tokenizer
-
-BACKENDS = ("cpu", "sail", "sim", "fake")
-
-
-class TextModelError(ValueError):
-    """A user-fixable problem with a text model or its pairing; the message says what to do."""
 
 
 class PairingError(TextModelError):
@@ -200,138 +196,12 @@ def find_projection(model_path: str | os.PathLike, width: int | None = None) -> 
     return cands[0] if len(cands) == 1 else None
 
 
-class _OrtText:
-    """onnxruntime text model: ids [n, 77] -> [n, dim] or [n, 77, width]."""
-
-    def __init__(self, path: str, threads: int = 1):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001
-            raise TextModelError(f"cannot load text model {path} with onnxruntime: {exc}") from exc
-        inp = self.session.get_inputs()[0]
-        out = self.session.get_outputs()[0]
-        if inp.type not in ("tensor(int32)", "tensor(int64)") or len(inp.shape) != 2:
-            raise TextModelError(f"{path} is not a CLIP text model: its input {inp.name} is {inp.type} {inp.shape}, "
-                                 "expected int32/int64 token ids [batch, 77]")
-        self.input_name = inp.name
-        self.id_dtype = np.int32 if inp.type == "tensor(int32)" else np.int64
-        self.context_length = inp.shape[1] if isinstance(inp.shape[1], int) else 77
-        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-        self.out_rank = len(out.shape)
-        self.out_last = out.shape[-1] if isinstance(out.shape[-1], int) else None
-
-    def run_ids(self, ids: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: ids.astype(self.id_dtype, copy=False)})[0]
-
-
-class _SailText:
-    """A text bmodel on one SOPHON chip: int32 ids through the numpy ``Engine.process`` (sail-api.md §1.4)."""
-
-    def __init__(self, path: str, dev_id: int):
-        from pipeline.backends.sail import import_sail
-
-        sail = import_sail()
-        try:
-            self.engine = sail.Engine(path, dev_id, sail.IOMode.SYSIO)  # §1.2: numpy needs SYSIO
-            self.graph = self.engine.get_graph_names()[0]
-            self.input_name = self.engine.get_input_names(self.graph)[0]
-            self.output_name = self.engine.get_output_names(self.graph)[0]
-            in_shape = list(self.engine.get_input_shape(self.graph, self.input_name))  # largest stage (§1.3)
-            out_shape = list(self.engine.get_output_shape(self.graph, self.output_name))
-            in_dtype = self.engine.get_input_dtype(self.graph, self.input_name)
-            out_dtype = self.engine.get_output_dtype(self.graph, self.output_name)
-        except Exception as exc:  # noqa: BLE001 - SailEngineError and friends
-            raise TextModelError(f"cannot open text bmodel {path} on dev_id {dev_id}: {exc}") from exc
-        if len(in_shape) != 2:
-            raise TextModelError(f"{path}: input {self.input_name} is {in_shape}, expected token ids [batch, 77]")
-        # §1.4: numpy inputs are coerced to float32, then to the model's dtype (ids < 2^24 are exact);
-        # FP16/BF16 inputs raise "not supported"; non-FP32, non-int outputs come back as garbage.
-        if in_dtype not in (sail.Dtype.BM_INT32, sail.Dtype.BM_FLOAT32):
-            raise TextModelError(f"{path}: input dtype {in_dtype} not supported (expected INT32 or FP32 ids)")
-        if out_dtype != sail.Dtype.BM_FLOAT32:
-            raise TextModelError(f"{path}: output dtype {out_dtype}; recompile with float32 output")
-        self.fixed_batch = int(in_shape[0])
-        self.context_length = int(in_shape[1])
-        self.out_rank = len(out_shape)
-        self.out_last = int(out_shape[-1])
-        self.id_dtype = np.int32
-        from pipeline.backends.sail import _OutputCheck
-
-        self.check = _OutputCheck(dev_id)
-
-    def run_ids(self, ids: np.ndarray) -> np.ndarray:
-        from pipeline.backends.base import DeviceError
-
-        x = np.ascontiguousarray(ids, dtype=np.int32)
-        try:
-            out = self.engine.process(self.graph, {self.input_name: x})
-            y = np.asarray(out[self.output_name], dtype=np.float32)
-            # SAIL only logs a failed launch and returns stale or zeroed outputs (sail.py _OutputCheck)
-            self.check.check(y.reshape(len(y), -1), x.tobytes())
-        except DeviceError as exc:
-            raise TextModelError(f"text bmodel inference failed: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - SailEngineError and friends
-            raise TextModelError(f"text bmodel inference failed: {exc}") from exc
-        return y
-
-
-class _SimText:
-    """A text bmodel on the BM1684X simulator (TPU-MLIR venv child process; seconds per batch)."""
-
-    def __init__(self, path: str):
-        from pipeline.toolchain.runner import BmodelRunner, SimulatorError
-
-        try:
-            self.runner = BmodelRunner(path)
-        except (SimulatorError, FileNotFoundError, RuntimeError) as exc:  # TpuMlirMissing is a RuntimeError
-            raise TextModelError(f"cannot open text bmodel {path} on the simulator: {str(exc).splitlines()[0]}") from exc
-        net = self.runner.nets[self.runner.networks[0]]
-        in_shape, out_shape = net["inputs"][0]["shape"], net["outputs"][0]["shape"]
-        if len(in_shape) != 2:
-            raise TextModelError(f"{path}: input is {in_shape}, expected token ids [batch, 77]")
-        self.fixed_batch, self.context_length = int(in_shape[0]), int(in_shape[1])
-        self.out_rank, self.out_last = len(out_shape), int(out_shape[-1])
-        self.id_dtype = np.int32
-
-    def run_ids(self, ids: np.ndarray) -> np.ndarray:
-        (y,) = self.runner.forward([np.ascontiguousarray(ids, dtype=np.int32)])
-        return np.asarray(y, dtype=np.float32)
-
-
-class _FakeText:
-    """Deterministic stand-in (fake backend): rows depend only on the ids; no model file is read."""
-
-    def __init__(self, dim: int = 512, context_length: int = 77):
-        rng = np.random.default_rng(1234)
-        self.table = rng.standard_normal((4096, dim), dtype=np.float32)
-        self.pos = (1.0 + np.arange(context_length, dtype=np.float32)) ** -0.5
-        self.fixed_batch = None
-        self.context_length = context_length
-        self.out_rank = 2
-        self.out_last = dim
-        self.id_dtype = np.int32
-
-    def run_ids(self, ids: np.ndarray) -> np.ndarray:
-        return np.einsum("ntd,t->nd", self.table[ids % 4096], self.pos).astype(np.float32)
-
-
-def open_text_session(model: str | os.PathLike, backend: str = "cpu", device: Any = None, threads: int = 1):
-    """The raw text model (``run_ids(int32 [n,77]) -> model output``), for benchmarks and tools."""
-    if backend == "cpu":
-        return _OrtText(str(model), threads)
-    if backend == "sail":
-        return _SailText(str(model), int(device or 0))
-    if backend == "fake":
-        return _FakeText()
-    if backend == "sim":
-        return _SimText(str(model))
-    raise TextModelError(f"text backend {backend!r} not supported (one of {', '.join(BACKENDS)})")
+def open_text_session(model: str | os.PathLike | None, backend: str = "cpu", device: Any = None, threads: int = 1):
+    """The raw text model (``run_ids(int32 [n,77]) -> model output``) on a backend of the registry
+    (pipeline/backends: ``Backend.open_text``), for TextEncoder, benchmarks and tools."""
+    if backend not in NAMES:
+        raise TextModelError(f"text backend {backend!r} not supported (one of {', '.join(NAMES)})")
+    return get_backend(backend).open_text(None if model is None else str(model), device, threads)
 
 
 @dataclass
@@ -350,8 +220,6 @@ class TextEncoder:
         self.backend = backend
         self.model_path = None if model is None else str(model)
         self.pairing: Pairing | None = None
-        if backend != "fake" and model is None:
-            raise TextModelError("no text model given")
         self.session = open_text_session(model, backend, device, threads)
         self.batch_size = self.session.fixed_batch or int(batch_size)
         self.tokenizer = tokenizer or get_tokenizer()
@@ -382,8 +250,8 @@ class TextEncoder:
     tokenizer_context = 77
 
     def identity(self) -> dict[str, Any]:
-        if self.backend == "fake":
-            return {"path": None, "sha256": None, "synthetic": True, "arch": "fake", "clip_model": "fake", "info": {}}
+        if self.session.identity is not None:  # a backend that runs no model file (fake)
+            return dict(self.session.identity)
         ident = text_model_identity(self.model_path)
         ident["form"] = self.form
         if self.projection_path:

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.data.rundir import atomic_write
 from pipeline.model import modelgen as mg
 from pipeline.text.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
 
@@ -116,7 +117,7 @@ def _draw(rng: np.random.Generator, shape: tuple[int, ...], kind: str, std: floa
         arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
         arr += np.float32(1.0)
         return arr
-    return mg._draw(rng, shape, kind, std)
+    return mg.draw(rng, shape, kind, std)
 
 
 def weights(spec: TextSpec, seed: int):
@@ -132,7 +133,7 @@ def causal_mask(n: int) -> np.ndarray:
     return np.triu(mask, 1)
 
 
-def _graph(spec: TextSpec, form: str, act: str, g: mg._GraphBuilder) -> tuple[str, list]:
+def _graph(spec: TextSpec, form: str, act: str, g: mg.GraphBuilder) -> tuple[str, list]:
     w, h, hd = spec.width, spec.heads, spec.head_dim
 
     def i64(*xs: int) -> np.ndarray:
@@ -193,7 +194,7 @@ def _graph(spec: TextSpec, form: str, act: str, g: mg._GraphBuilder) -> tuple[st
 
 def _skeleton(arch: str, seed: int, form: str, act: str) -> tuple[onnx.ModelProto, str, list]:
     spec = text_spec(arch)
-    g = mg._GraphBuilder()
+    g = mg.GraphBuilder()
     out_name, out_shape = _graph(spec, form, act, g)
     graph = helper.make_graph(
         g.const_nodes + g.nodes,
@@ -271,7 +272,8 @@ def build_clip_text_onnx(path: str | os.PathLike, arch: str = "vit-b32", seed: i
         for _ in gen:  # the states form's projection is drawn after the last ONNX initializer
             pass
 
-    mg._atomic_write(path, write)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
     (file_bytes, sha256), = result
     info = {
         "arch": arch, "seed": seed, "synthetic": True, "tower": "text", "text_form": form, "act": act,
@@ -283,9 +285,9 @@ def build_clip_text_onnx(path: str | os.PathLike, arch: str = "vit-b32", seed: i
     }
     if form == "states":
         ppath = projection_path(path)
-        mg._atomic_write(ppath, lambda f: np.save(f, proj[0]))
+        atomic_write(ppath, lambda f: np.save(f, proj[0]))
         info["projection"] = ppath.name
-    mg._write_sidecar(path, info)
+    mg.write_sidecar(path, info)
     return info
 
 

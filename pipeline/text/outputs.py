@@ -28,19 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.rundir import MANIFEST
-from pipeline.output import atomic_write_bytes, atomic_write_json, npy_bytes
+from pipeline.data.rundir import MANIFEST, SYNTHETIC_NOTE, atomic_write_bytes, atomic_write_json, npy_bytes, software_versions
 
 TEXT_FORMAT = "clip-pipeline-text/1"
 ZEROSHOT_FORMAT = "clip-pipeline-zeroshot/1"
-SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
 LOGIT_SCALE = 100.0  # CLIP ViT-B/32's learned logit scale, exp(4.6052) = 100
-
-
-def versions() -> dict[str, str]:
-    from pipeline.run.supervisor import software_versions
-
-    return software_versions()
 
 
 def prepare_dir(out: Path, kind: str) -> None:
@@ -77,7 +69,7 @@ def write_text_output(out: Path, emb: np.ndarray, prompts: Sequence, tokens, ide
         "tokenizer": tokenizer_info, "normalize": normalize, "dtype": dtype,
         "count": len(prompts), "dim": int(arr.shape[1]),
         "truncated": [i for i in range(len(prompts)) if tokens.lengths[i] > tokens.context_length],
-        "versions": versions(),
+        "versions": software_versions(),
     }
     if pairing:
         m["pairing"] = pairing

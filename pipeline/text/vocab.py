@@ -136,6 +136,9 @@ def download_wheel(dest_dir: str | os.PathLike, python: str | None = None) -> Pa
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    # A second copy of pipeline/data/rundir.py's atomic_write, on purpose: setup.py loads this module
+    # by file path at `pip install` time (to fetch the vocab) before the package is importable, so
+    # it may import nothing but the standard library.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -12,8 +12,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pipeline.model.models import sha256_file  # noqa: F401 - also part of this module's API (tests)
 
@@ -307,30 +309,8 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
     """
     find_venv(venv)
     quantize = quantize.upper()
-    calibrated = quantize in CALIBRATED_QUANTIZE
-    if calib_images and calib_texts:
-        raise ValueError("give --calib-images DIR (image encoder) or --calib-texts FILE (text encoder), not both")
-    calib_src = calib_images or calib_texts
-    if calibrated and not calib_src and not calib_table:
-        raise ValueError(f"--quantize {quantize} needs --calib-images DIR (real photos, e.g. the ones you will "
-                         "embed; a text encoder: --calib-texts FILE, real captions one per line)")
-    if quantize == "MIXED" and not calib_src and not quantize_table:
-        raise ValueError("--quantize MIXED needs --calib-images DIR: the search for the layers to keep in F16 "
-                         "runs on those photos (a text encoder: --calib-texts FILE; or give --quantize-table "
-                         "FILE from an earlier MIXED compile)")
-    if calib_src and not calibrated:
-        raise ValueError(f"--calib-{'images' if calib_images else 'texts'} is for --quantize INT8 or MIXED")
-    if quantize_table and quantize != "MIXED":
-        raise ValueError("--quantize-table is for --quantize MIXED")
-    if calib_table and not calibrated:
-        raise ValueError("--calib-table is for --quantize INT8 or MIXED")
-    for opt, f in (("--calib-table", calib_table), ("--quantize-table", quantize_table)):
-        if f and not Path(f).is_file():
-            raise ValueError(f"{opt} {f}: no such file")
-    if not 0.0 < float(mixed_cos) < 1.0:
-        raise ValueError("--mixed-cos must be between 0 and 1 (e.g. 0.999)")
-    if calibrated and (calib_count or 0) < 1:
-        raise ValueError("--calib-count must be >= 1")
+    calib = _Calibration(calib_images, calib_texts, calib_count, calib_table, quantize_table, mixed_cos)
+    _check_quantize_options(quantize, calib)
     onnx_path = Path(onnx_path).resolve()
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX not found: {onnx_path}")
@@ -342,15 +322,96 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
     name = name or (onnx_path.stem + ("_u8" if fuse_preprocess else ""))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    job = _job(onnx_path, name, out_dir, chip, quantize, fuse_preprocess, calib, venv, log)
+    results = []
+    work_root = Path(tempfile.mkdtemp(prefix=f"tpu-compile-{name}-"))
+    try:
+        cali_table, qtable = _calibrate(job, calib, work_root) if quantize in CALIBRATED_QUANTIZE else (None, None)
+        for b in batches:
+            results.append(_compile_batch(job, b, work_root, validate, cali_table, qtable))
+        if combine:
+            results.append(_combine(job, batches, results, work_root))
+    finally:
+        if keep_workdir:
+            log(f"[compile] work dir kept: {work_root}")
+        else:
+            shutil.rmtree(work_root, ignore_errors=True)
+    return results
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """compile_onnx's calibration options (INT8 / MIXED)."""
+
+    images: Any
+    texts: Any
+    count: int
+    table: Any  # a calibration table to reuse
+    quantize_table: Any  # a MIXED quantize table to reuse
+    mixed_cos: float
+
+    @property
+    def source(self) -> Any:
+        return self.images or self.texts
+
+
+@dataclass
+class _Job:
+    """One compile_onnx call: what every step reads, and the sidecar fields they share (`common`)."""
+
+    onnx_path: Path
+    name: str
+    out_dir: Path
+    chip: str
+    quantize: str
+    fuse_preprocess: bool
+    text_context: int | None
+    synthetic: bool | None
+    venv: Any
+    log: Callable[[str], None]
+    common: dict
+
+
+def _check_quantize_options(quantize: str, calib: _Calibration) -> None:
+    """ValueError for a combination of quantize and calibration options that cannot work."""
+    calibrated = quantize in CALIBRATED_QUANTIZE
+    if calib.images and calib.texts:
+        raise ValueError("give --calib-images DIR (image encoder) or --calib-texts FILE (text encoder), not both")
+    if calibrated and not calib.source and not calib.table:
+        raise ValueError(f"--quantize {quantize} needs --calib-images DIR (real photos, e.g. the ones you will "
+                         "embed; a text encoder: --calib-texts FILE, real captions one per line)")
+    if quantize == "MIXED" and not calib.source and not calib.quantize_table:
+        raise ValueError("--quantize MIXED needs --calib-images DIR: the search for the layers to keep in F16 "
+                         "runs on those photos (a text encoder: --calib-texts FILE; or give --quantize-table "
+                         "FILE from an earlier MIXED compile)")
+    if calib.source and not calibrated:
+        raise ValueError(f"--calib-{'images' if calib.images else 'texts'} is for --quantize INT8 or MIXED")
+    if calib.quantize_table and quantize != "MIXED":
+        raise ValueError("--quantize-table is for --quantize MIXED")
+    if calib.table and not calibrated:
+        raise ValueError("--calib-table is for --quantize INT8 or MIXED")
+    for opt, f in (("--calib-table", calib.table), ("--quantize-table", calib.quantize_table)):
+        if f and not Path(f).is_file():
+            raise ValueError(f"{opt} {f}: no such file")
+    if not 0.0 < float(calib.mixed_cos) < 1.0:
+        raise ValueError("--mixed-cos must be between 0 and 1 (e.g. 0.999)")
+    if calibrated and (calib.count or 0) < 1:
+        raise ValueError("--calib-count must be >= 1")
+
+
+def _job(onnx_path: Path, name: str, out_dir: Path, chip: str, quantize: str, fuse_preprocess: bool,
+         calib: _Calibration, venv, log: Callable[[str], None]) -> _Job:
+    """The model's identity and tower (refusing options for the other tower) and the sidecar fields
+    every bmodel of this compile shares."""
     onnx_sha = sha256_file(onnx_path)
     synthetic = onnx_synthetic_flag(onnx_path)
     text_context = onnx_text_context(onnx_path)
     if text_context and fuse_preprocess:
         raise ValueError("--fuse-preprocess is for image encoders; this ONNX takes token ids")
-    if text_context and calib_images:
+    if text_context and calib.images:
         raise ValueError(f"--calib-images is for image encoders; {onnx_path.name} takes token ids: "
                          "give --calib-texts FILE (real captions, one per line, UTF-8)")
-    if calib_texts and not text_context:
+    if calib.texts and not text_context:
         raise ValueError(f"--calib-texts is for text encoders; {onnx_path.name} takes images: "
                          "give --calib-images DIR (real photos)")
     common = {
@@ -365,167 +426,186 @@ def compile_onnx(onnx_path, out_dir, batches: Sequence[int], name: str | None = 
         common["preprocess"] = {"format": "RGB_PLANAR uint8 [N,3,H,W] (resize/crop not included)",
                                 "mean": list(CLIP_MEAN_255), "scale": list(CLIP_SCALE_255),
                                 "formula": "(x - mean) * scale per channel"}
-    results = []
-    work_root = Path(tempfile.mkdtemp(prefix=f"tpu-compile-{name}-"))
-    cali_table = qtable = None
-    try:
-        if calibrated:
-            cd = work_root / "calib"
-            cd.mkdir()
-            mlir = f"{name}.mlir"
-            need_search = quantize == "MIXED" and not quantize_table
-            used: list[str] = []
-            t_ctr = 0.0
-            if calib_src and (need_search or not calib_table):
-                if text_context:
-                    log(f"[compile] {name}: calibration inputs from {calib_texts} (up to {calib_count} captions)")
-                    used = write_calibration_texts(calib_texts, cd / "data", calib_count, _onnx_input_name(onnx_path),
-                                                   text_context, _onnx_input_dtype(onnx_path))
-                else:
-                    log(f"[compile] {name}: calibration inputs from {calib_images} (up to {calib_count} photos)")
-                    used = write_calibration_inputs(calib_images, cd / "data", calib_count,
-                                                    _onnx_input_name(onnx_path))
-            if need_search or not calib_table or quantize_table:  # the batch-1 MLIR: calibrate / search / check names
-                t_ctr = run_tool(transform_args(name, onnx_path, 1, mlir, fuse_preprocess, text_context=text_context),
-                                 cd, venv)
-            if text_context:
-                note = (SYNTHETIC_QUANT_NOTE_TEXT if synthetic else
-                        "check parity with `clip-pipeline verify BMODEL --texts YOUR_CAPTIONS`")
-            else:
-                note = (SYNTHETIC_QUANT_NOTE if synthetic else
-                        "check parity with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`")
-            if calib_table:
-                cali_table = str(cd / f"{name}_cali_table")
-                shutil.copyfile(calib_table, cali_table)
-                common["calibration"] = {
-                    "tool": "reused table (--calib-table), not calibrated in this run",
-                    "table": str(Path(calib_table).resolve()), "sha256": sha256_file(calib_table), "note": note}
-                log(f"[compile] {name}: reusing calibration table {calib_table}")
-            else:
-                unit = "captions" if text_context else "photos"
-                log(f"[compile] {name}: run_calibration over {len(used)} {unit} (KL thresholds)")
-                t_cal = run_tool(calibration_args(mlir, "data", len(used), f"{name}_cali_table"), cd, venv)
-                cali_table = str(cd / f"{name}_cali_table")
-                src = ({"texts_file": str(Path(calib_texts).resolve()), "texts": len(used),
-                        "tokenizer": "clip-bpe (pipeline.text.tokenizer)", "context": text_context}
-                       if text_context else
-                       {"images_dir": str(Path(calib_images).resolve()), "images": len(used)})
-                common["calibration"] = {
-                    "tool": "run_calibration (TPU-MLIR, method kl)", **src,
-                    "seconds": round(t_ctr + t_cal, 2), "note": note}
-                log(f"[compile] calibration took {t_ctr + t_cal:.1f} s")
-            shutil.copyfile(cali_table, out_dir / f"{name}_{chip}_cali_table")
-            forced = nonfinite_layers(Path(cali_table).read_text(errors="replace"))
-            if forced:
-                log(f"[compile] {name}: {len(forced)} layers with a non-finite calibration threshold kept in "
-                    f"F16 ({', '.join(forced[:4])}{' ...' if len(forced) > 4 else ''})")
-                common["f16_forced"] = {
-                    "layers": forced,
-                    "why": "non-finite calibration threshold (a causal attention mask adds -inf): INT8 cannot "
-                           "represent it and model_deploy aborts lowering it; F16 carries -inf into the softmax"}
-                forced_table = cd / f"{name}_forced_qtable"
-                write_quantize_table(forced_table, forced, "# layers kept in F16: non-finite calibration threshold\n")
-                if quantize == "INT8":
-                    qtable = str(forced_table)
-            if quantize == "MIXED":
-                qtable, record = _mixed_table(cd, mlir, name, chip, cali_table, quantize_table, used,
-                                              calib_src, mixed_cos, venv, log, bool(text_context),
-                                              forced_table.name if forced else None)
-                dst_q = out_dir / f"{name}_{chip}_mixed_qtable"
-                if Path(qtable).resolve() != dst_q.resolve():
-                    shutil.copyfile(qtable, dst_q)
-                record["file"] = dst_q.name
-                _write_json(Path(str(dst_q) + ".json"), record)
-                common["quantize_table"] = record
-                extra = [n for n in forced if n not in record["layers"]]
-                if extra:  # the deploy also needs the non-finite layers in F16
-                    merged = cd / f"{name}_deploy_qtable"
-                    merged.write_text(Path(qtable).read_text(errors="replace").rstrip("\n") + "\n"
-                                      + "".join(f"{n} F16\n" for n in extra))
-                    qtable = str(merged)
-        for b in batches:
-            wd = work_root / f"b{b}"
-            wd.mkdir()
-            mlir = f"{name}.mlir"
-            out_name = bmodel_name(name, b, chip, quantize)
-            test_in = None
-            if validate:
-                import numpy as np
+    return _Job(onnx_path, name, out_dir, chip, quantize, fuse_preprocess, text_context, synthetic, venv, log,
+                common)
 
-                from .preprocess import normalize_u8, random_token_ids, random_u8_images
-                if text_context:
-                    arr = random_token_ids(b, text_context, seed=0)
-                else:
-                    u8 = random_u8_images(b, seed=0)
-                    if fuse_preprocess:  # model_transform takes the raw pixels and applies mean/scale
-                        arr = u8.astype(np.float32)
-                    else:
-                        arr = normalize_u8(u8)
-                test_in = str(wd / "test_input.npz")
-                np.savez(test_in, **{_onnx_input_name(onnx_path): arr})
-            log(f"[compile] {name} batch {b}: model_transform")
-            t_tr = run_tool(transform_args(name, onnx_path, b, mlir, fuse_preprocess,
-                                           test_input=test_in, text_context=text_context), wd, venv)
-            log(f"[compile] {name} batch {b}: model_deploy --quantize {quantize} --chip {chip}"
-                + ("" if validate else " --skip_validation"))
-            t_dp = run_tool(deploy_args(mlir, out_name, chip, quantize, fuse_preprocess, validate, name,
-                                        cali_table, qtable), wd, venv)
-            prof = wd / "compiler_profile_0.txt"
-            est = parse_compiler_profile(prof.read_text(errors="replace"), batch=b) if prof.is_file() else {}
-            dst = out_dir / out_name
-            shutil.copyfile(wd / out_name, dst)
-            info = bmodel_info(dst, venv)
-            st = info["networks"][0]["stages"][0]
-            side = {
-                "bmodel": dst.name, "batch": b, "network": info["networks"][0]["name"], **common,
-                "input": st["inputs"][0], "output": st["outputs"][0],
-                "compile_seconds": {"transform": round(t_tr, 2), "deploy": round(t_dp, 2),
-                                    "total": round(t_tr + t_dp, 2)},
-                "validated_by_compiler": bool(validate),
-                "bmodel_bytes": dst.stat().st_size,
-                "estimate": est or None,
-                **_f16_estimate(out_dir, name, b, chip, quantize),
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            _copy_projection(onnx_path, dst, side)
-            _write_json(Path(str(dst) + ".json"), side)
-            results.append(side)
-            per_img = f", estimate {est['ms_per_image']:.3f} ms/image" if est else ""
-            log(f"[compile] wrote {dst} ({side['bmodel_bytes'] / 1e6:.1f} MB, "
-                f"{t_tr + t_dp:.1f} s{per_img})")
-        if combine:
-            # pyruntime_bm sizes its tensor buffers from stage 0: put the largest batch first.
-            order = sorted(batches, reverse=True)
-            label = "-".join(str(b) for b in batches)
-            dst = out_dir / bmodel_name(name, label, chip, quantize)
-            srcs = [str(out_dir / bmodel_name(name, b, chip, quantize)) for b in order]
-            log(f"[compile] model_tool --combine ({', '.join(map(str, order))}) -> {dst}")
-            t_c = run_tool(combine_args(srcs, str(dst)), work_root, venv, "combine.log")
-            info = bmodel_info(dst, venv)
-            side = {
-                "bmodel": dst.name, "batch": order, "network": info["networks"][0]["name"], **common,
-                "combined_from": [Path(s).name for s in srcs],
-                "stages": [{"batch": s["inputs"][0]["shape"][0], "input": s["inputs"][0],
-                            "output": s["outputs"][0]} for s in info["networks"][0]["stages"]],
-                "input": info["networks"][0]["stages"][0]["inputs"][0],
-                "output": info["networks"][0]["stages"][0]["outputs"][0],
-                "compile_seconds": {"combine": round(t_c, 2),
-                                    "total": round(t_c + sum(r["compile_seconds"]["total"] for r in results), 2)},
-                "bmodel_bytes": dst.stat().st_size,
-                "estimate": {str(r["batch"]): r["estimate"] for r in results},
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            _copy_projection(onnx_path, dst, side)
-            _write_json(Path(str(dst) + ".json"), side)
-            results.append(side)
-            log(f"[compile] wrote {dst} ({side['bmodel_bytes'] / 1e6:.1f} MB)")
-    finally:
-        if keep_workdir:
-            log(f"[compile] work dir kept: {work_root}")
+
+def _calibrate(job: _Job, calib: _Calibration, work_root: Path) -> tuple[str, str | None]:
+    """INT8 / MIXED: the calibration table (made now over the calibration inputs, or reused) and the
+    quantize table (layers kept in F16), both recorded in job.common. Returns their paths."""
+    name, log = job.name, job.log
+    cd = work_root / "calib"
+    cd.mkdir()
+    mlir = f"{name}.mlir"
+    need_search = job.quantize == "MIXED" and not calib.quantize_table
+    used: list[str] = []
+    t_ctr = 0.0
+    if calib.source and (need_search or not calib.table):
+        if job.text_context:
+            log(f"[compile] {name}: calibration inputs from {calib.texts} (up to {calib.count} captions)")
+            used = write_calibration_texts(calib.texts, cd / "data", calib.count, _onnx_input_name(job.onnx_path),
+                                           job.text_context, _onnx_input_dtype(job.onnx_path))
         else:
-            shutil.rmtree(work_root, ignore_errors=True)
-    return results
+            log(f"[compile] {name}: calibration inputs from {calib.images} (up to {calib.count} photos)")
+            used = write_calibration_inputs(calib.images, cd / "data", calib.count, _onnx_input_name(job.onnx_path))
+    if need_search or not calib.table or calib.quantize_table:  # the batch-1 MLIR: calibrate / search / check names
+        t_ctr = run_tool(transform_args(name, job.onnx_path, 1, mlir, job.fuse_preprocess,
+                                        text_context=job.text_context), cd, job.venv)
+    if job.text_context:
+        note = (SYNTHETIC_QUANT_NOTE_TEXT if job.synthetic else
+                "check parity with `clip-pipeline verify BMODEL --texts YOUR_CAPTIONS`")
+    else:
+        note = (SYNTHETIC_QUANT_NOTE if job.synthetic else
+                "check parity with `clip-pipeline verify BMODEL --images YOUR_PHOTOS`")
+    cali_table = str(cd / f"{name}_cali_table")
+    if calib.table:
+        shutil.copyfile(calib.table, cali_table)
+        job.common["calibration"] = {
+            "tool": "reused table (--calib-table), not calibrated in this run",
+            "table": str(Path(calib.table).resolve()), "sha256": sha256_file(calib.table), "note": note}
+        log(f"[compile] {name}: reusing calibration table {calib.table}")
+    else:
+        unit = "captions" if job.text_context else "photos"
+        log(f"[compile] {name}: run_calibration over {len(used)} {unit} (KL thresholds)")
+        t_cal = run_tool(calibration_args(mlir, "data", len(used), f"{name}_cali_table"), cd, job.venv)
+        src = ({"texts_file": str(Path(calib.texts).resolve()), "texts": len(used),
+                "tokenizer": "clip-bpe (pipeline.text.tokenizer)", "context": job.text_context}
+               if job.text_context else
+               {"images_dir": str(Path(calib.images).resolve()), "images": len(used)})
+        job.common["calibration"] = {
+            "tool": "run_calibration (TPU-MLIR, method kl)", **src,
+            "seconds": round(t_ctr + t_cal, 2), "note": note}
+        log(f"[compile] calibration took {t_ctr + t_cal:.1f} s")
+    shutil.copyfile(cali_table, job.out_dir / f"{name}_{job.chip}_cali_table")
+    forced = nonfinite_layers(Path(cali_table).read_text(errors="replace"))
+    qtable = None
+    if forced:
+        log(f"[compile] {name}: {len(forced)} layers with a non-finite calibration threshold kept in "
+            f"F16 ({', '.join(forced[:4])}{' ...' if len(forced) > 4 else ''})")
+        job.common["f16_forced"] = {
+            "layers": forced,
+            "why": "non-finite calibration threshold (a causal attention mask adds -inf): INT8 cannot "
+                   "represent it and model_deploy aborts lowering it; F16 carries -inf into the softmax"}
+        forced_table = cd / f"{name}_forced_qtable"
+        write_quantize_table(forced_table, forced, "# layers kept in F16: non-finite calibration threshold\n")
+        if job.quantize == "INT8":
+            qtable = str(forced_table)
+    if job.quantize == "MIXED":
+        qtable = _mixed_deploy_table(job, calib, cd, mlir, cali_table, used, forced)
+    return cali_table, qtable
 
+
+def _mixed_deploy_table(job: _Job, calib: _Calibration, cd: Path, mlir: str, cali_table: str,
+                        used: Sequence[str], forced: list[str]) -> str:
+    """MIXED: the quantize table (found or reused: _mixed_table), copied to the output with its
+    record, plus the layers that must be F16 anyway (non-finite thresholds) for the deploy."""
+    name, chip = job.name, job.chip
+    qtable, record = _mixed_table(cd, mlir, name, chip, cali_table, calib.quantize_table, used,
+                                  calib.source, calib.mixed_cos, job.venv, job.log, bool(job.text_context),
+                                  f"{name}_forced_qtable" if forced else None)
+    dst_q = job.out_dir / f"{name}_{chip}_mixed_qtable"
+    if Path(qtable).resolve() != dst_q.resolve():
+        shutil.copyfile(qtable, dst_q)
+    record["file"] = dst_q.name
+    _write_json(Path(str(dst_q) + ".json"), record)
+    job.common["quantize_table"] = record
+    extra = [n for n in forced if n not in record["layers"]]
+    if extra:  # the deploy also needs the non-finite layers in F16
+        merged = cd / f"{name}_deploy_qtable"
+        merged.write_text(Path(qtable).read_text(errors="replace").rstrip("\n") + "\n"
+                          + "".join(f"{n} F16\n" for n in extra))
+        qtable = str(merged)
+    return qtable
+
+
+def _validation_input(job: _Job, b: int, wd: Path) -> str:
+    """--validate: a random batch of b inputs (token ids, or pixels as the model takes them) for
+    model_transform's reference run, saved as an .npz; returns its path."""
+    import numpy as np
+
+    from .preprocess import normalize_u8, random_token_ids, random_u8_images
+    if job.text_context:
+        arr = random_token_ids(b, job.text_context, seed=0)
+    else:
+        u8 = random_u8_images(b, seed=0)
+        if job.fuse_preprocess:  # model_transform takes the raw pixels and applies mean/scale
+            arr = u8.astype(np.float32)
+        else:
+            arr = normalize_u8(u8)
+    test_in = str(wd / "test_input.npz")
+    np.savez(test_in, **{_onnx_input_name(job.onnx_path): arr})
+    return test_in
+
+
+def _compile_batch(job: _Job, b: int, work_root: Path, validate: bool, cali_table: str | None,
+                   qtable: str | None) -> dict:
+    """model_transform + model_deploy for batch size b: the bmodel and its sidecar in the output."""
+    name, log = job.name, job.log
+    wd = work_root / f"b{b}"
+    wd.mkdir()
+    mlir = f"{name}.mlir"
+    out_name = bmodel_name(name, b, job.chip, job.quantize)
+    test_in = _validation_input(job, b, wd) if validate else None
+    log(f"[compile] {name} batch {b}: model_transform")
+    t_tr = run_tool(transform_args(name, job.onnx_path, b, mlir, job.fuse_preprocess,
+                                   test_input=test_in, text_context=job.text_context), wd, job.venv)
+    log(f"[compile] {name} batch {b}: model_deploy --quantize {job.quantize} --chip {job.chip}"
+        + ("" if validate else " --skip_validation"))
+    t_dp = run_tool(deploy_args(mlir, out_name, job.chip, job.quantize, job.fuse_preprocess, validate, name,
+                                cali_table, qtable), wd, job.venv)
+    prof = wd / "compiler_profile_0.txt"
+    est = parse_compiler_profile(prof.read_text(errors="replace"), batch=b) if prof.is_file() else {}
+    dst = job.out_dir / out_name
+    shutil.copyfile(wd / out_name, dst)
+    info = bmodel_info(dst, job.venv)
+    st = info["networks"][0]["stages"][0]
+    side = {
+        "bmodel": dst.name, "batch": b, "network": info["networks"][0]["name"], **job.common,
+        "input": st["inputs"][0], "output": st["outputs"][0],
+        "compile_seconds": {"transform": round(t_tr, 2), "deploy": round(t_dp, 2),
+                            "total": round(t_tr + t_dp, 2)},
+        "validated_by_compiler": bool(validate),
+        "bmodel_bytes": dst.stat().st_size,
+        "estimate": est or None,
+        **_f16_estimate(job.out_dir, name, b, job.chip, job.quantize),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _copy_projection(job.onnx_path, dst, side)
+    _write_json(Path(str(dst) + ".json"), side)
+    per_img = f", estimate {est['ms_per_image']:.3f} ms/image" if est else ""
+    log(f"[compile] wrote {dst} ({side['bmodel_bytes'] / 1e6:.1f} MB, "
+        f"{t_tr + t_dp:.1f} s{per_img})")
+    return side
+
+
+def _combine(job: _Job, batches: Sequence[int], results: Sequence[dict], work_root: Path) -> dict:
+    """--combine: one bmodel holding every batch size's stage, and its sidecar."""
+    name, chip, quantize = job.name, job.chip, job.quantize
+    # pyruntime_bm sizes its tensor buffers from stage 0: put the largest batch first.
+    order = sorted(batches, reverse=True)
+    label = "-".join(str(b) for b in batches)
+    dst = job.out_dir / bmodel_name(name, label, chip, quantize)
+    srcs = [str(job.out_dir / bmodel_name(name, b, chip, quantize)) for b in order]
+    job.log(f"[compile] model_tool --combine ({', '.join(map(str, order))}) -> {dst}")
+    t_c = run_tool(combine_args(srcs, str(dst)), work_root, job.venv, "combine.log")
+    info = bmodel_info(dst, job.venv)
+    side = {
+        "bmodel": dst.name, "batch": order, "network": info["networks"][0]["name"], **job.common,
+        "combined_from": [Path(s).name for s in srcs],
+        "stages": [{"batch": s["inputs"][0]["shape"][0], "input": s["inputs"][0],
+                    "output": s["outputs"][0]} for s in info["networks"][0]["stages"]],
+        "input": info["networks"][0]["stages"][0]["inputs"][0],
+        "output": info["networks"][0]["stages"][0]["outputs"][0],
+        "compile_seconds": {"combine": round(t_c, 2),
+                            "total": round(t_c + sum(r["compile_seconds"]["total"] for r in results), 2)},
+        "bmodel_bytes": dst.stat().st_size,
+        "estimate": {str(r["batch"]): r["estimate"] for r in results},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _copy_projection(job.onnx_path, dst, side)
+    _write_json(Path(str(dst) + ".json"), side)
+    job.log(f"[compile] wrote {dst} ({side['bmodel_bytes'] / 1e6:.1f} MB)")
+    return side
 
 
 def _mixed_table(cd: Path, mlir: str, name: str, chip: str, cali_table: str, given, used: Sequence[str],

@@ -16,6 +16,11 @@ then wraps production functions according to the environment:
                                       end of a run) fails with OSError(ENOSPC).
   CLIP_PIPELINE_TEST_ENOSPC_SHARD=N   writing shard N fails with OSError(ENOSPC), for platforms
                                       where the tests cannot mount a tiny tmpfs.
+  CLIP_PIPELINE_TEST_DIE_IN_PUBLISH=shard:N | refresh
+                                      `run --update` dies (os._exit(86)) right after moving its
+                                      N-th shard into the output (RunDir.adopt_shard), or, with
+                                      every shard moved, before the output's files are refreshed
+                                      (RunDir.publish of the output, not of the update's attempt).
 
 Production modules read no test variables: the hooks live here only.
 """
@@ -31,6 +36,7 @@ HANG_ENV = "CLIP_PIPELINE_TEST_HANG_ON"
 ENOSPC_ENV = "CLIP_PIPELINE_TEST_ENOSPC_SHARD"
 UNREADABLE_DIR_ENV = "CLIP_PIPELINE_TEST_UNREADABLE_DIR"
 ENOSPC_MANIFEST_ENV = "CLIP_PIPELINE_TEST_ENOSPC_MANIFEST"
+DIE_ENV = "CLIP_PIPELINE_TEST_DIE_IN_PUBLISH"
 
 
 def _install() -> None:
@@ -94,6 +100,34 @@ def _install() -> None:
             return write_shard(out_dir, k, *args, **kw)
 
         rundir.write_shard = full_disk_write_shard
+    die = os.environ.get(DIE_ENV, "")
+    if die:
+        _die_in_publish(die)
+
+
+def _die_in_publish(when: str) -> None:
+    from pipeline.data import rundir
+
+    if when.startswith("shard:"):
+        after, moved = int(when.split(":")[1]), []
+        adopt_shard = rundir.RunDir.adopt_shard
+
+        def dying_adopt_shard(self, src, j, k, **kw):
+            adopt_shard(self, src, j, k, **kw)
+            moved.append(k)
+            if len(moved) == after:
+                os._exit(86)
+
+        rundir.RunDir.adopt_shard = dying_adopt_shard
+    elif when == "refresh":
+        publish = rundir.RunDir.publish
+
+        def dying_publish(self, manifest, **kw):
+            if rundir.UPDATES not in self.path.parts:  # the output itself, not the update's attempt
+                os._exit(86)
+            return publish(self, manifest, **kw)
+
+        rundir.RunDir.publish = dying_publish
 
 
 _install()

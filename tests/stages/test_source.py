@@ -125,9 +125,9 @@ def test_names_that_are_not_utf8_are_listed_as_bytes(tmp_path):
     assert rel(tmp_path, paths) == sorted([b"caf\xe9.jpg", b"ok.jpg", b"\xff\xfe.png", "写真.jpg".encode()])
     assert warnings == []
     # the listing file round-trips them exactly
-    from pipeline import output
+    from pipeline.data import rundir
 
-    assert [output.parse_listing_line(output.listing_line(p)) for p in paths] == paths
+    assert [rundir.parse_listing_line(rundir.listing_line(p)) for p in paths] == paths
 
 
 def test_listing_streams(tmp_path, monkeypatch):
@@ -166,3 +166,88 @@ def test_huge_directory_is_sorted_in_spilled_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(source, "SPILL_ENTRIES", 4)
     spilled = rel(tmp_path, walk(tmp_path)[0])
     assert spilled == whole == sorted(os.fsencode(n) for n in names)
+
+
+# -- run_source: the worker itself, driven with an in-process loop (no sockets) -------------------
+
+class _Stop(Exception):
+    """Raised by the fake loop once the source has said its listing is done (it then idles forever)."""
+
+
+class _Loop:
+    def __init__(self, listing: Path):
+        self.listing = listing
+        self.sent: list[dict] = []  # to the first stage
+        self.control: list[dict] = []
+
+    def send(self, to: str, header: dict, *_frames) -> None:
+        if to == "next":  # every id the source sends is already in the listing on disk
+            listed = self.listing.read_bytes().count(b"\n") if self.listing.exists() else 0
+            ids = header.get("ids") or [header["id"]]
+            assert max(ids) < listed, (ids, listed)
+            self.sent.append(header)
+        else:
+            self.control.append(header)
+            if header.get("t") == "listed" and header.get("done"):
+                raise _Stop
+
+    def check_alive(self) -> None:
+        pass
+
+    def report_stats(self) -> None:
+        pass
+
+
+class _Slot:
+    sent_upto = 0
+
+
+def _drive(tmp_path: Path, root: Path, **fields) -> tuple[_Loop, _Slot]:
+    from conftest import worker_spec
+
+    listing = tmp_path / "listing.jsonl"
+    raw = {"input": {"paths": [str(root)]}, "output": {"dir": str(tmp_path), "shard_size": 4},
+           "workers": {"items_per_message": 3}, "infer": {"backend": "fake", "devices": ["cpu:0"]}}
+    spec = worker_spec("source", raw, listing_path=str(listing), **fields)
+    loop, slot = _Loop(listing), _Slot()
+    with pytest.raises(_Stop):
+        source.run_source(spec, slot, loop)
+    return loop, slot
+
+
+def _sent_ids(loop: _Loop) -> list[int]:
+    return [i for h in loop.sent for i in (h.get("ids") or [h["id"]])]
+
+
+def test_run_source_lists_every_input_then_sends_it_in_groups(tmp_path):
+    root = tmp_path / "in"
+    for i in range(10):
+        touch(root / f"img_{i:02d}.jpg")
+    loop, slot = _drive(tmp_path, root)
+    lines = (tmp_path / "listing.jsonl").read_bytes().splitlines()
+    assert len(lines) == 10 and lines[0].endswith(b'img_00.jpg"') and lines[9].endswith(b'img_09.jpg"')
+    assert _sent_ids(loop) == list(range(10))
+    assert [len(h.get("ids") or [h["id"]]) for h in loop.sent] == [3, 3, 3, 1]  # workers.items_per_message
+    assert loop.control[-1] == {"t": "listed", "n": 10, "done": True} and slot.sent_upto == 10
+
+
+def test_run_source_resumes_without_the_complete_shards_and_refuses_changed_inputs(tmp_path):
+    root = tmp_path / "in"
+    for i in range(10):
+        touch(root / f"img_{i:02d}.jpg")
+    _drive(tmp_path, root)
+    before = (tmp_path / "listing.jsonl").read_bytes()
+    # a resume with shard 1 (ids 4..7) complete replays the listing and skips its ids
+    loop, _ = _drive(tmp_path, root, listing_complete=True, done_shards=(1,))
+    assert _sent_ids(loop) == [0, 1, 2, 3, 8, 9]
+    assert (tmp_path / "listing.jsonl").read_bytes() == before
+    # an interrupted listing (4 lines) is continued by walking again; an input that changed is refused
+    (tmp_path / "listing.jsonl").write_bytes(b"".join(before.splitlines(keepends=True)[:4]))
+    loop, _ = _drive(tmp_path, root)
+    assert (tmp_path / "listing.jsonl").read_bytes() == before and _sent_ids(loop) == list(range(10))
+    (tmp_path / "listing.jsonl").write_bytes(b"".join(before.splitlines(keepends=True)[:4]))
+    (root / "img_01.jpg").rename(root / "img_01b.jpg")
+    from stages.base import FatalError
+
+    with pytest.raises(FatalError, match="input #1 was"):
+        _drive(tmp_path, root)
