@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,13 +189,12 @@ def conform(tbl, schema):
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def unify(paths: list[Path]) -> int:
-    """Rewrite (atomically) the parquet files among `paths` whose schema is not the run's one
-    schema; returns how many were rewritten. Reads only the footers of the files that already fit."""
+def unify(paths: list[Path], write: Callable[[Path, bytes], None]) -> int:
+    """Rewrite, with `write` (the run directory's atomic write), the parquet files among `paths`
+    whose schema is not the run's one schema; returns how many were rewritten. Reads only the
+    footers of the files that already fit."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipeline.data.rundir import atomic_write_bytes
 
     schemas = [pq.read_schema(p) for p in paths]
     schema = unified_schema(schemas)
@@ -204,6 +204,6 @@ def unify(paths: list[Path]) -> int:
             continue
         sink = pa.BufferOutputStream()
         pq.write_table(conform(pq.read_table(path), schema), sink)
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        write(path, sink.getvalue().to_pybytes())
         rewritten += 1
     return rewritten

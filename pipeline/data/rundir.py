@@ -763,7 +763,7 @@ class RunDir:
         finally:
             reader.close()
         # one schema in every parquet file of the run (clip-retrieval's readers need it): metadata.unify
-        meta.unify([self.shard_companion(k, PARQUET_SUFFIX) for k in shards])
+        meta.unify([self.shard_companion(k, PARQUET_SUFFIX) for k in shards], atomic_write_bytes)
         if layout != "clip-retrieval":
             return
         emb_dir, meta_dir = self.path / CLIP_RETRIEVAL_EMB, self.path / CLIP_RETRIEVAL_META
