@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def tree(out: Path) -> dict[str, bytes]:
     t = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     t.pop("report.json", None)
-    t.pop(".lock", None)
+    assert t.pop(".lock") == b""  # empty once its holder is done
     m = json.loads(t.pop("manifest.json"))
     m.pop("created"), m.pop("updated")
     t["manifest.json"] = json.dumps(m, sort_keys=True).encode()

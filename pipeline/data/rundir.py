@@ -911,8 +911,16 @@ def output_lock(out: str | os.PathLike, what: str = "run") -> Iterator[None]:
     import socket
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(out)
+        fd = None if key in _held else os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:  # in RunDir.prepare's words: the run would refuse it there anyway
+        if exc.errno == errno.ENOSPC:
+            raise RunFailure(f"the output disk is full ({out}): free space and run the same command again; "
+                             "completed shards are kept") from None
+        raise ConfigError(f"output directory {out} is not writable: {exc.strerror or exc} "
+                          "(config key output.dir / --output)") from None
     if key in _held:
         _held[key][1] += 1
         try:
@@ -920,7 +928,6 @@ def output_lock(out: str | os.PathLike, what: str = "run") -> Iterator[None]:
         finally:
             _held[key][1] -= 1
         return
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         for attempt in range(6):  # a reader's probe (lock_holder) holds a shared lock for microseconds
             try:
@@ -947,6 +954,8 @@ def output_lock(out: str | os.PathLike, what: str = "run") -> Iterator[None]:
         yield
     finally:
         del _held[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # no holder: an output's bytes do not depend on who last ran it
         os.close(fd)  # releases the lock; the file stays (deleting it would race the next taker)
 
 

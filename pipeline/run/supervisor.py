@@ -7,6 +7,7 @@ the shared slots. See ARCHITECTURE.md for the full picture.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -129,6 +130,7 @@ class Supervisor:
         self.interrupted: int | None = None
         self.abort_reason: str | None = None
         self.hurry = False  # a second signal: stop the workers now (kill), not in order
+        self.held: contextlib.ExitStack | None = None  # set by run(): holds the output's lock
         # the CLI keeps this run's handlers after it returns (a signal then changes nothing: the
         # manifest is written and the process is about to print its result and exit)
         self.keep_handlers = False
@@ -164,6 +166,7 @@ class Supervisor:
     def prepare(self) -> None:
         # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
         pf = preflight.check(self.cfg, restart=self.restart)
+        self.lock_output()
         self.devices = pf.devices
         for w in pf.warnings:
             self.log(f"warning: {w}")
@@ -322,10 +325,17 @@ class Supervisor:
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        with output_lock(self.out, "run-range" if self.id_range is not None else "run"):
-            st = os.stat(self.out / LOCK)
-            self.out_ident = (st.st_dev, st.st_ino)
+        with contextlib.ExitStack() as self.held:  # the output's lock, taken by prepare(), freed at the end
             return self._run()
+
+    def lock_output(self) -> None:
+        """Take the output directory's lock (after the read-only checks, which create nothing, and
+        before anything is built or written): a second process on OUT stops here (exit 2)."""
+        if self.held is None:
+            return
+        self.held.enter_context(output_lock(self.out, "run-range" if self.id_range is not None else "run"))
+        st = os.stat(self.out / LOCK)
+        self.out_ident = (st.st_dev, st.st_ino)
 
     def out_gone(self) -> bool:
         """Whether OUT was deleted or replaced under the run (`rm -rf OUT`): its lock file is not
