@@ -129,6 +129,10 @@ class SailConfig:
         "'bicubic' is refused: a BM1684X resizes on its VPP, which has no bicubic, and SAIL would abort the process (docs/sail-backend.md).",
         refuse={"bicubic": "BM1684X has no bicubic resize: bmcv_image_resize runs on the VPP, which takes only nearest and linear, "
                            "and SAIL's preprocess thread aborts the whole process on the error; use \"linear\" (default) or \"nearest\""})
+    runtime: Literal["chip", "cmodel"] = _f(
+        "chip",
+        "sail backend: chip = the installed sophon.sail on SOPHON hardware; cmodel = SOPHGO's real SAIL built by scripts/setup_sail_cmodel.sh, "
+        "run on the BM1684X software model in the TPU-MLIR venv (no JPEG unit: device mode decodes on the CPU; every dev_id is the cmodel's device 0 in its own process; slow: for correctness, never speed).")
     timeout_s: float = _f(120.0, "sail device mode: longest wait for one batch from the chip's preprocess+inference threads before the device is declared hung (DeviceError, worker restarted).", min=1)
 
 

@@ -208,6 +208,9 @@ def test_host_failed_launch_is_device_error(fake, tmp_path, onnx_model, monkeypa
 
 @pytest.mark.parametrize("zeros", [False, True])
 def test_device_mode_failed_launch_is_device_error(fake, tmp_path, onnx_model, images, monkeypatch, zeros):
+    """EngineImagePreProcess runs each batch into a fresh, uncleared output tensor (SAIL
+    src/decoder_multi.cpp:2672, tensor.cpp:867-869): after a failed launch the rows are zeros or
+    arbitrary bits, never returned as embeddings."""
     bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
     dev = open_dev(cfg_for(bm, "device"), "sail:2")
     res = dev.embed_files([0], [os.fsencode(images["landscape"])])
@@ -215,7 +218,7 @@ def test_device_mode_failed_launch_is_device_error(fake, tmp_path, onnx_model, i
     monkeypatch.setenv("FAKE_SAIL_FAIL_DEVS", "2")
     if zeros:
         monkeypatch.setenv("FAKE_SAIL_FAIL_ZEROS", "1")
-    with pytest.raises(DeviceError, match="all zeros" if zeros else "stale"):
+    with pytest.raises(DeviceError, match="all zeros" if zeros else "non-finite or over"):
         dev.embed_files([1], [os.fsencode(images["upper"])])
     with pytest.raises(DeviceError, match="unusable"):  # the handle is done for; worker restarts
         dev.embed_files([2], [os.fsencode(images["landscape"])])
@@ -444,16 +447,54 @@ def test_probe_no_devices(fake, monkeypatch):
         SailBackend.resolve_devices(from_dict({"infer": {"backend": "sail", "devices": "all"}}))
 
 
-def test_missing_module_message(monkeypatch):
+def test_missing_module_message(monkeypatch, tmp_path):
     from pipeline.backends.sail import SailBackend
 
     monkeypatch.setitem(sys.modules, "sophon", None)  # import sophon.sail -> ImportError
     monkeypatch.delitem(sys.modules, "sophon.sail", raising=False)
+    monkeypatch.setenv("CLIP_PIPELINE_SAIL_CMODEL", str(tmp_path / "no-build"))
     p = SailBackend.probe()
     assert not p["available"]
     assert "sophon-X.Y.Z-py3-none-any.whl" in p["reason"] and "never `pip install sophon`" in p["reason"]
+    assert "scripts/setup_sail_cmodel.sh" in p["reason"]
     with pytest.raises(ConfigError, match="Sophgo's SDK"):
         SailBackend.resolve_devices(from_dict({"infer": {"backend": "sail", "devices": [0]}}))
+
+
+def test_cmodel_runtime_in_the_supervisor(monkeypatch, tmp_path):
+    """sail.runtime = "cmodel": the supervisor (Python 3.11) never imports sophon.sail; devices map
+    to the cmodel's one device in separate processes; the venv interpreter runs the workers; a
+    missing build is a one-line ConfigError; `devices` lists the cmodel."""
+    from pipeline.backends.sail import SailBackend
+    from pipeline.toolchain.env import TpuMlirMissing, find_venv
+
+    monkeypatch.setitem(sys.modules, "sophon", None)  # importing sophon.sail here would fail loudly
+    monkeypatch.delitem(sys.modules, "sophon.sail", raising=False)
+    cfg = from_dict({"infer": {"backend": "sail", "devices": [0, 1]}, "sail": {"runtime": "cmodel"}})
+    assert cfg.sail.runtime == "cmodel"
+    monkeypatch.setenv("CLIP_PIPELINE_SAIL_CMODEL", str(tmp_path / "no-build"))
+    with pytest.raises(ConfigError, match="setup_sail_cmodel.sh"):
+        SailBackend.worker_python(cfg)
+    with pytest.raises(ConfigError, match="setup_sail_cmodel.sh"):
+        SailBackend.resolve_devices(cfg)
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "stamp").write_text("x")
+    monkeypatch.setenv("CLIP_PIPELINE_SAIL_CMODEL", str(tmp_path / "build"))
+    p = SailBackend.probe()
+    assert p["available"] and p["devices"] == ["sail:0 (BM1684X cmodel)"] and 'sail.runtime = "cmodel"' in p["reason"]
+    try:
+        venv = find_venv()
+    except TpuMlirMissing:
+        with pytest.raises(ConfigError, match="TPU-MLIR venv"):
+            SailBackend.worker_python(cfg)
+        return
+    assert SailBackend.worker_python(cfg) == str(venv / "bin" / "python")
+    assert SailBackend.worker_python(from_dict({"infer": {"backend": "sail"}})) is None  # chip: this interpreter
+    assert SailBackend.resolve_devices(cfg) == ["sail:0", "sail:1"]
+    all_ = from_dict({"infer": {"backend": "sail", "devices": "all"}, "sail": {"runtime": "cmodel"}})
+    assert SailBackend.resolve_devices(all_) == ["sail:0"]
+    with pytest.raises(ConfigError, match="runtime"):
+        from_dict({"sail": {"runtime": "hardware"}})
 
 
 # ----------------------------------------------------------------- the fake keeps SAIL's traps
@@ -479,10 +520,10 @@ def test_fake_traps(fake, tmp_path, onnx_model, images):
     with pytest.raises(RuntimeError):  # non-pic suffix: FFmpeg path, constructor raises
         sail.Decoder(str(tmp_path / "nothing.Jpg"), True, 0)
     assert bmcv.imread(str(images["landscape"])).format() == sail.Format.FORMAT_YUV420P
-    # BICUBIC: bmcv_image_resize fails on BM1684X, and the BMImage-returning form ignores the status:
-    # an unwritten image, no exception (cvwrapper.cpp; sail-api.md §3.1)
-    bad_resize = bmcv.resize(img, 224, 224, sail.bmcv_resize_algorithm.BMCV_INTER_BICUBIC)
-    assert (bad_resize.width(), bad_resize.height()) == (224, 224) and not bad_resize._arr.any()
+    # BICUBIC: bmcv_image_resize fails on BM1684X, and the BMImage-returning form raises
+    # (SAIL_CHECK_RET, cvwrapper.cpp:4263)
+    with pytest.raises(sail.SailBMImageError):
+        bmcv.resize(img, 224, 224, sail.bmcv_resize_algorithm.BMCV_INTER_BICUBIC)
     with pytest.raises(sail.SailBMImageError):  # packed input to convert_to
         bmcv.convert_to(img, ((1, 0),) * 3)
     planar = bmcv.resize(img, 224, 224)

@@ -79,8 +79,8 @@ EPP_SCRIPT = """
     if set_convert:
         epp.SetConvertAtrr(((0.0146, -1.79), (0.0150, -1.75), (0.0142, -1.48)))
     handle = sail.Handle(0)
-    bmimg = sail.Decoder(img, True, 0).read(handle)
     for i in range(4):
+        bmimg = sail.Decoder(img, True, 0).read(handle)  # a fresh image per push: PushImage moves it
         while epp.PushImage(0, i, bmimg) != 0:
             time.sleep(0.01)
     out = epp.GetBatchData_Npy()
@@ -135,10 +135,16 @@ def test_epp_lifecycle_as_in_decoder_multi(fake, tmp_path, onnx_model):
     sail = fake
     bm = write_fake_bmodel(tmp_path / "b1.bmodel", onnx_model, [1])
     epp = sail.EngineImagePreProcess(str(bm), 0, False)
-    img = sail.Decoder(str(write(tmp_path / "a.jpg", photo(300, 300, 2))), True, 0).read(sail.Handle(0))
+    path = str(write(tmp_path / "a.jpg", photo(300, 300, 2)))
+
+    def image():  # PushImage moves the BMImage: every push needs a fresh one
+        return sail.Decoder(path, True, 0).read(sail.Handle(0))
+
+    img = image()
     # before InitImagePreProcess: `if (pre_process_ == NULL) return 1;`
     assert epp.SetConvertAtrr(((1, 0),) * 3) == 1
     assert epp.PushImage(0, 0, img) == 1
+    assert img.width() == 300 and img._arr is not None  # refused: not moved
     assert epp.InitImagePreProcess(sail.sail_resize_type.BM_RESIZE_TPU_LINEAR, True, 1, 1) == 0
     before = {t.name for t in threading.enumerate()}
     assert epp.SetConvertAtrr(((1 / 255, 0),) * 3) == 0
@@ -148,6 +154,7 @@ def test_epp_lifecycle_as_in_decoder_multi(fake, tmp_path, onnx_model):
     mine = {f"fake-sail-preprocess-{epp._tag}", f"fake-sail-infer-{epp._tag}"}
     assert not mine & before
     assert epp.PushImage(0, 0, img) == 0
+    assert img._arr is None and img.width() == 300  # moved: no memory left, width field kept
     names = {t.name for t in threading.enumerate()}
     assert mine <= names  # the threads start at the first push
     epp.GetBatchData_Npy()
@@ -157,7 +164,7 @@ def test_epp_lifecycle_as_in_decoder_multi(fake, tmp_path, onnx_model):
     # until PushImage returns 2 (`ChannelIdx_queue.size() >= queue_size_in_`)
     codes = []
     for i in range(40):
-        codes.append(epp.PushImage(0, i, img))
+        codes.append(epp.PushImage(0, i, image()))
         if codes[-1] == 2:
             break
         time.sleep(0.05)
@@ -169,7 +176,7 @@ def test_epp_lifecycle_as_in_decoder_multi(fake, tmp_path, onnx_model):
     assert len(epp._results) == 5  # EngineImagePreProcess_CC: max_queue_size_ = 5
     epp.GetBatchData_Npy()  # room again
     deadline = time.monotonic() + 5
-    while epp.PushImage(0, 99, img) != 0:
+    while epp.PushImage(0, 99, image()) != 0:
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
@@ -350,13 +357,14 @@ def test_fake_crop_is_planar_strided_and_vpp_bound(fake, tmp_path):
     # zero-copy bm_image_to_tensor ignores the row padding (§3.4): sheared rows
     t = bmcv.bm_image_to_tensor(sq)
     assert not np.array_equal(t.asnumpy()[0], sq._arr)
-    # outside the VPP limits (8..8192 a side): bmcv fails, Bmcv.crop ignores the status, returns an
-    # unwritten image and raises nothing (cvwrapper.cpp crop -> crop_and_resize)
+    # outside the VPP limits (8..8192 a side): bmcv fails, crop_and_resize returns SAIL_ERR_BMI_BMCV
+    # (cvwrapper.cpp:4107-4110) and the BMImage-returning forms raise it (SAIL_CHECK_RET, :4190, :4263)
     wide = sail.Decoder(str(write(tmp_path / "w.jpg", photo(9000, 300, 5))), True, 0).read(h)
-    c = bmcv.crop(wide, 4350, 0, 300, 300)
-    assert (c.width(), c.height()) == (300, 300) and not c._arr.any()
+    with pytest.raises(sail.SailBMImageError):
+        bmcv.crop(wide, 4350, 0, 300, 300)
     tiny = sail.Decoder(str(write(tmp_path / "t.jpg", photo(6, 6, 6))), True, 0).read(h)
-    assert not bmcv.resize(tiny, 224, 224, sail.bmcv_resize_algorithm.BMCV_INTER_LINEAR)._arr.any()
+    with pytest.raises(sail.SailBMImageError):
+        bmcv.resize(tiny, 224, 224, sail.bmcv_resize_algorithm.BMCV_INTER_LINEAR)
 
 
 @pytest.mark.parametrize("w,h", [(9000, 300), (300, 9000), (6, 6), (6, 300), (8300, 8300)])
@@ -375,6 +383,29 @@ def test_device_mode_images_outside_the_vpp_limits(fake, tmp_path, onnx_model, m
     assert crops == [(400, 300)]  # only the normal image was cropped on the device
     ref = cpu_reference(ort_session(onnx_model), [big])
     np.testing.assert_allclose(res.embeddings[0], ref[0], atol=1e-4, rtol=1e-4)
+
+
+def test_device_mode_bmcv_crop_that_raises_is_a_per_input_cpu_crop(fake, tmp_path, onnx_model, monkeypatch):
+    """The BMImage-returning Bmcv.crop raises SailBMImageError on a bmcv failure (SAIL_CHECK_RET,
+    src/cvwrapper.cpp:4190). Should one raise inside the limits, only that input is affected: it
+    takes CLIP's exact crop on the CPU and is embedded; the device goes on with the next batch."""
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    dev = open_dev(cfg_for(bm))
+    orig = dev.bmcv.crop
+
+    def crop(img, *a):
+        if img.width() == 333:
+            raise fake.SailBMImageError("BMImage related error!")
+        return orig(img, *a)
+
+    monkeypatch.setattr(dev.bmcv, "crop", crop)
+    bad = write(tmp_path / "bad.jpg", photo(333, 250, 3))
+    good = write(tmp_path / "good.jpg", photo(400, 300, 4))
+    res = dev.embed_files([0, 1], [os.fsencode(bad), os.fsencode(good)])
+    assert res.ids == [0, 1] and not res.failures
+    ref = cpu_reference(ort_session(onnx_model), [bad])
+    np.testing.assert_allclose(res.embeddings[0], ref[0], atol=1e-4, rtol=1e-4)  # the CPU's exact crop
+    assert dev.embed_files([2], [os.fsencode(good)]).ids == [2]
 
 
 # -------------------------------------------------------------------------- mat_to_bm_image
@@ -532,3 +563,51 @@ def test_device_error_message_names_the_failure(fake, tmp_path, onnx_model, monk
     monkeypatch.setenv("FAKE_SAIL_FAIL_DEVS", "1")
     with pytest.raises(DeviceError, match="dev_id 1"):
         dev.embed_files([1], [os.fsencode(b)])
+
+
+# ------------------------------------------------------------------- EXIF orientation (issue #25)
+def test_device_mode_routes_rotated_jpegs_to_the_cpu_decoder(fake, tmp_path, onnx_model, monkeypatch):
+    """sail.Decoder decodes with sophon-opencv imdecode(IMREAD_COLOR), which applies the EXIF
+    orientation (SAIL src/cvwrapper.cpp:1532-1575; the fake's cv2.imdecode does the same); CLIP's
+    reference, host mode and the CPU decoder do not. Device mode sends a JPEG whose orientation is
+    not 1 to the CPU decoder, so it embeds what the reference embeds."""
+    from PIL import Image
+
+    from pipeline.backends import sail as sail_backend
+
+    def rotated(path, orientation, seed):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(photo(400, 260, seed)).save(path, quality=92, exif=exif.tobytes())
+        return path
+
+    files = [rotated(tmp_path / "r6.jpg", 6, 1), rotated(tmp_path / "r3.jpg", 3, 2), rotated(tmp_path / "r1.jpg", 1, 3)]
+    # the fake's hardware decoder really rotates: orientation 6 comes out 260 wide, 400 high
+    h = fake.Handle(0)
+    assert fake.Decoder(str(files[0]), True, 0).read(h).width() == 260
+    assert [sail_backend.exif_orientation(f.read_bytes()[:70000]) for f in files] == [6, 3, 1]
+    bm = write_fake_bmodel(tmp_path / "b4.bmodel", onnx_model, [4])
+    ref = cpu_reference(ort_session(onnx_model), files)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+
+    from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
+
+    fed_ref = normalize(np.stack([reference_crop(decode_file(os.fsencode(f), DecodeOptions())) for f in files]))
+
+    def embed():
+        dev = open_dev(cfg_for(bm))
+        res = dev.embed_files([0, 1, 2], [os.fsencode(f) for f in files])
+        e = res.embeddings / np.linalg.norm(res.embeddings, axis=1, keepdims=True)
+        x, idxs = fake.LAST_EPP_INPUT  # what the network was fed, per pushed index
+        fed = np.stack([x[idxs.index(i)] for i in range(3)])
+        return (e * ref).sum(1), np.abs(fed - fed_ref).mean(axis=(1, 2, 3))
+
+    cos, diff = embed()
+    # routed: the reference's orientation (random-weight embeddings are insensitive, so the fed
+    # pixels are checked too: only the linear-vs-bicubic resize differs, in normalised units)
+    assert cos.min() >= 0.999 and diff.max() < 0.1, (cos, diff)
+    # without the rule (the hardware decoder for every JPEG), the rotated ones are fed rotated
+    monkeypatch.setattr(sail_backend, "exif_orientation", lambda head: 1)
+    bad_cos, bad_diff = embed()
+    assert bad_diff[2] < 0.1 and bad_diff[:2].min() > 0.3, bad_diff
+    assert bad_cos[:2].max() < cos[:2].min(), (bad_cos, cos)

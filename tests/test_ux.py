@@ -222,10 +222,12 @@ def test_dry_run_lists_inputs_and_devices(tmp_path):
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
-def test_devices_lists_every_backend(monkeypatch):
-    # sophon.sail not importable (whatever earlier tests put on the path): sail must say why
+def test_devices_lists_every_backend(monkeypatch, tmp_path):
+    # sophon.sail not importable (whatever earlier tests put on the path) and no real SAIL built
+    # for the cmodel (whatever this machine has): sail must say why
     monkeypatch.setitem(sys.modules, "sophon", None)
     monkeypatch.setitem(sys.modules, "sophon.sail", None)
+    monkeypatch.setenv("CLIP_PIPELINE_SAIL_CMODEL", str(tmp_path / "no-build"))
     r = invoke("devices")
     assert r.exit_code == 0, r.output
     names = [line.split()[0] for line in r.output.splitlines()]
@@ -235,3 +237,9 @@ def test_devices_lists_every_backend(monkeypatch):
     for line in lines.values():  # every line: name, state, devices, and (a reason)
         assert re.fullmatch(r"\w+\s+(available|unavailable)\s+devices: .+  \(.*\)", line), line
     assert re.fullmatch(r"sail\s+unavailable\s+devices: -  \(.+\)", lines["sail"]), lines["sail"]
+    # with real SAIL built for the BM1684X cmodel (scripts/setup_sail_cmodel.sh), sail lists it
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "stamp").write_text("x")
+    monkeypatch.setenv("CLIP_PIPELINE_SAIL_CMODEL", str(tmp_path / "build"))
+    line = invoke("devices").output.splitlines()[1]
+    assert re.fullmatch(r"sail\s+available\s+devices: sail:0 \(BM1684X cmodel\)  \(.*sail.runtime = \"cmodel\".*\)", line), line

@@ -1,7 +1,10 @@
 """SOPHON BM1684X backend (`infer.backend = "sail"`), through Sophgo's `sophon.sail`.
 
 Section numbers (§) refer to /work/shared/docs/sail-api.md, which records the SAIL behaviours this
-code depends on. Verified only against the test double in tests/fake_sail, never on hardware.
+code depends on. Never run on hardware. Verified against the test double in tests/fake_sail and
+against SOPHGO's real SAIL built for the BM1684X cmodel (``sail.runtime = "cmodel"``,
+scripts/setup_sail_cmodel.sh: the workers run under the TPU-MLIR venv's Python 3.10, so this module
+and what it imports stay 3.10-compatible); docs/sail-backend.md says what the cmodel substitutes.
 
 How the card's decode -> preprocess -> infer stages map onto processes
 ----------------------------------------------------------------------
@@ -16,9 +19,10 @@ How the card's decode -> preprocess -> infer stages map onto processes
   sophon handles must not cross process boundaries anyway (§5: open everything in the child).
   Files the hardware path cannot take (suffix not on SAIL's case-sensitive list, content not
   JPEG, a JPEG without its end marker, images outside the TPU resize limits, a failed hardware
-  decode) are decoded on the host CPU *in the same process* with ``pipeline.data.images.decode_file``
-  and uploaded with ``Bmcv.mat_to_bm_image``; decode_file's ItemError gives the failure reason,
-  so reasons match the cpu backend's.
+  decode, an EXIF rotation, no JPU at all on the cmodel) are decoded on the host CPU *in the same
+  process* with ``pipeline.data.images.decode_file`` and uploaded as a ``sail.Tensor`` +
+  ``Bmcv.tensor_to_bm_image``; decode_file's ItemError gives the failure reason, so reasons match
+  the cpu backend's.
   The host decode/preprocess worker pools are not used in this mode.
 * ``sail.mode = "host"`` (``input_kind == "pixels"``): the normal host decode + preprocess
   workers make CLIP's exact crop (uint8 224x224) on the CPU; the device process only normalises
@@ -27,8 +31,9 @@ How the card's decode -> preprocess -> infer stages map onto processes
 Fixed batches (§1.6): bmodels are compiled per batch size. Host mode discovers a multi-stage
 bmodel's static batch sizes at start-up (``get_input_shape`` reports only the largest, §1.3) and
 runs each call on the smallest stage that holds it, zero-padding; padding rows are dropped.
-Device mode pads a short batch by repeating its first image, because EngineImagePreProcess only
-returns full batches (§3.5), and maps rows back through the returned image indices.
+Device mode pads a short batch with fresh images (PushImage moves each BMImage: never push one
+twice), because EngineImagePreProcess only returns full batches (§3.5), and maps rows back through
+the returned image indices.
 
 Nothing device-related is opened before the worker process starts (§5); ``resolve_devices`` and
 ``probe`` only count chips with ``get_available_tpu_num`` (bm_dev_getcount, no handle is opened).
@@ -37,9 +42,11 @@ Nothing device-related is opened before the worker process starts (§5); ``resol
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,6 +90,13 @@ HW_SUFFIXES = frozenset({"jpg", "JPG", "jpeg", "JPEG"})
 RESIZE_MIN, RESIZE_MAX, RESIZE_MAX_RATIO = 8, 8192, 128
 #: §3.5: EngineImagePreProcess batch sizes.
 EPP_BATCHES = (1, 4, 8, 16, 32, 64)
+#: |value| no CLIP image tower reaches on normalised pixels (ViT-B/32 features are O(1)); above it
+#: a row is uninitialised memory, not an embedding
+IMPLAUSIBLE = 1e6
+#: bytes of a JPEG's start read to find its EXIF orientation (APP1 comes first; EXIF is <= 64 KiB)
+EXIF_HEAD_BYTES = 65536 + 64
+#: what a padding slot of a short device-mode batch holds (its row is dropped)
+PAD_PIXELS = np.full((224, 224, 3), 128, np.uint8)
 #: candidate batch sizes probed to find the stages of a multi-stage bmodel.
 STAGE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -92,12 +106,47 @@ def alpha_beta(scale: float = 1.0) -> tuple[tuple[float, float], ...]:
     return tuple(((1.0 / (255.0 * s)) * scale, (-m / s) * scale) for m, s in zip(CLIP_MEAN, CLIP_STD))
 
 
-def import_sail():
+CMODEL_ENV = "CLIP_PIPELINE_SAIL_CMODEL"
+CMODEL_HINT = "run scripts/setup_sail_cmodel.sh (after scripts/setup_tpu_mlir.sh)"
+
+
+def cmodel_dir() -> Path:
+    """Where scripts/setup_sail_cmodel.sh puts real SAIL built for the BM1684X cmodel:
+    $CLIP_PIPELINE_SAIL_CMODEL, else `sail-cmodel` beside the TPU-MLIR venv."""
+    from pipeline.toolchain.env import venv_dir
+
+    env = os.environ.get(CMODEL_ENV)
+    return Path(env).expanduser() if env else venv_dir().parent / "sail-cmodel"
+
+
+def cmodel_python() -> str:
+    """The TPU-MLIR venv's interpreter, when the cmodel SAIL is built for it; else ConfigError."""
+    from pipeline.toolchain.env import TpuMlirMissing, find_venv
+
+    try:
+        venv = find_venv()
+    except TpuMlirMissing as exc:
+        raise ConfigError("sail.runtime = \"cmodel\" runs in the TPU-MLIR venv: " + str(exc).replace("\n", " ")) from None
+    d = cmodel_dir()
+    if not (d / "stamp").is_file():
+        raise ConfigError(f"sail.runtime = \"cmodel\": real SAIL for the BM1684X cmodel is not built at {d}; {CMODEL_HINT}")
+    return str(venv / "bin" / "python")
+
+
+def import_sail(runtime: str = "chip"):
     # optional; imported lazily (counting chips in the supervisor, devices inside the workers)
     try:
+        import sophon
         from sophon import sail
     except ImportError as exc:
+        if runtime == "cmodel":
+            raise ConfigError(f"sail.runtime = \"cmodel\": sophon.sail is not importable in {sys.executable} ({exc}); "
+                              f"{CMODEL_HINT}") from None
         raise ConfigError(f"{INSTALL_HINT} ({exc})") from None
+    if runtime == "cmodel" and not getattr(sophon, "CMODEL", False):
+        # e.g. the test double or a chip wheel earlier on PYTHONPATH than the cmodel build
+        raise ConfigError(f"sail.runtime = \"cmodel\": the sophon.sail imported from {getattr(sail, '__file__', '?')} "
+                          f"is not the cmodel build of scripts/setup_sail_cmodel.sh (PYTHONPATH?)")
     return sail
 
 
@@ -108,8 +157,39 @@ def _dev_id(device: str) -> int:
         raise ConfigError(f"sail device {device!r} is not a dev_id") from None
 
 
+def _where(dev_id: int, label: str | None) -> str:
+    """How messages name a device: "dev_id N", or "sail:N (cmodel device 0)" on the cmodel."""
+    if label is None:
+        return f"dev_id {dev_id}"
+    return f"{label} (cmodel device {dev_id})"
+
+
 def _sail_error(what: str, exc: BaseException) -> str:
     return f"{what}: {type(exc).__name__}: {exc}"
+
+
+def exif_orientation(head: bytes) -> int:
+    """The EXIF orientation (1..8) of a JPEG from its first bytes; 1 when there is none."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(head)) as im:  # reads the markers only, no decode
+            o = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - unreadable header: the CPU decoder judges the file
+        return 0
+    return o if isinstance(o, int) else 0
+
+
+class _Img:
+    """A BMImage and what must outlive it: the Tensor whose device memory it is attached to
+    (Bmcv.tensor_to_bm_image), None for an image that owns its memory (Decoder.read, Bmcv.crop)."""
+
+    __slots__ = ("bm", "keep")
+
+    def __init__(self, bm, keep=None):
+        self.bm, self.keep = bm, keep
 
 
 class _OutputCheck:
@@ -123,18 +203,27 @@ class _OutputCheck:
     different inputs is stale. (Identical inputs legitimately give identical outputs, so the
     previous batch's input fingerprint is kept too.)"""
 
-    def __init__(self, dev_id: int):
-        self.dev_id = dev_id
+    def __init__(self, where: str):
+        self.where = where
         self.prev: tuple[bytes, bytes] | None = None
 
     def check(self, y: np.ndarray, fingerprint: bytes) -> None:
+        # EngineImagePreProcess runs each batch into a *fresh* output tensor (SAIL
+        # src/decoder_multi.cpp:2672; tensor.cpp:867-869 allocates without clearing), so after a
+        # failed launch its rows are whatever that memory held: zeros, an earlier batch's outputs
+        # (a reused allocation), or arbitrary bit patterns: non-finite or absurd magnitudes, which
+        # a network on normalised pixels cannot produce.
+        bad = ~np.isfinite(y).all(axis=1) | (np.abs(np.nan_to_num(y)) > IMPLAUSIBLE).any(axis=1)
+        if bad.any():
+            raise DeviceError(f"{self.where}: {int(bad.sum())} of {len(y)} output rows are non-finite or over "
+                              f"{IMPLAUSIBLE:g} (uninitialised outputs of a failed inference launch that SAIL only logged?)")
         zero = ~np.any(y != 0, axis=1)
         if zero.any():
-            raise DeviceError(f"dev_id {self.dev_id}: {int(zero.sum())} of {len(y)} output rows are all zeros "
+            raise DeviceError(f"{self.where}: {int(zero.sum())} of {len(y)} output rows are all zeros "
                               "(a failed inference launch that SAIL only logged?)")
         out = np.ascontiguousarray(y).tobytes()
         if self.prev is not None and self.prev[1] == out and self.prev[0] != fingerprint:
-            raise DeviceError(f"dev_id {self.dev_id}: outputs bit-identical to the previous batch for different "
+            raise DeviceError(f"{self.where}: outputs bit-identical to the previous batch for different "
                               "inputs: stale outputs (a failed inference launch that SAIL only logged?)")
         self.prev = (fingerprint, out)
 
@@ -195,14 +284,15 @@ class SailHostDevice(Device):
 
     fixed_batch = False  # we pad to a stage ourselves and return only real rows
 
-    def __init__(self, sail, cfg: Config, dev_id: int):
+    def __init__(self, sail, cfg: Config, dev_id: int, label: str | None = None):
         self.dev_id = dev_id
+        self.where = _where(dev_id, label)
         path = cfg.model.path
         try:
             self.engine = sail.Engine(path, dev_id, sail.IOMode.SYSIO)  # §1.2: numpy needs SYSI/SYSIO
         except Exception as exc:  # Sail*Error derive from Exception, not RuntimeError (§2.3)
             raise DeviceError(_sail_error(f"opening bmodel {path} on dev_id {dev_id}", exc)) from exc
-        self.outcheck = _OutputCheck(dev_id)
+        self.outcheck = _OutputCheck(self.where)
         self.model = m = _Model(sail, self.engine, path)
         size = cfg.model.image_size or 224
         if m.hw != (size, size):
@@ -235,10 +325,10 @@ class SailHostDevice(Device):
         try:
             out = self.engine.process(m.graph, {m.input: x})
         except Exception as exc:
-            raise DeviceError(_sail_error(f"dev_id {self.dev_id}: Engine.process", exc)) from exc
+            raise DeviceError(_sail_error(f"{self.where}: Engine.process", exc)) from exc
         y = np.asarray(out[m.output], dtype=np.float32)
         if y.shape != (expect, m.dim):
-            raise DeviceError(f"dev_id {self.dev_id}: output shape {y.shape}, expected {(expect, m.dim)}")
+            raise DeviceError(f"{self.where}: output shape {y.shape}, expected {(expect, m.dim)}")
         self.outcheck.check(y, _digest(np.ascontiguousarray(x).tobytes()))
         return y
 
@@ -278,13 +368,17 @@ class SailFilesDevice(Device):
 
     fixed_batch = False
 
-    def __init__(self, sail, cfg: Config, dev_id: int):
+    def __init__(self, sail, cfg: Config, dev_id: int, label: str | None = None):
         self.sail, self.cfg, self.dev_id = sail, cfg, dev_id
+        self.where = _where(dev_id, label)
         path = cfg.model.path
-        if not (hasattr(sail, "Decoder") and hasattr(sail, "Bmcv") and hasattr(sail, "EngineImagePreProcess")):
+        if not (hasattr(sail, "Bmcv") and hasattr(sail, "EngineImagePreProcess")):
             # a "runtime only" SAIL build has no multimedia classes (sail-api.md, packaging notes)
-            raise ConfigError("this sophon.sail build has no Decoder/Bmcv/EngineImagePreProcess "
+            raise ConfigError("this sophon.sail build has no Bmcv/EngineImagePreProcess "
                               "(runtime-only SAIL): set sail.mode = \"host\"")
+        # The JPEG unit: absent from a SAIL built without OpenCV/FFmpeg, e.g. the cmodel build (the
+        # JPU has no software model). Then every file is decoded on the CPU and uploaded.
+        self.has_decoder = hasattr(sail, "Decoder")
         try:
             # Introspection only (§1.3); EngineImagePreProcess loads its own engine, so this one
             # is released before it, to keep a single copy of the weights in device memory.
@@ -312,7 +406,7 @@ class SailFilesDevice(Device):
             raise ConfigError(f"bmodel {path}: device mode is written for 224x224 models, this one takes {m.hw}; "
                               "use sail.mode = \"host\"")
         self.dim, self.batch_size = m.dim, m.max_batch
-        self.outcheck = _OutputCheck(dev_id)
+        self.outcheck = _OutputCheck(self.where)
         ab = alpha_beta(1.0)  # float32 input: SAIL multiplies by the input scale, 1.0 here
         # Only what a BM1684X can do: EngineImagePreProcess's resize thread calls bmcv.resize with
         # the matching BMCV_INTER_* (SAIL src/decoder_multi.cpp:1914-1947), and libsophon sends
@@ -326,7 +420,9 @@ class SailFilesDevice(Device):
             # [UNCONFIRMED] for a multi-stage bmodel: which stage EngineImagePreProcess batches to;
             # we assume the largest (what get_input_shape reports) and check the output below.
             self.epp = sail.EngineImagePreProcess(path, dev_id, False)
-            q = 2 * self.batch_size
+            # Queues as short as SAIL allows (it raises smaller ones to the batch, decoder_multi.cpp:
+            # 1180-1185): device memory is bounded by them (EPP_MEMORY in docs/sail-backend.md).
+            q = self.batch_size
             # linear resize + BGR->RGB: the §3.4 addendum (CLIP-TPU clip/clip_multi.py:41 at HEAD)
             if self.epp.InitImagePreProcess(resize, True, q, q) != 0:
                 raise DeviceError("InitImagePreProcess returned non-zero")
@@ -346,8 +442,8 @@ class SailFilesDevice(Device):
     # --- per file ---------------------------------------------------------------------------
     def _hw_eligible(self, p: str) -> bool:
         """A file (not a tar member: sail.Decoder opens names only, §2.1), suffix on SAIL's list
-        (§2.1, case-sensitive), JPEG content, end marker present."""
-        if is_member_ref(os.fsencode(p)):
+        (§2.1, case-sensitive), JPEG content, end marker present, no EXIF rotation."""
+        if not self.has_decoder or is_member_ref(os.fsencode(p)):
             return False
         base = os.path.basename(p)
         if "." not in base or base.rsplit(".", 1)[1] not in HW_SUFFIXES:
@@ -357,7 +453,8 @@ class SailFilesDevice(Device):
                 size = os.fstat(fh.fileno()).st_size
                 if size < 4 or size > self.opts.max_file_bytes:
                     return False
-                if fh.read(3) != b"\xff\xd8\xff":
+                head = fh.read(EXIF_HEAD_BYTES)
+                if head[:3] != b"\xff\xd8\xff":
                     return False
                 fh.seek(max(0, size - 4096))
                 tail = fh.read()
@@ -365,7 +462,13 @@ class SailFilesDevice(Device):
             return False  # decode_file reports vanished/unreadable/not_a_file
         # a JPEG without its EOI marker may "decode" with grey rows on the hardware (§2.1
         # [UNCONFIRMED]); let the CPU decoder judge it, so it fails as `truncated` like on cpu.
-        return b"\xff\xd9" in tail
+        if b"\xff\xd9" not in tail:
+            return False
+        # sail.Decoder decodes still images with sophon-opencv imdecode(IMREAD_COLOR), which
+        # applies the EXIF orientation (SAIL src/cvwrapper.cpp:1532-1575); CLIP's reference, host
+        # mode and the CPU decoder do not rotate. A rotated JPEG goes to the CPU decoder, so device
+        # mode embeds the same pixels as the reference (orientation-6 photo: cosine 0.467 otherwise).
+        return exif_orientation(head) == 1
 
     def _hw_decode(self, p: str):
         sail = self.sail
@@ -391,12 +494,20 @@ class SailFilesDevice(Device):
             rgb = rgb[:, :, :3]
         return rgb
 
-    def _upload(self, rgb: np.ndarray):
-        # SAIL binds mat_to_bm_image with py::arg("input_array").noconvert() over array_t<uint8_t>
-        # (src/bind.cpp): anything but a uint8 array is a TypeError, never a cast.
+    def _upload(self, rgb: np.ndarray) -> _Img:
+        """CPU pixels -> a BGR_PLANAR uint8 BMImage in device memory: a uint8 [1,3,h,w] Tensor
+        with system and device memory (bind.cpp:293, the array_t<uint8_t> overload: a uint8 array
+        picks it without a cast), copied to the device (sync_s2d), then
+        Bmcv.tensor_to_bm_image(FORMAT_BGR_PLANAR), which *attaches* the image to the tensor's
+        device memory (SAIL src/cvwrapper.cpp:4009-4047, bm_image_attach): the tensor is kept
+        with the image until its batch is out of EngineImagePreProcess. This is the upload on
+        every SAIL build (mat_to_bm_image needs OpenCV, absent from the cmodel build)."""
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"internal: uploading {rgb.dtype} {rgb.shape}, expected uint8 HxWx3")
-        return self.bmcv.mat_to_bm_image(np.ascontiguousarray(rgb[:, :, ::-1]))  # BGR_PACKED (§2.2)
+        planar = np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1)[None])  # RGB HWC -> BGR NCHW
+        t = self.sail.Tensor(self.handle, planar, True, True)
+        t.sync_s2d()
+        return _Img(self.bmcv.tensor_to_bm_image(t, self.sail.Format.FORMAT_BGR_PLANAR), t)
 
     @staticmethod
     def _within_vpp(w: int, h: int) -> bool:
@@ -410,41 +521,55 @@ class SailFilesDevice(Device):
         return (RESIZE_MIN <= w <= RESIZE_MAX and RESIZE_MIN <= h <= RESIZE_MAX
                 and s / 224 <= RESIZE_MAX_RATIO and 224 / s <= RESIZE_MAX_RATIO)
 
-    def _square(self, img):
-        """Centre square of side min(w, h) (§3.2), or None when outside the VPP limits."""
-        w, h = img.width(), img.height()
+    def _square(self, img: _Img) -> _Img | None:
+        """Centre square of side min(w, h) (§3.2), or None when outside the VPP limits or when
+        bmcv refuses it: the BMImage-returning Bmcv.crop raises SailBMImageError on a bmcv
+        failure (SAIL_CHECK_RET, src/cvwrapper.cpp:4167); the caller then crops on the CPU."""
+        w, h = img.bm.width(), img.bm.height()
         if not self._within_vpp(w, h):
             return None
         s = min(w, h)
         if w == h:
             return img
-        return self.bmcv.crop(img, (w - s) // 2, (h - s) // 2, s, s)  # BGR_PLANAR, 64-byte stride
+        try:
+            # BGR_PLANAR (rows 64-byte aligned on an SoC build), its own device memory (the source may go)
+            return _Img(self.bmcv.crop(img.bm, (w - s) // 2, (h - s) // 2, s, s))
+        except Exception:  # noqa: BLE001 - Sail*Error derive from Exception (§2.3)
+            return None
 
     def _prepare(self, item_id: int, path: bytes):
-        """-> (BMImage of a centre square, None) or (None, Failure)."""
+        """-> (_Img of a centre square, None) or (None, Failure)."""
         p = os.fsdecode(path)
         img = self._hw_decode(p) if self._hw_eligible(p) else None
         if img is not None:
             if img.width() * img.height() > self.opts.max_pixels:
                 return None, Failure(item_id, path, "too_large", f"{img.width()}x{img.height()} pixels, "
                                      f"over preprocess.max_pixels={self.opts.max_pixels}")
-            try:
-                sq = self._square(img)
-            except Exception:  # noqa: BLE001 - bmcv refused this image: do it on the CPU
-                sq = None
+            sq = self._square(_Img(img))
             if sq is not None:
                 return sq, None
         rgb = self._cpu_decode(item_id, path)
         if isinstance(rgb, Failure):
             return None, rgb
         try:
-            if self._within_vpp(rgb.shape[1], rgb.shape[0]):
-                sq = self._square(self._upload(rgb))
-            else:  # outside the VPP limits: CLIP's exact crop on the CPU, upload 224x224
-                sq = self._upload(reference_crop(rgb))
+            sq = self._square(self._upload(rgb)) if self._within_vpp(rgb.shape[1], rgb.shape[0]) else None
+            if sq is None:  # outside the VPP limits, or bmcv refused the crop: CLIP's exact crop on
+                sq = self._upload(reference_crop(rgb))  # the CPU, uploaded as 224x224 (no VPP crop)
         except Exception as exc:
-            raise DeviceError(_sail_error(f"dev_id {self.dev_id}: uploading {p}", exc)) from exc
+            # the upload itself (Tensor alloc, s2d, attach) failed: device memory, not this input
+            raise DeviceError(_sail_error(f"{self.where}: uploading {p}", exc)) from exc
         return sq, None
+
+    def _pad_image(self) -> _Img:
+        """A fresh 224x224 grey image for a padding slot. PushImage *moves* the BMImage into the
+        queue (BMImageQueue::Push: `ptr_[end_idx] = std::move(image)`, src/decoder_multi.cpp:128-140,
+        called at :1367; BMImage's move assignment nulls the source, src/cvwrapper.cpp:3260-3271):
+        an image pushed once is empty, and pushing it again makes the preprocess thread throw
+        ("input or output not attache mem") and the process abort. So every pad is new."""
+        try:
+            return self._upload(PAD_PIXELS)
+        except Exception as exc:
+            raise DeviceError(_sail_error(f"{self.where}: uploading a padding image", exc)) from exc
 
     # --- per batch --------------------------------------------------------------------------
     def _push(self, idx: int, img, deadline: float) -> None:
@@ -452,11 +577,11 @@ class SailFilesDevice(Device):
             try:
                 ret = self.epp.PushImage(0, idx, img)
             except Exception as exc:
-                raise DeviceError(_sail_error(f"dev_id {self.dev_id}: PushImage", exc)) from exc
+                raise DeviceError(_sail_error(f"{self.where}: PushImage", exc)) from exc
             if ret == 0:
                 return
             if time.monotonic() > deadline:  # non-zero = queue full (§3.5); never wait forever
-                raise DeviceError(f"dev_id {self.dev_id}: PushImage queue stayed full for {self.cfg.sail.timeout_s}s")
+                raise DeviceError(f"{self.where}: PushImage queue stayed full for {self.cfg.sail.timeout_s}s")
             time.sleep(0.001)
 
     def _get_batch(self, timeout: float):
@@ -472,23 +597,26 @@ class SailFilesDevice(Device):
         t.start()
         t.join(timeout)
         if not box:
-            raise DeviceError(f"dev_id {self.dev_id}: no batch from EngineImagePreProcess within {timeout}s (hung?)")
+            raise DeviceError(f"{self.where}: no batch from EngineImagePreProcess within {timeout}s (hung?)")
         kind, val = box[0]
         if kind == "err":
-            raise DeviceError(_sail_error(f"dev_id {self.dev_id}: GetBatchData_Npy", val)) from val
+            raise DeviceError(_sail_error(f"{self.where}: GetBatchData_Npy", val)) from val
         return val
 
-    def _infer(self, imgs: list, fingerprint: bytes) -> np.ndarray:
+    def _infer(self, imgs: list[_Img], fingerprint: bytes) -> np.ndarray:
         B, m = self.batch_size, len(imgs)
         deadline = time.monotonic() + self.cfg.sail.timeout_s
+        # §3.5: full batches only; pad with fresh images (never one pushed before), index -1-j.
+        # `pads` holds their tensors (the images attach to them) until the batch is out.
+        pads = [self._pad_image() for _ in range(B - m)]
         for i, img in enumerate(imgs):
-            self._push(i, img, deadline)
-        for j in range(B - m):  # §3.5: full batches only; pad with the first image, index -1-j
-            self._push(-1 - j, imgs[0], deadline)
+            self._push(i, img.bm, deadline)
+        for j, pad in enumerate(pads):
+            self._push(-1 - j, pad.bm, deadline)
         outputs, _ost, _channels, idxs, _pad = self._get_batch(max(0.0, deadline - time.monotonic()))
         y = np.asarray(outputs[self.model.output], dtype=np.float32)
         if y.shape != (B, self.dim) or len(idxs) != B:
-            raise DeviceError(f"dev_id {self.dev_id}: batch output {y.shape} / {len(idxs)} indices, expected {(B, self.dim)}")
+            raise DeviceError(f"{self.where}: batch output {y.shape} / {len(idxs)} indices, expected {(B, self.dim)}")
         res = np.full((m, self.dim), np.nan, dtype=np.float32)
         seen = set()
         for row, idx in enumerate(idxs):
@@ -496,13 +624,13 @@ class SailFilesDevice(Device):
                 res[idx] = y[row]
                 seen.add(idx)
         if len(seen) != m:
-            raise DeviceError(f"dev_id {self.dev_id}: batch returned indices {sorted(idxs)}, expected 0..{m - 1}")
+            raise DeviceError(f"{self.where}: batch returned indices {sorted(idxs)}, expected 0..{m - 1}")
         self.outcheck.check(y, fingerprint)
         return res
 
     def _check_usable(self) -> None:
         if self.broken:
-            raise DeviceError(f"dev_id {self.dev_id} is unusable after an earlier error: {self.broken}")
+            raise DeviceError(f"{self.where} is unusable after an earlier error: {self.broken}")
 
     def prepare_files(self, ids: Sequence[int], paths: Sequence[bytes]) -> Prepared:
         """Decode (JPU or CPU fallback) + bmcv centre square of each file: the host-side half.
@@ -583,7 +711,7 @@ class SailTextSession(TextSession):
         self.out_rank = len(out_shape)
         self.out_last = int(out_shape[-1])
         self.id_dtype = np.int32
-        self.check = _OutputCheck(dev_id)
+        self.check = _OutputCheck(_where(dev_id, None))
 
     def run_ids(self, ids: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(ids, dtype=np.int32)
@@ -608,9 +736,20 @@ class SailBackend(Backend):
         return "files" if cfg.sail.mode == "device" else "pixels"
 
     @classmethod
+    def worker_python(cls, cfg: Config) -> str | None:
+        # the cmodel build of real SAIL is a CPython 3.10 module linked to the TPU-MLIR wheel's
+        # runtime: its workers run under that venv's interpreter, as the sim backend's do
+        return cmodel_python() if cfg.sail.runtime == "cmodel" else None
+
+    @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:
         entries = list(cfg.infer.devices)
+        cmodel = cfg.sail.runtime == "cmodel"
+        if cmodel:
+            cmodel_python()  # fail early, in the supervisor, with the set-up hint
         if entries == ["all"]:
+            if cmodel:  # the wheel's libbmlib has one cmodel device (vendor README, "Devices")
+                return ["sail:0"]
             sail = import_sail()
             try:
                 n = int(sail.get_available_tpu_num())  # bm_dev_getcount; opens no handle (§1.1)
@@ -638,6 +777,11 @@ class SailBackend(Backend):
             ids.append(e)
         if not ids:
             raise ConfigError("config key infer.devices is empty: list dev_ids, e.g. [0], or \"all\"")
+        if cmodel:
+            # Only dev_id 0 exists on the cmodel, but each process has its own cmodel instance:
+            # every configured id runs as the cmodel's device 0 in its own worker (the fan-out
+            # across chips is exercised; the chips are not distinct). Said in the worker's log line.
+            return [f"sail:{i}" for i in ids]
         sail = import_sail()
         try:
             n = int(sail.get_available_tpu_num())
@@ -655,18 +799,40 @@ class SailBackend(Backend):
 
     @classmethod
     def open_device(cls, cfg: Config, device: str) -> Device:
-        sail = import_sail()
+        sail = import_sail(cfg.sail.runtime)
         dev_id = _dev_id(device)
+        try:  # SAIL's spdlog writes every thread start/stop at info level; keep warnings and errors
+            sail.set_loglevel(sail.LogLevel.WARN)
+        except Exception:  # noqa: BLE001 - an older SAIL without it: only noisier
+            pass
+        if cfg.sail.runtime == "cmodel":
+            sail.set_print_flag(False)
+            # the cmodel prints its start-up to fd 1; keep the user's terminal for the progress
+            # display (as the sim backend does)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+            # only dev_id 0 exists on the cmodel (Handle(1) ends the process in libbmlib's assert)
+            print(f"[sail] {device}: real SAIL on the BM1684X cmodel (software chip), opened as cmodel device 0",
+                  file=sys.stderr, flush=True)
+        hw, label = (0, device) if cfg.sail.runtime == "cmodel" else (dev_id, None)
         if cfg.sail.mode == "device":
-            return SailFilesDevice(sail, cfg, dev_id)
-        return SailHostDevice(sail, cfg, dev_id)
+            return SailFilesDevice(sail, cfg, hw, label=label)
+        return SailHostDevice(sail, cfg, hw, label=label)
 
     @classmethod
     def probe(cls) -> dict[str, Any]:
         try:
             sail = import_sail()
         except ConfigError as exc:
-            return {"available": False, "devices": [], "chips": 0, "reason": str(exc)}
+            d = cmodel_dir()
+            if (d / "stamp").is_file():
+                return {"available": True, "devices": ["sail:0 (BM1684X cmodel)"], "chips": 0, "cmodel": str(d),
+                        "reason": "no sophon.sail in this interpreter; real SAIL on the BM1684X cmodel (software chip, "
+                                  f"built at {d}): set sail.runtime = \"cmodel\"; every dev_id runs as cmodel device 0, "
+                                  "JPEG decode on the CPU"}
+            return {"available": False, "devices": [], "chips": 0,
+                    "reason": f"{exc}; or {CMODEL_HINT} for real SAIL on the BM1684X cmodel"}
         fake = bool(getattr(sail, "__fake__", False))
         try:
             n = int(sail.get_available_tpu_num())

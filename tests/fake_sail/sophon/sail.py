@@ -57,6 +57,7 @@ class SailUnknownError(Exception):
 # status codes (§2.1, §2.3)
 SAIL_ERR_DEV_HANDLE = 1004
 SAIL_ERR_DEC_OPEN = 5003
+SAIL_ERR_BMI_BMCV = 4009  # include/tensor.h:147
 BM_NOT_SUPPORTED = 6
 
 
@@ -110,6 +111,13 @@ def _launch_fails(dev_id: int) -> bool:
         _log("bmrt_launch_tensor_ex() err")
         return True
     return False
+
+
+def _uninitialised(shape) -> np.ndarray:
+    """Device memory that nothing wrote: zeros (FAKE_SAIL_FAIL_ZEROS=1) or arbitrary bit patterns."""
+    if os.environ.get("FAKE_SAIL_FAIL_ZEROS") == "1":
+        return np.zeros(shape, np.float32)
+    return np.random.default_rng().integers(0, 2**32, size=shape, dtype=np.uint32).view(np.float32)
 
 
 def _failed_outputs(previous, shape) -> np.ndarray:
@@ -214,7 +222,12 @@ class Tensor:
                  own_sys_data: bool = False, own_dev_data: bool = False):
         self._dev = handle.get_device_id()
         if isinstance(shape_or_array, np.ndarray):
-            self._data = np.ascontiguousarray(shape_or_array)
+            # bind.cpp:287-294: overloads for float32, int8, uint8 and int32 arrays (the dtype of the
+            # array picks one; anything else is converted to float32 by the first overload)
+            a = shape_or_array
+            if a.dtype not in (np.float32, np.int8, np.uint8, np.int32):
+                a = a.astype(np.float32)
+            self._data = np.array(a, copy=True, order="C")
             self._own_sys = True if own_sys_data is None else bool(own_sys_data)
         else:
             self._data = np.zeros(list(shape_or_array), dtype=_NP_DTYPE.get(Dtype(dtype), np.float32))
@@ -240,6 +253,16 @@ class Tensor:
 
     def zeros(self) -> None:
         self._data[...] = 0
+
+    def scale_from(self, data: np.ndarray, scale: float) -> None:
+        """Tensor::scale_from (src/tensor.cpp:2124-2134): AnyScale_SSE into the system memory, the
+        same quantisation as the numpy Engine.process (see scale_fp32)."""
+        if not self._own_sys:
+            raise SailTensorError("invalid Tensor")
+        dt = self._data.dtype
+        q = scale_fp32(np.asarray(data, np.float32), scale, dt) if dt in (np.int8, np.uint8, np.int32) \
+            else np.asarray(data, np.float32) * np.float32(scale)
+        self._data = np.ascontiguousarray(q.reshape(self._data.shape).astype(dt))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,13 +319,14 @@ class _Net:
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """float32 host data -> the bmodel's input dtype, as the numpy Engine.process does (§1.4):
-        int8/uint8 inputs are quantised with the input scale (q = round(x * scale), saturated)."""
+        Engine::scale_input_tensor (src/engine.cpp:842-870) -> scale_fp32_to_{int8,uint8}
+        (engine.cpp:910-940) -> AnyScale_SSE (USE_ASM_SSE is 1 on x86 and ARM, src/internal.h:22-26)."""
         if self.input_dtype == Dtype.BM_UINT8:
-            return np.clip(np.rint(x * self.input_scale), 0, 255).astype(np.uint8)
+            return scale_fp32(x, self.input_scale, np.uint8)
         if self.input_dtype == Dtype.BM_INT8:
-            return np.clip(np.rint(x * self.input_scale), -128, 127).astype(np.int8)
+            return scale_fp32(x, self.input_scale, np.int8)
         if self.input_dtype == Dtype.BM_INT32:  # token ids: float32-coerced by pybind, exact below 2**24
-            return np.rint(x * self.input_scale).astype(np.int32)
+            return scale_fp32(x, self.input_scale, np.int32)
         return x.astype(np.float32, copy=False)
 
     def run_device(self, q: np.ndarray) -> np.ndarray:
@@ -321,6 +345,32 @@ class _Net:
 
     def run(self, x: np.ndarray, dev_id: int) -> np.ndarray:
         return self.run_device(self.quantize(x))
+
+
+def scale_fp32(x: np.ndarray, scale: float, dtype) -> np.ndarray:
+    """SAIL's float32 -> int8/uint8/int32 quantisation, AnyScale_SSE (src/internal.h):
+    - int8 (scale_fp32_to_int8, internal.h:349-392) and uint8 (scale_fp32_to_uint8, :432-): the
+      elements in whole groups of 4 (x86 SSE; 8 on ARM NEON) go through _mm_cvtps_epi32 (round half
+      to even, the default MXCSR mode) and the saturating packs: int8 [-128, 127], uint8 [0, 255];
+      the remaining size % 4 elements go through the scalar tail `std::round` (half away from
+      zero) clamped to [-127, 127] for int8 (:388-391).
+    - int32: TRANSFER_INT, std::round (half away from zero), clamped to the int32 range (:130-135).
+    The group size is the x86 one (this machine); on an SE7 (ARM) the tail is size % 8."""
+    v = np.ascontiguousarray(x, np.float32).reshape(-1) * np.float32(scale)
+    if dtype == np.int32:
+        return _round_away(v).clip(-2**31, 2**31 - 1).astype(np.int32).reshape(np.shape(x))
+    lo, hi = (-128, 127) if dtype == np.int8 else (0, 255)
+    n = len(v) - len(v) % 4
+    out = np.empty(len(v), dtype)
+    out[:n] = np.clip(np.rint(v[:n]), lo, hi)
+    tail_lo = -127 if dtype == np.int8 else 0
+    out[n:] = np.clip(_round_away(v[n:]), tail_lo, hi)
+    return out.reshape(np.shape(x))
+
+
+def _round_away(v: np.ndarray) -> np.ndarray:
+    """std::round: half away from zero."""
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
 
 
 def _env_ms(name: str) -> float:
@@ -483,11 +533,27 @@ class BMImage:
         if self._arr is None:
             raise SailBMImageError("BMImage is empty")
 
+    def _moved_into(self) -> BMImage:
+        """BMImage's move assignment (src/cvwrapper.cpp:3260-3271): the target takes the image
+        (memory, format, need_to_free); the source's image_private is nulled, but its width and
+        height fields are left as they were. Used by EngineImagePreProcess.PushImage."""
+        new = BMImage._make(self._arr, self._fmt, self._dev, self._dt, self._stride)
+        new._keep = getattr(self, "_keep", None)
+        new._moved = getattr(self, "_moved", None)  # moving an empty image gives an empty image
+        if self._arr is not None:
+            self._moved = _hw(self)
+        self._arr, self._keep = None, None
+        return new
+
     def width(self) -> int:
+        if self._arr is None and getattr(self, "_moved", None):
+            return self._moved[1]
         self._check()
         return _hw(self)[1]
 
     def height(self) -> int:
+        if self._arr is None and getattr(self, "_moved", None):
+            return self._moved[0]
         self._check()
         return _hw(self)[0]
 
@@ -666,6 +732,8 @@ class Decoder:
             data = np.fromfile(self._path, dtype=np.uint8)
         except OSError:
             return SAIL_ERR_DEC_OPEN, None
+        # sophon-opencv imdecode(IMREAD_COLOR) (src/cvwrapper.cpp:1532-1575) applies the EXIF
+        # orientation, as OpenCV's imdecode does without IMREAD_IGNORE_ORIENTATION: so does this one
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         if bgr is None:
             _log("cv::bmcv::toBMI() err")
@@ -704,6 +772,9 @@ VPP_MIN, VPP_MAX, VPP_MAX_SCALE = 8, 8192, 128
 
 
 def _aligned(w: int, itemsize: int = 1) -> int:
+    """Row stride of a bmcv output: FFALIGN(w * size, SAIL_ALIGN) (src/cvwrapper.cpp:4141), with
+    SAIL_ALIGN = 64 on SoC builds (IS_SOC_MODE, an SE7: what this fake models) and 1 on PCIe builds
+    (src/internal.h:117-121), e.g. the cmodel build of scripts/setup_sail_cmodel.sh."""
     return (w * itemsize + 63) // 64 * 64
 
 
@@ -784,28 +855,54 @@ class Bmcv:
         err = _vpp_resize_error(W, H, x0, y0, cw, ch, w, h, alg, img._fmt)
         if err:
             _log(f"bmcv_image_resize error: {err}")
-            return BM_ERR_PARAM, out
+            _log(f"crop_and_resize failed, bmcv_image_resize() ret {BM_ERR_PARAM}")
+            return SAIL_ERR_BMI_BMCV, out  # src/cvwrapper.cpp:4107-4110
         bgr = _to_bgr_packed(img)[y0:y0 + ch, x0:x0 + cw]
         res = cv2.resize(np.ascontiguousarray(bgr), (w, h), interpolation=_CV_INTER[bmcv_resize_algorithm(alg)])
         out._arr = _from_bgr_packed(res, out._fmt)
         return 0, out
 
-    # The BMImage-returning forms call the int form and IGNORE its status (SAIL src/cvwrapper.cpp:
-    # `BMImage Bmcv::crop(...) { BMImage output; crop(input, output, ...); return output; }`, same for
-    # resize and crop_and_resize): a refused resize returns an image that was never written (zeros
-    # here) and raises nothing. The caller must keep to the limits itself.
+    # The BMImage-returning forms call the int form and check its status with SAIL_CHECK_RET
+    # (src/cvwrapper.cpp:4167 crop_and_resize, :4190 crop, :4263 resize; include/tensor.h:295-302):
+    # SAIL_ERR_BMI_BMCV (4009) -> check_return_status (src/tensor.cpp:2700-2722) -> SailBMImageError.
+    def _checked(self, ret_out) -> BMImage:
+        ret, out = ret_out
+        if ret:
+            raise SailBMImageError("BMImage related error!")
+        return out
+
     def crop_and_resize(self, img: BMImage, x0: int, y0: int, cw: int, ch: int, w: int, h: int,
                         resize_alg=bmcv_resize_algorithm.BMCV_INTER_NEAREST) -> BMImage:
-        return self._resize_int(img, None, x0, y0, cw, ch, w, h, resize_alg)[1]
+        return self._checked(self._resize_int(img, None, x0, y0, cw, ch, w, h, resize_alg))
 
     def crop(self, img: BMImage, x0: int, y0: int, w: int, h: int) -> BMImage:
         # Bmcv::crop = crop_and_resize(input, output, x0, y0, w, h, w, h): a resize on the VPP, so the
         # VPP limits apply and the result is BGR_PLANAR with a 64-byte-aligned stride (cvwrapper.cpp).
-        return self._resize_int(img, None, x0, y0, w, h, w, h, bmcv_resize_algorithm.BMCV_INTER_NEAREST)[1]
+        return self._checked(self._resize_int(img, None, x0, y0, w, h, w, h, bmcv_resize_algorithm.BMCV_INTER_NEAREST))
 
     def resize(self, img: BMImage, w: int, h: int, resize_alg=bmcv_resize_algorithm.BMCV_INTER_NEAREST) -> BMImage:
         H, W = _hw(img)
-        return self._resize_int(img, None, 0, 0, W, H, w, h, resize_alg)[1]
+        return self._checked(self._resize_int(img, None, 0, 0, W, H, w, h, resize_alg))
+
+    def tensor_to_bm_image(self, tensor: Tensor, fmt=None, *rest):
+        """Bmcv::tensor_to_bm_image(Tensor&, bm_image_format_ext) (src/cvwrapper.cpp:4009-4047,
+        4055-4059): a BMImage of the tensor's h, w (NCHW for planar) and dtype, *attached* to the
+        tensor's device memory (bm_image_attach, no copy): the image aliases the tensor, which must
+        outlive it. Only the (tensor, format) form is modelled."""
+        if not isinstance(tensor, Tensor) or fmt is None or rest:
+            raise TypeError("tensor_to_bm_image(): only (tensor, format) is modelled by the fake")
+        fmt = Format(fmt)
+        if fmt not in _PLANAR:
+            raise ValueError("Invalid format!")  # std::invalid_argument; packed not modelled
+        a = tensor._data
+        if a.ndim != 4 or a.shape[0] != 1 or a.shape[1] != 3:
+            _log("tensor_to_bm_image err, bm_image_attach failed")
+            raise SailBMImageError("bmcv api fail")
+        dt = {np.dtype(np.uint8): ImgDtype.DATA_TYPE_EXT_1N_BYTE, np.dtype(np.int8): ImgDtype.DATA_TYPE_EXT_1N_BYTE_SIGNED,
+              np.dtype(np.float32): ImgDtype.DATA_TYPE_EXT_FLOAT32}[a.dtype]
+        img = BMImage._make(a[0], fmt, self._dev, dt)  # a view: attached, not copied
+        img._keep = tensor
+        return img
 
     def yuv2bgr(self, img: BMImage) -> BMImage:
         if img._fmt not in _YUV:
@@ -921,7 +1018,10 @@ class _ImagePreProcess:
         with self.cond:
             if len(self.inputs) >= self.queue_in:
                 return 2
-            self.inputs.append((channel, index, img))
+            # InputImg_queue->Push(image) (src/decoder_multi.cpp:1367) is BMImageQueue::Push (:128-140):
+            # `ptr_[end_idx] = std::move(image)`: the queue takes the image, the caller's BMImage is
+            # left empty (see BMImage._moved_into). Pushing it again queues an empty image.
+            self.inputs.append((channel, index, img._moved_into()))
             if not self.started:
                 self.started = True
                 threading.Thread(target=self._thread, daemon=True, name=f"fake-sail-preprocess-{self.tag}").start()
@@ -956,6 +1056,12 @@ class _ImagePreProcess:
         # convert_format_thread (decoder_multi.cpp ~1800-1830): to RGB_PLANAR (bgr2rgb) or
         # BGR_PLANAR, uint8, full size; non-zero -> throw SailBMImageError("bmcv api fail")
         # (:1816, :1823). use_vpp_flag_ is always false there (a missing `break` in the switch).
+        if img._arr is None:
+            # an image moved out earlier (pushed twice): bmcv_image_storage_convert finds no device
+            # memory, "input or output not attache mem" (BM_ERR_DATA), and the thread throws
+            _log("input or output not attache mem")
+            _log("convert format error! ret:2")
+            _abort("SailBMImageError", "bmcv api fail")
         H, W = _hw(img)
         fmt_img = BMImage._make(np.zeros(_layout_shape(self.out_format, H, W), np.uint8), self.out_format, self.dev,
                                 stride=_aligned(W))
@@ -1027,7 +1133,7 @@ class EngineImagePreProcess:
             return 1
         if not isinstance(image, BMImage):
             raise TypeError("PushImage(): incompatible function arguments")
-        ret = self._pre.push(channel_idx, image_idx, image)
+        ret = self._pre.push(channel_idx, image_idx, image)  # moves the image on success
         if not self._infer_started:
             self._infer_started = True
             threading.Thread(target=self._inference_thread, daemon=True, name=f"fake-sail-infer-{self._tag}").start()
@@ -1048,12 +1154,14 @@ class EngineImagePreProcess:
             if self._dev in _env_ids("FAKE_SAIL_HANG_DEVS"):
                 threading.Event().wait()
             t0 = time.monotonic()
-            # the Tensor-path process with fresh output tensors (new sail::Tensor per batch); a
-            # failed launch is only logged (graph.cpp:646-648, 723-725)
+            # the Tensor-path process into a fresh output tensor per batch (src/decoder_multi.cpp:2672,
+            # a new sail::Tensor whose device memory is allocated, not cleared: src/tensor.cpp:867-869);
+            # a failed launch is only logged (graph.cpp:646-648, 723-725), so the batch's outputs are
+            # whatever that fresh memory held: FAKE_SAIL_FAIL_ZEROS=1 -> zeros (never-used memory),
+            # else arbitrary bytes (reused memory), never the previous batch's outputs as such.
             shape = [x.shape[0], *self._net.out_tail]
-            prev = self._results[-1][0][self._net.output_name] if self._results else getattr(self, "_last_y", None)
             if _launch_fails(self._dev):
-                y = _failed_outputs(prev, shape)
+                y = _uninitialised(shape)
             else:
                 LAST_EPP_INPUT = ((x.astype(np.float32) / self._scale) if x.dtype == np.int8 else x, list(idxs))
                 y = self._net.run_device(x)
