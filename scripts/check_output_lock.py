@@ -26,22 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def tree(out: Path) -> dict[str, bytes]:
-    t = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    t.pop("report.json", None)
-    assert t.pop(".lock") == b""  # empty once its holder is done
-    m = json.loads(t.pop("manifest.json"))
-    m.pop("created"), m.pop("updated")
-    t["manifest.json"] = json.dumps(m, sort_keys=True).encode()
-    return t
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--work", default="/tmp/clip-pipeline-lock-check")
     args = ap.parse_args()
     from imagegen import encode, photo
+    from robust_helpers import output_tree as tree
 
     work = Path(args.work)
     inp, out = work / "in", work / "out"

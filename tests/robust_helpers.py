@@ -247,6 +247,18 @@ def accounting(out: Path) -> tuple[dict[str, int], dict[str, str]]:
     return embedded, failed
 
 
+def output_tree(out: Path) -> dict[str, bytes]:
+    """Every file of an output, for byte comparisons: but report.json (timings) and the manifest's
+    created/updated; the lock file must be empty (released)."""
+    tree = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    tree.pop("report.json", None)
+    assert tree.pop(".lock") == b""  # empty once its holder is done
+    m = json.loads(tree.pop("manifest.json"))
+    m.pop("created"), m.pop("updated")
+    tree["manifest.json"] = json.dumps(m, sort_keys=True).encode()
+    return tree
+
+
 def listing(out: Path) -> list[str]:
     return [json.loads(x) for x in (out / "listing.jsonl").read_text().splitlines()]
 

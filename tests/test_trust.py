@@ -16,7 +16,7 @@ import time
 
 import pytest
 from conftest import ROOT, cli, cli_env, invoke
-from robust_helpers import accounting, good_corpus, run_cli, start_cli, wait_for, workers
+from robust_helpers import accounting, good_corpus, output_tree, run_cli, start_cli, wait_for, workers
 
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError
@@ -222,16 +222,6 @@ def test_list_and_input_paths_are_both_used_each_file_once(tmp_path):
 # -- item 1: one process per output directory ----------------------------------------------------
 
 
-def _tree(out) -> dict[str, bytes]:
-    tree = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    tree.pop("report.json", None)
-    assert tree.pop(".lock") == b""  # empty once its holder is done
-    m = json.loads(tree.pop("manifest.json"))
-    m.pop("created"), m.pop("updated")
-    tree["manifest.json"] = json.dumps(m, sort_keys=True).encode()
-    return tree
-
-
 def _refused_beside(p, inp, out, **sets) -> None:
     for extra in ((), ("--restart",), ("--update",)):
         t0 = time.monotonic()
@@ -269,10 +259,10 @@ def test_refused_process_leaves_a_clean_runs_bytes_and_kill_frees_the_lock(tmp_p
     _refused_beside(p, tmp_path / "in", out, **slow)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
-    first = _tree(out)
+    first = output_tree(out)
     out.rename(tmp_path / "first")
     assert run_cli(tmp_path / "in", out, **slow).returncode == 0
-    assert _tree(out) == first
+    assert output_tree(out) == first
 
     # the lock dies with its holder: kill -9, then the same command resumes to the same bytes
     p = start_cli(tmp_path / "in", out, "--restart", **slow)
@@ -281,7 +271,7 @@ def test_refused_process_leaves_a_clean_runs_bytes_and_kill_frees_the_lock(tmp_p
     p.wait()
     r = run_cli(tmp_path / "in", out, **slow)
     assert r.returncode == 0, r.stderr
-    assert _tree(out) == first
+    assert output_tree(out) == first
 
 
 def test_lock_is_reentrant_in_one_process_and_exclusive_across(tmp_path):
