@@ -52,7 +52,7 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = _f("models/clip-vit-b32-synthetic.onnx", "Model file: ONNX for cpu/fake backends, bmodel for sail/sim.")
+    path: str = _f("models/clip-vit-b32-synthetic.onnx", "Model file: ONNX for cpu/openvino/fake backends, bmodel for sail/sim.")
     build: Literal["", "vit-b32", "tiny", "tiny-336"] = _f("", "If set and `path` is missing, build this synthetic architecture there (random weights; embeddings carry no meaning).")
     seed: int = _f(0, "Seed of the synthetic weights (with `build`).")
     batch_size: int = _f(32, "Images per inference call; fixed-batch models (bmodels) override it with their own batch.", min=1)
@@ -81,9 +81,9 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    backend: Literal[BACKEND_NAMES] = _f("cpu", "Inference backend: cpu (onnxruntime), sail (SOPHON BM1684X), sim (BM1684X simulator via TPU-MLIR), fake (deterministic stand-in for tests and benchmarks).")
-    devices: tuple[Any, ...] = _f(("cpu:0",), "One inference process per entry: 'cpu:N' for cpu/fake, dev_ids (0, 1, ...) for sail/sim, or the string 'all'.")
-    threads: int = _f(1, "Intra-op threads per inference process (cpu backend).", min=1)
+    backend: Literal[BACKEND_NAMES] = _f("cpu", "Inference backend: cpu (onnxruntime), openvino (OpenVINO on the CPU, fp32 or bf16: [openvino]), sail (SOPHON BM1684X), sim (BM1684X simulator via TPU-MLIR), fake (deterministic stand-in for tests and benchmarks).")
+    devices: tuple[Any, ...] = _f(("cpu:0",), "One inference process per entry: 'cpu:N' for cpu/openvino/fake, dev_ids (0, 1, ...) for sail/sim, or the string 'all'.")
+    threads: int = _f(1, "Intra-op threads per inference process (cpu and openvino backends).", min=1)
     batch_timeout_ms: float = _f(50.0, "Flush a partial batch after waiting this long for more images.", min=0)
     overlap: bool = _f(True, "Run inference on a background thread (one batch in flight) while the infer process receives and prepares the next batch (stacking crops, or sail device mode's hardware decode + crop). Results keep their order; false = the serial loop.")
 
@@ -137,6 +137,12 @@ class SailConfig:
 
 
 @dataclass(frozen=True)
+class OpenVinoConfig:
+    precision: Literal["fp32", "bf16", "auto"] = _f("auto", "openvino backend: inference precision. bf16 runs 2-4x faster than fp32 on CPUs with native bf16 (AVX512_BF16, AMX) at a cosine of ~0.9999 to fp32 (README, Fidelity); refused where bf16 would be emulated (slower than fp32). auto = bf16 where the CPU has it natively, else fp32; resolved once before start and recorded in the manifest (a resume with another precision is refused).")
+    cache_dir: str = _f("", "openvino backend: a directory for OpenVINO's model cache (CACHE_DIR), which keeps the compiled model so that later runs load faster (a ViT-B/32 takes ~350 MB per precision). Off by default (\"\"): once in testing a cached bf16 blob gave NaN embeddings and the cause was not found (docs/performance.md).")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     engine: Literal["", "ray"] = _f("", "Run across a cluster: \"ray\" = `run` drives a Ray cluster (same as --cluster ray); \"\" = this host only. Slurm arrays use `plan` / `run-range` / `merge` instead (docs/cluster.md).")
     address: str = _f("auto", "Ray cluster address for `run --cluster ray` (\"auto\" = the cluster started on this host with `ray start`; or host:port of the head).")
@@ -159,6 +165,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     fake: FakeConfig = field(default_factory=FakeConfig)
     sail: SailConfig = field(default_factory=SailConfig)
+    openvino: OpenVinoConfig = field(default_factory=OpenVinoConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 

@@ -11,6 +11,7 @@ runs that saw the same background load):
   ceiling    the text model alone: onnxruntime fed pre-tokenised int32 ids, same threads and batch
   embed      `TextEncoder.embed`: tokenise + infer + gather/project + L2-normalise, the code path
              of `clip-pipeline embed-text`; timed batch by batch in alternation with the ceiling
+  --openvino both again on the openvino backend at fp32 and at bf16, in every repeat after onnxruntime
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ def bench_tokenizer(n: int) -> dict:
     return {"prompts": n, "cold_prompts_per_s": n / cold, "warm_prompts_per_s": n / warm, "ftfy": tok.info()["ftfy"]}
 
 
-def bench_interleaved(model: str, prompts: list[str], batch: int, threads: int) -> tuple[float, float]:
+def bench_interleaved(model: str, prompts: list[str], batch: int, threads: int, backend: str = "cpu",
+                      precision: str = "auto") -> tuple[float, float]:
     """(ceiling prompts/s, embed prompts/s), timed batch by batch in alternation (ABBA) so both see
     the same background load: the ceiling runs the model on pre-tokenised int32 ids; embed is
     TextEncoder.embed on the same prompts (tokenise, infer, gather/project, L2-normalise)."""
     from pipeline.text.embed import TextEncoder
 
-    enc = TextEncoder(model, threads=threads, batch_size=batch)
+    enc = TextEncoder(model, backend=backend, threads=threads, batch_size=batch, precision=precision)
     sess = enc.session
     ids = enc.tokenizer(prompts).ids
     sess.run_ids(ids[:batch])  # warm-up (model load excluded from both)
@@ -92,6 +94,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-model", action="store_true", help="tokenizer only")
+    ap.add_argument("--openvino", action="store_true",
+                    help="also the openvino backend at fp32 and bf16, interleaved with onnxruntime in every repeat")
     ap.add_argument("--json", dest="json_path")
     a = ap.parse_args()
 
@@ -109,6 +113,11 @@ def main() -> None:
             c, e = bench_interleaved(a.model, prompts, a.batch, a.threads)
             runs["ceiling"].append(c)
             runs["embed"].append(e)
+            for prec in ("fp32", "bf16") if a.openvino else ():
+                c, e = bench_interleaved(a.model, prompts, a.batch, a.threads, "openvino", prec)
+                runs.setdefault(f"ov_{prec}_ceiling", []).append(c)
+                runs.setdefault(f"ov_{prec}_embed", []).append(e)
+                print(f"  openvino {prec}: ceiling {c:.1f}/s, embed {e:.1f}/s", file=sys.stderr)
         print(f"repeat {r + 1}/{a.repeats}: tokenizer {runs['tokenizer'][-1]['cold_prompts_per_s']:,.0f} prompts/s cold"
               + ("" if a.skip_model else f", ceiling {runs['ceiling'][-1]:.1f}/s, embed {runs['embed'][-1]:.1f}/s"),
               file=sys.stderr)
@@ -129,6 +138,19 @@ def main() -> None:
         res["text_cpu"] = {"model": a.model, "batch": a.batch, "threads": a.threads, "prompts": a.prompts,
                            "ceiling_prompts_per_s": med(runs["ceiling"]), "embed_prompts_per_s": med(runs["embed"]),
                            "embed_over_ceiling": med(ratios), "runs": {"ceiling": runs["ceiling"], "embed": runs["embed"]}}
+        if a.openvino:
+            from pipeline.backends.openvino import engine_identity
+
+            def per_run(x: str, y: str) -> float:  # median of the per-repeat ratios (same load)
+                return med(p / q for p, q in zip(runs[x], runs[y]))
+
+            res["text_openvino"] = {
+                "engine": engine_identity("bf16"),
+                **{f"{k}_prompts_per_s": med(runs[k]) for k in runs if k.startswith("ov_")},
+                "bf16_embed_over_onnxruntime_fp32_embed": per_run("ov_bf16_embed", "embed"),
+                "bf16_embed_over_openvino_fp32_embed": per_run("ov_bf16_embed", "ov_fp32_embed"),
+                "bf16_embed_over_bf16_ceiling": per_run("ov_bf16_embed", "ov_bf16_ceiling"),
+                "runs": {k: runs[k] for k in runs if k.startswith("ov_")}}
     print(json.dumps(res, indent=2))
     if a.json_path:
         Path(a.json_path).write_text(json.dumps(res, indent=2) + "\n")

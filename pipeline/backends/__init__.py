@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # name -> "module:class"; the order is the one `clip-pipeline devices` lists them in
 BACKENDS: dict[str, str] = {
     "cpu": "pipeline.backends.cpu:CpuBackend",
+    "openvino": "pipeline.backends.openvino:OpenVinoBackend",
     "sail": "pipeline.backends.sail:SailBackend",
     "sim": "pipeline.backends.sim:SimBackend",
     "fake": "pipeline.backends.fake:FakeBackend",

@@ -114,6 +114,7 @@ class TextSession:
     out_last: int | None = None
     id_dtype: Any = np.int32
     identity: dict[str, Any] | None = None
+    engine_info: dict[str, Any] | None = None  # recorded as the identity's "engine" (openvino: its precision)
     needs_model: bool = True  # False: runs without a model file (the fake backend)
 
     def run_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -134,6 +135,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def open_device(cls, cfg: Config, device: str) -> Device:
         """Open `device` in the calling (worker) process."""
+
+    @classmethod
+    def resolve(cls, cfg: Config) -> Config:
+        """Settings this backend decides once before start, from the machine (e.g. openvino.precision
+        = "auto"); refuses what this machine cannot run (ConfigError). Default: cfg unchanged."""
+        return cfg
 
     @classmethod
     def model_identity(cls, cfg: Config) -> dict[str, Any]:
@@ -171,10 +178,12 @@ class Backend(abc.ABC):
         return False
 
     @classmethod
-    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1, precision: str = "auto") -> TextSession:
         """The text tower `model` on `device` of this backend, in the calling process (embed-text,
-        classify, search --text, eval zero-shot). Raises TextModelError, naming what to do, for a
-        model this backend cannot run; the default: this backend has no text tower."""
+        classify, search --text, eval zero-shot). `precision`: a backend with a precision setting
+        (openvino: fp32, bf16, auto) runs the tower at it; the others ignore it. Raises
+        TextModelError, naming what to do, for a model this backend cannot run; the default: this
+        backend has no text tower."""
         raise TextModelError(f"the {cls.name} backend has no text tower: run the text model on a backend "
                              "that has one (its open_text)")
 

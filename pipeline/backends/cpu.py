@@ -34,6 +34,26 @@ def resolve_cpu_devices(cfg: Config, backend: str) -> list[str]:
     return names
 
 
+def take_image_input(dev: Device, cfg: Config, uint8_input: bool, input_type: str, in_shape: list, out_shape: list) -> None:
+    """The checks and settings an ONNX image tower's input implies (cpu and openvino devices): the
+    input kind against model.input_kind, the crop size against model.image_size, a fixed or dynamic
+    batch (model.batch_size), the embedding width. Shapes: ints where static, anything else where not."""
+    dev.uint8_input = uint8_input
+    if cfg.model.input_kind == "uint8" and not uint8_input:
+        raise DeviceError(f"model.input_kind = 'uint8' but {cfg.model.path} takes {input_type}")
+    if cfg.model.input_kind == "float" and uint8_input:
+        raise DeviceError(f"model.input_kind = 'float' but {cfg.model.path} takes uint8")
+    want = cfg.model.image_size or 224
+    hw = in_shape[1:3] if uint8_input else in_shape[2:4]
+    if all(isinstance(d, int) for d in hw) and tuple(hw) != (want, want):
+        raise ConfigError(f"model {cfg.model.path} takes {hw[0]}x{hw[1]} images but the crops are {want}x{want} "
+                          f"(config key model.image_size; 0 reads the size from the model)")
+    batch = in_shape[0]
+    dev.fixed_batch = isinstance(batch, int)
+    dev.batch_size = batch if dev.fixed_batch else cfg.model.batch_size
+    dev.dim = int(out_shape[-1]) if isinstance(out_shape[-1], int) else 512
+
+
 class OnnxDevice(Device):
     def __init__(self, cfg: Config, device: str):
         import onnxruntime as ort
@@ -50,20 +70,7 @@ class OnnxDevice(Device):
         inp = self.session.get_inputs()[0]
         out = self.session.get_outputs()[0]
         self.input_name = inp.name
-        self.uint8_input = inp.type == "tensor(uint8)"
-        if cfg.model.input_kind == "uint8" and not self.uint8_input:
-            raise DeviceError(f"model.input_kind = 'uint8' but {cfg.model.path} takes {inp.type}")
-        if cfg.model.input_kind == "float" and self.uint8_input:
-            raise DeviceError(f"model.input_kind = 'float' but {cfg.model.path} takes uint8")
-        want = cfg.model.image_size or 224
-        hw = inp.shape[1:3] if self.uint8_input else inp.shape[2:4]
-        if all(isinstance(d, int) for d in hw) and tuple(hw) != (want, want):
-            raise ConfigError(f"model {cfg.model.path} takes {hw[0]}x{hw[1]} images but the crops are {want}x{want} "
-                              f"(config key model.image_size; 0 reads the size from the model)")
-        batch = inp.shape[0]
-        self.fixed_batch = isinstance(batch, int)
-        self.batch_size = batch if self.fixed_batch else cfg.model.batch_size
-        self.dim = int(out.shape[-1]) if isinstance(out.shape[-1], int) else 512
+        take_image_input(self, cfg, inp.type == "tensor(uint8)", inp.type, inp.shape, out.shape)
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         x = pixels if self.uint8_input else normalize(pixels)
@@ -120,7 +127,7 @@ class CpuBackend(Backend):
         return resolve_cpu_devices(cfg, "cpu")
 
     @classmethod
-    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1, precision: str = "auto") -> TextSession:
         if model is None:
             raise TextModelError("no text model given")
         return OrtTextSession(model, threads)

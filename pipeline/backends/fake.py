@@ -128,7 +128,7 @@ class FakeBackend(Backend):
         return resolve_cpu_devices(cfg, "fake")
 
     @classmethod
-    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1, precision: str = "auto") -> TextSession:
         return FakeTextSession()
 
     @classmethod

@@ -792,7 +792,7 @@ class SailBackend(Backend):
         return [f"sail:{i}" for i in ids]
 
     @classmethod
-    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1, precision: str = "auto") -> TextSession:
         if model is None:
             raise TextModelError("no text model given")
         return SailTextSession(model, int(device or 0))

@@ -123,7 +123,7 @@ class SimBackend(Backend):
             raise ConfigError(str(exc).replace("\n", " ")) from None
 
     @classmethod
-    def open_text(cls, model: str | None, device: Any = None, threads: int = 1) -> TextSession:
+    def open_text(cls, model: str | None, device: Any = None, threads: int = 1, precision: str = "auto") -> TextSession:
         if model is None:
             raise TextModelError("no text model given")
         return SimTextSession(model)

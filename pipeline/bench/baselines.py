@@ -11,7 +11,11 @@ from typing import Any
 import numpy as np
 
 
-def _session(model: str, threads: int):
+def _session(model: str, threads: int, engine: str = "ort"):
+    """(session, input name, uint8 input?) with `session.run(None, {name: x})[0]`, onnxruntime's call;
+    engine "fp32"/"bf16": OpenVINO at that precision (the openvino backend's session) behind the same call."""
+    if engine != "ort":
+        return _ov_session(model, threads, engine)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -23,14 +27,31 @@ def _session(model: str, threads: int):
     return sess, sess.get_inputs()[0].name, sess.get_inputs()[0].type == "tensor(uint8)"
 
 
+class _OvRun:
+    """An OpenVINO session behind onnxruntime's `run(None, {name: x})` call, for the bench's jobs."""
+
+    def __init__(self, model: str, threads: int, precision: str):
+        from pipeline.backends.openvino import OvSession
+
+        self.s = OvSession(model, precision, threads)
+
+    def run(self, _outputs, feeds: dict) -> list:
+        return [self.s.run(next(iter(feeds.values())))]
+
+
+def _ov_session(model: str, threads: int, precision: str):
+    sess = _OvRun(model, threads, precision)
+    return sess, "x", sess.s.input_type == "u8"
+
+
 def _feed(pixels: np.ndarray, uint8_input: bool) -> np.ndarray:
     from pipeline.data.images import normalize
 
     return pixels if uint8_input else normalize(pixels)
 
 
-def _ceiling_job(model: str, threads: int, pixels: np.ndarray, batches: int, barrier, conn) -> None:
-    sess, name, u8 = _session(model, threads)
+def _ceiling_job(model: str, threads: int, pixels: np.ndarray, batches: int, barrier, engine: str, conn) -> None:
+    sess, name, u8 = _session(model, threads, engine)
     x = _feed(pixels, u8)
     sess.run(None, {name: x})  # warm-up (allocations, kernel selection)
     barrier.wait()
@@ -40,11 +61,12 @@ def _ceiling_job(model: str, threads: int, pixels: np.ndarray, batches: int, bar
     conn.send((t0, time.monotonic(), batches * len(pixels)))
 
 
-def single_loop_job(model: str, threads: int, files: list[str], batch: int, conn) -> None:
-    """The reference program's CPU path: decode+preprocess a batch (PIL, CLIP transform), infer."""
+def single_loop_job(model: str, threads: int, files: list[str], batch: int, engine: str, conn) -> None:
+    """The reference program's CPU path: decode+preprocess a batch (PIL, CLIP transform), infer
+    (engine: "ort" = onnxruntime, "fp32"/"bf16" = OpenVINO at that precision)."""
     from pipeline.data.images import DecodeOptions, decode_file, normalize, reference_crop
 
-    sess, name, u8 = _session(model, threads)
+    sess, name, u8 = _session(model, threads, engine)
     opts = DecodeOptions()
     t_first = n_after = None
     t_start = time.monotonic()
@@ -114,15 +136,16 @@ def spawn(target: Callable, *args: Any, timeout_s: float = 1800) -> Any:
             p.join()
 
 
-def model_ceiling(model: str, procs: int, threads: int, pixels: np.ndarray, n_images: int) -> dict:
-    """Images/s of `procs` processes x `threads` threads running the model on ready tensors."""
+def model_ceiling(model: str, procs: int, threads: int, pixels: np.ndarray, n_images: int, engine: str = "ort") -> dict:
+    """Images/s of `procs` processes x `threads` threads running the model on ready tensors
+    (engine: "ort" = onnxruntime, "fp32"/"bf16" = OpenVINO at that precision)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs)
     batches = max(1, -(-n_images // (procs * len(pixels))))
     pipes, jobs = [], []
     for _ in range(procs):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_ceiling_job, args=(model, threads, pixels, batches, barrier, send))
+        p = ctx.Process(target=_ceiling_job, args=(model, threads, pixels, batches, barrier, engine, send))
         p.start()
         send.close()
         pipes.append(recv)

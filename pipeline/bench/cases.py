@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.bench.baselines import cosine_job, dataloader_job, loop_result, model_ceiling, single_loop_job, spawn
 from pipeline.bench.corpus import empty_inputs, jpeg_files, link_inputs, reference_batch
+from pipeline.bench.openvino import OV_RATIOS, openvino_rep, openvino_setup
 from pipeline.bench.runs import median, pipeline_raw, ratio, run_pipeline
 
 BM1684X_MS_PER_IMAGE_B32 = 1.66  # bmrt_test compute, 32-batch fp16 bmodel (docs/performance.md, "Baselines")
@@ -56,12 +57,14 @@ def _cpu_rep(p: dict, work: Path, n: int, pixels: np.ndarray, label: str, say: C
     pipe_model = p["pipeline_model"] or p["model"]
     devices = [f"cpu:{i}" for i in range(procs)]
 
-    def pipe_raw(model: str, ready_crops: bool = False) -> dict:
+    def pipe_raw(model: str, ready_crops: bool = False, precision: str | None = None) -> dict:
+        """The cpu backend's run; with a precision, the same run on the openvino backend."""
         return pipeline_raw(inputs, work / "cpu-out", model={"path": model, "batch_size": batch},
-                            preprocess={"mode": p["mode"]}, infer={"backend": "cpu", "devices": devices, "threads": threads},
+                            preprocess={"mode": p["mode"]},
+                            infer={"backend": "openvino" if precision else "cpu", "devices": devices, "threads": threads},
                             workers={"decode": p["decode_workers"], "items_per_message": p["items_per_message"]},
                             queues={"infer": 2 * batch, "decode": 2 * p["items_per_message"]},
-                            fake={"ready_crops": ready_crops})
+                            fake={"ready_crops": ready_crops}, openvino={"precision": precision or "fp32"})
 
     r: dict = {"load_before": list(os.getloadavg())}
     say(f"{label}: model-only ceiling ({procs} x {threads} threads)")
@@ -71,9 +74,12 @@ def _cpu_rep(p: dict, work: Path, n: int, pixels: np.ndarray, label: str, say: C
     say(f"{label}: clip-pipeline, decode replaced by ready crops")
     r["pipeline_ready_crops"] = run_pipeline(pipe_raw(pipe_model, ready_crops=True))
     say(f"{label}: single-process loop")
-    r["single_loop"] = loop_result(spawn(single_loop_job, p["model"], cores, [str(f) for f in files], batch))
-    say(f"{label}: DataLoader-style baseline")
-    r["dataloader"] = loop_result(spawn(dataloader_job, p["model"], cores, [str(f) for f in files], batch, cores))
+    r["single_loop"] = loop_result(spawn(single_loop_job, p["model"], cores, [str(f) for f in files], batch, "ort"))
+    if p.get("dataloader", True):
+        say(f"{label}: DataLoader-style baseline")
+        r["dataloader"] = loop_result(spawn(dataloader_job, p["model"], cores, [str(f) for f in files], batch, cores))
+    if p.get("openvino"):
+        r.update(openvino_rep(p, n, pixels, files, pipe_raw, label, say))
     if p["int8_model"]:
         say(f"{label}: int8 ceiling and end to end")
         r["int8_ceiling"] = model_ceiling(p["int8_model"], procs, threads, pixels, 2 * n)
@@ -83,7 +89,8 @@ def _cpu_rep(p: dict, work: Path, n: int, pixels: np.ndarray, label: str, say: C
 
 
 # The cpu case's ratios (run key / run key), per run and of the medians; scripts/pool_cpu_sweeps.py
-# pools the same ones. 2b (pipeline_ready_crops) only where a run has it (older results do not).
+# pools the same ones. A pair counts only where a run has both (2b and the openvino cases are in
+# newer results only, OV_RATIOS; the DataLoader baseline can be left out).
 CPU_RATIOS = (("pipeline", "ceiling"), ("pipeline", "single_loop"), ("pipeline", "dataloader"),
               ("pipeline_ready_crops", "ceiling"))
 
@@ -93,8 +100,8 @@ def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
     cores = len(os.sched_getaffinity(0))
     pipe_model = p["pipeline_model"] or p["model"]
     med = {k: median([r[k] for r in runs], "images_per_s") for k in runs[0] if isinstance(runs[0][k], dict)}
-    per_run = [{f"{a}/{b}": ratio(r[a]["images_per_s"], r[b]["images_per_s"]) for a, b in CPU_RATIOS if a in r}
-               for r in runs]
+    pairs = [(a, b) for a, b in CPU_RATIOS + OV_RATIOS if a in runs[0] and b in runs[0]]
+    per_run = [{f"{a}/{b}": ratio(r[a]["images_per_s"], r[b]["images_per_s"]) for a, b in pairs} for r in runs]
     pipes = [r["pipeline"] for r in runs]
     out: dict = {
         "setup": {"images": n, "batch": batch, "preprocess_mode": p["mode"], "pipeline_model": pipe_model,
@@ -103,9 +110,10 @@ def _cpu_summary(p: dict, n: int, runs: list[dict]) -> dict:
                   "threads_per_device": threads, "decode_workers": p["decode_workers"],
                   "items_per_message": p["items_per_message"], "baseline_threads": cores,
                   "dataloader_workers": cores},
+        **({"openvino": openvino_setup()} if p.get("openvino") else {}),
         "runs": runs,
         "median_images_per_s": med,
-        "ratios": {f"{a}/{b}": ratio(med[a], med[b]) for a, b in CPU_RATIOS if a in med},
+        "ratios": {f"{a}/{b}": ratio(med[a], med[b]) for a, b in pairs},
         "ratios_median_of_runs": {k: median([{"v": r[k]} for r in per_run], "v") for k in per_run[0]},
         "per_run_ratios": per_run,
         "pipeline_from_first_result_images_per_s": median(pipes, "images_per_s_from_first_result"),

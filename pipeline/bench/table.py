@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.bench.openvino import TABLE_NAMES as OV_TABLE_NAMES
+
 
 def table(res: dict) -> str:
     lines = []
@@ -14,7 +16,8 @@ def table(res: dict) -> str:
         names = {"ceiling": "1. model-only ceiling (same model/devices)", "pipeline": "2. clip-pipeline end to end",
                  "pipeline_ready_crops": "2b. clip-pipeline, decode -> ready crops",
                  "single_loop": "3. single-process loop (reference CPU path)", "dataloader": "4. DataLoader-style baseline",
-                 "int8_ceiling": "   int8 model-only ceiling", "int8_pipeline": "   int8 clip-pipeline end to end"}
+                 "int8_ceiling": "   int8 model-only ceiling", "int8_pipeline": "   int8 clip-pipeline end to end",
+                 **OV_TABLE_NAMES}
         for k, label in names.items():
             if k in m:
                 lines.append(f"  {label:44s} {m[k]:9.2f}")

@@ -58,12 +58,16 @@ def _ints(text: str) -> list[int]:
 @click.option("--fake-overlap", type=click.Choice(["default", "on", "off", "both"]), default="default", show_default=True,
               help="infer.overlap in the fake case: the config default, on, off, or both interleaved run by run.")
 @click.option("--memory-sizes", default="1000,10000,100000", show_default=True)
+@click.option("--openvino", is_flag=True,
+              help="cpu case: also the openvino backend (pip install -e '.[openvino]'): OpenVINO fp32 and bf16 "
+                   "ceilings, the pipeline on each, bf16 with ready crops, and a hand-written OpenVINO bf16 loop.")
+@click.option("--no-dataloader", is_flag=True, help="cpu case: leave out the DataLoader-style baseline (case 4).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Runs per case (medians reported).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench(cases, images, model, pipeline_model, int8_model, cpu_images, cpu_lengths, batch, layout, mode, decode_workers,
           items_per_message, fake_devices, fake_seconds, fake_decode_workers, fake_items_per_message, fake_overlap,
-          memory_sizes, repeats, json_path, quiet) -> None:
+          memory_sizes, openvino, no_dataloader, repeats, json_path, quiet) -> None:
     """Benchmark the pipeline against its model-only ceiling and hand-written baselines.
 
     Prints a table (and the full results as JSON with --json). See docs/performance.md.
@@ -94,7 +98,17 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, cpu_leng
          "decode_workers": decode_workers, "items_per_message": items_per_message,
          "fake_devices": _ints(fake_devices), "fake_seconds": fake_seconds,
          "fake_decode_workers": fake_decode_workers, "fake_items_per_message": fake_items_per_message,
-         "fake_overlap": fake_overlap, "memory_sizes": _ints(memory_sizes), "repeats": repeats}
+         "fake_overlap": fake_overlap, "memory_sizes": _ints(memory_sizes), "repeats": repeats,
+         "openvino": openvino, "dataloader": not no_dataloader}
+    if openvino and "cpu" in cases:
+        from pipeline.backends.openvino import import_openvino, resolve_precision
+        from pipeline.errors import ConfigError
+
+        try:
+            import_openvino()
+            resolve_precision("bf16", key="bench --openvino (bf16)")
+        except ConfigError as exc:
+            raise BenchUsageError(str(exc)) from None
 
     def say(msg: str) -> None:
         if not quiet:

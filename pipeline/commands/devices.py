@@ -27,7 +27,7 @@ def devices() -> None:
             info = {"available": False, "devices": [], "reason": f"{type(exc).__name__}: {exc}"}
         state = "available" if info["available"] else "unavailable"
         devs = ", ".join(map(str, info.get("devices", []))) or "-"
-        click.echo(f"{name:5s} {state:11s} devices: {devs}  ({info.get('reason', '')})")
+        click.echo(f"{name:8s} {state:11s} devices: {devs}  ({info.get('reason', '')})")
 
 
 COMMANDS = [devices]

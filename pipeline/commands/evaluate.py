@@ -165,8 +165,11 @@ def linear_probe_cmd(train_spec, test_spec, c_grid, val_fraction, max_iter, seed
 @click.option("--text-model", type=click.Path(dir_okay=False), default=None,
               help="Text tower (default: the one paired with the image model, as `classify` finds it).")
 @click.option("--text-backend", type=click.Choice(BACKEND_NAMES), default="cpu", show_default=True)
+@click.option("--text-precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="--text-backend openvino: inference precision (auto = bf16 where the CPU has native bf16).")
 @_with_common
-def zero_shot_cmd(test_spec, templates, text_model, text_backend, config, sets, devices, work, progress, as_json) -> None:
+def zero_shot_cmd(test_spec, templates, text_model, text_backend, text_precision,
+                  config, sets, devices, work, progress, as_json) -> None:
     """Zero-shot accuracy: image features through the pipeline, classes from the text tower (as `classify`).
 
     Exit status: 0 done; 2 bad usage or data; 4 the feature run failed.
@@ -191,7 +194,7 @@ def zero_shot_cmd(test_spec, templates, text_model, text_backend, config, sets, 
             raise ConfigError("no test image could be embedded; see the failures above")
         names = [prompt_name(c) for c in test.classes]
         res = zero_shot_accuracy(wdir / "features-test", x, y, names, tmpls, text_model=text_model,
-                                 backend=text_backend, log=log)
+                                 backend=text_backend, precision=text_precision, log=log)
     synthetic = synthetic or bool(res["text_model"].get("synthetic"))
     res.update({"test": test.source, "backend": cfg.infer.backend, "failed_images": len(failed),
                 "model": {k: ident.get(k) for k in ("path", "sha256", "arch", "synthetic")},

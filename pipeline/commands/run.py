@@ -79,6 +79,7 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
             sys.exit(code)
         mode = "none" if quiet else (progress or cfg.run.progress)
         prog = Progress(mode, cfg.run.log_interval_s, quiet=quiet)
+        _bf16_hint(cfg, quiet)
         if update:
             from pipeline.run.update import run_update
 
@@ -120,6 +121,12 @@ def _dry_run(cfg, restart: bool = False) -> None:
     click.echo(f"config: {cfg.source} (valid)")
     click.echo(f"inputs: {n} files under {', '.join(cfg.input.paths)}")
     click.echo(f"backend: {cfg.infer.backend}, devices: {', '.join(map(str, pf.devices))}")
+    if cfg.infer.backend == "openvino":
+        from pipeline.backends.openvino import resolve_precision
+
+        p = resolve_precision(cfg.openvino.precision)
+        click.echo(f"precision: {p.resolved} (openvino.precision = \"{p.requested}\": {p.reason})")
+    _bf16_hint(cfg)
     click.echo(f"model: {cfg.model.path}" + ("" if _exists(cfg.model.path) else
                                             f" (missing; will be built: {cfg.model.build})" if cfg.model.build else " (missing)"))
     click.echo(f"output: {cfg.output.dir}")
@@ -133,6 +140,14 @@ def _dry_run(cfg, restart: bool = False) -> None:
         click.echo(f"existing run in {cfg.output.dir}: {pf.state}; {action}")
     if pf.changes:
         click.echo(f"inputs changed: {pf.changes.summary()}")
+
+
+def _bf16_hint(cfg, quiet: bool = False) -> None:
+    from pipeline.backends.openvino import bf16_hint
+
+    hint = None if quiet else bf16_hint(cfg)
+    if hint:
+        click.echo(hint, err=True)
 
 
 def _exists(p: str) -> bool:

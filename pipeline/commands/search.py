@@ -78,6 +78,8 @@ def _print_text(result: SearchResult, labels: list[str]) -> None:
               help="Text tower for --text (default: the one paired with OUT's image model, as `classify` finds it).")
 @click.option("--text-backend", type=click.Choice(BACKEND_NAMES), default="cpu", show_default=True,
               help="Where --text queries are embedded.")
+@click.option("--text-precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="--text-backend openvino: inference precision (auto = bf16 where the CPU has native bf16).")
 @click.option("--image", "images", multiple=True, metavar="PATH",
               help="Query image (repeatable), embedded with OUT's model, backend and preprocessing.")
 @click.option("--vectors", metavar="Q.npy", help="Query vectors, [dim] or [queries, dim] (.npy), used as given.")
@@ -92,7 +94,8 @@ def _print_text(result: SearchResult, labels: list[str]) -> None:
 @click.option("--model", metavar="PATH", help="Model file, when it moved since OUT was made (must be the same model).")
 @click.option("-d", "--device", "devices", multiple=True, metavar="DEV", help="Device for embedding queries (default: OUT's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def search_cmd(out, texts, text_model, text_backend, images, vectors, k, use_index, index_path, no_rerank, nprobe, model,
+def search_cmd(out, texts, text_model, text_backend, text_precision,
+               images, vectors, k, use_index, index_path, no_rerank, nprobe, model,
                devices, as_json) -> None:
     """Top-k nearest embeddings in OUT to each query, by inner product (cosine for normalised runs).
 
@@ -113,7 +116,8 @@ def search_cmd(out, texts, text_model, text_backend, images, vectors, k, use_ind
         dim = None
         parts, labels = [], []
         if texts:
-            parts.append(embed_texts(list(texts), model=text_model, run=out, backend=text_backend))
+            parts.append(embed_texts(list(texts), model=text_model, run=out, backend=text_backend,
+                                     precision=text_precision))
             labels += [f"text {t!r}" for t in texts]
             dim = parts[-1].shape[1]
         if images:

@@ -62,8 +62,12 @@ def tokenize_cmd(texts, as_json) -> None:
 
 def _backend_options(f):
     f = click.option("--backend", type=click.Choice(BACKEND_NAMES), default="cpu", show_default=True,
-                     help="cpu: onnxruntime (ONNX); sail: a text bmodel on a SOPHON chip; sim: a text bmodel on the "
-                          "BM1684X simulator (slow); fake: a deterministic stand-in for tests.")(f)
+                     help="cpu: onnxruntime (ONNX); openvino: OpenVINO on the CPU (ONNX, --precision); sail: a text "
+                          "bmodel on a SOPHON chip; sim: a text bmodel on the BM1684X simulator (slow); fake: a "
+                          "deterministic stand-in for tests.")(f)
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+                     help="openvino: inference precision (auto = bf16 where the CPU has native bf16, else fp32; bf16 "
+                          "is refused where it would be emulated).")(f)
     f = click.option("--device", default="0", show_default=True, help="sail: the chip's dev_id.")(f)
     f = click.option("--threads", type=int, default=None, help="cpu: intra-op threads (default: usable cores).")(f)
     f = click.option("--batch-size", type=int, default=32, show_default=True,
@@ -78,14 +82,14 @@ def _backend_options(f):
     return f
 
 
-def _encoder(text_model, backend, device, threads, batch_size, projection):
+def _encoder(text_model, backend, device, threads, batch_size, projection, precision="auto"):
     import os
 
     from pipeline.text.embed import TextEncoder
 
     threads = threads or len(os.sched_getaffinity(0))
     return TextEncoder(text_model, backend=backend, device=device, threads=threads, batch_size=batch_size,
-                       projection=projection)
+                       projection=projection, precision=precision)
 
 
 def _warn_synthetic(what: str) -> None:
@@ -118,8 +122,8 @@ def _default_text_model(log) -> str:
 @click.option("--no-normalize", is_flag=True, help="Write raw projected embeddings (default: L2-normalised, like image output).")
 @click.option("--no-truncate", is_flag=True,
               help="A prompt longer than 77 tokens is an error (default: truncated, with a warning).")
-def embed_text_cmd(texts, text_file, output, run_dir, backend, device, threads, batch_size, text_model, text_projection,
-                   assume_paired, dtype, no_normalize, no_truncate) -> None:
+def embed_text_cmd(texts, text_file, output, run_dir, backend, precision, device, threads, batch_size, text_model,
+                   text_projection, assume_paired, dtype, no_normalize, no_truncate) -> None:
     """Embed prompts with CLIP's text tower: OUTPUT/embeddings.npy + prompts.jsonl + manifest.json.
 
     Without --text-model or --run, the synthetic ViT-B/32 text tower that pairs with the default
@@ -148,7 +152,7 @@ def embed_text_cmd(texts, text_file, output, run_dir, backend, device, threads, 
                 backend = "fake"
         elif text_model is None and backend != "fake":
             text_model = _default_text_model(log)
-        enc = _encoder(text_model, backend, device, threads, batch_size, text_projection)
+        enc = _encoder(text_model, backend, device, threads, batch_size, text_projection, precision)
         res = enc.embed([it.text for it in items], normalize=not no_normalize, truncate=not no_truncate)
         ident = enc.identity()
         if ident.get("synthetic"):
@@ -177,8 +181,8 @@ def embed_text_cmd(texts, text_file, output, run_dir, backend, device, threads, 
               help="Where to write predictions (default: OUT/zeroshot).")
 @click.option("--partial", is_flag=True, help="Classify the finished shards of an incomplete run.")
 @_backend_options
-def classify_cmd(run_dir, labels, templates, top_k, output, partial, backend, device, threads, batch_size, text_model,
-                 text_projection, assume_paired) -> None:
+def classify_cmd(run_dir, labels, templates, top_k, output, partial, backend, precision, device, threads, batch_size,
+                 text_model, text_projection, assume_paired) -> None:
     """Zero-shot classify the images of a finished run: top-k labels and probabilities (CSV and JSONL).
 
     Class embedding = mean of the normalised template embeddings, renormalised; logits = 100 x
@@ -220,7 +224,7 @@ def classify_cmd(run_dir, labels, templates, top_k, output, partial, backend, de
         pairing = paired_text_model(run_dir, text_model, assume_paired=assume_paired, log=log)
         if pairing.clip_model == "fake":  # a run of the fake image backend: the fake text backend
             backend = "fake"
-        enc = _encoder(pairing.path or None, backend, device, threads, batch_size, text_projection)
+        enc = _encoder(pairing.path or None, backend, device, threads, batch_size, text_projection, precision)
         img_synth = bool(manifest.get("synthetic_weights") or manifest["model"].get("synthetic"))
         ident = enc.identity()
         synthetic = img_synth or bool(ident.get("synthetic"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _hash_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clip-pipeline" / "model-sha256.json"
+
+
+# A file changed less than this long ago is not remembered: file system timestamps are coarse (a
+# write within the same tick would keep the ctime), as git's "racy" index entries
+RACY_NS = 2_000_000_000
+
+
+def model_sha256(path: str | os.PathLike) -> str:
+    """sha256_file of a model, remembered per file (~/.cache/clip-pipeline/model-sha256.json) under
+    its device, inode, size, mtime and ctime: a run's start-up no longer reads the whole model
+    (ViT-B/32: 350 MB, ~0.25 s) before any worker starts. Any write to the file, or a new file in
+    its place, changes the ctime (which no user call can set back), so a changed model is hashed
+    again. A cache that cannot be read or written is ignored."""
+    st = os.stat(path)
+    key = os.path.realpath(path)
+    stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key)
+    if isinstance(hit, dict) and hit.get("stat") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    digest = sha256_file(path)
+    st2 = os.stat(path)
+    if [st2.st_dev, st2.st_ino, st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns] != stamp or \
+            time.time_ns() - st.st_ctime_ns < RACY_NS:
+        return digest  # changed while read, or so recently that another write could share its timestamps
+    cache[key] = {"stat": stamp, "sha256": digest}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(list(cache.items())[-64:])))  # the 64 most recent models
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    return digest
 
 
 def sidecar(path: str | os.PathLike) -> dict[str, Any]:
@@ -31,7 +77,7 @@ def model_identity(path: str | os.PathLike) -> dict[str, Any]:
     info = sidecar(path)
     return {
         "path": str(path),
-        "sha256": sha256_file(path),
+        "sha256": model_sha256(path),
         "bytes": os.path.getsize(path),
         # our ONNX builder writes "synthetic"; the bmodel compiler copies it as onnx.synthetic_weights
         "synthetic": bool(info.get("synthetic") or (info.get("onnx") or {}).get("synthetic_weights")),

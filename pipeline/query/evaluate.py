@@ -245,10 +245,10 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
 
 def zero_shot_accuracy(run_dir: str | os.PathLike, x: np.ndarray, y: np.ndarray, class_names: list[str],
                        templates: list[str], *, text_model: str | None = None, backend: str = "cpu",
-                       threads: int = 1, log=print) -> dict[str, Any]:
+                       threads: int = 1, precision: str = "auto", log=print) -> dict[str, Any]:
     """Top-1/top-5 of CLIP zero-shot classification (classify's prompt ensembling and scoring) of
     features x [n, dim] from the image run in run_dir, with the text model paired with that run."""
-    enc = text_encoder_for_run(run_dir, text_model, backend=backend, log=log, threads=threads)
+    enc = text_encoder_for_run(run_dir, text_model, backend=backend, log=log, threads=threads, precision=precision)
     if enc.dim != x.shape[1]:
         raise ConfigError(f"image features are {x.shape[1]}-d but the text model makes {enc.dim}-d: "
                           "they do not belong together (--text-model)")

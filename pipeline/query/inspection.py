@@ -102,6 +102,7 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
         "model": {k: model.get(k) for k in ("path", "arch", "sha256", "bytes") if k in model},
         "synthetic_weights": bool(m.get("synthetic_weights")),
         "backend": m.get("config", {}).get("infer", {}).get("backend"),
+        "precision": (model.get("engine") or {}).get("precision"),
         "devices": m.get("devices"),
         "error": m.get("error"),
         "report": str(report) if report.exists() else None,
@@ -275,7 +276,8 @@ def format_summary(s: dict[str, Any]) -> str:
     ident = f"{mdl.get('path') or '-'} ({mdl.get('arch', '?')}, sha256 {str(mdl.get('sha256'))[:12]})"
     synthetic = "  SYNTHETIC random weights: embeddings carry no meaning" if s["synthetic_weights"] else ""
     lines.append(f"model:    {ident}{synthetic}")
-    lines.append(f"backend:  {s['backend']} on {', '.join(map(str, s['devices'] or []))}")
+    precision = f" ({s['precision']})" if s.get("precision") else ""
+    lines.append(f"backend:  {s['backend']}{precision} on {', '.join(map(str, s['devices'] or []))}")
     if s["report"]:
         lines.append(f"report:   {s['report']} (clip-pipeline report {s['dir']} --html)")
     if s.get("in_use"):

@@ -139,6 +139,12 @@ def verdict(rep: dict[str, Any]) -> str:
     return head + busy + note
 
 
+def _precision(rep: dict[str, Any]) -> str:
+    """" (bf16)" for an engine that records its precision (openvino), else nothing."""
+    p = ((rep.get("model") or {}).get("engine") or {}).get("precision")
+    return f" ({p})" if p else ""
+
+
 def summary_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
     c = rep.get("counts", {})
     rows = [
@@ -148,7 +154,7 @@ def summary_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
          + (f" ({rep['resumed_from']} from an earlier run)" if rep.get("resumed_from") else "")),
         ("bottleneck", verdict(rep)),
         ("failures by reason", ", ".join(f"{k} {v}" for k, v in rep.get("failures_by_reason", {}).items()) or "none"),
-        ("backend / devices", f"{rep.get('backend', '?')}: {', '.join(map(str, rep.get('devices', [])))}"),
+        ("backend / devices", f"{rep.get('backend', '?')}{_precision(rep)}: {', '.join(map(str, rep.get('devices', [])))}"),
         ("model", f"{(rep.get('model') or {}).get('path') or '-'} ({(rep.get('model') or {}).get('arch', '?')})"
          + (" — SYNTHETIC random weights, embeddings carry no meaning" if rep.get("synthetic_weights") else "")),
     ]

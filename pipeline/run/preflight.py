@@ -22,6 +22,7 @@ FINGERPRINT_KEYS = {
     "model_sha256": "model.path",
     "backend": "infer.backend",
     "sail_mode": "sail.mode",
+    "precision": "openvino.precision",
     "preprocess_mode": "preprocess.mode",
     "exif_transpose": "preprocess.exif_transpose",
     "normalize": "output.normalize",
@@ -45,10 +46,10 @@ def usable_cores() -> int:
 
 
 def device_warnings(cfg: Config, devices: list[Any], cores: int | None = None) -> list[str]:
-    """The cpu backend runs one inference process per device with infer.threads threads each;
+    """The cpu (and openvino) backend runs one inference process per device with infer.threads threads each;
     more threads than usable cores oversubscribe the CPU (slower, not faster). cpu:N names a
     process, not a core (nothing is pinned), so cpu:5 on a 2-core machine is worth a word too."""
-    if cfg.infer.backend != "cpu":
+    if cfg.infer.backend not in ("cpu", "openvino"):
         return []
     cores = cores or usable_cores()
     out = []
@@ -68,14 +69,18 @@ def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
     """What must not change between an interrupted run and its resume. `inputs` are the roots
     actually walked (overlapping entries of input.paths dropped), so repeating an --input that
     changes nothing is not a different run."""
+    from pipeline.backends import get_backend
     from stages.source import dedupe_roots
 
+    cfg = get_backend(cfg.infer.backend).resolve(cfg)  # e.g. openvino.precision "auto" -> what it means here
     exts = frozenset(e.lower().encode() for e in cfg.input.extensions)
     roots = [os.fsdecode(r) for r in dedupe_roots(cfg.input.paths, exts, cfg.input.recursive)]
     return {
         "model_sha256": model.get("sha256"),
         "backend": cfg.infer.backend,
         "sail_mode": cfg.sail.mode if cfg.infer.backend == "sail" else None,
+        # absent for the other backends, so their fingerprints are as before
+        **({"precision": cfg.openvino.precision} if cfg.infer.backend == "openvino" else {}),
         "preprocess_mode": cfg.preprocess.mode,
         "exif_transpose": cfg.preprocess.exif_transpose,
         "normalize": cfg.output.normalize,
@@ -255,6 +260,7 @@ class Preflight:
     changes: InputChanges | None = None     # inputs added/removed since the existing run listed them
     model: dict[str, Any] | None = None     # model identity, when the model exists already
     fingerprint: dict[str, Any] | None = None
+    cfg: Config | None = None               # the config with what the backend resolves (Backend.resolve)
 
 
 def foreign_dir_refusal(out: Path) -> str:
@@ -310,7 +316,8 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     validate_for_run(cfg)
     backend = get_backend(cfg.infer.backend)
     devices = backend.resolve_devices(cfg)
-    pf = Preflight(devices=devices, warnings=device_warnings(cfg, devices))
+    cfg = backend.resolve(cfg)
+    pf = Preflight(devices=devices, warnings=device_warnings(cfg, devices), cfg=cfg)
     out = Path(cfg.output.dir)
     rd = RunDir(out)
     restarting = restart or cfg.output.on_existing == "restart"

@@ -167,6 +167,7 @@ class Supervisor:
         # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
         pf = preflight.check(self.cfg, restart=self.restart)
         self.lock_output()
+        self.cfg = pf.cfg  # with what the backend resolved once before start (openvino.precision)
         self.devices = pf.devices
         for w in pf.warnings:
             self.log(f"warning: {w}")

@@ -15,7 +15,8 @@ A text model is either form (detected from its output rank, see pipeline/text/mo
 ``projected`` ids -> [B, dim]; or ``states`` ids -> ln_final states [B, 77, width] plus a
 projection [width, dim] found beside it (``<stem>.text_projection.npy``, or Sophgo's
 ``text_projection_<w>_<d>.npy`` in the same directory), gathered at the EOT position and projected
-here, as Sophgo's CLIP demo does. Backends: ``cpu`` (onnxruntime), ``sail`` (a bmodel on a SOPHON
+here, as Sophgo's CLIP demo does. Backends: ``cpu`` (onnxruntime), ``openvino`` (OpenVINO on the
+CPU, ``precision`` fp32 / bf16 / auto as the image backend's ``openvino.precision``), ``sail`` (a bmodel on a SOPHON
 chip, int32 ids through ``Engine.process``, fixed batch padded with zero rows and trimmed),
 ``sim`` (a bmodel on TPU-MLIR's BM1684X simulator: for checking, seconds per batch), ``fake``
 (deterministic, for tests).
@@ -196,12 +197,14 @@ def find_projection(model_path: str | os.PathLike, width: int | None = None) -> 
     return cands[0] if len(cands) == 1 else None
 
 
-def open_text_session(model: str | os.PathLike | None, backend: str = "cpu", device: Any = None, threads: int = 1):
+def open_text_session(model: str | os.PathLike | None, backend: str = "cpu", device: Any = None, threads: int = 1,
+                      precision: str = "auto"):
     """The raw text model (``run_ids(int32 [n,77]) -> model output``) on a backend of the registry
-    (pipeline/backends: ``Backend.open_text``), for TextEncoder, benchmarks and tools."""
+    (pipeline/backends: ``Backend.open_text``), for TextEncoder, benchmarks and tools. ``precision``:
+    the openvino backend's (fp32, bf16, auto); the other backends ignore it."""
     if backend not in NAMES:
         raise TextModelError(f"text backend {backend!r} not supported (one of {', '.join(NAMES)})")
-    return get_backend(backend).open_text(None if model is None else str(model), device, threads)
+    return get_backend(backend).open_text(None if model is None else str(model), device, threads, precision=precision)
 
 
 @dataclass
@@ -216,11 +219,12 @@ class TextEncoder:
     """One loaded text model on one backend/device; ``embed(prompts)`` -> TextEmbedding."""
 
     def __init__(self, model: str | os.PathLike | None, backend: str = "cpu", device: Any = None, threads: int = 1,
-                 batch_size: int = 32, projection: str | os.PathLike | None = None, tokenizer: Tokenizer | None = None):
+                 batch_size: int = 32, projection: str | os.PathLike | None = None, tokenizer: Tokenizer | None = None,
+                 precision: str = "auto"):
         self.backend = backend
         self.model_path = None if model is None else str(model)
         self.pairing: Pairing | None = None
-        self.session = open_text_session(model, backend, device, threads)
+        self.session = open_text_session(model, backend, device, threads, precision)
         self.batch_size = self.session.fixed_batch or int(batch_size)
         self.tokenizer = tokenizer or get_tokenizer()
         self.projection: np.ndarray | None = None
@@ -254,6 +258,8 @@ class TextEncoder:
             return dict(self.session.identity)
         ident = text_model_identity(self.model_path)
         ident["form"] = self.form
+        if self.session.engine_info is not None:  # e.g. openvino: the engine and its resolved precision
+            ident["engine"] = dict(self.session.engine_info)
         if self.projection_path:
             from pipeline.model.models import sha256_file
 
@@ -302,13 +308,13 @@ def text_encoder_for_run(run: str | os.PathLike, text_model: str | os.PathLike |
 
 def embed_texts(prompts: Sequence[str], model: str | os.PathLike | None = None, run: str | os.PathLike | None = None,
                 backend: str = "cpu", device: Any = None, threads: int = 1, batch_size: int = 32,
-                normalize: bool = True, assume_paired: bool = False) -> np.ndarray:
+                normalize: bool = True, assume_paired: bool = False, precision: str = "auto") -> np.ndarray:
     """float32 [len(prompts), dim]: CLIP text embeddings (L2-normalised by default).
 
     Give ``run`` (an image output directory) to use the text model paired with it (checked, see
     ``paired_text_model``), or ``model`` (a text ONNX / bmodel); both: the model is checked against the run.
     """
-    kw = {"device": device, "threads": threads, "batch_size": batch_size}
+    kw = {"device": device, "threads": threads, "batch_size": batch_size, "precision": precision}
     if run is not None:
         enc = text_encoder_for_run(run, model, assume_paired, backend, **kw)
     else:
