@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the private venv in which the tests run clip-retrieval's own metadata readers and autofaiss
-# against this project's clip-retrieval layout (tests/test_io_inputs.py; issue #27, item 7).
+# against this project's clip-retrieval layout (tests/data/test_inputs.py; issue #27, item 7).
 #
 #   scripts/setup_clip_retrieval_venv.sh   # venv at ${CLIP_PIPELINE_CLIP_RETRIEVAL_VENV:-~/.cache/clip-pipeline/clip-retrieval-venv}
 #

@@ -1,7 +1,7 @@
 """Issue #27 (trust, round 3): what an outside user and an adversary broke, one regression test each.
 
 Items 7 (clip-retrieval readers) and 4 (byte-identical torture runs) are tested beside their
-subjects: tests/test_io_inputs.py, tests/test_bad_inputs.py.
+subjects: tests/data/test_inputs.py, tests/data/test_images_bad_inputs.py.
 """
 
 from __future__ import annotations

@@ -246,10 +246,10 @@ def test_clip_retrieval_readers_get_each_ids_url_and_path_in_a_mixed_run(tmp_pat
                     "(or set CLIP_PIPELINE_CLIP_RETRIEVAL_PYTHON)")
     imgs = make_images(tmp_path / "a", 8, seed=21) + make_images(tmp_path / "c", 5, seed=22)
     tar_imgs = make_images(tmp_path / "t", 9, seed=23)
-    write_shard(tmp_path / "s.tar", tar_imgs[:8])
-    with tarfile.open(tmp_path / "s.tar", "a") as tf:  # the 9th sample: "i" as text (a type clash
-        add(tf, f"{8:09d}{tar_imgs[8].suffix}", tar_imgs[8].read_bytes())  # across shards), no url
-        add(tf, f"{8:09d}.json", json.dumps({"i": "eight", "extra": [1, 2]}).encode())
+    # the 9th sample: "i" as text (a type that differs across shards), no url
+    write_shard(tmp_path / "s.tar", tar_imgs[:8],
+                extra=[(f"{8:09d}{tar_imgs[8].suffix}", tar_imgs[8].read_bytes()),
+                       (f"{8:09d}.json", json.dumps({"i": "eight", "extra": [1, 2]}).encode())])
     # ids 0-7 plain files (shard 0: no json at all), 8-15 tar (shard 1), 16 tar + 17-21 plain (shard 2)
     res = run_pipeline(tmp_path / "out", tiny_model, [tmp_path / "a", tmp_path / "s.tar", tmp_path / "c"],
                        **{"output.layout": '"clip-retrieval"'})
