@@ -16,11 +16,12 @@ from pipeline.commands import (
     report,
     run,
     search,
+    serve,
     text,
     toolchain,
 )
 
-COMMAND_MODULES = (run, model, devices, inspect, report, search, index, evaluate, bench, toolchain, text, cluster)
+COMMAND_MODULES = (run, model, devices, inspect, report, search, index, evaluate, bench, toolchain, text, cluster, serve)
 
 
 @click.group(context_settings=CONTEXT)

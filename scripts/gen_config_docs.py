@@ -4,7 +4,7 @@
     python3 scripts/gen_config_docs.py --check  # exit 1 if README.md is out of date
 
 The reference lives between `<!-- config-reference:begin -->` and `<!-- config-reference:end -->`.
-tests/test_readme.py fails when it is out of date or a key has no doc.
+tests/test_config.py fails when it is out of date or a key has no doc.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def _type(section: str, f: dataclasses.Field) -> str:
     name = config._type_name(tp)
     if "min" in f.metadata:
         name += f", >= {f.metadata['min']}"
+    if "max" in f.metadata:
+        name += f", <= {f.metadata['max']}"
     return name
 
 

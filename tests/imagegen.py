@@ -7,7 +7,8 @@
   alpha that has transparent, opaque and graded regions);
 - `encode(img, fmt, quality=...)` -> bytes and `write(path, img)` -> path (format from the suffix);
 - `make_images(d, n, seed)`: a folder of photos of assorted sizes, JPEG and PNG mixed;
-- `mode_images(w, h, seed)`: one encoded file of the picture per image mode PIL opens.
+- `mode_images(w, h, seed)`: one encoded file of the picture per image mode PIL opens;
+- `write_shard(path, images)`: a webdataset tar shard of those files, img2dataset's way.
 
 Nothing here imports the project (`pipeline`, `stages`): scripts/measure_preprocess.py and
 scripts/bench_overlap_sail.py use it too. conftest.py builds its image fixtures on it.
@@ -16,6 +17,8 @@ scripts/bench_overlap_sail.py use it too. conftest.py builds its image fixtures 
 from __future__ import annotations
 
 import io
+import json
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -145,3 +148,26 @@ def mode_images(w: int = 317, h: int = 243, seed: int = 0) -> dict[str, bytes]:
     out["F (TIFF)"] = encode(Image.fromarray(grey.astype(np.float32) + rng.random(grey.shape, np.float32), "F"), "TIFF")
     out["RGB 16-bit (PNG)"] = encode(rgb.astype(np.uint16) * 257 + rng.integers(0, 257, rgb.shape).astype(np.uint16), "PNG")
     return out
+
+
+def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member of a tar (a webdataset shard)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, images: list[Path], extra=()) -> list[str]:
+    """A webdataset shard like img2dataset's: KEY.jpg + KEY.txt + KEY.json per image, plus `extra`
+    (name, bytes) members appended. Returns the sample keys in order."""
+    keys = []
+    with tarfile.open(path, "w") as tf:
+        for i, img in enumerate(images):
+            key = f"{i:09d}"
+            keys.append(key)
+            add_member(tf, f"{key}{img.suffix}", img.read_bytes())
+            add_member(tf, f"{key}.txt", f"caption {i}".encode())
+            add_member(tf, f"{key}.json", json.dumps({"key": key, "url": f"http://x/{i}", "i": i}).encode())
+        for name, data in extra:
+            add_member(tf, name, data)
+    return keys

@@ -2,7 +2,7 @@
 
     python tests/sail_scenarios.py SCENARIO ARGS.json     # prints one JSON line: the result
 
-`tests/test_sail_differential.py` runs each scenario twice, in a fresh process each time (what
+`tests/backends/test_sail_differential.py` runs each scenario twice, in a fresh process each time (what
 aborts must not take pytest with it): under this interpreter with tests/fake_sail on PYTHONPATH
 (the fake), and under the TPU-MLIR venv's Python 3.10 with real SAIL built by
 scripts/setup_sail_cmodel.sh (the cmodel). It then asserts the same results or the same failure.

@@ -169,45 +169,77 @@ def load_index(out: str | os.PathLike, where: str | os.PathLike | None = None) -
     return index, paths, info
 
 
+class OpenIndex:
+    """A run's faiss index, loaded and checked once, for many searches (`search --index` opens one per
+    call; `serve` keeps one per run). For an approximate index, RERANK_FACTOR x k candidates are
+    re-scored exactly from the shards the index was built from (scores are then true inner products)."""
+
+    def __init__(self, out: str | os.PathLike, where: str | os.PathLike | None = None):
+        self.out, self.where = out, where
+        self.manifest = manifest_of(out)
+        self.index, self.paths, self.info = load_index(out, where)
+        want = (self.manifest.get("model") or {}).get("sha256")
+        if self.info.get("model_sha256") and want and self.info["model_sha256"] != want:
+            raise ConfigError(f"the index in {index_dir(out, where)} was built from another run (model sha256 "
+                              f"{self.info['model_sha256'][:12]}, {out} has {want[:12]}); rebuild it with "
+                              f"`clip-pipeline index {out}`")
+        self.approximate = self.info.get("kind") != "flat"
+        self._rerank_rows: ShardedArray | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def rerank_rows(self) -> ShardedArray:
+        """The shards the index was built from (for the exact re-scoring), opened once."""
+        if self._rerank_rows is None:
+            covered = set(self.info.get("shards") or [])
+            parts = [sh.embeddings for sh in iter_shards(self.out) if sh.index in covered]
+            if sum(p.shape[0] for p in parts) != self.index.ntotal:
+                raise ConfigError(f"the shards the index in {index_dir(self.out, self.where)} was built from changed; "
+                                  f"rebuild it with `clip-pipeline index {self.out}` (or search with --no-rerank)")
+            self._rerank_rows = ShardedArray(parts)
+        return self._rerank_rows
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               exact_rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [q, k'], rows [q, k'], -1 where fewer results), best first. `nprobe` changes the
+        index's setting (not for concurrent callers with different values)."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.index.d:
+            raise ConfigError(f"the queries have {queries.shape[1]} dimensions but the index holds {self.index.d}")
+        if nprobe and hasattr(self.index, "nprobe"):
+            self.index.nprobe = nprobe
+        if self.approximate and exact_rerank:
+            rows = self.rerank_rows()
+            _, cand = self.index.search(queries, min(k * RERANK_FACTOR, self.ntotal))
+            return rerank(rows, queries, cand, min(k, self.ntotal))
+        return self.index.search(queries, min(k, self.ntotal))
+
+    def notes(self, exact_rerank: bool = True) -> list[str]:
+        """What a reader of the results should know: a stale or partial index, approximate scores."""
+        out, info, notes = self.out, self.info, []
+        now = RunDir(out).completed_shards()
+        if now != info.get("shards"):
+            notes.append(f"the index covers {len(info.get('shards') or [])} shards ({info.get('rows'):,} rows) but {out} "
+                         f"now has {len(now)} completed shards; rebuild it with `clip-pipeline index {out}` to search "
+                         "them all")
+        elif info.get("run_status") != "complete":
+            notes += run_status_notes(out, {**self.manifest, "status": info.get("run_status")}, int(info.get("rows") or 0))
+        if self.approximate:
+            how = (f"{RERANK_FACTOR} x k candidates re-scored exactly; recall@10 at build: {info.get('recall_at_10', 0):.3f}"
+                   if exact_rerank else f"codes only; recall@10 at build: {info.get('recall_at_10_codes_only', 0):.3f}")
+            notes.append(f"approximate search ({info.get('factory')}, nprobe {getattr(self.index, 'nprobe', '-')}, {how}); "
+                         "drop --index for the exact scan")
+        return notes
+
+
 def search_index(out: str | os.PathLike, queries: np.ndarray, k: int = 10,
                  where: str | os.PathLike | None = None, nprobe: int | None = None,
                  exact_rerank: bool = True) -> SearchResult:
-    """Search OUT's faiss index. For an approximate index, RERANK_FACTOR x k candidates are re-scored
-    exactly from the shards the index was built from (exact_rerank; scores are then true inner products)."""
-    manifest = manifest_of(out)
-    index, paths, info = load_index(out, where)
-    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    if queries.shape[1] != index.d:
-        raise ConfigError(f"the queries have {queries.shape[1]} dimensions but the index holds {index.d}")
-    want = (manifest.get("model") or {}).get("sha256")
-    if info.get("model_sha256") and want and info["model_sha256"] != want:
-        raise ConfigError(f"the index in {index_dir(out, where)} was built from another run (model sha256 "
-                          f"{info['model_sha256'][:12]}, {out} has {want[:12]}); rebuild it with `clip-pipeline index {out}`")
-    if nprobe and hasattr(index, "nprobe"):
-        index.nprobe = nprobe
-    approximate = info.get("kind") != "flat"
-    if approximate and exact_rerank:
-        covered = set(info.get("shards") or [])
-        parts = [sh.embeddings for sh in iter_shards(out) if sh.index in covered]
-        if sum(p.shape[0] for p in parts) != index.ntotal:
-            raise ConfigError(f"the shards the index in {index_dir(out, where)} was built from changed; rebuild it "
-                              f"with `clip-pipeline index {out}` (or search with --no-rerank)")
-        _, cand = index.search(queries, min(k * RERANK_FACTOR, index.ntotal))
-        scores, rows = rerank(ShardedArray(parts), queries, cand, min(k, index.ntotal))
-    else:
-        scores, rows = index.search(queries, min(k, index.ntotal))
-    hits = [[Hit(int(r), paths[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
+    """Search OUT's faiss index once (see OpenIndex), paths attached to each hit."""
+    opened = OpenIndex(out, where)
+    scores, rows = opened.search(queries, k, nprobe=nprobe, exact_rerank=exact_rerank)
+    hits = [[Hit(int(r), opened.paths[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
             for srow, rrow in zip(scores, rows, strict=True)]
-    notes = []
-    now = RunDir(out).completed_shards()
-    if now != info.get("shards"):
-        notes.append(f"the index covers {len(info.get('shards') or [])} shards ({info.get('rows'):,} rows) but {out} now "
-                     f"has {len(now)} completed shards; rebuild it with `clip-pipeline index {out}` to search them all")
-    elif info.get("run_status") != "complete":
-        notes += run_status_notes(out, {**manifest, "status": info.get("run_status")}, int(info.get("rows") or 0))
-    if info.get("kind") != "flat":
-        how = (f"{RERANK_FACTOR} x k candidates re-scored exactly; recall@10 at build: {info.get('recall_at_10', 0):.3f}"
-               if exact_rerank else f"codes only; recall@10 at build: {info.get('recall_at_10_codes_only', 0):.3f}")
-        notes.append(f"approximate search ({info.get('factory')}, nprobe {getattr(index, 'nprobe', '-')}, {how}); "
-                     "drop --index for the exact scan")
-    return SearchResult(hits, int(index.ntotal), notes)
+    return SearchResult(hits, opened.ntotal, opened.notes(exact_rerank))

@@ -7,6 +7,7 @@ the shared slots. See ARCHITECTURE.md for the full picture.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -23,7 +24,8 @@ import zmq
 from pipeline.backends import get_backend
 from pipeline.config import Config
 from pipeline.data import rundir
-from pipeline.data.rundir import SYNTHETIC_NOTE, RunDir, now_iso
+from pipeline.data.rundir import LOCK, SYNTHETIC_NOTE, RunDir, now_iso, output_lock, remove_temp_files
+from pipeline.errors import RunFailure
 from pipeline.model.models import ensure_model, resolve_image_size
 from pipeline.run import preflight
 from pipeline.run.ledger import Ledger
@@ -46,7 +48,15 @@ EXIT_SIGTERM = 143
 
 
 
-class RunAborted(Exception):
+class InterruptedBeforeStart(KeyboardInterrupt):
+    """SIGINT/SIGTERM while the run was being prepared (checks, model build): no worker ran."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class RunAborted(RunFailure):
     """The run cannot go on (no device left, disk full, inputs changed...)."""
 
 
@@ -119,6 +129,12 @@ class Supervisor:
         self.errors: list[dict] = []
         self.interrupted: int | None = None
         self.abort_reason: str | None = None
+        self.hurry = False  # a second signal: stop the workers now (kill), not in order
+        self.held: contextlib.ExitStack | None = None  # set by run(): holds the output's lock
+        # the CLI keeps this run's handlers after it returns (a signal then changes nothing: the
+        # manifest is written and the process is about to print its result and exit)
+        self.keep_handlers = False
+        self.out_ident: tuple[int, int] | None = None  # (dev, inode) of OUT/.lock while this run holds it
         self.outbox: list[tuple[zmq.Socket, dict]] = []
         self.reissue_pending: set[int] = set()
         self.dim: int | None = None  # embedding width, from the first device that gets ready
@@ -150,6 +166,7 @@ class Supervisor:
     def prepare(self) -> None:
         # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
         pf = preflight.check(self.cfg, restart=self.restart)
+        self.lock_output()
         self.cfg = pf.cfg  # with what the backend resolved once before start (openvino.precision)
         self.devices = pf.devices
         for w in pf.warnings:
@@ -309,40 +326,83 @@ class Supervisor:
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        with contextlib.ExitStack() as self.held:  # the output's lock, taken by prepare(), freed at the end
+            return self._run()
+
+    def lock_output(self) -> None:
+        """Take the output directory's lock (after the read-only checks, which create nothing, and
+        before anything is built or written): a second process on OUT stops here (exit 2)."""
+        if self.held is None:
+            return
+        self.held.enter_context(output_lock(self.out, "run-range" if self.id_range is not None else "run"))
+        st = os.stat(self.out / LOCK)
+        self.out_ident = (st.st_dev, st.st_ino)
+
+    def out_gone(self) -> bool:
+        """Whether OUT was deleted or replaced under the run (`rm -rf OUT`): its lock file is not
+        the one this run holds. Writing on would scatter the run's files into a new directory."""
+        if self.out_ident is None:
+            return False
+        try:
+            st = os.stat(self.out / LOCK)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.out_ident
+
+    def gone_reason(self) -> str:
+        return f"the output directory {self.out} was deleted or moved during the run"
+
+    def _run(self) -> RunResult:
+        """The run, with SIGINT/SIGTERM handled from the first check to the last manifest write: a
+        signal before the workers start stops at once (InterruptedBeforeStart); after, the first
+        one stops the run in order (shards kept, manifest "interrupted", the closing message) and a
+        second only hurries the workers' stop. The previous handlers come back only after finish()."""
         t_start = time.monotonic()
-        self.prepare()
-        self.plan()
-        self.ctx = zmq.Context()
-        self.control = transport.pull(self.ctx, self.control_addr, hwm=100000)
-        self.to_sink = transport.push(self.ctx, [self.sink_addr], hwm=100000)
-        self.to_first = transport.push(self.ctx, list(self.first_stage_addrs), hwm=self.first_stage_hwm)
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        started = False
 
         def on_signal(signum, frame):  # noqa: ARG001
-            self.interrupted = signum
+            if self.interrupted is None:
+                self.interrupted = signum
+                if not started:
+                    raise InterruptedBeforeStart(signum)
+            else:
+                self.hurry = True
 
         for s in old:
             signal.signal(s, on_signal)
-        if self.model.get("synthetic"):
-            self.log(f"Note: model {self.model.get('path') or self.cfg.infer.backend} has {SYNTHETIC_NOTE}.")
-        self.telemetry.start(time.monotonic())
         try:
-            for w in self.workers.values():
-                self.spawn(w)
-            self.loop()
-        except RunAborted as exc:
-            self.abort_reason = str(exc)
+            self.prepare()
+            self.plan()
+            self.ctx = zmq.Context()
+            self.control = transport.pull(self.ctx, self.control_addr, hwm=100000)
+            self.to_sink = transport.push(self.ctx, [self.sink_addr], hwm=100000)
+            self.to_first = transport.push(self.ctx, list(self.first_stage_addrs), hwm=self.first_stage_hwm)
+            started = True
+            if self.interrupted is not None:  # came between the last check and `started`
+                raise InterruptedBeforeStart(self.interrupted)
+            if self.model.get("synthetic"):
+                self.log(f"Note: model {self.model.get('path') or self.cfg.infer.backend} has {SYNTHETIC_NOTE}.")
+            self.telemetry.start(time.monotonic())
+            try:
+                for w in self.workers.values():
+                    self.spawn(w)
+                self.loop()
+            except RunAborted as exc:
+                self.abort_reason = str(exc)
+            finally:
+                self.stop_all()
+                self.drain_stats()
+                self.rundir.remove_workers()
+                for sock in (self.control, self.to_sink, self.to_first):
+                    sock.close(0)
+                self.ctx.term()
+                self.ep.cleanup()
+            return self.finish(time.monotonic() - t_start)
         finally:
-            self.stop_all()
-            self.drain_stats()
-            self.rundir.remove_workers()
-            for s, h in old.items():
-                signal.signal(s, h)
-            for sock in (self.control, self.to_sink, self.to_first):
-                sock.close(0)
-            self.ctx.term()
-            self.ep.cleanup()
-        return self.finish(time.monotonic() - t_start)
+            if not self.keep_handlers:
+                for s, h in old.items():
+                    signal.signal(s, h)
 
     def loop(self) -> None:
         poller = zmq.Poller()
@@ -367,6 +427,8 @@ class Supervisor:
             if now - last_tick >= 0.5:
                 last_tick = now
                 self.tick(now)
+                if self.out_gone():
+                    raise RunAborted(self.gone_reason())
             if self.ledger.complete():
                 return
             if self.abort_reason:
@@ -381,6 +443,8 @@ class Supervisor:
             if w is not None:
                 w.ready = True
                 w.streak = 0
+                if w.role == "infer":
+                    self.telemetry.on_device_ready(time.monotonic())
             dim = (h.get("info") or {}).get("dim")
             if dim and self.dim is None:
                 self.dim = int(dim)
@@ -536,7 +600,8 @@ class Supervisor:
                 p.terminate()
         deadline = time.monotonic() + 10
         for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
+            while p.exitcode is None and not self.hurry and time.monotonic() < deadline:
+                p.join(0.1)  # a second SIGINT/SIGTERM (self.hurry) kills what is left at once
             if p.exitcode is None:
                 p.kill()
                 p.join(2)
@@ -559,6 +624,10 @@ class Supervisor:
                              self.rate(), self.stage_line())
 
     def stage_line(self) -> str:
+        if self.telemetry.ready_s is None and self.telemetry.t0 is not None:  # not "input-bound: infer 0%"
+            devices = sum(1 for w in self.workers.values() if w.role == "infer" and not w.removed)
+            return (f"starting: {devices} device(s) loading the model, "
+                    f"{self.telemetry.elapsed():.0f}s so far")
         line = self.telemetry.stage_line()
         stuck = self.stuck_note(time.monotonic())
         return f"{line} | {stuck}" if stuck else line
@@ -607,7 +676,13 @@ class Supervisor:
         line = self.telemetry.final_line(led)
         self.progress.close(done, self.range_total(), led.failed, self.rate(), line)
         ending_early = self.interrupted is not None or bool(self.abort_reason) or not led.complete()
+        if self.out_gone():  # nothing to keep, and nothing must be written into a stranger's directory
+            return RunResult(EXIT_ABORTED, f"Run aborted: {self.gone_reason()}; nothing more was written. Run the "
+                             "same command again to start over.", counts, str(self.out))
         if ending_early:
+            # every worker is stopped and this process holds the lock: what a killed writer left
+            # half-written (.part-*.tmp) goes now, not at the next start
+            self.best_effort(remove_temp_files, self.out)
             self.sync_with_disk()
         report = self.report(wall)
         self.best_effort(self.rundir.write_report, report)
@@ -618,21 +693,30 @@ class Supervisor:
                    "Run the same command again to resume (the rest is redone).")
             return RunResult(EXIT_SIGINT if self.interrupted == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(self.out))
         if ending_early:
-            reason = self.abort_reason or "the run ended before every input was resolved"
+            reason = (self.abort_reason or "the run ended before every input was resolved").rstrip(". ")
             self.best_effort(self.write_manifest, "failed", {"error": reason})
             return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
                              "fix the cause and run the same command again to resume.", counts, str(self.out))
         o = self.cfg.output
-        manifest = self.manifest("complete")
-        n_fail = self.rundir.publish(manifest, metadata=o.metadata, layout=o.layout, pickle=o.pickle)
+        try:
+            manifest = self.manifest("complete")
+            n_fail = self.rundir.publish(manifest, metadata=o.metadata, layout=o.layout, pickle=o.pickle)
+        except OSError as exc:  # the disk filled up, or OUT was deleted, at the very end: exit 4 as mid-run
+            reason = output_failure(self.out, exc)
+            self.best_effort(self.write_manifest, "failed", {"error": reason})
+            return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {self.on_disk()} in {self.out}; "
+                             "fix the cause and run the same command again to resume.", counts, str(self.out))
         if manifest.get("updates"):  # inputs added by run --update count too (RunDir.manifest_of)
             counts = dict(manifest["counts"])
         synthetic = f" ({SYNTHETIC_NOTE})" if self.model.get("synthetic") else ""
-        msg = (f"Embedded {counts['embedded']} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}.")
+        earlier = (f"; {self.resumed_count} of the inputs were done by an earlier run of this output, "
+                   f"{led.embedded + led.failed - self.resumed_count} by this one") if self.resumed_count else ""
+        msg = (f"Embedded {counts['embedded']} of {counts['total']} images in {wall:.1f}s into {self.out}{synthetic}"
+               f"{earlier}.")
         if self.input_changes:
             msg += " Note: " + preflight.changes_note(self.input_changes, True) + "."
         if n_fail:
-            msg += f" Completed with {n_fail} failures: see {self.rundir.failures}."
+            msg += f" Completed with {n_fail} failure{'s' if n_fail != 1 else ''}: see {self.rundir.failures}."
             return RunResult(EXIT_WITH_FAILURES, msg, counts, str(self.out))
         return RunResult(EXIT_SUCCESS, msg, counts, str(self.out))
 
@@ -734,6 +818,17 @@ class ForeignProcess:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
+
+
+def output_failure(out: Path, exc: OSError) -> str:
+    """Why writing the output failed, in words (the run's exit-4 reason)."""
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return f"the output disk is full (writing {exc.filename or out}); free space"
+    if not out.is_dir():
+        return f"the output directory {out} was deleted or moved during the run"
+    return f"cannot write {exc.filename or out}: {exc.strerror or exc}"
 
 
 def run(cfg: Config, *, restart: bool = False, progress: Progress | None = None) -> RunResult:

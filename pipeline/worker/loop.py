@@ -422,6 +422,9 @@ def worker_main(spec: WorkerSpec, slot: Slot) -> None:
         if spec.role == "source":
             from stages.source import run_source
 
+            # ready like every worker (it has its sockets): deaths count "in a row without getting
+            # ready" for the source too, so a source killed now and then does not abort the run
+            loop.send("control", messages.ready(spec.name, spec.role, spec.index, os.getpid(), {}))
             run_source(spec, slot, loop)
         else:
             code = _run_core(spec, slot, loop)

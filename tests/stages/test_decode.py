@@ -1,5 +1,5 @@
 """Decode stage (stages/decode.py): DecodeCore on groups and single items, and the ready crops
-of the fake and cpu backends (fake.ready_crops). The decoders themselves are tested in tests/test_images.py and tests/test_bad_inputs.py."""
+of the fake and cpu backends (fake.ready_crops). The decoders themselves are tested in tests/data/test_images.py and tests/data/test_images_bad_inputs.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Preprocess stage (stages/preprocess.py, only when decode is not fused): full image -> crop.
-The crops themselves are tested in tests/test_images.py."""
+The crops themselves are tested in tests/data/test_images.py."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""`clip-pipeline serve`: finished runs searched over HTTP (clip-retrieval's clip-back API and our own page)."""
