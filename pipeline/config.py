@@ -57,7 +57,8 @@ class ModelConfig:
     seed: int = _f(0, "Seed of the synthetic weights (with `build`).")
     batch_size: int = _f(32, "Images per inference call; fixed-batch models (bmodels) override it with their own batch.", min=1)
     input_kind: Literal["auto", "float", "uint8"] = _f("auto", "Model input: float = CLIP-normalised NCHW float32; uint8 = NHWC pixels with normalisation folded into the model; auto = read it from the model.")
-    image_size: int = _f(0, "Crop size (square) fed to the model; 0 = read it from the model (ONNX input shape, bmodel sidecar), 224 when it cannot be read. A model that takes another size is refused.", min=0)
+    image_size: int = _f(0, "Crop size (square) fed to the model; 0 = read it from the model (ONNX input shape, bmodel sidecar), 224 when it cannot be read. A model that takes another size is refused.", min=0, max=1024,
+                         why_max="each decode worker holds crops of this side; CLIP models take 224 to 448")
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,9 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class WorkersConfig:
-    decode: int = _f(1, "Decode worker processes.", min=1)
-    preprocess: int = _f(1, "Preprocess worker processes (ignored when fused).", min=1)
+    decode: int = _f(1, "Decode worker processes.", min=1, max=1024, why_max="more processes than any host has cores")
+    preprocess: int = _f(1, "Preprocess worker processes (ignored when fused).", min=1, max=1024,
+                         why_max="more processes than any host has cores")
     fuse_decode_preprocess: bool = _f(True, "Run decode and preprocess in the same worker process (saves shipping full-size images between processes).")
     items_per_message: int = _f(16, "Inputs per message from the source to the decode workers and, fused, on to the infer stage (batch-sized messages cut per-message overhead; 1 = one message per image).", min=1)
 
@@ -227,11 +229,15 @@ def _coerce(key: str, tp: Any, value: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):  # NaN passes every comparison
+            raise ConfigError(f"config key {key}: must be a finite number, got {value!r}")
     elif tp is str:
         if not isinstance(value, str):
             raise bad
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"config key {key}: must be >= {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"config key {key}: must be <= {meta['max']}, got {value!r} ({meta['why_max']})")
     return value
 
 
@@ -297,6 +303,10 @@ def from_dict(raw: dict, source: str = "<dict>", base_dir: str | os.PathLike | N
         raise ConfigError(f"unknown config section [{unknown[0]}] in {source} (known: {', '.join(SECTIONS)})")
     sections = {name: _build_section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
     cfg = Config(**sections, source=source)
+    if not cfg.output.dir.strip():
+        raise ConfigError("config key output.dir (--output) is empty: name the output directory")
+    if any(not p.strip() for p in cfg.input.paths):
+        raise ConfigError("config key input.paths (--input) holds an empty path: name a directory or file")
     return _resolve_paths(cfg, Path(base_dir) if base_dir else Path.cwd())
 
 
@@ -325,7 +335,7 @@ def load(path: str | os.PathLike | None, overrides: typing.Iterable[str] = (),
         apply_override(raw, assignment)
     if cli.get("input_paths"):
         raw.setdefault("input", {})["paths"] = list(cli["input_paths"])
-    if cli.get("output_dir"):
+    if cli.get("output_dir") is not None:  # --output '' is a mistake to report, not "no --output"
         raw.setdefault("output", {})["dir"] = cli["output_dir"]
     if cli.get("devices"):
         raw.setdefault("infer", {})["devices"] = [parse_value(d) for d in cli["devices"]]
@@ -333,8 +343,32 @@ def load(path: str | os.PathLike | None, overrides: typing.Iterable[str] = (),
     return cfg
 
 
+def relative_note(cfg: Config) -> str:
+    """What a "does not exist" error adds when the path may have come from a config file."""
+    if cfg.source in ("<defaults>", "<dict>"):
+        return ""
+    return (f" (a relative path in {cfg.source} resolves against the current directory, {os.getcwd()}, "
+            "not against the file's)")
+
+
+def _check_open_files(cfg: Config) -> None:
+    """The run's processes must fit the open-file limit: the supervisor holds a few descriptors per
+    worker (process handle, sockets, slot), so workers.decode in the thousands ended in EMFILE."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    w = cfg.workers
+    procs = w.decode + (0 if w.fuse_decode_preprocess else w.preprocess) + len(cfg.infer.devices) + 2
+    need = 64 + 8 * procs
+    if soft != resource.RLIM_INFINITY and need > soft:
+        raise ConfigError(f"config keys workers.decode={w.decode} / workers.preprocess={w.preprocess}: {procs} "
+                          f"processes need about {need} open files, over this shell's limit of {soft}: "
+                          "use fewer workers, or raise the limit (ulimit -n)")
+
+
 def validate_for_run(cfg: Config) -> None:
     """Checks that need the file system: inputs exist, the model exists or can be built."""
+    _check_open_files(cfg)
     if not cfg.input.paths and not cfg.input.list:
         raise ConfigError("config key input.paths is empty: give at least one image directory (or --input DIR), "
                           "or a file list (input.list / --list FILE)")
@@ -342,19 +376,20 @@ def validate_for_run(cfg: Config) -> None:
         from pipeline.data.inputs import iter_list
 
         if not os.path.isfile(cfg.input.list):
-            raise ConfigError(f"input list {cfg.input.list} does not exist or is not a file (config key input.list / --list)")
+            raise ConfigError(f"input list {cfg.input.list} does not exist or is not a file (config key input.list / --list)"
+                              + relative_note(cfg))
         for _ in iter_list(cfg.input.list, cfg.input.list_column):  # every line checked before a worker starts
             pass
     for p in cfg.input.paths:
         if not os.path.exists(p):
-            raise ConfigError(f"input path {p} does not exist (config key input.paths / --input)")
+            raise ConfigError(f"input path {p} does not exist (config key input.paths / --input)" + relative_note(cfg))
         if not os.access(p, os.R_OK):
             raise ConfigError(f"input path {p} is not readable (config key input.paths / --input)")
     if cfg.infer.backend != "fake" and not os.path.exists(cfg.model.path) and not cfg.model.build:
         raise ConfigError(
             f"model file {cfg.model.path} does not exist (config key model.path): "
             "point it at a model, run scripts/download.sh, or set model.build = \"vit-b32\" for synthetic weights"
-        )
+            + relative_note(cfg))
     if not cfg.infer.devices:
         raise ConfigError("config key infer.devices is empty: list at least one device, e.g. [\"cpu:0\"]")
     if cfg.output.metadata or cfg.output.layout == "clip-retrieval":

@@ -9,3 +9,8 @@ class ConfigError(ValueError):
 
 class TextModelError(ValueError):
     """A user-fixable problem with a text model, its backend or its pairing; the message says what to do."""
+
+
+class RunFailure(Exception):
+    """The run cannot go on for a reason outside the config (e.g. the output disk is full): exit 4,
+    the message says what to free or fix; completed shards are kept."""

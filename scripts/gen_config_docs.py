@@ -46,6 +46,8 @@ def _type(section: str, f: dataclasses.Field) -> str:
     name = config._type_name(tp)
     if "min" in f.metadata:
         name += f", >= {f.metadata['min']}"
+    if "max" in f.metadata:
+        name += f", <= {f.metadata['max']}"
     return name
 
 

@@ -21,21 +21,9 @@ CHUNK = 64
 
 
 def _repair_listing(listing_path: str) -> int:
-    """Count the complete lines of an existing listing, cutting a torn last line (a source killed
-    mid-write) so that it is rewritten, not parsed."""
-    if not os.path.exists(listing_path):
-        return 0
-    n = 0
-    good_end = 0
-    with open(listing_path, "rb") as fh:
-        for line in fh:
-            if not line.endswith(b"\n"):
-                break
-            n += 1
-            good_end += len(line)
-    if good_end != os.path.getsize(listing_path):
-        os.truncate(listing_path, good_end)
-    return n
+    """Count the complete lines of an existing listing, cutting a torn or damaged last line (a
+    source killed mid-write) so that it is rewritten, not parsed."""
+    return rundir.repair_listing(listing_path)[0]
 
 
 def send_items(loop, items: list[tuple[int, bytes]], tail: int = 0) -> None:

@@ -59,6 +59,16 @@ def exif_rotated_jpeg(w: int = 64, h: int = 32, orientation: int = 6) -> bytes:
     return encode(photo(w, h, 7), exif=exif.tobytes())
 
 
+def png_zero_size() -> bytes:
+    """A PNG whose header says 0 x 0 pixels (PIL: "cannot identify image file <_io.BytesIO object
+    at 0x...>", a message that differed between runs until issue #27)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
 def bad_files() -> dict[str, tuple[bytes, str]]:
     """name -> (content, expected reason). Each must fail with exactly that reason."""
     good = encode(photo(64, 64, 3))
@@ -71,6 +81,7 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "header_only.jpg": (good[:sof], "truncated"),
         "huge_header.jpg": (jpeg_with_size(60000, 60000), "too_large"),
         "bomb.png": (png_bomb(), "too_large"),
+        "zero_by_zero.png": (png_zero_size(), "corrupt"),
     }
 
 
@@ -100,6 +111,36 @@ def unusual_files() -> dict[str, bytes]:
         "naïve café 写真.jpg": encode(photo(40, 30, 26)),
         "exif_rotated.jpg": exif_rotated_jpeg(),
     }
+
+
+def torture_set(d: Path) -> tuple[set[str], dict[str, str]]:
+    """Every bad and unusual input of the robustness issues, with good ones, in d: (paths that
+    embed, path -> reason of those that fail)."""
+    import os
+
+    from pipeline.wire import pathcodec
+
+    good = {str(p) for p in good_corpus(d, 6)}
+    bad = bad_files()
+    write(d, {name: data for name, (data, _) in bad.items()})
+    unusual = unusual_files()
+    write(d, unusual)
+    good |= {str(d / n) for n in unusual}
+    expected_bad = {str(d / n): reason for n, (_, reason) in bad.items()}
+    # listing oddities: a directory named like an image, links, a name that is not UTF-8
+    write(d / "folder.jpg", {"inside.jpg": encode(photo(48, 40, 41))})
+    good.add(str(d / "folder.jpg" / "inside.jpg"))
+    (d / "dangling.jpg").symlink_to(d / "deleted.jpg")
+    expected_bad[str(d / "dangling.jpg")] = "vanished"
+    (d / "selfloop.jpg").symlink_to(d / "selfloop.jpg")
+    expected_bad[str(d / "selfloop.jpg")] = "unreadable"
+    (d / "sub").mkdir()
+    (d / "sub" / "loop").symlink_to(d)
+    raw = os.path.join(os.fsencode(str(d)), b"latin1-caf\xe9.jpg")
+    with open(raw, "wb") as fh:
+        fh.write(encode(photo(48, 40, 42)))
+    good.add(pathcodec.encode(raw))  # the output holds paths in their UTF-8 text form (pipeline/wire/pathcodec.py)
+    return good, expected_bad
 
 
 def write(d: Path, files: dict[str, bytes]) -> None:
@@ -204,6 +245,18 @@ def accounting(out: Path) -> tuple[dict[str, int], dict[str, str]]:
     assert lines == shard_fails
     assert len(set(ids_seen)) == len(ids_seen)
     return embedded, failed
+
+
+def output_tree(out: Path) -> dict[str, bytes]:
+    """Every file of an output, for byte comparisons: but report.json (timings) and the manifest's
+    created/updated; the lock file must be empty (released)."""
+    tree = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    tree.pop("report.json", None)
+    assert tree.pop(".lock") == b""  # empty once its holder is done
+    m = json.loads(tree.pop("manifest.json"))
+    m.pop("created"), m.pop("updated")
+    tree["manifest.json"] = json.dumps(m, sort_keys=True).encode()
+    return tree
 
 
 def listing(out: Path) -> list[str]:

@@ -60,6 +60,12 @@ def array_spec(ranges: list[int]) -> str:
 
 
 def merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
+    """Under the output's lock (rundir.output_lock): one merge at a time, never beside a run."""
+    with rundir.output_lock(load_plan(out).out, "merge"):
+        return _merge(out, log=log, clean=clean)
+
+
+def _merge(out: str | os.PathLike, *, log=print, clean: bool = True) -> MergeResult:
     t0 = time.monotonic()
     plan = load_plan(out)
     records = _verified_records(plan)
@@ -160,7 +166,8 @@ def _span_s(records) -> float | None:
 
 
 def remove_stale_attempts(plan: Plan, records: dict[int, dict[str, Any]]) -> int:
-    """Delete attempt directories no commit refers to (losers, dead or cancelled attempts)."""
+    """Delete attempt directories no commit refers to (losers, dead or cancelled attempts); never
+    one whose run still holds its lock (a duplicate still running: it deletes its own when it loses)."""
     keep = {str(plan.out / rec["dir"]) for rec in records.values()}
     n = 0
     root = plan.out / cm.ATTEMPTS_DIR
@@ -170,10 +177,11 @@ def remove_stale_attempts(plan: Plan, records: dict[int, dict[str, Any]]) -> int
         if not rdir.is_dir():
             continue
         for a in rdir.iterdir():
-            if a.is_dir() and str(a) not in keep:
+            if a.is_dir() and str(a) not in keep and rundir.lock_holder(a) is None:
                 cm.remove_attempt(a)
                 n += 1
-            elif a.name.endswith(".attempt.json") and str(rdir / a.name.removesuffix(".attempt.json")) not in keep:
+            elif (a.name.endswith(".attempt.json") and str(rdir / a.name.removesuffix(".attempt.json")) not in keep
+                  and rundir.lock_holder(rdir / a.name.removesuffix(".attempt.json")) is None):
                 a.unlink(missing_ok=True)
     return n
 

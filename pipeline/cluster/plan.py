@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import Config, ConfigError
 from pipeline.data import rundir
-from pipeline.data.rundir import LISTING, RunDir
+from pipeline.data.rundir import LISTING, LOCK, RunDir
 
 PLAN_FORMAT = "clip-pipeline-plan/1"
 PLAN_DIR = "plan"
@@ -180,7 +180,7 @@ def make_plan(cfg: Config, range_shards: int, *, log=print, warn=None) -> tuple[
             raise ConfigError(f"the inputs changed since the plan in {out} was made ({plan.n_inputs} inputs then, {n} now; "
                               "listing sha256 differs): ranges would shift. Restore the inputs, or pass --restart to plan again")
         return plan, False
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK for p in out.iterdir()):
         what = "a single-host run (manifest.json)" if RunDir(out).manifest.exists() else "other files"
         raise ConfigError(f"output directory {out} is not empty: it holds {what}, not a cluster plan; "
                           "choose a new or empty directory (config key output.dir / --output) or pass --restart")

@@ -350,7 +350,7 @@ def run_on_ray(cfg: Config, *, address: str | None = None, restart: bool = False
     msg = (f"Embedded {res.embedded} of {res.total} images on the Ray cluster in {time.monotonic() - t0:.1f}s "
            f"({plan.n_ranges} ranges, {len(todo)} run now) into {out}.")
     if res.failed:
-        return 3, msg + f" Completed with {res.failed} failures: see {RunDir(out).failures}."
+        return 3, msg + f" Completed with {res.failed} failure{'s' if res.failed != 1 else ''}: see {RunDir(out).failures}."
     return 0, msg
 
 

@@ -17,7 +17,17 @@ import click
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def ignore_signals() -> None:
+    """The result is decided: a SIGINT/SIGTERM now must not turn it into a traceback or a death by
+    signal (interpreter shutdown puts Python-level handlers back to the default; ignored stays ignored)."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def fail(message: str, code: int = 2) -> None:
+    ignore_signals()
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 

@@ -105,6 +105,13 @@ def linear_probe_cmd(train_spec, test_spec, c_grid, val_fraction, max_iter, seed
     def log(m: str) -> None:
         click.echo(m, err=True)
 
+    import importlib.util
+
+    missing = [m for m in ("sklearn", "threadpoolctl") if importlib.util.find_spec(m) is None]
+    if missing:  # before any image is embedded (the probe needs them only at the end)
+        click.echo(f"error: eval linear-probe needs {' and '.join(missing)}, which are not installed: "
+                   "pip install 'clip-pipeline[eval]'", err=True)
+        sys.exit(2)
     try:
         grid = tuple(float(v) for v in c_grid.split(",") if v.strip())
         if not grid or min(grid) <= 0:

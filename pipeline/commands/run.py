@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pipeline.commands import CONTEXT, fail, load_config
+from pipeline.commands import CONTEXT, fail, ignore_signals, load_config
 from pipeline.config import ConfigError
 
 
@@ -45,9 +45,17 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
     interrupted by SIGINT/SIGTERM (run the same command again to resume); 1 internal error.
     See docs/robustness.md.
     """
-    from pipeline.run.progress import Progress
-    from pipeline.run.supervisor import RunAborted, Supervisor
+    import signal
 
+    from pipeline.errors import RunFailure
+    from pipeline.run.progress import Progress
+    from pipeline.run.supervisor import InterruptedBeforeStart, Supervisor
+
+    def early(signum, frame):  # noqa: ARG001 - until the supervisor installs its own (SIGTERM too)
+        raise InterruptedBeforeStart(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, early)
     try:
         cfg = load_config(config, inputs, output_dir, sets, devices, input_list)
         if update and restart:
@@ -70,20 +78,25 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
                 click.echo(f"error: {message}", err=True)
             sys.exit(code)
         mode = "none" if quiet else (progress or cfg.run.progress)
-        prog = Progress(mode, cfg.run.log_interval_s)
+        prog = Progress(mode, cfg.run.log_interval_s, quiet=quiet)
         _bf16_hint(cfg, quiet)
         if update:
             from pipeline.run.update import run_update
 
             result = run_update(cfg, progress=prog, log=prog.message)
         else:
-            result = Supervisor(cfg, restart=restart, progress=prog).run()
+            sup = Supervisor(cfg, restart=restart, progress=prog)
+            sup.keep_handlers = True  # signals after the manifest is written change nothing
+            result = sup.run()
     except ConfigError as exc:
         fail(str(exc), 2)
-    except RunAborted as exc:
+    except RunFailure as exc:  # RunAborted, a full disk found at start
         fail(str(exc), 4)
-    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over the signal
-        fail("interrupted before the run started; nothing was processed", 130)
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM while the run was being prepared (or before)
+        term = getattr(exc, "signum", signal.SIGINT) == signal.SIGTERM
+        fail(f"interrupted by {'SIGTERM' if term else 'SIGINT'} before this run started any work; the output holds "
+             "what earlier runs left. Run the same command again to resume.", 143 if term else 130)
+    ignore_signals()
     if result.exit_code in (0, 3):
         if not quiet:
             click.echo(result.message)

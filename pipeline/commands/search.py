@@ -14,7 +14,9 @@ from pipeline.config import ConfigError
 from pipeline.query.index import search_index as index_search
 from pipeline.query.search import SearchResult, search_out
 from pipeline.run.featurize import embed_inputs, manifest_of, query_config
-from pipeline.text.embed import embed_texts
+from pipeline.text.embed import TextModelError, embed_texts
+from pipeline.text.tokenizer import TokenizerError
+from pipeline.text.vocab import VocabError
 
 # -- queries -----------------------------------------------------------------------------------
 
@@ -53,7 +55,7 @@ def embed_query_images(out: str, images: list[str], *, model: str | None = None,
             raise ConfigError(f"query image {p} cannot be read (permission denied) (--image)")
     cfg, _ = query_config(out, model=model, devices=devices)
     with tempfile.TemporaryDirectory(prefix="clipp-query-") as tmp:
-        res = embed_inputs(cfg, list(images), os.path.join(tmp, "out"))
+        res = embed_inputs(cfg, list(images), os.path.join(tmp, "out"), quiet=True)
     if res.failures:
         f = res.failures[0]
         raise ConfigError(f"query image {os.fsdecode(f.get('path', '?'))} cannot be used: {f.get('reason')} "
@@ -133,8 +135,8 @@ def search_cmd(out, texts, text_model, text_backend, text_precision,
             result = search_out(out, queries, k)
     except ConfigError as exc:
         fail(str(exc))
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
+    except (ValueError, FileNotFoundError, TextModelError, TokenizerError, VocabError) as exc:
+        fail(str(exc))  # e.g. no tokenizer vocab (an offline install): the one line says what to do
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if manifest.get("synthetic_weights"):

@@ -86,7 +86,11 @@ def _walk_dir(d: bytes, exts: frozenset[bytes], recursive: bool, follow: bool,
     try:
         entries = _sorted_entries(d, follow)
     except OSError as exc:
-        warn(f"skipped unreadable directory {os.fsdecode(d)}: {exc.strerror or exc}")
+        # listed as an input of its own, so that it fails (unreadable) in failures.jsonl and the
+        # counts: images that cannot even be listed must not vanish with only a warning
+        warn(f"unreadable directory {os.fsdecode(d)} ({exc.strerror or exc}): listed as one failed input; "
+             "the images in it are not embedded")
+        yield d
         return
     for key, is_dir, is_link in entries:
         name = key[:-1] if is_dir else key
@@ -157,6 +161,37 @@ def dedupe_roots(paths: tuple[str, ...], exts: frozenset[bytes], recursive: bool
     return [given for given, _real, _is_dir, _ident in kept]
 
 
+def _walk_covers(roots: list[bytes], exts: frozenset[bytes], recursive: bool) -> Callable[[bytes], bool]:
+    """Whether the walk of `roots` lists a file (by resolved path): the rule dedupe_roots applies to
+    roots, applied to the entries of input.list."""
+    files, dirs = set(), []
+    for root in roots:
+        try:
+            st = os.stat(root)
+        except OSError:
+            continue
+        (dirs if stat.S_ISDIR(st.st_mode) else files).append(os.path.realpath(root))
+    files = set(files)
+    real_dirs: dict[bytes, bytes] = {}  # a list's directories repeat: resolve each once
+
+    def covers(path: bytes) -> bool:
+        if not files and not dirs:
+            return False
+        parent = os.path.dirname(path)
+        if parent not in real_dirs:
+            if len(real_dirs) > 4096:
+                real_dirs.clear()
+            real_dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(real_dirs[parent], os.path.basename(path))
+        if real in files:
+            return True
+        if not _has_ext(os.path.basename(real), exts):
+            return False
+        return any(os.path.dirname(real) == d or (recursive and _inside(d, real)) for d in dirs)
+
+    return covers
+
+
 def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: bool = True,
                 follow_symlinks: bool = True, warn: Warn = lambda m: None, *, input_list: str = "",
                 list_column: str = "path", tar: bool = True) -> Iterator[bytes]:
@@ -209,10 +244,21 @@ def iter_inputs(paths: tuple[str, ...], extensions: tuple[str, ...], recursive: 
                 n += 1
                 yield ref
     if input_list:
+        walked = _walk_covers(roots, walk_exts, recursive)
+        if paths:
+            warn(f"both input.paths ({', '.join(paths)}) and input.list ({input_list}) are used: the walk first, "
+                 "then the list, each file once (give only --list, or --input, to use one of them)")
+        dup = 0
         for path in inputs.iter_list(input_list, list_column):
+            if walked(path):
+                dup += 1
+                continue
             for ref in expand(path):
                 n += 1
                 yield ref
+        if dup:
+            warn(f"{dup} entries of input.list {input_list} were already listed by the walk of input.paths; "
+                 "each is embedded once")
     if n == 0:
         where = ", ".join([*paths, *([f"input.list {input_list}"] if input_list else [])])
         warn(f"no input files found under {where} (extensions searched: {', '.join(extensions)}; "
@@ -228,6 +274,4 @@ def config_inputs(cfg, warn: Warn = lambda m: None) -> Iterator[bytes]:
 
 
 def read_listing(path: str) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        for line in fh:
-            yield rundir.parse_listing_line(line)
+    return rundir.iter_listing(path)

@@ -11,6 +11,13 @@ row i of `part-NNNNN.npy` (failed inputs have no row in either):
                 flattens metadata); keys named like the columns above are dropped (ours win);
                 nested values are JSON text; a key whose values mix types in a shard is JSON text
 
+Every parquet file of a complete run has the same columns and types (`unify`, run by `RunDir.publish_layout`):
+the union of every shard's columns (ours first, then json keys in first-seen shard order), null
+where a shard has no value, and a key whose type differs between shards JSON text everywhere.
+clip-retrieval's readers need this: `clip back --enable_hdf5` appends each file's columns to one
+hdf5 dataset per column, so a column missing from one file shifts every later row of it (another
+row's URL), and pyarrow/arrow readers take the first file's schema.
+
 The sink writes the parquet with the shard (a companion renamed before the .npy); when a run
 completes, RunDir.publish (pipeline/data/rundir.py, which writes every file of the layout)
 backfills any that are missing (a run resumed with metadata newly switched on) with
@@ -26,6 +33,8 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.data import inputs
@@ -132,3 +141,69 @@ def parquet_bytes(paths: list[bytes], reader: inputs.TarReader | None = None) ->
     sink = pa.BufferOutputStream()
     pq.write_table(tbl, sink)
     return sink.getvalue().to_pybytes()
+
+
+def unified_schema(schemas: list):
+    """One schema for every parquet file of a run (see the module doc)."""
+    import pyarrow as pa
+
+    names: list[str] = list(OWN_COLUMNS)
+    types: dict[str, set] = {}
+    for schema in schemas:
+        for field in schema:
+            if field.name not in names:
+                names.append(field.name)
+            kinds = types.setdefault(field.name, set())
+            if not pa.types.is_null(field.type):
+                kinds.add(field.type)
+    fields = []
+    for name in names:
+        kinds = types.get(name, set())
+        if name in ("width", "height"):
+            typ = pa.int32()
+        elif name in OWN_COLUMNS or len(kinds) != 1:
+            typ = pa.string()  # none seen (all null) or types that differ: text, as inside a shard
+        else:
+            typ = next(iter(kinds))
+        fields.append(pa.field(name, typ))
+    return pa.schema(fields)
+
+
+def conform(tbl, schema):
+    """`tbl` with exactly `schema`'s columns: missing ones null, a differing type as JSON text."""
+    import pyarrow as pa
+
+    cols = []
+    for field in schema:
+        if field.name not in tbl.column_names:
+            cols.append(pa.nulls(tbl.num_rows, field.type))
+            continue
+        col = tbl.column(field.name)
+        if col.type == field.type:
+            cols.append(col)
+        elif pa.types.is_null(col.type) or field.type != pa.string():
+            cols.append(col.cast(field.type))
+        else:
+            cols.append(pa.array([None if v is None else json.dumps(v) for v in col.to_pylist()],
+                                 type=pa.string()))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def unify(paths: list[Path], write: Callable[[Path, bytes], None]) -> int:
+    """Rewrite, with `write` (the run directory's atomic write), the parquet files among `paths`
+    whose schema is not the run's one schema; returns how many were rewritten. Reads only the
+    footers of the files that already fit."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(p) for p in paths]
+    schema = unified_schema(schemas)
+    rewritten = 0
+    for path, own in zip(paths, schemas):
+        if own.remove_metadata().equals(schema):
+            continue
+        sink = pa.BufferOutputStream()
+        pq.write_table(conform(pq.read_table(path), schema), sink)
+        write(path, sink.getvalue().to_pybytes())
+        rewritten += 1
+    return rewritten

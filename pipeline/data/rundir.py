@@ -27,6 +27,7 @@ another run directory's shard into this one (an update's attempt, a cluster rang
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -43,7 +44,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RunFailure
 from pipeline.wire import pathcodec
 from pipeline.wire.messages import Failure
 
@@ -62,6 +63,7 @@ FORMAT = "clip-pipeline/1"
 REPORT_HISTORY = 20  # earlier runs kept in report.json (each a whole report)
 PARQUET_SUFFIX, HASHES_SUFFIX = ".parquet", ".hashes"  # optional companions: output.metadata, output.content_hash
 COMPANION_SUFFIXES = (PARQUET_SUFFIX, HASHES_SUFFIX)
+LOCK = ".lock"  # the exclusive lock of the output directory (output_lock); "pid P on host H since T"
 UPDATES = "updates"  # run --update: OUT/updates/u-NNNN.json + its listing, removed and aliases files
 CLIP_RETRIEVAL_EMB, CLIP_RETRIEVAL_META = "img_emb", "metadata"  # output.layout = "clip-retrieval"
 SYNTHETIC_NOTE = "SYNTHETIC random weights: these embeddings carry no meaning"
@@ -136,6 +138,57 @@ def listing_line(path: bytes) -> bytes:
 
 def parse_listing_line(line: bytes) -> bytes:
     return pathcodec.decode(json.loads(line))
+
+
+class DamagedRun(ConfigError):
+    """A file of the run directory that cannot be read as it was written (bit rot, a partial copy,
+    random bytes): the message names it and says how to recover (exit 2 from run)."""
+
+
+_LISTING_ERRORS = (ValueError, TypeError, AttributeError)  # bad JSON, bad UTF-8, a non-string value
+
+
+def iter_listing(path: str | os.PathLike) -> Iterator[bytes]:
+    """The paths of a listing file, in id order. A torn or damaged *last* line ends it (a crash
+    mid-write; the source cuts it and lists that input again: repair_listing); a damaged line with
+    lines after it is DamagedRun naming the line."""
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("line cut short")
+                p = parse_listing_line(line)
+            except _LISTING_ERRORS as exc:
+                if fh.read(1):
+                    raise DamagedRun(f"{path} line {n} is damaged ({exc}): the ids of the inputs after it cannot be "
+                                     "trusted. Pass --restart to list and embed everything again") from None
+                return
+            yield p
+
+
+def repair_listing(path: str | os.PathLike) -> tuple[int, bool]:
+    """(lines kept, whether a torn or damaged last line was cut). The cut input is listed again by
+    the next walk; a damaged line before the last is left for iter_listing to name."""
+    if not os.path.exists(path):
+        return 0, False
+    n = good_end = last_start = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            n += 1
+            last_start, good_end = good_end, good_end + len(line)
+    if n:
+        with open(path, "rb") as fh:
+            fh.seek(last_start)
+            try:
+                parse_listing_line(fh.read(good_end - last_start))
+            except _LISTING_ERRORS:
+                n, good_end = n - 1, last_start
+    cut = good_end != os.path.getsize(path)
+    if cut:
+        os.truncate(path, good_end)
+    return n, cut
 
 
 def listing_paths(listing: str | os.PathLike, ids) -> dict[int, bytes]:
@@ -289,6 +342,45 @@ def completed_shards(out_dir: str | os.PathLike) -> list[int]:
     return sorted(ks)
 
 
+CHECKED_SUFFIXES = (".paths", ".failures.jsonl", ".npy")  # the files a .check.json records
+
+
+def check_record_problem(rec: Any) -> str | None:
+    """What makes `rec` not an integrity record as write_shard writes it, or None. A record with a
+    flipped key or value must not switch the check off (issue #27): anything else is damage."""
+    def count(v: Any) -> bool:
+        return type(v) is int and v >= 0
+
+    if not isinstance(rec, dict) or set(rec) != {"rows", "shape", "dtype", "files"}:
+        return f"keys {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}"
+    shape = rec["shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(count(x) for x in shape)):
+        return f"shape {shape!r}"
+    if not count(rec["rows"]) or rec["rows"] != shape[0]:
+        return f"rows {rec['rows']!r} for shape {shape}"
+    if not isinstance(rec["dtype"], str):
+        return f"dtype {rec['dtype']!r}"
+    files = rec["files"]
+    if not isinstance(files, dict) or set(files) != set(CHECKED_SUFFIXES):
+        return f"files {sorted(files) if isinstance(files, dict) else files!r}"
+    for suffix, want in files.items():
+        if not (isinstance(want, dict) and set(want) == {"size", "crc32"} and count(want["size"])
+                and count(want["crc32"]) and want["crc32"] <= 0xFFFFFFFF):
+            return f"files[{suffix!r}] {want!r}"
+    return None
+
+
+def check_record(out_dir: str | os.PathLike, k: int) -> dict[str, Any]:
+    """The integrity record of shard k as its files are now (write_shard's, recomputed): for a
+    complete shard whose .check.json was deleted, after its header and size checks passed."""
+    d = Path(out_dir) / EMB_DIR
+    name = shard_name(k)
+    emb = np.load(d / f"{name}.npy", mmap_mode="r")
+    files = {s: {"size": (d / f"{name}{s}").stat().st_size, "crc32": _crc32_file(d / f"{name}{s}")}
+             for s in CHECKED_SUFFIXES}
+    return {"rows": int(emb.shape[0]), "shape": list(emb.shape), "dtype": emb.dtype.str, "files": files}
+
+
 def verify_shard(out_dir: str | os.PathLike, k: int, checksums: bool = True) -> str | None:
     """What is wrong with shard k on disk, or None when it is intact: companions present, sizes and
     (with `checksums`) CRC-32s as recorded at write time, the .npy header readable and consistent
@@ -301,13 +393,19 @@ def verify_shard(out_dir: str | os.PathLike, k: int, checksums: bool = True) -> 
     rec = None
     if (d / f"{name}{CHECK_SUFFIX}").exists():
         try:
-            rec = json.loads((d / f"{name}{CHECK_SUFFIX}").read_text())
+            rec = json.loads((d / f"{name}{CHECK_SUFFIX}").read_bytes())
         except (OSError, ValueError) as exc:
             return f"{name}{CHECK_SUFFIX} unreadable ({exc})"
+        bad = check_record_problem(rec)
+        if bad:
+            return f"{name}{CHECK_SUFFIX} is not a valid integrity record ({bad})"
     if rec is not None:
-        for suffix, want in rec.get("files", {}).items():
+        for suffix, want in rec["files"].items():
             p = d / f"{name}{suffix}"
-            size = p.stat().st_size
+            try:
+                size = p.stat().st_size
+            except OSError as exc:
+                return f"{p.name} cannot be read ({exc.strerror or exc})"
             if size != want["size"]:
                 return f"{p.name} is {size} bytes, {want['size']} were written"
             if checksums and _crc32_file(p) != want["crc32"]:
@@ -363,12 +461,34 @@ def remove_temp_files(out_dir: str | os.PathLike) -> None:
                 p.unlink(missing_ok=True)
 
 
+RESTART_OR_RESTORE = ("restore it from a copy if you have one, or pass --restart to delete the run and start over "
+                      "(without it the run's model and preprocessing are unknown, so its shards cannot be reused)")
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The run's manifest, None when there is none; DamagedRun when it cannot be read as one."""
     p = Path(out_dir) / MANIFEST
     try:
-        return json.loads(p.read_text())
+        m = json.loads(p.read_bytes())
     except FileNotFoundError:
         return None
+    except ValueError as exc:  # not JSON, not UTF-8
+        raise DamagedRun(f"{p} is damaged ({str(exc)[:80]}): {RESTART_OR_RESTORE}") from None
+    if not isinstance(m, dict) or not str(m.get("format", "")).startswith("clip-pipeline/"):
+        raise DamagedRun(f"{p} is not a clip-pipeline manifest: {RESTART_OR_RESTORE}")
+    return m
+
+
+def looks_like_run(out_dir: str | os.PathLike) -> bool:
+    """Whether a directory without a manifest holds a run's other files (its manifest was deleted)."""
+    out = Path(out_dir)
+    return (out / LISTING).exists() or (out / EMB_DIR).is_dir()
+
+
+def manifest_missing(out_dir: str | os.PathLike) -> DamagedRun:
+    """The error for a run directory whose manifest was deleted, saying how to recover."""
+    return DamagedRun(f"output directory {out_dir} holds a clip-pipeline run whose {MANIFEST} is missing: "
+                      f"{RESTART_OR_RESTORE}")
 
 
 @dataclass(frozen=True)
@@ -488,14 +608,31 @@ class RunDir:
         incompatible directory (ConfigError; `refusal(old fingerprint)` words the latter), delete
         the old run on restart, remove temp files."""
         out = self.path
-        manifest = self.read_manifest() if out.exists() else None
-        if out.exists() and manifest is None and any(out.iterdir()):
-            raise ConfigError(f"output directory {out} is not empty and holds no clip-pipeline run; "
-                              "choose a new or empty directory (config key output.dir / --output)")
+        restart = restart or on_existing == "restart"
+        try:
+            manifest = self.read_manifest() if out.exists() else None
+        except DamagedRun:
+            if not restart:
+                raise
+            manifest = {}  # deleted below
+        if out.exists() and manifest is None and any(p.name != LOCK for p in out.iterdir()):
+            if looks_like_run(out) and restart:
+                manifest = {}
+            elif looks_like_run(out):
+                raise manifest_missing(out)
+            else:
+                raise ConfigError(f"output directory {out} is not empty and holds no clip-pipeline run; "
+                                  "choose a new or empty directory (config key output.dir / --output)")
         if manifest is not None:
-            if restart or on_existing == "restart":
+            if restart:
                 log(f"Deleting the previous run in {out} (--restart).")
-                shutil.rmtree(out)
+                for p in out.iterdir():  # all but the lock this process holds
+                    if p.name == LOCK:
+                        continue
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
                 manifest = None
             elif on_existing == "error":
                 raise ConfigError(f"output directory {out} already holds a run (output.on_existing = 'error'); "
@@ -503,6 +640,7 @@ class RunDir:
             elif manifest.get("fingerprint") != fp:
                 raise ConfigError(refusal(manifest.get("fingerprint") or {}))
         damaged: dict[int, str] = {}
+        listing_cut = False
         try:
             self.shards_dir.mkdir(parents=True, exist_ok=True)
             remove_temp_files(out)
@@ -511,15 +649,27 @@ class RunDir:
                 for k, problem in damaged.items():
                     log(f"warning: shard {shard_name(k)} is damaged ({problem}); redoing it.")
                     remove_shard(out, k)
+                for k in completed_shards(out):  # intact by header and size, its record deleted
+                    if not self.shard_check(k).exists():
+                        log(f"warning: {self.shard_check(k).name} was missing; recreated from the shard's files.")
+                        atomic_write_bytes(self.shard_check(k),
+                                           (json.dumps(check_record(out, k), sort_keys=True) + "\n").encode())
+                _n, cut = repair_listing(self.listing)
+                if cut:
+                    log(f"warning: the last line of {self.listing} was cut short or damaged; that input is listed again.")
+                    listing_cut = True
             probe = out / ".write-test.tmp"
             probe.write_bytes(b"x")
             probe.unlink()
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # exit 4 like a disk that fills up mid-run (README, exit status)
+                raise RunFailure(f"the output disk is full ({out}): free space and run the same command again; "
+                                 "completed shards are kept") from None
             raise ConfigError(f"output directory {out} is not writable: {exc.strerror or exc} "
                               "(config key output.dir / --output)") from None
         listing_complete = bool(manifest and manifest.get("inputs", {}).get("listing_complete"))
-        if listing_complete and not self.listing.exists():
-            listing_complete = False
+        if listing_complete and (listing_cut or not self.listing.exists()):
+            listing_complete = False  # walked again (and compared with what the listing holds)
         if manifest is not None:
             self.finish_updates(manifest, log)
         updated = self.update_shards()  # published by run --update: not this run's to count or redo
@@ -612,6 +762,8 @@ class RunDir:
                     atomic_write_bytes(pq_path, meta.parquet_bytes(paths, reader))
         finally:
             reader.close()
+        # one schema in every parquet file of the run (clip-retrieval's readers need it): metadata.unify
+        meta.unify([self.shard_companion(k, PARQUET_SUFFIX) for k in shards], atomic_write_bytes)
         if layout != "clip-retrieval":
             return
         emb_dir, meta_dir = self.path / CLIP_RETRIEVAL_EMB, self.path / CLIP_RETRIEVAL_META
@@ -743,6 +895,91 @@ class RunDir:
         if not self.shards_dir.is_dir():
             return []
         return sorted(k for p in self.shards_dir.glob("part-*.npy") if (k := parse_shard_name(p.stem)) is not None)
+
+
+_held: dict[str, list[int]] = {}  # realpath of a locked directory -> [fd, depth] (this process)
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, what: str = "run") -> Iterator[None]:
+    """Hold the output directory's exclusive lock (flock on OUT/.lock) for the block: run, --update,
+    --restart, run-range (on its attempt directory) and merge take it; inspect and search read
+    without it. The OS drops it with its holder (kill -9 leaves nothing stale). A second process
+    gets ConfigError (exit 2) at once, naming the holder's pid and host. Re-entrant within one
+    process (an update runs a Supervisor inside its own lock)."""
+    import fcntl
+    import socket
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(out)
+        fd = None if key in _held else os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:  # in RunDir.prepare's words: the run would refuse it there anyway
+        if exc.errno == errno.ENOSPC:
+            raise RunFailure(f"the output disk is full ({out}): free space and run the same command again; "
+                             "completed shards are kept") from None
+        raise ConfigError(f"output directory {out} is not writable: {exc.strerror or exc} "
+                          "(config key output.dir / --output)") from None
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    try:
+        for attempt in range(6):  # a reader's probe (lock_holder) holds a shared lock for microseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 5:
+                    raise
+                time.sleep(0.04)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"output directory {out} is in use: {holder} holds it. Two processes on one output "
+                          "would corrupt it: wait for that one to finish (or stop it), or choose another --output; "
+                          "`clip-pipeline inspect` reads it meanwhile") from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"clip-pipeline {what}, pid {os.getpid()} on host {socket.gethostname()} since {now_iso()}\n"
+              .encode(), 0)
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # no holder: an output's bytes do not depend on who last ran it
+        os.close(fd)  # releases the lock; the file stays (deleting it would race the next taker)
+
+
+def lock_holder(out: str | os.PathLike) -> str | None:
+    """Who holds the output's lock now ("clip-pipeline run, pid P on host H since T"), or None.
+    Probes without blocking and without writing anything (inspect and search take no lock)."""
+    import fcntl
+
+    path = Path(out) / LOCK
+    if os.path.realpath(Path(out)) in _held:
+        return None  # this process
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # a shared lock we got goes with the descriptor
+    return None
 
 
 def now_iso() -> str:

@@ -15,11 +15,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.rundir import (
+    DamagedRun,
     RunDir,
     damaged_shards,
     decode_path_line,
     expected_shards,
     listed_inputs,
+    lock_holder,
+    looks_like_run,
+    manifest_missing,
     parse_listing_line,
     shard_name,
 )
@@ -41,8 +45,10 @@ def read_run(out: str | os.PathLike) -> dict[str, Any]:
         raise NotARun(f"{out} is not a directory: give the output directory of a run (its output.dir / --output)")
     try:
         manifest = RunDir(out).read_manifest()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NotARun(f"{RunDir(out).manifest} is not valid JSON ({exc}); the run directory is damaged") from None
+    except DamagedRun as exc:
+        raise NotARun(str(exc)) from None
+    if manifest is None and looks_like_run(out):
+        raise NotARun(str(manifest_missing(out)))
     if manifest is None or not str(manifest.get("format", "")).startswith("clip-pipeline/"):
         raise NotARun(f"{out} holds no clip-pipeline run (no {RunDir(out).manifest.name}): give the output directory "
                       "of a run (its output.dir / --output)")
@@ -82,6 +88,7 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
         "dir": str(out),
         "status": m.get("status"),
         "complete": complete,
+        "in_use": lock_holder(out),  # a run (or update, merge) holding the output's lock now
         "created": m.get("created"),
         "updated": m.get("updated"),
         "counts": {"listed": m.get("inputs", {}).get("listed"), "total": total,
@@ -273,6 +280,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"backend:  {s['backend']}{precision} on {', '.join(map(str, s['devices'] or []))}")
     if s["report"]:
         lines.append(f"report:   {s['report']} (clip-pipeline report {s['dir']} --html)")
-    if not s["complete"]:
+    if s.get("in_use"):
+        lines.append(f"in use:   {s['in_use']} (going on now; this is a snapshot)")
+    elif not s["complete"]:
         lines.append("To finish it, run the same `clip-pipeline run` command again (it resumes).")
     return "\n".join(lines)

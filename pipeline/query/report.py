@@ -82,6 +82,7 @@ class Chart:
     series: list[Series]
     y_max: float
     x_max: float
+    startup_s: float | None = None  # shaded and labelled: the model starting, before any device was ready
 
 
 def charts(rep: dict[str, Any]) -> list[Chart]:
@@ -114,18 +115,28 @@ def charts(rep: dict[str, Any]) -> list[Chart]:
         top = max(100.0, max(max(s.ys) for s in fill))
         out.append(Chart("Queue fill (messages in transit, % of queue depth x receiving workers)", "% of depth",
                          fill, top * 1.05, x_max))
+    for ch in out:
+        ch.startup_s = rep.get("startup_s")
     return out
 
 
 def verdict(rep: dict[str, Any]) -> str:
-    """Which stage limited the run, from the mean busy fraction of each stage."""
+    """Which stage limited the run, from the mean busy fraction of each stage; a run that spent
+    most of its time starting the model says so first (the stages idle while it loads)."""
     per = {s: v.get("busy_fraction") for s, v in rep.get("per_stage", {}).items() if v.get("busy_fraction") is not None}
+    startup, run_s = rep.get("startup_s"), rep.get("run_s") or 0
+    start = (f"start-up-bound: the model took {startup:.1f} of {run_s:.1f} s to start"
+             if startup and run_s and startup >= 0.5 * run_s else "")
     if not per:
-        return "no stage statistics recorded"
+        return start or "no stage statistics recorded"
     top = max(per, key=lambda s: (per[s], s == "infer"))
     infer = per.get("infer")
     head = f"{top}-bound" if per[top] >= 0.5 else "input-bound (every stage mostly idle)"
-    return head + (f": infer {infer * 100:.0f}% busy on average" if infer is not None else "")
+    busy = f": infer {infer * 100:.0f}% busy on average" if infer is not None else ""
+    if start:
+        return start + (f"; infer {infer * 100:.0f}% busy on average" if infer is not None else "")
+    note = f" (model start-up {startup:.1f} s)" if startup and startup >= 1 else ""
+    return head + busy + note
 
 
 def _precision(rep: dict[str, Any]) -> str:
@@ -213,6 +224,10 @@ def svg_chart(ch: Chart, width: int = 900, height: int = 260) -> str:
               f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">'),
              f'<text x="{ml}" y="18" font-size="14" font-weight="bold">{e(ch.title)}</text>',
              f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
+    if ch.startup_s:
+        w = max(0.0, X(min(ch.startup_s, ch.x_max)) - ml)
+        parts.append(f'<rect x="{ml}" y="{mt}" width="{w:.1f}" height="{ph}" fill="#f0f0f0"/>'
+                     f'<text x="{ml + 4}" y="{mt + 14}" fill="#777">model start-up</text>')
     for t in _ticks(ch.y_max):
         parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" stroke="#eee"/>'
                      f'<text x="{ml - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:g}</text>')

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.backends import get_backend
 from pipeline.config import Config, ConfigError, apply_override, from_dict, parse_value
-from pipeline.data.rundir import RunDir
+from pipeline.data.rundir import RunDir, looks_like_run, manifest_missing
 from pipeline.output import load_embeddings
 from pipeline.run.attempt import run_into
 from pipeline.run.progress import Progress
@@ -24,10 +24,9 @@ from pipeline.run.supervisor import RunAborted
 
 
 def manifest_of(out: str | os.PathLike) -> dict[str, Any]:
-    try:
-        manifest = RunDir(out).read_manifest()
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{out}/manifest.json is not valid JSON ({exc}); is {out} a clip-pipeline output?") from None
+    manifest = RunDir(out).read_manifest()  # DamagedRun (a ConfigError) says how to recover
+    if manifest is None and looks_like_run(out):
+        raise manifest_missing(out)
     if manifest is None:
         raise ConfigError(f"{out} holds no clip-pipeline run (no manifest.json); give the --output directory of a run")
     return manifest
@@ -87,7 +86,7 @@ class Embedded:
 
 
 def embed_inputs(cfg: Config, inputs: list[str], work_dir: str | os.PathLike, *,
-                 progress: str = "none", restart: bool = False) -> Embedded:
+                 progress: str = "none", restart: bool = False, quiet: bool = False) -> Embedded:
     """Run the pipeline (cfg's backend, model, preprocessing) on `inputs` into work_dir; load the result.
 
     work_dir is an ordinary, resumable output directory: running again with the same inputs and
@@ -95,7 +94,7 @@ def embed_inputs(cfg: Config, inputs: list[str], work_dir: str | os.PathLike, *,
     """
     try:
         result = run_into(cfg, work_dir, inputs=dataclasses.replace(cfg.input, paths=tuple(os.path.abspath(p) for p in inputs)),
-                          dtype="float32", restart=restart, progress=Progress(progress, cfg.run.log_interval_s))
+                          dtype="float32", restart=restart, progress=Progress(progress, cfg.run.log_interval_s, quiet=quiet))
     except RunAborted as exc:
         raise RuntimeError(f"embedding {', '.join(inputs)} failed: {exc}") from None
     if result.exit_code not in (0, 3):

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.data.rundir import SYNTHETIC_NOTE, RunDir
+from pipeline.data.rundir import SYNTHETIC_NOTE, RunDir, remove_temp_files
+from pipeline.errors import RunFailure
 from pipeline.run import preflight
 from pipeline.run.ledger import Ledger
 from pipeline.run.telemetry import run_fields
@@ -29,7 +30,7 @@ EXIT_SIGTERM = 143
 
 
 
-class RunAborted(Exception):
+class RunAborted(RunFailure):
     """The run cannot go on (no device left, disk full, inputs changed...)."""
 
 
@@ -51,7 +52,13 @@ def finish_run(sup: Supervisor, wall: float) -> RunResult:
     line = sup.telemetry.final_line(led)
     sup.progress.close(done, sup.range_total(), led.failed, sup.rate(), line)
     ending_early = sup.interrupted is not None or bool(sup.abort_reason) or not led.complete()
+    if sup.hold.gone():  # nothing to keep, and nothing must be written into a stranger's directory
+        return RunResult(EXIT_ABORTED, f"Run aborted: {sup.hold.reason}; nothing more was written. Run the "
+                         "same command again to start over.", counts, str(sup.out))
     if ending_early:
+        # every worker is stopped and this process holds the lock: what a killed writer left
+        # half-written (.part-*.tmp) goes now, not at the next start
+        best_effort(sup.log, sup.out, remove_temp_files, sup.out)
         sync_with_disk(sup.rundir, led)
     report = run_report(sup, wall)
     best_effort(sup.log, sup.out, sup.rundir.write_report, report)
@@ -62,21 +69,30 @@ def finish_run(sup: Supervisor, wall: float) -> RunResult:
                "Run the same command again to resume (the rest is redone).")
         return RunResult(EXIT_SIGINT if sup.interrupted == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(sup.out))
     if ending_early:
-        reason = sup.abort_reason or "the run ended before every input was resolved"
+        reason = (sup.abort_reason or "the run ended before every input was resolved").rstrip(". ")
         best_effort(sup.log, sup.out, sup.write_manifest, "failed", {"error": reason})
         return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {on_disk(led, sup.range_total())} in {sup.out}; "
                          "fix the cause and run the same command again to resume.", counts, str(sup.out))
     o = sup.cfg.output
-    manifest = sup.start.manifest("complete", led)
-    n_fail = sup.rundir.publish(manifest, metadata=o.metadata, layout=o.layout, pickle=o.pickle)
+    try:
+        manifest = sup.start.manifest("complete", led)
+        n_fail = sup.rundir.publish(manifest, metadata=o.metadata, layout=o.layout, pickle=o.pickle)
+    except OSError as exc:  # the disk filled up, or OUT was deleted, at the very end: exit 4 as mid-run
+        reason = output_failure(sup.out, exc)
+        best_effort(sup.log, sup.out, sup.write_manifest, "failed", {"error": reason})
+        return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {on_disk(led, sup.range_total())} in "
+                         f"{sup.out}; fix the cause and run the same command again to resume.", counts, str(sup.out))
     if manifest.get("updates"):  # inputs added by run --update count too (RunDir.manifest_of)
         counts = dict(manifest["counts"])
     synthetic = f" ({SYNTHETIC_NOTE})" if sup.model.get("synthetic") else ""
-    msg = (f"Embedded {counts['embedded']} of {counts['total']} images in {wall:.1f}s into {sup.out}{synthetic}.")
+    earlier = (f"; {sup.resumed_count} of the inputs were done by an earlier run of this output, "
+               f"{led.embedded + led.failed - sup.resumed_count} by this one") if sup.resumed_count else ""
+    msg = (f"Embedded {counts['embedded']} of {counts['total']} images in {wall:.1f}s into {sup.out}{synthetic}"
+           f"{earlier}.")
     if sup.start.input_changes:
         msg += " Note: " + preflight.changes_note(sup.start.input_changes, True) + "."
     if n_fail:
-        msg += f" Completed with {n_fail} failures: see {sup.rundir.failures}."
+        msg += f" Completed with {n_fail} failure{'s' if n_fail != 1 else ''}: see {sup.rundir.failures}."
         return RunResult(EXIT_WITH_FAILURES, msg, counts, str(sup.out))
     return RunResult(EXIT_SUCCESS, msg, counts, str(sup.out))
 
@@ -119,3 +135,14 @@ def best_effort(log: Callable[[str], None], out: Path, fn: Callable, *args: Any)
         fn(*args)
     except OSError as exc:
         log(f"warning: could not update {out}: {exc.strerror or exc}")
+
+
+def output_failure(out: Path, exc: OSError) -> str:
+    """Why writing the output failed, in words (the run's exit-4 reason)."""
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return f"the output disk is full (writing {exc.filename or out}); free space"
+    if not out.is_dir():
+        return f"the output directory {out} was deleted or moved during the run"
+    return f"cannot write {exc.filename or out}: {exc.strerror or exc}"

@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,9 @@ class WorkerPool:
         except OSError:
             pass  # informational only: never fail a run over it
 
-    def stop_all(self) -> None:
-        """SIGTERM every live worker, wait up to 10 s in all, then SIGKILL what is left."""
+    def stop_all(self, hurry: Callable[[], bool] = lambda: False) -> None:
+        """SIGTERM every live worker, wait up to 10 s in all (or until `hurry()`: a second
+        SIGINT/SIGTERM), then SIGKILL what is left."""
         # a process whose start() failed (fork refused, ...) has no pid: nothing to stop, and
         # terminate() on it would raise over the error that is on its way out
         procs = [w.proc for w in self.workers.values() if w.proc is not None and w.proc.pid is not None]
@@ -120,7 +122,8 @@ class WorkerPool:
                 p.terminate()
         deadline = time.monotonic() + 10
         for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
+            while p.exitcode is None and not hurry() and time.monotonic() < deadline:
+                p.join(0.1)  # a second SIGINT/SIGTERM kills what is left at once
             if p.exitcode is None:
                 p.kill()
                 p.join(2)

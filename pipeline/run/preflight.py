@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.data.rundir import RunDir, expected_shards
+from pipeline.data.rundir import LOCK, DamagedRun, RunDir, expected_shards, looks_like_run, manifest_missing
 from pipeline.wire import pathcodec
 
 # fingerprint field (manifest.json) -> the config key a user changes to change it
@@ -320,9 +320,17 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     pf = Preflight(devices=devices, warnings=device_warnings(cfg, devices), cfg=cfg)
     out = Path(cfg.output.dir)
     rd = RunDir(out)
-    manifest = rd.read_manifest() if out.is_dir() else None
+    restarting = restart or cfg.output.on_existing == "restart"
+    try:
+        manifest = rd.read_manifest() if out.is_dir() else None
+    except DamagedRun:
+        if not restarting:
+            raise
+        manifest = None  # --restart deletes it with the rest
     if manifest is None:
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and looks_like_run(out) and not restarting:
+            raise manifest_missing(out)
+        if out.is_dir() and not looks_like_run(out) and any(p.name != LOCK for p in out.iterdir()):
             raise ConfigError(foreign_dir_refusal(out))
         refusal = writable_refusal(out)
         if refusal:
@@ -362,4 +370,7 @@ def changes_note(changes: InputChanges, complete: bool) -> str:
     what = "this output" if complete else "this run, which resumes the listing as it was,"
     return (f"since this run listed its inputs, {changes.summary()}: {what} does not include the added ones"
             f"{' and keeps the rows of the removed ones' if complete and changes.removed else ''}. "
-            "To embed them: --restart (embeds everything again) or, once it exists, `run --update` (incremental)")
+            + ("To embed only the new ones: the same command with --update (incremental; the output must be "
+               "complete); or --restart (embeds everything again)" if complete else
+               "Let this run finish, then run it again with --update to embed only the new ones; or --restart "
+               "(embeds everything again)"))

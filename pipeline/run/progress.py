@@ -100,6 +100,7 @@ class Progress:
     mode: str = "auto"  # auto | bar | log | none
     log_interval_s: float = 10.0
     stream: object = field(default_factory=lambda: sys.stderr)
+    quiet: bool = False  # --quiet: no messages either (mode "none" alone still prints them)
 
     def __post_init__(self) -> None:
         if self.mode == "auto":
@@ -136,7 +137,9 @@ class Progress:
               file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
-        if self.mode == "none":
+        """A line for the user (warnings, restarts, notes): printed whatever the progress display,
+        so `--progress none` (cron) keeps them; only --quiet drops them."""
+        if self.quiet:
             return
         if self.bar is not None:
             self.bar.write(text, file=self.stream)

@@ -8,13 +8,15 @@ prepares (or resumes) the output directory and writes the manifest as "running".
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.data.rundir import RunDir, now_iso, shard_name
+from pipeline.data.rundir import LOCK, RunDir, now_iso, output_lock, shard_name
 from pipeline.model.models import ensure_model, resolve_image_size
 from pipeline.run import preflight
 from pipeline.run.ledger import Ledger
@@ -38,10 +40,14 @@ class RunStart:
 
     @classmethod
     def prepare(cls, cfg: Config, backend: Any, rundir: RunDir, ledger: Ledger, *, restart: bool, log: Callable,
-                listing_path: Path, id_range: tuple[int, int] | None = None) -> RunStart:
-        """Checks, model, output directory; the ledger is seeded with the shards already done."""
+                listing_path: Path, id_range: tuple[int, int] | None = None,
+                after_checks: Callable[[], None] = lambda: None) -> RunStart:
+        """Checks, model, output directory; the ledger is seeded with the shards already done.
+        `after_checks` runs after the read-only checks, before anything is built or written (the
+        supervisor takes the output's lock there)."""
         # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
         pf = preflight.check(cfg, restart=restart)
+        after_checks()
         cfg = pf.cfg  # with what the backend resolved once before start (openvino.precision)
         s = cls(cfg, rundir, listing_path, id_range, devices=pf.devices, input_changes=pf.changes)
         for w in pf.warnings:
@@ -89,3 +95,33 @@ class RunStart:
 
     def write_manifest(self, status: str, ledger: Ledger, extra: dict | None = None) -> None:
         self.rundir.write_manifest(self.manifest(status, ledger, extra))
+
+
+class OutputHold:
+    """The output directory's lock, held for a run (rundir.output_lock): taken after the read-only
+    checks, which create nothing, and before anything is built or written, so a second process on
+    OUT stops there (exit 2); and whether OUT was deleted or replaced under the run."""
+
+    def __init__(self, out: Path, kind: str):
+        self.out, self.kind = out, kind
+        self.ident: tuple[int, int] | None = None  # (dev, inode) of OUT/.lock while this run holds it
+
+    def take(self, stack: contextlib.ExitStack) -> None:
+        stack.enter_context(output_lock(self.out, self.kind))
+        st = os.stat(self.out / LOCK)
+        self.ident = (st.st_dev, st.st_ino)
+
+    def gone(self) -> bool:
+        """Whether OUT was deleted or replaced under the run (`rm -rf OUT`): its lock file is not
+        the one this run holds. Writing on would scatter the run's files into a new directory."""
+        if self.ident is None:
+            return False
+        try:
+            st = os.stat(self.out / LOCK)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.ident
+
+    @property
+    def reason(self) -> str:
+        return f"the output directory {self.out} was deleted or moved during the run"

@@ -11,6 +11,7 @@ See ARCHITECTURE.md for the full picture.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -31,7 +32,7 @@ from pipeline.run.plan import RunPlan, plan_run
 from pipeline.run.policy import FailurePolicy
 from pipeline.run.pool import Worker, WorkerPool
 from pipeline.run.progress import Progress
-from pipeline.run.start import RunStart
+from pipeline.run.start import OutputHold, RunStart
 from pipeline.run.telemetry import PathNames, Telemetry, stuck_note
 from pipeline.wire import messages, transport
 from pipeline.wire.messages import Failure
@@ -41,6 +42,14 @@ from pipeline.worker.loop import EXIT_OK
 # the sink, in the control loop (keep it cheap). `clip-pipeline bench` uses it to find the steady
 # window of a run.
 ResolvedHook = Callable[[float, int], None]
+
+
+class InterruptedBeforeStart(KeyboardInterrupt):
+    """SIGINT/SIGTERM while the run was being prepared (checks, model build): no worker ran."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class Supervisor:
@@ -71,6 +80,12 @@ class Supervisor:
         self.errors: list[dict] = []
         self.interrupted: int | None = None
         self.abort_reason: str | None = None
+        self.hurry = False  # a second signal: stop the workers now (kill), not in order
+        self.held: contextlib.ExitStack | None = None  # set by run(): holds the output's lock
+        self.hold = OutputHold(self.out, "run-range" if id_range is not None else "run")
+        # the CLI keeps this run's handlers after it returns (a signal then changes nothing: the
+        # manifest is written and the process is about to print its result and exit)
+        self.keep_handlers = False
         self.outbox = transport.Outbox()
         self.reissue_pending: set[int] = set()
         self.dim: int | None = None  # embedding width, from the first device that gets ready
@@ -89,10 +104,15 @@ class Supervisor:
     def prepare(self) -> None:
         """Checks, model, output directory and resume state (pipeline/run/start.py)."""
         self.start = RunStart.prepare(self.cfg, self.backend, self.rundir, self.ledger, restart=self.restart,
-                                      log=self.log, listing_path=self.listing_path, id_range=self.id_range)
+                                      log=self.log, listing_path=self.listing_path, id_range=self.id_range,
+                                      after_checks=self.lock_output)
         self.cfg, self.devices, self.model = self.start.cfg, self.start.devices, self.start.model
         self.warnings = self.start.warnings
         self.resumed_count = self.ledger.embedded + self.ledger.failed
+
+    def lock_output(self) -> None:
+        if self.held is not None:  # a run (not a test driving prepare() alone) holds OUT's lock
+            self.hold.take(self.held)
 
     def write_manifest(self, status: str, extra: dict | None = None) -> None:
         self.start.write_manifest(status, self.ledger, extra)
@@ -119,41 +139,61 @@ class Supervisor:
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        with contextlib.ExitStack() as self.held:  # the output's lock, taken by prepare(), freed at the end
+            return self._run()
+
+    def _run(self) -> RunResult:
+        """The run, with SIGINT/SIGTERM handled from the first check to the last manifest write: a
+        signal before the workers start stops at once (InterruptedBeforeStart); after, the first
+        one stops the run in order (shards kept, manifest "interrupted", the closing message) and a
+        second only hurries the workers' stop. The previous handlers come back only after finish."""
         t_start = time.monotonic()
-        self.prepare()
-        self.plan()
-        self.ctx = zmq.Context()
-        topo = self.topology
-        self.control = transport.pull(self.ctx, topo.control_addr, hwm=100000)
-        self.to_sink = transport.push(self.ctx, [topo.sink_addr], hwm=100000)
-        self.to_first = transport.push(self.ctx, list(topo.first_stage_addrs), hwm=topo.first_stage_hwm)
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        started = False
 
         def on_signal(signum, frame):  # noqa: ARG001
-            self.interrupted = signum
+            if self.interrupted is None:
+                self.interrupted = signum
+                if not started:
+                    raise InterruptedBeforeStart(signum)
+            else:
+                self.hurry = True
 
         for s in old:
             signal.signal(s, on_signal)
-        if self.model.get("synthetic"):
-            self.log(f"Note: model {self.model.get('path') or self.cfg.infer.backend} has {SYNTHETIC_NOTE}.")
-        self.telemetry.start(time.monotonic())
         try:
-            for w in self.pool:
-                self.pool.spawn(w)
-            self.loop()
-        except RunAborted as exc:
-            self.abort_reason = str(exc)
+            self.prepare()
+            self.plan()
+            self.ctx = zmq.Context()
+            topo = self.topology
+            self.control = transport.pull(self.ctx, topo.control_addr, hwm=100000)
+            self.to_sink = transport.push(self.ctx, [topo.sink_addr], hwm=100000)
+            self.to_first = transport.push(self.ctx, list(topo.first_stage_addrs), hwm=topo.first_stage_hwm)
+            started = True
+            if self.interrupted is not None:  # came between the last check and `started`
+                raise InterruptedBeforeStart(self.interrupted)
+            if self.model.get("synthetic"):
+                self.log(f"Note: model {self.model.get('path') or self.cfg.infer.backend} has {SYNTHETIC_NOTE}.")
+            self.telemetry.start(time.monotonic())
+            try:
+                for w in self.pool:
+                    self.pool.spawn(w)
+                self.loop()
+            except RunAborted as exc:
+                self.abort_reason = str(exc)
+            finally:
+                self.pool.stop_all(hurry=lambda: self.hurry)
+                self.drain_stats()
+                self.rundir.remove_workers()
+                for sock in (self.control, self.to_sink, self.to_first):
+                    sock.close(0)
+                self.ctx.term()
+                self.ep.cleanup()
+            return finish_run(self, time.monotonic() - t_start)
         finally:
-            self.pool.stop_all()
-            self.drain_stats()
-            self.rundir.remove_workers()
-            for s, h in old.items():
-                signal.signal(s, h)
-            for sock in (self.control, self.to_sink, self.to_first):
-                sock.close(0)
-            self.ctx.term()
-            self.ep.cleanup()
-        return finish_run(self, time.monotonic() - t_start)
+            if not self.keep_handlers:
+                for s, h in old.items():
+                    signal.signal(s, h)
 
     def loop(self) -> None:
         poller = zmq.Poller()
@@ -178,6 +218,8 @@ class Supervisor:
             if now - last_tick >= 0.5:
                 last_tick = now
                 self.tick(now)
+                if self.hold.gone():
+                    raise RunAborted(self.hold.reason)
             if self.ledger.complete():
                 return
             if self.abort_reason:
@@ -192,6 +234,8 @@ class Supervisor:
             if w is not None:
                 w.ready = True
                 w.streak = 0
+                if w.role == "infer":
+                    self.telemetry.on_device_ready(time.monotonic())
             dim = (h.get("info") or {}).get("dim")
             if dim and self.dim is None:
                 self.dim = int(dim)
@@ -326,6 +370,9 @@ class Supervisor:
                              self.rate(), self.stage_line())
 
     def stage_line(self) -> str:
+        if self.telemetry.ready_s is None and self.telemetry.t0 is not None:  # not "input-bound: infer 0%"
+            devices = sum(1 for w in self.pool.of_role("infer") if not w.removed)
+            return f"starting: {devices} device(s) loading the model, {self.telemetry.elapsed():.0f}s so far"
         line = self.telemetry.stage_line()
         stuck = stuck_note(self.pool, time.monotonic(), self.cfg, self.path_of)
         return f"{line} | {stuck}" if stuck else line

@@ -36,6 +36,7 @@ class Telemetry:
         self.queues: dict[str, int] = {}
         self.t0: float | None = None  # when the workers were started (monotonic)
         self.first_result_s: float | None = None
+        self.ready_s: float | None = None  # seconds from t0 until the first device was ready (model start-up)
         self.prev_sample: dict = {}
         self.prev_t = 0.0
         self.tl_sample: dict = {}
@@ -61,6 +62,11 @@ class Telemetry:
     def on_result(self, now: float) -> None:
         if self.first_result_s is None and self.t0 is not None:
             self.first_result_s = now - self.t0
+
+    def on_device_ready(self, now: float) -> None:
+        """An infer worker is ready: the first one ends the model start-up."""
+        if self.ready_s is None and self.t0 is not None:
+            self.ready_s = now - self.t0
 
     def elapsed(self, now: float | None = None) -> float:
         return 0.0 if self.t0 is None else (time.monotonic() if now is None else now) - self.t0
@@ -142,6 +148,8 @@ class Telemetry:
             "queue_occupancy": occupancy,
             "stage_order": self.stage_order,
             "time_to_first_result_s": None if self.first_result_s is None else round(self.first_result_s, 3),
+            # from the workers' start until the first device was ready (model load and compile)
+            "startup_s": None if self.ready_s is None else round(self.ready_s, 3),
             "counts": {"embedded": ledger.embedded, "failed": ledger.failed, "listed": ledger.listed},
             "failures_by_reason": dict(sorted(reasons.items())),
             "per_stage": per_stage,

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.inputs import hash_input
-from pipeline.data.rundir import RunDir, atomic_write_bytes, atomic_write_json, records, shard_name
+from pipeline.data.rundir import RunDir, atomic_write_bytes, atomic_write_json, output_lock, records, shard_name
 from pipeline.wire import pathcodec
 
 INPUT_KEYS = {"inputs", "extensions", "recursive", "follow_symlinks", "list", "list_column", "tar"}
@@ -60,10 +60,19 @@ class Changes:
 
 
 def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print):
-    """Embed what is new since the finished run in cfg.output.dir; returns a RunResult."""
+    """Embed what is new since the finished run in cfg.output.dir; returns a RunResult. Holds the
+    output's lock throughout (rundir.output_lock)."""
+    rd = RunDir(cfg.output.dir)
+    if not rd.manifest.is_file():
+        raise ConfigError(f"--update needs a finished run in {rd} (no run manifest there): run without --update first "
+                          "(config key output.dir / --output)")
+    with output_lock(rd.path, "run --update"):
+        return _run_update(cfg, rd, progress=progress, log=log)
+
+
+def _run_update(cfg: Config, rd: RunDir, *, progress=None, log: Callable[[str], None] = print):
     from pipeline.run.finish import EXIT_SUCCESS, EXIT_WITH_FAILURES, RunResult
 
-    rd = RunDir(cfg.output.dir)
     manifest = _check_update(cfg, rd, log)
     rd.updates_dir.mkdir(exist_ok=True)
     if rd.finish_updates(manifest, log):  # an interrupted publish: its moves are done, now the run's files
@@ -92,8 +101,10 @@ def run_update(cfg: Config, *, progress=None, log: Callable[[str], None] = print
     atomic_write_json(rd.update_file(n, "record"), rec)  # the journal: before the first shard moves
     rd.publish_update(rec, attempt)
     _refresh_run(cfg, rd, manifest, report)
-    msg = (f"Updated {rd}: {rec['embedded']} new input(s) embedded into shards {shard_name(k0)}.."
-           f"{shard_name(_next_shard(rd) - 1)}, {rec['failed']} failed, {len(ch.removed)} removed since"
+    k1 = _next_shard(rd) - 1
+    shards = f"shard {shard_name(k0)}" if k1 == k0 else f"shards {shard_name(k0)}..{shard_name(k1)}"
+    msg = (f"Updated {rd}: {rec['embedded']} new input(s) embedded into {shards}, {rec['failed']} failed, "
+           f"{len(ch.removed)} removed since"
            + (f" (recorded in {rd.update_file(n, 'removed')})" if ch.removed else "")
            + (f", {len(ch.aliases)} skipped as the content of an embedded input" if ch.aliases else "") + ".")
     return RunResult(EXIT_WITH_FAILURES if rec["failed"] else EXIT_SUCCESS, msg,

@@ -9,6 +9,7 @@ control) is the sender's business, not the message's.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,16 @@ class ItemError(Exception):
         self.message = message
 
 
+_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def stable_message(text: str) -> str:
+    """A failure's message without what differs between two runs of the same input: an object's
+    memory address in a library's text (PIL: "cannot identify image file <_io.BytesIO object at
+    0x7f...>") becomes the object's type, so failures.jsonl stays byte-identical (issue #27)."""
+    return _ADDRESS.sub(r"<\1>", text)
+
+
 @dataclass(frozen=True)
 class Failure:
     """One input that cannot be embedded: the `fail` message, a device's per-input failure, the
@@ -48,6 +59,9 @@ class Failure:
     reason: str
     message: str
     stage: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", stable_message(self.message))
 
     def header(self) -> dict[str, Any]:
         """The `fail` message (any stage or the supervisor -> sink)."""

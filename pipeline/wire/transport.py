@@ -20,6 +20,54 @@ import msgpack
 import numpy as np
 import zmq
 
+OWNER = "owner"  # "PID START" of the process that made a run's socket directory
+
+
+def process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), "" where
+    unknown: with the pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_alive(root: str) -> bool:
+    try:
+        with open(os.path.join(root, OWNER)) as fh:
+            pid_text, _, start = fh.read().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return True  # no owner record (being created, or made by an older version): leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not start or process_start(pid) in ("", start)
+
+
+def remove_stale_roots(tmp: str = "/tmp") -> list[str]:
+    """Remove the socket directories (/tmp/clipp-*) of runs whose process is gone (kill -9 leaves
+    them behind); returns what was removed. Only this user's, only with a dead owner."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith("clipp-")]
+    except OSError:
+        return removed
+    for name in names:
+        root = os.path.join(tmp, name)
+        try:
+            if os.stat(root).st_uid != os.getuid() or _owner_alive(root):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+    return removed
+
 
 @dataclass(frozen=True)
 class Endpoints:
@@ -29,8 +77,12 @@ class Endpoints:
 
     @classmethod
     def create(cls) -> Endpoints:
+        remove_stale_roots()
         # ipc paths must stay under ~100 bytes: keep the directory short.
-        return cls(tempfile.mkdtemp(prefix="clipp-", dir="/tmp"))
+        root = tempfile.mkdtemp(prefix="clipp-", dir="/tmp")
+        with open(os.path.join(root, OWNER), "w") as fh:
+            fh.write(f"{os.getpid()} {process_start(os.getpid())}\n")
+        return cls(root)
 
     def addr(self, name: str) -> str:
         return f"ipc://{self.root}/{name}"

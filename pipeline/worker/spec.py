@@ -81,8 +81,14 @@ class SourceSpec(WorkerSpec):
     tail_cap: int = 0
 
     def main(self, slot: Any, loop: Any, run_core) -> int:
+        import os
+
+        from pipeline.wire import messages
         from stages.source import run_source
 
+        # ready like every worker (it has its sockets): deaths count "in a row without getting
+        # ready" for the source too, so a source killed now and then does not abort the run
+        loop.send("control", messages.ready(self.name, self.role, self.index, os.getpid(), {}))
         run_source(self, slot, loop)
         return 0
 

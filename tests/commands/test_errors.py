@@ -134,7 +134,7 @@ def test_inspect_and_report_on_a_non_run_dir(tmp_path):
         assert r.exit_code == 2 and f"{tmp_path / 'missing'} does not exist" in r.output
     (tmp_path / "manifest.json").write_text("{broken")
     r = invoke("inspect", tmp_path)
-    assert r.exit_code == 2 and "manifest.json is not valid JSON" in r.output
+    assert r.exit_code == 2 and "manifest.json is damaged" in r.output and "--restart" in r.output
 
 
 def test_unknown_option_is_usage_error():

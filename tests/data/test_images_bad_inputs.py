@@ -13,8 +13,8 @@ from robust_helpers import (
     exif_rotated_jpeg,
     good_corpus,
     run_cli,
+    torture_set,
     unusual_files,
-    write,
 )
 
 from pipeline.data import images
@@ -166,24 +166,8 @@ def test_exif_orientation_is_an_option(mode):
 def test_mixed_corpus_exact_accounting(tmp_path):
     """Every bad and unusual input from the issue, with good ones, in one run of the real CLI."""
     d = tmp_path / "in"
-    good = {str(p) for p in good_corpus(d, 6)}
-    write(d, {name: data for name, (data, _) in BAD.items()})
-    write(d, UNUSUAL)
-    good |= {str(d / n) for n in UNUSUAL}
-    expected_bad = {str(d / n): reason for n, (_, reason) in BAD.items()}
-    # listing oddities: a directory named like an image, links, a name that is not UTF-8
-    write(d / "folder.jpg", {"inside.jpg": encode(photo(48, 40, 41))})
-    good.add(str(d / "folder.jpg" / "inside.jpg"))
-    (d / "dangling.jpg").symlink_to(d / "deleted.jpg")
-    expected_bad[str(d / "dangling.jpg")] = "vanished"
-    (d / "selfloop.jpg").symlink_to(d / "selfloop.jpg")
-    expected_bad[str(d / "selfloop.jpg")] = "unreadable"
-    (d / "sub").mkdir()
-    (d / "sub" / "loop").symlink_to(d)
+    good, expected_bad = torture_set(d)
     raw = os.path.join(os.fsencode(str(d)), b"latin1-caf\xe9.jpg")
-    with open(raw, "wb") as fh:
-        fh.write(encode(photo(48, 40, 42)))
-    good.add(pathcodec.encode(raw))  # the output holds paths in their UTF-8 text form (pipeline/wire/pathcodec.py)
 
     out = tmp_path / "out"
     r = run_cli(d, out)
@@ -214,3 +198,34 @@ def test_all_good_run_exits_zero(tmp_path):
     assert "failures" not in r.stdout
     assert_exact(out, good, {})
     assert (out / "failures.jsonl").read_bytes() == b""
+
+
+def _tree_bytes(out) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): (p.read_bytes() if not p.is_symlink() else os.readlink(p).encode())
+            for p in sorted(out.rglob("*")) if p.is_file() or p.is_symlink()}
+
+
+def test_torture_set_twice_is_byte_identical(tmp_path):
+    """Issue #27 item 4: two clean runs of the same inputs write the same bytes, every file but
+    report.json (timings), .lock (the last holder) and the manifest's timestamps (a 0x0 PNG's message held a memory address,
+    so failures.jsonl, the shard's .failures.jsonl and its .check.json differed)."""
+    d = tmp_path / "in"
+    good, expected_bad = torture_set(d)
+    out = tmp_path / "out"
+    trees = []
+    for n in range(2):
+        r = run_cli(d, out, **{"output.metadata": True, "output.content_hash": True, "output.pickle": True})
+        assert r.returncode == 3, r.stderr
+        assert_exact(out, good, expected_bad)
+        tree = _tree_bytes(out)
+        tree.pop("report.json")
+        assert tree[".lock"] == b""  # empty once its holder is done
+        manifest = json.loads(tree.pop("manifest.json"))
+        assert manifest.pop("created") and manifest.pop("updated")
+        trees.append((tree, manifest))
+        out.rename(tmp_path / f"run{n}")
+    (a, ma), (b, mb) = trees
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    assert ma == mb
+    assert any(k.endswith(".parquet") for k in a) and any(k.endswith(".check.json") for k in a)

@@ -224,6 +224,74 @@ def test_metadata_backfilled_when_switched_on_for_a_finished_run(tmp_path, tiny_
     assert got == paths
 
 
+def clip_retrieval_python() -> str | None:
+    """The private venv's python with clip-retrieval 2.45.0 and autofaiss
+    (scripts/setup_clip_retrieval_venv.sh, run by .ci/run), or None."""
+    py = os.environ.get("CLIP_PIPELINE_CLIP_RETRIEVAL_PYTHON") or str(
+        Path(os.environ.get("CLIP_PIPELINE_CLIP_RETRIEVAL_VENV",
+                            Path.home() / ".cache" / "clip-pipeline" / "clip-retrieval-venv")) / "bin" / "python")
+    return py if Path(py).exists() else None
+
+
+def test_clip_retrieval_readers_get_each_ids_url_and_path_in_a_mixed_run(tmp_path, tiny_model):
+    """Issue #27 item 7: shards without tar samples had no `url` column, so clip back's hdf5 reader
+    returned another row's URL (and IndexError past the short column), its arrow reader and
+    pyarrow.dataset failed or dropped the column. Every metadata file now has one schema; this
+    runs clip-retrieval's own readers (private venv) and checks url and image_path for every id,
+    then the README's autofaiss command."""
+    pytest.importorskip("pyarrow")
+    py = clip_retrieval_python()
+    if py is None:
+        pytest.skip("no clip-retrieval venv: run scripts/setup_clip_retrieval_venv.sh "
+                    "(or set CLIP_PIPELINE_CLIP_RETRIEVAL_PYTHON)")
+    imgs = make_images(tmp_path / "a", 8, seed=21) + make_images(tmp_path / "c", 5, seed=22)
+    tar_imgs = make_images(tmp_path / "t", 9, seed=23)
+    # the 9th sample: "i" as text (a type that differs across shards), no url
+    write_shard(tmp_path / "s.tar", tar_imgs[:8],
+                extra=[(f"{8:09d}{tar_imgs[8].suffix}", tar_imgs[8].read_bytes()),
+                       (f"{8:09d}.json", json.dumps({"i": "eight", "extra": [1, 2]}).encode())])
+    # ids 0-7 plain files (shard 0: no json at all), 8-15 tar (shard 1), 16 tar + 17-21 plain (shard 2)
+    res = run_pipeline(tmp_path / "out", tiny_model, [tmp_path / "a", tmp_path / "s.tar", tmp_path / "c"],
+                       **{"output.layout": '"clip-retrieval"'})
+    assert res.exit_code == 0, res.message
+    out = tmp_path / "out"
+    paths, _ = load_embeddings(out)
+    assert len(paths) == 22 and len(imgs) == 13
+    want = []
+    for p in paths:
+        key = p.split(".tar/")[1].split(".")[0] if ".tar/" in p else None
+        want.append([f"http://x/{int(key)}" if key is not None and int(key) < 8 else None, p])
+    pq = pytest.importorskip("pyarrow.parquet")
+    schemas = {str(pq.read_schema(f)) for d in ("metadata", "embeddings") for f in (out / d).glob("*.parquet")}
+    assert len(schemas) == 1, schemas  # one schema in every metadata file and per-shard parquet
+
+    (tmp_path / "r").mkdir()
+    proc = subprocess.run([py, str(Path(__file__).parents[1] / "clip_retrieval_readers.py"), str(out), str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["rows"] == 22
+    for reader in ("parquet", "hdf5", "arrow", "dataset"):
+        assert got[reader] == want, f"clip-retrieval's {reader} reader: {got[reader]}"
+
+    # the README's autofaiss command, as written (OUT replaced), with the venv's autofaiss
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    import re
+    import shlex
+
+    m = re.search(r"`(autofaiss build_index [^`]*)`", readme.replace("\n  ", " "))
+    assert m, "the README's autofaiss command is gone"
+    cmd = shlex.split(" ".join(m.group(1).split()).replace("OUT/", f"{out}/"))
+    env = {**os.environ, "PATH": f"{Path(py).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    check = subprocess.run([py, "-c", "import faiss, sys; print(faiss.read_index(sys.argv[1]).ntotal)",
+                            str(tmp_path / "knn.index")], capture_output=True, text=True)
+    assert check.stdout.strip() == "22", check.stdout + check.stderr
+
+
 def test_autofaiss_indexes_the_clip_retrieval_layout(tmp_path, tiny_model):
     """clip-retrieval's indexing step itself (autofaiss) over img_emb/ plus its metadata reading.
     autofaiss pins numpy<2, so it usually lives in its own interpreter: CLIP_PIPELINE_AUTOFAISS_PYTHON."""
@@ -231,9 +299,10 @@ def test_autofaiss_indexes_the_clip_retrieval_layout(tmp_path, tiny_model):
     import sys
 
     py = os.environ.get("CLIP_PIPELINE_AUTOFAISS_PYTHON") or (
-        sys.executable if importlib.util.find_spec("autofaiss") else None)
+        sys.executable if importlib.util.find_spec("autofaiss") else clip_retrieval_python())
     if not py:
-        pytest.skip("autofaiss is not installed (set CLIP_PIPELINE_AUTOFAISS_PYTHON to a python that has it)")
+        pytest.skip("autofaiss is not installed (run scripts/setup_clip_retrieval_venv.sh, or set "
+                    "CLIP_PIPELINE_AUTOFAISS_PYTHON to a python that has it)")
     imgs = make_images(tmp_path / "imgs", 21, seed=12)
     write_shard(tmp_path / "s.tar", imgs)
     res = run_pipeline(tmp_path / "out", tiny_model, [tmp_path / "s.tar"], **{"output.layout": '"clip-retrieval"'})

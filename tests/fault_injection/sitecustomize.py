@@ -10,6 +10,10 @@ then wraps production functions according to the environment:
   CLIP_PIPELINE_TEST_HANG_ON=BYTES    a decode worker hangs while reading any input whose path
                                       contains BYTES (as on a dead network mount), in every
                                       generation: the preprocess.decode_timeout_s test.
+  CLIP_PIPELINE_TEST_UNREADABLE_DIR=BYTES  listing any directory whose path ends in BYTES fails with
+                                      PermissionError (the tests run as root, which reads any mode).
+  CLIP_PIPELINE_TEST_ENOSPC_MANIFEST=STATUS  writing a manifest with that status ("complete": the
+                                      end of a run) fails with OSError(ENOSPC).
   CLIP_PIPELINE_TEST_ENOSPC_SHARD=N   writing shard N fails with OSError(ENOSPC), for platforms
                                       where the tests cannot mount a tiny tmpfs.
   CLIP_PIPELINE_TEST_DIE_IN_PUBLISH=shard:N | refresh
@@ -30,6 +34,8 @@ import time
 CRASH_ENV = "CLIP_PIPELINE_TEST_CRASH_ON"
 HANG_ENV = "CLIP_PIPELINE_TEST_HANG_ON"
 ENOSPC_ENV = "CLIP_PIPELINE_TEST_ENOSPC_SHARD"
+UNREADABLE_DIR_ENV = "CLIP_PIPELINE_TEST_UNREADABLE_DIR"
+ENOSPC_MANIFEST_ENV = "CLIP_PIPELINE_TEST_ENOSPC_MANIFEST"
 DIE_ENV = "CLIP_PIPELINE_TEST_DIE_IN_PUBLISH"
 
 
@@ -37,6 +43,30 @@ def _install() -> None:
     crash_on = os.fsencode(os.environ.get(CRASH_ENV, "")) or None
     hang_on = os.fsencode(os.environ.get(HANG_ENV, "")) or None
     enospc = int(os.environ[ENOSPC_ENV]) if os.environ.get(ENOSPC_ENV, "").isdigit() else None
+    full_at = os.environ.get(ENOSPC_MANIFEST_ENV) or None
+    if full_at is not None:
+        from pipeline.data import rundir
+
+        write_manifest = rundir.RunDir.write_manifest
+
+        def full_write_manifest(self, manifest):
+            if manifest.get("status") == full_at:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest))
+            return write_manifest(self, manifest)
+
+        rundir.RunDir.write_manifest = full_write_manifest
+    locked = os.fsencode(os.environ.get(UNREADABLE_DIR_ENV, "")) or None
+    if locked is not None:
+        from stages import source
+
+        sorted_entries = source._sorted_entries
+
+        def refusing_sorted_entries(d, follow):
+            if d.rstrip(b"/").endswith(locked):
+                raise PermissionError(13, "Permission denied", d)
+            return sorted_entries(d, follow)
+
+        source._sorted_entries = refusing_sorted_entries
     if crash_on is not None:
         from stages import decode
 

@@ -84,7 +84,9 @@ def test_symlinked_directory_outside_is_followed_once(tmp_path):
     assert rel(root, walk(root)[0]) == [b"a.jpg", b"link/e.jpg"]
 
 
-def test_unreadable_subdirectory_is_skipped_with_a_warning(tmp_path, monkeypatch):
+def test_unreadable_subdirectory_is_listed_to_fail_with_a_warning(tmp_path, monkeypatch):
+    """Issue #27: its images must not vanish with only a warning: the directory is listed as one
+    input (decode fails it as unreadable), in walk order, and the warning says so."""
     touch(tmp_path / "a.jpg")
     touch(tmp_path / "locked" / "secret.jpg")
     touch(tmp_path / "z.jpg")
@@ -98,8 +100,9 @@ def test_unreadable_subdirectory_is_skipped_with_a_warning(tmp_path, monkeypatch
 
     monkeypatch.setattr(listing.os, "scandir", scandir)
     paths, warnings = walk(tmp_path)
-    assert rel(tmp_path, paths) == [b"a.jpg", b"z.jpg"]
-    assert warnings == [f"skipped unreadable directory {tmp_path / 'locked'}: Permission denied"]
+    assert rel(tmp_path, paths) == [b"a.jpg", b"locked", b"z.jpg"]
+    assert warnings == [f"unreadable directory {tmp_path / 'locked'} (Permission denied): listed as one failed "
+                        "input; the images in it are not embedded"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads directories whatever their mode")
@@ -111,7 +114,7 @@ def test_unreadable_subdirectory_real_permissions(tmp_path):
         paths, warnings = walk(tmp_path)
     finally:
         (tmp_path / "locked").chmod(0o700)
-    assert rel(tmp_path, paths) == [b"a.jpg"]
+    assert rel(tmp_path, paths) == [b"a.jpg", b"locked"]
     assert len(warnings) == 1 and "locked" in warnings[0]
 
 
