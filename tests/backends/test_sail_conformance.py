@@ -174,7 +174,7 @@ def test_seed_bicubic_version_dies_on_the_fake(setup):
     bm = write_fake_bmodel(d / "b4c.bmodel", onnx_path, [4])
     code = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+        sys.path[:0] = [{os.path.dirname(os.path.abspath(__file__))!r}, {os.path.join(ROOT, 'tests')!r}]
         import sophon.sail as sail
         from test_sail_conformance import seed_clip_multi
         seed_clip_multi(sail, {str(bm)!r}, {[str(f) for f in files[:4]]!r}, resize_name="BM_RESIZE_TPU_BICUBIC")
