@@ -57,7 +57,7 @@ def _install() -> None:
         rundir.RunDir.write_manifest = full_write_manifest
     locked = os.fsencode(os.environ.get(UNREADABLE_DIR_ENV, "")) or None
     if locked is not None:
-        from stages import source
+        from pipeline.data import listing as source  # the walk (pipeline/data/listing.py)
 
         sorted_entries = source._sorted_entries
 
