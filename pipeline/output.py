@@ -1,5 +1,5 @@
 """The Python API to read a run's output: `load_embeddings`, `iter_shards`, `ShardedArray`,
-`read_manifest`, `listed_inputs`.
+`read_manifest`, `listed_inputs`, `shard_metadata_path`.
 
 One door each way: reading a run goes through here, writing one through pipeline/data/rundir.py
 (its layout, formats and atomic writes: the only module that spells the layout's file names).
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.rundir import RunDir, completed_shards
+from pipeline.data.rundir import PARQUET_SUFFIX, RunDir, completed_shards
 from pipeline.data.rundir import listed_inputs as listed_inputs  # (id, path) of every input, updates too
 from pipeline.data.rundir import read_manifest as read_manifest  # the run's manifest.json, None if absent
 
@@ -141,6 +141,11 @@ class ShardedArray:
         if res:
             return np.concatenate(res)
         return np.zeros((0, *other.shape[1:]), dtype=np.result_type(self.dtype, other.dtype))
+
+
+def shard_metadata_path(out_dir: str | os.PathLike, k: int) -> Path:
+    """Where shard k's per-shard metadata parquet lies (`output.metadata`); it may not exist."""
+    return RunDir(out_dir).shard_companion(k, PARQUET_SUFFIX)
 
 
 def load_embeddings(out_dir: str | os.PathLike) -> tuple[list[str], ShardedArray]:

@@ -20,8 +20,7 @@ import numpy as np
 
 from pipeline.config import ConfigError
 from pipeline.data.images import DecodeOptions
-from pipeline.data.rundir import EMB_DIR, shard_name
-from pipeline.output import ShardedArray, iter_shards
+from pipeline.output import ShardedArray, iter_shards, shard_metadata_path
 from pipeline.query.index import INDEX_DIR, OpenIndex
 from pipeline.query.search import exact_topk, run_status_notes
 from pipeline.run.featurize import check_same_model, config_of, manifest_of
@@ -201,7 +200,7 @@ class RunIndex:
             if k in self._meta_cache:
                 self._meta_cache.move_to_end(k)
                 return self._meta_cache[k]
-        path = self.out / EMB_DIR / f"{shard_name(k)}.parquet"
+        path = shard_metadata_path(self.out, k)
         table = None
         if path.exists():
             try:
