@@ -538,9 +538,9 @@ def test_progress_line_says_starting_while_the_model_loads(tmp_path):
     sup.start = RunStart(cfg, sup.rundir, sup.listing_path, devices=sup.devices)  # what prepare() finds
     sup.plan()
     sup.telemetry.start(_time.monotonic())
-    assert sup.stage_line().startswith("starting: 1 device(s) loading the model"), sup.stage_line()
+    assert sup.view.stage_line().startswith("starting: 1 device(s) loading the model"), sup.view.stage_line()
     sup.telemetry.on_device_ready(_time.monotonic())
-    assert not sup.stage_line().startswith("starting: ")
+    assert not sup.view.stage_line().startswith("starting: ")
 
 
 def test_final_messages_read_right(tmp_path):

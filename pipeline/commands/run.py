@@ -49,7 +49,8 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
 
     from pipeline.errors import RunFailure
     from pipeline.run.progress import Progress
-    from pipeline.run.supervisor import InterruptedBeforeStart, Supervisor
+    from pipeline.run.signals import InterruptedBeforeStart
+    from pipeline.run.supervisor import Supervisor
 
     def early(signum, frame):  # noqa: ARG001 - until the supervisor installs its own (SIGTERM too)
         raise InterruptedBeforeStart(signum)
@@ -86,7 +87,7 @@ def run(config, inputs, input_list, output_dir, devices, sets, restart, update, 
             result = run_update(cfg, progress=prog, log=prog.message)
         else:
             sup = Supervisor(cfg, restart=restart, progress=prog)
-            sup.keep_handlers = True  # signals after the manifest is written change nothing
+            sup.signals.keep = True  # signals after the manifest is written change nothing
             result = sup.run()
     except ConfigError as exc:
         fail(str(exc), 2)

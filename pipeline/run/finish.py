@@ -46,12 +46,12 @@ def finish_run(sup: Supervisor, wall: float) -> RunResult:
     """The end of a run: closing line, report.json, the manifest's status and, for a complete run,
     failures.jsonl, the metadata layout and the pickle; the exit code and its message."""
     led = sup.ledger
-    counts = {"embedded": led.embedded, "failed": led.failed, "total": sup.range_total() or led.listed}
+    counts = {"embedded": led.embedded, "failed": led.failed, "total": sup.view.range_total() or led.listed}
     done = led.embedded + led.failed
     # the last line sums up the whole run (the last interval is mostly shutdown)
     line = sup.telemetry.final_line(led)
-    sup.progress.close(done, sup.range_total(), led.failed, sup.rate(), line)
-    ending_early = sup.interrupted is not None or bool(sup.abort_reason) or not led.complete()
+    sup.progress.close(done, sup.view.range_total(), led.failed, sup.view.rate(), line)
+    ending_early = sup.signals.signum is not None or bool(sup.abort_reason) or not led.complete()
     if sup.hold.gone():  # nothing to keep, and nothing must be written into a stranger's directory
         return RunResult(EXIT_ABORTED, f"Run aborted: {sup.hold.reason}; nothing more was written. Run the "
                          "same command again to start over.", counts, str(sup.out))
@@ -62,16 +62,16 @@ def finish_run(sup: Supervisor, wall: float) -> RunResult:
         sync_with_disk(sup.rundir, led)
     report = run_report(sup, wall)
     best_effort(sup.log, sup.out, sup.rundir.write_report, report)
-    if sup.interrupted is not None:
-        name = "SIGINT" if sup.interrupted == signal.SIGINT else "SIGTERM"
+    if sup.signals.signum is not None:
+        name = "SIGINT" if sup.signals.signum == signal.SIGINT else "SIGTERM"
         best_effort(sup.log, sup.out, sup.write_manifest, "interrupted")
-        msg = (f"Interrupted by {name}: {on_disk(led, sup.range_total())} in {sup.out}. "
+        msg = (f"Interrupted by {name}: {on_disk(led, sup.view.range_total())} in {sup.out}. "
                "Run the same command again to resume (the rest is redone).")
-        return RunResult(EXIT_SIGINT if sup.interrupted == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(sup.out))
+        return RunResult(EXIT_SIGINT if sup.signals.signum == signal.SIGINT else EXIT_SIGTERM, msg, counts, str(sup.out))
     if ending_early:
         reason = (sup.abort_reason or "the run ended before every input was resolved").rstrip(". ")
         best_effort(sup.log, sup.out, sup.write_manifest, "failed", {"error": reason})
-        return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {on_disk(led, sup.range_total())} in {sup.out}; "
+        return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {on_disk(led, sup.view.range_total())} in {sup.out}; "
                          "fix the cause and run the same command again to resume.", counts, str(sup.out))
     o = sup.cfg.output
     try:
@@ -80,7 +80,7 @@ def finish_run(sup: Supervisor, wall: float) -> RunResult:
     except OSError as exc:  # the disk filled up, or OUT was deleted, at the very end: exit 4 as mid-run
         reason = output_failure(sup.out, exc)
         best_effort(sup.log, sup.out, sup.write_manifest, "failed", {"error": reason})
-        return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {on_disk(led, sup.range_total())} in "
+        return RunResult(EXIT_ABORTED, f"Run aborted: {reason}. Kept: {on_disk(led, sup.view.range_total())} in "
                          f"{sup.out}; fix the cause and run the same command again to resume.", counts, str(sup.out))
     if manifest.get("updates"):  # inputs added by run --update count too (RunDir.manifest_of)
         counts = dict(manifest["counts"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,8 +31,9 @@ from pipeline.run.plan import RunPlan, plan_run
 from pipeline.run.policy import FailurePolicy
 from pipeline.run.pool import Worker, WorkerPool
 from pipeline.run.progress import Progress
+from pipeline.run.signals import SignalGuard
 from pipeline.run.start import OutputHold, RunStart
-from pipeline.run.telemetry import PathNames, Telemetry, stuck_note
+from pipeline.run.telemetry import PathNames, ProgressView, Telemetry
 from pipeline.wire import messages, transport
 from pipeline.wire.messages import Failure
 from pipeline.worker.loop import EXIT_OK
@@ -42,14 +42,6 @@ from pipeline.worker.loop import EXIT_OK
 # the sink, in the control loop (keep it cheap). `clip-pipeline bench` uses it to find the steady
 # window of a run.
 ResolvedHook = Callable[[float, int], None]
-
-
-class InterruptedBeforeStart(KeyboardInterrupt):
-    """SIGINT/SIGTERM while the run was being prepared (checks, model build): no worker ran."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 class Supervisor:
@@ -78,14 +70,12 @@ class Supervisor:
         self.telemetry = Telemetry()
         self.warnings: list[str] = []
         self.errors: list[dict] = []
-        self.interrupted: int | None = None
         self.abort_reason: str | None = None
-        self.hurry = False  # a second signal: stop the workers now (kill), not in order
+        # SIGINT/SIGTERM (signals.py); the CLI sets `signals.keep`: a signal after the manifest is
+        # written changes nothing, the process is about to print its result and exit
+        self.signals = SignalGuard()
         self.held: contextlib.ExitStack | None = None  # set by run(): holds the output's lock
         self.hold = OutputHold(self.out, "run-range" if id_range is not None else "run")
-        # the CLI keeps this run's handlers after it returns (a signal then changes nothing: the
-        # manifest is written and the process is about to print its result and exit)
-        self.keep_handlers = False
         self.outbox = transport.Outbox()
         self.reissue_pending: set[int] = set()
         self.dim: int | None = None  # embedding width, from the first device that gets ready
@@ -98,6 +88,7 @@ class Supervisor:
         self.topology: RunPlan | None = None
         self.pool: WorkerPool | None = None
         self.policy: FailurePolicy | None = None
+        self.view: ProgressView | None = None  # the progress line (telemetry.py)
         self.ctx = self.control = self.to_sink = self.to_first = None  # run(): zmq context and sockets
 
     # -- preparation ----------------------------------------------------------------------------
@@ -129,6 +120,8 @@ class Supervisor:
         self.pool = WorkerPool(self.cfg, self.backend, self.rundir, self.ep.root, self.topology.specs)
         self.policy = FailurePolicy(self.cfg, files_mode)
         self.telemetry.set_topology(self.topology.roles(), list(self.topology.stage_order), self.topology.capacity)
+        self.view = ProgressView(self.telemetry, self.ledger, self.pool, self.cfg, self.path_of,
+                                 id_range=self.id_range, resumed=self.resumed_count)
 
     @property
     def workers(self) -> dict[str, Worker]:
@@ -143,25 +136,11 @@ class Supervisor:
             return self._run()
 
     def _run(self) -> RunResult:
-        """The run, with SIGINT/SIGTERM handled from the first check to the last manifest write: a
-        signal before the workers start stops at once (InterruptedBeforeStart); after, the first
-        one stops the run in order (shards kept, manifest "interrupted", the closing message) and a
-        second only hurries the workers' stop. The previous handlers come back only after finish."""
+        """The run, with SIGINT/SIGTERM handled from the first check to the last manifest write
+        (signals.py: a signal before the workers start stops at once, after it stops the run in
+        order); the previous handlers come back only after finish."""
         t_start = time.monotonic()
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        started = False
-
-        def on_signal(signum, frame):  # noqa: ARG001
-            if self.interrupted is None:
-                self.interrupted = signum
-                if not started:
-                    raise InterruptedBeforeStart(signum)
-            else:
-                self.hurry = True
-
-        for s in old:
-            signal.signal(s, on_signal)
-        try:
+        with self.signals:
             self.prepare()
             self.plan()
             self.ctx = zmq.Context()
@@ -169,9 +148,7 @@ class Supervisor:
             self.control = transport.pull(self.ctx, topo.control_addr, hwm=100000)
             self.to_sink = transport.push(self.ctx, [topo.sink_addr], hwm=100000)
             self.to_first = transport.push(self.ctx, list(topo.first_stage_addrs), hwm=topo.first_stage_hwm)
-            started = True
-            if self.interrupted is not None:  # came between the last check and `started`
-                raise InterruptedBeforeStart(self.interrupted)
+            self.signals.start()
             if self.model.get("synthetic"):
                 self.log(f"Note: model {self.model.get('path') or self.cfg.infer.backend} has {SYNTHETIC_NOTE}.")
             self.telemetry.start(time.monotonic())
@@ -182,7 +159,7 @@ class Supervisor:
             except RunAborted as exc:
                 self.abort_reason = str(exc)
             finally:
-                self.pool.stop_all(hurry=lambda: self.hurry)
+                self.pool.stop_all(hurry=lambda: self.signals.hurry)
                 self.drain_stats()
                 self.rundir.remove_workers()
                 for sock in (self.control, self.to_sink, self.to_first):
@@ -190,10 +167,6 @@ class Supervisor:
                 self.ctx.term()
                 self.ep.cleanup()
             return finish_run(self, time.monotonic() - t_start)
-        finally:
-            if not self.keep_handlers:
-                for s, h in old.items():
-                    signal.signal(s, h)
 
     def loop(self) -> None:
         poller = zmq.Poller()
@@ -202,7 +175,7 @@ class Supervisor:
         self.telemetry.begin_loop(time.monotonic())
         last_tick = 0.0
         while True:
-            if self.interrupted is not None:
+            if self.signals.signum is not None:
                 return
             for _ in range(1000):
                 if not poller.poll(0 if _ else 100):
@@ -217,7 +190,7 @@ class Supervisor:
             now = time.monotonic()
             if now - last_tick >= 0.5:
                 last_tick = now
-                self.tick(now)
+                self.view.tick(now, self.progress)
                 if self.hold.gone():
                     raise RunAborted(self.hold.reason)
             if self.ledger.complete():
@@ -279,7 +252,7 @@ class Supervisor:
 
     # -- failures of workers -----------------------------------------------------------------
     def check_workers(self) -> None:
-        if self.interrupted is not None:
+        if self.signals.signum is not None:
             return  # a group-wide SIGINT/SIGTERM also stops the workers: that is not a death
         now = time.monotonic()
         for w in self.pool:
@@ -362,28 +335,6 @@ class Supervisor:
                     self.telemetry.on_stats(header["worker"], header["stats"])
         except zmq.ZMQError:
             pass
-
-    def tick(self, now: float) -> None:
-        led = self.ledger
-        self.telemetry.tick(now, led)
-        self.progress.update(led.embedded + led.failed, self.range_total() if led.listing_done else None, led.failed,
-                             self.rate(), self.stage_line())
-
-    def stage_line(self) -> str:
-        if self.telemetry.ready_s is None and self.telemetry.t0 is not None:  # not "input-bound: infer 0%"
-            devices = sum(1 for w in self.pool.of_role("infer") if not w.removed)
-            return f"starting: {devices} device(s) loading the model, {self.telemetry.elapsed():.0f}s so far"
-        line = self.telemetry.stage_line()
-        stuck = stuck_note(self.pool, time.monotonic(), self.cfg, self.path_of)
-        return f"{line} | {stuck}" if stuck else line
-
-    def rate(self) -> float:
-        return self.telemetry.rate(self.ledger.embedded + self.ledger.failed - self.resumed_count)
-
-    def range_total(self) -> int | None:
-        """The number of inputs this run covers (a cluster range run covers ids [lo, hi) only)."""
-        t = self.ledger.total
-        return t - self.id_range[0] if t is not None and self.id_range else t
 
 
 def run(cfg: Config, *, restart: bool = False, progress: Progress | None = None) -> RunResult:

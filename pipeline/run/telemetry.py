@@ -1,8 +1,8 @@
 """What a run measures about itself: the workers' stats, ticks, the timeline, rates, report.json.
 
-The supervisor feeds it (`on_stats`, `on_result`, `tick`) and asks it for the progress line and,
-at the end, the content of report.json. Pure bookkeeping over the counters the workers send
-(pipeline/run/progress.py does the arithmetic); no sockets, no files.
+The supervisor feeds it (`on_stats`, `on_result`, `tick`), draws the progress line through a
+ProgressView and, at the end, asks it for the content of report.json. Pure bookkeeping over the
+counters the workers send (pipeline/run/progress.py does the arithmetic); no sockets, no files.
 """
 
 from __future__ import annotations
@@ -158,6 +158,40 @@ class Telemetry:
             **run,
             "versions": software_versions(),
         }
+
+
+class ProgressView:
+    """The progress line of one run, as Progress draws it on every tick and once at the end: this
+    run's counts (a cluster range run covers ids [lo, hi) only), its own rate (not what an earlier
+    run resolved) and the stage line (the model start-up while no device is ready, then the
+    bottleneck line with the stuck note)."""
+
+    def __init__(self, telemetry: Telemetry, ledger: Ledger, pool: Any, cfg: Config, path_of: Callable[[int], str],
+                 *, id_range: tuple[int, int] | None = None, resumed: int = 0):
+        self.telemetry, self.ledger, self.pool, self.cfg, self.path_of = telemetry, ledger, pool, cfg, path_of
+        self.id_range, self.resumed = id_range, resumed
+
+    def tick(self, now: float, progress: Any) -> None:
+        led = self.ledger
+        self.telemetry.tick(now, led)
+        progress.update(led.embedded + led.failed, self.range_total() if led.listing_done else None, led.failed,
+                        self.rate(), self.stage_line())
+
+    def stage_line(self) -> str:
+        if self.telemetry.ready_s is None and self.telemetry.t0 is not None:  # not "input-bound: infer 0%"
+            devices = sum(1 for w in self.pool.of_role("infer") if not w.removed)
+            return f"starting: {devices} device(s) loading the model, {self.telemetry.elapsed():.0f}s so far"
+        line = self.telemetry.stage_line()
+        stuck = stuck_note(self.pool, time.monotonic(), self.cfg, self.path_of)
+        return f"{line} | {stuck}" if stuck else line
+
+    def rate(self) -> float:
+        return self.telemetry.rate(self.ledger.embedded + self.ledger.failed - self.resumed)
+
+    def range_total(self) -> int | None:
+        """The number of inputs this run covers (a cluster range run covers ids [lo, hi) only)."""
+        t = self.ledger.total
+        return t - self.id_range[0] if t is not None and self.id_range else t
 
 
 # -- what the supervisor adds: the stuck note of the progress line, the report's run fields ----------
