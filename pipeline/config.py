@@ -366,8 +366,9 @@ def _check_open_files(cfg: Config) -> None:
                           "use fewer workers, or raise the limit (ulimit -n)")
 
 
-def validate_for_run(cfg: Config) -> None:
-    """Checks that need the file system: inputs exist, the model exists or can be built."""
+def validate_for_run(cfg: Config, out: str | os.PathLike | None = None) -> None:
+    """Checks that need the file system: inputs exist, the model exists or can be built, the run's
+    directory (`out`; cfg.output.dir, the configured output, unless given) is not a file."""
     _check_open_files(cfg)
     if not cfg.input.paths and not cfg.input.list:
         raise ConfigError("config key input.paths is empty: give at least one image directory (or --input DIR), "
@@ -396,6 +397,6 @@ def validate_for_run(cfg: Config) -> None:
         from pipeline.data.metadata import require_pyarrow
 
         require_pyarrow("output.metadata" if cfg.output.metadata else "output.layout")
-    out = Path(cfg.output.dir)
+    out = Path(cfg.output.dir if out is None else out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory (config key output.dir / --output)")

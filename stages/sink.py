@@ -83,7 +83,7 @@ class SinkCore(StageCore):
     def __init__(self, spec):
         super().__init__()
         self.cfg = spec.cfg
-        self.out_dir = spec.cfg.output.dir
+        self.out_dir = spec.out_dir
         self.asm: ShardAssembler | None = None
         self.dim = 0
         o = spec.cfg.output

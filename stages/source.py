@@ -109,7 +109,7 @@ def run_source(spec, slot, loop) -> None:
                     before = next(old, None)
                     if before != path:
                         raise FatalError(
-                            f"the inputs changed since the interrupted run in {cfg.output.dir}: input #{n} was "
+                            f"the inputs changed since the interrupted run in {spec.out_dir}: input #{n} was "
                             f"{os.fsdecode(before) if before else '(nothing)'}, now {os.fsdecode(path)}. "
                             "Run with --restart to start over (or restore the inputs)."
                         )
@@ -131,7 +131,7 @@ def run_source(spec, slot, loop) -> None:
                          "free space (or fix permissions) and run the same command again to resume.") from None
     if n < existing:
         raise FatalError(
-            f"the inputs changed since the interrupted run in {cfg.output.dir}: {existing} inputs were listed "
+            f"the inputs changed since the interrupted run in {spec.out_dir}: {existing} inputs were listed "
             f"then, only {n} now. Run with --restart to start over (or restore the inputs)."
         )
     slot.sent_upto = n

@@ -78,4 +78,6 @@ def worker_spec(role: str, raw: dict, **fields):
         fields = {"device": "cpu:0", "files_mode": files, **fields}
     if role == "decode":
         fields = {"fused": cfg.workers.fuse_decode_preprocess, **fields}
+    if role in ("source", "sink"):  # the run's directory, as the run plan passes it: here the configured one
+        fields = {"out_dir": cfg.output.dir, **fields}
     return SPEC_TYPES[role](index=0, cfg=cfg, **fields)

@@ -52,9 +52,9 @@ class RunPlan:
 
 
 def plan_run(cfg: Config, devices: list[str], ep: Endpoints, *, files_mode: bool, splits_tail: bool,
-             listing_path: str, done_shards: tuple[int, ...] = (), listing_complete: bool = False,
+             out_dir: str, listing_path: str, done_shards: tuple[int, ...] = (), listing_complete: bool = False,
              id_range: tuple[int, int] | None = None) -> RunPlan:
-    """The topology of a run over `devices`, with endpoints named by `ep`.
+    """The topology of a run over `devices` writing into `out_dir`, with endpoints named by `ep`.
 
     files_mode: the devices take file paths (no decode/preprocess workers). id_range: a cluster
     range run replays ids [lo, hi) of the planned listing at `listing_path`."""
@@ -95,7 +95,8 @@ def plan_run(cfg: Config, devices: list[str], ep: Endpoints, *, files_mode: bool
                 "in_hwm": hwm.get(role, 0), "out_hwm": hwm[nxt] if nxt else 0, "sink_hwm": cfg.queues.sink,
                 "credit_addr": credit_addrs[index] if credit and role == feeder else ""}
 
-    specs: list[WorkerSpec] = [SinkSpec(**{**common("sink", 0, None), "in_addr": sink_addr, "in_hwm": hwm["sink"]})]
+    specs: list[WorkerSpec] = [SinkSpec(**{**common("sink", 0, None), "in_addr": sink_addr, "in_hwm": hwm["sink"]},
+                                        out_dir=out_dir)]
     specs += [InferSpec(**common("infer", i, None), device=dev, files_mode=files_mode, credit_addrs=credit_addrs)
               for i, dev in enumerate(devices)]
     for pos, (role, n) in enumerate(chain):
@@ -107,7 +108,8 @@ def plan_run(cfg: Config, devices: list[str], ep: Endpoints, *, files_mode: bool
             else:
                 specs.append(PreprocessSpec(**common(role, i, order[pos + 1])))
     tail_n, piece, cap = run_tail(cfg, len(devices), splits_tail)
-    specs.append(SourceSpec(**common("source", 0, first), listing_path=listing_path, done_shards=tuple(done_shards),
+    specs.append(SourceSpec(**common("source", 0, first), out_dir=out_dir, listing_path=listing_path,
+                            done_shards=tuple(done_shards),
                             listing_complete=listing_complete, tail_n=tail_n, tail_piece=piece, tail_cap=cap,
                             **({"range_lo": id_range[0], "range_hi": id_range[1]} if id_range else {})))
     return RunPlan(tuple(specs), stage_order, capacity, stage_addrs[first], depth[first], control_addr, sink_addr,

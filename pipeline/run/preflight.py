@@ -302,8 +302,10 @@ def writable_refusal(out: Path) -> str | None:
     return f"output directory {out} is not writable: {why} (config key output.dir / --output)"
 
 
-def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bool = True) -> Preflight:
-    """Every check `run` makes before it builds a model or starts a worker; reads only.
+def check(cfg: Config, *, out: str | os.PathLike | None = None, restart: bool = False,
+          compare_inputs_with_listing: bool = True) -> Preflight:
+    """Every check `run` makes before it builds a model or starts a worker, on the directory the
+    run writes into (`out`; cfg.output.dir, the configured output, unless given); reads only.
 
     Raises ConfigError (exit 2) with the message the run would give: invalid inputs or devices,
     an output directory that is not a run, output.on_existing = 'error', a model to be built that
@@ -313,12 +315,12 @@ def check(cfg: Config, *, restart: bool = False, compare_inputs_with_listing: bo
     from pipeline.backends import get_backend
     from pipeline.config import ConfigError, validate_for_run
 
-    validate_for_run(cfg)
+    out = Path(cfg.output.dir if out is None else out)
+    validate_for_run(cfg, out)
     backend = get_backend(cfg.infer.backend)
     devices = backend.resolve_devices(cfg)
     cfg = backend.resolve(cfg)
     pf = Preflight(devices=devices, warnings=device_warnings(cfg, devices), cfg=cfg)
-    out = Path(cfg.output.dir)
     rd = RunDir(out)
     restarting = restart or cfg.output.on_existing == "restart"
     try:

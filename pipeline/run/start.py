@@ -46,7 +46,7 @@ class RunStart:
         `after_checks` runs after the read-only checks, before anything is built or written (the
         supervisor takes the output's lock there)."""
         # every refusal comes from here, before a model is built (run --dry-run makes the same checks)
-        pf = preflight.check(cfg, restart=restart)
+        pf = preflight.check(cfg, out=rundir.path, restart=restart)
         after_checks()
         cfg = pf.cfg  # with what the backend resolved once before start (openvino.precision)
         s = cls(cfg, rundir, listing_path, id_range, devices=pf.devices, input_changes=pf.changes)
@@ -82,12 +82,16 @@ class RunStart:
         return bool(self.model.get("synthetic"))
 
     def manifest(self, status: str, ledger: Ledger, extra: dict | None = None) -> dict[str, Any]:
-        """This run's manifest.json (built by RunDir.manifest_of, with any published updates)."""
+        """This run's manifest.json (built by RunDir.manifest_of, with any published updates). Its
+        config's output.dir is the directory it describes: the configured output, or the attempt or
+        work directory a run into another directory wrote (pipeline/run/attempt.py)."""
         extra = dict(extra or {})
+        config = self.cfg.to_dict()
+        config["output"]["dir"] = os.fspath(self.rundir.path)
         if self.id_range is not None:
             extra["range"] = {"ids": list(self.id_range), "listing": str(self.listing_path)}
         return self.rundir.manifest_of(
-            status=status, created=self.created, fingerprint=self.fp, config=self.cfg.to_dict(),
+            status=status, created=self.created, fingerprint=self.fp, config=config,
             devices=self.devices, model=self.model, listed=ledger.listed,
             listing_complete=ledger.listing_done or self.listing_complete,
             counts={"embedded": ledger.embedded, "failed": ledger.failed, "total": ledger.total},

@@ -49,15 +49,18 @@ class Supervisor:
     the control loop. The output directory is a RunDir, the measurements are a Telemetry;
     `on_resolved` is the documented hook for observers (see ResolvedHook)."""
 
-    def __init__(self, cfg: Config, *, restart: bool = False, progress: Progress | None = None,
-                 log: Callable[[str], None] | None = None, on_resolved: ResolvedHook | None = None,
-                 id_range: tuple[int, int] | None = None, listing: str | os.PathLike | None = None):
-        """id_range + listing: a cluster range run (pipeline/cluster/rangerun.py) embeds only the
-        input ids [lo, hi) of a planned listing (read-only, ids and shard names stay global); lo is
-        a multiple of output.shard_size."""
+    def __init__(self, cfg: Config, *, out: str | os.PathLike | None = None, restart: bool = False,
+                 progress: Progress | None = None, log: Callable[[str], None] | None = None,
+                 on_resolved: ResolvedHook | None = None, id_range: tuple[int, int] | None = None,
+                 listing: str | os.PathLike | None = None):
+        """out: the directory the run writes into, cfg.output.dir (the configured output) unless
+        given (an attempt or work directory: pipeline/run/attempt.py). id_range + listing: a
+        cluster range run (pipeline/cluster/rangerun.py) embeds only the input ids [lo, hi) of a
+        planned listing (read-only, ids and shard names stay global); lo is a multiple of
+        output.shard_size."""
         self.cfg = cfg
         self.restart = restart
-        self.out = Path(cfg.output.dir)
+        self.out = Path(cfg.output.dir if out is None else out)
         self.rundir = RunDir(self.out)
         self.id_range = id_range
         self.listing_path = Path(listing) if listing is not None else self.rundir.listing
@@ -114,7 +117,8 @@ class Supervisor:
         files_mode = self.backend.input_kind(self.cfg) == "files"
         self.ep = transport.Endpoints.create()
         self.topology = plan_run(self.cfg, self.devices, self.ep, files_mode=files_mode,
-                                 splits_tail=self.backend.splits_tail(self.cfg), listing_path=str(self.listing_path),
+                                 splits_tail=self.backend.splits_tail(self.cfg), out_dir=str(self.out),
+                                 listing_path=str(self.listing_path),
                                  done_shards=tuple(self.start.done_shards), listing_complete=self.start.listing_complete,
                                  id_range=self.id_range)
         self.pool = WorkerPool(self.cfg, self.backend, self.rundir, self.ep.root, self.topology.specs)

@@ -2,9 +2,10 @@
 
 `pipeline/run/plan.py` decides the whole topology and puts everything a worker needs on its spec:
 addresses, queue limits, and the role's own settings (the decoder's `fused`, the device's
-`files_mode`, the source's listing and resume point). Workers derive nothing from their role or
-from the config's topology keys. A spec makes its worker's stage core (`make_core`), so the worker
-loop has no list of roles; the source, which is not a core, runs its own `main`.
+`files_mode`, the source's listing and resume point, the directory the sink writes into). Workers
+derive nothing from their role or from the config's topology keys (nor the run's directory from
+output.dir). A spec makes its worker's stage core (`make_core`), so the worker loop has no list of
+roles; the source, which is not a core, runs its own `main`.
 
 Python-3.10-compatible: foreign-interpreter workers (the sim backend) unpickle these.
 """
@@ -68,6 +69,7 @@ class WorkerSpec:
 class SourceSpec(WorkerSpec):
     role: ClassVar[str] = "source"
 
+    out_dir: str = ""  # the directory the run writes into (named in messages)
     listing_path: str = ""  # OUT/listing.jsonl (or a cluster plan's listing)
     done_shards: tuple[int, ...] = ()  # complete shards: their ids are not sent
     listing_complete: bool = False  # replay the saved listing instead of walking the inputs
@@ -153,6 +155,8 @@ class InferSpec(WorkerSpec):
 class SinkSpec(WorkerSpec):
     role: ClassVar[str] = "sink"
     sends_to_sink: ClassVar[bool] = False
+
+    out_dir: str = ""  # the directory the shards go into: the configured output.dir, or an attempt's
 
     def make_core(self, slot: Any) -> StageCore:
         from stages.sink import SinkCore
