@@ -1,18 +1,23 @@
-"""The README's configuration reference is generated from pipeline/config.py and kept current."""
+"""The configuration (pipeline/config.py): overrides, bounds and refusals before any work, and the
+README's configuration reference generated from it and kept current (with the quick start)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli, cli_env, invoke
+from robust_helpers import good_corpus
 
 from pipeline import config
+from pipeline.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -132,3 +137,75 @@ def test_readme_shell_blocks_run_as_written(tmp_path):
             ran += 1
     assert ran >= 1
     _run_python_blocks(tmp_path)
+
+
+def test_config_overrides_and_errors():
+    cfg = config.load(None, ["infer.threads=2", 'infer.devices=["cpu:0","cpu:1"]', "output.normalize=false"])
+    assert cfg.infer.threads == 2 and cfg.infer.devices == ("cpu:0", "cpu:1") and not cfg.output.normalize
+    with pytest.raises(config.ConfigError, match="infer.thread"):
+        config.load(None, ["infer.thread=2"])
+    with pytest.raises(config.ConfigError, match="output.shard_size: must be >= 1"):
+        config.load(None, ["output.shard_size=0"])
+    with pytest.raises(config.ConfigError, match="preprocess.mode"):
+        config.load(None, ['preprocess.mode="quick"'])
+    with pytest.raises(config.ConfigError, match="section.key=value"):
+        config.load(None, ["threads=2"])
+
+
+@pytest.mark.parametrize("key", ["run.stall_timeout_s", "preprocess.decode_timeout_s", "run.start_timeout_s"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_timeouts_are_refused(key, value):
+    """A NaN stall timeout passed `>= min` (every comparison with NaN is false) and switched the
+    watchdog off: a hang."""
+    with pytest.raises(ConfigError, match=rf"{key}: must be a finite number"):
+        config.load(None, [f"{key}={value}"])
+
+
+def test_absurd_worker_count_and_image_size_are_refused_before_work(tmp_path):
+    good_corpus(tmp_path / "in", 2)
+    for key, value in (("workers.decode", 100000), ("model.image_size", 100000)):
+        r = subprocess.run(cli("run", "--dry-run", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),
+                               "--set", "infer.backend=\"fake\"", "--set", f"{key}={value}"),
+                           cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (key, r.stdout, r.stderr)
+        assert f"config key {key}: must be <= 1024" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_workers_over_the_open_file_limit_are_refused(tmp_path):
+    """workers.decode within the cap but over `ulimit -n`: exit 2 naming the key and the limit,
+    not an EMFILE traceback once hundreds of processes are up."""
+    good_corpus(tmp_path / "in", 2)
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    r = subprocess.run(cli("run", "--dry-run", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),
+                           "--set", "infer.backend=\"fake\"", "--set", "workers.decode=200"),
+                       cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60, preexec_fn=low_limit)
+    assert r.returncode == 2, r.stderr
+    assert "workers.decode=200" in r.stderr and "ulimit -n" in r.stderr and "256" in r.stderr
+
+
+def test_empty_output_is_refused_not_replaced_by_the_config_dir(tmp_path):
+    good_corpus(tmp_path / "in", 2)
+    r = invoke("run", "-i", tmp_path / "in", "--output", "", "--set", 'infer.backend="fake"', "--progress", "none")
+    assert r.exit_code == 2, r.output
+    assert "output.dir (--output) is empty" in r.output
+    assert not (ROOT / "out").exists() or not (ROOT / "out" / "manifest.json").exists()
+
+
+def test_missing_relative_input_in_a_config_says_what_it_resolved_against(tmp_path, monkeypatch):
+    conf = tmp_path / "conf" / "c.toml"
+    conf.parent.mkdir()
+    conf.write_text('[input]\npaths = ["images"]\n[infer]\nbackend = "fake"\n')
+    monkeypatch.chdir(tmp_path)
+    r = invoke("run", "--config", conf, "-o", tmp_path / "o", "--dry-run")
+    assert r.exit_code == 2
+    assert f"resolves against the current directory, {tmp_path}" in r.output
+
+
+def test_readme_says_which_python_and_how_to_make_a_venv():
+    text = (ROOT / "README.md").read_text()
+    quick = text[text.index("## Quick start"):text.index("## Commands")]
+    assert "Python 3.11 or newer" in quick and "python3 -m venv" in quick
+    assert "is coming" not in text and "--no-build-isolation" in text

@@ -4,11 +4,14 @@ out of order, merge; idempotent reruns, concurrent attempts, refused mismatches,
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 from cluster_helpers import RANGE_SHARDS, SHARD, assert_same_as_reference, cli, corpus, reference, sets, start
+from conftest import cli_env
 
 from pipeline.cluster import commit as cm
 from pipeline.cluster.merge import array_spec
@@ -251,3 +254,30 @@ def test_cluster_ray_without_ray_installed_names_the_extra(data, tmp_path):
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "clip-pipeline[cluster]" in lines[0], r.stderr
+
+
+def test_merge_never_deletes_a_running_attempts_directory(tmp_path):
+    """merge's clean-up of attempt directories no commit refers to spared nothing: a duplicate
+    attempt still running lost its files. A directory whose run holds the lock is kept."""
+    from types import SimpleNamespace
+
+    from pipeline.cluster import commit as cm
+    from pipeline.cluster.merge import remove_stale_attempts
+
+    root = tmp_path / cm.ATTEMPTS_DIR / "r00000"
+    running, dead = root / "a-running", root / "a-dead"
+    for d in (running, dead):
+        d.mkdir(parents=True)
+        (root / f"{d.name}.attempt.json").write_text("{}")
+    code = ("import sys, time; from pipeline.data import rundir\n"
+            "with rundir.output_lock(sys.argv[1], 'run-range'):\n  print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(running)], env=cli_env(), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert remove_stale_attempts(SimpleNamespace(out=tmp_path), {}) == 1
+        assert running.is_dir() and (root / "a-running.attempt.json").exists()
+        assert not dead.exists() and not (root / "a-dead.attempt.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,28 @@ def test_no_device_left_stops_with_a_clear_error(corpus, tmp_path):
     from pipeline.output import iter_shards
 
     assert all(s.embeddings.shape[0] == 0 for s in iter_shards(out))
+
+
+@pytest.mark.slow
+def test_source_killed_now_and_then_does_not_abort_the_run(tmp_path):
+    """source-0 never sent "ready", so its deaths counted "in a row" for the whole run: 4 kills
+    spread over a run aborted it. It now gets ready like every worker."""
+    good_corpus(tmp_path / "in", 400)
+    out = tmp_path / "out"
+    p = start_cli(tmp_path / "in", out, **{"fake.latency_ms_per_batch": 300, "queues.decode": 4,
+                                           "workers.items_per_message": 1})
+    pid = wait_for(lambda: workers(out).get("source-0"), 60, "source-0")
+    for _ in range(5):  # one more than run.max_restarts = 3 allows in a row
+        os.kill(pid, signal.SIGKILL)
+
+        def respawned(old=pid):
+            assert p.poll() is None, p.communicate()[1]
+            now = workers(out).get("source-0")
+            return now if now not in (None, old) else None
+
+        pid = wait_for(respawned, 30, "a new source-0")
+        time.sleep(3)  # the issue's kills came 2.5 s apart: time for the new source to get ready
+    stdout, stderr = p.communicate(timeout=180)
+    assert p.returncode == 0, stderr
+    embedded, failed = accounting(out)
+    assert len(embedded) == 400 and not failed
