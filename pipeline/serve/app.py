@@ -195,7 +195,7 @@ class Api:
                 raise BadRequest(f"text is {len(text)} characters; at most 2000")
             return ix.text_vector(text)
         if image not in (None, ""):
-            return ix.image_vector(self.decode_upload(ix, image))
+            return ix.image_vector(*self.decode_upload(ix, image))
         if url not in (None, ""):
             mine = self.own_row(ix, url) if isinstance(url, str) else None
             if mine is None:
@@ -216,8 +216,9 @@ class Api:
             return ix.vectors([row])[0]
         raise BadRequest("give one query: text, image (base64), embedding_input or id")
 
-    def decode_upload(self, ix: RunIndex, image: Any) -> np.ndarray:
-        """A base64 upload to the run's crop, within the upload limits and the run's own decode limits."""
+    def decode_upload(self, ix: RunIndex, image: Any) -> tuple[np.ndarray, bytes]:
+        """A base64 upload to (the run's crop of it, its bytes), within the upload limits and the run's
+        own decode limits (a device that decodes files itself gets the bytes, checked by this decode)."""
         limit = self.settings.max_upload_bytes
         if not isinstance(image, str):
             raise BadRequest("image must be a base64 string")
@@ -238,7 +239,7 @@ class Api:
             raise BadRequest(f"the image is {len(data):,} bytes, over the upload limit of {opts.max_file_bytes:,} "
                              "(serve --max-upload-mb, and the run's preprocess.max_file_bytes)", 413)
         try:
-            return self.pool.call("crop", data, opts)
+            return self.pool.call("crop", data, opts), data
         except ItemError as exc:
             raise BadRequest(f"the image cannot be used: {exc.reason} ({exc.message})",
                              413 if exc.reason == "too_large" else 400) from None
@@ -351,7 +352,7 @@ def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) ->
     app.before_request(api.check_access)
     app.after_request(api.add_headers)
     app.register_error_handler(BadRequest, lambda exc: _error(exc.status, str(exc)))
-    app.register_error_handler(QueryError, lambda exc: _error(400, str(exc)))
+    app.register_error_handler(QueryError, lambda exc: _error(exc.status, str(exc)))
     app.register_error_handler(HTTPException, api.http_error)
     app.register_error_handler(Exception, api.internal_error)
     app.add_url_rule("/indices-list", view_func=api.indices_list, methods=["GET"])

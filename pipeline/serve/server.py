@@ -130,7 +130,7 @@ class Service:
     """The app for some runs, its decode pool, and a waitress server (`start` in a thread, or `run`)."""
 
     def __init__(self, outs: list[str], settings: Any, *, use_index: bool = True, nprobe: int | None = None,
-                 text_backend: str | None = None, decode_workers: int = 2, log=print):
+                 text_backend: str | None = None, decode_workers: int = 2, image_timeout_s: float = 300.0, log=print):
         require_web()
         from pipeline.serve.app import create_app
         from pipeline.serve.decode import DecodePool
@@ -139,7 +139,8 @@ class Service:
         for out in outs:
             if not os.path.isdir(out):
                 raise ConfigError(f"{out} is not a directory: give the output directory of a run")
-        self.indices = [RunIndex(out, name, use_index=use_index, nprobe=nprobe, text_backend=text_backend, log=log)
+        self.indices = [RunIndex(out, name, use_index=use_index, nprobe=nprobe, text_backend=text_backend,
+                                 image_timeout_s=image_timeout_s, log=log)
                         for out, name in zip(outs, index_names(outs), strict=True)]
         timeout = min([settings.decode_timeout_s] + [ix.cfg.preprocess.decode_timeout_s for ix in self.indices])
         self.pool = DecodePool(decode_workers, timeout)
@@ -195,4 +196,6 @@ class Service:
         if self.server is not None:
             self.server.task_dispatcher.shutdown(timeout=5)  # let running requests finish their writes
             self.server.close()
+        for ix in self.indices:
+            ix.close()
         self.pool.close()
