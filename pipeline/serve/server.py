@@ -147,6 +147,8 @@ class Service:
         self.app = create_app(self.indices, settings, self.pool)
         self.settings = settings
         self.server = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
 
     def warm_up(self, log=print) -> None:
         """Open each run's text tower and image model now, so that the first queries do not pay for it."""
@@ -188,14 +190,25 @@ class Service:
     def start(self, host: str = "127.0.0.1", port: int = 0, threads: int = 8) -> threading.Thread:
         """Serve in a daemon thread (tests, benchmarks); `close()` stops it."""
         self.listen(host, port, threads)
-        thread = threading.Thread(target=self.server.run, daemon=True, name="serve")
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="serve")
+        self._thread.start()
+        return self._thread
+
+    def _serve(self) -> None:
+        try:
+            self.server.run()
+        except OSError:
+            # close() from another thread closes sockets under the loop's select (EBADF): its end
+            if not self._closing:
+                raise
 
     def close(self) -> None:
+        self._closing = True
         if self.server is not None:
             self.server.task_dispatcher.shutdown(timeout=5)  # let running requests finish their writes
             self.server.close()
+            if self._thread is not None:
+                self._thread.join(5)
         for ix in self.indices:
             ix.close()
         self.pool.close()
