@@ -19,7 +19,9 @@ from pipeline.config import ConfigError
               help="Address to listen on. Anything but loopback exposes the runs' images to the network (a warning).")
 @click.option("--port", type=click.IntRange(0, 65535), default=1234, show_default=True, help="Port (0: any free one).")
 @click.option("--token", default=None, metavar="TOKEN",
-              help="Require 'Authorization: Bearer TOKEN' on every API call (default: $CLIP_PIPELINE_SERVE_TOKEN).")
+              help="Require 'Authorization: Bearer TOKEN' on every API call (default: $CLIP_PIPELINE_SERVE_TOKEN). "
+                   "Clients that cannot send it (clip-front) put it in the path: http://HOST:PORT/t/TOKEN/... "
+                   "(it then shows in their URL and history: README, serve).")
 @click.option("--no-index", "no_index", is_flag=True, help="Exact search even where `clip-pipeline index` built an index.")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF indexes: lists visited per query.")
 @click.option("--text-backend", type=click.Choice(BACKEND_NAMES), default=None,

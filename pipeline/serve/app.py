@@ -110,7 +110,7 @@ class Api:
         return url + (f"?sig={self.signature(ix.name, row)}" if self.secret else "")
 
     def authorised(self) -> bool:
-        if not self.secret:
+        if not self.secret or request.environ.get(TokenInPath.KEY):
             return True
         got = request.headers.get("Authorization", "")
         return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), self.secret)
@@ -342,6 +342,28 @@ class Api:
         return send_from_directory(STATIC, name)  # safe_join: nothing outside STATIC
 
 
+class TokenInPath:
+    """WSGI middleware: `/t/TOKEN/PATH` is PATH, authorised, for a client that cannot send the
+    `Authorization` header: clip-front, whose `back` URL is the only thing it lets you set
+    (`?back=http://HOST:PORT/t/TOKEN`). The prefix is removed before the app sees the path, so no
+    answer, thumbnail URL or error log repeats the token; a wrong one is left in place (a 401)."""
+
+    KEY = "clip_pipeline.token_in_path"
+
+    def __init__(self, app, secret: bytes):
+        self.app, self.secret = app, secret
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if self.secret and path.startswith("/t/"):
+            token, _, rest = path[3:].partition("/")
+            if hmac.compare_digest(token.encode("latin-1", "replace"), self.secret):
+                environ["PATH_INFO"] = "/" + rest
+                environ.pop("REQUEST_URI", None)  # waitress's raw copy of the path, token included
+                environ[self.KEY] = True
+        return self.app(environ, start_response)
+
+
 def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) -> Flask:
     """The WSGI app over `indices` (names unique); `pool` decodes uploads and thumbnails."""
     api = Api(indices, settings, pool)
@@ -355,6 +377,7 @@ def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) ->
     app.register_error_handler(QueryError, lambda exc: _error(exc.status, str(exc)))
     app.register_error_handler(HTTPException, api.http_error)
     app.register_error_handler(Exception, api.internal_error)
+    app.wsgi_app = TokenInPath(app.wsgi_app, api.secret)
     app.add_url_rule("/indices-list", view_func=api.indices_list, methods=["GET"])
     app.add_url_rule("/info", view_func=api.info, methods=["GET"])
     # OPTIONS (a CORS preflight) gets Flask's automatic answer; add_headers adds the CORS headers

@@ -327,6 +327,37 @@ def test_token_required_and_thumbnail_signatures(run, tmp_path):
         svc.close()
 
 
+def test_token_in_the_path_for_clients_that_cannot_send_headers(run, tmp_path):
+    """clip-front sends no headers: `back=http://HOST:PORT/t/TOKEN` authorises by the path; the
+    answers never repeat the token (thumbnails are signed URLs without it)."""
+    out, _ = run
+    svc = Service([str(out)], Settings(token="s3cret", cache_dir=tmp_path))
+    svc.start()
+    base = f"http://127.0.0.1:{svc.port}/"
+    try:
+        status, doc, _ = call(base + "t/s3cret/", "indices-list")
+        assert status == 200 and doc == ["photos"]
+        status, got, _ = call(base + "t/s3cret/", "knn-service", {"text": "x", "num_images": 2})
+        assert status == 200 and len(got) == 2
+        assert all(g["url"].startswith(base + "thumb/photos/") and "s3cret" not in g["url"] for g in got)
+        assert call(got[0]["url"], "")[0] == 200
+        status, meta, _ = call(base + "t/s3cret/", "metadata", {"ids": [got[1]["id"]]})
+        assert status == 200 and "s3cret" not in json.dumps(meta)
+        for wrong in ("t/s3cre/", "t/s3cretx/", "t/", "t//", "x/s3cret/", "t/s3cret"):
+            status, doc, _ = call(base + wrong, "indices-list")
+            assert status in (401, 404) and "s3cret" not in json.dumps(doc), (wrong, status, doc)
+        assert call(base + "t/s3cre/", "indices-list")[0] == 401
+    finally:
+        svc.close()
+    # without --token the prefix means nothing: it is not a path of the service
+    svc = Service([str(out)], Settings(cache_dir=tmp_path))
+    svc.start()
+    try:
+        assert call(f"http://127.0.0.1:{svc.port}/t/s3cret/", "indices-list")[0] == 404
+    finally:
+        svc.close()
+
+
 def test_other_host_names_refused_on_loopback(served):
     base, _, _ = served
     status, doc, _ = call(base, "indices-list", headers={"Host": "rebound.example:80"})
