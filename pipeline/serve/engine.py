@@ -207,8 +207,9 @@ class RunIndex:
                                        log=self.log)
                     child.open()
                     self._image = child
-            except (ConfigError, ChildFailed) as exc:  # the machine's set-up: tried again after a minute
-                self._image_error = (f"{unavailable}: {exc}", time.monotonic() + 60.0)
+            except Exception as exc:  # noqa: BLE001 - the set-up or the device: said in the 503, tried again after a minute
+                why = str(exc) if isinstance(exc, (ConfigError, ChildFailed)) else f"{type(exc).__name__}: {exc}"
+                self._image_error = (f"{unavailable}: {why}", time.monotonic() + 60.0)
                 raise QueryError(self._image_error[0], 503) from None
         return self._image
 

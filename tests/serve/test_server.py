@@ -431,3 +431,26 @@ def test_cli_warns_off_loopback_and_refuses_bad_runs(run, tmp_path):
     code = "import sys; sys.modules['waitress'] = None; from pipeline.cli import main; sys.argv[1:] = ['serve', %r]; main()"
     r = subprocess.run([sys.executable, "-c", code % str(out)], capture_output=True, text=True, env=cli_env(), cwd=ROOT)
     assert r.returncode == 2 and "pip install 'clip-pipeline[serve]'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_an_image_model_that_fails_to_open_is_a_503_and_text_still_works(run, tmp_path, monkeypatch):
+    from pipeline.backends.cpu import CpuBackend
+
+    out, paths = run
+
+    def broken(cls, cfg, device):
+        raise RuntimeError("the device is gone")
+
+    monkeypatch.setattr(CpuBackend, "open_device", classmethod(broken))
+    svc = Service([str(out)], Settings(cache_dir=tmp_path))
+    svc.start()
+    base = f"http://127.0.0.1:{svc.port}/"
+    try:
+        for _ in range(2):  # the second is answered from the remembered failure
+            status, doc, _ = call(base, "knn-service", {"image": b64(paths[0])})
+            assert status == 503 and "image queries are not available" in doc["error"], doc
+            assert "RuntimeError: the device is gone" in doc["error"]
+        status, got, _ = call(base, "knn-service", {"text": "x", "num_images": 1})
+        assert status == 200 and len(got) == 1
+    finally:
+        svc.close()
