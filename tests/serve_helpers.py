@@ -48,3 +48,41 @@ def call(base: str, path: str, body: object = None, *, raw: bytes | None = None,
     if hdrs.get("content-type", "").startswith("application/json"):
         return status, json.loads(payload), hdrs
     return status, payload, hdrs
+
+
+def raw_http(port: int, head: bytes, body_parts=(), timeout: float = 20.0) -> tuple[int, dict, bytes, int]:
+    """(status, headers with lower-case names, body, body bytes sent) of one request written by hand on
+    a socket: `head` (request line and headers, without the blank line), then `body_parts` sent until
+    the server answers (the rest are not sent), so that a refused huge body costs only what was sent.
+    It reads until the server closes: a request that succeeds needs `Connection: close`."""
+    import select
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sent = 0
+    try:
+        sock.sendall(head + b"\r\n\r\n")
+        for part in body_parts:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the answer came: stop sending
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(part)
+        data = b""
+        while True:
+            try:
+                got = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not got:
+                break
+            data += got
+    finally:
+        sock.close()
+    head_out, _, payload = data.partition(b"\r\n\r\n")
+    lines = head_out.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1."), f"no HTTP answer (got {data[:200]!r})"
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, payload, sent

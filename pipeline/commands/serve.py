@@ -19,7 +19,9 @@ from pipeline.config import ConfigError
               help="Address to listen on. Anything but loopback exposes the runs' images to the network (a warning).")
 @click.option("--port", type=click.IntRange(0, 65535), default=1234, show_default=True, help="Port (0: any free one).")
 @click.option("--token", default=None, metavar="TOKEN",
-              help="Require 'Authorization: Bearer TOKEN' on every API call (default: $CLIP_PIPELINE_SERVE_TOKEN).")
+              help="Require 'Authorization: Bearer TOKEN' on every API call (default: $CLIP_PIPELINE_SERVE_TOKEN). "
+                   "Clients that cannot send it (clip-front) put it in the path: http://HOST:PORT/t/TOKEN/... "
+                   "(it then shows in their URL and history: README, serve).")
 @click.option("--no-index", "no_index", is_flag=True, help="Exact search even where `clip-pipeline index` built an index.")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF indexes: lists visited per query.")
 @click.option("--text-backend", type=click.Choice(BACKEND_NAMES), default=None,
@@ -33,13 +35,16 @@ from pipeline.config import ConfigError
               help="Largest uploaded image (decoded bytes).")
 @click.option("--decode-timeout", type=click.FloatRange(0.1, 600), default=10, show_default=True,
               help="Seconds one upload or thumbnail may take to decode (never above the run's preprocess.decode_timeout_s).")
+@click.option("--image-timeout", type=click.FloatRange(1, 3600), default=300, show_default=True,
+              help="Seconds one image query may take on a device that runs in its own process (sail device mode, "
+                   "sim, sail on the cmodel: seconds to minutes per image); past it that process is restarted.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where thumbnails are cached (default: ~/.cache/clip-pipeline/serve).")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="A web origin (e.g. http://127.0.0.1:8080) whose pages may call the API, such as a clip-front "
                    "served elsewhere (repeatable; default: none).")
 def serve_cmd(outs, host, port, token, no_index, nprobe, text_backend, threads, decode_workers, max_body_mb,
-              max_upload_mb, decode_timeout, cache_dir, cors_origins) -> None:
+              max_upload_mb, decode_timeout, image_timeout, cache_dir, cors_origins) -> None:
     """Serve runs for search: clip-retrieval's clip-back API and a web page at /.
 
     One index per run directory, named after it. Text queries use the run's paired text tower,
@@ -60,7 +65,7 @@ def serve_cmd(outs, host, port, token, no_index, nprobe, text_backend, threads, 
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy moment
     try:
         service = Service(list(outs), settings, use_index=not no_index, nprobe=nprobe, text_backend=text_backend,
-                          decode_workers=decode_workers, log=log)
+                          decode_workers=decode_workers, image_timeout_s=image_timeout, log=log)
         service.warm_up(log)
         service.listen(host, port, threads)
     except (ConfigError, FileNotFoundError) as exc:

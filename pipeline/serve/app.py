@@ -110,7 +110,7 @@ class Api:
         return url + (f"?sig={self.signature(ix.name, row)}" if self.secret else "")
 
     def authorised(self) -> bool:
-        if not self.secret:
+        if not self.secret or request.environ.get(TokenInPath.KEY):
             return True
         got = request.headers.get("Authorization", "")
         return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), self.secret)
@@ -195,7 +195,7 @@ class Api:
                 raise BadRequest(f"text is {len(text)} characters; at most 2000")
             return ix.text_vector(text)
         if image not in (None, ""):
-            return ix.image_vector(self.decode_upload(ix, image))
+            return ix.image_vector(*self.decode_upload(ix, image))
         if url not in (None, ""):
             mine = self.own_row(ix, url) if isinstance(url, str) else None
             if mine is None:
@@ -216,8 +216,9 @@ class Api:
             return ix.vectors([row])[0]
         raise BadRequest("give one query: text, image (base64), embedding_input or id")
 
-    def decode_upload(self, ix: RunIndex, image: Any) -> np.ndarray:
-        """A base64 upload to the run's crop, within the upload limits and the run's own decode limits."""
+    def decode_upload(self, ix: RunIndex, image: Any) -> tuple[np.ndarray, bytes]:
+        """A base64 upload to (the run's crop of it, its bytes), within the upload limits and the run's
+        own decode limits (a device that decodes files itself gets the bytes, checked by this decode)."""
         limit = self.settings.max_upload_bytes
         if not isinstance(image, str):
             raise BadRequest("image must be a base64 string")
@@ -238,7 +239,7 @@ class Api:
             raise BadRequest(f"the image is {len(data):,} bytes, over the upload limit of {opts.max_file_bytes:,} "
                              "(serve --max-upload-mb, and the run's preprocess.max_file_bytes)", 413)
         try:
-            return self.pool.call("crop", data, opts)
+            return self.pool.call("crop", data, opts), data
         except ItemError as exc:
             raise BadRequest(f"the image cannot be used: {exc.reason} ({exc.message})",
                              413 if exc.reason == "too_large" else 400) from None
@@ -341,6 +342,28 @@ class Api:
         return send_from_directory(STATIC, name)  # safe_join: nothing outside STATIC
 
 
+class TokenInPath:
+    """WSGI middleware: `/t/TOKEN/PATH` is PATH, authorised, for a client that cannot send the
+    `Authorization` header: clip-front, whose `back` URL is the only thing it lets you set
+    (`?back=http://HOST:PORT/t/TOKEN`). The prefix is removed before the app sees the path, so no
+    answer, thumbnail URL or error log repeats the token; a wrong one is left in place (a 401)."""
+
+    KEY = "clip_pipeline.token_in_path"
+
+    def __init__(self, app, secret: bytes):
+        self.app, self.secret = app, secret
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if self.secret and path.startswith("/t/"):
+            token, _, rest = path[3:].partition("/")
+            if hmac.compare_digest(token.encode("latin-1", "replace"), self.secret):
+                environ["PATH_INFO"] = "/" + rest
+                environ.pop("REQUEST_URI", None)  # waitress's raw copy of the path, token included
+                environ[self.KEY] = True
+        return self.app(environ, start_response)
+
+
 def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) -> Flask:
     """The WSGI app over `indices` (names unique); `pool` decodes uploads and thumbnails."""
     api = Api(indices, settings, pool)
@@ -351,9 +374,10 @@ def create_app(indices: list[RunIndex], settings: Settings, pool: DecodePool) ->
     app.before_request(api.check_access)
     app.after_request(api.add_headers)
     app.register_error_handler(BadRequest, lambda exc: _error(exc.status, str(exc)))
-    app.register_error_handler(QueryError, lambda exc: _error(400, str(exc)))
+    app.register_error_handler(QueryError, lambda exc: _error(exc.status, str(exc)))
     app.register_error_handler(HTTPException, api.http_error)
     app.register_error_handler(Exception, api.internal_error)
+    app.wsgi_app = TokenInPath(app.wsgi_app, api.secret)
     app.add_url_rule("/indices-list", view_func=api.indices_list, methods=["GET"])
     app.add_url_rule("/info", view_func=api.info, methods=["GET"])
     # OPTIONS (a CORS preflight) gets Flask's automatic answer; add_headers adds the CORS headers

@@ -55,6 +55,7 @@ def _child_main(conn) -> None:
 
     set_parent_death_signal()
     tars = TarReader()
+    conn.send(("ready",))  # imports done: the decode deadline starts counting from here
     while True:
         try:
             kind, args = conn.recv()
@@ -71,6 +72,7 @@ def _child_main(conn) -> None:
 
 class _Child:
     def __init__(self, ctx):
+        self.ready = False  # its ("ready",) read: a starting child (imports) is not timed as a decode
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(target=_child_main, args=(child_conn,), daemon=True, name="serve-decode")
         self.proc.start()
@@ -115,6 +117,13 @@ class DecodePool:
         except queue.Empty:
             raise ItemError("timeout", f"every decoder was busy for {self.wait_s:.0f}s; try again") from None
         try:
+            if not child.ready:
+                if not child.conn.poll(self.wait_s):
+                    self._replace(child)
+                    child = None
+                    raise ItemError("timeout", f"a decoder did not start in {self.wait_s:.0f}s; try again")
+                child.conn.recv()
+                child.ready = True
             child.conn.send((kind, args))
             if not child.conn.poll(self.timeout_s):
                 self._replace(child)

@@ -1,17 +1,22 @@
 """The runs a service searches: one `RunIndex` per run directory, opened once, shared by every request.
 
 Queries are embedded by the run's own code: text through the paired text tower (pipeline/text) on
-the run's backend, images through the run's decode + crop (pipeline/images.py, in the decode pool)
-and the run's image model on its backend's device, opened once in this process. The search is
+the run's backend, images through the run's decode + crop (pipeline/data/images.py, in the decode
+pool) and the run's image model on its backend's device, opened once: in this process, or, for a
+device that decodes files itself or runs under another interpreter, in a persistent child
+(pipeline/serve/querychild.py) that gets the crop or the uploaded file. The search is
 pipeline/search.py's exact chunked scan, or the run's faiss index (pipeline/index.py's OpenIndex)
 when `clip-pipeline index` built one that still covers every completed shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,24 @@ DEDUP_THRESHOLD = 0.94  # clip-back's: results this similar to a better one are 
 
 
 class QueryError(ValueError):
-    """A query this run cannot answer (the message says why); the service answers 400."""
+    """A query this run cannot answer (the message says why); the service answers `status` (400:
+    the query's fault; 503: the run's image model failed or cannot be opened)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@contextlib.contextmanager
+def query_file(data: bytes):
+    """An uploaded image as a private temporary file, for a device that reads files; removed after.
+    Named .jpg for JPEG content (a SOPHON JPEG decoder takes only such names), else .png or .img."""
+    suffix = ".jpg" if data[:3] == b"\xff\xd8\xff" else ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".img"
+    with tempfile.TemporaryDirectory(prefix="clip-serve-query-") as d:  # mode 0700
+        path = os.path.join(d, "query" + suffix)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        yield path
 
 
 def near_duplicates(vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> np.ndarray:
@@ -60,7 +82,8 @@ class RunIndex:
     """One run directory, searchable: its rows, paths, per-shard metadata, index and query encoders."""
 
     def __init__(self, out: str | os.PathLike, name: str, *, use_index: bool = True, nprobe: int | None = None,
-                 text_backend: str | None = None, text_model: str | None = None, log=print):
+                 text_backend: str | None = None, text_model: str | None = None, image_timeout_s: float = 300.0,
+                 log=print):
         self.out = Path(out)
         self.name = name
         self.log = log
@@ -82,7 +105,9 @@ class RunIndex:
         self.text_model = text_model
         self._text = None
         self._text_error: str | None = None
-        self._image = None
+        self._image = None  # a Device, or a QueryChild (pipeline/serve/querychild.py)
+        self.image_timeout_s = image_timeout_s
+        self._image_error: tuple[str, float] | None = None  # why the image model cannot be opened, until when
         self._image_lock = threading.Lock()
         self._meta_cache: OrderedDict[int, Any] = OrderedDict()
         self._meta_lock = threading.Lock()
@@ -154,35 +179,75 @@ class RunIndex:
             model=dataclasses.replace(self.cfg.model, image_size=resolve_image_size(self.cfg))))
 
     def image_device(self):
-        """The run's image model on its backend's first device, opened (and checked to be the run's model) once."""
+        """What embeds this run's query images, opened (and checked to be the run's model) once: the
+        run's Device in this process for a pixels backend that runs under this interpreter, else a
+        QueryChild (pipeline/serve/querychild.py) with the device open under the backend's interpreter."""
         from pipeline.backends import get_backend
+        from pipeline.serve.querychild import ChildFailed, QueryChild
 
-        backend = get_backend(self.cfg.infer.backend)
-        if backend.input_kind(self.cfg) != "pixels" or backend.worker_python(self.cfg):
-            raise QueryError(f"image queries on the {self.cfg.infer.backend!r} backend are not served (its device "
-                             f"decodes files itself or runs under another interpreter); use `clip-pipeline search "
-                             f"{self.out} --image FILE`")
         with self._image_lock:
-            if self._image is None:
-                try:
-                    check_same_model(self.out, self.manifest, self.cfg)
-                except ConfigError as exc:
-                    raise QueryError(f"image queries are not available for index {self.name!r}: {exc}") from None
-                self._image = backend.open_device(self.cfg, backend.resolve_devices(self.cfg)[0])
+            if self._image is not None:
+                return self._image
+            if self._image_error and time.monotonic() < self._image_error[1]:
+                raise QueryError(self._image_error[0], 503)
+            unavailable = f"image queries are not available for index {self.name!r}"
+            try:
+                check_same_model(self.out, self.manifest, self.cfg)
+            except ConfigError as exc:
+                raise QueryError(f"{unavailable}: {exc}") from None
+            try:
+                backend = get_backend(self.cfg.infer.backend)
+                device = backend.resolve_devices(self.cfg)[0]
+                python = backend.worker_python(self.cfg)
+                if backend.input_kind(self.cfg) == "pixels" and not python:
+                    self._image = backend.open_device(self.cfg, device)
+                else:
+                    child = QueryChild(self.cfg, device, python, env=backend.worker_env(self.cfg, device),
+                                       timeout_s=self.image_timeout_s, open_timeout_s=max(self.image_timeout_s, 120.0),
+                                       log=self.log)
+                    child.open()
+                    self._image = child
+            except Exception as exc:  # noqa: BLE001 - the set-up or the device: said in the 503, tried again after a minute
+                why = str(exc) if isinstance(exc, (ConfigError, ChildFailed)) else f"{type(exc).__name__}: {exc}"
+                self._image_error = (f"{unavailable}: {why}", time.monotonic() + 60.0)
+                raise QueryError(self._image_error[0], 503) from None
         return self._image
 
-    def image_vector(self, crop: np.ndarray) -> np.ndarray:
-        """One S x S uint8 crop through the run's model, normalised as the run's infer stage does."""
+    def image_vector(self, crop: np.ndarray, data: bytes) -> np.ndarray:
+        """One query image through the run's model, normalised as the run's infer stage does: `crop`
+        (S x S uint8, the run's decode + crop of `data`) for a pixels device, the file `data` for a
+        device that decodes files itself (as it decodes the run's inputs)."""
         from pipeline.backends.base import l2_normalize, pad_batch
+        from pipeline.serve.querychild import ChildFailed, QueryChild, QueryFailed
 
         dev = self.image_device()
-        with self._image_lock:  # one device, one call at a time (a chip handle is not shared by threads)
-            pixels = crop[None]
-            emb = dev.embed(pad_batch(pixels, dev.batch_size) if dev.fixed_batch else pixels)[:1]
+        if isinstance(dev, QueryChild):
+            try:
+                if dev.files:
+                    with query_file(data) as path:
+                        emb = dev.embed(path=path)
+                else:
+                    emb = dev.embed(crop=crop)
+            except QueryFailed as exc:
+                raise QueryError(f"the image cannot be used: {exc.reason} ({exc.message})") from None
+            except ChildFailed as exc:
+                raise QueryError(f"the image model of index {self.name!r} failed: {exc}", 503) from None
+            emb = emb[None]
+        else:
+            with self._image_lock:  # one device, one call at a time (a chip handle is not shared by threads)
+                pixels = crop[None]
+                emb = dev.embed(pad_batch(pixels, dev.batch_size) if dev.fixed_batch else pixels)[:1]
         emb = np.asarray(emb, dtype=np.float32)
         if not np.isfinite(emb).all():
             raise QueryError("the model gave a non-finite embedding for this image")
         return (l2_normalize(emb) if self.cfg.output.normalize else emb)[0]
+
+    def close(self) -> None:
+        """Close the image device (or stop its query process)."""
+        with self._image_lock:
+            dev, self._image = self._image, None
+        if dev is not None:
+            dev.close()
 
     # -- rows -------------------------------------------------------------------------------------
     def metadata(self, row: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, cli, cli_env
 from PIL import Image
-from serve_helpers import call, make_run, require_web
+from serve_helpers import call, make_run, raw_http, require_web
 
 from pipeline.output import load_embeddings
 
@@ -206,13 +206,70 @@ def test_upload_limits_pixels_bytes_and_body(served):
     assert status == 413 and "too_large" in doc["error"] and "max_pixels" in doc["error"]
     status, doc, _ = call(base, "knn-service", {"image": base64.b64encode(b"\x89PNG" + b"\0" * (1 << 20)).decode()})
     assert status == 413 and "upload limit" in doc["error"]
-    status, doc, _ = call(base, "knn-service", raw=b'{"text": "' + b"x" * (3 << 20) + b'"}')
-    assert status == 413 and "request body" in doc["error"]
-    try:  # far over: waitress refuses it before reading it all (a plain-text 413, or the connection closed)
-        status = call(base, "knn-service", raw=b'{"text": "' + b"x" * (5 << 20) + b'"}')[0]
-    except OSError as exc:  # urllib's URLError wrapping the reset
-        status = 413 if "reset" in str(exc).lower() or "broken pipe" in str(exc).lower() else exc
-    assert status == 413
+    # a client that writes all of its body before reading (urllib): the rest is read and dropped, so it
+    # reads the JSON 413 rather than a reset, up to 4 x the limit
+    for size in (3 << 20, 7 << 20):
+        status, doc, _ = call(base, "knn-service", raw=b'{"text": "' + b"x" * size + b'"}')
+        assert status == 413 and "request body is over the limit" in doc["error"], size
+
+
+@pytest.mark.parametrize("times", [1.5, 3, 100])
+def test_a_body_of_any_size_over_the_limit_is_a_json_413_read_no_further(served, times):
+    """waitress refuses it from its Content-Length, with our JSON: the test sends the headers and at
+    most 1 MiB of the body (the server answers before reading it, so little more is sent)."""
+    _, svc, _ = served
+    limit = svc.settings.max_body_bytes
+    size = int(limit * times)
+    head = (f"POST /knn-service HTTP/1.1\r\nHost: 127.0.0.1:{svc.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}").encode()
+    status, headers, body, sent = raw_http(svc.port, head, [b"x" * (64 << 10)] * 16)
+    assert status == 413 and headers["content-type"] == "application/json", (status, headers, body)
+    doc = json.loads(body)
+    assert doc["status"] == 413 and f"over the limit of {limit:,} bytes" in doc["error"] and "--max-body-mb" in doc["error"]
+    # with Expect: 100-continue (curl's way for big bodies) it is refused before any of the body is sent
+    status, headers, body, sent = raw_http(svc.port, head + b"\r\nExpect: 100-continue")
+    assert status == 413 and b"100 Continue" not in body and "--max-body-mb" in json.loads(body)["error"]
+    status, doc, _ = call(base := f"http://127.0.0.1:{svc.port}/", "indices-list")  # the service is unharmed
+    assert status == 200 and doc == ["photos"], base
+
+
+def test_a_chunked_body_over_the_limit_is_a_json_413_once_past_it(served):
+    _, svc, _ = served
+    limit = svc.settings.max_body_bytes
+    chunk = 64 << 10
+    head = (f"POST /knn-service HTTP/1.1\r\nHost: 127.0.0.1:{svc.port}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked").encode()
+    # 3 x the limit in chunks, never the last chunk: an answer means the server refused it on its way
+    parts = [f"{chunk:x}\r\n".encode() + b"x" * chunk + b"\r\n"] * (3 * limit // chunk)
+    status, headers, body, _ = raw_http(svc.port, head, parts)
+    assert status == 413 and headers["content-type"] == "application/json"
+    assert "--max-body-mb" in json.loads(body)["error"]
+    # a chunked body within the limit reaches the app
+    ok = json.dumps({"text": "a red circle", "num_images": 1}).encode()
+    status, headers, body, _ = raw_http(svc.port, head + b"\r\nConnection: close", [f"{len(ok):x}\r\n".encode() + ok + b"\r\n0\r\n\r\n"])
+    assert status == 200 and len(json.loads(body)) == 1
+
+
+@pytest.mark.parametrize("head,status,words", [
+    (b"GARBAGE", 400, "bad request"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (300 << 10), 431, "headers are too large"),
+    (b"POST /knn-service HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip", 501, "not implemented"),
+    (b"POST /knn-service HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2", 400, "content-length"),
+])
+def test_waitress_own_errors_answer_json(served, head, status, words):
+    _, svc, _ = served
+    got, headers, body, _ = raw_http(svc.port, head)
+    assert got == status and headers["content-type"] == "application/json", (got, headers, body)
+    doc = json.loads(body)
+    assert doc["status"] == status and words in doc["error"].lower(), doc
+
+
+def test_bad_chunked_encoding_answers_json(served):
+    _, svc, _ = served
+    head = f"POST /knn-service HTTP/1.1\r\nHost: 127.0.0.1:{svc.port}\r\nTransfer-Encoding: chunked".encode()
+    got, headers, body, _ = raw_http(svc.port, head, [b"zz\r\nxx\r\n0\r\n\r\n"])
+    assert got == 400 and headers["content-type"] == "application/json"
+    assert "chunk" in json.loads(body)["error"].lower()
 
 
 @pytest.mark.parametrize("body,words", [
@@ -237,7 +294,8 @@ def test_decode_pool_times_out_and_recovers():
     try:
         with pytest.raises(ItemError) as exc:
             pool.call("crop", buf.getvalue(), DecodeOptions())
-        assert exc.value.reason == "timeout"
+        # the deadline is the decode's: the child's start (its imports) is not counted in it
+        assert exc.value.reason == "timeout" and "decoding took longer" in exc.value.message
         pool.timeout_s = 60
         small = io.BytesIO()
         Image.new("RGB", (300, 200), (0, 90, 0)).save(small, "JPEG")
@@ -265,6 +323,37 @@ def test_token_required_and_thumbnail_signatures(run, tmp_path):
         assert call(url.split("?")[0], "")[0] == 401
         assert call(url[:-1] + ("0" if url[-1] != "0" else "1"), "")[0] == 401
         assert call(base, "")[0] == 200  # the page itself asks for the token
+    finally:
+        svc.close()
+
+
+def test_token_in_the_path_for_clients_that_cannot_send_headers(run, tmp_path):
+    """clip-front sends no headers: `back=http://HOST:PORT/t/TOKEN` authorises by the path; the
+    answers never repeat the token (thumbnails are signed URLs without it)."""
+    out, _ = run
+    svc = Service([str(out)], Settings(token="s3cret", cache_dir=tmp_path))
+    svc.start()
+    base = f"http://127.0.0.1:{svc.port}/"
+    try:
+        status, doc, _ = call(base + "t/s3cret/", "indices-list")
+        assert status == 200 and doc == ["photos"]
+        status, got, _ = call(base + "t/s3cret/", "knn-service", {"text": "x", "num_images": 2})
+        assert status == 200 and len(got) == 2
+        assert all(g["url"].startswith(base + "thumb/photos/") and "s3cret" not in g["url"] for g in got)
+        assert call(got[0]["url"], "")[0] == 200
+        status, meta, _ = call(base + "t/s3cret/", "metadata", {"ids": [got[1]["id"]]})
+        assert status == 200 and "s3cret" not in json.dumps(meta)
+        for wrong in ("t/s3cre/", "t/s3cretx/", "t/", "t//", "x/s3cret/", "t/s3cret"):
+            status, doc, _ = call(base + wrong, "indices-list")
+            assert status in (401, 404) and "s3cret" not in json.dumps(doc), (wrong, status, doc)
+        assert call(base + "t/s3cre/", "indices-list")[0] == 401
+    finally:
+        svc.close()
+    # without --token the prefix means nothing: it is not a path of the service
+    svc = Service([str(out)], Settings(cache_dir=tmp_path))
+    svc.start()
+    try:
+        assert call(f"http://127.0.0.1:{svc.port}/t/s3cret/", "indices-list")[0] == 404
     finally:
         svc.close()
 
@@ -342,3 +431,26 @@ def test_cli_warns_off_loopback_and_refuses_bad_runs(run, tmp_path):
     code = "import sys; sys.modules['waitress'] = None; from pipeline.cli import main; sys.argv[1:] = ['serve', %r]; main()"
     r = subprocess.run([sys.executable, "-c", code % str(out)], capture_output=True, text=True, env=cli_env(), cwd=ROOT)
     assert r.returncode == 2 and "pip install 'clip-pipeline[serve]'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_an_image_model_that_fails_to_open_is_a_503_and_text_still_works(run, tmp_path, monkeypatch):
+    from pipeline.backends.cpu import CpuBackend
+
+    out, paths = run
+
+    def broken(cls, cfg, device):
+        raise RuntimeError("the device is gone")
+
+    monkeypatch.setattr(CpuBackend, "open_device", classmethod(broken))
+    svc = Service([str(out)], Settings(cache_dir=tmp_path))
+    svc.start()
+    base = f"http://127.0.0.1:{svc.port}/"
+    try:
+        for _ in range(2):  # the second is answered from the remembered failure
+            status, doc, _ = call(base, "knn-service", {"image": b64(paths[0])})
+            assert status == 503 and "image queries are not available" in doc["error"], doc
+            assert "RuntimeError: the device is gone" in doc["error"]
+        status, got, _ = call(base, "knn-service", {"text": "x", "num_images": 1})
+        assert status == 200 and len(got) == 1
+    finally:
+        svc.close()

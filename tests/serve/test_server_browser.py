@@ -116,15 +116,20 @@ def test_our_page_text_image_more_like_this_and_phone(setup, browser, tmp_path):
         svc.close()
 
 
-def test_clip_front_searches_our_run_unchanged(setup, browser, tmp_path):
+@pytest.mark.parametrize("token", [None, "s3cret-T0ken"])
+def test_clip_front_searches_our_run_unchanged(setup, browser, tmp_path, token):
+    """With --token, clip-front (which sends no headers) is given the token in its back URL's path."""
     _, _, out, paths = setup
     build = front_build(tmp_path / "front")
     static = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(build)))
     threading.Thread(target=static.serve_forever, daemon=True).start()
     front = f"http://127.0.0.1:{static.server_address[1]}"
-    svc = Service([str(out)], Settings(cache_dir=tmp_path / "cache", cors_origins=(front,)))
+    svc = Service([str(out)], Settings(cache_dir=tmp_path / "cache", cors_origins=(front,), token=token))
     svc.start()
-    back = f"http://127.0.0.1:{svc.port}"
+    host = f"http://127.0.0.1:{svc.port}"
+    back = host + (f"/t/{token}" if token else "")
+    thumb = f"{host}/thumb/photos/"  # signed (?sig=...) when there is a token; never the token itself
+    shot = "clip-front" + ("-token" if token else "")
     b = browser
     root = "document.querySelector('clip-front')?.shadowRoot"
     try:
@@ -137,16 +142,17 @@ def test_clip_front_searches_our_run_unchanged(setup, browser, tmp_path):
              "s.dispatchEvent(new Event('input')); true")
         b.js(f"{root}.querySelector('#textSearch').click(); true")
         first = b.wait_for(f"{root}.querySelector('img.pic') && {root}.querySelector('img.pic').src")
-        assert first == f"{back}/thumb/photos/{want}"
+        assert first.split("?")[0] == f"{thumb}{want}" and (token is None) == ("?sig=" not in first), first
         assert b.wait_for(f"{root}.querySelector('img.pic').complete && {root}.querySelector('img.pic').naturalWidth > 0")
-        b.screenshot(artifacts() / "clip-front-text.png")
+        b.screenshot(artifacts() / f"{shot}-text.png")
         # image search through its file chooser
         b.set_file(f"{root}.querySelector('#filechooser')", paths[9])
-        first = b.wait_for(f"{root}.querySelector('img.pic') && {root}.querySelector('img.pic').src.endsWith('/9') "
+        first = b.wait_for(f"{root}.querySelector('img.pic') && "
+                           f"{root}.querySelector('img.pic').src.split('?')[0].endsWith('/9') "
                            f"&& {root}.querySelector('img.pic').src")
-        assert first == f"{back}/thumb/photos/9"
+        assert first.split("?")[0] == f"{thumb}9"
         assert b.wait_for(f"{root}.querySelector('img.pic').complete && {root}.querySelector('img.pic').naturalWidth > 0")
-        b.screenshot(artifacts() / "clip-front-image.png")
+        b.screenshot(artifacts() / f"{shot}-image.png")
     finally:
         svc.close()
         static.shutdown()
