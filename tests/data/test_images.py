@@ -46,6 +46,45 @@ def test_fast_mode_difference_is_small_and_reported(capsys):
     assert np.mean(diffs) < 2.0
 
 
+def _whole_then_crop(img: np.ndarray, nw: int, nh: int, box) -> np.ndarray:
+    """The fast filter written the obvious way: resize the whole image, then crop (the composition
+    images._resize_crop must equal byte for byte while working on the crop's region only)."""
+    import cv2
+
+    left, top, right, bottom = box
+    h, w = img.shape[:2]
+    if (nw, nh) == (w, h):
+        out = img
+    elif nw > w or nh > h:
+        out = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_CUBIC)
+    elif 2 * nw > w and 2 * nh > h:
+        up = cv2.resize(img, (2 * nw, 2 * nh), interpolation=cv2.INTER_CUBIC)
+        out = cv2.resize(up, (nw, nh), interpolation=cv2.INTER_AREA)
+    else:
+        out = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    return out[top:bottom, left:right]
+
+
+@pytest.mark.parametrize("shape", [(375, 500, 3), (500, 375, 3), (333, 500, 1), (301, 457, 3), (224, 300, 3),
+                                   (225, 225, 3), (224, 224, 3), (200, 260, 3), (900, 1300, 3), (299, 451, 4)])
+def test_fast_crop_area_step_on_the_crop_region_equals_the_whole_image_path(shape):
+    """_resize_crop reduces only the crop's region of the 2x upsampled image: the same bytes as
+    reducing the whole image and cropping after (odd sizes, odd crop offsets, grey, float RGBA)."""
+    from pipeline.data.images import _resize_crop, crop_box, resized_size
+
+    rng = np.random.default_rng(sum(shape))
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    if shape[2] == 4:
+        img = img.astype(np.float32) * 0.7  # fast_crop resizes RGBA premultiplied, as float
+    h, w = shape[:2]
+    nw, nh = resized_size(w, h)
+    box = crop_box(nw, nh)
+    ours = _resize_crop(img[:, :, 0] if shape[2] == 1 else img, nw, nh, box)
+    theirs = _whole_then_crop(img[:, :, 0] if shape[2] == 1 else img, nw, nh, box)
+    assert ours.shape == theirs.shape and ours.shape[:2] == (224, 224)
+    assert np.array_equal(ours, theirs)
+
+
 def test_fast_mode_shrinks_large_non_jpeg_images_without_aliasing():
     """No DCT scaling for a PNG: fast mode's area resize handles factors of 2 and more. The bicubic
     2x-up trick there (a 6.7x bicubic shrink first) measured 2.04 / 1.63 levels off; area: 0.33 / 0.51."""
