@@ -139,6 +139,7 @@ class SailConfig:
 @dataclass(frozen=True)
 class OpenVinoConfig:
     precision: Literal["fp32", "bf16", "auto"] = _f("auto", "openvino backend: inference precision. bf16 runs 2-4x faster than fp32 on CPUs with native bf16 (AVX512_BF16, AMX) at a cosine of ~0.9999 to fp32 (README, Fidelity); refused where bf16 would be emulated (slower than fp32). auto = bf16 where the CPU has it natively, else fp32; resolved once before start and recorded in the manifest (a resume with another precision is refused).")
+    ir_cache: bool = _f(True, "openvino backend: convert each ONNX model to OpenVINO's own format (IR, fp32 weights: as large as the ONNX) once, kept in ~/.cache/clip-pipeline/openvino-ir/ under the model's sha256, and load that on later runs: the ONNX import is ~0.35 s of a core per inference process at every start. The same graph OpenVINO builds from the ONNX each time (embeddings bit-identical, tested); false = read the ONNX every time.")
     cache_dir: str = _f("", "openvino backend: a directory for OpenVINO's model cache (CACHE_DIR), which keeps the compiled model so that later runs load faster (a ViT-B/32 takes ~350 MB per precision). Off by default (\"\"): once in testing a cached bf16 blob gave NaN embeddings and the cause was not found (docs/performance.md).")
 
 

@@ -13,8 +13,10 @@ The same ONNX files as the cpu backend: image towers with float NCHW or uint8 NH
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +109,58 @@ def compile_config(precision: str, threads: int) -> dict[str, Any]:
             "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
 
 
+def ir_dir(path: str, ov: Any) -> Path:
+    """Where the IR of the ONNX model at `path` is kept: its sha256 (remembered per file, so this
+    reads no model) and the OpenVINO version, which writes the IR."""
+    from pipeline.model.models import cache_root, model_sha256
+
+    return cache_root() / "openvino-ir" / f"{model_sha256(path)[:40]}-ov{ov.__version__.split('-')[0]}"
+
+
+def converted_model(path: str) -> str:
+    """The ONNX model at `path` as OpenVINO IR (model.xml + model.bin), converted once and kept in
+    the cache (`openvino.ir_cache`); `path` itself for a model that is not ONNX or where the cache
+    cannot be written (read-only home, full disk).
+
+    The IR is what `read_model` builds from the ONNX at every start (~0.35 s of a core for ViT-B/32),
+    saved without fp16 compression, so the compiled model is the same: embeddings bit-identical
+    (tests/backends/test_openvino.py). Loading it maps model.bin instead of parsing protobuf. Several
+    processes start at once: one converts (a temporary directory renamed into place, under a lock
+    taken without waiting) while the others read the ONNX as they would without the cache."""
+    if not str(path).endswith(".onnx"):
+        return path
+    ov = import_openvino()
+    try:
+        target = ir_dir(path, ov)
+    except OSError:
+        return path
+    xml = target / "model.xml"
+    if xml.is_file() and (target / "model.bin").is_file():
+        return str(xml)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(f".{target.name}.lock"), "wb") as lock:
+            # one converter at a time, and nobody waits for it: the others read the ONNX as before
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not xml.is_file():
+                tmp.mkdir()
+                ov.save_model(ov.Core().read_model(path), str(tmp / "model.xml"), compress_to_fp16=False)
+                os.replace(tmp, target)
+    except OSError:
+        pass  # no space or no permission, or another process is converting it now
+    except RuntimeError:
+        return path  # OpenVINO cannot read it: compile_model(path) says why, with the file's name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(xml) if xml.is_file() and (target / "model.bin").is_file() else path
+
+
 class OvSession:
     """One compiled ONNX model on OpenVINO's CPU plugin: first input -> first output, any batch."""
 
     def __init__(self, path: str, precision: str, threads: int, what: str = "model",
-                 key: str = "config key openvino.precision", cache_dir: str = ""):
+                 key: str = "config key openvino.precision", cache_dir: str = "", ir_cache: bool = True):
         ov = import_openvino()
         # "auto" -> fp32/bf16; bf16 is checked again here (a session opened without a resolved config)
         precision = resolve_precision(precision, key=key).resolved
@@ -122,8 +171,9 @@ class OvSession:
             # info) and the compile settings
             core.set_property({"CACHE_DIR": os.path.expanduser(cache_dir)})
         try:
-            # from the path: with a cache hit the ONNX file is not even parsed
-            self.compiled = core.compile_model(path, "CPU", compile_config(precision, threads))
+            # from a path: with a CACHE_DIR hit the model file is not even parsed
+            source = converted_model(path) if ir_cache else path
+            self.compiled = core.compile_model(source, "CPU", compile_config(precision, threads))
         except Exception as exc:  # noqa: BLE001 - openvino raises RuntimeError with the parser's message
             raise DeviceError(f"cannot load {what} {path} with OpenVINO: {str(exc).strip().splitlines()[0]}") from exc
         self.request = self.compiled.create_infer_request()
@@ -141,7 +191,7 @@ class OvSession:
 class OvImageDevice(Device):
     def __init__(self, cfg: Config, device: str):
         self.session = OvSession(cfg.model.path, cfg.openvino.precision, cfg.infer.threads,
-                                 cache_dir=cfg.openvino.cache_dir)
+                                 cache_dir=cfg.openvino.cache_dir, ir_cache=cfg.openvino.ir_cache)
         s = self.session
         if s.input_type not in ("u8", "f32") or len(s.input_shape) != 4:
             raise DeviceError(f"{cfg.model.path} is not a CLIP image tower: input {s.input_type} {s.input_shape}")

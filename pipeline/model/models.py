@@ -18,9 +18,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def _hash_cache_path() -> Path:
+def cache_root() -> Path:
+    """The project's cache directory ($XDG_CACHE_HOME or ~/.cache, then clip-pipeline/)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "clip-pipeline" / "model-sha256.json"
+    return Path(base) / "clip-pipeline"
+
+
+def _hash_cache_path() -> Path:
+    return cache_root() / "model-sha256.json"
 
 
 # A file changed less than this long ago is not remembered: file system timestamps are coarse (a

@@ -116,6 +116,65 @@ def test_image_device_matches_onnxruntime(tmp_path, input_kind):
 
 
 @needs_ov
+def test_ir_cache_converts_once_and_gives_the_same_embeddings(tmp_path, monkeypatch):
+    """openvino.ir_cache: the ONNX is converted to IR once (under the model's sha256), later sessions
+    load the IR, and the embeddings are bit-identical to a session that reads the ONNX, at both
+    precisions the CPU runs natively."""
+    from pipeline.model.modelgen import build_clip_image_onnx
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # this test's own cache (and hash memo)
+    path = str(tmp_path / "m.onnx")
+    build_clip_image_onnx(path, arch="tiny", seed=0)
+    xml = ovb.converted_model(path)
+    assert xml.endswith("model.xml") and str(tmp_path / "cache" / "clip-pipeline" / "openvino-ir") in xml
+    assert ovb.converted_model(path) == xml
+    x = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    for precision in ["fp32"] + (["bf16"] if ovb.native_bf16_flags() else []):
+        onnx = ovb.OvSession(path, precision, 1, ir_cache=False).run(x)
+        with monkeypatch.context() as m:
+            m.setattr(ovb, "import_openvino", _no_conversion(ovb.import_openvino))
+            ir = ovb.OvSession(path, precision, 1, ir_cache=True).run(x)
+        assert np.array_equal(onnx, ir), precision
+
+
+def _no_conversion(real):
+    """import_openvino whose save_model fails the test: a cached IR must not be converted again."""
+    def wrapped():
+        ov = real()
+
+        class Guard:
+            def __getattr__(self, name):
+                if name == "save_model":
+                    raise AssertionError("the IR was converted again")
+                return getattr(ov, name)
+        return Guard()
+    return wrapped
+
+
+@needs_ov
+def test_ir_cache_falls_back_to_the_onnx_when_it_cannot_be_written_or_is_being_written(tmp_path, monkeypatch):
+    import fcntl
+
+    from pipeline.model.modelgen import build_clip_image_onnx
+
+    path = str(tmp_path / "m.onnx")
+    build_clip_image_onnx(path, arch="tiny", seed=0)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where the cache directory would go
+    assert ovb.converted_model(path) == path
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    target = ovb.ir_dir(path, ovb.import_openvino())
+    target.parent.mkdir(parents=True)
+    with open(target.with_name(f".{target.name}.lock"), "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process is converting it
+        assert ovb.converted_model(path) == path
+    assert ovb.converted_model(path).endswith("model.xml")
+    assert not list(target.parent.glob("*.tmp"))
+    assert ovb.converted_model(str(tmp_path / "m.onnx.json")) == str(tmp_path / "m.onnx.json")  # not ONNX: as given
+
+
+@needs_ov
 @pytest.mark.parametrize("form", ["projected", "states"])
 def test_text_encoder_matches_onnxruntime(tmp_path, form):
     from pipeline.text.embed import TextEncoder
