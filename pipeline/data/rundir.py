@@ -646,6 +646,7 @@ class RunDir:
             remove_temp_files(out)
             if manifest is not None:  # resume: every shard on disk is verified, a damaged one redone
                 damaged = damaged_shards(out)
+                self.refuse_damaged_update_shards(damaged)
                 for k, problem in damaged.items():
                     log(f"warning: shard {shard_name(k)} is damaged ({problem}); redoing it.")
                     remove_shard(out, k)
@@ -857,6 +858,16 @@ class RunDir:
 
     def published_updates(self) -> list[dict]:
         return [rec for rec in records(self.path) if rec.get("published")]
+
+    def refuse_damaged_update_shards(self, damaged: dict[int, str]) -> None:
+        """A damaged shard of a published update cannot be redone by a resume (its inputs are in the
+        update's listing, not the run's): it is kept, and the run stops naming it (DamagedRun)."""
+        for rec in self.published_updates():
+            for k in sorted(set(damaged) & set(update_shard_range(rec))):
+                raise DamagedRun(f"shard {shard_name(k)} in {self.path} is damaged ({damaged[k]}); it holds inputs "
+                                 f"added by update {rec['update']} (run --update), which a resume cannot embed "
+                                 "again, so it is kept as it is: restore it from a copy if you have one, or pass "
+                                 "--restart to delete the run and embed every input again")
 
     def update_shards(self) -> set[int]:
         """The shards the published updates added."""

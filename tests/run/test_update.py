@@ -206,6 +206,31 @@ def test_a_plain_run_over_an_updated_output_counts_the_update_and_keeps_it(tmp_p
     assert r.returncode == 3 and "finished publishing" not in r.stderr, r.stderr
 
 
+def test_a_damaged_update_shard_is_kept_and_named_not_deleted_by_a_resume(tmp_path):
+    """A resume redoes a damaged shard of its own listing; one an update added cannot be redone (its
+    inputs are in the update's listing), so the run stops with exit 2 naming it, and keeps it."""
+    [out], inputs = _updated_outputs(tmp_path, "out")
+    args = [*inputs, "--output", str(out)]
+    assert _fake_cli("run", "--update", *args).returncode == 3
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["shards"] == [0, 1, 2, 3, 4, 5]
+    victim = sorted((out / EMB_DIR).glob("*00004*.npy"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the embeddings: the checksum says so
+    victim.write_bytes(bytes(data))
+    r = _fake_cli("run", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "00004" in r.stderr and "update 1" in r.stderr and "--restart" in r.stderr, r.stderr
+    assert victim.read_bytes() == bytes(data)  # kept for the user to restore, not deleted
+    # the run's own shards are still redone as before
+    own = sorted((out / EMB_DIR).glob("*00001*.npy"))[0]
+    victim.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))
+    own.write_bytes(own.read_bytes()[:-1] + bytes([own.read_bytes()[-1] ^ 0xFF]))
+    r = _fake_cli("run", *args)
+    assert r.returncode == 3 and "is damaged" in r.stderr, r.stdout + r.stderr
+    assert verify(out) == []
+
+
 def test_update_killed_mid_publish_is_finished_by_the_next_run(tmp_path):
     """The update dies after moving its 2nd shard into place (the next plain run finishes it), or
     after the last move and before the run's files are refreshed (the next --update finishes it):
