@@ -98,32 +98,17 @@ def test_input_that_kills_its_worker_twice_fails_as_crashed_worker(corpus, tmp_p
     assert r.stderr.count("decode-0 died") == 2
 
 
-def test_device_error_is_retried_on_a_fresh_worker(corpus, tmp_path):
+@pytest.mark.parametrize("fault, says", [
+    ({"fake.fail_on_batch": 2}, "injected failure on batch 2"),  # a DeviceError: retried on a fresh worker
+    ({"fake.exit_on_batch": 3}, "infer-0(cpu:0) died"),  # the device process exits hard
+    ({"fake.hang_on_batch": 2, "run.stall_timeout_s": 1.0}, "run.stall_timeout_s"),  # hangs: killed when stalled
+], ids=["device_error", "hard_exit", "hung_device"])
+def test_device_fault_is_recovered_with_exact_output(corpus, tmp_path, fault, says):
     d, good, bad, ref = corpus
     out = tmp_path / "out"
-    r = run_cli(d, out, **SMALL_QUEUES, **{"fake.fail_on_batch": 2})
+    r = run_cli(d, out, **SMALL_QUEUES, **fault)
     assert r.returncode == 3, r.stderr
-    assert "injected failure on batch 2" in r.stderr
-    assert_exact(out, good, bad)
-    same_output(out, ref)
-
-
-def test_hard_exit_of_device_process(corpus, tmp_path):
-    d, good, bad, ref = corpus
-    out = tmp_path / "out"
-    r = run_cli(d, out, **SMALL_QUEUES, **{"fake.exit_on_batch": 3})
-    assert r.returncode == 3, r.stderr
-    assert "infer-0(cpu:0) died" in r.stderr
-    assert_exact(out, good, bad)
-    same_output(out, ref)
-
-
-def test_hung_device_is_killed_after_stall_timeout(corpus, tmp_path):
-    d, good, bad, ref = corpus
-    out = tmp_path / "out"
-    r = run_cli(d, out, **SMALL_QUEUES, **{"fake.hang_on_batch": 2, "run.stall_timeout_s": 1.0})
-    assert r.returncode == 3, r.stderr
-    assert "run.stall_timeout_s" in r.stderr
+    assert says in r.stderr
     assert_exact(out, good, bad)
     same_output(out, ref)
 
