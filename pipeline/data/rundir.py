@@ -862,16 +862,22 @@ class RunDir:
     def refuse_damaged_update_shards(self, damaged: dict[int, str]) -> None:
         """A damaged shard of a published update cannot be redone by a resume (its inputs are in the
         update's listing, not the run's): it is kept, and the run stops naming it (DamagedRun)."""
-        for rec in self.published_updates():
-            for k in sorted(set(damaged) & set(update_shard_range(rec))):
-                raise DamagedRun(f"shard {shard_name(k)} in {self.path} is damaged ({damaged[k]}); it holds inputs "
-                                 f"added by update {rec['update']} (run --update), which a resume cannot embed "
-                                 "again, so it is kept as it is: restore it from a copy if you have one, or pass "
-                                 "--restart to delete the run and embed every input again")
+        owner = self.update_of_shard()
+        hit = sorted(set(damaged) & owner.keys())
+        if hit:
+            k = hit[0]
+            raise DamagedRun(f"shard {shard_name(k)} in {self.path} is damaged ({damaged[k]}); it holds inputs "
+                             f"added by update {owner[k]} (run --update), which a resume cannot embed "
+                             "again, so it is kept as it is: restore it from a copy if you have one, or pass "
+                             "--restart to delete the run and embed every input again")
+
+    def update_of_shard(self) -> dict[int, int]:
+        """Shard -> the published update that added it."""
+        return {k: rec["update"] for rec in self.published_updates() for k in update_shard_range(rec)}
 
     def update_shards(self) -> set[int]:
         """The shards the published updates added."""
-        return {k for rec in self.published_updates() for k in update_shard_range(rec)}
+        return set(self.update_of_shard())
 
     def publish_update(self, rec: dict, attempt: RunDir) -> None:
         """Put a finished update attempt's shards after the existing ones: attempt shard j becomes
