@@ -15,13 +15,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
 from pipeline.data.rundir import RunDir
 from pipeline.worker.boot import boot
-from pipeline.worker.loop import Slot, worker_environment
+from pipeline.worker.loop import CHECKOUT, Slot, subprocess_environ, worker_environment
 from pipeline.worker.spec import WorkerSpec
 
 
@@ -143,11 +142,9 @@ class ForeignProcess:
         self.popen = None
 
     def start(self) -> None:
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = root
-        env.pop("PYTHONHOME", None)
-        self.popen = subprocess.Popen(self.args, env=env, cwd=root, stdin=subprocess.DEVNULL)
+        # called inside worker_environment (WorkerPool.spawn), so os.environ already holds its variables
+        self.popen = subprocess.Popen(self.args, env=subprocess_environ({}, foreign=True), cwd=CHECKOUT,
+                                      stdin=subprocess.DEVNULL)
 
     @property
     def pid(self) -> int | None:

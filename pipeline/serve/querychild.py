@@ -29,7 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,28 +144,14 @@ class QueryChild:
         self.lock = threading.Lock()
 
     # -- process -----------------------------------------------------------------------------------
-    def _env(self) -> dict[str, str]:
-        from pipeline.worker.loop import WORKER_ENV
-        from pipeline.worker.pdeath import PARENT_ENV
-
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        for k, v in WORKER_ENV.items():
-            env.setdefault(k, v)
-        env.update(self.extra_env)
-        env[PARENT_ENV] = str(os.getpid())  # it ends itself when the service is gone (pdeath.early_guard)
-        if self.python:  # another interpreter: only this checkout on its path, as pool.ForeignProcess
-            env["PYTHONPATH"] = root
-            env.pop("PYTHONHOME", None)
-        else:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        return env
-
     def _start(self) -> None:
+        from pipeline.worker.loop import CHECKOUT, subprocess_environ
+
         python = self.python or sys.executable
-        root = str(Path(__file__).resolve().parents[2])
+        # it ends itself when the service is gone (the supervisor's pid in its environment: pdeath.early_guard)
+        env = subprocess_environ(self.extra_env, foreign=bool(self.python))
         self.proc = subprocess.Popen([python, "-m", "pipeline.serve.querychild"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=self._env(), cwd=root, bufsize=0)
+                                     stdout=subprocess.PIPE, env=env, cwd=CHECKOUT, bufsize=0)
         self.starts += 1
         try:
             self._send({"op": "open"}, pickle.dumps((self.cfg, self.device), protocol=4))
@@ -180,6 +165,12 @@ class QueryChild:
         self.files, self.dim = bool(header["files"]), int(header["dim"])
         if self.starts > 1:
             self.log(f"serve: the image query process for {self.device} was started again ({self.starts} starts)")
+
+    def _running(self) -> None:
+        """Start the child and open its device, unless it is running (the lock held; raises ChildFailed)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._stop()
+            self._start()
 
     def _stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -237,17 +228,13 @@ class QueryChild:
     def open(self) -> None:
         """Start the child and open its device, when not running (raises ChildFailed)."""
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._stop()
-                self._start()
+            self._running()
 
     def embed(self, crop: np.ndarray | None = None, path: str | None = None) -> np.ndarray:
         """float32 [dim] of one query: `path` for a files device, else `crop` (S x S x 3 uint8).
         ChildFailed when the child cannot answer, QueryFailed when the device refuses the input."""
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._stop()
-                self._start()
+            self._running()
             if self.files:
                 self._send({"op": "embed", "path": path})
             else:

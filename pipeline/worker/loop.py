@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable
+from pathlib import Path
 
 import zmq
 
@@ -120,22 +121,46 @@ class Slot:
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+#: the checkout these modules come from: a worker started as `python -m ...` imports it from here
+CHECKOUT = str(Path(__file__).resolve().parents[2])
+
+
+def worker_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ as a worker inherits it: WORKER_ENV where the user has not chosen a value, `extra`
+    (the backend's per-worker variables, Backend.worker_env: always set) and this process's pid as
+    the worker's supervisor (a worker whose parent is another has lost it: pdeath.orphaned)."""
+    env = dict(os.environ)
+    for k, v in WORKER_ENV.items():
+        env.setdefault(k, v)
+    env.update(extra or {})
+    env[PARENT_ENV] = str(os.getpid())
+    return env
+
+
+def subprocess_environ(extra: dict[str, str] | None = None, *, foreign: bool) -> dict[str, str]:
+    """worker_environ for a worker started as `python -m ...` of this checkout (not through
+    multiprocessing): under another interpreter (`foreign`) only the checkout on its path and no
+    PYTHONHOME (that interpreter's own site-packages hold the device library); under this one, the
+    checkout ahead of the user's PYTHONPATH."""
+    env = worker_environ(extra)
+    if foreign:
+        env["PYTHONPATH"] = CHECKOUT
+        env.pop("PYTHONHOME", None)
+    else:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH")) if p)
+    return env
+
+
 @contextlib.contextmanager
 def worker_environment(extra: dict[str, str] | None = None):
-    """Around Process.start(): children inherit WORKER_ENV (where the user has not chosen a value)
-    and `extra` (the backend's per-worker variables, Backend.worker_env: always set); the parent's
-    environment is restored afterwards."""
-    extra = dict(extra or {})
-    saved = {k: os.environ.get(k) for k in extra}
-    added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
-    added[PARENT_ENV] = str(os.getpid())  # the supervisor: a worker whose parent is another has lost it
-    os.environ.update(added)
-    os.environ.update(extra)
+    """Around Process.start() (multiprocessing children inherit os.environ): os.environ becomes
+    worker_environ(extra), and every variable it changed gets its value back afterwards."""
+    env = worker_environ(extra)
+    saved = {k: os.environ.get(k) for k, v in env.items() if os.environ.get(k) != v}
+    os.environ.update({k: env[k] for k in saved})
     try:
         yield
     finally:
-        for k in added:
-            os.environ.pop(k, None)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
