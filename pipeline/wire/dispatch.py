@@ -17,8 +17,10 @@ the infer loop counts the ids of every result or failure it sends to the sink by
 came from. So no device idles while another holds queued work it could take: a device with a
 free window takes the next message.
 
-Restarts: an infer process announces (peer index, generation, window) when it is ready and every
-STATS interval; a new generation resets what the senders count as outstanding there (its queue
+An infer process announces (peer index, generation, window) as soon as its input is bound, before
+its model loads (the first window of work waits in its socket while the sender goes on: the first
+batches are there when the model is), again with the model's own batch once open, and every
+ANNOUNCE_INTERVAL_S. Restarts: a new generation resets what the senders count as outstanding there (its queue
 died with it; the supervisor re-issues the ids). Messages carry the sender's index and generation
 (`src`, `sg`), and credits for a previous generation of a sender are ignored. Nothing here affects
 completion accounting: the sink still counts ids, and everything unresolved after a death is
@@ -46,7 +48,7 @@ ANNOUNCE_INTERVAL_S = 0.5  # an infer process repeats its window this often (a r
 @dataclass
 class Peer:
     gen: int = -1
-    window: int = 0  # 0 = not announced yet (the device is not ready): no work goes there
+    window: int = 0  # 0 = not announced yet (the device process has not bound its input): no work goes there
     out: int = 0  # images sent by this sender, not yet credited back
 
 
@@ -215,12 +217,21 @@ class CreditReturner:
     credits back to those senders, and this device's window announced to all of them."""
 
     def __init__(self, ctx: zmq.Context, sender_addrs: tuple[str, ...], window: int, index: int, generation: int):
-        self.out = [transport.push(ctx, [a], hwm=10000) for a in sender_addrs]
+        # not IMMEDIATE: the first announcement, sent before this device's model loads, waits for a
+        # sender still starting instead of being dropped (the next would come only after the load)
+        self.out = [transport.push(ctx, [a], hwm=10000, immediate=False) for a in sender_addrs]
         self.origins = Origins()
         self.window = window
         self.base = {"t": "credit", "peer": index, "gen": generation, "w": window}
         self.last_announce = 0.0
         self.return_credits(announce=True)
+
+    def set_window(self, window: int) -> None:
+        """Announce another window (the device's own batch, known once its model is open)."""
+        if window != self.window:
+            self.window = window
+            self.base = {**self.base, "w": window}
+            self.return_credits(announce=True)
 
     def received(self, header: dict) -> None:
         self.origins.received(header)
