@@ -57,6 +57,32 @@ def test_missing_openvino_is_one_clear_line(monkeypatch):
     assert ovb.OpenVinoBackend.probe()["available"] is False
 
 
+@needs_ov
+def test_resolving_the_precision_needs_no_openvino_import_once_probed(monkeypatch, tmp_path):
+    """The CPU plugin's capabilities are remembered per openvino version and CPU flags, and the
+    version comes from the package metadata: a run's main process resolves `auto` without importing
+    openvino (~0.2 s of a core before any worker starts)."""
+    import openvino
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ovb._ov_capabilities.cache_clear()
+    first = ovb._ov_capabilities()
+    assert "FP32" in first and (tmp_path / "clip-pipeline" / "openvino-capabilities.json").is_file()
+    assert ovb.ov_version() == openvino.__version__.split("-")[0]
+
+    def no_import():
+        raise AssertionError("openvino imported")
+
+    monkeypatch.setattr(ovb, "import_openvino", no_import)
+    ovb._ov_capabilities.cache_clear()
+    assert ovb._ov_capabilities() == first  # from the file
+    monkeypatch.setattr(ovb, "cpu_flags", lambda: {"avx2"})  # another CPU: asked again
+    ovb._ov_capabilities.cache_clear()
+    with pytest.raises(AssertionError, match="openvino imported"):
+        ovb._ov_capabilities()
+    ovb._ov_capabilities.cache_clear()
+
+
 def test_bf16_hint_only_for_the_cpu_backend_on_native_bf16():
     cpu = config.from_dict({})
     hint = ovb.bf16_hint(cpu, NATIVE)
