@@ -119,15 +119,15 @@ def tail_images(batch_size: int, extra_batches: int, n_devices: int) -> int:
     return max(0, n_devices * (1 + extra_batches) * batch_size) if n_devices > 1 else 0
 
 
-def tail_cap(batch_size: int) -> int:
+def tail_cap(batch_size: int, pieces: int = 4) -> int:
     """Images a device may hold (from one sender) when it is given a tail piece."""
-    return batch_size + tail_piece(batch_size)
+    return batch_size + tail_piece(batch_size, pieces)
 
 
-def tail_piece(batch_size: int) -> int:
-    """Inputs per tail piece: a quarter batch (per-image cost of ViT-B/32 on a CPU core changes
-    little between batch 4 and 16; a fixed-batch accelerator pads it, at the tail only)."""
-    return max(1, batch_size // 4)
+def tail_piece(batch_size: int, pieces: int = 4) -> int:
+    """Inputs per tail piece: a batch cut in `pieces` (Backend.tail_pieces: a quarter batch where
+    the per-image cost of a small batch is about a full one's, as ViT-B/32 on a CPU core at fp32)."""
+    return max(1, batch_size // max(1, pieces))
 
 
 def window_for(batch_size: int, extra_batches: int, n_senders: int) -> int:
