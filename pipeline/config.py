@@ -138,7 +138,9 @@ class SailConfig:
 
 @dataclass(frozen=True)
 class OpenVinoConfig:
-    precision: Literal["fp32", "bf16", "auto"] = _f("auto", "openvino backend: inference precision. bf16 runs 2-4x faster than fp32 on CPUs with native bf16 (AVX512_BF16, AMX) at a cosine of ~0.9999 to fp32 (README, Fidelity); refused where bf16 would be emulated (slower than fp32). auto = bf16 where the CPU has it natively, else fp32; resolved once before start and recorded in the manifest (a resume with another precision is refused).")
+    precision: Literal["fp32", "bf16", "int8", "auto"] = _f("auto", "openvino backend: inference precision. bf16 runs 2-4x faster than fp32 on CPUs with native bf16 (AVX512_BF16, AMX) at a cosine of ~0.9999 to fp32 (README, Fidelity); refused where bf16 would be emulated (slower than fp32). auto = bf16 where the CPU has it natively, else fp32; resolved once before start and recorded in the manifest (a resume with another precision is refused). int8 = the image tower quantised by NNCF's post-training quantisation, calibrated on openvino.calibration's photos (needs the `openvino-int8` extra; never chosen by auto; the embeddings move more than at bf16: check your weights, README Fidelity).")
+    calibration: str = _f("", "openvino.precision = \"int8\": a directory of photos like the ones to embed (searched recursively for input.extensions), from which openvino.calibration_count photos calibrate the quantisation, preprocessed as the run preprocesses (preprocess.mode). The quantised model is made once, before the workers start, and kept in ~/.cache/clip-pipeline/openvino-int8/ under the model's sha256, the photos' content hash, their count, the preprocessing and the NNCF / OpenVINO versions; the manifest records which photos (a resume with others is refused).")
+    calibration_count: int = _f(300, "openvino.precision = \"int8\": how many photos of openvino.calibration calibrate the quantisation (spread evenly over its sorted file names; all of them when it holds fewer). NNCF's own default subset size.", min=1)
     ir_cache: bool = _f(True, "openvino backend: convert each ONNX model to OpenVINO's own format (IR, fp32 weights: as large as the ONNX) once, kept in ~/.cache/clip-pipeline/openvino-ir/ under the model's sha256, and load that on later runs: the ONNX import is ~0.35 s of a core per inference process at every start. The same graph OpenVINO builds from the ONNX each time (embeddings bit-identical, tested); false = read the ONNX every time.")
     cache_dir: str = _f("", "openvino backend: a directory for OpenVINO's model cache (CACHE_DIR), which keeps the compiled model so that later runs load faster (a ViT-B/32 takes ~350 MB per precision). Off by default (\"\"): once in testing a cached bf16 blob gave NaN embeddings and the cause was not found (docs/performance.md).")
 
@@ -321,6 +323,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                                   extensions=tuple(e.lower().lstrip(".") for e in cfg.input.extensions)),
         output=dataclasses.replace(cfg.output, dir=absolute(cfg.output.dir)),
         model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path)),
+        openvino=dataclasses.replace(cfg.openvino, calibration=absolute(cfg.openvino.calibration)
+                                     if cfg.openvino.calibration else ""),
     )
 
 

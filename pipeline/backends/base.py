@@ -12,7 +12,7 @@ A backend answers three questions for the pipeline:
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -158,9 +158,22 @@ class Backend(abc.ABC):
         return cfg
 
     @classmethod
+    def prepare(cls, cfg: Config, log: Callable[[str], None]) -> None:
+        """Work done once in the main process after the checks and the model, before any worker
+        starts (openvino int8: calibrate and cache the quantised model, so the workers only load it).
+        Not called by `run --dry-run`. Default: nothing."""
+        return None
+
+    @classmethod
     def model_identity(cls, cfg: Config) -> dict[str, Any]:
         """What identifies the model for the manifest (resume refuses a different one)."""
         return model_identity(cfg.model.path)
+
+    @classmethod
+    def fingerprint_fields(cls, cfg: Config) -> dict[str, Any]:
+        """Fields this backend adds to the run's fingerprint (resume refuses a change), from the
+        resolved config (openvino: the precision, and int8's calibration set). Default: none."""
+        return {}
 
     @classmethod
     def probe(cls) -> dict[str, Any]:

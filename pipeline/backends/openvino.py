@@ -1,5 +1,6 @@
 """OpenVINO backend: the cpu backend's device model (`cpu:N`, infer.threads per process, the host
-decodes) with OpenVINO's CPU plugin instead of onnxruntime, at fp32 or bf16 (`openvino.precision`).
+decodes) with OpenVINO's CPU plugin instead of onnxruntime, at fp32 or bf16 (`openvino.precision`), or
+int8 when asked for (the image tower quantised by NNCF, calibrated on photos: openvino_int8.py).
 
 On CPUs with native bf16 (AVX512_BF16 on Zen 4/5 and Cooper Lake; AMX on Sapphire Rapids and later)
 bf16 inference runs 2-4x faster than fp32 with a cosine of ~0.9999 to the fp32 embedding (README,
@@ -17,6 +18,7 @@ import fcntl
 import functools
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,8 @@ from pipeline.errors import TextModelError
 INSTALL_HINT = "pip install -e '.[openvino]'"
 #: /proc/cpuinfo flags that mean bf16 matrix arithmetic in hardware
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-#: openvino.precision -> INFERENCE_PRECISION_HINT
-OV_HINT = {"fp32": "f32", "bf16": "bf16"}
+#: openvino.precision -> INFERENCE_PRECISION_HINT (int8: the quantised ops run int8, the rest fp32)
+OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 class OpenVinoMissing(ConfigError):
@@ -108,15 +110,23 @@ def _ov_capabilities() -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
-    requested: str  # "auto", "fp32" or "bf16" (openvino.precision)
-    resolved: str   # "fp32" or "bf16"
+    requested: str  # "auto", "fp32", "bf16" or "int8" (openvino.precision)
+    resolved: str   # "fp32", "bf16" or "int8"
     reason: str     # why (one phrase, shown by dry-run and recorded in the manifest)
 
 
 def resolve_precision(requested: str, flags: set[str] | None = None, capabilities: tuple[str, ...] | None = None,
                       key: str = "config key openvino.precision") -> Precision:
     """`auto` -> bf16 where the CPU has native bf16 (a cpuinfo flag and OpenVINO's BF16 capability),
-    else fp32; `bf16` without native bf16 is refused (emulated bf16 is slower than fp32)."""
+    else fp32; `bf16` without native bf16 is refused (emulated bf16 is slower than fp32). `int8` is
+    never chosen by `auto`: only asked for."""
+    if requested == "int8":
+        from pipeline.backends.openvino_int8 import NATIVE_INT8_FLAGS
+
+        have = [f for f in NATIVE_INT8_FLAGS if f in (cpu_flags() if flags is None else flags)]
+        return Precision("int8", "int8", "openvino.precision = \"int8\": NNCF post-training quantisation ("
+                         + (f"this CPU has {', '.join(have)})" if have else "this CPU has no int8 dot-product "
+                            "instructions (VNNI / AMX): it runs, maybe not faster than fp32)"))
     native = native_bf16_flags(flags)
     caps = _ov_capabilities() if capabilities is None else capabilities
     has = bool(native) and "BF16" in caps
@@ -133,8 +143,14 @@ def resolve_precision(requested: str, flags: set[str] | None = None, capabilitie
 
 
 def resolved_config(cfg: Config) -> Config:
-    """cfg with openvino.precision resolved (idempotent: fp32/bf16 are checked, not changed)."""
+    """cfg with openvino.precision resolved (idempotent: fp32/bf16 are checked, not changed); int8
+    needs NNCF and a calibration set (refused here, naming the key, before anything starts)."""
     p = resolve_precision(cfg.openvino.precision)
+    if p.resolved == "int8":
+        from pipeline.backends.openvino_int8 import calibration_set, require_nncf
+
+        calibration_set(cfg)
+        require_nncf()
     return cfg.replace(openvino=dataclasses.replace(cfg.openvino, precision=p.resolved))
 
 
@@ -193,14 +209,27 @@ def converted_model(path: str) -> str:
     return str(xml) if xml.is_file() and (target / "model.bin").is_file() else path
 
 
+def int8_model(cfg: Config, log: Callable[[str], None] | None = None) -> Any:
+    """cfg's image tower quantised to int8 (openvino_int8.py): the cached IR's path, made once."""
+    from pipeline.backends.openvino_int8 import quantized_model
+
+    path = cfg.model.path
+    return quantized_model(cfg, import_openvino(), lambda: converted_model(path) if cfg.openvino.ir_cache else path, log)
+
+
 class OvSession:
-    """One compiled ONNX model on OpenVINO's CPU plugin: first input -> first output, any batch."""
+    """One compiled ONNX model on OpenVINO's CPU plugin: first input -> first output, any batch.
+    `source`: what to compile instead of `path` (int8: the quantised model, a path or an ov.Model)."""
 
     def __init__(self, path: str, precision: str, threads: int, what: str = "model",
-                 key: str = "config key openvino.precision", cache_dir: str = "", ir_cache: bool = True):
+                 key: str = "config key openvino.precision", cache_dir: str = "", ir_cache: bool = True,
+                 source: Any = None):
         ov = import_openvino()
         # "auto" -> fp32/bf16; bf16 is checked again here (a session opened without a resolved config)
         precision = resolve_precision(precision, key=key).resolved
+        if precision == "int8" and source is None and str(path).endswith(".onnx"):
+            raise ConfigError(f"{key} = \"int8\" needs the model quantised first (calibrated on photos: "
+                              "openvino.calibration); this session was given the float model")
         self.precision = precision
         core = ov.Core()
         if cache_dir:
@@ -209,7 +238,8 @@ class OvSession:
             core.set_property({"CACHE_DIR": os.path.expanduser(cache_dir)})
         try:
             # from a path: with a CACHE_DIR hit the model file is not even parsed
-            source = converted_model(path) if ir_cache else path
+            if source is None:
+                source = converted_model(path) if ir_cache else path
             self.compiled = core.compile_model(source, "CPU", compile_config(precision, threads))
         except Exception as exc:  # noqa: BLE001 - openvino raises RuntimeError with the parser's message
             raise DeviceError(f"cannot load {what} {path} with OpenVINO: {str(exc).strip().splitlines()[0]}") from exc
@@ -227,8 +257,11 @@ class OvSession:
 
 class OvImageDevice(Device):
     def __init__(self, cfg: Config, device: str):
+        source = None
+        if cfg.openvino.precision == "int8":  # a run made it before start (prepare): loaded from the cache
+            source = int8_model(cfg)
         self.session = OvSession(cfg.model.path, cfg.openvino.precision, cfg.infer.threads,
-                                 cache_dir=cfg.openvino.cache_dir, ir_cache=cfg.openvino.ir_cache)
+                                 cache_dir=cfg.openvino.cache_dir, ir_cache=cfg.openvino.ir_cache, source=source)
         s = self.session
         if s.input_type not in ("u8", "f32") or len(s.input_shape) != 4:
             raise DeviceError(f"{cfg.model.path} is not a CLIP image tower: input {s.input_type} {s.input_shape}")
@@ -246,6 +279,9 @@ class OvTextSession(TextSession):
     """A text tower (either form) on OpenVINO: ids [n, 77] -> [n, dim] or [n, 77, width]."""
 
     def __init__(self, path: str, threads: int = 1, precision: str = "auto"):
+        if precision == "int8":
+            raise TextModelError("int8 is for the image tower only (openvino.precision = \"int8\", calibrated on "
+                                 "photos): run the text tower at fp32, bf16 or auto")
         try:
             self.ov = OvSession(path, precision, threads, what="text model", key="text precision (--precision)")
         except (DeviceError, ConfigError) as exc:  # a broken model; openvino missing; bf16 refused here
@@ -301,10 +337,20 @@ class OpenVinoBackend(CpuBackend):
         return resolve_cpu_devices(cfg, "openvino")
 
     @classmethod
+    def prepare(cls, cfg: Config, log: Callable[[str], None]) -> None:
+        if cfg.openvino.precision == "int8":  # quantised once here, so the workers only load it
+            int8_model(cfg, log)
+
+    @classmethod
     def model_identity(cls, cfg: Config) -> dict[str, Any]:
         ident = super().model_identity(cfg)
-        ident["engine"] = engine_identity(cfg.openvino.precision)
+        ident["engine"] = engine_identity(cfg.openvino.precision, calibration_of(cfg))
         return ident
+
+    @classmethod
+    def fingerprint_fields(cls, cfg: Config) -> dict[str, Any]:
+        cal = calibration_of(cfg)
+        return {"precision": cfg.openvino.precision, **({"calibration": cal.fingerprint()} if cal else {})}
 
     @classmethod
     def probe(cls) -> dict:
@@ -322,11 +368,27 @@ class OpenVinoBackend(CpuBackend):
                           f"{p.reason}"}
 
 
-def engine_identity(precision: str) -> dict[str, Any]:
-    """What the manifest, `inspect` and the report record about the engine: the resolved precision."""
+def calibration_of(cfg: Config) -> Any:
+    """int8's CalibrationSet (openvino_int8.py), None at the other precisions."""
+    if cfg.openvino.precision != "int8":
+        return None
+    from pipeline.backends.openvino_int8 import calibration_set
+
+    return calibration_set(cfg)
+
+
+def engine_identity(precision: str, calibration: Any = None) -> dict[str, Any]:
+    """What the manifest, `inspect` and the report record about the engine: the resolved precision
+    (int8: and the calibration set, with NNCF's version)."""
     p = resolve_precision(precision)
-    return {"name": "openvino", "version": ov_version(), "precision": p.resolved,
-            "precision_reason": p.reason}
+    ident = {"name": "openvino", "version": ov_version(), "precision": p.resolved,
+             "precision_reason": p.reason}
+    if calibration is not None:
+        from pipeline.backends.openvino_int8 import nncf_version
+
+        ident["calibration"] = calibration.identity()
+        ident["nncf"] = nncf_version()
+    return ident
 
 
 def bf16_hint(cfg: Config, flags: set[str] | None = None) -> str | None:

@@ -127,6 +127,12 @@ def _dry_run(cfg, restart: bool = False) -> None:
 
         p = resolve_precision(cfg.openvino.precision)
         click.echo(f"precision: {p.resolved} (openvino.precision = \"{p.requested}\": {p.reason})")
+        if p.resolved == "int8":
+            from pipeline.backends.openvino import calibration_of
+
+            cal = calibration_of(cfg)
+            click.echo(f"calibration: {len(cal.files)} of the {cal.available} photos in {cal.directory} "
+                       f"(sha256 {cal.digest[:16]}; quantised once before the workers start, then cached)")
     _bf16_hint(cfg)
     click.echo(f"model: {cfg.model.path}" + ("" if _exists(cfg.model.path) else
                                             f" (missing; will be built: {cfg.model.build})" if cfg.model.build else " (missing)"))

@@ -23,6 +23,7 @@ FINGERPRINT_KEYS = {
     "backend": "infer.backend",
     "sail_mode": "sail.mode",
     "precision": "openvino.precision",
+    "calibration": "openvino.calibration / openvino.calibration_count",
     "preprocess_mode": "preprocess.mode",
     "exif_transpose": "preprocess.exif_transpose",
     "normalize": "output.normalize",
@@ -72,15 +73,16 @@ def fingerprint(cfg: Config, model: dict[str, Any]) -> dict[str, Any]:
     from pipeline.backends import get_backend
     from pipeline.data.listing import dedupe_roots
 
-    cfg = get_backend(cfg.infer.backend).resolve(cfg)  # e.g. openvino.precision "auto" -> what it means here
+    backend = get_backend(cfg.infer.backend)
+    cfg = backend.resolve(cfg)  # e.g. openvino.precision "auto" -> what it means here
     exts = frozenset(e.lower().encode() for e in cfg.input.extensions)
     roots = [os.fsdecode(r) for r in dedupe_roots(cfg.input.paths, exts, cfg.input.recursive)]
     return {
         "model_sha256": model.get("sha256"),
         "backend": cfg.infer.backend,
         "sail_mode": cfg.sail.mode if cfg.infer.backend == "sail" else None,
-        # absent for the other backends, so their fingerprints are as before
-        **({"precision": cfg.openvino.precision} if cfg.infer.backend == "openvino" else {}),
+        # the backend's own (openvino: precision, int8's calibration); none for the others, as before
+        **backend.fingerprint_fields(cfg),
         "preprocess_mode": cfg.preprocess.mode,
         "exif_transpose": cfg.preprocess.exif_transpose,
         "normalize": cfg.output.normalize,

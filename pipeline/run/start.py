@@ -60,6 +60,7 @@ class RunStart:
         ensure_model(cfg, log=log)
         # the crop size every worker uses comes from the model (model.image_size = 0), resolved once here
         s.cfg = cfg.replace(model=replace(cfg.model, image_size=resolve_image_size(cfg)))
+        backend.prepare(s.cfg, log)  # e.g. openvino int8: the quantised model, made once before the workers
         s.model = pf.model or backend.model_identity(s.cfg)
         s.fp = preflight.fingerprint(s.cfg, s.model)
         prior = rundir.prepare(s.fp, restart=restart, on_existing=cfg.output.on_existing, log=log,
