@@ -17,6 +17,12 @@ shows), every case once per repeat, interleaved, medians reported:
 
 Both sides write their embeddings to disk and both read the same --n photos (symlinks to the
 corpus in listing order). The loop is the fair baseline for a short job: nothing to spawn.
+
+Bytecode: the checkout's modules (and --baseline-tree's) are compiled to __pycache__ first, as an
+installed package has them (pip compiles at install; a first run writes them). Without it, as in a
+workspace with PYTHONDONTWRITEBYTECODE=1, every process compiles each project module it imports
+at every start (~65 ms of a core per worker process), which the loop, importing one module, barely
+pays. `--no-compile` times that case.
 """
 
 from __future__ import annotations
@@ -82,8 +88,14 @@ def main() -> None:
     ap.add_argument("--baseline-tree", type=Path,
                     help="another checkout (e.g. before a change): adds case pipeline_fp32_baseline, the same "
                          "pipeline_fp32 command run from that tree")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="leave the trees' bytecode as it is (see the module's docstring)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    if not a.no_compile:
+        for tree in [ROOT] + ([a.baseline_tree] if a.baseline_tree else []):
+            subprocess.run([sys.executable, "-m", "compileall", "-q", "pipeline", "stages"], cwd=tree, check=True,
+                           stdout=subprocess.DEVNULL)
     from pipeline.bench.corpus import jpeg_files, link_inputs
     from pipeline.bench.sampler import machine_info
 
@@ -124,6 +136,7 @@ def main() -> None:
             x / y for x, y in zip(times["pipeline_fp32_baseline"], times["pipeline_fp32"])), 3)
     res = {"schema": "clip-pipeline-bench-short-job/1", "baseline_tree": str(a.baseline_tree or ""),
            "machine": machine_info(), "images": a.n, "batch": a.batch,
+           "bytecode": "as found" if a.no_compile else "compiled first (python -m compileall pipeline stages)",
            "model": a.model, "loadavg_start": load0, "loadavg_end": list(os.getloadavg()),
            "median_wall_s": med, "loop_time_over_pipeline_time_median_of_runs": ratios, "wall_s": times,
            "commands": {c: " ".join(cmds[c][:3] + ["..."]) if c.startswith("loop") else " ".join(cmds[c]) for c in cases}}

@@ -192,12 +192,13 @@ class Backend(abc.ABC):
         return {}
 
     @classmethod
-    def splits_tail(cls, cfg: Config) -> bool:
-        """Whether a batch's cost grows with its size, so the end of a run may go as small pieces
-        that balance the devices (pipeline/wire/dispatch.py, tail_images). False (the default) for
-        devices whose batch costs the same full or not (fixed-batch bmodels pad; the fake backend's
-        latency is per batch): small pieces would make the tail slower, not shorter."""
-        return False
+    def tail_pieces(cls, cfg: Config) -> int:
+        """Into how many pieces a batch is cut at the end of a run, to balance the devices
+        (pipeline/wire/dispatch.py, tail_images): what a small batch costs per image decides it.
+        1 (the default: whole batches) for devices whose batch costs the same full or not
+        (fixed-batch bmodels pad; the fake backend's latency is per batch): small pieces would
+        make the tail slower, not shorter."""
+        return 1
 
     @classmethod
     def open_text(cls, model: str | None, device: Any = None, threads: int = 1, precision: str = "auto") -> TextSession:

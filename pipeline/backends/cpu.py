@@ -111,10 +111,10 @@ class CpuBackend(Backend):
     name = "cpu"
 
     @classmethod
-    def splits_tail(cls, cfg: Config) -> bool:
+    def tail_pieces(cls, cfg: Config) -> int:
         """onnxruntime with a dynamic batch: a batch costs about its size (ViT-B/32 on a core: the
-        per-image cost changes little from batch 4 to 16), so the tail goes as small pieces."""
-        return True
+        per-image cost changes little from batch 4 to 16), so the tail goes as quarter batches."""
+        return 4
 
     @classmethod
     def resolve_devices(cls, cfg: Config) -> list[str]:

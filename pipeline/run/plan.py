@@ -26,14 +26,16 @@ def grouped_hwm(cfg: Config, depth: int, grouped: bool) -> int:
     return max(1, -(-depth // cfg.workers.items_per_message))
 
 
-def run_tail(cfg: Config, n_devices: int, splits_tail: bool) -> tuple[int, int, int]:
+def run_tail(cfg: Config, n_devices: int, pieces: int) -> tuple[int, int, int]:
     """(inputs at the end sent as tail pieces, inputs per piece, the cap a device may hold when
     given one): issue #20, pipeline/wire/dispatch.py. None (0, 1, 0) with round_robin dispatch, one
-    device, or a backend whose batch costs the same full or not (Backend.splits_tail)."""
-    if cfg.queues.dispatch != "credit" or n_devices < 2 or not splits_tail:
+    device, or a backend whose batch costs the same full or not (Backend.tail_pieces = 1; `pieces`:
+    into how many pieces a batch is cut)."""
+    if cfg.queues.dispatch != "credit" or n_devices < 2 or pieces <= 1:
         return 0, 1, 0
     batch = cfg.model.batch_size
-    return tail_images(batch, cfg.queues.infer_batches, n_devices), tail_piece(batch), tail_cap(batch)
+    return (tail_images(batch, cfg.queues.infer_batches, n_devices), tail_piece(batch, pieces),
+            tail_cap(batch, pieces))
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class RunPlan:
         return {s.name: s.role for s in self.specs}
 
 
-def plan_run(cfg: Config, devices: list[str], ep: Endpoints, *, files_mode: bool, splits_tail: bool,
+def plan_run(cfg: Config, devices: list[str], ep: Endpoints, *, files_mode: bool, tail_pieces: int,
              out_dir: str, listing_path: str, done_shards: tuple[int, ...] = (), listing_complete: bool = False,
              id_range: tuple[int, int] | None = None) -> RunPlan:
     """The topology of a run over `devices` writing into `out_dir`, with endpoints named by `ep`.
@@ -107,7 +109,7 @@ def plan_run(cfg: Config, devices: list[str], ep: Endpoints, *, files_mode: bool
                                         ready_crops=cfg.fake.ready_crops))
             else:
                 specs.append(PreprocessSpec(**common(role, i, order[pos + 1])))
-    tail_n, piece, cap = run_tail(cfg, len(devices), splits_tail)
+    tail_n, piece, cap = run_tail(cfg, len(devices), tail_pieces)
     specs.append(SourceSpec(**common("source", 0, first), out_dir=out_dir, listing_path=listing_path,
                             done_shards=tuple(done_shards),
                             listing_complete=listing_complete, tail_n=tail_n, tail_piece=piece, tail_cap=cap,

@@ -117,7 +117,7 @@ class Supervisor:
         files_mode = self.backend.input_kind(self.cfg) == "files"
         self.ep = transport.Endpoints.create()
         self.topology = plan_run(self.cfg, self.devices, self.ep, files_mode=files_mode,
-                                 splits_tail=self.backend.splits_tail(self.cfg), out_dir=str(self.out),
+                                 tail_pieces=self.backend.tail_pieces(self.cfg), out_dir=str(self.out),
                                  listing_path=str(self.listing_path),
                                  done_shards=tuple(self.start.done_shards), listing_complete=self.start.listing_complete,
                                  id_range=self.id_range)

@@ -17,8 +17,10 @@ the infer loop counts the ids of every result or failure it sends to the sink by
 came from. So no device idles while another holds queued work it could take: a device with a
 free window takes the next message.
 
-Restarts: an infer process announces (peer index, generation, window) when it is ready and every
-STATS interval; a new generation resets what the senders count as outstanding there (its queue
+An infer process announces (peer index, generation, window) as soon as its input is bound, before
+its model loads (the first window of work waits in its socket while the sender goes on: the first
+batches are there when the model is), again with the model's own batch once open, and every
+ANNOUNCE_INTERVAL_S. Restarts: a new generation resets what the senders count as outstanding there (its queue
 died with it; the supervisor re-issues the ids). Messages carry the sender's index and generation
 (`src`, `sg`), and credits for a previous generation of a sender are ignored. Nothing here affects
 completion accounting: the sink still counts ids, and everything unresolved after a death is
@@ -46,7 +48,7 @@ ANNOUNCE_INTERVAL_S = 0.5  # an infer process repeats its window this often (a r
 @dataclass
 class Peer:
     gen: int = -1
-    window: int = 0  # 0 = not announced yet (the device is not ready): no work goes there
+    window: int = 0  # 0 = not announced yet (the device process has not bound its input): no work goes there
     out: int = 0  # images sent by this sender, not yet credited back
 
 
@@ -117,15 +119,15 @@ def tail_images(batch_size: int, extra_batches: int, n_devices: int) -> int:
     return max(0, n_devices * (1 + extra_batches) * batch_size) if n_devices > 1 else 0
 
 
-def tail_cap(batch_size: int) -> int:
+def tail_cap(batch_size: int, pieces: int = 4) -> int:
     """Images a device may hold (from one sender) when it is given a tail piece."""
-    return batch_size + tail_piece(batch_size)
+    return batch_size + tail_piece(batch_size, pieces)
 
 
-def tail_piece(batch_size: int) -> int:
-    """Inputs per tail piece: a quarter batch (per-image cost of ViT-B/32 on a CPU core changes
-    little between batch 4 and 16; a fixed-batch accelerator pads it, at the tail only)."""
-    return max(1, batch_size // 4)
+def tail_piece(batch_size: int, pieces: int = 4) -> int:
+    """Inputs per tail piece: a batch cut in `pieces` (Backend.tail_pieces: a quarter batch where
+    the per-image cost of a small batch is about a full one's, as ViT-B/32 on a CPU core at fp32)."""
+    return max(1, batch_size // max(1, pieces))
 
 
 def window_for(batch_size: int, extra_batches: int, n_senders: int) -> int:
@@ -215,12 +217,21 @@ class CreditReturner:
     credits back to those senders, and this device's window announced to all of them."""
 
     def __init__(self, ctx: zmq.Context, sender_addrs: tuple[str, ...], window: int, index: int, generation: int):
-        self.out = [transport.push(ctx, [a], hwm=10000) for a in sender_addrs]
+        # not IMMEDIATE: the first announcement, sent before this device's model loads, waits for a
+        # sender still starting instead of being dropped (the next would come only after the load)
+        self.out = [transport.push(ctx, [a], hwm=10000, immediate=False) for a in sender_addrs]
         self.origins = Origins()
         self.window = window
         self.base = {"t": "credit", "peer": index, "gen": generation, "w": window}
         self.last_announce = 0.0
         self.return_credits(announce=True)
+
+    def set_window(self, window: int) -> None:
+        """Announce another window (the device's own batch, known once its model is open)."""
+        if window != self.window:
+            self.window = window
+            self.base = {**self.base, "w": window}
+            self.return_credits(announce=True)
 
     def received(self, header: dict) -> None:
         self.origins.received(header)

@@ -94,6 +94,9 @@ class Endpoints:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+RECONNECT_MS = 10  # ipc endpoints on this host: a failed try is two system calls
+
+
 def pull(ctx: zmq.Context, addr: str, hwm: int) -> zmq.Socket:
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, hwm)
@@ -102,10 +105,15 @@ def pull(ctx: zmq.Context, addr: str, hwm: int) -> zmq.Socket:
     return sock
 
 
-def push(ctx: zmq.Context, addrs: Sequence[str], hwm: int, linger_ms: int = 0) -> zmq.Socket:
+def push(ctx: zmq.Context, addrs: Sequence[str], hwm: int, linger_ms: int = 0, immediate: bool = True) -> zmq.Socket:
+    """immediate=False: messages sent before the peer is up wait in the pipe and are delivered when it
+    binds (for small notices that must not be lost to a peer still starting, such as credits)."""
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, hwm)
-    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.IMMEDIATE, int(immediate))
+    # a peer that binds just after this connects is reached ~10 ms later, not at ZeroMQ's default
+    # 100 ms retry: at a run's start every worker connects while the others are still importing
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
     sock.setsockopt(zmq.LINGER, linger_ms)
     for a in addrs:
         sock.connect(a)

@@ -57,6 +57,32 @@ def test_missing_openvino_is_one_clear_line(monkeypatch):
     assert ovb.OpenVinoBackend.probe()["available"] is False
 
 
+@needs_ov
+def test_resolving_the_precision_needs_no_openvino_import_once_probed(monkeypatch, tmp_path):
+    """The CPU plugin's capabilities are remembered per openvino version and CPU flags, and the
+    version comes from the package metadata: a run's main process resolves `auto` without importing
+    openvino (~0.2 s of a core before any worker starts)."""
+    import openvino
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ovb._ov_capabilities.cache_clear()
+    first = ovb._ov_capabilities()
+    assert "FP32" in first and (tmp_path / "clip-pipeline" / "openvino-capabilities.json").is_file()
+    assert ovb.ov_version() == openvino.__version__.split("-")[0]
+
+    def no_import():
+        raise AssertionError("openvino imported")
+
+    monkeypatch.setattr(ovb, "import_openvino", no_import)
+    ovb._ov_capabilities.cache_clear()
+    assert ovb._ov_capabilities() == first  # from the file
+    monkeypatch.setattr(ovb, "cpu_flags", lambda: {"avx2"})  # another CPU: asked again
+    ovb._ov_capabilities.cache_clear()
+    with pytest.raises(AssertionError, match="openvino imported"):
+        ovb._ov_capabilities()
+    ovb._ov_capabilities.cache_clear()
+
+
 def test_bf16_hint_only_for_the_cpu_backend_on_native_bf16():
     cpu = config.from_dict({})
     hint = ovb.bf16_hint(cpu, NATIVE)
@@ -262,3 +288,17 @@ def test_bench_openvino_cases(tmp_path, tiny_model):
             "ov_bf16_pipeline_ready_crops/ov_bf16_ceiling"} <= set(cpu["ratios"])
     assert "pipeline/dataloader" not in cpu["ratios"]
     assert cpu["openvino"]["engine"]["precision"] == "bf16"
+
+
+def test_the_run_tail_goes_as_half_batches_at_bf16_quarter_batches_at_fp32():
+    """A quarter batch costs ~35% more per image than a full one at bf16 (AMX), about the same at
+    fp32: the run plan cuts the tail by the resolved precision (Backend.tail_pieces)."""
+    from pipeline.run.plan import run_tail
+
+    def tail(precision):
+        cfg = config.from_dict({"infer": {"backend": "openvino", "devices": ["cpu:0", "cpu:1"]},
+                                "openvino": {"precision": precision}, "model": {"batch_size": 16}})
+        return run_tail(cfg, 2, ovb.OpenVinoBackend.tail_pieces(cfg))
+
+    assert tail("bf16") == (64, 8, 24)  # (inputs sent as pieces, images per piece, a device's cap)
+    assert tail("fp32") == (64, 4, 20)

@@ -41,7 +41,7 @@ def test_the_plan_gives_the_source_and_the_sink_the_run_directory(tmp_path):
                             "infer": {"backend": "fake"}})
     ep = Endpoints.create()
     try:
-        topo = plan_run(cfg, ["cpu:0"], ep, files_mode=False, splits_tail=False, out_dir=str(tmp_path / "attempt"),
+        topo = plan_run(cfg, ["cpu:0"], ep, files_mode=False, tail_pieces=1, out_dir=str(tmp_path / "attempt"),
                         listing_path=str(tmp_path / "attempt" / "listing.jsonl"))
     finally:
         ep.cleanup()

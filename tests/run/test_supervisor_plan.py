@@ -38,7 +38,7 @@ def plan(tmp_path: Path, ep: Endpoints, backend: str = "fake", fuse: bool = True
            **sections}
     cfg = cfgmod.from_dict(raw)
     b = get_backend(backend)
-    topo = plan_run(cfg, list(devices), ep, files_mode=b.input_kind(cfg) == "files", splits_tail=b.splits_tail(cfg),
+    topo = plan_run(cfg, list(devices), ep, files_mode=b.input_kind(cfg) == "files", tail_pieces=b.tail_pieces(cfg),
                     out_dir=cfg.output.dir, listing_path=str(rundir.RunDir(cfg.output.dir).listing))
     return Planned(cfg, topo, Path(cfg.output.dir))
 

@@ -104,7 +104,7 @@ def test_source_sends_the_last_inputs_as_tail_pieces(tmp_path, backend, dispatch
     raw = {"input": {"paths": [str(imgs)]}, "infer": {"backend": backend, "devices": ["cpu:0", "cpu:1"]},
            "model": {"batch_size": 16}, "workers": {"items_per_message": 16}, "queues": {"dispatch": dispatch}}
     cfg = config.from_dict(raw)
-    tail_n, piece, cap = run_tail(cfg, 2, get_backend(backend).splits_tail(cfg))  # as the run plan decides it
+    tail_n, piece, cap = run_tail(cfg, 2, get_backend(backend).tail_pieces(cfg))  # as the run plan decides it
     spec = worker_spec("source", raw, listing_path=str(tmp_path / "listing.jsonl"), tail_n=tail_n, tail_piece=piece,
                        tail_cap=cap)
     loop, slot = _RecLoop(), Slot(str(tmp_path / "slot"))

@@ -223,3 +223,79 @@ def test_request_stop_wakes_the_poll(monkeypatch):
     loop.request_stop()
     loop.request_stop()  # twice: still one wake-up pending, no error
     assert loop.stopping and select.select([loop.stop_r], [], [], 0)[0] == [loop.stop_r]
+
+
+class SlowSetupCore(EchoCore):
+    """A core whose setup (a model load) waits for the test; it records what it handled."""
+
+    def __init__(self, batch_size: int | None = None):
+        super().__init__()
+        self.release = threading.Event()
+        self.handled: list[int] = []
+        if batch_size:
+            self.info = {"dim": 4, "batch_size": batch_size}
+
+    def setup(self):
+        assert self.release.wait(10)
+
+    def handle(self, header, frames):
+        self.handled.append(header["id"])
+        return []
+
+
+def test_an_infer_process_takes_work_while_its_model_loads(monkeypatch, tmp_path):
+    """The input is bound and the window granted before the setup: a sender's first messages wait
+    in the device's socket during the model load instead of in the sender (which goes on decoding),
+    and the device announces its own batch's window once it is open."""
+    from pipeline.wire.dispatch import window_for
+    from pipeline.worker.spec import InferSpec
+
+    ep = transport.Endpoints.create()
+    cfg = cfgmod.from_dict({"output": {"dir": str(tmp_path / "out")}, "model": {"batch_size": 4}})
+    spec = InferSpec(index=0, cfg=cfg, in_addr=ep.stage("infer", 0), sink_addr=ep.addr("sink"),
+                     control_addr=ep.addr("control"), in_hwm=8, sink_hwm=8, device="cpu:0",
+                     credit_addrs=(ep.addr("credit-decode-0"),))
+    ctx = zmq.Context()
+    credits = transport.pull(ctx, spec.credit_addrs[0], 100)
+    control = transport.pull(ctx, spec.control_addr, 100)
+    sink = transport.pull(ctx, spec.sink_addr, 100)
+    feed = transport.push(ctx, [spec.in_addr], 100)
+    core = SlowSetupCore(batch_size=8)
+    monkeypatch.setattr(InferSpec, "make_core", lambda self, slot: core)
+    loop = Loop(spec, Slot(str(tmp_path / "slot")))
+
+    def run():
+        try:
+            _run_core(spec, loop.slot, loop)
+        except _Stop:  # the test's stop below
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert credits.poll(5000), "no window announced while the model loads"
+        first = transport.recv(credits)[0]
+        assert first["t"] == "credit" and first["w"] == window_for(4, cfg.queues.infer_batches, 1)
+        for i in (1, 2):  # the socket is bound: the push connects and the messages are taken at once
+            assert feed.poll(2000, zmq.POLLOUT)
+            transport.send(feed, messages.item(i, f"/in/{i}.jpg".encode()), flags=zmq.NOBLOCK)
+        time.sleep(0.2)
+        assert core.handled == [] and not control.poll(0)  # still loading: nothing handled, not ready
+        core.release.set()
+        assert control.poll(5000) and transport.recv(control)[0]["t"] == "ready"
+        deadline = time.monotonic() + 5
+        while core.handled != [1, 2] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert core.handled == [1, 2]
+        windows = []
+        while credits.poll(500):
+            windows.append(transport.recv(credits)[0]["w"])
+        assert window_for(8, cfg.queues.infer_batches, 1) in windows  # the model's own batch, once open
+    finally:
+        loop.stopping = True
+        t.join(5)
+        loop.close()
+        for s in (credits, control, sink, feed):
+            s.close(0)
+        ctx.term()
+        ep.cleanup()
