@@ -81,7 +81,7 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    backend: Literal[BACKEND_NAMES] = _f("cpu", "Inference backend: cpu (onnxruntime), openvino (OpenVINO on the CPU, fp32 or bf16: [openvino]), sail (SOPHON BM1684X), sim (BM1684X simulator via TPU-MLIR), fake (deterministic stand-in for tests and benchmarks).")
+    backend: Literal[BACKEND_NAMES] = _f("cpu", "Inference backend: cpu (onnxruntime), openvino (OpenVINO on the CPU, fp32 or bf16, or int8 when asked for: [openvino]), sail (SOPHON BM1684X), sim (BM1684X simulator via TPU-MLIR), fake (deterministic stand-in for tests and benchmarks).")
     devices: tuple[Any, ...] = _f(("cpu:0",), "One inference process per entry: 'cpu:N' for cpu/openvino/fake, dev_ids (0, 1, ...) for sail/sim, or the string 'all'.")
     threads: int = _f(1, "Intra-op threads per inference process (cpu and openvino backends).", min=1)
     batch_timeout_ms: float = _f(50.0, "Flush a partial batch after waiting this long for more images.", min=0)

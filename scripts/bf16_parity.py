@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""bf16 vs fp32 on the openvino backend: how far bf16 moves the embeddings of YOUR model.
+"""bf16 (or int8) vs fp32 on the openvino backend: how far it moves the embeddings of YOUR model.
 
     python3 scripts/bf16_parity.py --model models/clip-vit-b32-synthetic.onnx \\
         --text-model models/clip-text-vit-b32-seed0-quickgelu-synthetic.onnx --json parity.json
@@ -14,6 +14,14 @@ photos, and nearest-neighbour top-1 agreement: for each photo, whether its neare
 Text tower (--text-model): the same figures over --prompts prompts "a photo of a <word>." built from
 CLIP's vocabulary (deterministic).
 
+--precision int8: the image tower quantised by NNCF as a run with openvino.precision = "int8" does
+(the same code and cache), calibrated on --calibration-count photos of --calibration (default: the
+--images directory itself, i.e. 300 of the 1000 evaluated photos). When the calibration photos are
+among the evaluated ones, the figures are also given over the evaluated photos that were NOT used
+for calibration ("held_out"). Text towers are not quantised (int8 refuses --text-model).
+
+    python3 scripts/bf16_parity.py --precision int8 --model models/clip-vit-b32-synthetic.onnx --json int8.json
+
 The weights decide how well bf16 does: synthetic and random-init weights are NOT trained weights.
 Run this same command on your trained model before switching a production run to bf16. Accuracy
 figures, not timings: a loaded machine changes how long it takes, not the numbers.
@@ -27,6 +35,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,15 +77,22 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
             "reference_median_nn_margin": round(float(np.median(top2[:, 1] - top2[:, 0])), 6)}
 
 
-def embed_image(model: str, engine: str, pixels: np.ndarray, batch: int, threads: int) -> tuple[np.ndarray, float]:
+def embed_image(model: str, engine: str, pixels: np.ndarray, batch: int, threads: int,
+                calibration: dict | None = None) -> tuple[np.ndarray, float]:
+    """The photos' embeddings by `engine` ("ort", or an openvino precision) and the seconds they took
+    (int8: the quantisation, made once and cached as a run makes it, is not counted)."""
     from pipeline import config
     from pipeline.backends import get_backend
 
     raw = {"model": {"path": model, "batch_size": batch}, "infer": {"backend": "cpu" if engine == "ort" else "openvino",
                                                                       "threads": threads}}
     if engine != "ort":
-        raw["openvino"] = {"precision": engine}
+        raw["openvino"] = {"precision": engine, **(calibration if engine == "int8" else {})}
     cfg = config.from_dict(raw)
+    if engine == "int8":
+        from pipeline.backends.openvino import int8_model
+
+        int8_model(cfg, lambda m: print(m, file=sys.stderr))
     dev = get_backend(cfg.infer.backend).open_device(cfg, "cpu:0")
     out = []
     t0 = time.monotonic()
@@ -103,11 +119,21 @@ def embed_text(model: str, engine: str, texts: list[str], threads: int) -> tuple
     return emb, time.monotonic() - t0
 
 
-def tower_report(emb: dict[str, np.ndarray], secs: dict[str, float]) -> dict:
-    return {"bf16_vs_fp32": compare(emb["bf16"], emb["fp32"]),
-            "bf16_vs_onnxruntime_fp32": compare(emb["bf16"], emb["ort"]),
+def tower_report(emb: dict[str, np.ndarray], secs: dict[str, float], precision: str = "bf16") -> dict:
+    return {f"{precision}_vs_fp32": compare(emb[precision], emb["fp32"]),
+            f"{precision}_vs_onnxruntime_fp32": compare(emb[precision], emb["ort"]),
             "fp32_vs_onnxruntime_fp32": compare(emb["fp32"], emb["ort"]),
             "seconds": {k: round(v, 2) for k, v in secs.items()}}
+
+
+def held_out(images: Path, names: list[str], cal: Any, emb: dict[str, np.ndarray], precision: str) -> dict | None:
+    """The figures over the evaluated photos that did not calibrate (None when none did)."""
+    used = {os.path.realpath(os.path.join(cal.directory, f)) for f in cal.files}
+    keep = np.array([os.path.realpath(images / n) not in used for n in names])
+    if keep.all():
+        return None
+    return {"photos": int(keep.sum()), "calibration_photos_among_evaluated": int((~keep).sum()),
+            f"{precision}_vs_fp32": compare(emb[precision][keep], emb["fp32"][keep])}
 
 
 def open_clip_export(dest: Path) -> tuple[str, str]:
@@ -156,28 +182,48 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--precision", choices=["bf16", "int8"], default="bf16",
+                    help="the precision compared with fp32 (int8: image tower only, calibrated on --calibration)")
+    ap.add_argument("--calibration", type=Path, help="int8: the calibration photos' directory (default: --images)")
+    ap.add_argument("--calibration-count", type=int, default=300, help="int8: how many of them (default 300)")
     ap.add_argument("--label", default="", help="what the weights are, for the JSON (e.g. 'synthetic')")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from pipeline.backends.openvino import native_bf16_flags, resolve_precision
     from pipeline.bench.sampler import machine_info
 
-    resolve_precision("bf16")  # refuses, with the reason, where bf16 would be emulated
+    prec = a.precision
+    resolve_precision(prec)  # refuses, with the reason, where bf16 would be emulated
     model, text_model = a.model, a.text_model
     if a.open_clip_export:
         model, text_model = open_clip_export(Path(a.open_clip_export))
         a.label = a.label or "open_clip ViT-B-32, random init (untrained), exported with torch.onnx"
+        if prec == "int8":
+            text_model = None  # text towers are not quantised
     if not model and not text_model:
         ap.error("give --model, --text-model or --open-clip-export")
-    res: dict = {"label": a.label, "machine": machine_info(), "native_bf16": native_bf16_flags(),
+    if prec == "int8" and text_model:
+        ap.error("--precision int8 quantises the image tower only: drop --text-model")
+    res: dict = {"label": a.label, "precision": prec, "machine": machine_info(), "native_bf16": native_bf16_flags(),
                  "threads": a.threads, "batch": a.batch}
     if model:
         pixels, names = crops(a.images, a.n)
         print(f"{len(pixels)} photos from {a.images} cropped (reference preprocessing)", file=sys.stderr)
+        calibration = None
+        if prec == "int8":
+            from pipeline import config
+            from pipeline.backends.openvino_int8 import calibration_set, nncf_version
+
+            calibration = {"calibration": str((a.calibration or a.images).resolve()),
+                           "calibration_count": a.calibration_count}
+            cal = calibration_set(config.from_dict({"openvino": {"precision": "int8", **calibration}}))
+            res["calibration"] = {**cal.identity(), "preprocess_mode": "reference", "nncf": nncf_version()}
         emb, secs = {}, {}
-        for engine in ("bf16", "fp32", "ort"):
-            emb[engine], secs[engine] = embed_image(model, engine, pixels, a.batch, a.threads)
-        res["image"] = {"model": model, "images": str(a.images), **tower_report(emb, secs)}
+        for engine in (prec, "fp32", "ort"):
+            emb[engine], secs[engine] = embed_image(model, engine, pixels, a.batch, a.threads, calibration)
+        res["image"] = {"model": model, "images": str(a.images), **tower_report(emb, secs, prec)}
+        if calibration and (h := held_out(a.images, names, cal, emb, prec)):
+            res["image"]["held_out"] = h
     if text_model:
         texts = prompts(a.prompts)
         emb, secs = {}, {}
@@ -186,9 +232,14 @@ def main() -> None:
         res["text"] = {"model": text_model, "prompts": len(texts), **tower_report(emb, secs)}
     for tower in ("image", "text"):
         if tower in res:
-            r = res[tower]["bf16_vs_fp32"]
-            print(f"{tower}: bf16 vs fp32 over {r['n']}: cosine min {r['cosine_min']:.6f} mean {r['cosine_mean']:.6f}, "
+            r = res[tower][f"{prec}_vs_fp32"]
+            print(f"{tower}: {prec} vs fp32 over {r['n']}: cosine min {r['cosine_min']:.6f} mean {r['cosine_mean']:.6f}, "
                   f"NN top-1 agreement {r['nn_top1_agreement']:.4f}  ({a.label or 'weights unlabelled'})")
+    if "held_out" in res.get("image", {}):
+        h = res["image"]["held_out"]
+        r = h[f"{prec}_vs_fp32"]
+        print(f"image, the {h['photos']} photos that did not calibrate: cosine min {r['cosine_min']:.6f} "
+              f"mean {r['cosine_mean']:.6f}, NN top-1 agreement {r['nn_top1_agreement']:.4f}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=1) + "\n")

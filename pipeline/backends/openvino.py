@@ -211,10 +211,11 @@ def converted_model(path: str) -> str:
 
 def int8_model(cfg: Config, log: Callable[[str], None] | None = None) -> Any:
     """cfg's image tower quantised to int8 (openvino_int8.py): the cached IR's path, made once."""
-    from pipeline.backends.openvino_int8 import quantized_model
+    from pipeline.backends.openvino_int8 import Engine, quantized_model
 
     path = cfg.model.path
-    return quantized_model(cfg, import_openvino(), lambda: converted_model(path) if cfg.openvino.ir_cache else path, log)
+    float_model = (lambda: converted_model(path)) if cfg.openvino.ir_cache else (lambda: path)
+    return quantized_model(cfg, Engine(ov_version(), import_openvino, float_model), log)
 
 
 class OvSession:

@@ -143,14 +143,23 @@ def _image_size(cfg: Config) -> int:
     return cfg.model.image_size or resolve_image_size(cfg)
 
 
-def int8_dir(cfg: Config, cal: CalibrationSet, ov: Any) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """What quantising needs from openvino.py (which imports this module, not the other way)."""
+
+    version: str                     # openvino's version, for the cache key (no import)
+    module: Callable[[], Any]        # the openvino module, imported only to quantise
+    float_model: Callable[[], str]   # the file to quantise: the ONNX, or its cached IR
+
+
+def int8_dir(cfg: Config, cal: CalibrationSet, ov_version: str) -> Path:
     """Where the quantised model of cfg's model and calibration set is kept."""
     from pipeline.model.models import cache_root, model_sha256
 
     key = {"model": model_sha256(cfg.model.path), "calibration": cal.digest, "photos": len(cal.files),
            "preprocess": [cfg.preprocess.mode, cfg.preprocess.exif_transpose, _image_size(cfg)]}
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]
-    return cache_root() / "openvino-int8" / f"{h}-ov{ov.__version__.split('-')[0]}-nncf{nncf_version()}"
+    return cache_root() / "openvino-int8" / f"{h}-ov{ov_version}-nncf{nncf_version()}"
 
 
 def calibration_crops(cfg: Config, cal: CalibrationSet) -> tuple[np.ndarray, int]:
@@ -171,13 +180,12 @@ def calibration_crops(cfg: Config, cal: CalibrationSet) -> tuple[np.ndarray, int
     return np.stack(crops), bad
 
 
-def quantize(cfg: Config, cal: CalibrationSet, ov: Any, float_model: str) -> Any:
-    """NNCF post-training quantisation of cfg's image tower (`float_model`: its ONNX or IR; returns an
-    ov.Model), calibrated on `cal`."""
+def quantize(cfg: Config, cal: CalibrationSet, engine: Engine) -> Any:
+    """NNCF post-training quantisation of cfg's image tower (an ov.Model), calibrated on `cal`."""
     from pipeline.data.images import normalize
 
     nncf = require_nncf(import_it=True)
-    model = ov.Core().read_model(float_model)
+    model = engine.module().Core().read_model(engine.float_model())
     crops, _bad = calibration_crops(cfg, cal)
     uint8_input = model.inputs[0].get_element_type().get_type_name() == "u8"
     # the model's own input: uint8 NHWC crops, or CLIP-normalised float NCHW, one photo per sample
@@ -196,17 +204,16 @@ def _complete(target: Path) -> bool:
     return (target / "model.xml").is_file() and (target / "model.bin").is_file()
 
 
-def quantized_model(cfg: Config, ov: Any, float_model: Callable[[], str],
-                    log: Callable[[str], None] | None = None) -> Any:
+def quantized_model(cfg: Config, engine: Engine, log: Callable[[str], None] | None = None) -> Any:
     """The int8 model of cfg (a path to its IR), quantised once and cached; an ov.Model quantised in
     this process where the cache cannot be written. One process quantises under the lock; the others
-    wait for it and load its result. `ov`: the openvino module; `float_model()`: the file to quantise
-    (openvino.py's `int8_model` passes both)."""
+    wait for it and load its result (openvino.py's `int8_model` gives the `engine`). A cache hit
+    imports neither openvino nor NNCF."""
     cal = calibration_set(cfg)
     try:
-        target = int8_dir(cfg, cal, ov)
+        target = int8_dir(cfg, cal, engine.version)
     except OSError:
-        return quantize(cfg, cal, ov, float_model())
+        return quantize(cfg, cal, engine)
     if _complete(target):
         return str(target / "model.xml")
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -214,17 +221,17 @@ def quantized_model(cfg: Config, ov: Any, float_model: Callable[[], str],
         target.parent.mkdir(parents=True, exist_ok=True)
         lock = open(target.with_name(f".{target.name}.lock"), "wb")
     except OSError:
-        return quantize(cfg, cal, ov, float_model())  # no cache here: quantised in memory
+        return quantize(cfg, cal, engine)  # no cache here: quantised in memory
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process quantises: it is the same model
         if _complete(target):
             return str(target / "model.xml")
         if log:
             log(f"openvino int8: calibrating on {len(cal.files)} photos of {cal.directory} (once; kept in {target.parent})")
-        q = quantize(cfg, cal, ov, float_model())
+        q = quantize(cfg, cal, engine)
         try:
             tmp.mkdir()
-            ov.save_model(q, str(tmp / "model.xml"), compress_to_fp16=False)
+            engine.module().save_model(q, str(tmp / "model.xml"), compress_to_fp16=False)
             os.replace(tmp, target)
         except OSError:
             return q

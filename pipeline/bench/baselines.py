@@ -138,7 +138,8 @@ def spawn(target: Callable, *args: Any, timeout_s: float = 1800) -> Any:
 
 def model_ceiling(model: str, procs: int, threads: int, pixels: np.ndarray, n_images: int, engine: str = "ort") -> dict:
     """Images/s of `procs` processes x `threads` threads running the model on ready tensors
-    (engine: "ort" = onnxruntime, "fp32"/"bf16" = OpenVINO at that precision)."""
+    (engine: "ort" = onnxruntime, "fp32"/"bf16" = OpenVINO at that precision, "int8" = OpenVINO
+    running `model`, an already quantised IR: the openvino backend's `int8_model`)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs)
     batches = max(1, -(-n_images // (procs * len(pixels))))

@@ -172,3 +172,29 @@ def test_run_int8_records_calibration_and_refuses_another_on_resume(tmp_path, ph
     assert xml.stat().st_mtime_ns == made and len(list((cache / "openvino-int8").iterdir())) == 2  # dir + lock
     a = np.load(out / "embeddings" / "part-00000.npy")
     assert np.array_equal(a, np.load(tmp_path / "out2" / "embeddings" / "part-00000.npy"))
+
+
+@needs_nncf
+def test_parity_script_reports_int8_with_the_held_out_photos(tmp_path, tiny_model):
+    """scripts/bf16_parity.py --precision int8: the README's int8 figures come from it."""
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "p.json"
+    proc = subprocess.run([sys.executable, "scripts/bf16_parity.py", "--precision", "int8", "--model", str(tiny_model),
+                           "--images", str(SAMPLES), "-n", "12", "--calibration-count", "5", "--threads", "1",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    img = res["image"]
+    assert res["precision"] == "int8" and res["calibration"]["photos"] == 5 and res["calibration"]["of"] == 12
+    assert img["int8_vs_fp32"]["n"] == 12 and 0.98 < img["int8_vs_fp32"]["cosine_min"] < 0.999999
+    assert img["fp32_vs_onnxruntime_fp32"]["cosine_min"] > 0.99999
+    assert img["held_out"]["photos"] == 7 and img["held_out"]["int8_vs_fp32"]["n"] == 7
+    assert "the 7 photos that did not calibrate" in proc.stdout
+    bad = subprocess.run([sys.executable, "scripts/bf16_parity.py", "--precision", "int8", "--model", str(tiny_model),
+                          "--text-model", str(tiny_model)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert bad.returncode == 2 and "image tower only" in bad.stderr
