@@ -25,7 +25,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,10 @@ class CalibrationSet:
         return {"dir": self.directory, "photos": len(self.files), "of": self.available, "sha256": self.digest}
 
 
-def _photos(directory: str, extensions: tuple[str, ...]) -> list[str]:
+@functools.lru_cache(maxsize=8)
+def _photos(directory: str, extensions: tuple[str, ...]) -> tuple[str, ...]:
+    """The directory's photos, sorted; walked once per process (the checks, the fingerprint and the
+    manifest each ask for the calibration set, and a large directory takes a while to walk)."""
     exts = {"." + e.lower().lstrip(".") for e in extensions} - {".tar"}
     out = []
     for root, dirs, files in os.walk(directory):
@@ -92,10 +95,10 @@ def _photos(directory: str, extensions: tuple[str, ...]) -> list[str]:
         for name in files:
             if os.path.splitext(name)[1].lower() in exts:
                 out.append(os.path.relpath(os.path.join(root, name), directory))
-    return sorted(out)
+    return tuple(sorted(out))
 
 
-def choose(files: list[str], count: int) -> list[str]:
+def choose(files: Sequence[str], count: int) -> list[str]:
     """`count` of `files` spread evenly over the sorted list (all of them when there are fewer)."""
     if count >= len(files):
         return list(files)
@@ -123,7 +126,7 @@ def calibration_set(cfg: Config) -> CalibrationSet:
     if not os.path.isdir(d):
         raise ConfigError(f"config key openvino.calibration: {d} is not a directory (openvino.precision = \"int8\" "
                           "calibrates on the photos in it)")
-    photos = _photos(d, cfg.input.extensions)
+    photos = _photos(d, tuple(cfg.input.extensions))
     if not photos:
         raise ConfigError(f"config key openvino.calibration: {d} holds no photos (files ending in "
                           f"{', '.join('.' + e for e in cfg.input.extensions)}, input.extensions): "

@@ -135,6 +135,39 @@ def test_int8_device_is_quantised_close_to_fp32_and_made_once(tmp_path, photos, 
     assert other != xml and os.path.isfile(other)
 
 
+def _int8_in_child(model, photos_dir, cache, barrier, conn) -> None:
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    logged: list[str] = []
+    barrier.wait()
+    conn.send((ovb.int8_model(_cfg(model, photos_dir, calibration_count=6), logged.append), len(logged)))
+
+
+@needs_nncf
+def test_parallel_processes_quantise_once(tmp_path, tiny_model, photos):
+    """Two processes asking for the same int8 model at once: one calibrates, the other waits for
+    the lock and loads its result."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    pipes, procs = [], []
+    for _ in range(2):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_int8_in_child, args=(str(tiny_model), str(photos[0].parent), tmp_path / "cache",
+                                                     barrier, send))
+        p.start()
+        pipes.append(recv)
+        procs.append(p)
+    try:
+        got = [r.recv() if r.poll(300) else pytest.fail("no answer from a quantising process") for r in pipes]
+    finally:
+        for p in procs:
+            p.join(30)
+    (path_a, n_a), (path_b, n_b) = got
+    assert path_a == path_b and path_a.endswith("model.xml") and os.path.isfile(path_a)
+    assert n_a + n_b == 1  # calibrated once
+
+
 @needs_nncf
 def test_run_int8_records_calibration_and_refuses_another_on_resume(tmp_path, photos, cache):
     from pipeline.model.modelgen import build_clip_image_onnx
