@@ -18,7 +18,6 @@ left out where this CPU has no native bf16.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -95,9 +94,9 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k}: {v['of_medians']} (median of per-run ratios {v['median_of_runs']})")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {a.json}", file=sys.stderr)
+        from pipeline.bench import write_results
+
+        write_results(a.json, res)
 
 
 if __name__ == "__main__":

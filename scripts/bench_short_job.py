@@ -142,8 +142,9 @@ def main() -> None:
            "commands": {c: " ".join(cmds[c][:3] + ["..."]) if c.startswith("loop") else " ".join(cmds[c]) for c in cases}}
     print(json.dumps({"median_wall_s": med, "loop/pipeline (time)": ratios}, indent=1))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=1) + "\n")
+        from pipeline.bench import write_results
+
+        write_results(a.json, res)
 
 
 if __name__ == "__main__":

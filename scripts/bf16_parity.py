@@ -30,7 +30,6 @@ figures, not timings: a loaded machine changes how long it takes, not the number
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -241,9 +240,9 @@ def main() -> None:
         print(f"image, the {h['photos']} photos that did not calibrate: cosine min {r['cosine_min']:.6f} "
               f"mean {r['cosine_mean']:.6f}, NN top-1 agreement {r['nn_top1_agreement']:.4f}")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {a.json}", file=sys.stderr)
+        from pipeline.bench import write_results
+
+        write_results(a.json, res)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,16 @@ cases and their summaries) and `table`; the command line is pipeline/commands/be
 """
 
 SCHEMA = "clip-pipeline-bench/1"  # of the --json results
+
+
+def write_results(path, results: dict) -> None:
+    """A benchmark's results as indented JSON at `path` (its directory made), and a line on stderr
+    naming it: `bench --json` and the drivers in scripts/ (one format for every results file)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -127,9 +126,9 @@ def bench(cases, images, model, pipeline_model, int8_model, cpu_images, cpu_leng
     res["machine"]["loadavg_end"] = list(os.getloadavg())
     click.echo(table(res))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(res, indent=1) + "\n")
-        click.echo(f"wrote {json_path}")
+        from pipeline.bench import write_results
+
+        write_results(json_path, res)
 
 
 COMMANDS = [bench]
