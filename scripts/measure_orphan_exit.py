@@ -26,22 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def session_pids(sid: int) -> list[int]:
-    """Live (not zombie) processes of session `sid`: every process the run started shares it."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(d.name))
-    return pids
+from pipeline.bench.sampler import machine_info, session_pids  # noqa: E402
 
 
 def one(work: Path) -> float:
@@ -86,8 +73,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    from pipeline.bench.sampler import machine_info
-
     work = Path(tempfile.mkdtemp(prefix="clipp-orphan-"))
     try:
         secs = [round(one(work / "run"), 3) for _ in range(a.repeats)]

@@ -63,6 +63,22 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of a session: every process a run started shares the CLI's."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(d.name))
+    return pids
+
+
 def tree_pids(root: int | None = None) -> list[int]:
     todo, seen = [root or os.getpid()], []
     while todo:

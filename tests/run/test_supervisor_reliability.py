@@ -24,24 +24,10 @@ from robust_helpers import (
     workers,
 )
 
+from pipeline.bench.sampler import session_pids
+
 N = 40
 SLOW = {"fake.latency_ms_per_batch": 150}
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live (not zombie) processes of a session: every process a run started shares the CLI's."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(d.name))
-    return pids
 
 
 @pytest.fixture(scope="module")
