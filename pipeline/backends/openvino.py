@@ -99,10 +99,10 @@ def _ov_capabilities() -> tuple[str, ...]:
     core = import_openvino().Core()
     caps = tuple(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     try:
+        from pipeline.data.rundir import atomic_write_json
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({key: list(caps)}))
-        os.replace(tmp, path)
+        atomic_write_json(path, {key: list(caps)})
     except OSError:
         pass
     return caps

@@ -59,10 +59,11 @@ def model_sha256(path: str | os.PathLike) -> str:
         return digest  # changed while read, or so recently that another write could share its timestamps
     cache[key] = {"stat": stamp, "sha256": digest}
     try:
+        from pipeline.data.rundir import atomic_write_bytes
+
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dict(list(cache.items())[-64:])))  # the 64 most recent models
-        os.replace(tmp, cache_file)
+        # the 64 most recent models, in the order they were hashed (not sorted: the oldest go first)
+        atomic_write_bytes(cache_file, json.dumps(dict(list(cache.items())[-64:])).encode())
     except OSError:
         pass
     return digest
