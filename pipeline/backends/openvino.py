@@ -162,12 +162,12 @@ def compile_config(precision: str, threads: int) -> dict[str, Any]:
             "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
 
 
-def ir_dir(path: str, ov: Any) -> Path:
+def ir_dir(path: str) -> Path:
     """Where the IR of the ONNX model at `path` is kept: its sha256 (remembered per file, so this
     reads no model) and the OpenVINO version, which writes the IR."""
     from pipeline.model.models import cache_root, model_sha256
 
-    return cache_root() / "openvino-ir" / f"{model_sha256(path)[:40]}-ov{ov.__version__.split('-')[0]}"
+    return cache_root() / "openvino-ir" / f"{model_sha256(path)[:40]}-ov{ov_version()}"
 
 
 def converted_model(path: str) -> str:
@@ -184,7 +184,7 @@ def converted_model(path: str) -> str:
         return path
     ov = import_openvino()
     try:
-        target = ir_dir(path, ov)
+        target = ir_dir(path)
     except OSError:
         return path
     xml = target / "model.xml"

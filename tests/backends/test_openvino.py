@@ -190,7 +190,7 @@ def test_ir_cache_falls_back_to_the_onnx_when_it_cannot_be_written_or_is_being_w
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where the cache directory would go
     assert ovb.converted_model(path) == path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    target = ovb.ir_dir(path, ovb.import_openvino())
+    target = ovb.ir_dir(path)
     target.parent.mkdir(parents=True)
     with open(target.with_name(f".{target.name}.lock"), "wb") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process is converting it
