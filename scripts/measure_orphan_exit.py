@@ -5,11 +5,11 @@ shared machine).
 
     python3 scripts/measure_orphan_exit.py --repeats 5 [--json scripts/bench/results/orphan-exit.json]
 
-Each repeat starts `clip-pipeline run` on the fake backend (2 devices, 150 ms per batch, the
-bundled samples repeated 10 times, batches of 4), waits until all five workers are up and a shard is written (device calls
-in flight), SIGKILLs the main process and polls /proc every 10 ms until no live process of the
-run's session is left. Reported: seconds from the kill to the last exit, per repeat, and their
-maximum.
+Each repeat starts `clip-pipeline run` on the fake backend (2 devices, 150 ms per batch, the bundled
+sample JPEGs repeated to 120 inputs, batches of 4), waits until all five workers are up and a shard
+is written (device calls in flight), SIGKILLs the main process and polls /proc every 10 ms until no
+live process of the run's session is left. Reported: seconds from the kill to the last exit, per
+repeat, and their maximum.
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.bench.corpus import jpeg_files, link_inputs  # noqa: E402
 from pipeline.bench.sampler import machine_info, session_pids  # noqa: E402
 
 
 def one(work: Path) -> float:
-    inp, out = work / "in", work / "out"
+    out = work / "out"
     shutil.rmtree(work, ignore_errors=True)
-    inp.mkdir(parents=True)
-    for k in range(10):  # 120 inputs in batches of 4 at 150 ms: ~2 s of work, killed early in it
-        for f in sorted((ROOT / "samples" / "images").iterdir()):
-            (inp / f"{k}-{f.name}").symlink_to(f)
+    # 120 inputs in batches of 4 at 150 ms: ~2 s of work, killed early in it
+    inp = link_inputs(jpeg_files(ROOT / "samples" / "images", 120), work / "in")
     args = [sys.executable, "-m", "pipeline.cli", "run", "-i", str(inp), "-o", str(out), "--progress", "none",
             "--set", "infer.backend=fake", "--set", "fake.latency_ms_per_batch=150", "--set", "output.shard_size=8",
             "--set", "model.batch_size=4", "-d", "cpu:0", "-d", "cpu:1"]
