@@ -43,14 +43,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
-    import numpy as np
-
     from pipeline import config
     from pipeline.backends.openvino import cpu_flags, engine_identity, int8_model, native_bf16_flags
     from pipeline.backends.openvino_int8 import NATIVE_INT8_FLAGS, calibration_set
     from pipeline.bench.baselines import model_ceiling
+    from pipeline.bench.corpus import jpeg_files, reference_batch
     from pipeline.bench.sampler import machine_info
-    from pipeline.data.images import DecodeOptions, crop, decode_file
 
     cfg = config.from_dict({"model": {"path": a.model}, "infer": {"backend": "openvino"},
                             "openvino": {"precision": "int8", "calibration": str(a.calibration or a.images),
@@ -58,8 +56,7 @@ def main() -> None:
     int8 = int8_model(cfg, lambda m: print(m, file=sys.stderr))
     if not isinstance(int8, str):
         sys.exit("error: the quantised model could not be cached (read-only ~/.cache?): the ceiling jobs load it from there")
-    files = sorted(p for p in a.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:a.batch]
-    pixels = np.stack([crop(decode_file(os.fsencode(f), DecodeOptions()), "reference") for f in files])
+    pixels = reference_batch(jpeg_files(a.images, a.batch))  # the bench's ready batch
     cases = {"ov_fp32_ceiling": (a.model, "fp32")}
     if native_bf16_flags():
         cases["ov_bf16_ceiling"] = (a.model, "bf16")
@@ -82,9 +79,9 @@ def main() -> None:
                                       "median_of_runs": round(statistics.median(r[num]["images_per_s"] / r[den]["images_per_s"]
                                                                                 for r in runs), 3)}
     flags = cpu_flags()
+    cal = calibration_set(cfg)
     res = {"what": "OpenVINO model-only ceilings (ready crops), interleaved per repeat",
-           "model": a.model, "int8_model": int8, "calibration": calibration_set(cfg).identity(),
-           "engine": engine_identity("int8", calibration_set(cfg)),
+           "model": a.model, "int8_model": int8, "calibration": cal.identity(), "engine": engine_identity("int8", cal),
            "procs": a.procs, "threads": a.threads, "batch": a.batch, "images_per_case": a.n, "repeats": a.repeats,
            "machine": machine, "native_bf16_flags": native_bf16_flags(),
            "native_int8_flags": [f for f in NATIVE_INT8_FLAGS if f in flags],
